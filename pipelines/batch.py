@@ -1,0 +1,145 @@
+"""Batch job: archives of events (JSON lines, plain or gzip, and Avro) -> classified outputs + report.
+
+    python -m pipelines.batch --config config/batch.yaml --input 'data/*.jsonl.gz' --output out/
+
+Any Beam pipeline option may follow (e.g. --runner=PrismRunner --prism_location=...). Without
+--runner the job runs on FnApiRunner, named explicitly: a bare DirectRunner first tries to download
+Prism and, for stateful pipelines, silently switches runners (see shared/BEAM-NOTES.md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
+from transforms.accounting import AccountingError, summarise
+from transforms.config import ConfigError, load_config
+from transforms.io import OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines
+from transforms.privacy import MissingKeyError
+from transforms.schemas import SchemaError
+
+DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+EXIT_CONFIG = 2
+EXIT_ACCOUNTING = 3
+_log = logging.getLogger("pipelines.batch")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pipelines.batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML job config, e.g. config/batch.yaml")
+    parser.add_argument("--input", required=True, help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives")
+    parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
+    return parser.parse_known_args(argv)
+
+
+def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: OutputPaths) -> GraphOutputs:
+    """Sources -> shared graph -> sinks. Returns the graph's outputs (for tests)."""
+    read = p | "ReadArchives" >> ReadRawRecords(input_glob, settings.validation.registry)
+    out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
+    shards = settings.num_shards
+    _ = out.valid | "WriteEvents" >> WriteAvroEvents(paths.events, settings.clean_schema, shards)
+    _ = out.bots | "WriteBots" >> WriteAvroEvents(paths.bots, settings.clean_schema, shards)
+    _ = out.dead_letter | "WriteDeadLetters" >> WriteJsonLines(paths.dead_letter, shards)
+    _ = out.duplicates | "WriteDuplicates" >> WriteJsonLines(paths.duplicates, shards)
+    _ = out.consent_dropped | "WriteConsentDropped" >> WriteJsonLines(paths.consent_dropped, shards)
+    _ = (out.counts
+         | "CountsToJson" >> beam.MapTuple(lambda k, n: json.dumps({"counter": k, "count": n}))
+         | "WriteCounts" >> beam.io.WriteToText(paths.counts, file_name_suffix=".jsonl", num_shards=1))
+    return out
+
+
+def read_counters(paths: OutputPaths) -> dict:
+    counters = {}
+    for match in FileSystems.match([paths.counts + "*"])[0].metadata_list:
+        with FileSystems.open(match.path) as f:
+            for line in f.read().decode().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]
+    return counters
+
+
+def write_report(paths: OutputPaths, report: dict) -> None:
+    with FileSystems.create(paths.report) as f:
+        f.write(json.dumps(report, indent=2, sort_keys=False).encode() + b"\n")
+
+
+def run(argv=None) -> dict:
+    """Runs the job; returns the report. Raises ConfigError / AccountingError."""
+    args, beam_args = parse_args(argv)
+    cfg = load_config(args.config)
+    job_start = dt.datetime.now(dt.timezone.utc)
+    settings = GraphSettings.from_config(cfg, job_start)
+    if not FileSystems.match([args.input])[0].metadata_list:
+        raise ConfigError(f"--input: no file matches {args.input!r}")
+    options = PipelineOptions(beam_args)
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    paths = OutputPaths(args.output)
+    started = time.monotonic()
+    with beam.Pipeline(options=options) as p:
+        build(p, settings, args.input, paths)
+    elapsed = time.monotonic() - started
+    summary = summarise(read_counters(paths))
+    report = {
+        "job": "batch",
+        "input": args.input,
+        "output": args.output,
+        "config": args.config,
+        "runner": str(options.view_as(StandardOptions).runner),
+        "beam_version": beam.__version__,
+        "started_at": job_start.isoformat(),
+        "elapsed_seconds": round(elapsed, 3),
+        **summary,
+        "outputs": {name: getattr(paths, name) + "*" for name in
+                    ("events", "bots", "dead_letter", "duplicates", "consent_dropped")},
+    }
+    write_report(paths, report)
+    acc = summary["accounting"]
+    if not acc["holds"]:
+        raise AccountingError(
+            f"accounting identity broken: {acc['input_records']} input records but {acc['sum_of_outcomes']} "
+            f"outcomes ({acc['difference']:+d}); see {paths.report}")
+    return report
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    try:
+        report = run(argv)
+    except (ConfigError, MissingKeyError, SchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AccountingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ACCOUNTING
+    print(format_summary(report))
+    return 0
+
+
+def format_summary(report: dict) -> str:
+    acc = report["accounting"]
+    lines = [f"input records   {acc['input_records']:>10}"]
+    for name, n in report["counts"].items():
+        lines.append(f"  {name:<14}{n:>10}")
+    lines.append(f"accounting identity holds: {acc['holds']}  ({report['elapsed_seconds']} s)")
+    if report["dead_letter_by_reason"]:
+        lines.append("dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
+    if report["bots_by_rule"]:
+        lines.append("bots by rule: " + ", ".join(f"{k}={v}" for k, v in report["bots_by_rule"].items()))
+    lines.append(f"report: {report['output'].rstrip('/')}/report.json")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The one graph every job shares: raw records in, classified outputs out.
+
+Sources and sinks differ per job (files for batch, Pub/Sub for streaming); the transforms between
+them do not. `build_event_graph` returns every output as a PCollection so jobs and tests can attach
+their own sinks and assertions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Optional
+
+import apache_beam as beam
+
+from transforms import contract
+from transforms.accounting import INPUT, CountOutcomes
+from transforms.bots import BotRules, FilterBots
+from transforms.config import JobConfig
+from transforms.dedupe import DedupeEvents
+from transforms.enrich import EnrichEvents, ReadMetadataTable
+from transforms.parse import ParseEvents, ValidationRules
+from transforms.privacy import KeySource, PrivacyRules, ProtectPrivacy
+from transforms.records import clean_event_schema
+from transforms.schemas import SchemaRegistry
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSettings:
+    """Everything the graph needs, resolved once on the launcher from the YAML config."""
+    validation: ValidationRules
+    privacy: PrivacyRules
+    key_source: KeySource
+    bots: BotRules
+    dedupe_horizon_s: float
+    lookups: dict  # name -> (path, key column, pseudonym domain or None)
+    clean_schema: dict
+    num_shards: int
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, job_start: Optional[dt.datetime] = None) -> "GraphSettings":
+        registry = SchemaRegistry.from_directory(cfg.resolve(cfg.schema.directory))
+        job_start = job_start or dt.datetime.now(dt.timezone.utc)
+        key_source = KeySource.from_config(cfg.privacy, cfg.resolve)
+        key_source.load()  # fail at start-up, not on a worker, when no key is configured
+        lookups = {}
+        for name, table in (("item", cfg.enrichment.items), ("user", cfg.enrichment.users),
+                            ("experiment", cfg.enrichment.experiments)):
+            if table.path:
+                _require_files(cfg.resolve(table.path), f"enrichment.{name}s.path")
+                field = f"{name}_id"
+                domain = field if field in cfg.privacy.pseudonymise_fields else None
+                lookups[name] = (cfg.resolve(table.path), table.key, domain)
+        return cls(
+            validation=ValidationRules.from_config(cfg, registry, job_start),
+            privacy=PrivacyRules.from_config(cfg.privacy),
+            key_source=key_source,
+            bots=BotRules.from_config(cfg.bots),
+            dedupe_horizon_s=cfg.dedupe.horizon,
+            lookups=lookups,
+            clean_schema=clean_event_schema(registry),
+            num_shards=cfg.output.num_shards,
+        )
+
+
+def _require_files(pattern: str, key: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+    from transforms.config import ConfigError
+    if not FileSystems.match([pattern])[0].metadata_list:
+        raise ConfigError(f"{key}: no file matches {pattern!r}; fix the path (relative to the config file) "
+                          f"or set it to null to run without this table")
+
+
+@dataclasses.dataclass
+class GraphOutputs:
+    valid: beam.PCollection
+    bots: beam.PCollection
+    duplicates: beam.PCollection
+    dead_letter: beam.PCollection
+    consent_dropped: beam.PCollection
+    counts: beam.PCollection       # (counter name, count)
+
+    def outcomes(self) -> dict:
+        return {contract.OUTCOME_VALID: self.valid, contract.OUTCOME_BOT: self.bots,
+                contract.OUTCOME_DUPLICATE: self.duplicates, contract.OUTCOME_DEAD_LETTER: self.dead_letter,
+                contract.OUTCOME_CONSENT_DROPPED: self.consent_dropped}
+
+
+def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letters=()) -> GraphOutputs:
+    """RawRecord PCollection -> every outcome. `upstream_dead_letters`: dead letters made by the source
+    (e.g. unreadable files), each standing for one input record."""
+    p = raw_records.pipeline
+    parsed = raw_records | "Parse" >> ParseEvents(settings.validation, settings.key_source)
+    protected = parsed[ParseEvents.VALID] | "Privacy" >> ProtectPrivacy(settings.privacy, settings.key_source)
+    tables = {name: p | f"Read{name.title()}Metadata" >> ReadMetadataTable(path, key, domain, settings.key_source)
+              for name, (path, key, domain) in sorted(settings.lookups.items())}
+    enriched = protected | "Enrich" >> EnrichEvents(tables)
+    deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s)
+    judged = deduped.events | "Bots" >> FilterBots(settings.bots)
+    dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
+            | "AllDeadLetters" >> beam.Flatten())
+    upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(lambda _: None) for i, d in enumerate(upstream_dead_letters)]
+    inputs = ([raw_records, *upstream_inputs] | "AllInputs" >> beam.Flatten()) if upstream_inputs else raw_records
+    outputs = GraphOutputs(
+        valid=judged["humans"], bots=judged[FilterBots.BOTS], duplicates=deduped[DedupeEvents.DUPLICATES],
+        dead_letter=dead, consent_dropped=parsed[ParseEvents.CONSENT_DROPPED], counts=None)
+    outputs.counts = {INPUT: inputs, **outputs.outcomes()} | "Accounting" >> CountOutcomes({
+        contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
+        contract.OUTCOME_BOT: lambda r: r["bot_rule"],
+        contract.OUTCOME_VALID: lambda r: r["event_type"],
+    })
+    return outputs

@@ -1,0 +1,210 @@
+"""Typed job configuration, loaded and validated once on the launcher.
+
+The YAML file maps onto the frozen pydantic models below. Unknown keys, wrong types and bad values
+stop the job at start-up with the key path, what was given and what is allowed. Workers never read
+the file: transforms receive the (picklable) models or plain values taken from them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import pydantic
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from transforms import contract
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value) -> float:
+    """'90s', '30m', '24h', '7d', '250ms' or a bare number of seconds -> seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError("a duration, not a boolean")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    raise ValueError(
+        f"{value!r} is not a duration: use a number of seconds or a string like '250ms', '90s', '30m', '24h', '7d'")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class SchemaConfig(_Section):
+    directory: str = Field("schemas", description="Folder of event.v<N>.avsc files, relative to the config file.")
+    default_version: int = Field(2, ge=1, description="Version implied by an event without schema_version.")
+    unknown_fields: Literal["reject", "ignore"] = "reject"
+
+
+class ValidationConfig(_Section):
+    event_types: tuple[str, ...] = contract.DEFAULT_EVENT_TYPES
+    max_event_bytes: int = Field(32768, ge=256)
+    min_event_time: str = Field("2000-01-01T00:00:00+00:00", description="Earliest plausible event time (ISO-8601).")
+    max_clock_skew: Duration = Field(86400.0, description="How far in the future (vs job start) an event may be.")
+    naive_timestamps: Literal["reject", "utc"] = Field(
+        "reject", description="An ISO time without offset: reject it, or read it as UTC.")
+
+    @field_validator("event_types")
+    @classmethod
+    def _non_empty_unique(cls, v):
+        if not v:
+            raise ValueError("at least one event type is needed")
+        if len(set(v)) != len(v):
+            raise ValueError("event types must be unique")
+        return v
+
+
+class PrivacyConfig(_Section):
+    key_env: str = Field("FEEDBACK_HMAC_KEY", description="Environment variable holding the HMAC key.")
+    key_file: Optional[str] = Field(None, description="File holding the HMAC key (e.g. a mounted secret).")
+    allow_demo_key: bool = Field(False, description="Use a built-in key when none is set. Local demos only.")
+    pseudonymise_fields: tuple[Literal["user_id", "session_id", "request_id", "item_id"], ...] = ("user_id", "session_id")
+    ipv4_prefix: int = Field(24, ge=0, le=32)
+    ipv6_prefix: int = Field(48, ge=0, le=128)
+
+
+class LookupConfig(_Section):
+    path: Optional[str] = Field(None, description="CSV, JSONL or Avro file(s) (glob) of metadata rows.")
+    key: str = Field(..., description="Column holding the join key.")
+
+
+class EnrichmentConfig(_Section):
+    items: LookupConfig = LookupConfig(key="item_id")
+    users: LookupConfig = LookupConfig(key="user_id")
+    experiments: LookupConfig = LookupConfig(key="experiment_id")
+
+
+class DedupeConfig(_Section):
+    horizon: Duration = Field(86400.0, description="Copies of an event_id this close in event time are duplicates.")
+
+    @field_validator("horizon")
+    @classmethod
+    def _positive(cls, v):
+        if v <= 0:
+            raise ValueError("horizon must be > 0")
+        return v
+
+
+class BotConfig(_Section):
+    crawler_user_agents: bool = Field(True, description="Flag user agents matching the crawler-user-agents list.")
+    extra_crawler_patterns: tuple[str, ...] = ()
+    session_gap: Duration = Field(600.0, description="Inactivity gap that ends a user's activity run.")
+    max_events_per_minute: int = Field(120, ge=1)
+    sustained_minutes: int = Field(2, ge=1, description="Consecutive minutes above the rate that flag a run.")
+    min_click_latency_ms: int = Field(200, ge=0, description="A click faster than this after its impression is superhuman.")
+    min_superhuman_clicks: int = Field(3, ge=1, description="Superhuman clicks in one run that flag it.")
+
+    @field_validator("extra_crawler_patterns")
+    @classmethod
+    def _compiles(cls, v):
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {i} ({pattern!r}) is not a valid regular expression: {e}") from e
+        return v
+
+    @field_validator("session_gap")
+    @classmethod
+    def _gap_positive(cls, v):
+        if v < 60:
+            raise ValueError("session_gap must be at least 60s")
+        return v
+
+
+class OutputConfig(_Section):
+    num_shards: int = Field(0, ge=0, description="Files per output; 0 lets the runner choose.")
+
+
+class JobConfig(_Section):
+    schema_: SchemaConfig = Field(SchemaConfig(), alias="schema")
+    validation: ValidationConfig = ValidationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    enrichment: EnrichmentConfig = EnrichmentConfig()
+    dedupe: DedupeConfig = DedupeConfig()
+    bots: BotConfig = BotConfig()
+    output: OutputConfig = OutputConfig()
+    # Where the file was read from; relative paths inside it resolve against this folder.
+    base_dir: str = Field(".", exclude=True)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def resolve(self, path: Optional[str]) -> Optional[str]:
+        """A path from the file, made absolute against the config file's folder (URLs untouched)."""
+        if path is None or "://" in path or os.path.isabs(path):
+            return path
+        return str(Path(self.base_dir, path))
+
+    @property
+    def schema(self) -> SchemaConfig:  # noqa: D401 - the YAML key is "schema"
+        return self.schema_
+
+
+class ConfigError(ValueError):
+    """Bad configuration: says which key, what was wrong and what to do."""
+
+
+def _format_errors(err: pydantic.ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        given = e.get("input")
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            lines.append(f"  {path}: unknown key. Allowed here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: required key is missing")
+        else:
+            lines.append(f"  {path}: {e['msg']} (given: {given!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc) -> list[str]:
+    model = JobConfig
+    for part in loc:
+        field = None
+        for name, f in model.model_fields.items():
+            if part in (name, f.alias):
+                field = f
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(f.alias or n for n, f in model.model_fields.items() if n != "base_dir")
+
+
+def config_from_dict(data: dict, source: str = "<dict>", base_dir: str = ".") -> JobConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate({**data, "base_dir": base_dir})
+    except pydantic.ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str) -> JobConfig:
+    """Read and validate a YAML config file; raises ConfigError with the key path on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist (pass --config config/batch.yaml or another file)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return config_from_dict(data, source=str(path), base_dir=str(p.parent.resolve()))

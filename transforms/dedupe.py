@@ -1,0 +1,75 @@
+"""Deduplication by idempotency key (event_id) over an event-time horizon.
+
+Why not Beam's `DeduplicatePerKey`: it drops duplicates with no output (we must count and write
+them), and its horizon is enforced only by its expiry timer, which in batch fires after all input
+(so batch would deduplicate across all time while streaming forgets after the horizon). Here the
+decision compares event times, so batch and streaming classify alike; the timer only frees state.
+Timer and state names carry a `dedupe_` prefix: timer names must be unique across a pipeline on
+FnApiRunner (see shared/BEAM-NOTES.md), and this DoFn must not clash with other stateful steps.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.coders import VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+METRICS_NS = "feedback.dedupe"
+
+
+def is_duplicate(first_time_ms: Optional[int], event_time_ms: int, horizon_ms: int) -> bool:
+    """A copy is a duplicate when a kept copy of its event_id lies within the horizon in event time."""
+    return first_time_ms is not None and abs(event_time_ms - first_time_ms) <= horizon_ms
+
+
+def duplicate_stub(event: dict) -> dict:
+    return {"event_id": event["event_id"], "event_type": event["event_type"], "event_time": event["event_time"]}
+
+
+class _DedupeFn(beam.DoFn):
+    KEPT_TIME = ReadModifyWriteStateSpec("dedupe_kept_time", VarIntCoder())
+    EXPIRY = TimerSpec("dedupe_expiry", TimeDomain.WATERMARK)
+
+    def __init__(self, horizon_s: float, gc_delay_s: float):
+        self._horizon_ms = int(horizon_s * 1000)
+        self._gc_delay = Duration(seconds=horizon_s + gc_delay_s)
+        self._dups = Metrics.counter(METRICS_NS, "duplicates")
+
+    def process(self, element, kept=beam.DoFn.StateParam(KEPT_TIME), expiry=beam.DoFn.TimerParam(EXPIRY),
+                timestamp=beam.DoFn.TimestampParam):
+        _, event = element
+        t = event["event_time"]
+        if is_duplicate(kept.read(), t, self._horizon_ms):
+            self._dups.inc()
+            yield beam.pvalue.TaggedOutput(DedupeEvents.DUPLICATES, duplicate_stub(event))
+            return
+        kept.write(t)
+        # Keep the state until no copy within the horizon can still arrive on time.
+        expiry.set(Timestamp(micros=t * 1000) + self._gc_delay)
+        yield event
+
+    @on_timer(EXPIRY)
+    def _expire(self, kept=beam.DoFn.StateParam(KEPT_TIME)):
+        kept.clear()
+
+
+class DedupeEvents(beam.PTransform):
+    """Events -> first copy of each event_id (main) and the extra copies (tag DUPLICATES)."""
+    DUPLICATES = "duplicates"
+
+    def __init__(self, horizon_s: float, allowed_lateness_s: float = 0.0):
+        super().__init__()
+        if horizon_s <= 0:
+            raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
+        self._horizon_s = horizon_s
+        self._lateness_s = allowed_lateness_s
+
+    def expand(self, events):
+        return (events
+                | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, dict])
+                | "DropRepeats" >> beam.ParDo(_DedupeFn(self._horizon_s, self._lateness_s)).with_outputs(
+                    self.DUPLICATES, main="events"))

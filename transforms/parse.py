@@ -1,0 +1,320 @@
+"""Parse and validate raw events against their versioned schema.
+
+Pure functions do the work (`decode_payload`, `validate_event`, `parse_record`); `ParseEvents` wraps
+them in one DoFn with three outputs: valid events, consent-dropped stubs and dead letters. A record
+never leaves this stage without landing in exactly one of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+from typing import Any, Iterable, Optional, Union
+
+import apache_beam as beam
+import orjson
+from apache_beam.metrics import Metrics
+
+from transforms import contract
+from transforms.deadletter import dead_letter
+from transforms.privacy import KeySource, Redactor
+from transforms.schemas import SchemaRegistry, SchemaVersion
+
+METRICS_NS = "feedback.parse"
+
+# A raw record: (source, payload). payload is the exact bytes of one JSON line, or a dict decoded
+# from an Avro file (its schema_version filled in from the file's writer schema).
+RawRecord = tuple[str, Union[bytes, dict]]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_ID_SUFFIX = "_id"
+
+
+class Rejected(Exception):
+    """A record that cannot become a valid event: reason code, offending field, readable message."""
+
+    def __init__(self, reason: str, field: Optional[str], message: str):
+        super().__init__(message)
+        self.reason, self.field, self.message = reason, field, message
+
+
+class ConsentWithdrawn(Exception):
+    """consent: false -- the event must not be stored, whatever else is in it."""
+
+    def __init__(self, obj: dict):
+        super().__init__("consent is false")
+        self.obj = obj
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationRules:
+    """Everything validation needs, resolved once on the launcher (picklable, no file access)."""
+    registry: SchemaRegistry
+    event_types: frozenset
+    max_event_bytes: int
+    min_event_time_ms: int
+    max_event_time_ms: int
+    default_version: int
+    reject_unknown_fields: bool
+    naive_as_utc: bool
+
+    @classmethod
+    def from_config(cls, cfg, registry: SchemaRegistry, job_start: dt.datetime) -> "ValidationRules":
+        v = cfg.validation
+        min_ms = parse_event_time(v.min_event_time, naive_as_utc=False)
+        max_ms = int((job_start.timestamp() + v.max_clock_skew) * 1000)
+        if registry.get(cfg.schema.default_version) is None:
+            from transforms.config import ConfigError
+            raise ConfigError(
+                f"schema.default_version: version {cfg.schema.default_version} has no event.v"
+                f"{cfg.schema.default_version}.avsc; available: {list(registry.versions)}")
+        return cls(registry, frozenset(v.event_types), v.max_event_bytes, min_ms, max_ms,
+                   cfg.schema.default_version, cfg.schema.unknown_fields == "reject",
+                   v.naive_timestamps == "utc")
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+def parse_event_time(value: Any, naive_as_utc: bool) -> int:
+    """ISO-8601 with offset, or epoch milliseconds (number or digit string) -> epoch ms.
+
+    Raises ValueError with the reason in words.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a time")
+    if isinstance(value, dt.datetime):  # from Avro timestamp-millis
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return int((value - _EPOCH) // dt.timedelta(milliseconds=1))
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(f"epoch milliseconds must be a whole number, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip()
+        if s.isdigit():
+            return int(s)
+        try:
+            t = dt.datetime.fromisoformat(s)
+        except ValueError:
+            raise ValueError(f"{value!r} is neither ISO-8601 nor epoch milliseconds") from None
+        if t.tzinfo is None:
+            if not naive_as_utc:
+                raise ValueError(f"{value!r} has no UTC offset; add one (e.g. 'Z' or '+01:00')")
+            t = t.replace(tzinfo=dt.timezone.utc)
+        return int((t - _EPOCH) // dt.timedelta(milliseconds=1))
+    raise ValueError(f"a {type(value).__name__} is not a time")
+
+
+def decode_payload(raw: bytes, max_bytes: int) -> Any:
+    """Exact bytes of one record -> a JSON value. Raises Rejected."""
+    if len(raw) > max_bytes:
+        raise Rejected(contract.OVERSIZE_PAYLOAD, None,
+                       f"record is {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Rejected(contract.BAD_ENCODING, None,
+                       f"record is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    if not text.strip():
+        raise Rejected(contract.MALFORMED_JSON, None, "record is empty")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise Rejected(contract.MALFORMED_JSON, None, f"not valid JSON: {e}") from None
+
+
+def _resolve_version(obj: dict, rules: ValidationRules) -> SchemaVersion:
+    declared = obj.get("schema_version")
+    if declared is None:
+        version = rules.default_version
+    elif isinstance(declared, int) and not isinstance(declared, bool):
+        version = declared
+    elif isinstance(declared, str) and declared.strip().lstrip("v").isdigit():
+        version = int(declared.strip().lstrip("v"))
+    else:
+        raise Rejected(contract.WRONG_TYPE, "schema_version",
+                       f"schema_version must be an integer, got {type(declared).__name__} {declared!r}")
+    sv = rules.registry.get(version)
+    if sv is None:
+        raise Rejected(contract.SCHEMA_VIOLATION, "schema_version",
+                       f"schema_version {version} is not registered (known: {list(rules.registry.versions)})")
+    return sv
+
+
+def _coerce(field, value: Any) -> Any:
+    """Check one value against its field's Avro kind; returns the canonical value or raises Rejected."""
+    kind, name = field.kind, field.name
+    def wrong(expected):
+        return Rejected(contract.WRONG_TYPE, name,
+                        f"{name} must be {expected}, got {type(value).__name__} {_short(value)}")
+    if kind == "string":
+        if isinstance(value, str):
+            return value
+        # Numeric identifiers are common in real logs (user 48213); take them as their decimal text.
+        if name.endswith(_ID_SUFFIX) and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        raise wrong("a string")
+    if kind in ("int", "long"):
+        if isinstance(value, bool):
+            raise wrong("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise wrong("an integer")
+    if kind in ("double", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        if not math.isfinite(value):
+            raise Rejected(contract.OUT_OF_RANGE, name, f"{name} must be finite, got {value!r}")
+        return float(value)
+    if kind == "boolean":
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if kind == "map":
+        if not isinstance(value, dict):
+            raise wrong("an object of strings")
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise Rejected(contract.WRONG_TYPE, f"{name}.{k}",
+                               f"{name}.{k} must be a string, got {type(v).__name__} {_short(v)}")
+        return dict(value)
+    return value  # timestamp: handled by the caller
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def validate_event(obj: Any, rules: ValidationRules) -> dict:
+    """A decoded record -> the canonical event dict. Raises Rejected or ConsentWithdrawn.
+
+    Consent is honoured first: an object saying consent: false is never stored, not even as a
+    dead letter, whatever else is wrong with it.
+    """
+    if not isinstance(obj, dict):
+        raise Rejected(contract.NOT_AN_OBJECT, None, f"record must be a JSON object, got {type(obj).__name__}")
+    if obj.get("consent") is False:
+        raise ConsentWithdrawn(obj)
+    sv = _resolve_version(obj, rules)
+    unknown = sorted(k for k in obj if k not in sv.field_names)
+    if unknown and rules.reject_unknown_fields:
+        raise Rejected(contract.SCHEMA_VIOLATION, unknown[0],
+                       f"field {unknown[0]!r} is not in schema version {sv.version}"
+                       + (f" (also: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""))
+    event = {}
+    for field in sv.fields:
+        value = obj.get(field.name)
+        if value is None or (field.required and value == ""):
+            if field.required:
+                raise Rejected(contract.MISSING_FIELD, field.name, f"required field {field.name!r} is missing or empty")
+            event[field.name] = None
+            continue
+        if field.kind == "timestamp":
+            try:
+                ms = parse_event_time(value, rules.naive_as_utc)
+            except ValueError as e:
+                raise Rejected(contract.BAD_TIMESTAMP, field.name, f"{field.name}: {e}") from None
+            if not rules.min_event_time_ms <= ms <= rules.max_event_time_ms:
+                hint = " (epoch seconds instead of milliseconds?)" if 0 <= ms < 10_000_000_000 else ""
+                raise Rejected(contract.BAD_TIMESTAMP, field.name,
+                               f"{field.name} {_short(value)} is {_iso(ms)}, outside the plausible range "
+                               f"{_iso(rules.min_event_time_ms)} .. {_iso(rules.max_event_time_ms)}{hint}")
+            event[field.name] = ms
+        else:
+            event[field.name] = _coerce(field, value)
+    if event["event_type"] not in rules.event_types:
+        raise Rejected(contract.UNKNOWN_EVENT_TYPE, "event_type",
+                       f"event_type {event['event_type']!r} is not one of {sorted(rules.event_types)}")
+    _check_ranges(event)
+    event["schema_version"] = sv.version
+    # Fields of newer versions, absent from this one, are present as None: one canonical shape.
+    for name in rules.registry.latest.field_names:
+        event.setdefault(name, None)
+    return event
+
+
+def _check_ranges(e: dict) -> None:
+    p = e.get("propensity")
+    if p is not None and not 0.0 < p <= 1.0:
+        raise Rejected(contract.OUT_OF_RANGE, "propensity", f"propensity must be in (0, 1], got {p!r}")
+    for name in ("position", "dwell_ms", "value"):
+        v = e.get(name)
+        if v is not None and v < 0:
+            raise Rejected(contract.OUT_OF_RANGE, name, f"{name} must be >= 0, got {v!r}")
+
+
+def _iso(ms: int) -> str:
+    try:
+        return (_EPOCH + dt.timedelta(milliseconds=ms)).isoformat().replace("+00:00", "Z")
+    except OverflowError:
+        return f"{ms} ms"
+
+
+def parse_record(payload: Union[bytes, dict], rules: ValidationRules) -> dict:
+    """One raw payload -> canonical event. Raises Rejected or ConsentWithdrawn."""
+    obj = payload if isinstance(payload, dict) else decode_payload(payload, rules.max_event_bytes)
+    return validate_event(obj, rules)
+
+
+def consent_stub(obj: dict, source: str) -> dict:
+    """What is kept of a consent-withdrawn event: enough to count and audit it, nothing personal."""
+    event_id = obj.get("event_id")
+    event_type = obj.get("event_type")
+    return {"event_id": None if event_id is None else str(event_id)[:200],
+            "event_type": event_type if isinstance(event_type, str) else None,
+            "source": source}
+
+
+# --- the transform ----------------------------------------------------------------------------
+
+class _ParseFn(beam.DoFn):
+    def __init__(self, rules: ValidationRules, key_source: KeySource):
+        self._rules = rules
+        self._key_source = key_source
+        self._valid = Metrics.counter(METRICS_NS, "valid")
+        self._rejected = Metrics.counter(METRICS_NS, "dead_letter")
+        self._consent = Metrics.counter(METRICS_NS, "consent_dropped")
+
+    def setup(self):
+        self._redactor = Redactor(self._key_source.load())
+
+    def process(self, element: RawRecord) -> Iterable:
+        source, payload = element
+        try:
+            event = parse_record(payload, self._rules)
+        except Rejected as r:
+            self._rejected.inc()
+            Metrics.counter(METRICS_NS, f"dead_letter_{r.reason}").inc()
+            yield beam.pvalue.TaggedOutput(ParseEvents.DEAD_LETTER, dead_letter(
+                r.reason, r.field, r.message, "parse", payload, source, self._redactor))
+            return
+        except ConsentWithdrawn as c:
+            self._consent.inc()
+            yield beam.pvalue.TaggedOutput(ParseEvents.CONSENT_DROPPED, consent_stub(c.obj, source))
+            return
+        self._valid.inc()
+        yield beam.window.TimestampedValue(event, event["event_time"] / 1000.0)
+
+
+class ParseEvents(beam.PTransform):
+    """RawRecord -> valid events (timestamped in event time) + consent stubs + dead letters."""
+    VALID = "valid"
+    DEAD_LETTER = "dead_letter"
+    CONSENT_DROPPED = "consent_dropped"
+
+    def __init__(self, rules: ValidationRules, key_source: KeySource):
+        super().__init__()
+        if not isinstance(rules, ValidationRules):
+            raise TypeError(f"rules must be ValidationRules, got {type(rules).__name__}")
+        self._rules = rules
+        self._key_source = key_source
+
+    def expand(self, raw):
+        return raw | "ParseAndValidate" >> beam.ParDo(_ParseFn(self._rules, self._key_source)).with_outputs(
+            self.DEAD_LETTER, self.CONSENT_DROPPED, main=self.VALID)
