@@ -69,10 +69,17 @@ class CrawlerMatcher:
                 return p.pattern
         if self._use_list and crawleruseragents.is_crawler(ua):
             # Only for the (rare) positives: name the first list entry that matched.
-            for i in crawleruseragents.matching_crawlers(ua)[:1]:
-                return crawleruseragents.CRAWLER_USER_AGENTS_DATA[i]["pattern"]
+            for p in _list_patterns():
+                if p.search(ua):
+                    return p.pattern
             return "crawler-user-agents"
         return None
+
+
+@lru_cache(maxsize=1)
+def _list_patterns() -> tuple:
+    # Compiled once: the list has ~1,500 patterns, more than the `re` module's own cache holds.
+    return tuple(re.compile(d["pattern"]) for d in crawleruseragents.CRAWLER_USER_AGENTS_DATA)
 
 
 def sustained_rate(times_ms: Iterable[int], max_per_minute: int, sustained_minutes: int) -> Optional[str]:

@@ -1,0 +1,29 @@
+"""Implicit-feedback pipeline on Apache Beam.
+
+`pipelines/` and `transforms/` are the packages shipped to workers (`--setup_file ./setup.py`).
+The Beam version must match the one in templates/ Dockerfiles and .ci/bootstrap.
+"""
+import setuptools
+
+BEAM_VERSION = "2.77.0"
+
+setuptools.setup(
+    name="implicit-feedback-pipeline",
+    version="0.1.0",
+    description="Implicit-feedback events -> training labels, features and signal-quality figures, on Apache Beam",
+    packages=setuptools.find_packages(exclude=["tests*", "benchmarks*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        f"apache-beam[gcp]=={BEAM_VERSION}",
+        "fastavro>=1.9",
+        "orjson>=3.9",
+        "pyyaml>=6.0",
+        "pydantic>=2.6",
+        "numpy>=1.26",
+        "ua-parser[regex]>=1.0.1",
+        "crawler-user-agents>=1.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "fake-useragent==2.2.0"],
+    },
+)

@@ -1,0 +1,32 @@
+import datetime as dt
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_DIR = ROOT / "config" / "schemas"
+FN_API_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+TEST_KEY = b"test-hmac-key"
+
+os.environ.setdefault("FEEDBACK_HMAC_KEY", TEST_KEY.decode())
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from transforms.schemas import SchemaRegistry
+    return SchemaRegistry.from_directory(str(SCHEMA_DIR))
+
+
+@pytest.fixture(scope="session")
+def rules(registry):
+    from transforms.config import config_from_dict
+    from transforms.parse import ValidationRules
+    cfg = config_from_dict({})
+    return ValidationRules.from_config(cfg, registry, dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc))
+
+
+def write_config(tmp_path, extra: str = "") -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(f"schema: {{directory: {SCHEMA_DIR}}}\noutput: {{num_shards: 1}}\n{extra}")
+    return str(path)
