@@ -30,3 +30,9 @@ def write_config(tmp_path, extra: str = "") -> str:
     path = tmp_path / "job.yaml"
     path.write_text(f"schema: {{directory: {SCHEMA_DIR}}}\noutput: {{num_shards: 1}}\n{extra}")
     return str(path)
+
+
+def pytest_configure(config):
+    # Beam's TestPipeline/TestStream are classes named Test*; pytest should not try to collect them.
+    config.addinivalue_line("filterwarnings", "ignore::pytest.PytestCollectionWarning")
+    config.addinivalue_line("markers", "slow: ground-truth and engine tests that take tens of seconds")
