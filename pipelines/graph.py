@@ -85,16 +85,18 @@ class GraphOutputs:
                 contract.OUTCOME_CONSENT_DROPPED: self.consent_dropped}
 
 
-def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letters=()) -> GraphOutputs:
+def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letters=(),
+                      streaming: bool = False) -> GraphOutputs:
     """RawRecord PCollection -> every outcome. `upstream_dead_letters`: dead letters made by the source
-    (e.g. unreadable files), each standing for one input record."""
+    (e.g. unreadable files), each standing for one input record. `streaming` picks the streaming
+    implementation where one exists (same decisions, see DedupeEvents)."""
     p = raw_records.pipeline
     parsed = raw_records | "Parse" >> ParseEvents(settings.validation, settings.key_source)
     protected = parsed[ParseEvents.VALID] | "Privacy" >> ProtectPrivacy(settings.privacy, settings.key_source)
     tables = {name: p | f"Read{name.title()}Metadata" >> ReadMetadataTable(path, key, domain, settings.key_source)
               for name, (path, key, domain) in sorted(settings.lookups.items())}
     enriched = protected | "Enrich" >> EnrichEvents(tables)
-    deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s)
+    deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, streaming=streaming)
     judged = deduped.events | "Bots" >> FilterBots(settings.bots)
     dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
             | "AllDeadLetters" >> beam.Flatten())

@@ -58,10 +58,16 @@ def test_dedupe_streaming_matches_batch():
     options = PipelineOptions(streaming=True)
     options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
     with TestPipeline(options=options) as p:
-        out = p | stream | DedupeEvents(horizon_s=3600)
+        out = p | stream | DedupeEvents(horizon_s=3600, streaming=True)
         assert_that(out.events | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
         assert_that(out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
                     equal_to(DEDUPE_DUPS), label="Dups")
+
+
+def test_split_copies_is_the_stateful_decision():
+    from transforms.dedupe import split_copies
+    kept, dups = split_copies([e for e in DEDUPE_INPUT if e["event_id"] == "c"] * 2, 3_600_000)
+    assert [e["event_time"] for e in kept] == [T0, T0 + 7_200_000] and len(dups) == 2
 
 
 def test_filter_bots_in_a_pipeline():
