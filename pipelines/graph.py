@@ -97,7 +97,7 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
               for name, (path, key, domain) in sorted(settings.lookups.items())}
     enriched = protected | "Enrich" >> EnrichEvents(tables)
     deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, streaming=streaming)
-    judged = deduped.events | "Bots" >> FilterBots(settings.bots)
+    judged = deduped.events | "Bots" >> FilterBots(settings.bots, streaming=streaming)
     dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
             | "AllDeadLetters" >> beam.Flatten())
     upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(lambda _: None) for i, d in enumerate(upstream_dead_letters)]

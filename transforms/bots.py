@@ -143,6 +143,19 @@ def judge_run(events: list[dict], rules: BotRules) -> Optional[tuple[str, str]]:
     return None
 
 
+def split_runs(events: list[dict], gap_ms: int) -> list[list[dict]]:
+    """A user's events -> activity runs, as Beam's Sessions(gap) would merge them: a run ends where
+    the next event is `gap_ms` or more after the previous one."""
+    runs: list[list[dict]] = []
+    last = None
+    for e in sorted(events, key=lambda e: (e["event_time"], e["event_id"])):
+        if last is None or e["event_time"] - last >= gap_ms:
+            runs.append([])
+        runs[-1].append(e)
+        last = e["event_time"]
+    return runs
+
+
 def flag(event: dict, rule: Optional[str], detail: Optional[str]) -> dict:
     out = dict(event)
     out["bot_rule"], out["bot_detail"] = rule, detail
@@ -170,13 +183,23 @@ class _CrawlerFn(beam.DoFn):
 
 
 class _JudgeRunFn(beam.DoFn):
-    def __init__(self, rules: BotRules):
+    """Judges the runs of one key: one run per element in streaming (session windows), or all of a
+    user's events at once in batch, split into runs here exactly as the session windows would."""
+
+    def __init__(self, rules: BotRules, split: bool):
         self._rules = rules
+        self._split = split
+        self._gap_ms = int(rules.session_gap_s * 1000)
         self._flagged = {r: Metrics.counter(METRICS_NS, r) for r in contract.BOT_RULES}
 
-    def process(self, keyed_run):
-        _, events = keyed_run
-        events = sorted(events, key=lambda e: (e["event_time"], e["event_id"]))
+    def process(self, keyed_events):
+        _, events = keyed_events
+        runs = split_runs(list(events), self._gap_ms) if self._split else [
+            sorted(events, key=lambda e: (e["event_time"], e["event_id"]))]
+        for run in runs:
+            yield from self._judge(run)
+
+    def _judge(self, events):
         verdict = judge_run(events, self._rules)
         if verdict is None:
             for e in events:
@@ -194,23 +217,28 @@ class FilterBots(beam.PTransform):
     global window with their event timestamps."""
     BOTS = "bots"
 
-    def __init__(self, rules: BotRules):
+    def __init__(self, rules: BotRules, streaming: bool = False):
         super().__init__()
         if rules.max_events_per_minute <= 0:
             raise ValueError("max_events_per_minute must be > 0")
         self._rules = rules
+        self._streaming = streaming
 
     def expand(self, events):
         crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
             self.BOTS, main="rest")
-        judged = (crawler.rest
-                  | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
-                  # Earliest-timestamp output keeps the watermark held at the run's first event, so the
-                  # events re-emitted at their own times below are never behind it.
-                  | "ActivityRuns" >> beam.WindowInto(window.Sessions(self._rules.session_gap_s),
-                                                      timestamp_combiner=TimestampCombiner.OUTPUT_AT_EARLIEST)
+        keyed = crawler.rest | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
+        if self._streaming:
+            # Earliest-timestamp output keeps the watermark held at the run's first event, so the
+            # events re-emitted at their own times below are never behind it.
+            keyed = keyed | "ActivityRuns" >> beam.WindowInto(
+                window.Sessions(self._rules.session_gap_s), timestamp_combiner=TimestampCombiner.OUTPUT_AT_EARLIEST)
+        # Bounded input: group all of a user's events and split them into runs in _JudgeRunFn, which
+        # gives the same runs as session windows at a fraction of the cost of window merging.
+        judged = (keyed
                   | "GroupRuns" >> beam.GroupByKey()
-                  | "JudgeRuns" >> beam.ParDo(_JudgeRunFn(self._rules)).with_outputs(self.BOTS, main="humans"))
+                  | "JudgeRuns" >> beam.ParDo(_JudgeRunFn(self._rules, split=not self._streaming)).with_outputs(
+                      self.BOTS, main="humans"))
         humans = judged.humans | "HumansGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         run_bots = judged[self.BOTS] | "RunBotsGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         bots = (crawler[self.BOTS], run_bots) | "AllBots" >> beam.Flatten()

@@ -92,6 +92,7 @@ class Pseudonymiser:
         return hmac.new(self._key, f"{domain}\x1f{value}".encode(), hashlib.sha256).hexdigest()[:self._length]
 
 
+@lru_cache(maxsize=100_000)
 def truncate_ip(ip: str, v4_prefix: int, v6_prefix: int) -> Optional[str]:
     """'203.0.113.77' -> '203.0.113.0/24'; None when the text is not an IP address."""
     try:
@@ -113,11 +114,13 @@ class Redactor:
 
     def __init__(self, key: bytes):
         self._p = Pseudonymiser(key, length=12)
+        # User agents and context values repeat a lot; redaction is a handful of regex passes.
+        self.redact = lru_cache(maxsize=100_000)(self._redact)
 
     def _token(self, kind: str):
         return lambda m: f"[{kind}:{self._p.pseudonym(kind, m.group(0))}]"
 
-    def redact(self, text: str) -> str:
+    def _redact(self, text: str) -> str:
         if not text:
             return text
         if "@" in text:

@@ -8,6 +8,7 @@ a new version must be able to read every record written with the previous one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import re
@@ -40,7 +41,7 @@ class SchemaVersion:
     fields: tuple[FieldSpec, ...]
     canonical: str             # Parsing Canonical Form, to recognise Avro writer schemas
 
-    @property
+    @functools.cached_property
     def field_names(self) -> frozenset:
         return frozenset(f.name for f in self.fields)
 
