@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
-from transforms.io import OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines
+from transforms.io import OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, read_all
 from transforms.privacy import MissingKeyError
 from transforms.schemas import SchemaError
 
@@ -61,7 +61,7 @@ def read_counters(paths: OutputPaths) -> dict:
     counters = {}
     for match in FileSystems.match([paths.counts + "*"])[0].metadata_list:
         with FileSystems.open(match.path) as f:
-            for line in f.read().decode().splitlines():
+            for line in read_all(f).decode().splitlines():
                 if line.strip():
                     row = json.loads(line)
                     counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]

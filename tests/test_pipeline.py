@@ -161,3 +161,13 @@ def test_batch_job_refuses_empty_input(tmp_path, capsys):
     rc = batch.main(["--config", write_config(tmp_path), "--input", str(tmp_path / "nothing*.jsonl"),
                      "--output", str(tmp_path / "out")])
     assert rc == batch.EXIT_CONFIG and "--input: no file matches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_iter_lines_reads_to_the_end_in_any_chunking(chunk):
+    import io
+    from transforms.io import iter_lines
+    data = b'{"a":1}\n\n{"b":2}\r\nlast-without-newline'
+    assert list(iter_lines(io.BytesIO(data), chunk)) == [(1, b'{"a":1}'), (2, b""), (3, b'{"b":2}'),
+                                                         (4, b"last-without-newline")]
+    assert list(iter_lines(io.BytesIO(b"x\n"), chunk)) == [(1, b"x")]

@@ -17,9 +17,11 @@ import apache_beam as beam
 import fastavro
 import orjson
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from ua_parser import parse as parse_user_agent
 
+from transforms.io import read_all
 from transforms.privacy import KeySource, Pseudonymiser
 
 METRICS_NS = "feedback.enrich"
@@ -119,7 +121,9 @@ class _TableRowsFn(beam.DoFn):
 
     def process(self, readable_file):
         path = readable_file.metadata.path
-        for row in read_table_rows(path, readable_file.read()):
+        with readable_file.open(compression_type=CompressionTypes.AUTO) as f:
+            data = read_all(f)
+        for row in read_table_rows(path.removesuffix(".gz"), data):
             entry = metadata_entry(row, self._key)
             if entry is None:
                 self._no_key.inc()

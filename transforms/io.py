@@ -29,17 +29,39 @@ class _NoRedaction:
         return text
 
 
-def split_lines(data: bytes):
-    """Bytes of a JSON-lines file -> (line number, exact line bytes), without the line terminator.
+_CHUNK = 8 << 20
 
+
+def iter_lines(stream, chunk_size: int = _CHUNK):
+    """A binary stream -> (line number, exact line bytes) without terminators, in bounded memory.
+
+    Reads until the stream says EOF: Beam's CompressedFile.read() with no size returns at most one
+    16 MiB buffer, so a single read() would silently lose the rest of a large .gz file.
     A final empty line (the file's trailing newline) is not a record; any other empty line is one
-    (and will be dead-lettered), so nothing in a file goes unaccounted.
+    (and is dead-lettered), so nothing in a file goes unaccounted.
     """
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for n, line in enumerate(lines, 1):
-        yield n, line[:-1] if line.endswith(b"\r") else line
+    n, tail = 0, b""
+    while True:
+        chunk = stream.read(chunk_size)
+        if not chunk:
+            break
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            n += 1
+            yield n, line[:-1] if line.endswith(b"\r") else line
+    if tail:
+        yield n + 1, tail[:-1] if tail.endswith(b"\r") else tail
+
+
+def read_all(stream, chunk_size: int = _CHUNK) -> bytes:
+    """Everything in a stream (see iter_lines for why a bare read() is not enough)."""
+    parts = []
+    while True:
+        chunk = stream.read(chunk_size)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
 
 
 class _ReadFileFn(beam.DoFn):
@@ -57,10 +79,9 @@ class _ReadFileFn(beam.DoFn):
             yield from self._avro(readable_file, path)
             return
         with readable_file.open(compression_type=CompressionTypes.AUTO) as f:
-            data = f.read()
-        for n, line in split_lines(data):
-            self._records.inc()
-            yield f"{path}:{n}", line
+            for n, line in iter_lines(f):
+                self._records.inc()
+                yield f"{path}:{n}", line
 
     def _avro(self, readable_file, path):
         n = 0
