@@ -68,6 +68,20 @@ def read_counters(paths: OutputPaths) -> dict:
     return counters
 
 
+def beam_counters(result) -> dict:
+    """The job's own Beam counters (namespace feedback.*), as the runner reports them (attempted)."""
+    try:
+        counters = result.metrics().query()["counters"]
+    except (NotImplementedError, KeyError, AttributeError):  # a runner without metrics support
+        return {}
+    totals: dict = {}
+    for c in counters:
+        if c.key.metric.namespace.startswith("feedback."):
+            name = f"{c.key.metric.namespace}.{c.key.metric.name}"
+            totals[name] = totals.get(name, 0) + (c.committed if c.committed is not None else c.attempted)
+    return dict(sorted(totals.items()))
+
+
 def write_report(paths: OutputPaths, report: dict) -> None:
     with FileSystems.create(paths.report) as f:
         f.write(json.dumps(report, indent=2, sort_keys=False).encode() + b"\n")
@@ -86,8 +100,10 @@ def run(argv=None) -> dict:
         options.view_as(StandardOptions).runner = DEFAULT_RUNNER
     paths = OutputPaths(args.output)
     started = time.monotonic()
-    with beam.Pipeline(options=options) as p:
-        build(p, settings, args.input, paths)
+    p = beam.Pipeline(options=options)
+    build(p, settings, args.input, paths)
+    result = p.run()
+    result.wait_until_finish()
     elapsed = time.monotonic() - started
     summary = summarise(read_counters(paths))
     report = {
@@ -100,6 +116,7 @@ def run(argv=None) -> dict:
         "started_at": job_start.isoformat(),
         "elapsed_seconds": round(elapsed, 3),
         **summary,
+        "metrics": beam_counters(result),
         "outputs": {name: getattr(paths, name) + "*" for name in
                     ("events", "bots", "dead_letter", "duplicates", "consent_dropped")},
     }
