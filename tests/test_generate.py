@@ -165,7 +165,7 @@ def _click_latencies(events):
 @pytest.fixture(scope="module")
 def run20k(tmp_path_factory):
     path = tmp_path_factory.mktemp("gen") / "events.jsonl"
-    truth = gen.generate(20_000, path, seed=7)
+    truth = gen.generate(20_000, path, seed=1)
     payloads = _read_jsonl(path)
     return path, truth, payloads, _analyse(payloads, truth)
 
@@ -211,6 +211,7 @@ def test_truth_is_consistent_and_sums_to_lines(run20k):
     assert 0.012 <= c[C.OUTCOME_DEAD_LETTER] / n <= 0.018
     assert 0.02 <= c[C.OUTCOME_DUPLICATE] / n <= 0.045
     assert all(truth["bots_by_rule"][r] > 0 for r in C.BOT_RULES)
+    assert c[C.OUTCOME_CONSENT_DROPPED] > 0
     assert all(p and not p.isspace() for p in payloads), "blank lines"
 
 

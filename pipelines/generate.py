@@ -1,0 +1,962 @@
+"""Synthetic implicit-feedback traffic for the recommender pipeline, with a ground-truth sidecar.
+
+    python -m pipelines.generate --events N --output FILE [--seed 42]
+        [--start 2026-11-01T00:00:00Z] [--format jsonl|jsonl.gz|avro] [--knob name=value ...]
+
+or from Python: ``generate(n_events, output_path, seed=42, start=..., fmt=None, **knobs)``.
+
+``--events N`` is EXACTLY the number of records written (lines of JSON, or Avro records),
+duplicates and malformed records included.  The format defaults from the extension
+(``.jsonl``, ``.jsonl.gz``, ``.avro``).  Same seed and arguments -> byte-identical output
+(gzip header carries no name and mtime 0; the Avro sync marker is derived from the seed).
+
+Records are written in ARRIVAL order (the order a collector received them).  The simulation
+walks users/sessions in event-time order with a heap and holds a reorder buffer keyed by
+arrival time; a record is written once the simulation clock has passed its arrival time
+(every later record has event_time >= clock and arrival >= event_time), so memory stays
+bounded by the events in flight -- normal delays of seconds plus the few late ones.
+
+Traffic (defaults; every proportion is a knob, see ``DEFAULT_KNOBS``):
+  * human users (ids ``u012345``; ~10% numeric JSON integers) in sessions (>= 41 min apart),
+    each session a chain of recommendation requests (>= 15 s apart, strictly sequential: a
+    request's outcomes end before the next request) of 4-12 impressions at positions 1..k with
+    propensity (1/pos^0.7 normalised; explore-eps mixes in uniform) and policy; position-biased
+    clicks (relevance x 1/pos^0.8), click latency lognormal (median 3 s, floor 400 ms), then
+    view, dwell (dwell_ms), add_to_cart, purchase (value); scroll and skip.  Humans never exceed
+    28 non-impression / 56 total events in any 60 s of event time.
+  * bots (~5% of records): crawler user agents; human UA at 3-8 events/s for 3-20 min;
+    human UA with every click 10-150 ms after its impression (>= 5 per session, <= 12 events/min).
+  * ~2% of well-formed, consenting events re-delivered 1-3 more times, byte-identical, later.
+  * ~1% of human users send ``consent: false`` on every event.
+  * ~1.5% malformed records, one defect each, cycling over all reason codes.
+  * arrival delay lognormal (median 1 s, cap 60 s); ~2% 2-90 min late, ~0.3% 3-12 h late.
+
+Truth sidecar ``<output>.truth.json`` (also returned by ``generate``)::
+
+    {"seed", "input_records",                      # records written (== n_events)
+     "counts": {valid, duplicates, bots, dead_letter, consent_dropped},   # sum == input_records
+     "dead_letter_by_reason": {<every contract reason code>: n},          # zeros included
+     "bots_by_rule": {<every bot rule>: n},         # bot events (first copies), by their user's rule
+     "bot_event_ids": [sorted], "bot_user_ids": [sorted, strings],
+     "duplicate_event_ids": {event_id: extra_copies},
+     "consent_dropped_event_ids": [sorted],         # consent:false events (never duplicated)
+     "valid_event_count_by_type": {<every event type>: n},
+     "late_event_ids": {event_id: arrival_delay_seconds},  # only delays >= 120 s (2-90 min, 3-12 h)
+     "event_time_range": [min_iso, max_iso]}        # over all well-formed events (not dead letters)
+
+Each record lands in exactly one class, decided in this order: a defect -> dead_letter;
+else consent false -> consent_dropped; else 2nd/3rd/4th copy of an event_id in arrival order ->
+duplicates (the first copy goes on); else an event of a bot user -> bots; else valid.
+Dead letters and consent:false events are never duplicated; bots and consent:false users are
+never given defects.  Every bot user's activity runs (events < 10 min apart) each trip its rule
+on their own, so a per-run detector and this per-user truth agree.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import heapq
+import json
+import math
+import random
+import sys
+import time
+from bisect import bisect_left, bisect_right
+from datetime import datetime, timedelta, timezone
+from operator import itemgetter
+from pathlib import Path
+
+import orjson
+
+from pipelines import sample_agents
+from transforms import contract as C
+
+(IMPRESSION, CLICK, VIEW, DWELL, SCROLL, SKIP, ADD_TO_CART, PURCHASE) = C.DEFAULT_EVENT_TYPES
+
+# Field names used below; checked against the contract at import.
+_FIELDS_USED = ("event_id", "event_type", "event_time", "user_id", "session_id", "request_id",
+                "item_id", "position", "propensity", "policy", "dwell_ms", "value", "experiment_id",
+                "variant", "context", "user_agent", "ip", "consent", "schema_version")
+assert set(_FIELDS_USED) <= set(C.REQUIRED_FIELDS) | set(C.OPTIONAL_FIELDS), "contract changed"
+assert len(C.DEFAULT_EVENT_TYPES) == 8
+
+FORMATS = ("jsonl", "jsonl.gz", "avro")
+DEFAULT_START = "2026-11-01T00:00:00Z"
+# Reasons a JSON line can carry; an Avro record can only carry these three.
+JSON_REASONS = (C.MALFORMED_JSON, C.BAD_ENCODING, C.NOT_AN_OBJECT, C.MISSING_FIELD, C.WRONG_TYPE,
+                C.BAD_TIMESTAMP, C.UNKNOWN_EVENT_TYPE, C.OUT_OF_RANGE, C.OVERSIZE_PAYLOAD,
+                C.SCHEMA_VIOLATION)
+AVRO_REASONS = (C.BAD_TIMESTAMP, C.UNKNOWN_EVENT_TYPE, C.OUT_OF_RANGE)
+OVERSIZE_BYTES = 32768  # a line longer than this is oversize (the pipeline's default limit)
+
+DEFAULT_KNOBS = {
+    "bot_fraction": 0.05,            # share of records from bot users (first copies)
+    "bot_rule_split": {C.BOT_RULE_SUSTAINED_RATE: 0.40, C.BOT_RULE_CRAWLER_UA: 0.35,
+                       C.BOT_RULE_SUPERHUMAN_CLICKS: 0.25},
+    "malformed_fraction": 0.015,     # share of records that are dead letters
+    "duplicate_fraction": 0.02,      # share of well-formed consenting events re-delivered
+    "consent_optout_fraction": 0.01,  # share of human users with consent false
+    "late_fraction": 0.02,           # 2-90 min late
+    "very_late_fraction": 0.003,     # 3-12 h late
+    "numeric_user_fraction": 0.10,
+    "v1_fraction": 0.20,             # users on the old producer (JSON formats only)
+    "session_id_fraction": 0.70,
+    "experiment_fraction": 0.50,
+    "iso_time_fraction": 0.60,       # the rest: epoch milliseconds
+    "context_fraction": 0.30,        # of v2 requests
+    "pii_fraction": 0.06,            # of contexts
+    "request_id_omit_fraction": 0.15,  # of outcome events
+    "n_items": 5000,
+    "duration_hours": 24.0,          # span over which new users arrive (bots start in its first 60%)
+}
+
+EXPERIMENT_ID = "exp-ranker-2026q4"
+CONTROL, TREATMENT = "control", "treatment"
+RANKER_V3, RANKER_V4, EXPLORE = "ranker-v3", "ranker-v4", "explore-eps"
+EXPLORE_EPS = 0.2
+
+# Human pacing limits, strictly inside "30 non-impression / 60 total in any 60 s".
+HUMAN_MAX_NON_IMPRESSION_PER_MIN = 28
+HUMAN_MAX_EVENTS_PER_MIN = 56
+HUMAN_MIN_CLICK_LATENCY_MS = 400
+SESSION_GAP_MIN_MS = 41 * 60_000
+REQUEST_GAP_MIN_MS = 15_000
+
+# Measured mean records per human user at the defaults (calibrates the arrival rate).
+_EVENTS_PER_HUMAN = 65.0
+_MEAN_EXTRA_COPIES = 1.5          # 1, 2 or 3 extra copies with probability 0.6, 0.3, 0.1
+
+_TZS = (("Z", 0),) * 7 + (("+01:00", 60), ("+02:00", 120), ("-05:00", -300), ("-08:00", -480),
+                          ("+05:30", 330), ("+09:00", 540), ("+00:00", 0))
+_PAGES = ("home", "home", "search", "category", "pdp", "cart")
+_QUERIES = ("running shoes", "wireless earbuds", "gift ideas", "crème brûlée torch", "Müsli",
+            "kids lego", "winter jacket", "coffee grinder", "yoga mat", "phone case", "tênis",
+            "desk lamp", "board games", "niño toys", "water bottle", "headphones", "espresso")
+_REFERRERS = ("google", "newsletter", "direct", "instagram", "partner")
+_NAMES = ("jane.doe", "john.smith", "a.martin", "maria.garcia", "li.wei", "sam.taylor")
+_DOMAINS = ("example.com", "example.org", "example.net")
+_PHONES = ("+1 415 555 0134", "+1 (212) 555-0187", "+44 20 7946 0958", "+49 30 901820",
+           "415-555-0199", "+33 1 99 00 12 34")
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+def _parse_start(start) -> int:
+    if isinstance(start, (int, float)):
+        return int(start)
+    if isinstance(start, datetime):
+        t = start
+    else:
+        t = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return int(round(t.timestamp() * 1000))
+
+
+_DAY_CACHE: dict = {}
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _iso(ms: int, off_min: int = 0, suffix: str = "Z") -> str:
+    """Epoch ms -> ISO-8601 with millisecond precision, shown at UTC offset ``off_min``."""
+    local = ms + off_min * 60_000
+    secs, msr = divmod(local, 1000)
+    day, sod = divmod(secs, 86400)
+    ds = _DAY_CACHE.get(day)
+    if ds is None:
+        ds = _DAY_CACHE[day] = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%d")
+    h, rem = divmod(sod, 3600)
+    m, s = divmod(rem, 60)
+    return f"{ds}T{h:02d}:{m:02d}:{s:02d}.{msr:03d}{suffix}"
+
+
+def _infer_format(path: str) -> str:
+    p = str(path).lower()
+    for fmt in ("jsonl.gz", "jsonl", "avro"):
+        if p.endswith("." + fmt):
+            return fmt
+    raise ValueError(f"cannot infer the format of {path!r}; use --format {'|'.join(FORMATS)}")
+
+
+def _load_avro_schema():
+    import fastavro
+    path = Path(__file__).resolve().parent.parent / "config" / "schemas" / "event.v2.avsc"
+    if path.exists():
+        return fastavro.parse_schema(json.loads(path.read_text()))
+    opt = lambda name, t: {"name": name, "type": ["null", t], "default": None}  # noqa: E731
+    return fastavro.parse_schema({
+        "type": "record", "name": "Event", "namespace": "feedback.events", "fields": [
+            {"name": "event_id", "type": "string"}, {"name": "event_type", "type": "string"},
+            {"name": "event_time", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {"name": "user_id", "type": "string"},
+            opt("item_id", "string"), opt("request_id", "string"), opt("session_id", "string"),
+            opt("position", "int"), opt("propensity", "double"), opt("policy", "string"),
+            opt("dwell_ms", "long"), opt("value", "double"), opt("user_agent", "string"),
+            opt("ip", "string"), opt("consent", "boolean"), opt("schema_version", "int"),
+            opt("experiment_id", "string"), opt("variant", "string"),
+            opt("context", {"type": "map", "values": "string"})]})
+
+
+class _Actor:
+    """One user (human or bot) and everything constant about its client."""
+    __slots__ = ("uid", "uid_str", "rule", "ua", "ip", "consent", "consent_p", "v1", "variant",
+                 "policy", "tz", "sid_keep", "rid_always", "genre", "malformable")
+
+
+# --- the simulation ------------------------------------------------------------------------------
+
+class _Sim:
+    def __init__(self, n, seed, start_ms, fmt, knobs):
+        self.n, self.seed, self.start_ms, self.fmt = n, seed, start_ms, fmt
+        self.k = k = knobs
+        self.avro = fmt == "avro"
+        rng = self.rng = random.Random(seed)
+        self.rnd, self.bits, self.gauss = rng.random, rng.getrandbits, rng.gauss
+        self.p_omit_rid, self.p_iso, self.p_dup = k["request_id_omit_fraction"], k["iso_time_fraction"], k["duplicate_fraction"]
+        self.p_very_late = k["very_late_fraction"]
+        self.p_any_late = k["very_late_fraction"] + k["late_fraction"]
+        self.reasons = AVRO_REASONS if self.avro else JSON_REASONS
+        self.v1_fraction = 0.0 if self.avro else k["v1_fraction"]
+        self.p_enroll = min(1.0, k["experiment_fraction"] / max(1e-9, 1.0 - self.v1_fraction))
+        self.sid_keep = min(1.0, k["session_id_fraction"] / 0.8)
+        self._catalogue(k["n_items"])
+        self._tables()
+        self.human_agents = sample_agents.HUMAN_AGENTS
+        self.crawler_agents = self._crawler_agents()
+        # user ids: random, unique, same space for humans and bots
+        self.expected_users = max(100, int(n / _EVENTS_PER_HUMAN * 1.5))
+        self.uid_space = max(1_000_000, 20 * self.expected_users)
+        self.uid_width = len(str(self.uid_space - 1))
+        self.used_uids, self.used_numeric = set(), set()
+        # output bookkeeping
+        self.lines = 0
+        self.seq = 0
+        self.arrivals = []                  # reorder buffer: (arrival_ms, seq, payload)
+        self.counts = dict.fromkeys(C.OUTCOMES, 0)
+        self.dl_reason = dict.fromkeys(C.REASON_CODES, 0)
+        self.bot_rule_counts = dict.fromkeys(C.BOT_RULES, 0)
+        self.bot_event_ids, self.bot_user_ids = [], set()
+        self.dup_ids, self.consent_ids, self.late_ids = {}, [], {}
+        self.valid_by_type = dict.fromkeys(C.DEFAULT_EVENT_TYPES, 0)
+        self.tmin, self.tmax = None, None
+        self.reason_cycle, self.pending_reason = [], None
+        lines_per_event = 1.0 + k["duplicate_fraction"] * _MEAN_EXTRA_COPIES
+        self.p_malformed = k["malformed_fraction"] * lines_per_event / max(
+            1e-9, (1.0 - k["bot_fraction"]) * (1.0 - k["consent_optout_fraction"]))
+
+    # -- static tables --
+    def _catalogue(self, n_items):
+        rng = self.rng
+        width = max(5, len(str(n_items - 1)))
+        self.item_ids = [f"i{j:0{width}d}" for j in range(n_items)]
+        by_pop = list(range(n_items))
+        rng.shuffle(by_pop)                 # by_pop[rank] = item index
+        w = [1.0 / (r + 1) ** 1.05 for r in range(n_items)]
+        tot, acc, cum = sum(w), 0.0, []
+        for x in w:
+            acc += x
+            cum.append(acc / tot)
+        cum[-1] = 1.0
+        self.cum, self.by_pop = cum, by_pop
+        self.quality = [0.04 + 0.30 * rng.random() ** 2 for _ in range(n_items)]
+        self.genre = [rng.randrange(20) for _ in range(n_items)]
+        self.price = [round(max(0.99, math.exp(rng.gauss(math.log(25.0), 0.9))), 2) for _ in range(n_items)]
+
+    def _tables(self):
+        self.exam = [1.0 / (i + 1) ** 0.8 for i in range(12)]
+        self.props = {}
+        for policy in (RANKER_V3, RANKER_V4, EXPLORE):
+            for kk in range(4, 13):
+                w = [1.0 / (i + 1) ** 0.7 for i in range(kk)]
+                s = sum(w)
+                p = [x / s for x in w]
+                if policy == EXPLORE:
+                    p = [(1 - EXPLORE_EPS) * x + EXPLORE_EPS / kk for x in p]
+                self.props[policy, kk] = [max(0.0001, round(x, 4)) for x in p]
+
+    def _crawler_agents(self):
+        import crawleruseragents
+        sample_agents.check_agents()
+        extra = []
+        for entry in crawleruseragents.CRAWLER_USER_AGENTS_DATA:
+            for ua in entry.get("instances") or ():
+                if 20 <= len(ua) <= 250 and ua.isascii() and ua.isprintable():
+                    extra.append(ua)
+        return list(sample_agents.CRAWLER_AGENTS), extra
+
+    def _crawler_agent(self):
+        """A curated crawler UA (70%) or an instance from crawler-user-agents, verified."""
+        import crawleruseragents
+        curated, extra = self.crawler_agents
+        if extra and self.rng.random() >= 0.7:
+            for _ in range(20):
+                ua = self.rng.choice(extra)
+                if crawleruseragents.is_crawler(ua):
+                    return ua
+        return self.rng.choice(curated)
+
+    # -- ids --
+    def _uuid(self):
+        x = self.bits(128)
+        x = (x & ~(0xF000 << 64)) | (0x4000 << 64)
+        x = (x & ~(0xC000 << 48)) | (0x8000 << 48)
+        h = "%032x" % x
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    def _new_actor(self, rule=None):
+        rng, rnd = self.rng, self.rnd
+        a = _Actor()
+        if rnd() < self.k["numeric_user_fraction"]:
+            while True:
+                u = rng.randrange(10_000, 100_000_000)
+                if u not in self.used_numeric:
+                    break
+            self.used_numeric.add(u)
+            a.uid_str = str(u)
+            a.uid = a.uid_str if self.avro else u
+        else:
+            while True:
+                u = rng.randrange(self.uid_space)
+                if u not in self.used_uids:
+                    break
+            self.used_uids.add(u)
+            a.uid = a.uid_str = f"u{u:0{self.uid_width}d}"
+        a.rule = rule
+        a.ua = rng.choice(self.human_agents)
+        if rnd() < 0.9:
+            a.ip = rng.choice((f"192.0.2.{rng.randrange(1, 255)}", f"198.51.100.{rng.randrange(1, 255)}",
+                               f"203.0.113.{rng.randrange(1, 255)}",
+                               f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                               f"172.{rng.randrange(16, 32)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                               f"192.168.{rng.randrange(256)}.{rng.randrange(1, 255)}"))
+        else:
+            a.ip = f"2001:db8:{rng.getrandbits(16):x}:{rng.getrandbits(16):x}::{rng.getrandbits(16):x}"
+        a.consent = not (rule is None and rnd() < self.k["consent_optout_fraction"])
+        a.consent_p = 0.95
+        a.v1 = rnd() < self.v1_fraction
+        a.variant = None
+        if not a.v1 and rnd() < self.p_enroll:
+            a.variant = CONTROL if rnd() < 0.5 else TREATMENT
+        a.policy = RANKER_V4 if a.variant == TREATMENT else RANKER_V3
+        a.tz = rng.choice(_TZS)
+        a.sid_keep = self.sid_keep if rnd() < 0.8 else 0.0
+        a.rid_always = False
+        a.genre = rng.randrange(20)
+        a.malformable = rule is None and a.consent
+        return a
+
+    # -- building blocks --
+    def _items(self, kk):
+        cum, by_pop, rnd = self.cum, self.by_pop, self.rnd
+        out = []
+        while len(out) < kk:
+            j = by_pop[bisect_right(cum, rnd())]
+            if j not in out:
+                out.append(j)
+        return out
+
+    def _context(self):
+        rng, rnd = self.rng, self.rnd
+        page = rng.choice(_PAGES)
+        ctx = {"page": page}
+        if page == "search":
+            ctx["search_query"] = rng.choice(_QUERIES)
+        if rnd() < 0.3:
+            ctx["referrer"] = rng.choice(_REFERRERS)
+        if rnd() < self.k["pii_fraction"]:
+            if rnd() < 0.5:
+                pii = f"{rng.choice(_NAMES)}@{rng.choice(_DOMAINS)}"
+                key, text = rng.choice((("search_query", "gift for {}"), ("note", "contact {}"),
+                                        ("search_query", "{}")))
+            else:
+                pii = rng.choice(_PHONES)
+                key, text = rng.choice((("note", "call me at {}"), ("search_query", "order {}")))
+            ctx[key] = text.format(pii)
+        return ctx
+
+    @staticmethod
+    def _lognorm_ms(rng, median_ms, sigma, floor_ms, cap_ms):
+        v = int(median_ms * math.exp(sigma * rng.gauss(0.0, 1.0)))
+        return cap_ms if v > cap_ms else floor_ms if v < floor_ms else v
+
+    # -- humans --
+    def _human(self, a, t0):
+        rng = self.rng
+        t = t0
+        n_sessions = 1 + min(7, int(rng.expovariate(1 / 1.6)))
+        for _ in range(n_sessions):
+            events = self._human_session(a, t)
+            yield from events
+            t = events[-1][0] + SESSION_GAP_MIN_MS + int(rng.expovariate(1 / (2.5 * 3_600_000)))
+
+    def _human_session(self, a, t0):
+        rng = self.rng
+        sid = "s%012x" % self.bits(48)
+        out, rec_all, rec_non = [], [], []
+        n_req = 1 + min(25, int(rng.expovariate(1 / 3.0)))
+        t = t0
+        for _ in range(n_req):
+            req = self._human_request(a, sid, t)
+            shift = 0
+            while not _pace_ok(rec_all, rec_non, req, shift):
+                shift += 5000
+            if shift:
+                req = [(e[0] + shift,) + e[1:] for e in req]
+            out.extend(req)
+            last = req[-1][0]
+            for e in req:
+                rec_all.append(e[0])
+                if e[1] is not IMPRESSION:
+                    rec_non.append(e[0])
+            cut = last - 60_000
+            rec_all = rec_all[bisect_left(rec_all, cut):]
+            rec_non = rec_non[bisect_left(rec_non, cut):]
+            t = max(req[0][0] + REQUEST_GAP_MIN_MS + int(rng.expovariate(1 / 20_000)),
+                    last + self._lognorm_ms(rng, 4000, 0.8, 1000, 120_000))
+        return out
+
+    def _human_request(self, a, sid, t):
+        rng, rnd = self.rng, self.rnd
+        rid = "r%016x" % self.bits(64)
+        kk = rng.randint(4, 12)
+        policy = EXPLORE if rnd() < 0.05 else a.policy
+        props = self.props[policy, kk]
+        items = self._items(kk)
+        ids = self.item_ids
+        ctx = self._context() if (not a.v1 and rnd() < self.k["context_fraction"]) else None
+        out, imp_t = [], []
+        tt = t
+        for i in range(kk):
+            tt += int(rnd() * 7)
+            out.append((tt, IMPRESSION, sid, rid, ids[items[i]],
+                        {"position": i + 1, "propensity": props[i], "policy": policy}, ctx))
+            imp_t.append(tt)
+        if rnd() < 0.5:
+            out.append((t + self._lognorm_ms(rng, 2500, 0.6, 500, 20_000), SCROLL, sid, rid,
+                        ids[items[-1]], None, ctx))
+        q, g, exam = self.quality, a.genre, self.exam
+        clicked = [i for i in range(kk)
+                   if rnd() < q[items[i]] * (3.0 if self.genre[items[i]] == g else 0.8) * exam[i]][:3]
+        cur = t
+        for i in clicked:
+            item = ids[items[i]]
+            click_t = max(cur, imp_t[i]) + self._lognorm_ms(rng, 3000, 0.6, HUMAN_MIN_CLICK_LATENCY_MS, 60_000)
+            out.append((click_t, CLICK, sid, rid, item, {"position": i + 1}, ctx))
+            view_t = click_t + rng.randint(150, 900)
+            out.append((view_t, VIEW, sid, rid, item, None, ctx))
+            dwell = self._lognorm_ms(rng, 25_000, 1.0, 500, 900_000)
+            leave = view_t + dwell
+            cur = leave
+            if rnd() < 0.15:
+                out.append((view_t + int(dwell * (0.3 + 0.6 * rnd())), ADD_TO_CART, sid, rid, item, None, ctx))
+                out.append((leave, DWELL, sid, rid, item, {"dwell_ms": dwell}, ctx))
+                if rnd() < 0.35:
+                    cur = leave + self._lognorm_ms(rng, 40_000, 0.7, 3000, 600_000)
+                    qty = 1 if rnd() < 0.85 else 2
+                    out.append((cur, PURCHASE, sid, rid, item,
+                                {"value": round(self.price[items[i]] * qty, 2)}, ctx))
+            else:
+                out.append((leave, DWELL, sid, rid, item, {"dwell_ms": dwell}, ctx))
+        if not clicked and rnd() < 0.35:
+            i = rng.randrange(min(3, kk))
+            out.append((imp_t[i] + self._lognorm_ms(rng, 1500, 0.5, HUMAN_MIN_CLICK_LATENCY_MS, 20_000),
+                        SKIP, sid, rid, ids[items[i]], None, ctx))
+        out.sort(key=itemgetter(0))
+        return out
+
+    # -- bots --
+    def _sustained(self, a, t0, dur_ms, rate):
+        """3-8 events/s for dur_ms: impressions, then clicks/views/scrolls >= 1 s later."""
+        rng, rnd, ids = self.rng, self.rnd, self.item_ids
+        sid = "s%012x" % self.bits(48)
+        step = 1000.0 / rate
+        t, end = float(t0), t0 + dur_ms
+        while t < end:
+            rid = "r%016x" % self.bits(64)
+            kk = rng.randint(4, 12)
+            policy = a.policy
+            props = self.props[policy, kk]
+            items = self._items(kk)
+            ti = int(t)
+            for i in range(kk):
+                yield (ti, IMPRESSION, sid, rid, ids[items[i]],
+                       {"position": i + 1, "propensity": props[i], "policy": policy}, None)
+            t += max(1000.0, kk * step)
+            for _ in range(rng.randint(2, 6)):
+                i = rng.randrange(kk)
+                kind = rng.choice((CLICK, CLICK, VIEW, VIEW, SCROLL, DWELL))
+                extra = ({"position": i + 1} if kind is CLICK else
+                         {"dwell_ms": rng.randint(200, 3000)} if kind is DWELL else None)
+                yield (int(t), kind, sid, rid, ids[items[i]], extra, None)
+                t += step * (0.5 + rnd())
+
+    def _superhuman(self, a, t0, n_sessions):
+        """Human-like rate, every click 10-150 ms after its impression, >= 5 clicks a session."""
+        rng, rnd, ids = self.rng, self.rnd, self.item_ids
+        t = t0
+        for _ in range(n_sessions):
+            sid = "s%012x" % self.bits(48)
+            for _ in range(rng.randint(5, 12)):
+                rid = "r%016x" % self.bits(64)
+                kk = rng.randint(4, 8)
+                policy = EXPLORE if rnd() < 0.05 else a.policy
+                props = self.props[policy, kk]
+                items = self._items(kk)
+                ctx = self._context() if (not a.v1 and rnd() < self.k["context_fraction"]) else None
+                out, tt = [], t
+                for i in range(kk):
+                    tt += rng.randint(0, 3)
+                    out.append((tt, IMPRESSION, sid, rid, ids[items[i]],
+                                {"position": i + 1, "propensity": props[i], "policy": policy}, ctx))
+                for i in sorted(rng.sample(range(min(kk, 4)), rng.randint(1, 2))):
+                    ct = out[i][0] + rng.randint(10, 150)
+                    out.append((ct, CLICK, sid, rid, ids[items[i]], {"position": i + 1}, ctx))
+                    if rnd() < 0.5:
+                        out.append((ct + rng.randint(200, 900), VIEW, sid, rid, ids[items[i]], None, ctx))
+                out.sort(key=itemgetter(0))
+                yield from out
+                t += 62_000 + rng.randint(0, 60_000)
+            t += SESSION_GAP_MIN_MS + rng.randint(0, 3_600_000)
+
+    def _crawler(self, a, t0, n_target):
+        """A page fetch every 21-60 s: a view, often the recommendation impressions, a scroll."""
+        rng, rnd, ids = self.rng, self.rnd, self.item_ids
+        t, count = t0, 0
+        while count < n_target:
+            yield (t, VIEW, None, None, ids[self._items(1)[0]], None, None)
+            count += 1
+            tt = t + rng.randint(200, 1000)
+            if rnd() < 0.6:
+                rid = "r%016x" % self.bits(64)
+                kk = rng.randint(4, 12)
+                props = self.props[a.policy, kk]
+                items = self._items(kk)
+                for i in range(kk):
+                    yield (tt, IMPRESSION, None, rid, ids[items[i]],
+                           {"position": i + 1, "propensity": props[i], "policy": a.policy}, None)
+                count += kk
+                if rnd() < 0.3:
+                    yield (tt + rng.randint(500, 3000), SCROLL, None, rid, ids[items[-1]], None, None)
+                    count += 1
+            t += rng.randint(21_000, 60_000)
+
+    def _plan_bots(self):
+        """Bot users with their start times, sized to the bot budget of each rule."""
+        rng, k = self.rng, self.k
+        budget = k["bot_fraction"] * self.n
+        split = k["bot_rule_split"]
+        d_ms = k["duration_hours"] * 3_600_000
+        lo, hi = self.start_ms + 0.03 * d_ms, self.start_ms + 0.6 * d_ms
+        plans = []
+        rem = budget * split.get(C.BOT_RULE_SUSTAINED_RATE, 0)
+        while rem >= 270:   # nominal 3.3-7.5/s keeps the measured rate within 3-8/s
+            rate, minutes = rng.uniform(3.3, 7.5), rng.uniform(3.05, 19.9)
+            if rate * minutes * 60 > rem:
+                minutes = max(3.05, rem / (rate * 60))
+                rate = max(3.3, min(rate, rem / (minutes * 60)))
+            rem -= rate * minutes * 60
+            plans.append((C.BOT_RULE_SUSTAINED_RATE, (int(minutes * 60_000), rate)))
+        # a minimum-size sustained bot can overshoot its share (small N): take it from the others
+        others = split.get(C.BOT_RULE_CRAWLER_UA, 0) + split.get(C.BOT_RULE_SUPERHUMAN_CLICKS, 0)
+        scale = max(0.0, 1.0 + min(0.0, rem) / (budget * others)) if others and budget else 1.0
+        rem = budget * split.get(C.BOT_RULE_CRAWLER_UA, 0) * scale
+        while rem >= 15:
+            n = min(rng.randint(30, 400), int(rem))
+            rem -= n
+            plans.append((C.BOT_RULE_CRAWLER_UA, (n,)))
+        rem = budget * split.get(C.BOT_RULE_SUPERHUMAN_CLICKS, 0) * scale
+        while rem >= 35:
+            s = max(1, min(rng.randint(1, 3), int(rem / 70)))
+            rem -= 70 * s
+            plans.append((C.BOT_RULE_SUPERHUMAN_CLICKS, (s,)))
+        out = []
+        for rule, args in plans:
+            a = self._new_actor(rule)
+            t0 = int(rng.uniform(lo, hi))
+            if rule == C.BOT_RULE_SUSTAINED_RATE:
+                gen = self._sustained(a, t0, *args)
+            elif rule == C.BOT_RULE_SUPERHUMAN_CLICKS:
+                a.rid_always, a.sid_keep = True, 1.0
+                gen = self._superhuman(a, t0, *args)
+            else:
+                a.ua = self._crawler_agent()
+                a.variant, a.policy, a.v1, a.sid_keep, a.consent_p = None, RANKER_V3, False, 0.0, 0.0
+                gen = self._crawler(a, t0, *args)
+            out.append((a, gen))
+        return out
+
+    # -- emission --
+    def _emit(self, a, ev):
+        """One logical event -> one record (maybe malformed) plus retried copies into the buffer."""
+        ms, etype, sid, rid, item, extra, ctx = ev
+        rnd = self.rnd
+        d = {"event_id": self._uuid(), "event_type": etype, "event_time": ms, "user_id": a.uid}
+        if sid is not None and rnd() < a.sid_keep:
+            d["session_id"] = sid
+        if rid is not None and (etype is IMPRESSION or a.rid_always or rnd() >= self.p_omit_rid):
+            d["request_id"] = rid
+        if item is not None:
+            d["item_id"] = item
+        if extra is not None:
+            d.update(extra)
+        if a.variant is not None:
+            d["experiment_id"] = EXPERIMENT_ID
+            d["variant"] = a.variant
+        if ctx is not None:
+            d["context"] = ctx
+        d["user_agent"] = a.ua
+        d["ip"] = a.ip
+        if not a.consent:
+            d["consent"] = False
+        elif rnd() < a.consent_p:
+            d["consent"] = True
+        if a.v1:
+            d["schema_version"] = 1
+        elif self.avro or rnd() < 0.5:
+            d["schema_version"] = 2
+
+        if a.malformable and rnd() < self.p_malformed:
+            if self.pending_reason is None:
+                if not self.reason_cycle:
+                    self.reason_cycle = list(self.reasons)
+                    self.rng.shuffle(self.reason_cycle)
+                self.pending_reason = self.reason_cycle.pop()
+            payload = self._defect(self.pending_reason, d, a, ms)
+            if payload is not None:
+                self.counts[C.OUTCOME_DEAD_LETTER] += 1
+                self.dl_reason[self.pending_reason] += 1
+                self.pending_reason = None
+                self._push(ms + self._lognorm_ms(self.rng, 1000, 0.8, 0, 60_000), payload)
+                return
+
+        if not self.avro and rnd() < self.p_iso:
+            d["event_time"] = _iso(ms, a.tz[1], a.tz[0])
+        payload = d if self.avro else orjson.dumps(d)
+        eid = d["event_id"]
+        r = rnd()
+        if r >= self.p_any_late:
+            delay = int(1000.0 * math.exp(0.8 * self.gauss(0.0, 1.0)))
+            if delay > 60_000:
+                delay = 60_000
+        elif r < self.p_very_late:
+            delay = self.rng.randint(3 * 3_600_000, 12 * 3_600_000)
+        else:
+            delay = self.rng.randint(2 * 60_000, 90 * 60_000)
+        if delay >= 120_000:
+            self.late_ids[eid] = delay / 1000.0
+        arrival = ms + delay
+        self._push(arrival, payload)
+        if self.tmin is None:
+            self.tmin = ms
+        self.tmax = ms
+        if not a.consent:
+            self.counts[C.OUTCOME_CONSENT_DROPPED] += 1
+            self.consent_ids.append(eid)
+            return
+        if a.rule is not None:
+            self.counts[C.OUTCOME_BOT] += 1
+            self.bot_rule_counts[a.rule] += 1
+            self.bot_event_ids.append(eid)
+            self.bot_user_ids.add(a.uid_str)
+        else:
+            self.counts[C.OUTCOME_VALID] += 1
+            self.valid_by_type[etype] += 1
+        if rnd() < self.p_dup:
+            r = rnd()
+            extra_copies = min(1 if r < 0.6 else 2 if r < 0.9 else 3, self.n - self.lines)
+            if extra_copies > 0:
+                self.dup_ids[eid] = extra_copies
+                self.counts[C.OUTCOME_DUPLICATE] += extra_copies
+                for _ in range(extra_copies):
+                    self._push(arrival + self._lognorm_ms(self.rng, 20_000, 1.2, 1000, 900_000), payload)
+
+    def _push(self, arrival, payload):
+        self.seq += 1
+        self.lines += 1
+        heapq.heappush(self.arrivals, (arrival, self.seq, payload))
+
+    # -- malformed records --
+    def _defect(self, reason, d, a, ms):
+        """The record with exactly one defect of ``reason``, or None if this event cannot carry it."""
+        rng = self.rng
+        d = dict(d)
+        etype = d["event_type"]
+        if not self.avro:
+            d["event_time"] = _iso(ms, a.tz[1], a.tz[0]) if rng.random() < 0.6 else ms
+        if reason == C.BAD_TIMESTAMP:
+            v = rng.randrange(2 if self.avro else 5)
+            if v == 0:      # epoch seconds by mistake (January 1970 as milliseconds)
+                d["event_time"] = ms // 1000
+            elif v == 1:    # far future
+                future = ms + 73 * 365 * 86_400_000
+                d["event_time"] = future if (self.avro or rng.random() < 0.5) else _iso(future)
+            elif v == 2:
+                d["event_time"] = "yesterday"
+            elif v == 3:
+                d["event_time"] = rng.choice(("2026-13-45T99:00:00Z", "2026-02-30T10:00:00Z", "01/11/2026 10:00"))
+            else:           # ISO without an offset
+                d["event_time"] = _iso(ms, 0, "")
+        elif reason == C.UNKNOWN_EVENT_TYPE:
+            d["event_type"] = rng.choice(("hover", "CLICK ", "like", "Click", "share"))
+        elif reason == C.OUT_OF_RANGE:
+            if etype is IMPRESSION:
+                v = rng.randrange(4)
+                if v == 3:
+                    d["position"] = -1
+                else:
+                    d["propensity"] = (0.0, -0.25, 1.5)[v]
+            elif etype is CLICK:
+                d["position"] = -rng.randint(1, 3)
+            elif etype is DWELL:
+                d["dwell_ms"] = -rng.randint(1, 5000)
+            elif etype is PURCHASE:
+                d["value"] = -d["value"] if d.get("value") else -9.99
+            else:
+                return None
+        if self.avro:
+            return d
+        if reason in (C.BAD_TIMESTAMP, C.UNKNOWN_EVENT_TYPE, C.OUT_OF_RANGE):
+            return orjson.dumps(d)
+        if reason == C.MISSING_FIELD:
+            del d[rng.choice(C.REQUIRED_FIELDS)]
+            return orjson.dumps(d)
+        if reason == C.WRONG_TYPE:
+            v = rng.randrange(8)
+            if v == 0:
+                d["position"] = rng.choice(("third", "1st"))
+            elif v == 1:
+                d["consent"] = rng.choice(("yes", "true", 1))
+            elif v == 2:
+                d["dwell_ms"] = "long"
+            elif v == 3 and not a.v1:
+                d["context"] = ["a"]
+            elif v == 4:
+                d["user_id"] = {"id": 1}
+            elif v == 5:
+                d["user_id"] = True
+            elif v == 6:
+                d["propensity"] = "high"
+            else:
+                d["value"] = "12.99 USD"
+            return orjson.dumps(d)
+        if reason == C.SCHEMA_VIOLATION:
+            v = rng.randrange(3)
+            if v == 0:
+                d["foo"] = 1
+            elif v == 1 and a.v1:
+                if rng.random() < 0.5:
+                    d["context"] = {"page": "home"}
+                else:
+                    d["experiment_id"] = EXPERIMENT_ID
+            else:
+                d["schema_version"] = 99
+            return orjson.dumps(d)
+        if reason == C.NOT_AN_OBJECT:
+            v = rng.randrange(4)
+            if v == 0:
+                return orjson.dumps([d])
+            if v == 1:
+                return orjson.dumps(d["event_id"])
+            if v == 2:
+                return str(rng.randint(1, 10**6)).encode()
+            return orjson.dumps([d["event_type"], ms, d["user_id"]])
+        if reason in (C.BAD_ENCODING, C.OVERSIZE_PAYLOAD):
+            if d.get("schema_version") == 1:   # context exists only in v2
+                d["schema_version"] = 2
+            ctx = dict(d.get("context") or {"page": "search"})
+            if reason == C.BAD_ENCODING:
+                ctx["search_query"] = rng.choice(("café", "crème", "résumé template"))
+                d["context"] = ctx
+                return orjson.dumps(d).replace("é".encode(), "é".encode("latin-1")).replace(
+                    "è".encode(), "è".encode("latin-1"))
+            ctx["dom_snapshot"] = ("<div class=card>lorem ipsum dolor sit amet</div>" * 1000)[
+                :rng.randint(OVERSIZE_BYTES + 500, OVERSIZE_BYTES + 20_000)]
+            d["context"] = ctx
+            return orjson.dumps(d)
+        if reason == C.MALFORMED_JSON:
+            s = orjson.dumps(d).decode()
+            v = rng.randrange(4)
+            if v == 0:
+                s = s.replace('":', '"=', 1)
+            elif v == 1:
+                s = s[:-1] + ",}"
+            elif v == 2:
+                s = "{" + s[1:].replace('"', "'")
+            else:
+                s = s[:rng.randint(len(s) // 3, len(s) - 2)]
+            try:
+                orjson.loads(s)
+                s = s[:len(s) // 2]          # still parsed somehow: truncate instead
+            except orjson.JSONDecodeError:
+                pass
+            return s.encode()
+        raise AssertionError(reason)
+
+    # -- main loop --
+    def run(self):
+        """Yield the records (bytes or Avro dicts) in arrival order."""
+        k, rng = self.k, self.rng
+        n = self.n
+        sched = []          # (event_ms, seq, event, actor, generator)
+        sseq = 0
+        for a, gen in self._plan_bots():
+            ev = next(gen, None)
+            if ev is not None:
+                sseq += 1
+                sched.append((ev[0], sseq, ev, a, gen))
+        heapq.heapify(sched)
+        human_budget = n * (1.0 - k["bot_fraction"])
+        d_ms = k["duration_hours"] * 3_600_000
+        mean_gap = d_ms * _EVENTS_PER_HUMAN / max(1.0, human_budget)
+        next_user = self.start_ms + rng.expovariate(1 / mean_gap)
+        arrivals = self.arrivals
+        pop, push = heapq.heappop, heapq.heappush
+        while self.lines < n:
+            if sched and sched[0][0] <= next_user:
+                ms, _, ev, a, gen = pop(sched)
+                self._emit(a, ev)
+                nxt = next(gen, None)
+                if nxt is not None:
+                    sseq += 1
+                    push(sched, (nxt[0], sseq, nxt, a, gen))
+            else:
+                t = int(next_user)
+                next_user += rng.expovariate(1 / mean_gap)
+                a = self._new_actor()
+                gen = self._human(a, t)
+                ev = next(gen)
+                sseq += 1
+                push(sched, (ev[0], sseq, ev, a, gen))
+                continue
+            while arrivals and arrivals[0][0] <= ms:
+                yield pop(arrivals)[2]
+        while arrivals:
+            yield pop(arrivals)[2]
+        cut = sorted({a.uid_str for _, _, _, a, _ in sched if a.rule not in (None, C.BOT_RULE_CRAWLER_UA)})
+        if cut:   # the record budget ran out mid-run: a detector may not see these as bots
+            print(f"warning: bot users {cut} were cut off by the end of the stream "
+                  f"(raise duration_hours or lower --events)", file=sys.stderr)
+
+    def truth(self):
+        c = self.counts
+        assert sum(c.values()) == self.lines, (c, self.lines)
+        return {
+            "seed": self.seed,
+            "input_records": self.lines,
+            "counts": dict(c),
+            "dead_letter_by_reason": dict(self.dl_reason),
+            "bots_by_rule": dict(self.bot_rule_counts),
+            "bot_event_ids": sorted(self.bot_event_ids),
+            "bot_user_ids": sorted(self.bot_user_ids),
+            "duplicate_event_ids": dict(sorted(self.dup_ids.items())),
+            "consent_dropped_event_ids": sorted(self.consent_ids),
+            "valid_event_count_by_type": dict(self.valid_by_type),
+            "late_event_ids": dict(sorted(self.late_ids.items())),
+            "event_time_range": [_iso(self.tmin), _iso(self.tmax)] if self.tmin is not None else [None, None],
+        }
+
+
+def _pace_ok(rec_all, rec_non, req, shift):
+    """Would appending ``req`` (shifted) keep every 60 s window within the human limits?"""
+    all_t, non_t = list(rec_all), list(rec_non)
+    for e in req:
+        t = e[0] + shift
+        all_t.append(t)
+        if len(all_t) - bisect_left(all_t, t - 60_000) > HUMAN_MAX_EVENTS_PER_MIN:
+            return False
+        if e[1] is not IMPRESSION:
+            non_t.append(t)
+            if len(non_t) - bisect_left(non_t, t - 60_000) > HUMAN_MAX_NON_IMPRESSION_PER_MIN:
+                return False
+    return True
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+def generate(n_events, output_path, seed=42, start=DEFAULT_START, fmt=None, **knobs) -> dict:
+    """Write ``n_events`` records to ``output_path`` and ``<output_path>.truth.json``; return the truth.
+
+    ``n_events`` is exact: the file holds that many records (lines / Avro records).
+    """
+    unknown = set(knobs) - set(DEFAULT_KNOBS)
+    if unknown:
+        raise TypeError(f"unknown knob(s): {sorted(unknown)}; known: {sorted(DEFAULT_KNOBS)}")
+    n_events = int(n_events)
+    if n_events < 0:
+        raise ValueError("n_events must be >= 0")
+    fmt = fmt or _infer_format(output_path)
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} not one of {FORMATS}")
+    k = {**DEFAULT_KNOBS, **knobs}
+    sim = _Sim(n_events, seed, _parse_start(start), fmt, k)
+    output_path = str(output_path)
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "avro":
+        import fastavro
+        schema = _load_avro_schema()
+        marker = random.Random(f"{seed}-sync").getrandbits(128).to_bytes(16, "big")
+        with open(output_path, "wb") as f:
+            fastavro.writer(f, schema, sim.run(), codec="deflate", sync_marker=marker)
+    else:
+        with open(output_path, "wb", buffering=1 << 20) as raw:
+            out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5) \
+                if fmt == "jsonl.gz" else raw
+            try:
+                write, buf = out.write, []
+                for line in sim.run():
+                    buf.append(line)
+                    if len(buf) >= 4096:
+                        buf.append(b"")
+                        write(b"\n".join(buf))
+                        buf = []
+                if buf:
+                    buf.append(b"")
+                    write(b"\n".join(buf))
+            finally:
+                if out is not raw:
+                    out.close()
+    truth = sim.truth()
+    with open(output_path + ".truth.json", "wb") as f:
+        f.write(orjson.dumps(truth, option=orjson.OPT_INDENT_2))
+    return truth
+
+
+def _knob_value(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, required=True, help="exact number of records to write")
+    p.add_argument("--output", required=True, help="output file (.jsonl, .jsonl.gz or .avro)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--start", default=DEFAULT_START, help="ISO-8601 start of the traffic")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the extension")
+    p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"override a proportion (JSON value); known: {', '.join(DEFAULT_KNOBS)}")
+    args = p.parse_args(argv)
+    knobs = {}
+    for kv in args.knob:
+        name, sep, value = kv.partition("=")
+        if not sep:
+            p.error(f"--knob needs NAME=VALUE, got {kv!r}")
+        knobs[name.strip()] = _knob_value(value)
+    t0 = time.perf_counter()
+    try:
+        truth = generate(args.events, args.output, seed=args.seed, start=args.start, fmt=args.format, **knobs)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    dt = time.perf_counter() - t0
+    c = truth["counts"]
+    print(f"wrote {truth['input_records']} records to {args.output} in {dt:.1f}s "
+          f"({truth['input_records'] / max(dt, 1e-9):,.0f}/s); " +
+          ", ".join(f"{k} {v}" for k, v in c.items()) + f"; truth: {args.output}.truth.json",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
