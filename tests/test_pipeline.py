@@ -171,3 +171,21 @@ def test_iter_lines_reads_to_the_end_in_any_chunking(chunk):
     assert list(iter_lines(io.BytesIO(data), chunk)) == [(1, b'{"a":1}'), (2, b""), (3, b'{"b":2}'),
                                                          (4, b"last-without-newline")]
     assert list(iter_lines(io.BytesIO(b"x\n"), chunk)) == [(1, b"x")]
+
+
+def test_corrupt_avro_file_keeps_what_was_read_and_dead_letters_the_rest(tmp_path):
+    import io
+    schema = json.load(open("config/schemas/event.v2.avsc"))
+    buf = io.BytesIO()
+    records = [{"event_id": f"e{i}", "event_type": "view", "event_time": T0 + i, "user_id": f"u{i}",
+                "context": {"pad": "x" * 200}} for i in range(3000)]
+    fastavro.writer(buf, schema, records, sync_interval=16_000)
+    data = buf.getvalue()
+    (tmp_path / "bad.avro").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    report = batch.run(["--config", write_config(tmp_path), "--input", str(tmp_path / "bad.avro"), "--output", str(out)])
+    assert report["accounting"]["holds"]
+    assert report["dead_letter_by_reason"] == {"corrupt_file": 1}
+    assert 0 < report["counts"]["valid"] < 3000
+    dead = read_jsonl(str(out / "dead_letter" / "*.jsonl"))
+    assert dead[0]["stage"] == "read" and "unreadable after record" in dead[0]["message"]
