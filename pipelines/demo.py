@@ -16,6 +16,8 @@ import random
 import sys
 from pathlib import Path
 
+import yaml
+
 from pipelines import batch, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +41,17 @@ def write_metadata(workdir: Path, n_items: int, seed: int) -> None:
                             "start": "2026-10-15", "hypothesis": "ranker-v4 lifts purchases"}) + "\n")
 
 
+def write_demo_config(workdir: Path) -> str:
+    """config/local.yaml with its paths pointed at this workdir's tables (so --workdir can be anywhere)."""
+    cfg = yaml.safe_load((ROOT / "config" / "local.yaml").read_text())
+    cfg["schema"]["directory"] = str(ROOT / "config" / "schemas")
+    cfg["enrichment"]["items"]["path"] = str(workdir.resolve() / "items.csv")
+    cfg["enrichment"]["experiments"]["path"] = str(workdir.resolve() / "experiments.jsonl")
+    path = workdir / "demo.yaml"
+    path.write_text("# Written by python -m pipelines.demo from config/local.yaml\n" + yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=50_000)
@@ -51,7 +64,7 @@ def main(argv=None) -> int:
     truth = generate.generate(args.events, str(events), seed=args.seed)
     write_metadata(workdir, generate.DEFAULT_KNOBS["n_items"], args.seed)
     print(f"generated {truth['input_records']} events -> {events}")
-    rc = batch.main(["--config", str(ROOT / "config" / "local.yaml"), "--input", str(events),
+    rc = batch.main(["--config", write_demo_config(workdir), "--input", str(events),
                      "--output", str(workdir / "out"), *beam_args])
     if rc:
         return rc
