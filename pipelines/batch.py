@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
+from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.io import OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, read_all
 from transforms.privacy import MissingKeyError
 from transforms.schemas import SchemaError
@@ -48,7 +49,12 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
     shards = settings.num_shards
     _ = out.valid | "WriteEvents" >> WriteAvroEvents(paths.events, settings.clean_schema, shards)
     _ = out.bots | "WriteBots" >> WriteAvroEvents(paths.bots, settings.clean_schema, shards)
-    _ = out.dead_letter | "WriteDeadLetters" >> WriteJsonLines(paths.dead_letter, shards)
+    _ = ((out.dead_letter, out.too_late) | "DeadAndTooLate" >> beam.Flatten()
+         | "WriteDeadLetters" >> WriteJsonLines(paths.dead_letter, shards))
+    _ = out.labels | "WriteLabels" >> WriteAvroEvents(paths.labels, LABEL_SCHEMA, shards)
+    _ = out.slates | "WriteSlates" >> WriteAvroEvents(paths.slates, SLATE_SCHEMA, shards)
+    _ = out.orphans | "WriteOrphans" >> WriteJsonLines(paths.orphans, shards)
+    _ = out.late_outcomes | "WriteLateOutcomes" >> WriteJsonLines(paths.late_outcomes, shards)
     _ = out.duplicates | "WriteDuplicates" >> WriteJsonLines(paths.duplicates, shards)
     _ = out.consent_dropped | "WriteConsentDropped" >> WriteJsonLines(paths.consent_dropped, shards)
     _ = (out.counts
@@ -118,7 +124,8 @@ def run(argv=None) -> dict:
         **summary,
         "metrics": beam_counters(result),
         "outputs": {name: getattr(paths, name) + "*" for name in
-                    ("events", "bots", "dead_letter", "duplicates", "consent_dropped")},
+                    ("events", "bots", "dead_letter", "duplicates", "consent_dropped", "labels", "slates",
+                     "orphans", "late_outcomes")},
     }
     write_report(paths, report)
     acc = summary["accounting"]
@@ -126,6 +133,9 @@ def run(argv=None) -> dict:
         raise AccountingError(
             f"accounting identity broken: {acc['input_records']} input records but {acc['sum_of_outcomes']} "
             f"outcomes ({acc['difference']:+d}); see {paths.report}")
+    if not summary["labels"]["one_label_per_exposure"]:
+        raise AccountingError(
+            f"{summary['labels']['exposures']} exposures but {summary['labels']['labels']} labels; see {paths.report}")
     return report
 
 
@@ -150,6 +160,9 @@ def format_summary(report: dict) -> str:
     for name, n in report["counts"].items():
         lines.append(f"  {name:<14}{n:>10}")
     lines.append(f"accounting identity holds: {acc['holds']}  ({report['elapsed_seconds']} s)")
+    lab = report["labels"]
+    lines.append(f"labels {lab['labels']} for {lab['exposures']} exposures ({lab['positives']} positive), "
+                 f"orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}")
     if report["dead_letter_by_reason"]:
         lines.append("dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
     if report["bots_by_rule"]:

@@ -18,6 +18,7 @@ from transforms.bots import BotRules, FilterBots
 from transforms.config import JobConfig
 from transforms.dedupe import DedupeEvents
 from transforms.enrich import EnrichEvents, ReadMetadataTable
+from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure
 from transforms.parse import ParseEvents, ValidationRules
 from transforms.privacy import KeySource, PrivacyRules, ProtectPrivacy
 from transforms.records import clean_event_schema
@@ -35,6 +36,10 @@ class GraphSettings:
     lookups: dict  # name -> (path, key column, pseudonym domain or None)
     clean_schema: dict
     num_shards: int
+    labels: LabelRules
+    session_gap_s: float
+    split_every_s: float
+    lateness_s: float
 
     @classmethod
     def from_config(cls, cfg: JobConfig, job_start: Optional[dt.datetime] = None) -> "GraphSettings":
@@ -59,6 +64,10 @@ class GraphSettings:
             lookups=lookups,
             clean_schema=clean_event_schema(registry),
             num_shards=cfg.output.num_shards,
+            labels=LabelRules.from_config(cfg.labels, cfg.time.lateness),
+            session_gap_s=cfg.sessions.gap,
+            split_every_s=cfg.sessions.split_every,
+            lateness_s=cfg.time.lateness,
         )
 
 
@@ -77,12 +86,20 @@ class GraphOutputs:
     duplicates: beam.PCollection
     dead_letter: beam.PCollection
     consent_dropped: beam.PCollection
-    counts: beam.PCollection       # (counter name, count)
+    too_late: beam.PCollection      # dead-letter records with reason too_late
+    labels: beam.PCollection
+    slates: beam.PCollection
+    orphans: beam.PCollection
+    late_outcomes: beam.PCollection
+    counts: Optional[beam.PCollection] = None      # (counter name, count)
 
     def outcomes(self) -> dict:
         return {contract.OUTCOME_VALID: self.valid, contract.OUTCOME_BOT: self.bots,
                 contract.OUTCOME_DUPLICATE: self.duplicates, contract.OUTCOME_DEAD_LETTER: self.dead_letter,
-                contract.OUTCOME_CONSENT_DROPPED: self.consent_dropped}
+                contract.OUTCOME_CONSENT_DROPPED: self.consent_dropped, contract.OUTCOME_TOO_LATE: self.too_late}
+
+    def label_outputs(self) -> dict:
+        return {"labels": self.labels, "orphans": self.orphans, "late_outcomes": self.late_outcomes}
 
 
 def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letters=(),
@@ -97,17 +114,27 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
               for name, (path, key, domain) in sorted(settings.lookups.items())}
     enriched = protected | "Enrich" >> EnrichEvents(tables)
     deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, streaming=streaming)
-    judged = deduped.events | "Bots" >> FilterBots(settings.bots, streaming=streaming)
+    judged = deduped.events | "Bots" >> FilterBots(
+        settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s,
+        split_every_s=settings.split_every_s, lateness_s=settings.lateness_s)
+    humans = judged["humans"]
+    joined = humans | "Labels" >> JoinLabels(settings.labels, streaming=streaming)
+    slates = joined.labels | "Slates" >> BuildSlates(streaming=streaming)
     dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
             | "AllDeadLetters" >> beam.Flatten())
     upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(lambda _: None) for i, d in enumerate(upstream_dead_letters)]
     inputs = ([raw_records, *upstream_inputs] | "AllInputs" >> beam.Flatten()) if upstream_inputs else raw_records
     outputs = GraphOutputs(
-        valid=judged["humans"], bots=judged[FilterBots.BOTS], duplicates=deduped[DedupeEvents.DUPLICATES],
-        dead_letter=dead, consent_dropped=parsed[ParseEvents.CONSENT_DROPPED], counts=None)
-    outputs.counts = {INPUT: inputs, **outputs.outcomes()} | "Accounting" >> CountOutcomes({
+        valid=humans, bots=judged[FilterBots.BOTS], duplicates=deduped[DedupeEvents.DUPLICATES],
+        dead_letter=dead, consent_dropped=parsed[ParseEvents.CONSENT_DROPPED], too_late=parsed[ParseEvents.TOO_LATE],
+        labels=joined.labels, slates=slates, orphans=joined[JoinLabels.ORPHANS],
+        late_outcomes=joined[JoinLabels.LATE_OUTCOMES])
+    exposures = humans | "Exposures" >> beam.Filter(is_exposure)
+    outputs.counts = ({INPUT: inputs, "exposures": exposures, **outputs.outcomes(), **outputs.label_outputs()}
+                      | "Accounting" >> CountOutcomes({
         contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
         contract.OUTCOME_BOT: lambda r: r["bot_rule"],
         contract.OUTCOME_VALID: lambda r: r["event_type"],
-    })
+        "labels": lambda r: "positive" if r["label"] else "negative",
+    }))
     return outputs

@@ -125,7 +125,8 @@ def test_batch_job_end_to_end(tmp_path):
     report = batch.run(["--config", cfg, "--input", str(inputs / "*"), "--output", str(out)])
 
     assert report["accounting"] == {**report["accounting"], "input_records": 10, "holds": True}
-    assert report["counts"] == {"valid": 3, "duplicates": 1, "bots": 1, "dead_letter": 4, "consent_dropped": 1}
+    assert report["counts"] == {"valid": 3, "duplicates": 1, "bots": 1, "dead_letter": 4, "consent_dropped": 1,
+                                "too_late": 0}
     assert report["dead_letter_by_reason"] == {"malformed_json": 1, "not_an_object": 1, "unknown_event_type": 1,
                                                "out_of_range": 1}
     valid = {e["event_id"]: e for e in read_avro(str(out / "events" / "*.avro"))}

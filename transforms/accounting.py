@@ -55,6 +55,23 @@ def summarise(counters: dict) -> dict:
         "bots_by_rule": dict(sorted(breakdown.get(contract.OUTCOME_BOT, {}).items())),
         "valid_by_event_type": dict(sorted(breakdown.get(contract.OUTCOME_VALID, {}).items())),
         "accounting": check_identity(counters.get(INPUT, 0), counts),
+        "labels": label_summary(counters),
+    }
+
+
+def label_summary(counters: dict) -> dict:
+    """Exposures are the valid impressions with an item; each must get exactly one label."""
+    exposures = counters.get("exposures", 0)
+    labels = counters.get("labels", 0)
+    return {
+        "exposures": exposures,
+        "labels": labels,
+        "positives": counters.get("labels.positive", 0),
+        "negatives": counters.get("labels.negative", 0),
+        "orphan_outcomes": counters.get("orphans", 0),
+        "late_outcomes": counters.get("late_outcomes", 0),
+        "one_label_per_exposure": labels == exposures,
+        "coverage": round(labels / exposures, 6) if exposures else None,
     }
 
 

@@ -12,9 +12,10 @@ Rules, in order (the first that fires names the event's `bot_rule`):
 Rules 2 and 3 flag every event of the run. Flagged events go to the bots output with the rule and a
 detail; they are counted and kept, never silently removed.
 
-Streaming note: a run is judged when its session window closes (the watermark passes its last
-event + session_gap), so bot decisions wait for the run to end; a user active without any gap of
-`session_gap` holds its events until it pauses. Batch and streaming see the same runs, so they agree.
+Runs are also cut at fixed event-time boundaries (`sessions.split_every`, default 1 h), so a
+streaming job can close them: a user's bucket is judged once every event of it that is not too late
+has arrived (bucket end + lateness). Batch forms the same buckets and runs, so the two agree; the
+price is that a bot run crossing a boundary is judged in two parts.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ import apache_beam as beam
 import crawleruseragents
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
-from apache_beam.transforms.window import TimestampCombiner
 
 from transforms import contract
+from transforms.sessions import assign_sessions, split_by_bucket, split_by_gap
 
 METRICS_NS = "feedback.bots"
 _MINUTE_MS = 60_000
@@ -143,19 +144,6 @@ def judge_run(events: list[dict], rules: BotRules) -> Optional[tuple[str, str]]:
     return None
 
 
-def split_runs(events: list[dict], gap_ms: int) -> list[list[dict]]:
-    """A user's events -> activity runs, as Beam's Sessions(gap) would merge them: a run ends where
-    the next event is `gap_ms` or more after the previous one."""
-    runs: list[list[dict]] = []
-    last = None
-    for e in sorted(events, key=lambda e: (e["event_time"], e["event_id"])):
-        if last is None or e["event_time"] - last >= gap_ms:
-            runs.append([])
-        runs[-1].append(e)
-        last = e["event_time"]
-    return runs
-
-
 def flag(event: dict, rule: Optional[str], detail: Optional[str]) -> dict:
     out = dict(event)
     out["bot_rule"], out["bot_detail"] = rule, detail
@@ -182,62 +170,77 @@ class _CrawlerFn(beam.DoFn):
                 event, contract.BOT_RULE_CRAWLER_UA, f"user agent matches crawler pattern {pattern!r}"))
 
 
-class _JudgeRunFn(beam.DoFn):
-    """Judges the runs of one key: one run per element in streaming (session windows), or all of a
-    user's events at once in batch, split into runs here exactly as the session windows would."""
+class _UserActivityFn(beam.DoFn):
+    """One user's events of one `split_every` bucket (streaming: one window; batch: all of the user's
+    events, bucketed here the same way) -> bot verdicts per activity run, then sessions."""
 
-    def __init__(self, rules: BotRules, split: bool):
+    def __init__(self, rules: BotRules, session_gap_s: float, split_every_s: float, bucketed: bool):
         self._rules = rules
-        self._split = split
-        self._gap_ms = int(rules.session_gap_s * 1000)
+        self._bot_gap_ms = int(rules.session_gap_s * 1000)
+        self._session_gap_ms = int(session_gap_s * 1000)
+        self._split_ms = int(split_every_s * 1000)
+        self._bucketed = bucketed
         self._flagged = {r: Metrics.counter(METRICS_NS, r) for r in contract.BOT_RULES}
 
     def process(self, keyed_events):
         _, events = keyed_events
-        runs = split_runs(list(events), self._gap_ms) if self._split else [
-            sorted(events, key=lambda e: (e["event_time"], e["event_id"]))]
-        for run in runs:
-            yield from self._judge(run)
-
-    def _judge(self, events):
-        verdict = judge_run(events, self._rules)
-        if verdict is None:
-            for e in events:
+        ordered = sorted(events, key=lambda e: (e["event_time"], e["event_id"]))
+        buckets = [ordered] if self._bucketed else split_by_bucket(ordered, self._split_ms)
+        for bucket in buckets:
+            humans = []
+            for run in split_by_gap(bucket, self._bot_gap_ms):
+                verdict = judge_run(run, self._rules)
+                if verdict is None:
+                    humans.extend(run)
+                    continue
+                rule, detail = verdict
+                self._flagged[rule].inc(len(run))
+                for e in run:
+                    yield beam.pvalue.TaggedOutput(FilterBots.BOTS, window.TimestampedValue(
+                        flag(e, rule, detail), e["event_time"] / 1000.0))
+            for e in assign_sessions(humans, self._session_gap_ms):
                 yield window.TimestampedValue(flag(e, None, None), e["event_time"] / 1000.0)
-            return
-        rule, detail = verdict
-        self._flagged[rule].inc(len(events))
-        for e in events:
-            yield beam.pvalue.TaggedOutput(FilterBots.BOTS, window.TimestampedValue(
-                flag(e, rule, detail), e["event_time"] / 1000.0))
 
 
 class FilterBots(beam.PTransform):
-    """Events -> human events (main, bot_rule None) and flagged bot events (tag BOTS), both in the
-    global window with their event timestamps."""
+    """Events -> human events (main, bot_rule None, session_id filled) and flagged bot events (tag
+    BOTS), both in the global window with their event timestamps.
+
+    Per-user runs are judged within fixed event-time buckets of `split_every_s`. Streaming groups each
+    bucket in a fixed window over timestamps shifted by `lateness_s`, so the window closes only when
+    every event of the bucket that is not too late has arrived: one complete pane, judged like batch.
+    Its output is behind the watermark by up to split_every + lateness; downstream windows allow that.
+    """
     BOTS = "bots"
 
-    def __init__(self, rules: BotRules, streaming: bool = False):
+    def __init__(self, rules: BotRules, streaming: bool = False, session_gap_s: float = 1800.0,
+                 split_every_s: float = 3600.0, lateness_s: float = 3600.0):
         super().__init__()
         if rules.max_events_per_minute <= 0:
             raise ValueError("max_events_per_minute must be > 0")
+        if split_every_s <= 0:
+            raise ValueError("split_every_s must be > 0")
         self._rules = rules
         self._streaming = streaming
+        self._session_gap_s, self._split_every_s, self._lateness_s = session_gap_s, split_every_s, lateness_s
 
     def expand(self, events):
         crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
             self.BOTS, main="rest")
         keyed = crawler.rest | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
         if self._streaming:
-            # Earliest-timestamp output keeps the watermark held at the run's first event, so the
-            # events re-emitted at their own times below are never behind it.
-            keyed = keyed | "ActivityRuns" >> beam.WindowInto(
-                window.Sessions(self._rules.session_gap_s), timestamp_combiner=TimestampCombiner.OUTPUT_AT_EARLIEST)
-        # Bounded input: group all of a user's events and split them into runs in _JudgeRunFn, which
-        # gives the same runs as session windows at a fraction of the cost of window merging.
+            shift = self._lateness_s
+            keyed = (keyed
+                     | "ShiftByLateness" >> beam.Map(
+                         lambda kv: window.TimestampedValue(kv, kv[1]["event_time"] / 1000.0 + shift))
+                     | "UserBuckets" >> beam.WindowInto(
+                         window.FixedWindows(self._split_every_s, offset=shift % self._split_every_s),
+                         allowed_lateness=self._split_every_s))
+        # Bounded input: group all of a user's events and bucket them in _UserActivityFn (same buckets).
         judged = (keyed
-                  | "GroupRuns" >> beam.GroupByKey()
-                  | "JudgeRuns" >> beam.ParDo(_JudgeRunFn(self._rules, split=not self._streaming)).with_outputs(
+                  | "GroupUser" >> beam.GroupByKey()
+                  | "JudgeRunsAndSessionize" >> beam.ParDo(_UserActivityFn(
+                      self._rules, self._session_gap_s, self._split_every_s, bucketed=self._streaming)).with_outputs(
                       self.BOTS, main="humans"))
         humans = judged.humans | "HumansGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         run_bots = judged[self.BOTS] | "RunBotsGlobalWindow" >> beam.WindowInto(window.GlobalWindows())

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from transforms import contract
 
@@ -126,8 +126,72 @@ class BotConfig(_Section):
         return v
 
 
+class TimeConfig(_Section):
+    lateness: Duration = Field(3600.0, description="An event arriving more than this after its event time is too_late.")
+    arrival_field: Optional[str] = Field(
+        None, description="Batch input: top-level field holding the arrival time (an envelope field, removed "
+                          "before validation). Streaming uses the Pub/Sub publish time.")
+    event_time_attribute: Optional[str] = Field(
+        None, description="Streaming: Pub/Sub attribute holding the event time (default: the event_time field).")
+    early_firing: Optional[Duration] = Field(None, description="Early panes every N seconds of processing time.")
+    late_firings: bool = True
+    accumulation: Literal["accumulating", "discarding"] = "accumulating"
+    output_window: "WindowSpec" = Field(default_factory=lambda: WindowSpec(), description="Windows of file outputs.")
+
+    @field_validator("lateness")
+    @classmethod
+    def _lateness_positive(cls, v):
+        if v <= 0:
+            raise ValueError("lateness must be > 0")
+        return v
+
+
+class WindowSpec(_Section):
+    type: Literal["fixed", "sliding", "session"] = "fixed"
+    size: Duration = 300.0
+    period: Optional[Duration] = Field(None, description="sliding only")
+    gap: Optional[Duration] = Field(None, description="session only")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.size <= 0:
+            raise ValueError("size must be > 0")
+        if self.type == "sliding" and not self.period:
+            raise ValueError("a sliding window needs period")
+        if self.type == "session" and not self.gap:
+            raise ValueError("a session window needs gap")
+        return self
+
+
+class SessionConfig(_Section):
+    gap: Duration = Field(1800.0, description="Inactivity gap that ends a session (session_id assigned where missing).")
+    split_every: Duration = Field(
+        3600.0, description="Sessions and bot runs are also cut at these fixed event-time boundaries, so a streaming "
+                            "job can close them (like analytics tools' midnight split).")
+
+
+class LabelsConfig(_Section):
+    window: Duration = Field(1800.0, description="Attribution window after the impression.")
+    clock_skew: Duration = Field(5.0, description="An outcome with the exposure's request_id may precede it by this much.")
+    outcome_types: tuple[str, ...] = ("click", "view", "dwell", "add_to_cart", "purchase", "skip")
+    positive: dict[str, float] = Field(default_factory=lambda: {"purchase": 5.0, "add_to_cart": 3.0, "click": 1.0})
+    negative: dict[str, float] = Field(default_factory=lambda: {"skip": 1.0})
+    default_negative_weight: float = Field(1.0, ge=0)
+    min_click_dwell_ms: int = Field(0, ge=0, description="A click with less dwell than this is not a positive.")
+
+    @model_validator(mode="after")
+    def _types_are_outcomes(self):
+        for name in (*self.positive, *self.negative):
+            if name not in self.outcome_types:
+                raise ValueError(f"{name!r} is weighted but not in outcome_types {list(self.outcome_types)}")
+        return self
+
+
 class OutputConfig(_Section):
     num_shards: int = Field(0, ge=0, description="Files per output; 0 lets the runner choose.")
+
+
+TimeConfig.model_rebuild()
 
 
 class JobConfig(_Section):
@@ -137,6 +201,10 @@ class JobConfig(_Section):
     enrichment: EnrichmentConfig = EnrichmentConfig()
     dedupe: DedupeConfig = DedupeConfig()
     bots: BotConfig = BotConfig()
+    time: TimeConfig = TimeConfig()
+    sessions: SessionConfig = SessionConfig()
+    labels: LabelsConfig = LabelsConfig()
+    online_store: Optional["OnlineStoreConfig"] = Field(None, description="Redis for online features (streaming).")
     output: OutputConfig = OutputConfig()
     # Where the file was read from; relative paths inside it resolve against this folder.
     base_dir: str = Field(".", exclude=True)
@@ -208,3 +276,12 @@ def load_config(path: str) -> JobConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     return config_from_dict(data, source=str(path), base_dir=str(p.parent.resolve()))
+
+
+def _late_imports():
+    # online_store imports _Section and Duration from here, so its model is attached afterwards.
+    from transforms.online_store import OnlineStoreConfig
+    JobConfig.model_rebuild(_types_namespace={"OnlineStoreConfig": OnlineStoreConfig})
+
+
+_late_imports()

@@ -81,7 +81,7 @@ class _ReadFileFn(beam.DoFn):
         with readable_file.open(compression_type=CompressionTypes.AUTO) as f:
             for n, line in iter_lines(f):
                 self._records.inc()
-                yield f"{path}:{n}", line
+                yield f"{path}:{n}", line, None
 
     def _avro(self, readable_file, path):
         n = 0
@@ -93,7 +93,7 @@ class _ReadFileFn(beam.DoFn):
                     self._records.inc()
                     if isinstance(record, dict) and record.get("schema_version") is None and written:
                         record = {**record, "schema_version": written.version}
-                    yield f"{path}#{n}", record
+                    yield f"{path}#{n}", record, None
         except (OSError, ValueError, EOFError, fastavro.read.SchemaResolutionError, StopIteration) as e:
             # Everything before the damage was read; the rest of the file is one dead letter.
             self._records.inc()
@@ -145,6 +145,16 @@ class OutputPaths:
     def duplicates(self): return self._join("duplicates", "duplicates")
     @property
     def consent_dropped(self): return self._join("consent_dropped", "consent_dropped")
+    @property
+    def labels(self): return self._join("labels", "labels")
+    @property
+    def slates(self): return self._join("slates", "slates")
+    @property
+    def orphans(self): return self._join("orphan_outcomes", "orphans")
+    @property
+    def late_outcomes(self): return self._join("late_outcomes", "late_outcomes")
+    @property
+    def features(self): return self._join("features")
     @property
     def counts(self): return self._join("_counts", "counts")
     @property

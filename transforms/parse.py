@@ -22,9 +22,11 @@ from transforms.schemas import SchemaRegistry, SchemaVersion
 
 METRICS_NS = "feedback.parse"
 
-# A raw record: (source, payload). payload is the exact bytes of one JSON line, or a dict decoded
-# from an Avro file (its schema_version filled in from the file's writer schema).
-RawRecord = tuple[str, Union[bytes, dict]]
+# A raw record: (source, payload, arrival_ms). payload is the exact bytes of one JSON line or message,
+# or a dict decoded from an Avro file (its schema_version filled in from the file's writer schema).
+# arrival_ms is when the pipeline's front door received it (Pub/Sub publish time, an archive's
+# recorded arrival time), or None when unknown (then nothing can be too late).
+RawRecord = tuple[str, Union[bytes, dict], Optional[int]]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ID_SUFFIX = "_id"
@@ -57,6 +59,8 @@ class ValidationRules:
     default_version: int
     reject_unknown_fields: bool
     naive_as_utc: bool
+    lateness_ms: int = 3_600_000
+    arrival_field: Optional[str] = None
 
     @classmethod
     def from_config(cls, cfg, registry: SchemaRegistry, job_start: dt.datetime) -> "ValidationRules":
@@ -70,7 +74,7 @@ class ValidationRules:
                 f"{cfg.schema.default_version}.avsc; available: {list(registry.versions)}")
         return cls(registry, frozenset(v.event_types), v.max_event_bytes, min_ms, max_ms,
                    cfg.schema.default_version, cfg.schema.unknown_fields == "reject",
-                   v.naive_timestamps == "utc")
+                   v.naive_timestamps == "utc", int(cfg.time.lateness * 1000), cfg.time.arrival_field)
 
 
 # --- pure functions ---------------------------------------------------------------------------
@@ -256,10 +260,35 @@ def _iso(ms: int) -> str:
         return f"{ms} ms"
 
 
-def parse_record(payload: Union[bytes, dict], rules: ValidationRules) -> dict:
-    """One raw payload -> canonical event. Raises Rejected or ConsentWithdrawn."""
+class TooLate(Exception):
+    """A valid event that arrived later than the lateness limit after its event time."""
+
+    def __init__(self, event: dict, late_ms: int, limit_ms: int):
+        super().__init__(f"arrived {late_ms / 1000:.3f} s after its event time; the lateness limit is "
+                         f"{limit_ms / 1000:.0f} s (time.lateness)")
+        self.event, self.late_ms = event, late_ms
+
+
+def parse_record(payload: Union[bytes, dict], rules: ValidationRules, arrival_ms: Optional[int] = None) -> dict:
+    """One raw payload -> canonical event (with `arrival_time`). Raises Rejected, ConsentWithdrawn or TooLate.
+
+    The arrival time comes from the transport (`arrival_ms`) or, for archives, from the envelope field
+    `rules.arrival_field`, which is removed before the event is validated.
+    """
     obj = payload if isinstance(payload, dict) else decode_payload(payload, rules.max_event_bytes)
-    return validate_event(obj, rules)
+    if rules.arrival_field and isinstance(obj, dict) and rules.arrival_field in obj:
+        obj = dict(obj)
+        value = obj.pop(rules.arrival_field)
+        if value is not None:
+            try:
+                arrival_ms = parse_event_time(value, rules.naive_as_utc)
+            except ValueError as e:
+                raise Rejected(contract.BAD_TIMESTAMP, rules.arrival_field, f"{rules.arrival_field}: {e}") from None
+    event = validate_event(obj, rules)
+    event["arrival_time"] = arrival_ms
+    if arrival_ms is not None and arrival_ms - event["event_time"] > rules.lateness_ms:
+        raise TooLate(event, arrival_ms - event["event_time"], rules.lateness_ms)
+    return event
 
 
 def consent_stub(obj: dict, source: str) -> dict:
@@ -280,19 +309,27 @@ class _ParseFn(beam.DoFn):
         self._valid = Metrics.counter(METRICS_NS, "valid")
         self._rejected = Metrics.counter(METRICS_NS, "dead_letter")
         self._consent = Metrics.counter(METRICS_NS, "consent_dropped")
+        self._too_late = Metrics.counter(METRICS_NS, "too_late")
 
     def setup(self):
         self._redactor = Redactor(self._key_source.load())
 
     def process(self, element: RawRecord) -> Iterable:
-        source, payload = element
+        source, payload, arrival_ms = element
         try:
-            event = parse_record(payload, self._rules)
+            event = parse_record(payload, self._rules, arrival_ms)
         except Rejected as r:
             self._rejected.inc()
             Metrics.counter(METRICS_NS, f"dead_letter_{r.reason}").inc()
             yield beam.pvalue.TaggedOutput(ParseEvents.DEAD_LETTER, dead_letter(
                 r.reason, r.field, r.message, "parse", payload, source, self._redactor))
+            return
+        except TooLate as t:
+            self._too_late.inc()
+            record = dead_letter(contract.TOO_LATE, "event_time", str(t), "lateness", payload, source, self._redactor)
+            record.update(event_id=t.event["event_id"], event_time=t.event["event_time"],
+                          arrival_time=t.event["arrival_time"], late_ms=t.late_ms)
+            yield beam.pvalue.TaggedOutput(ParseEvents.TOO_LATE, record)
             return
         except ConsentWithdrawn as c:
             self._consent.inc()
@@ -303,10 +340,12 @@ class _ParseFn(beam.DoFn):
 
 
 class ParseEvents(beam.PTransform):
-    """RawRecord -> valid events (timestamped in event time) + consent stubs + dead letters."""
+    """RawRecord -> valid events (timestamped in event time) + consent stubs + dead letters + too-late
+    events (dead-letter records with reason too_late, kept apart so they are counted as their own outcome)."""
     VALID = "valid"
     DEAD_LETTER = "dead_letter"
     CONSENT_DROPPED = "consent_dropped"
+    TOO_LATE = "too_late"
 
     def __init__(self, rules: ValidationRules, key_source: KeySource):
         super().__init__()
@@ -317,4 +356,4 @@ class ParseEvents(beam.PTransform):
 
     def expand(self, raw):
         return raw | "ParseAndValidate" >> beam.ParDo(_ParseFn(self._rules, self._key_source)).with_outputs(
-            self.DEAD_LETTER, self.CONSENT_DROPPED, main=self.VALID)
+            self.DEAD_LETTER, self.CONSENT_DROPPED, self.TOO_LATE, main=self.VALID)

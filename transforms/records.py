@@ -13,6 +13,8 @@ def _opt(name, avro_type, doc):
 _STRING_MAP = {"type": "map", "values": "string"}
 
 ADDED_FIELDS = [
+    _opt("arrival_time", {"type": "long", "logicalType": "timestamp-millis"},
+         "When the pipeline received the event (Pub/Sub publish time or the archive's record); null if unknown."),
     _opt("ip_hash", "string", "Keyed pseudonym (HMAC-SHA256) of the client IP."),
     _opt("ip_network", "string", "Client IP truncated to its network (e.g. 203.0.113.0/24)."),
     _opt("browser", "string", "Browser family from the user agent."),

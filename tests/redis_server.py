@@ -1,0 +1,157 @@
+"""A real, throw-away redis-server for tests.
+
+    from tests.redis_server import redis_server   # noqa: F401  (session fixture -> (host, port))
+
+or, outside pytest fixtures, `with run_redis_server("--requirepass", "pw") as (host, port): ...`.
+
+The server listens on a free loopback port, keeps nothing on disk (`--save "" --appendonly no`, working
+dir in a temp folder) and is killed when the context exits. A missing binary is a test FAILURE, not a
+skip: install it with `apt-get install redis-server` (or point $REDIS_SERVER at a binary).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+_DEFAULT_BINARY = "/usr/bin/redis-server"
+_START_TIMEOUT_S = 15.0
+_PORT_ATTEMPTS = 5
+
+
+class RedisServerMissing(RuntimeError):
+    pass
+
+
+def redis_server_binary() -> str:
+    candidate = os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or _DEFAULT_BINARY
+    if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+        raise RedisServerMissing(
+            f"redis-server not found (looked for $REDIS_SERVER, redis-server on PATH, {_DEFAULT_BINARY}). "
+            f"These tests need a real Redis: run `apt-get install redis-server` (Debian/Ubuntu).")
+    return candidate
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():   # Linux: the server gets SIGTERM if the test process dies without cleaning up
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _wait_for_ping(proc: subprocess.Popen, port: int, log_path: str) -> bool:
+    """True once the server answers PING; False if it exited (e.g. the port was taken meanwhile)."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1,
+                         retry=Retry(NoBackoff(), 0))
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            try:
+                if client.ping():
+                    return True
+            except redis.AuthenticationError:
+                return True          # up, and asking for a password (--requirepass)
+            except redis.ResponseError as e:
+                if "NOAUTH" in str(e):
+                    return True
+                raise
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(0.05)
+    finally:
+        client.close()
+    _stop(proc)
+    raise RuntimeError(f"redis-server on port {port} did not answer PING within {_START_TIMEOUT_S}s; "
+                       f"log:\n{_read(log_path)}")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-4000:]
+    except OSError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def run_redis_server(*extra_args: str) -> Iterator[tuple[str, int]]:
+    """Start redis-server on a free loopback port, yield (host, port), kill it on exit.
+
+    `extra_args` are passed through (e.g. "--requirepass", "secret"). Raises RedisServerMissing when
+    the binary is not installed."""
+    binary = redis_server_binary()
+    with tempfile.TemporaryDirectory(prefix="redis-test-") as workdir:
+        for attempt in range(_PORT_ATTEMPTS):
+            port = _free_port()
+            log_path = os.path.join(workdir, f"redis-{attempt}.log")
+            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--dir", workdir, "--daemonize", "no", "--logfile", log_path, *extra_args]
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            try:
+                if _wait_for_ping(proc, port, log_path):
+                    yield "127.0.0.1", port
+                    return
+            finally:
+                _stop(proc)
+            if "Address already in use" not in _read(log_path):
+                break
+        raise RuntimeError(f"redis-server did not start (exit code {proc.returncode}); log:\n{_read(log_path)}")
+
+
+def _require_binary() -> None:
+    try:
+        redis_server_binary()
+    except RedisServerMissing as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[tuple[str, int]]:
+    """(host, port) of a redis-server shared by the test session (no password, db 0). Tests sharing it
+    should use their own key prefixes rather than FLUSHDB."""
+    _require_binary()
+    with run_redis_server() as address:
+        yield address
+
+
+REDIS_TEST_PASSWORD = "test-redis-password"
+
+
+@pytest.fixture(scope="session")
+def redis_server_with_password() -> Iterator[tuple[str, int]]:
+    """(host, port) of a second server started with --requirepass REDIS_TEST_PASSWORD."""
+    _require_binary()
+    with run_redis_server("--requirepass", REDIS_TEST_PASSWORD) as address:
+        yield address

@@ -1,0 +1,412 @@
+"""Labels: exposures (impressions) joined to outcomes inside an attribution window.
+
+An exposure is an `impression` with an `item_id` (and usually a `request_id`). Outcomes are the
+configured event types for the same user and item. Both are keyed by (user_id, item_id), so an
+outcome with a `request_id` joins the exposure of that request, and one without joins the latest
+exposure of the item at or before it, within `window` of event time.
+
+When an exposure's label is final, exactly one label is emitted for it: positive or negative by the
+YAML rules (positive types with weights, a minimum dwell for a click, explicit negatives), with the
+exposure's request, position, propensity, policy, experiment, session and device.
+
+Timing rules, all in terms of event time and recorded arrival time, so a replay of the archive in
+batch reproduces the streaming result:
+- An exposure's label is due at `deadline = impression_time + max(window, lateness)`: by then every
+  non-too-late exposure has arrived (arrival <= event time + lateness), and the attribution window is over.
+- An attributed outcome counts in the label when it arrived by the deadline (or has no arrival time,
+  as in a plain archive). One that arrived later is a *late outcome*: written as a label correction.
+- An outcome that matches no exposure is an *orphan* (a logging-gap signal). In streaming that is
+  decided at `outcome_time + clock_skew + lateness`, after which any exposure it could match would
+  be too late anyway.
+Streaming (stateful DoFn with event-time timers) and batch (GroupByKey) call the same `settle`.
+The one divergence: an outcome that arrived before the deadline but is still inside the pipeline when
+the watermark passes it becomes a late outcome in streaming and part of the label in batch.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+from typing import Iterable, Optional
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+METRICS_NS = "feedback.labels"
+EXPOSURE_TYPE = "impression"
+_FOREVER = 2 ** 62
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRules:
+    window_ms: int
+    lateness_ms: int
+    clock_skew_ms: int
+    positive_weights: tuple[tuple[str, float], ...]   # (event_type, weight), e.g. purchase 5, add_to_cart 3, click 1
+    negative_weights: tuple[tuple[str, float], ...]   # explicit negatives, e.g. skip 1
+    default_negative_weight: float
+    min_click_dwell_ms: int
+    outcome_types: frozenset
+
+    @classmethod
+    def from_config(cls, labels_cfg, lateness_s: float) -> "LabelRules":
+        pos = tuple(sorted(labels_cfg.positive.items(), key=lambda kv: (-kv[1], kv[0])))
+        neg = tuple(sorted(labels_cfg.negative.items(), key=lambda kv: (-kv[1], kv[0])))
+        return cls(int(labels_cfg.window * 1000), int(lateness_s * 1000), int(labels_cfg.clock_skew * 1000),
+                   pos, neg, labels_cfg.default_negative_weight, int(labels_cfg.min_click_dwell_ms),
+                   frozenset(labels_cfg.outcome_types))
+
+    def deadline(self, impression_time: int) -> int:
+        return impression_time + max(self.window_ms, self.lateness_ms)
+
+    def orphan_deadline(self, outcome_time: int) -> int:
+        return outcome_time + self.clock_skew_ms + max(self.window_ms, self.lateness_ms)
+
+
+def is_exposure(e: dict) -> bool:
+    return e["event_type"] == EXPOSURE_TYPE and e.get("item_id") is not None
+
+
+def attribute(exposures: list[dict], outcomes: list[dict], rules: LabelRules) -> dict[str, Optional[str]]:
+    """outcome event_id -> exposure event_id (or None: orphan), for one (user, item).
+
+    With a request_id, the outcome joins an exposure of that request within
+    [impression - clock_skew, impression + window]; the latest such one. Without, the latest exposure
+    of the item at or before the outcome within the window.
+    """
+    ordered = sorted(exposures, key=lambda x: (x["event_time"], x["event_id"]))
+    times = [x["event_time"] for x in ordered]
+    result = {}
+    for o in outcomes:
+        t = o["event_time"]
+        match = None
+        if o.get("request_id") is not None:
+            for x in reversed(ordered):
+                if (x.get("request_id") == o["request_id"]
+                        and x["event_time"] - rules.clock_skew_ms <= t <= x["event_time"] + rules.window_ms):
+                    match = x
+                    break
+        else:
+            i = bisect.bisect_right(times, t)
+            if i and t - times[i - 1] <= rules.window_ms:
+                match = ordered[i - 1]
+        result[o["event_id"]] = match["event_id"] if match else None
+    return result
+
+
+def make_label(x: dict, outcomes: list[dict], rules: LabelRules) -> dict:
+    """The label of one exposure from the outcomes that count for it."""
+    types = sorted({o["event_type"] for o in outcomes})
+    dwell = max([o["dwell_ms"] for o in outcomes if o.get("dwell_ms") is not None], default=None)
+    positive = dict(rules.positive_weights)
+    counting = [t for t in types if t in positive
+                and not (t == "click" and rules.min_click_dwell_ms > 0 and (dwell or 0) < rules.min_click_dwell_ms)]
+    negatives = dict(rules.negative_weights)
+    if counting:
+        label, weight = 1, max(positive[t] for t in counting)
+    elif any(t in negatives for t in types):
+        label, weight = 0, max(negatives[t] for t in types if t in negatives)
+    else:
+        label, weight = 0, rules.default_negative_weight
+    first = min((o["event_time"] for o in outcomes), default=None)
+    item_meta = x.get("item_meta") or {}
+    return {
+        "label_id": x["event_id"],
+        "request_id": x.get("request_id"),
+        "user_id": x["user_id"],
+        "item_id": x["item_id"],
+        "item_category": item_meta.get("category"),
+        "position": x.get("position"),
+        "propensity": x.get("propensity"),
+        "policy": x.get("policy"),
+        "experiment_id": x.get("experiment_id"),
+        "variant": x.get("variant"),
+        "session_id": x.get("session_id"),
+        "device_class": x.get("device_class"),
+        "impression_time": x["event_time"],
+        "label": label,
+        "weight": float(weight),
+        "outcome_types": types,
+        "first_outcome_delay_ms": None if first is None else first - x["event_time"],
+        "dwell_ms": dwell,
+        "label_time": rules.deadline(x["event_time"]),
+    }
+
+
+def outcome_record(o: dict, exposure_id: Optional[str], kind: str) -> dict:
+    """An orphan or late outcome, as written: enough to find and correct the label."""
+    return {"kind": kind, "event_id": o["event_id"], "event_type": o["event_type"], "event_time": o["event_time"],
+            "arrival_time": o.get("arrival_time"), "user_id": o["user_id"], "item_id": o.get("item_id"),
+            "request_id": o.get("request_id"), "label_id": exposure_id}
+
+
+@dataclasses.dataclass
+class Settlement:
+    labels: list[dict]
+    orphans: list[dict]
+    late_outcomes: list[dict]
+
+
+def settle(exposures: list[dict], outcomes: list[dict], rules: LabelRules, now: int = _FOREVER,
+           emitted: frozenset = frozenset(), reported: frozenset = frozenset()) -> Settlement:
+    """Everything decided by event time `now` for one (user, item) and not yet emitted/reported.
+
+    Batch calls it once with now = +inf. Streaming calls it on each timer with the timer's time,
+    passing the exposure ids already labelled and the outcome ids already reported.
+    """
+    match = attribute(exposures, outcomes, rules)
+    by_exposure: dict[str, list[dict]] = {}
+    for o in outcomes:
+        if match[o["event_id"]] is not None:
+            by_exposure.setdefault(match[o["event_id"]], []).append(o)
+    labels, orphans, late = [], [], []
+    for x in sorted(exposures, key=lambda x: (x["event_time"], x["event_id"])):
+        deadline = rules.deadline(x["event_time"])
+        if deadline > now:
+            continue
+        attributed = by_exposure.get(x["event_id"], [])
+        on_time = [o for o in attributed if o.get("arrival_time") is None or o["arrival_time"] <= deadline]
+        if x["event_id"] not in emitted:
+            labels.append(make_label(x, on_time, rules))
+        for o in attributed:
+            if o not in on_time and o["event_id"] not in reported:
+                late.append(outcome_record(o, x["event_id"], "late_outcome"))
+    for o in outcomes:
+        if match[o["event_id"]] is None and rules.orphan_deadline(o["event_time"]) <= now \
+                and o["event_id"] not in reported:
+            orphans.append(outcome_record(o, None, "orphan"))
+    return Settlement(labels, orphans, late)
+
+
+def split_events(events: Iterable[dict], rules: LabelRules) -> tuple[list[dict], list[dict]]:
+    exposures, outcomes = [], []
+    for e in events:
+        if is_exposure(e):
+            exposures.append(e)
+        elif e["event_type"] in rules.outcome_types and e.get("item_id") is not None:
+            outcomes.append(e)
+    return exposures, outcomes
+
+
+# --- transforms -------------------------------------------------------------------------------
+
+def _key(e: dict) -> str:
+    # user and item ids are free text: join them with a separator that cannot be confused.
+    return f"{len(e['user_id'])}:{e['user_id']}|{e['item_id']}"
+
+
+class _SettleBatchFn(beam.DoFn):
+    def __init__(self, rules: LabelRules):
+        self._rules = rules
+        self._counters = {k: Metrics.counter(METRICS_NS, k) for k in ("labels", "positives", "orphans", "late_outcomes")}
+
+    def process(self, keyed):
+        _, events = keyed
+        exposures, outcomes = split_events(events, self._rules)
+        yield from _emit(settle(exposures, outcomes, self._rules), self._counters)
+
+
+def _emit(s: Settlement, counters):
+    for label in s.labels:
+        counters["labels"].inc()
+        if label["label"]:
+            counters["positives"].inc()
+        yield window.TimestampedValue(label, label["impression_time"] / 1000.0)
+    for o in s.orphans:
+        counters["orphans"].inc()
+        yield beam.pvalue.TaggedOutput(JoinLabels.ORPHANS, window.TimestampedValue(o, o["event_time"] / 1000.0))
+    for o in s.late_outcomes:
+        counters["late_outcomes"].inc()
+        yield beam.pvalue.TaggedOutput(JoinLabels.LATE_OUTCOMES, window.TimestampedValue(o, o["event_time"] / 1000.0))
+
+
+class _SettleStreamingFn(beam.DoFn):
+    """Buffers a key's exposures and outcomes; on each due time, settles what is due.
+
+    State names carry a `labels_` prefix (timer names must be unique across a pipeline).
+    """
+    EVENTS = BagStateSpec("labels_events", PickleCoder())
+    DONE = ReadModifyWriteStateSpec("labels_done", PickleCoder())   # (emitted exposure ids, reported outcome ids)
+    NEXT = ReadModifyWriteStateSpec("labels_next_due", VarIntCoder())
+    DUE = TimerSpec("labels_due", TimeDomain.WATERMARK)
+
+    def __init__(self, rules: LabelRules):
+        self._rules = rules
+        self._counters = {k: Metrics.counter(METRICS_NS, k) for k in ("labels", "positives", "orphans", "late_outcomes")}
+
+    def _due(self, e: dict) -> int:
+        if is_exposure(e):
+            return self._rules.deadline(e["event_time"])
+        return self._rules.orphan_deadline(e["event_time"])
+
+    def process(self, keyed, events=beam.DoFn.StateParam(EVENTS), done=beam.DoFn.StateParam(DONE),
+                next_due=beam.DoFn.StateParam(NEXT), due=beam.DoFn.TimerParam(DUE)):
+        _, e = keyed
+        emitted, reported = done.read() or (frozenset(), frozenset())
+        if not is_exposure(e) and emitted:
+            # An outcome for an exposure already labelled is a correction, emitted at once.
+            exposures = [x for x in events.read() if is_exposure(x)]
+            match = attribute(exposures, [e], self._rules).get(e["event_id"])
+            if match in emitted:
+                self._counters["late_outcomes"].inc()
+                done.write((emitted, reported | {e["event_id"]}))
+                yield beam.pvalue.TaggedOutput(JoinLabels.LATE_OUTCOMES, outcome_record(e, match, "late_outcome"))
+                events.add(e)
+                return
+        events.add(e)
+        when = self._due(e)
+        current = next_due.read()
+        if current is None or when < current:
+            next_due.write(when)
+            due.set(Timestamp(micros=when * 1000))
+
+    @on_timer(DUE)
+    def _on_due(self, fire=beam.DoFn.TimestampParam, events=beam.DoFn.StateParam(EVENTS),
+                done=beam.DoFn.StateParam(DONE), next_due=beam.DoFn.StateParam(NEXT), due=beam.DoFn.TimerParam(DUE)):
+        now = fire.micros // 1000
+        buffered = list(events.read())
+        emitted, reported = done.read() or (frozenset(), frozenset())
+        exposures, outcomes = split_events(buffered, self._rules)
+        s = settle(exposures, outcomes, self._rules, now=now, emitted=emitted, reported=reported)
+        emitted = emitted | {l["label_id"] for l in s.labels}
+        reported = reported | {o["event_id"] for o in s.orphans + s.late_outcomes}
+        yield from _emit(s, self._counters)
+        # Keep what a later outcome may still need; drop what no future decision can touch.
+        horizon = self._rules.window_ms + self._rules.lateness_ms + self._rules.clock_skew_ms
+        keep = [e for e in buffered
+                if (e["event_id"] not in emitted and e["event_id"] not in reported)
+                or e["event_time"] + horizon > now]
+        pending = [self._due(e) for e in keep
+                   if e["event_id"] not in emitted and e["event_id"] not in reported and self._due(e) > now]
+        events.clear()
+        for e in keep:
+            events.add(e)
+        if not keep:
+            done.clear()
+            next_due.clear()
+            return
+        kept_ids = {e["event_id"] for e in keep}
+        done.write((frozenset(emitted & kept_ids), frozenset(reported & kept_ids)))
+        # Wake again for the next decision, or to forget the key once nothing can change.
+        when = min(pending) if pending else max(e["event_time"] for e in keep) + horizon + 1
+        next_due.write(when)
+        due.set(Timestamp(micros=when * 1000))
+
+
+class JoinLabels(beam.PTransform):
+    """Human events -> labels (main), orphan outcomes (ORPHANS) and late outcomes (LATE_OUTCOMES)."""
+    ORPHANS = "orphans"
+    LATE_OUTCOMES = "late_outcomes"
+
+    def __init__(self, rules: LabelRules, streaming: bool = False):
+        super().__init__()
+        if rules.window_ms <= 0:
+            raise ValueError("attribution window must be > 0")
+        self._rules, self._streaming = rules, streaming
+
+    def expand(self, events):
+        types = self._rules.outcome_types | {EXPOSURE_TYPE}
+        keyed = (events
+                 | "ExposuresAndOutcomes" >> beam.Filter(lambda e: e["event_type"] in types and e.get("item_id") is not None)
+                 | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict]))
+        if self._streaming:
+            fn = _SettleStreamingFn(self._rules)
+            return keyed | "SettleAsDue" >> beam.ParDo(fn).with_outputs(self.ORPHANS, self.LATE_OUTCOMES, main="labels")
+        return (keyed
+                | "GroupUserItem" >> beam.GroupByKey()
+                | "Settle" >> beam.ParDo(_SettleBatchFn(self._rules)).with_outputs(
+                    self.ORPHANS, self.LATE_OUTCOMES, main="labels"))
+
+
+# --- slates -----------------------------------------------------------------------------------
+
+def make_slate(request_id: str, labels: list[dict]) -> dict:
+    items = sorted(labels, key=lambda l: (l["position"] if l["position"] is not None else 1 << 30, l["item_id"]))
+    first = items[0]
+    return {
+        "request_id": request_id,
+        "user_id": first["user_id"],
+        "policy": first["policy"],
+        "experiment_id": first["experiment_id"],
+        "variant": first["variant"],
+        "impression_time": min(l["impression_time"] for l in items),
+        "items": [{"item_id": l["item_id"], "position": l["position"], "propensity": l["propensity"],
+                   "label": l["label"], "weight": l["weight"]} for l in items],
+        "n_items": len(items),
+        "n_positive": sum(l["label"] for l in items),
+    }
+
+
+class BuildSlates(beam.PTransform):
+    """Labels -> one slate per request (all items shown, with positions, propensities and labels)."""
+
+    def __init__(self, streaming: bool = False, gap_s: float = 60.0):
+        super().__init__()
+        self._streaming, self._gap_s = streaming, gap_s
+
+    def expand(self, labels):
+        keyed = (labels
+                 | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
+                 | "KeyByRequest" >> beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict]))
+        if self._streaming:
+            # A request's labels share (nearly) one impression time: a short session window gathers them.
+            keyed = keyed | "RequestWindows" >> beam.WindowInto(window.Sessions(self._gap_s))
+        return (keyed
+                | "GroupRequest" >> beam.GroupByKey()
+                | "Slate" >> beam.MapTuple(lambda r, ls: make_slate(r, list(ls))))
+
+
+def _opt(name, t):
+    return {"name": name, "type": ["null", t], "default": None}
+
+
+LABEL_SCHEMA = {
+    "type": "record", "name": "Label", "namespace": "feedback.labels",
+    "doc": "One exposure (impression) and what followed it inside the attribution window.",
+    "fields": [
+        {"name": "label_id", "type": "string", "doc": "event_id of the impression"},
+        _opt("request_id", "string"),
+        {"name": "user_id", "type": "string"},
+        {"name": "item_id", "type": "string"},
+        _opt("item_category", "string"),
+        _opt("position", "int"),
+        _opt("propensity", "double"),
+        _opt("policy", "string"),
+        _opt("experiment_id", "string"),
+        _opt("variant", "string"),
+        _opt("session_id", "string"),
+        _opt("device_class", "string"),
+        {"name": "impression_time", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "label", "type": "int"},
+        {"name": "weight", "type": "double"},
+        {"name": "outcome_types", "type": {"type": "array", "items": "string"}},
+        _opt("first_outcome_delay_ms", "long"),
+        _opt("dwell_ms", "long"),
+        {"name": "label_time", "type": {"type": "long", "logicalType": "timestamp-millis"},
+         "doc": "impression_time + max(attribution window, lateness): when the label became final"},
+    ],
+}
+
+SLATE_SCHEMA = {
+    "type": "record", "name": "Slate", "namespace": "feedback.labels",
+    "doc": "All items one request showed, with positions, propensities and labels (list-wise / IPS training).",
+    "fields": [
+        {"name": "request_id", "type": "string"},
+        {"name": "user_id", "type": "string"},
+        _opt("policy", "string"),
+        _opt("experiment_id", "string"),
+        _opt("variant", "string"),
+        {"name": "impression_time", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "items", "type": {"type": "array", "items": {
+            "type": "record", "name": "SlateItem", "fields": [
+                {"name": "item_id", "type": "string"}, _opt("position", "int"), _opt("propensity", "double"),
+                {"name": "label", "type": "int"}, {"name": "weight", "type": "double"}]}}},
+        {"name": "n_items", "type": "int"},
+        {"name": "n_positive", "type": "int"},
+    ],
+}
