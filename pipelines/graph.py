@@ -41,6 +41,17 @@ class GraphSettings:
     split_every_s: float
     lateness_s: float
 
+    @property
+    def archive_schema(self) -> dict:
+        return self.clean_schema
+
+    @property
+    def max_output_delay_s(self) -> float:
+        """How far behind the watermark the graph's outputs can be in streaming: per-user buckets are
+        judged at bucket end + lateness, labels at impression + max(window, lateness)."""
+        label_wait = max(self.labels.window_ms, self.labels.lateness_ms) / 1000.0
+        return self.split_every_s + self.lateness_s + label_wait + 60.0
+
     @classmethod
     def from_config(cls, cfg: JobConfig, job_start: Optional[dt.datetime] = None) -> "GraphSettings":
         registry = SchemaRegistry.from_directory(cfg.resolve(cfg.schema.directory))
@@ -103,17 +114,18 @@ class GraphOutputs:
 
 
 def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letters=(),
-                      streaming: bool = False) -> GraphOutputs:
+                      streaming: bool = False, count_windowing=None) -> GraphOutputs:
     """RawRecord PCollection -> every outcome. `upstream_dead_letters`: dead letters made by the source
     (e.g. unreadable files), each standing for one input record. `streaming` picks the streaming
-    implementation where one exists (same decisions, see DedupeEvents)."""
+    implementation where one exists (same decisions, see DedupeEvents). `count_windowing`: a
+    WindowInto for the counters in streaming (a global-window count never fires there)."""
     p = raw_records.pipeline
     parsed = raw_records | "Parse" >> ParseEvents(settings.validation, settings.key_source)
     protected = parsed[ParseEvents.VALID] | "Privacy" >> ProtectPrivacy(settings.privacy, settings.key_source)
     tables = {name: p | f"Read{name.title()}Metadata" >> ReadMetadataTable(path, key, domain, settings.key_source)
               for name, (path, key, domain) in sorted(settings.lookups.items())}
     enriched = protected | "Enrich" >> EnrichEvents(tables)
-    deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, streaming=streaming)
+    deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, settings.lateness_s, streaming=streaming)
     judged = deduped.events | "Bots" >> FilterBots(
         settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s,
         split_every_s=settings.split_every_s, lateness_s=settings.lateness_s)
@@ -131,7 +143,7 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
         late_outcomes=joined[JoinLabels.LATE_OUTCOMES])
     exposures = humans | "Exposures" >> beam.Filter(is_exposure)
     outputs.counts = ({INPUT: inputs, "exposures": exposures, **outputs.outcomes(), **outputs.label_outputs()}
-                      | "Accounting" >> CountOutcomes({
+                      | "Accounting" >> CountOutcomes(windowing=count_windowing, breakdowns={
         contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
         contract.OUTCOME_BOT: lambda r: r["bot_rule"],
         contract.OUTCOME_VALID: lambda r: r["event_type"],

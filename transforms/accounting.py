@@ -29,16 +29,18 @@ class CountOutcomes(beam.PTransform):
     `breakdowns` maps an outcome name to a function giving a record's sub-key (e.g. its reason code).
     """
 
-    def __init__(self, breakdowns: Optional[dict] = None):
+    def __init__(self, breakdowns: Optional[dict] = None, windowing=None):
         super().__init__()
         self._breakdowns = breakdowns or {}
+        self._windowing = windowing
 
     def expand(self, named: dict):
         keyed = [pc | f"Key{name.title().replace('_', '')}" >> beam.FlatMap(_keys_for(name, self._breakdowns.get(name)))
                  for name, pc in sorted(named.items())]
-        return (keyed
-                | "AllCounters" >> beam.Flatten()
-                | "Count" >> beam.combiners.Count.PerElement())
+        counters = keyed | "AllCounters" >> beam.Flatten()
+        if self._windowing is not None:
+            counters = counters | self._windowing
+        return counters | "Count" >> beam.combiners.Count.PerElement()
 
 
 def summarise(counters: dict) -> dict:

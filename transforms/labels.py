@@ -150,6 +150,7 @@ class Settlement:
     labels: list[dict]
     orphans: list[dict]
     late_outcomes: list[dict]
+    consumed: set = dataclasses.field(default_factory=set)   # outcome ids counted in a settled label
 
 
 def settle(exposures: list[dict], outcomes: list[dict], rules: LabelRules, now: int = _FOREVER,
@@ -164,23 +165,25 @@ def settle(exposures: list[dict], outcomes: list[dict], rules: LabelRules, now: 
     for o in outcomes:
         if match[o["event_id"]] is not None:
             by_exposure.setdefault(match[o["event_id"]], []).append(o)
-    labels, orphans, late = [], [], []
+    labels, orphans, late, consumed = [], [], [], set()
     for x in sorted(exposures, key=lambda x: (x["event_time"], x["event_id"])):
         deadline = rules.deadline(x["event_time"])
         if deadline > now:
             continue
         attributed = by_exposure.get(x["event_id"], [])
         on_time = [o for o in attributed if o.get("arrival_time") is None or o["arrival_time"] <= deadline]
+        on_time_ids = {o["event_id"] for o in on_time}
+        consumed |= on_time_ids
         if x["event_id"] not in emitted:
             labels.append(make_label(x, on_time, rules))
         for o in attributed:
-            if o not in on_time and o["event_id"] not in reported:
+            if o["event_id"] not in on_time_ids and o["event_id"] not in reported:
                 late.append(outcome_record(o, x["event_id"], "late_outcome"))
     for o in outcomes:
         if match[o["event_id"]] is None and rules.orphan_deadline(o["event_time"]) <= now \
                 and o["event_id"] not in reported:
             orphans.append(outcome_record(o, None, "orphan"))
-    return Settlement(labels, orphans, late)
+    return Settlement(labels, orphans, late, consumed)
 
 
 def split_events(events: Iterable[dict], rules: LabelRules) -> tuple[list[dict], list[dict]]:
@@ -216,7 +219,8 @@ def _emit(s: Settlement, counters):
         counters["labels"].inc()
         if label["label"]:
             counters["positives"].inc()
-        yield window.TimestampedValue(label, label["impression_time"] / 1000.0)
+        # Stamped at label_time: when the label became final (a streaming timer's own time).
+        yield window.TimestampedValue(label, label["label_time"] / 1000.0)
     for o in s.orphans:
         counters["orphans"].inc()
         yield beam.pvalue.TaggedOutput(JoinLabels.ORPHANS, window.TimestampedValue(o, o["event_time"] / 1000.0))
@@ -274,7 +278,7 @@ class _SettleStreamingFn(beam.DoFn):
         exposures, outcomes = split_events(buffered, self._rules)
         s = settle(exposures, outcomes, self._rules, now=now, emitted=emitted, reported=reported)
         emitted = emitted | {l["label_id"] for l in s.labels}
-        reported = reported | {o["event_id"] for o in s.orphans + s.late_outcomes}
+        reported = reported | {o["event_id"] for o in s.orphans + s.late_outcomes} | s.consumed
         yield from _emit(s, self._counters)
         # Keep what a later outcome may still need; drop what no future decision can touch.
         horizon = self._rules.window_ms + self._rules.lateness_ms + self._rules.clock_skew_ms

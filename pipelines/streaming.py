@@ -1,0 +1,211 @@
+"""Streaming job: Pub/Sub in; labels, features, dead letters and an event archive out, continuously.
+
+    python -m pipelines.streaming --config config/streaming.yaml --subscription projects/P/subscriptions/S \
+        --output DIR [--labels-topic T] [--dead-letter-topic T] [beam options]
+
+Same graph as the batch job (`pipelines/graph.py`), with the streaming implementations of the
+stateful steps. Arrival time is the Pub/Sub publish time; event time is the `event_time` field (or
+the `time.event_time_attribute` attribute). Outputs under DIR are windowed files:
+`archive/` (every valid event with its arrival time: the replay source), `labels/`, `slates/`,
+`dead_letter/` (including too_late), `orphan_outcomes/`, `late_outcomes/`, `bots/`, `_counts/`.
+Without --runner the job runs on the Python BundleBasedDirectRunner (named explicitly; see
+shared/BEAM-NOTES.md for its Pub/Sub delivery guarantee: at-most-once, acked before processing).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+from typing import Optional
+
+import apache_beam as beam
+import fastavro
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms import trigger, window
+
+from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
+from transforms import contract
+from transforms.config import ConfigError, JobConfig, WindowSpec, load_config
+from transforms.deadletter import dead_letter
+from transforms.io import WriteWindowedFiles, to_json_line
+from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
+from transforms.privacy import MissingKeyError
+from transforms.schemas import SchemaError, SchemaRegistry
+
+DEFAULT_RUNNER = "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"
+METRICS_NS = "feedback.pubsub"
+_log = logging.getLogger("pipelines.streaming")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pipelines.streaming", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML job config, e.g. config/streaming.yaml")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--subscription", help="projects/<p>/subscriptions/<s> to read")
+    source.add_argument("--topic", help="projects/<p>/topics/<t> to read (a temporary subscription is made)")
+    parser.add_argument("--output", required=True, help="Folder for windowed output files (local or gs://)")
+    parser.add_argument("--labels-topic", help="projects/<p>/topics/<t> to publish labels to (JSON)")
+    parser.add_argument("--dead-letter-topic", help="projects/<p>/topics/<t> to publish dead letters to (JSON)")
+    parser.add_argument("--message-format", choices=["json", "avro"], default="json",
+                        help="Message bodies: JSON events, or Avro binary (schemaless) of the schema version in "
+                             "the message's schema_version attribute (default: the latest)")
+    return parser.parse_known_args(argv)
+
+
+# --- source ------------------------------------------------------------------------------------
+
+def _publish_ms(message) -> Optional[int]:
+    t = getattr(message, "publish_time", None)
+    if t is None:
+        return None
+    return int(t.timestamp() * 1000)
+
+
+class _MessageToRawFn(beam.DoFn):
+    """PubsubMessage -> RawRecord (source, payload, arrival_ms); undecodable Avro -> dead letter."""
+    UNDECODABLE = "undecodable"
+
+    def __init__(self, fmt: str, registry: SchemaRegistry):
+        self._fmt, self._registry = fmt, registry
+        self._received = Metrics.counter(METRICS_NS, "messages_received")
+
+    def process(self, message):
+        self._received.inc()
+        attrs = message.attributes or {}
+        source = f"pubsub:{message.message_id or attrs.get('event_id', '?')}"
+        arrival = _publish_ms(message)
+        if self._fmt == "json":
+            yield source, message.data, arrival
+            return
+        version = attrs.get("schema_version")
+        sv = self._registry.get(int(version)) if version and version.isdigit() else self._registry.latest
+        try:
+            if sv is None:
+                raise ValueError(f"schema_version attribute {version!r} is not registered")
+            record = fastavro.schemaless_reader(io.BytesIO(message.data), sv.parsed)
+        except Exception as e:  # noqa: BLE001 - any decoding failure is this record's dead letter
+            yield beam.pvalue.TaggedOutput(self.UNDECODABLE, dead_letter(
+                contract.SCHEMA_VIOLATION, None, f"Avro body does not decode with schema v{version}: {e}",
+                "read", message.data, source, _NoPII()))
+            return
+        record.setdefault("schema_version", sv.version)
+        yield source, record, arrival
+
+
+class _NoPII:
+    @staticmethod
+    def redact(text):  # undecodable binary: nothing readable to redact, kept as base64
+        return text
+
+
+class ReadEvents(beam.PTransform):
+    def __init__(self, subscription: Optional[str], topic: Optional[str], fmt: str, registry: SchemaRegistry,
+                 timestamp_attribute: Optional[str]):
+        super().__init__()
+        self._sub, self._topic, self._fmt, self._registry = subscription, topic, fmt, registry
+        self._ts_attr = timestamp_attribute
+
+    def expand(self, pbegin):
+        messages = pbegin | "ReadPubSub" >> beam.io.ReadFromPubSub(
+            subscription=self._sub, topic=self._topic, with_attributes=True, timestamp_attribute=self._ts_attr)
+        return messages | "ToRawRecords" >> beam.ParDo(_MessageToRawFn(self._fmt, self._registry)).with_outputs(
+            _MessageToRawFn.UNDECODABLE, main="records")
+
+
+# --- windowed outputs --------------------------------------------------------------------------
+
+def window_fn(spec: WindowSpec):
+    if spec.type == "fixed":
+        return window.FixedWindows(spec.size)
+    if spec.type == "sliding":
+        return window.SlidingWindows(spec.size, spec.period)
+    return window.Sessions(spec.gap)
+
+
+def output_windowing(cfg: JobConfig, settings: GraphSettings, label: str, accumulate: bool = False):
+    """WindowInto for windowed outputs, from the `time:` section.
+
+    File outputs always discard fired panes (a late pane holds only the late records, so no record is
+    written twice); aggregates follow `time.accumulation`. Allowed lateness covers the longest delay
+    the graph introduces (per-user buckets, lateness, label deadlines), so no record reaching an
+    output is ever dropped by Beam as late.
+    """
+    t = cfg.time
+    early = trigger.AfterProcessingTime(t.early_firing) if t.early_firing else None
+    late = trigger.AfterCount(1) if t.late_firings else None
+    mode = (trigger.AccumulationMode.ACCUMULATING if accumulate and t.accumulation == "accumulating"
+            else trigger.AccumulationMode.DISCARDING)
+    return label >> beam.WindowInto(
+        window_fn(t.output_window), trigger=trigger.AfterWatermark(early=early, late=late),
+        allowed_lateness=settings.max_output_delay_s, accumulation_mode=mode)
+
+
+def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output: str,
+          upstream_dead_letters=(), labels_topic: Optional[str] = None,
+          dead_letter_topic: Optional[str] = None) -> GraphOutputs:
+    """Raw records -> shared graph (streaming implementations) -> windowed sinks. Returns the outputs."""
+    out = build_event_graph(raw, settings, upstream_dead_letters=list(upstream_dead_letters), streaming=True,
+                            count_windowing=output_windowing(cfg, settings, "WindowCounters"))
+    dead = (out.dead_letter, out.too_late) | "DeadAndTooLate" >> beam.Flatten()
+    files = {
+        "archive": (out.valid, "avro", settings.archive_schema),
+        "bots": (out.bots, "avro", settings.clean_schema),
+        "labels": (out.labels, "avro", LABEL_SCHEMA),
+        "slates": (out.slates, "avro", SLATE_SCHEMA),
+        "dead_letter": (dead, "jsonl", None),
+        "orphan_outcomes": (out.orphans, "jsonl", None),
+        "late_outcomes": (out.late_outcomes, "jsonl", None),
+        "duplicates": (out.duplicates, "jsonl", None),
+        "consent_dropped": (out.consent_dropped, "jsonl", None),
+    }
+    for name, (pcoll, fmt, schema) in files.items():
+        title = name.title().replace("_", "")
+        _ = (pcoll
+             | output_windowing(cfg, settings, f"Window{title}")
+             | f"Write{title}" >> WriteWindowedFiles(f"{output.rstrip('/')}/{name}", name, fmt, schema))
+    _ = (out.counts
+         | "CountsToJson" >> beam.MapTuple(lambda k, n: {"counter": k, "count": n})
+         | f"WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/_counts", "counts", "jsonl"))
+    if labels_topic:
+        _ = (out.labels | "LabelsToJson" >> beam.Map(lambda l: to_json_line(l).encode())
+             | "PublishLabels" >> beam.io.WriteToPubSub(labels_topic))
+    if dead_letter_topic:
+        _ = (dead | "DeadLettersToJson" >> beam.Map(lambda d: to_json_line(d).encode())
+             | "PublishDeadLetters" >> beam.io.WriteToPubSub(dead_letter_topic))
+    return out
+
+
+def run(argv=None):
+    args, beam_args = parse_args(argv)
+    cfg = load_config(args.config)
+    settings = GraphSettings.from_config(cfg)
+    options = PipelineOptions(beam_args)
+    options.view_as(StandardOptions).streaming = True
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    p = beam.Pipeline(options=options)
+    read = p | "ReadEvents" >> ReadEvents(args.subscription, args.topic, args.message_format,
+                                          settings.validation.registry, cfg.time.event_time_attribute)
+    build(p, cfg, settings, read.records, args.output, [read[_MessageToRawFn.UNDECODABLE]],
+          args.labels_topic, args.dead_letter_topic)
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    try:
+        run(argv)
+    except (ConfigError, MissingKeyError, SchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
