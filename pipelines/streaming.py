@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import logging
+import signal
 import sys
 from typing import Optional
 
@@ -24,6 +25,7 @@ import apache_beam as beam
 import fastavro
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms import trigger, window
 
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
@@ -192,8 +194,26 @@ def run(argv=None):
     build(p, cfg, settings, read.records, args.output, [read[_MessageToRawFn.UNDECODABLE]],
           args.labels_topic, args.dead_letter_topic)
     result = p.run()
-    result.wait_until_finish()
+    stop = _StopOnSignal()
+    # Poll so SIGTERM/SIGINT can cancel the job cleanly (the runner then stops reading and exits).
+    while not stop.requested:
+        state = result.wait_until_finish(duration=1000)
+        if state is not None and PipelineState.is_terminal(state):
+            return result
+    _log.info("stop requested: cancelling the streaming job")
+    result.cancel()
+    result.wait_until_finish(duration=60_000)
     return result
+
+
+class _StopOnSignal:
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
 
 
 def main(argv=None) -> int:
