@@ -19,13 +19,13 @@ import json
 import logging
 import signal
 import sys
+import threading
 from typing import Optional
 
 import apache_beam as beam
 import fastavro
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms import trigger, window
 
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
@@ -193,16 +193,29 @@ def run(argv=None):
                                           settings.validation.registry, cfg.time.event_time_attribute)
     build(p, cfg, settings, read.records, args.output, [read[_MessageToRawFn.UNDECODABLE]],
           args.labels_topic, args.dead_letter_topic)
-    result = p.run()
     stop = _StopOnSignal()
-    # Poll so SIGTERM/SIGINT can cancel the job cleanly (the runner then stops reading and exits).
-    while not stop.requested:
-        state = result.wait_until_finish(duration=1000)
-        if state is not None and PipelineState.is_terminal(state):
+    result = p.run()
+    # Wait in a thread (the DirectRunner's wait_until_finish takes no timeout), so SIGTERM/SIGINT can
+    # cancel the job cleanly: the runner stops pulling messages and the process exits 0.
+    finished = threading.Event()
+    errors = []
+
+    def wait():
+        try:
+            result.wait_until_finish()
+        except Exception as e:  # noqa: BLE001 - re-raised in the main thread below
+            errors.append(e)
+        finally:
+            finished.set()
+
+    threading.Thread(target=wait, name="wait-for-pipeline", daemon=True).start()
+    while not finished.wait(0.5):
+        if stop.requested:
+            _log.info("stop requested: cancelling the streaming job")
+            result.cancel()
             return result
-    _log.info("stop requested: cancelling the streaming job")
-    result.cancel()
-    result.wait_until_finish(duration=60_000)
+    if errors:
+        raise errors[0]
     return result
 
 
