@@ -34,12 +34,18 @@ EXIT_ACCOUNTING = 3
 _log = logging.getLogger("pipelines.batch")
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The job's own flags (Beam pipeline options are passed through). Also read by the Flex
+    Template metadata test, which checks templates/*/metadata.json against it."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML job config, e.g. config/batch.yaml")
     parser.add_argument("--input", required=True, help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives")
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
-    return parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_known_args(argv)
 
 
 def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: OutputPaths) -> GraphOutputs:

@@ -2,8 +2,10 @@
 
     python -m pipelines.generate --events N --output FILE [--seed 42]
         [--start 2026-11-01T00:00:00Z] [--format jsonl|jsonl.gz|avro] [--knob name=value ...]
+        [--arrival-field NAME] [--lateness SECONDS]
 
-or from Python: ``generate(n_events, output_path, seed=42, start=..., fmt=None, **knobs)``.
+or from Python: ``generate(n_events, output_path, seed=42, start=..., fmt=None,
+arrival_field=None, lateness_s=3600, **knobs)``.
 
 ``--events N`` is EXACTLY the number of records written (lines of JSON, or Avro records),
 duplicates and malformed records included.  The format defaults from the extension
@@ -29,27 +31,76 @@ Traffic (defaults; every proportion is a knob, see ``DEFAULT_KNOBS``):
   * ~2% of well-formed, consenting events re-delivered 1-3 more times, byte-identical, later.
   * ~1% of human users send ``consent: false`` on every event.
   * ~1.5% malformed records, one defect each, cycling over all reason codes.
-  * arrival delay lognormal (median 1 s, cap 60 s); ~2% 2-90 min late, ~0.3% 3-12 h late.
+  * arrival delay lognormal (median 1 s, cap 60 s); ~2% 2-90 min late, ~0.3% 3-12 h late
+    (superhuman-click bots are never late, so their rule always fires on what arrives in time).
+  * ~0.5% of human outcomes (click, view, dwell, add_to_cart, purchase, skip) have their impression
+    lost upstream: the outcomes are emitted, the impression is not (orphan outcomes).
+  * ~1% of human outcomes stall in the client's upload queue and arrive around their impression's
+    label deadline D = impression_time + max(30 min, lateness_s): uniformly in
+    [D - gap, outcome_time + lateness_s + gap], gap = outcome - impression time; about a third each
+    on time, late outcome, too late.  (Late outcomes need arrival in (D, outcome_time + lateness],
+    a band only `gap` wide, so ordinary late arrivals almost never produce one.)
+
+Arrival-time envelope (``--arrival-field NAME``, JSON formats only): every record that is a JSON
+object (all but ``malformed_json`` and ``not_an_object`` dead letters; oversize and bad-encoding
+ones included) gets a first top-level field NAME = its arrival time in epoch ms (integer), as a
+collector would stamp it.  Retried copies therefore differ in that field only (each copy has its
+own, later, arrival).  Records stay in arrival order, so NAME never decreases down the file.  The
+pipeline reads it with ``time.arrival_field: NAME`` (set ``time.lateness`` = ``lateness_s``).
+Avro records get nothing (the schema has no such field): with ``fmt="avro"`` the option is ignored
+and the truth is that of a run without arrival times.
 
 Truth sidecar ``<output>.truth.json`` (also returned by ``generate``)::
 
     {"seed", "input_records",                      # records written (== n_events)
-     "counts": {valid, duplicates, bots, dead_letter, consent_dropped},   # sum == input_records
+     "arrival_field": NAME or null,                # null without one (and always for Avro)
+     "lateness_s": 3600,                           # the too-late limit and label lateness assumed
+     "counts": {valid, duplicates, bots, dead_letter, consent_dropped, too_late},  # sum == input_records
      "dead_letter_by_reason": {<every contract reason code>: n},          # zeros included
      "bots_by_rule": {<every bot rule>: n},         # bot events (first copies), by their user's rule
      "bot_event_ids": [sorted], "bot_user_ids": [sorted, strings],
      "duplicate_event_ids": {event_id: extra_copies},
      "consent_dropped_event_ids": [sorted],         # consent:false events (never duplicated)
+     "too_late_event_ids": [sorted],                # one entry per too-late RECORD (an id repeats when
+                                                    # several copies of it are too late); [] without arrival
      "valid_event_count_by_type": {<every event type>: n},
      "late_event_ids": {event_id: arrival_delay_seconds},  # only delays >= 120 s (2-90 min, 3-12 h)
-     "event_time_range": [min_iso, max_iso]}        # over all well-formed events (not dead letters)
+     "event_time_range": [min_iso, max_iso],        # over all well-formed events (not dead letters)
+     "labels": {...}, "labels_intended": {...}}     # see "Label truth" below
 
 Each record lands in exactly one class, decided in this order: a defect -> dead_letter;
-else consent false -> consent_dropped; else 2nd/3rd/4th copy of an event_id in arrival order ->
-duplicates (the first copy goes on); else an event of a bot user -> bots; else valid.
+else consent false -> consent_dropped; else (with an arrival field) arrival - event_time >
+lateness -> too_late; else 2nd/3rd/4th copy of an event_id in arrival order -> duplicates (the
+first copy goes on); else an event of a bot user -> bots; else valid.  Copies arrive strictly
+after the first copy with the same event time, so once the first copy is too late every copy is;
+a later copy can be too late while the first is not (then that copy is too_late, not a duplicate).
 Dead letters and consent:false events are never duplicated; bots and consent:false users are
 never given defects.  Every bot user's activity runs (events < 10 min apart) each trip its rule
 on their own, so a per-run detector and this per-user truth agree.
+
+Label truth.  ``labels`` applies the pipeline's label rules (``transforms.labels``: ``attribute``,
+``settle``, ``make_label`` with the default ``LabelsConfig`` -- window 30 min, clock skew 5 s,
+positives purchase/add_to_cart/click, negative skip, min click dwell 0 -- and ``lateness_s``) to the
+generator's own record of the valid human events (first copies, with the first copy's arrival),
+grouped by (user, item), re-implemented here without Beam (tests cross-check it with ``settle``)::
+
+    "labels": {"exposures": n,                  # valid human impressions with an item_id
+               "positives": n, "negatives": n,  # labels by the rules; positives + negatives == exposures
+               "positive_label_ids": [sorted impression event_ids],
+               "by_outcome": {"click": n, "add_to_cart": n, "purchase": n},  # exposures whose label has it
+               "orphan_outcomes": n,            # outcomes with an item_id attributed to no exposure
+               "late_outcomes": n}              # attributed, arrival > impression_time + max(window, lateness)
+
+``labels_intended`` has the same keys, computed from what CAUSED each outcome (the impression of the
+same request and item) instead of the attribution rule, plus
+``orphans_by_cause`` ({impression_lost_upstream, impression_dead_letter, impression_too_late}),
+``ambiguous`` (outcomes whose rule attribution differs from their cause, by kind:
+``outcome_beyond_window`` -- more than the window after its impression (long dwell, then a purchase),
+so the rule makes it an orphan; ``attributed_to_other_exposure`` -- its impression never became a
+valid event and, having no request_id, it joins an earlier impression of the same item within the
+window; ``other`` -- always 0) and ``ambiguous_label_ids`` (exposures whose label or outcome types
+differ between the two).  So rule orphans == intended orphans + beyond_window - attributed_to_other.
+Without an arrival field nothing is late.
 """
 from __future__ import annotations
 
@@ -106,6 +157,8 @@ DEFAULT_KNOBS = {
     "context_fraction": 0.30,        # of v2 requests
     "pii_fraction": 0.06,            # of contexts
     "request_id_omit_fraction": 0.15,  # of outcome events
+    "lost_impression_fraction": 0.005,  # of human items with outcomes: impression lost upstream (orphans)
+    "stalled_outcome_fraction": 0.01,  # of human outcomes: upload stalls to ~ impression + max(window, lateness)
     "n_items": 5000,
     "duration_hours": 24.0,          # span over which new users arrive (bots start in its first 60%)
 }
@@ -121,6 +174,21 @@ HUMAN_MAX_EVENTS_PER_MIN = 56
 HUMAN_MIN_CLICK_LATENCY_MS = 400
 SESSION_GAP_MIN_MS = 41 * 60_000
 REQUEST_GAP_MIN_MS = 15_000
+
+DEFAULT_LATENESS_S = 3600
+# The label rules at the pipeline's defaults (transforms.config.LabelsConfig; a test checks they agree).
+LABEL_WINDOW_MS = 30 * 60_000
+LABEL_CLOCK_SKEW_MS = 5_000
+LABEL_OUTCOME_TYPES = frozenset((CLICK, VIEW, DWELL, ADD_TO_CART, PURCHASE, SKIP))
+LABEL_POSITIVE = {PURCHASE: 5.0, ADD_TO_CART: 3.0, CLICK: 1.0}
+LABEL_NEGATIVE = {SKIP: 1.0}
+LABEL_MIN_CLICK_DWELL_MS = 0
+BY_OUTCOME = (CLICK, ADD_TO_CART, PURCHASE)
+# Why an outcome has no valid exposure to join (its cause, when not an impression's event_id).
+CAUSE_LOST = "impression_lost_upstream"
+CAUSE_DEAD_LETTER = "impression_dead_letter"
+CAUSE_TOO_LATE = "impression_too_late"
+AMBIGUOUS_KINDS = ("outcome_beyond_window", "attributed_to_other_exposure", "other")
 
 # Measured mean records per human user at the defaults (calibrates the arrival rate).
 _EVENTS_PER_HUMAN = 65.0
@@ -200,14 +268,20 @@ def _load_avro_schema():
 class _Actor:
     """One user (human or bot) and everything constant about its client."""
     __slots__ = ("uid", "uid_str", "rule", "ua", "ip", "consent", "consent_p", "v1", "variant",
-                 "policy", "tz", "sid_keep", "rid_always", "genre", "malformable")
+                 "policy", "tz", "sid_keep", "rid_always", "genre", "malformable",
+                 "imps", "lab")   # humans: (request, item) -> impression's fate; item -> label-stage events
 
 
 # --- the simulation ------------------------------------------------------------------------------
 
 class _Sim:
-    def __init__(self, n, seed, start_ms, fmt, knobs):
+    def __init__(self, n, seed, start_ms, fmt, knobs, arrival_field=None, lateness_s=DEFAULT_LATENESS_S):
         self.n, self.seed, self.start_ms, self.fmt = n, seed, start_ms, fmt
+        # Arrival-time envelope: JSON formats only (Avro has no field for it).
+        self.arrival_field = None if fmt == "avro" else arrival_field
+        self.env_prefix = b"{" + orjson.dumps(arrival_field) + b":" if self.arrival_field else None
+        self.lateness_s = lateness_s
+        self.lateness_ms = int(lateness_s * 1000)     # as transforms.parse.ValidationRules does
         self.k = k = knobs
         self.avro = fmt == "avro"
         rng = self.rng = random.Random(seed)
@@ -237,6 +311,12 @@ class _Sim:
         self.bot_rule_counts = dict.fromkeys(C.BOT_RULES, 0)
         self.bot_event_ids, self.bot_user_ids = [], set()
         self.dup_ids, self.consent_ids, self.late_ids = {}, [], {}
+        self.too_late_ids = []
+        self.p_lost_imp, self.p_stall = k["lost_impression_fraction"], k["stalled_outcome_fraction"]
+        self.label_span_ms = max(LABEL_WINDOW_MS, self.lateness_ms)
+        self.lab_rule, self.lab_intent = self._label_acc(), self._label_acc()
+        self.lab_intent.update(orphans_by_cause=dict.fromkeys((CAUSE_LOST, CAUSE_DEAD_LETTER, CAUSE_TOO_LATE), 0),
+                               ambiguous=dict.fromkeys(AMBIGUOUS_KINDS, 0), ambiguous_label_ids=[])
         self.valid_by_type = dict.fromkeys(C.DEFAULT_EVENT_TYPES, 0)
         self.tmin, self.tmax = None, None
         self.reason_cycle, self.pending_reason = [], None
@@ -343,6 +423,8 @@ class _Sim:
         a.rid_always = False
         a.genre = rng.randrange(20)
         a.malformable = rule is None and a.consent
+        a.imps = {} if a.malformable else None
+        a.lab = {} if a.malformable else None
         return a
 
     # -- building blocks --
@@ -457,10 +539,15 @@ class _Sim:
                                 {"value": round(self.price[items[i]] * qty, 2)}, ctx))
             else:
                 out.append((leave, DWELL, sid, rid, item, {"dwell_ms": dwell}, ctx))
+        acted = list(clicked)
         if not clicked and rnd() < 0.35:
             i = rng.randrange(min(3, kk))
+            acted.append(i)
             out.append((imp_t[i] + self._lognorm_ms(rng, 1500, 0.5, HUMAN_MIN_CLICK_LATENCY_MS, 20_000),
                         SKIP, sid, rid, ids[items[i]], None, ctx))
+        lost = [ids[items[i]] for i in acted if rnd() < self.p_lost_imp]
+        if lost:   # the impression was lost upstream: its outcomes arrive without it
+            out = [e for e in out if not (e[1] is IMPRESSION and e[4] in lost)]
         out.sort(key=itemgetter(0))
         return out
 
@@ -621,12 +708,16 @@ class _Sim:
                     self.reason_cycle = list(self.reasons)
                     self.rng.shuffle(self.reason_cycle)
                 self.pending_reason = self.reason_cycle.pop()
-            payload = self._defect(self.pending_reason, d, a, ms)
+            reason = self.pending_reason
+            payload = self._defect(reason, d, a, ms)
             if payload is not None:
                 self.counts[C.OUTCOME_DEAD_LETTER] += 1
-                self.dl_reason[self.pending_reason] += 1
+                self.dl_reason[reason] += 1
                 self.pending_reason = None
-                self._push(ms + self._lognorm_ms(self.rng, 1000, 0.8, 0, 60_000), payload)
+                if etype is IMPRESSION:
+                    a.imps[rid, item] = (CAUSE_DEAD_LETTER, ms)
+                self._push(ms + self._lognorm_ms(self.rng, 1000, 0.8, 0, 60_000), payload,
+                           reason not in (C.MALFORMED_JSON, C.NOT_AN_OBJECT))
                 return
 
         if not self.avro and rnd() < self.p_iso:
@@ -634,7 +725,7 @@ class _Sim:
         payload = d if self.avro else orjson.dumps(d)
         eid = d["event_id"]
         r = rnd()
-        if r >= self.p_any_late:
+        if r >= self.p_any_late or a.rule == C.BOT_RULE_SUPERHUMAN_CLICKS:
             delay = int(1000.0 * math.exp(0.8 * self.gauss(0.0, 1.0)))
             if delay > 60_000:
                 delay = 60_000
@@ -642,6 +733,14 @@ class _Sim:
             delay = self.rng.randint(3 * 3_600_000, 12 * 3_600_000)
         else:
             delay = self.rng.randint(2 * 60_000, 90 * 60_000)
+        if a.imps is not None and etype in LABEL_OUTCOME_TYPES and rnd() < self.p_stall:
+            shown = a.imps.get((rid, item))
+            u = rnd()
+            if shown is not None:   # stuck in the client's upload queue until about the label deadline
+                gap = max(1000, ms - shown[1])
+                lo = shown[1] + self.label_span_ms - gap
+                hi = max(lo, ms + self.lateness_ms + gap)
+                delay = max(delay, lo + int(u * (hi - lo)) - ms)
         if delay >= 120_000:
             self.late_ids[eid] = delay / 1000.0
         arrival = ms + delay
@@ -653,7 +752,14 @@ class _Sim:
             self.counts[C.OUTCOME_CONSENT_DROPPED] += 1
             self.consent_ids.append(eid)
             return
-        if a.rule is not None:
+        with_arrival = self.arrival_field is not None
+        limit = self.lateness_ms
+        if with_arrival and delay > limit:
+            self.counts[C.OUTCOME_TOO_LATE] += 1
+            self.too_late_ids.append(eid)
+            if a.rule is None and etype is IMPRESSION:
+                a.imps[rid, item] = (CAUSE_TOO_LATE, ms)
+        elif a.rule is not None:
             self.counts[C.OUTCOME_BOT] += 1
             self.bot_rule_counts[a.rule] += 1
             self.bot_event_ids.append(eid)
@@ -661,19 +767,138 @@ class _Sim:
         else:
             self.counts[C.OUTCOME_VALID] += 1
             self.valid_by_type[etype] += 1
+            if item is not None:
+                if etype is IMPRESSION:
+                    a.imps[rid, item] = (eid, ms)
+                    cause = None
+                elif etype in LABEL_OUTCOME_TYPES:
+                    cause = a.imps.get((rid, item), (CAUSE_LOST,))[0]
+                else:
+                    cause = False
+                if cause is not False:
+                    a.lab.setdefault(item, []).append(
+                        (ms, eid, etype, d.get("request_id"), arrival if with_arrival else None,
+                         d.get("dwell_ms"), cause))
         if rnd() < self.p_dup:
             r = rnd()
             extra_copies = min(1 if r < 0.6 else 2 if r < 0.9 else 3, self.n - self.lines)
-            if extra_copies > 0:
-                self.dup_ids[eid] = extra_copies
-                self.counts[C.OUTCOME_DUPLICATE] += extra_copies
-                for _ in range(extra_copies):
-                    self._push(arrival + self._lognorm_ms(self.rng, 20_000, 1.2, 1000, 900_000), payload)
+            dups = 0
+            for _ in range(extra_copies):
+                # strictly after the first copy, same event time: once the first is too late, all are
+                copy_arrival = arrival + self._lognorm_ms(self.rng, 20_000, 1.2, 1000, 900_000)
+                self._push(copy_arrival, payload)
+                if with_arrival and copy_arrival - ms > limit:
+                    self.counts[C.OUTCOME_TOO_LATE] += 1
+                    self.too_late_ids.append(eid)
+                else:
+                    dups += 1
+            if dups:
+                self.dup_ids[eid] = dups
+                self.counts[C.OUTCOME_DUPLICATE] += dups
 
-    def _push(self, arrival, payload):
+    def _push(self, arrival, payload, is_object=True):
         self.seq += 1
         self.lines += 1
+        if self.env_prefix is not None and is_object:
+            assert payload[:1] == b"{", payload[:40]
+            payload = b"%s%d,%s" % (self.env_prefix, arrival, payload[1:])
         heapq.heappush(self.arrivals, (arrival, self.seq, payload))
+
+    # -- labels --
+    @staticmethod
+    def _label_acc():
+        return {"exposures": 0, "positives": 0, "negatives": 0, "positive_label_ids": [],
+                "by_outcome": dict.fromkeys(BY_OUTCOME, 0), "orphan_outcomes": 0, "late_outcomes": 0}
+
+    @staticmethod
+    def _label_of(outcomes):
+        """(label, outcome types) of one exposure from the outcomes counting for it (as make_label)."""
+        types = frozenset(o[2] for o in outcomes)
+        if CLICK in types and LABEL_MIN_CLICK_DWELL_MS > 0:
+            dwell = max((o[5] for o in outcomes if o[5] is not None), default=None)
+            if (dwell or 0) < LABEL_MIN_CLICK_DWELL_MS:
+                return any(t in LABEL_POSITIVE for t in types - {CLICK}), types
+        return any(t in LABEL_POSITIVE for t in types), types
+
+    def _settle_labels(self, a):
+        """Settle one finished human user: rule-based labels (as transforms.labels.settle with
+        now=+inf) and the intended labels from each outcome's cause, into the accumulators."""
+        window, skew = LABEL_WINDOW_MS, LABEL_CLOCK_SKEW_MS
+        span = max(window, self.lateness_ms)
+        R, I = self.lab_rule, self.lab_intent
+        for recs in a.lab.values():
+            exps = sorted((r for r in recs if r[2] is IMPRESSION), key=itemgetter(0, 1))
+            times = [x[0] for x in exps]
+            exp_time = {x[1]: x[0] for x in exps}
+            by_rule = {x[1]: [] for x in exps}
+            by_cause = {x[1]: [] for x in exps}
+            for o in recs:
+                if o[2] is IMPRESSION:
+                    continue
+                t, rid, arr, cause = o[0], o[3], o[4], o[6]
+                match = None                     # transforms.labels.attribute
+                if rid is not None:
+                    for x in reversed(exps):
+                        if x[3] == rid and x[0] - skew <= t <= x[0] + window:
+                            match = x[1]
+                            break
+                else:
+                    i = bisect_right(times, t)
+                    if i and t - times[i - 1] <= window:
+                        match = exps[i - 1][1]
+                if match is None:
+                    R["orphan_outcomes"] += 1
+                elif arr is not None and arr > exp_time[match] + span:
+                    R["late_outcomes"] += 1
+                else:
+                    by_rule[match].append(o)
+                if cause in exp_time:
+                    if arr is not None and arr > exp_time[cause] + span:
+                        I["late_outcomes"] += 1
+                    else:
+                        by_cause[cause].append(o)
+                else:
+                    I["orphan_outcomes"] += 1
+                    I["orphans_by_cause"][cause] += 1
+                    cause = None
+                if match != cause:
+                    if cause is not None and t > exp_time[cause] + window:
+                        kind = "outcome_beyond_window"
+                    elif cause is None and rid is None:
+                        kind = "attributed_to_other_exposure"
+                    else:
+                        kind = "other"
+                    I["ambiguous"][kind] += 1
+            for x in exps:
+                xid = x[1]
+                rule_label = self._label_of(by_rule[xid])
+                cause_label = self._label_of(by_cause[xid])
+                for acc, (positive, types) in ((R, rule_label), (I, cause_label)):
+                    acc["exposures"] += 1
+                    if positive:
+                        acc["positives"] += 1
+                        acc["positive_label_ids"].append(xid)
+                    for k in BY_OUTCOME:
+                        if k in types:
+                            acc["by_outcome"][k] += 1
+                if rule_label != cause_label:
+                    I["ambiguous_label_ids"].append(xid)
+        a.lab = None
+        a.imps = None
+
+    def _labels_truth(self):
+        out = []
+        for acc in (self.lab_rule, self.lab_intent):
+            t = dict(acc)
+            t["negatives"] = t["exposures"] - t["positives"]
+            t["positive_label_ids"] = sorted(t["positive_label_ids"])
+            t["by_outcome"] = dict(t["by_outcome"])
+            if "ambiguous_label_ids" in t:
+                t["orphans_by_cause"] = dict(t["orphans_by_cause"])
+                t["ambiguous"] = dict(t["ambiguous"])
+                t["ambiguous_label_ids"] = sorted(t["ambiguous_label_ids"])
+            out.append(t)
+        return out
 
     # -- malformed records --
     def _defect(self, reason, d, a, ms):
@@ -819,6 +1044,8 @@ class _Sim:
                 if nxt is not None:
                     sseq += 1
                     push(sched, (nxt[0], sseq, nxt, a, gen))
+                elif a.lab:
+                    self._settle_labels(a)      # a finished user: nothing of theirs can change
             else:
                 t = int(next_user)
                 next_user += rng.expovariate(1 / mean_gap)
@@ -832,6 +1059,9 @@ class _Sim:
                 yield pop(arrivals)[2]
         while arrivals:
             yield pop(arrivals)[2]
+        for _, _, _, a, _ in sorted(sched, key=itemgetter(0, 1)):
+            if a.lab:
+                self._settle_labels(a)          # users cut off by the record budget
         cut = sorted({a.uid_str for _, _, _, a, _ in sched if a.rule not in (None, C.BOT_RULE_CRAWLER_UA)})
         if cut:   # the record budget ran out mid-run: a detector may not see these as bots
             print(f"warning: bot users {cut} were cut off by the end of the stream "
@@ -840,9 +1070,12 @@ class _Sim:
     def truth(self):
         c = self.counts
         assert sum(c.values()) == self.lines, (c, self.lines)
+        labels, intended = self._labels_truth()
         return {
             "seed": self.seed,
             "input_records": self.lines,
+            "arrival_field": self.arrival_field,
+            "lateness_s": self.lateness_s,
             "counts": dict(c),
             "dead_letter_by_reason": dict(self.dl_reason),
             "bots_by_rule": dict(self.bot_rule_counts),
@@ -850,9 +1083,12 @@ class _Sim:
             "bot_user_ids": sorted(self.bot_user_ids),
             "duplicate_event_ids": dict(sorted(self.dup_ids.items())),
             "consent_dropped_event_ids": sorted(self.consent_ids),
+            "too_late_event_ids": sorted(self.too_late_ids),
             "valid_event_count_by_type": dict(self.valid_by_type),
             "late_event_ids": dict(sorted(self.late_ids.items())),
             "event_time_range": [_iso(self.tmin), _iso(self.tmax)] if self.tmin is not None else [None, None],
+            "labels": labels,
+            "labels_intended": intended,
         }
 
 
@@ -873,11 +1109,22 @@ def _pace_ok(rec_all, rec_non, req, shift):
 
 # --- public API ----------------------------------------------------------------------------------
 
-def generate(n_events, output_path, seed=42, start=DEFAULT_START, fmt=None, **knobs) -> dict:
+def generate(n_events, output_path, seed=42, start=DEFAULT_START, fmt=None, arrival_field=None,
+             lateness_s=DEFAULT_LATENESS_S, **knobs) -> dict:
     """Write ``n_events`` records to ``output_path`` and ``<output_path>.truth.json``; return the truth.
 
     ``n_events`` is exact: the file holds that many records (lines / Avro records).
+    ``arrival_field``: stamp each JSON-object record with its arrival time (epoch ms) under this
+    top-level name; then events arriving more than ``lateness_s`` after their event time are too_late.
+    The same seed gives the same events with or without it (only the envelope differs).
     """
+    if arrival_field is not None:
+        if not isinstance(arrival_field, str) or not arrival_field.strip():
+            raise ValueError(f"arrival_field must be a non-empty field name, got {arrival_field!r}")
+        if arrival_field in C.REQUIRED_FIELDS or arrival_field in C.OPTIONAL_FIELDS:
+            raise ValueError(f"arrival_field {arrival_field!r} is an event field; pick another name")
+    if isinstance(lateness_s, bool) or not isinstance(lateness_s, (int, float)) or not lateness_s > 0:
+        raise ValueError(f"lateness_s must be a number of seconds > 0, got {lateness_s!r}")
     unknown = set(knobs) - set(DEFAULT_KNOBS)
     if unknown:
         raise TypeError(f"unknown knob(s): {sorted(unknown)}; known: {sorted(DEFAULT_KNOBS)}")
@@ -888,7 +1135,7 @@ def generate(n_events, output_path, seed=42, start=DEFAULT_START, fmt=None, **kn
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} not one of {FORMATS}")
     k = {**DEFAULT_KNOBS, **knobs}
-    sim = _Sim(n_events, seed, _parse_start(start), fmt, k)
+    sim = _Sim(n_events, seed, _parse_start(start), fmt, k, arrival_field, lateness_s)
     output_path = str(output_path)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     if fmt == "avro":
@@ -937,6 +1184,11 @@ def main(argv=None):
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from the extension")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                    help=f"override a proportion (JSON value); known: {', '.join(DEFAULT_KNOBS)}")
+    p.add_argument("--arrival-field", default=None, metavar="NAME",
+                   help="stamp each JSON record with its arrival time (epoch ms) in this top-level field "
+                        "(ignored for Avro); events later than --lateness are then too_late")
+    p.add_argument("--lateness", type=float, default=DEFAULT_LATENESS_S, metavar="SECONDS",
+                   help="too-late limit (and label lateness) assumed by the truth; match the job's time.lateness")
     args = p.parse_args(argv)
     knobs = {}
     for kv in args.knob:
@@ -946,7 +1198,8 @@ def main(argv=None):
         knobs[name.strip()] = _knob_value(value)
     t0 = time.perf_counter()
     try:
-        truth = generate(args.events, args.output, seed=args.seed, start=args.start, fmt=args.format, **knobs)
+        truth = generate(args.events, args.output, seed=args.seed, start=args.start, fmt=args.format,
+                         arrival_field=args.arrival_field, lateness_s=args.lateness, **knobs)
     except (TypeError, ValueError) as e:
         p.error(str(e))
     dt = time.perf_counter() - t0

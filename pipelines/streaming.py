@@ -42,7 +42,9 @@ METRICS_NS = "feedback.pubsub"
 _log = logging.getLogger("pipelines.streaming")
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The job's own flags (Beam pipeline options are passed through). Also read by the Flex
+    Template metadata test, which checks templates/*/metadata.json against it."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.streaming", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML job config, e.g. config/streaming.yaml")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -54,7 +56,11 @@ def parse_args(argv=None):
     parser.add_argument("--message-format", choices=["json", "avro"], default="json",
                         help="Message bodies: JSON events, or Avro binary (schemaless) of the schema version in "
                              "the message's schema_version attribute (default: the latest)")
-    return parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_known_args(argv)
 
 
 # --- source ------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from tests.conftest import ROOT
 
 
 def test_shipped_configs_load():
-    for name in ("batch.yaml", "local.yaml"):
+    for name in ("batch.yaml", "local.yaml", "streaming.yaml"):
         load_config(str(ROOT / "config" / name))
 
 
