@@ -24,7 +24,8 @@ from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
-from transforms.io import OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, read_all
+from transforms.io import (OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, WriteWindowedFiles,
+                           read_all)
 from transforms.privacy import MissingKeyError
 from transforms.schemas import SchemaError
 
@@ -52,21 +53,39 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
     """Sources -> shared graph -> sinks. Returns the graph's outputs (for tests)."""
     read = p | "ReadArchives" >> ReadRawRecords(input_glob, settings.validation.registry)
     out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
+    build_outputs(out, settings, paths)
+    return out
+
+
+def build_outputs(out: GraphOutputs, settings: GraphSettings, paths: OutputPaths, deterministic: bool = False) -> None:
+    """The batch sinks. `deterministic`: sorted records in fixed-name files (replays rewrite the same
+    bytes) instead of runner-sharded writes."""
     shards = settings.num_shards
-    _ = out.valid | "WriteEvents" >> WriteAvroEvents(paths.events, settings.clean_schema, shards)
-    _ = out.bots | "WriteBots" >> WriteAvroEvents(paths.bots, settings.clean_schema, shards)
-    _ = ((out.dead_letter, out.too_late) | "DeadAndTooLate" >> beam.Flatten()
-         | "WriteDeadLetters" >> WriteJsonLines(paths.dead_letter, shards))
-    _ = out.labels | "WriteLabels" >> WriteAvroEvents(paths.labels, LABEL_SCHEMA, shards)
-    _ = out.slates | "WriteSlates" >> WriteAvroEvents(paths.slates, SLATE_SCHEMA, shards)
-    _ = out.orphans | "WriteOrphans" >> WriteJsonLines(paths.orphans, shards)
-    _ = out.late_outcomes | "WriteLateOutcomes" >> WriteJsonLines(paths.late_outcomes, shards)
-    _ = out.duplicates | "WriteDuplicates" >> WriteJsonLines(paths.duplicates, shards)
-    _ = out.consent_dropped | "WriteConsentDropped" >> WriteJsonLines(paths.consent_dropped, shards)
+
+    def avro(pcoll, label, prefix, schema):
+        if deterministic:
+            name = prefix.rsplit("/", 1)
+            return pcoll | label >> WriteWindowedFiles(name[0], name[1], "avro", schema, max(1, shards))
+        return pcoll | label >> WriteAvroEvents(prefix, schema, shards)
+
+    def jsonl(pcoll, label, prefix):
+        if deterministic:
+            name = prefix.rsplit("/", 1)
+            return pcoll | label >> WriteWindowedFiles(name[0], name[1], "jsonl", None, max(1, shards))
+        return pcoll | label >> WriteJsonLines(prefix, shards)
+
+    avro(out.valid, "WriteEvents", paths.events, settings.clean_schema)
+    avro(out.bots, "WriteBots", paths.bots, settings.clean_schema)
+    jsonl((out.dead_letter, out.too_late) | "DeadAndTooLate" >> beam.Flatten(), "WriteDeadLetters", paths.dead_letter)
+    avro(out.labels, "WriteLabels", paths.labels, LABEL_SCHEMA)
+    avro(out.slates, "WriteSlates", paths.slates, SLATE_SCHEMA)
+    jsonl(out.orphans, "WriteOrphans", paths.orphans)
+    jsonl(out.late_outcomes, "WriteLateOutcomes", paths.late_outcomes)
+    jsonl(out.duplicates, "WriteDuplicates", paths.duplicates)
+    jsonl(out.consent_dropped, "WriteConsentDropped", paths.consent_dropped)
     _ = (out.counts
          | "CountsToJson" >> beam.MapTuple(lambda k, n: json.dumps({"counter": k, "count": n}))
          | "WriteCounts" >> beam.io.WriteToText(paths.counts, file_name_suffix=".jsonl", num_shards=1))
-    return out
 
 
 def read_counters(paths: OutputPaths) -> dict:

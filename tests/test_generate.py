@@ -339,10 +339,28 @@ def test_cli(tmp_path, capsys):
     truth = json.loads((tmp_path / "cli.jsonl.truth.json").read_text())
     assert truth["input_records"] == 500 and truth["seed"] == 1
     assert truth["event_time_range"][0] >= "2026-11-02T00:00:00"
+    assert truth["arrival_field"] is None and truth["counts"][C.OUTCOME_TOO_LATE] == 0
     with pytest.raises(TypeError):
         gen.generate(10, tmp_path / "x.jsonl", no_such_knob=1)
     with pytest.raises(ValueError):
         gen.generate(10, tmp_path / "x.csv")
+
+
+def test_cli_arrival_field(tmp_path):
+    path = tmp_path / "stamped.jsonl"
+    assert gen.main(["--events", "3000", "--output", str(path), "--seed", "2",
+                     "--arrival-field", "received_at", "--lateness", "1800"]) == 0
+    truth = json.loads((tmp_path / "stamped.jsonl.truth.json").read_text())
+    assert truth["arrival_field"] == "received_at" and truth["lateness_s"] == 1800
+    assert sum(truth["counts"].values()) == 3000 == len(truth["too_late_event_ids"]) + sum(
+        v for k, v in truth["counts"].items() if k != C.OUTCOME_TOO_LATE)
+    stamped = [p for p in _read_jsonl(path) if p.startswith(b'{"received_at":')]
+    assert len(stamped) > 0.98 * 3000
+    arrivals = [int(p.split(b":", 1)[1].split(b",", 1)[0]) for p in stamped]
+    assert arrivals == sorted(arrivals)
+    assert set(truth["labels"]) == {"exposures", "positives", "negatives", "positive_label_ids", "by_outcome",
+                                    "orphan_outcomes", "late_outcomes"}
+    assert set(truth["labels_intended"]) >= set(truth["labels"])
 
 
 def test_speed_smoke(tmp_path):

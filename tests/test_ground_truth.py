@@ -29,9 +29,10 @@ def read_jsonl(pattern):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("truth")
-    truth = generate(N_EVENTS, str(tmp / "events.jsonl.gz"), seed=7)
-    report = batch.run(["--config", write_config(tmp), "--input", str(tmp / "events.jsonl.gz"),
-                        "--output", str(tmp / "out")])
+    # With an arrival-time envelope, so the too-late rule and late outcomes are exercised too.
+    truth = generate(N_EVENTS, str(tmp / "events.jsonl.gz"), seed=7, arrival_field="arrival_time")
+    report = batch.run(["--config", write_config(tmp, "time: {arrival_field: arrival_time, lateness: 1h}\n"),
+                        "--input", str(tmp / "events.jsonl.gz"), "--output", str(tmp / "out")])
     return truth, report, tmp / "out"
 
 
@@ -43,6 +44,19 @@ def test_counts_equal_ground_truth(run):
     assert set(report["dead_letter_by_reason"]) >= {"malformed_json", "bad_encoding", "not_an_object", "missing_field",
                                                    "wrong_type", "bad_timestamp", "unknown_event_type", "out_of_range",
                                                    "oversize_payload", "schema_violation"}
+
+
+def test_labels_equal_ground_truth(run):
+    truth, report, out = run
+    t, r = truth["labels"], report["labels"]
+    print(f"\nlabels: {r}")
+    assert r["one_label_per_exposure"] and r["exposures"] == t["exposures"]
+    assert (r["positives"], r["negatives"]) == (t["positives"], t["negatives"])
+    assert (r["orphan_outcomes"], r["late_outcomes"]) == (t["orphan_outcomes"], t["late_outcomes"])
+    assert t["late_outcomes"] > 0 and t["orphan_outcomes"] > 0 and truth["counts"]["too_late"] > 0
+    positives = sorted(l["label_id"] for f in glob.glob(str(out / "labels" / "*.avro"))
+                       for l in fastavro.reader(open(f, "rb")) if l["label"])
+    assert positives == t["positive_label_ids"]
 
 
 def test_bot_precision_recall_within_budget(run):

@@ -224,11 +224,16 @@ def validate_event(obj: Any, rules: ValidationRules) -> dict:
                 ms = parse_event_time(value, rules.naive_as_utc)
             except ValueError as e:
                 raise Rejected(contract.BAD_TIMESTAMP, field.name, f"{field.name}: {e}") from None
-            if not rules.min_event_time_ms <= ms <= rules.max_event_time_ms:
+            if ms < rules.min_event_time_ms:
                 hint = " (epoch seconds instead of milliseconds?)" if 0 <= ms < 10_000_000_000 else ""
                 raise Rejected(contract.BAD_TIMESTAMP, field.name,
-                               f"{field.name} {_short(value)} is {_iso(ms)}, outside the plausible range "
-                               f"{_iso(rules.min_event_time_ms)} .. {_iso(rules.max_event_time_ms)}{hint}")
+                               f"{field.name} {_short(value)} is {_iso(ms)}, before the earliest plausible time "
+                               f"{_iso(rules.min_event_time_ms)} (validation.min_event_time){hint}")
+            if ms > rules.max_event_time_ms:
+                # No job-start time in the message: a replay must write the same dead letter.
+                raise Rejected(contract.BAD_TIMESTAMP, field.name,
+                               f"{field.name} {_short(value)} is {_iso(ms)}, further in the future than "
+                               f"validation.max_clock_skew allows")
             event[field.name] = ms
         else:
             event[field.name] = _coerce(field, value)
