@@ -14,24 +14,20 @@ import json
 import logging
 import sys
 import time
-from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, run_main  # noqa: F401 - exit codes re-exported
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.io import (OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, WriteWindowedFiles,
                            read_all)
-from transforms.privacy import MissingKeyError
-from transforms.schemas import SchemaError
 
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
-EXIT_CONFIG = 2
-EXIT_ACCOUNTING = 3
 _log = logging.getLogger("pipelines.batch")
 
 
@@ -165,18 +161,7 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    try:
-        report = run(argv)
-    except (ConfigError, MissingKeyError, SchemaError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except AccountingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ACCOUNTING
-    print(format_summary(report))
-    return 0
+    return run_main(run, argv, format_summary)
 
 
 def format_summary(report: dict) -> str:

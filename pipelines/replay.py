@@ -39,19 +39,17 @@ import apache_beam as beam
 import fastavro
 import orjson
 from apache_beam.io import fileio
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms import window
 
 from pipelines.batch import DEFAULT_RUNNER, beam_counters, read_counters, write_report
+from pipelines.cli import run_main
 from pipelines.graph import GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, CountOutcomes, label_summary, summarise
 from transforms.config import ConfigError, load_config
 from transforms.io import OutputPaths, WriteWindowedFiles, read_all
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA, BuildSlates, JoinLabels, LabelRules, is_exposure
 from transforms.parse import parse_event_time
-from transforms.privacy import MissingKeyError
-from transforms.schemas import SchemaError
 
 PARTITION_S = 3600
 _log = logging.getLogger("pipelines.replay")
@@ -238,18 +236,7 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    try:
-        report = run(argv)
-    except (ConfigError, MissingKeyError, SchemaError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except AccountingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps({k: report[k] for k in report if k not in ("metrics",)}, indent=2))
-    return 0
+    return run_main(run, argv, lambda report: json.dumps({k: v for k, v in report.items() if k != "metrics"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import signal
 import sys
@@ -28,14 +27,14 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms import trigger, window
 
+from pipelines.cli import run_main
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms import contract
-from transforms.config import ConfigError, JobConfig, WindowSpec, load_config
+from transforms.config import JobConfig, WindowSpec, load_config
 from transforms.deadletter import dead_letter
 from transforms.io import WriteWindowedFiles, to_json_line
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
-from transforms.privacy import MissingKeyError
-from transforms.schemas import SchemaError, SchemaRegistry
+from transforms.schemas import SchemaRegistry
 
 DEFAULT_RUNNER = "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"
 METRICS_NS = "feedback.pubsub"
@@ -176,7 +175,7 @@ def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output
              | f"Write{title}" >> WriteWindowedFiles(f"{output.rstrip('/')}/{name}", name, fmt, schema))
     _ = (out.counts
          | "CountsToJson" >> beam.MapTuple(lambda k, n: {"counter": k, "count": n})
-         | f"WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/_counts", "counts", "jsonl"))
+         | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/_counts", "counts", "jsonl"))
     if labels_topic:
         _ = (out.labels | "LabelsToJson" >> beam.Map(lambda l: to_json_line(l).encode())
              | "PublishLabels" >> beam.io.WriteToPubSub(labels_topic))
@@ -236,14 +235,7 @@ class _StopOnSignal:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    try:
-        run(argv)
-    except (ConfigError, MissingKeyError, SchemaError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

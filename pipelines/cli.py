@@ -1,0 +1,31 @@
+"""What every job's `main` shares: logging set-up and the mapping of failures to exit codes."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Optional
+
+from transforms.accounting import AccountingError
+from transforms.config import ConfigError
+from transforms.privacy import MissingKeyError
+from transforms.schemas import SchemaError
+
+EXIT_OK = 0
+EXIT_CONFIG = 2       # bad configuration, missing key, bad schema folder, no input: nothing ran
+EXIT_ACCOUNTING = 3   # the run finished but its outputs do not account for every input record
+
+
+def run_main(run: Callable, argv=None, summary: Optional[Callable] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    try:
+        result = run(argv)
+    except (ConfigError, MissingKeyError, SchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AccountingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ACCOUNTING
+    if summary is not None:
+        print(summary(result))
+    return EXIT_OK
