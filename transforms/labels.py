@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 from typing import Iterable, Optional
 
 import apache_beam as beam
