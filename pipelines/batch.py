@@ -24,6 +24,7 @@ from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
+from transforms.signals import QualitySignals, stats_from_parts
 from transforms.io import (OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, WriteWindowedFiles,
                            read_all)
 
@@ -50,7 +51,36 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
     read = p | "ReadArchives" >> ReadRawRecords(input_glob, settings.validation.registry)
     out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
     build_outputs(out, settings, paths)
+    write_quality_signals(p, out, paths)
     return out
+
+
+def write_quality_signals(p, out: GraphOutputs, paths: OutputPaths) -> None:
+    signals = p | "QualitySignals" >> QualitySignals(out)
+    _ = (signals["counters"]
+         | "SignalsToJson" >> beam.MapTuple(lambda k, n: json.dumps({"counter": k, "count": n}))
+         | "WriteSignals" >> beam.io.WriteToText(paths.quality_part("counters"), file_name_suffix=".jsonl", num_shards=1))
+    for name in ("diversity", "freshness"):
+        _ = (signals[name]
+             | f"{name.title()}ToJson" >> beam.Map(json.dumps)
+             | f"Write{name.title()}" >> beam.io.WriteToText(paths.quality_part(name), file_name_suffix=".jsonl",
+                                                            num_shards=1))
+
+
+def read_jsonl_glob(pattern: str) -> list:
+    rows = []
+    for match in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(match.path) as f:
+            rows += [json.loads(line) for line in read_all(f).decode().splitlines() if line.strip()]
+    return rows
+
+
+def quality_stats(paths: OutputPaths, summary: dict) -> dict:
+    counters = {}
+    for row in read_jsonl_glob(paths.quality_part("counters") + "*"):
+        counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]
+    return stats_from_parts(summary, counters, read_jsonl_glob(paths.quality_part("diversity") + "*"),
+                            read_jsonl_glob(paths.quality_part("freshness") + "*"))
 
 
 def build_outputs(out: GraphOutputs, settings: GraphSettings, paths: OutputPaths, deterministic: bool = False) -> None:
@@ -86,12 +116,8 @@ def build_outputs(out: GraphOutputs, settings: GraphSettings, paths: OutputPaths
 
 def read_counters(paths: OutputPaths) -> dict:
     counters = {}
-    for match in FileSystems.match([paths.counts + "*"])[0].metadata_list:
-        with FileSystems.open(match.path) as f:
-            for line in read_all(f).decode().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]
+    for row in read_jsonl_glob(paths.counts + "*"):
+        counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]
     return counters
 
 
@@ -109,9 +135,13 @@ def beam_counters(result) -> dict:
     return dict(sorted(totals.items()))
 
 
+def write_json(path: str, data: dict) -> None:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(data, indent=2, sort_keys=False).encode() + b"\n")
+
+
 def write_report(paths: OutputPaths, report: dict) -> None:
-    with FileSystems.create(paths.report) as f:
-        f.write(json.dumps(report, indent=2, sort_keys=False).encode() + b"\n")
+    write_json(paths.report, report)
 
 
 def run(argv=None) -> dict:
@@ -149,6 +179,7 @@ def run(argv=None) -> dict:
                      "orphans", "late_outcomes")},
     }
     write_report(paths, report)
+    write_json(paths.quality, quality_stats(paths, summary))
     acc = summary["accounting"]
     if not acc["holds"]:
         raise AccountingError(

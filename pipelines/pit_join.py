@@ -263,11 +263,13 @@ def build(p: beam.Pipeline, labels_glob: str, features_dir: str, output: str, *,
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipelines.pit_join", description=__doc__.split("\n\n")[0])
     parser.add_argument("--labels", required=True, help="File glob of label Avro files")
-    parser.add_argument("--features", required=True, help=f"Feature folder written by WriteOfflineFeatures ({FEATURE_GLOB})")
+    parser.add_argument("--features", required=True,
+                        help=f"Feature folder written by WriteOfflineFeatures ({FEATURE_GLOB})")
     parser.add_argument("--output", required=True, help="Output folder for training-*.avro")
     parser.add_argument("--windows", default=",".join(w.label for w in FeaturesConfig().windows),
                         help="Comma-separated window labels to attach (default: %(default)s)")
-    parser.add_argument("--entities", default=",".join(ENTITY_TYPES), help="Comma-separated entities (default: %(default)s)")
+    parser.add_argument("--entities", default=",".join(ENTITY_TYPES),
+                        help="Comma-separated entities (default: %(default)s)")
     parser.add_argument("--num_shards", type=int, default=0, help="Output files; 0 lets the runner choose")
     return parser.parse_known_args(argv)
 

@@ -1,6 +1,5 @@
 """Feature engineering: hand-computed values, sliding-window membership, Parquet output, late panes."""
 import glob
-import math
 import os
 
 import apache_beam as beam
@@ -188,19 +187,25 @@ def _assert_rows_equal(actual, expected):
                 assert a[k] == e[k], (k, a, e)
 
 
-def test_pipeline_writes_partitioned_parquet(tmp_path):
-    """FnApiRunner: ComputeFeatures equals the plain-Python reference, and WriteOfflineFeatures writes
-    one folder per UTC date of window_end (here: windows ending on Nov 1 and on Nov 2)."""
+@pytest.mark.parametrize("keyed_windows", [False, True], ids=["WindowInto", "keyed_windows"])
+def test_pipeline_writes_partitioned_parquet(tmp_path, keyed_windows):
+    """FnApiRunner: ComputeFeatures (both paths) equals the plain-Python reference, rows carry the
+    window's max timestamp, and WriteOfflineFeatures writes one folder per UTC date of window_end
+    (here: windows ending on Nov 1 and on Nov 2)."""
     late_evening = T0 + 13 * HOUR + 50 * MIN  # 23:50 UTC: its 1h windows end on both days
     events = EVENTS + [ev("n1", late_evening, "click", item="i1", category="shoes")]
     cfg = FeaturesConfig(windows=[{"size": "1h", "period": "30m"}, {"size": "2h", "period": "1h"}], half_life="30m")
     out = str(tmp_path / "features")
     with TestPipeline(runner=FN_API_RUNNER) as p:
-        rows = p | beam.Create(_stamped(events)) | ComputeFeatures(cfg)
+        rows = p | beam.Create(_stamped(events)) | ComputeFeatures(cfg, keyed_windows=keyed_windows)
         files = rows | WriteOfflineFeatures(out)
-        assert_that(files | beam.Map(lambda path: os.path.basename(os.path.dirname(path))),
-                    lambda dirs: set(dirs) == {"date=2026-11-01", "date=2026-11-02"} or
-                    pytest.fail(f"partitions {sorted(set(dirs))}"))
+        stamps = rows | "Stamps" >> beam.Map(
+            lambda r, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam: (
+                ts.micros == (r["window_end"] - 1) * 1000, w == window.GlobalWindow()))
+        assert_that(stamps | "DistinctStamps" >> beam.Distinct(), equal_to([(True, True)]), label="MaxTimestampGlobalWindow")
+        partitions = files | "Partition" >> beam.Map(lambda path: os.path.basename(os.path.dirname(path)))
+        assert_that(partitions | "DistinctPartitions" >> beam.Distinct(),
+                    equal_to(["date=2026-11-01", "date=2026-11-02"]), label="Partitions")
     paths = sorted(glob.glob(os.path.join(out, "date=*", "*.parquet")))
     assert {os.path.basename(os.path.dirname(f)) for f in paths} == {"date=2026-11-01", "date=2026-11-02"}
     read = []
@@ -254,5 +259,7 @@ def test_late_but_allowed_event_updates_the_pane(tmp_path):
 def test_compute_features_rejects_bad_config():
     with pytest.raises(TypeError):
         ComputeFeatures({"windows": []})
+    with pytest.raises(ValueError, match="bounded"):
+        ComputeFeatures(CFG, trigger=trigger.AfterCount(1), keyed_windows=True)
     with pytest.raises(ValueError):
         WriteOfflineFeatures("")

@@ -8,13 +8,16 @@ relies on that to attach rows to labels without leakage.
 
 Computation: a `CombineFn` per (entity, window), not GroupByKey + the pure function. Every event lands
 in size/period windows (12 for 1h/5m, 24 for 24h/1h), so the shuffle dominates; combiner lifting
-folds the copies of a bundle into one accumulator per (entity, window) before it. The accumulator
+folds an active entity's events of a bundle into one accumulator per window before it, and a hot
+entity never has to hold all its events in one list (only its dwell values). The accumulator
 is mergeable: counts, the dwell values (percentiles need them all), the set of counterpart ids, the
 last event time, and the decayed sum kept relative to a reference time (its latest event), rescaled
 when merged. Summing 0.5^((end - t)/half_life) directly would need the window end, which a CombineFn
 does not see, and 2^(t/half_life) over epoch milliseconds overflows. The window end is applied
 afterwards, in `_ToFeatureRowFn` (window bounds from `DoFn.WindowParam`). `compute_features` runs the
 very same accumulator code on a plain list, so the unit tests check what the pipeline computes.
+For bounded input, `ComputeFeatures(..., keyed_windows=True)` gives the same rows ~3x faster on
+FnApiRunner by keying on (entity, window start) in the global window (see the class docstring).
 
 Streaming: pass a trigger (e.g. `AfterWatermark(late=AfterCount(1))`) and keep ACCUMULATING (the
 default here when a trigger is given): a late-but-allowed event then re-emits its windows' complete
@@ -37,6 +40,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window
+from apache_beam.utils.timestamp import Timestamp
 from pydantic import Field, field_validator, model_validator
 
 from transforms import contract
@@ -282,6 +286,29 @@ class _EntityWindowCombineFn(beam.CombineFn):
         return acc[_COUNTS], sorted(acc[_DWELL]), len(acc[_OTHERS]), acc[_LAST], acc[_REF], acc[_DECAY]
 
 
+_NUMPY_FROM = 64  # lists at least this long go to numpy; shorter ones are cheaper in plain Python
+
+
+def percentiles_sorted(values: Sequence[float], qs: Sequence[float]) -> tuple[float, ...]:
+    """numpy.percentile(values, qs) (default 'linear' method) of an ascending list, bit for bit.
+
+    Most (entity, window) rows hold a handful of dwell values, where np.percentile's ~40 us of call
+    overhead per row dominated the whole computation; this repeats numpy's index and lerp arithmetic.
+    """
+    if len(values) >= _NUMPY_FROM:
+        return tuple(float(v) for v in np.percentile(np.asarray(values, dtype=np.float64), qs))
+    n, out = len(values), []
+    for q in qs:
+        virtual = (q / 100) * (n - 1)
+        lo = min(max(math.floor(virtual), 0), n - 1)
+        hi = min(lo + 1, n - 1)
+        gamma = virtual - lo
+        a, b = float(values[lo]), float(values[hi])
+        diff = b - a
+        out.append(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+    return tuple(out)
+
+
 def feature_row(entity_type: str, entity_id: str, window_label: str, window_start: int, window_end: int,
                 summary: tuple, params: FeatureParams) -> dict:
     """A combine summary + window bounds -> the flat feature row (ROW_COLUMNS)."""
@@ -294,10 +321,8 @@ def feature_row(entity_type: str, entity_id: str, window_label: str, window_star
     row["ctr"] = (counts.get("click", 0) + params.ctr_alpha) / (
         counts.get("impression", 0) + params.ctr_alpha + params.ctr_beta)
     if dwell:
-        values = np.asarray(dwell, dtype=np.float64)
-        row["dwell_mean_ms"] = float(values.mean())
-        p50, p90 = np.percentile(values, [50, 90])
-        row["dwell_p50_ms"], row["dwell_p90_ms"] = float(p50), float(p90)
+        row["dwell_mean_ms"] = sum(dwell) / len(dwell) if len(dwell) < _NUMPY_FROM else float(np.mean(dwell))
+        row["dwell_p50_ms"], row["dwell_p90_ms"] = percentiles_sorted(dwell, (50, 90))
     else:
         row["dwell_mean_ms"] = row["dwell_p50_ms"] = row["dwell_p90_ms"] = None
     row["distinct_items"] = None if entity_type == "item" else distinct
@@ -371,9 +396,36 @@ class _ToFeatureRowFn(beam.DoFn):
     def process(self, element, w=beam.DoFn.WindowParam):
         (entity_type, entity_id), summary = element
         self._rows.inc()
-        # Output keeps the combine's timestamp: the window's max timestamp (window_end - 1 microsecond).
+        # Output keeps the combine's timestamp: the window's max timestamp (window_end - 1 ms in Beam 2.77).
         yield feature_row(entity_type, entity_id, self._label, w.start.micros // 1000, w.end.micros // 1000,
                           summary, self._params)
+
+
+class _KeyByEntityWindowFn(beam.DoFn):
+    """Bounded-input path: (entity, window) keys in the global window, windows assigned as SlidingWindows does."""
+
+    def __init__(self, size_ms: int, period_ms: int):
+        self._size_ms, self._period_ms = size_ms, period_ms
+
+    def process(self, keyed_input):
+        (entity_type, entity_id), value = keyed_input
+        for start, _ in window_bounds(value[1], self._size_ms, self._period_ms):
+            yield (entity_type, entity_id, start), value
+
+
+class _KeyedToFeatureRowFn(beam.DoFn):
+    def __init__(self, window_label: str, size_ms: int, params: FeatureParams):
+        self._label, self._size_ms, self._params = window_label, size_ms, params
+        self._rows = Metrics.counter(METRICS_NS, "feature_rows")
+
+    def process(self, element):
+        (entity_type, entity_id, start), summary = element
+        self._rows.inc()
+        end = start + self._size_ms
+        # The timestamp the windowed path gives: the window's max timestamp.
+        yield window.TimestampedValue(
+            feature_row(entity_type, entity_id, self._label, start, end, summary, self._params),
+            Timestamp(micros=(end - 1) * 1000))
 
 
 class ComputeFeatures(beam.PTransform):
@@ -383,18 +435,26 @@ class ComputeFeatures(beam.PTransform):
     `trigger`/`accumulation_mode` are passed to every WindowInto; with a trigger and no mode, panes
     accumulate (each firing carries the whole window). Default (None): one pane per window at the
     watermark, which is what batch gives.
+
+    `keyed_windows=True` (bounded input only, no trigger): the same rows without WindowInto. Events are
+    keyed by (entity, window start) in the global window and combined there. Python runners push
+    every element of a non-global window through the general trigger machinery, even in batch; on
+    FnApiRunner that made the windowed path ~3x slower (2,000 events -> 180k rows: 69 s vs 21 s).
     """
 
-    def __init__(self, cfg: FeaturesConfig, trigger=None, accumulation_mode=None):
+    def __init__(self, cfg: FeaturesConfig, trigger=None, accumulation_mode=None, keyed_windows: bool = False):
         super().__init__()
         if not isinstance(cfg, FeaturesConfig):
             raise TypeError(f"cfg must be a FeaturesConfig, got {type(cfg).__name__}")
+        if keyed_windows and (trigger is not None or accumulation_mode is not None):
+            raise ValueError("keyed_windows is for bounded input: it takes no trigger or accumulation mode")
         if trigger is not None and accumulation_mode is None:
             accumulation_mode = beam_trigger.AccumulationMode.ACCUMULATING
         self._cfg = cfg
         self._params = FeatureParams.from_config(cfg)
         self._trigger = trigger
         self._accumulation_mode = accumulation_mode
+        self._keyed_windows = keyed_windows
 
     def expand(self, events):
         keyed = events | "KeyByEntity" >> beam.ParDo(_KeyByEntityFn(tuple(self._cfg.entities))).with_output_types(
@@ -402,6 +462,14 @@ class ComputeFeatures(beam.PTransform):
         outputs = []
         for spec in self._cfg.windows:
             s = spec.slug
+            if self._keyed_windows:
+                outputs.append(keyed
+                               | f"KeyWindows_{s}" >> beam.ParDo(_KeyByEntityWindowFn(
+                                   spec.size_ms, spec.period_ms)).with_output_types(tuple[tuple[str, str, int], tuple])
+                               | f"Combine_{s}" >> beam.CombinePerKey(_EntityWindowCombineFn(self._params))
+                               | f"ToRows_{s}" >> beam.ParDo(
+                                   _KeyedToFeatureRowFn(spec.label, spec.size_ms, self._params)))
+                continue
             rows = (keyed
                     | f"Window_{s}" >> beam.WindowInto(
                         window.SlidingWindows(spec.size, spec.period), trigger=self._trigger,
@@ -489,7 +557,7 @@ class WriteOfflineFeatures(beam.PTransform):
 
     Returns the written file paths. Batch: rows in the global window, files written once at the end.
     Streaming: pass `streaming_window` (seconds) to write files per fixed window of the rows' timestamps
-    (window_end - 1 us), and `allowed_lateness` at least ComputeFeatures' own, or late panes are dropped here.
+    (window_end - 1 ms), and `allowed_lateness` at least ComputeFeatures' own, or late panes are dropped here.
     """
 
     def __init__(self, output_dir: str, streaming_window: Optional[float] = None, allowed_lateness: float = 0.0,

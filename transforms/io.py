@@ -163,6 +163,12 @@ class OutputPaths:
     def counts(self): return self._join("_counts", "counts")
     @property
     def report(self): return self._join("report.json")
+    @property
+    def quality(self): return self._join("quality.json")
+    @property
+    def report_html(self): return self._join("report.html")
+
+    def quality_part(self, name): return self._join("_quality", name)
 
 
 class WriteJsonLines(beam.PTransform):

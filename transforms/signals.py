@@ -1,0 +1,220 @@
+"""Signal-quality statistics, computed inside the pipeline from the very outputs it writes.
+
+`QualitySignals` turns the graph's outputs into flat (counter, count) pairs -- hourly volumes,
+latency and feature histograms on fixed bin edges, CTR by position, categorical frequencies -- plus
+per-hour diversity rows and per-cohort freshness rows. `stats_from_parts` folds them into the quality
+stats dict that `transforms/quality.py` turns into SLIs, drift, SLO verdicts and the HTML report.
+Fixed bin edges make a run comparable with a baseline taken from another run.
+"""
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import math
+from typing import Iterable, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms import contract
+from transforms.labels import is_exposure
+
+METRICS_NS = "feedback.quality"
+HOUR_MS = 3_600_000
+
+# Upper bounds of histogram buckets (the last bucket is "more than the last edge").
+LATENCY_EDGES_MS = (100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000,
+                    1_800_000, 3_600_000, 7_200_000, 21_600_000)
+NUMERIC_EDGES = {
+    "dwell_ms": (500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000, 120_000, 300_000, 600_000),
+    "position": tuple(range(1, 21)) + (25, 30, 40, 50, 100),
+    "propensity": tuple(round(x * 0.05, 2) for x in range(1, 20)),
+    "value": (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 5_000),
+}
+CATEGORICAL = ("event_type", "device_class", "browser", "os", "item_category", "policy")
+NEW_USER_WINDOW_MS = 24 * HOUR_MS
+
+
+def bucket_index(edges, value) -> int:
+    """Index of the bucket of `value`: 0 .. len(edges) (the last is overflow)."""
+    return bisect.bisect_left(edges, value)
+
+
+def hour_of(ms: int) -> str:
+    return dt.datetime.fromtimestamp((ms // HOUR_MS) * HOUR_MS / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")
+
+
+def _category(e: dict, name: str) -> Optional[str]:
+    if name == "item_category":
+        return (e.get("item_meta") or {}).get("category")
+    v = e.get(name)
+    return None if v is None else str(v)
+
+
+def event_counters(e: dict, outcome: str) -> Iterable[str]:
+    """Counter keys one event contributes (valid and bot events carry the full record)."""
+    yield f"hourly.{hour_of(e['event_time'])}.{outcome}"
+    if outcome != contract.OUTCOME_VALID:
+        return
+    if e.get("arrival_time") is not None:
+        yield f"latency.{bucket_index(LATENCY_EDGES_MS, e['arrival_time'] - e['event_time'])}"
+        yield "latency_known"
+    for name, edges in NUMERIC_EDGES.items():
+        v = e.get(name)
+        if v is not None:
+            yield f"num.{name}.{bucket_index(edges, v)}"
+    for name in CATEGORICAL:
+        v = _category(e, name)
+        if v is not None:
+            yield f"cat.{name}.{v}"
+    if is_exposure(e):
+        yield f"hourly.{hour_of(e['event_time'])}.exposures"
+
+
+def label_counters(label: dict) -> Iterable[str]:
+    pos = label.get("position")
+    key = "none" if pos is None else str(pos)
+    yield f"position.{key}.exposures"
+    if label["label"]:
+        yield f"position.{key}.positives"
+        yield f"hourly.{hour_of(label['impression_time'])}.positives"
+
+
+def entropy_bits(counts: Iterable[int]) -> float:
+    counts = [c for c in counts if c > 0]
+    total = sum(counts)
+    if not total:
+        return 0.0
+    return -sum(c / total * math.log2(c / total) for c in counts)
+
+
+class _HourlyDiversityFn(beam.DoFn):
+    def process(self, hour_and_counts):
+        hour, pairs = hour_and_counts
+        by_kind: dict[str, list[int]] = {"exposure": [], "positive": []}
+        for kind, n in pairs:
+            by_kind[kind].append(n)
+        yield {"hour": hour,
+               "exposure_items": len(by_kind["exposure"]), "exposure_entropy": entropy_bits(by_kind["exposure"]),
+               "positive_items": len(by_kind["positive"]), "positive_entropy": entropy_bits(by_kind["positive"])}
+
+
+class QualitySignals(beam.PTransform):
+    """GraphOutputs -> {"counters": (key, n), "diversity": rows, "freshness": rows} (bounded input)."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self._out = outputs
+
+    def expand(self, pbegin):
+        out = self._out
+        keys = (
+            (out.valid | "ValidSignals" >> beam.FlatMap(event_counters, contract.OUTCOME_VALID),
+             out.bots | "BotSignals" >> beam.FlatMap(event_counters, contract.OUTCOME_BOT),
+             out.too_late | "TooLateSignals" >> beam.FlatMap(lambda d: [f"hourly.{hour_of(d['event_time'])}.too_late"]),
+             out.labels | "LabelSignals" >> beam.FlatMap(label_counters))
+            | "AllSignals" >> beam.Flatten())
+        counters = keys | "CountSignals" >> beam.combiners.Count.PerElement()
+        exposures = (out.valid
+                     | "ExposureItems" >> beam.Filter(is_exposure)
+                     | "ExposureHourItem" >> beam.Map(lambda e: (hour_of(e["event_time"]), "exposure", e["item_id"])))
+        positives = (out.labels
+                     | "PositiveLabels" >> beam.Filter(lambda l: l["label"] == 1)
+                     | "PositiveHourItem" >> beam.Map(lambda l: (hour_of(l["impression_time"]), "positive", l["item_id"])))
+        diversity = ((exposures, positives)
+                     | "HourItems" >> beam.Flatten()
+                     | "CountHourItem" >> beam.combiners.Count.PerElement()
+                     | "ByHour" >> beam.MapTuple(lambda hk, n: (hk[0], (hk[1], n)))
+                     | "GroupHour" >> beam.GroupByKey()
+                     | "Diversity" >> beam.ParDo(_HourlyDiversityFn()))
+        # Freshness per cohort: a user is "new" when first seen within a day of the run's end.
+        per_user = (out.valid
+                    | "UserTimes" >> beam.Map(lambda e: (e["user_id"], (e["event_time"], e["event_time"])))
+                    | "FirstLastPerUser" >> beam.CombinePerKey(_MinMax()))
+        freshness = (per_user
+                     | "UserFirstLast" >> beam.Values()
+                     | "AllUsers" >> beam.combiners.ToList()
+                     | "Cohorts" >> beam.FlatMap(freshness_rows))
+        return {"counters": counters, "diversity": diversity, "freshness": freshness}
+
+
+class _MinMax(beam.CombineFn):
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, pair):
+        return pair if acc is None else (min(acc[0], pair[0]), max(acc[1], pair[1]))
+
+    def merge_accumulators(self, accs):
+        acc = None
+        for a in accs:
+            if a is not None:
+                acc = a if acc is None else (min(acc[0], a[0]), max(acc[1], a[1]))
+        return acc
+
+    def extract_output(self, acc):
+        return acc
+
+
+def freshness_rows(first_last: list) -> Iterable[dict]:
+    """[(first, last) per user] -> one row per cohort with its latest event time and user count."""
+    if not first_last:
+        return
+    run_end = max(last for _, last in first_last)
+    cohorts: dict[str, dict] = {}
+    for first, last in first_last:
+        cohort = "new" if run_end - first <= NEW_USER_WINDOW_MS else "returning"
+        c = cohorts.setdefault(cohort, {"cohort": cohort, "latest_event_time_ms": last, "users": 0})
+        c["latest_event_time_ms"] = max(c["latest_event_time_ms"], last)
+        c["users"] += 1
+    for c in cohorts.values():
+        yield {**c, "run_end_ms": run_end}
+
+
+def _histogram(counters: dict, prefix: str, edges) -> dict:
+    counts = [0] * (len(edges) + 1)
+    for i in range(len(counts)):
+        counts[i] = counters.get(f"{prefix}.{i}", 0)
+    return {"edges": list(edges), "counts": counts}
+
+
+def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], freshness: list[dict]) -> dict:
+    """The quality stats dict (see transforms/quality.py) from the run summary and signal parts."""
+    hourly: dict[str, dict] = {}
+    ctr: dict[str, dict] = {}
+    categorical: dict[str, dict] = {}
+    for key, n in counters.items():
+        head, _, rest = key.partition(".")
+        if head == "hourly":
+            hour, _, what = rest.rpartition(".")
+            hourly.setdefault(hour, {k: 0 for k in ("input", "valid", "bots", "dead_letter", "too_late",
+                                                    "exposures", "positives")})[what] = n
+        elif head == "position":
+            pos, _, what = rest.rpartition(".")
+            ctr.setdefault(pos, {"exposures": 0, "positives": 0})[what] = n
+        elif head == "cat":
+            name, _, value = rest.partition(".")
+            categorical.setdefault(name, {})[value] = n
+    fresh = {"new": {"latest_event_time_ms": None, "events": 0}, "returning": {"latest_event_time_ms": None, "events": 0}}
+    run_end = None
+    for row in freshness:
+        fresh[row["cohort"]] = {"latest_event_time_ms": row["latest_event_time_ms"], "events": row["users"]}
+        run_end = row["run_end_ms"]
+    return {
+        "counts": summary["counts"],
+        "input_records": summary["accounting"]["input_records"],
+        "dead_letter_by_reason": summary["dead_letter_by_reason"],
+        "bots_by_rule": summary["bots_by_rule"],
+        "labels": summary["labels"],
+        "hourly": dict(sorted(hourly.items())),
+        "latency_ms": {"arrival_minus_event": _histogram(counters, "latency", LATENCY_EDGES_MS)},
+        "ctr_by_position": dict(sorted(ctr.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))),
+        "diversity": {row["hour"]: {k: row[k] for k in ("exposure_items", "exposure_entropy", "positive_items",
+                                                        "positive_entropy")} for row in sorted(diversity, key=lambda r: r["hour"])},
+        "freshness": fresh,
+        "distributions": {
+            "numeric": {name: _histogram(counters, f"num.{name}", edges) for name, edges in NUMERIC_EDGES.items()},
+            "categorical": {name: dict(sorted(categorical.get(name, {}).items())) for name in CATEGORICAL},
+        },
+        "run_end_ms": run_end,
+    }
