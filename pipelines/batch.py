@@ -23,6 +23,7 @@ from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, run_main  # noqa: F401 -
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
+from transforms.features import WriteOfflineFeatures
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.signals import QualitySignals, stats_from_parts
 from transforms.io import (OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, WriteWindowedFiles,
@@ -109,6 +110,8 @@ def build_outputs(out: GraphOutputs, settings: GraphSettings, paths: OutputPaths
     jsonl(out.late_outcomes, "WriteLateOutcomes", paths.late_outcomes)
     jsonl(out.duplicates, "WriteDuplicates", paths.duplicates)
     jsonl(out.consent_dropped, "WriteConsentDropped", paths.consent_dropped)
+    if out.features is not None:
+        _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(paths.features)
     _ = (out.counts
          | "CountsToJson" >> beam.MapTuple(lambda k, n: json.dumps({"counter": k, "count": n}))
          | "WriteCounts" >> beam.io.WriteToText(paths.counts, file_name_suffix=".jsonl", num_shards=1))

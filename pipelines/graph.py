@@ -18,6 +18,8 @@ from transforms.bots import BotRules, FilterBots
 from transforms.config import JobConfig
 from transforms.dedupe import DedupeEvents
 from transforms.enrich import EnrichEvents, ReadMetadataTable
+from transforms.features import ComputeFeatures
+from apache_beam.transforms.trigger import AccumulationMode, AfterCount, AfterWatermark
 from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure
 from transforms.parse import ParseEvents, ValidationRules
 from transforms.privacy import KeySource, PrivacyRules, ProtectPrivacy
@@ -40,6 +42,7 @@ class GraphSettings:
     session_gap_s: float
     split_every_s: float
     lateness_s: float
+    features: Optional[object] = None        # FeaturesConfig, or None: no features
 
     @property
     def archive_schema(self) -> dict:
@@ -79,6 +82,7 @@ class GraphSettings:
             session_gap_s=cfg.sessions.gap,
             split_every_s=cfg.sessions.split_every,
             lateness_s=cfg.time.lateness,
+            features=cfg.features,
         )
 
 
@@ -102,6 +106,7 @@ class GraphOutputs:
     slates: beam.PCollection
     orphans: beam.PCollection
     late_outcomes: beam.PCollection
+    features: Optional[beam.PCollection] = None    # feature rows (None when features are off)
     counts: Optional[beam.PCollection] = None      # (counter name, count)
 
     def outcomes(self) -> dict:
@@ -141,6 +146,19 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
         dead_letter=dead, consent_dropped=parsed[ParseEvents.CONSENT_DROPPED], too_late=parsed[ParseEvents.TOO_LATE],
         labels=joined.labels, slates=slates, orphans=joined[JoinLabels.ORPHANS],
         late_outcomes=joined[JoinLabels.LATE_OUTCOMES])
+    if settings.features is not None:
+        if streaming:
+            # Accumulating panes: each firing is a complete row for its window (later panes replace
+            # earlier ones downstream: the online store keeps the newest, offline readers the fullest).
+            # Events reach this point behind the watermark by up to max_output_delay_s (per-user buckets
+            # close at bucket end + lateness): windows must allow that, or Beam drops them silently.
+            features_cfg = settings.features.model_copy(update={"allowed_lateness": max(
+                settings.features.allowed_lateness, settings.max_output_delay_s)})
+            outputs.features = humans | "Features" >> ComputeFeatures(
+                features_cfg, trigger=AfterWatermark(late=AfterCount(1)),
+                accumulation_mode=AccumulationMode.ACCUMULATING)
+        else:
+            outputs.features = humans | "Features" >> ComputeFeatures(settings.features, keyed_windows=True)
     exposures = humans | "Exposures" >> beam.Filter(is_exposure)
     outputs.counts = ({INPUT: inputs, "exposures": exposures, **outputs.outcomes(), **outputs.label_outputs()}
                       | "Accounting" >> CountOutcomes(windowing=count_windowing, breakdowns={

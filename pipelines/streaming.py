@@ -32,7 +32,9 @@ from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms import contract
 from transforms.config import JobConfig, WindowSpec, load_config
 from transforms.deadletter import dead_letter
+from transforms.features import WriteOfflineFeatures
 from transforms.io import WriteWindowedFiles, to_json_line
+from transforms.online_store import WriteOnlineFeatures
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.schemas import SchemaRegistry
 
@@ -176,6 +178,12 @@ def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output
     _ = (out.counts
          | "CountsToJson" >> beam.MapTuple(lambda k, n: {"counter": k, "count": n})
          | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/_counts", "counts", "jsonl"))
+    if out.features is not None:
+        _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(
+            f"{output.rstrip('/')}/features", streaming_window=cfg.time.output_window.size,
+            allowed_lateness=2 * settings.max_output_delay_s)
+        if cfg.online_store is not None:
+            _ = out.features | "OnlineFeatures" >> WriteOnlineFeatures(cfg.online_store)
     if labels_topic:
         _ = (out.labels | "LabelsToJson" >> beam.Map(lambda l: to_json_line(l).encode())
              | "PublishLabels" >> beam.io.WriteToPubSub(labels_topic))

@@ -204,6 +204,7 @@ class JobConfig(_Section):
     time: TimeConfig = TimeConfig()
     sessions: SessionConfig = SessionConfig()
     labels: LabelsConfig = LabelsConfig()
+    features: Optional["FeaturesConfig"] = Field(None, description="Windowed feature aggregates (off when absent).")
     online_store: Optional["OnlineStoreConfig"] = Field(None, description="Redis for online features (streaming).")
     output: OutputConfig = OutputConfig()
     # Where the file was read from; relative paths inside it resolve against this folder.
@@ -280,8 +281,9 @@ def load_config(path: str) -> JobConfig:
 
 def _late_imports():
     # online_store imports _Section and Duration from here, so its model is attached afterwards.
+    from transforms.features import FeaturesConfig
     from transforms.online_store import OnlineStoreConfig
-    JobConfig.model_rebuild(_types_namespace={"OnlineStoreConfig": OnlineStoreConfig})
+    JobConfig.model_rebuild(_types_namespace={"OnlineStoreConfig": OnlineStoreConfig, "FeaturesConfig": FeaturesConfig})
 
 
 _late_imports()
