@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -26,6 +27,9 @@ from transforms.config import ConfigError, load_config
 from transforms.features import WriteOfflineFeatures
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.signals import QualitySignals, stats_from_parts
+from transforms.quality import breaches, drift_report, evaluate_slos, quality_summary, slo_exit_code
+from pipelines.baseline import load_baseline
+from pipelines.report_html import render_report, write_report_html
 from transforms.io import (OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, WriteWindowedFiles,
                            read_all)
 
@@ -40,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="YAML job config, e.g. config/batch.yaml")
     parser.add_argument("--input", required=True, help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives")
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
+    parser.add_argument("--baseline", help="baseline.json (python -m pipelines.baseline) to measure drift against; "
+                                           "default: quality.baseline in the config")
+    parser.add_argument("--warn-only", action="store_true", help="Report SLO breaches without failing (exit 0)")
     return parser
 
 
@@ -181,8 +188,9 @@ def run(argv=None) -> dict:
                     ("events", "bots", "dead_letter", "duplicates", "consent_dropped", "labels", "slates",
                      "orphans", "late_outcomes")},
     }
+    report["quality"] = assess_quality(cfg, paths, quality_stats(paths, summary), args.baseline, args.warn_only,
+                                       title=f"Batch run over {args.input}")
     write_report(paths, report)
-    write_json(paths.quality, quality_stats(paths, summary))
     acc = summary["accounting"]
     if not acc["holds"]:
         raise AccountingError(
@@ -194,8 +202,35 @@ def run(argv=None) -> dict:
     return report
 
 
+def assess_quality(cfg, paths: OutputPaths, stats: dict, baseline_path: Optional[str], warn_only: bool,
+                   title: str) -> dict:
+    """quality.json, report.html and the SLO verdicts for a finished run."""
+    qcfg = cfg.quality
+    if warn_only:
+        qcfg = qcfg.model_copy(update={"mode": "warn"})
+    write_json(paths.quality, stats)
+    baseline_path = baseline_path or cfg.resolve(qcfg.baseline)
+    baseline = load_baseline(baseline_path) if baseline_path else None
+    summary = quality_summary(stats, qcfg)
+    drift = drift_report(stats, baseline, qcfg) if baseline else None
+    slos = evaluate_slos(stats, qcfg, drift, summary)
+    write_report_html(paths.report_html, render_report(stats, summary, slos, drift, title=title, mode=qcfg.mode))
+    failed = breaches(slos)
+    return {"mode": qcfg.mode, "baseline": baseline_path, "slos": slos, "breaches": [b["slo"] for b in failed],
+            "drifted": drift["drifted"] if drift else None, "summary": summary,
+            "exit_code": slo_exit_code(slos, qcfg), "html": paths.report_html}
+
+
+def _exit_code(report: dict) -> int:
+    code = report["quality"]["exit_code"]
+    for b in report["quality"]["slos"]:
+        if b["ok"] is False:
+            print(f"{'error' if code else 'warning'}: SLO {b['slo']} breached: {b['message']}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
-    return run_main(run, argv, format_summary)
+    return run_main(run, argv, format_summary, _exit_code)
 
 
 def format_summary(report: dict) -> str:
@@ -211,7 +246,10 @@ def format_summary(report: dict) -> str:
         lines.append("dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
     if report["bots_by_rule"]:
         lines.append("bots by rule: " + ", ".join(f"{k}={v}" for k, v in report["bots_by_rule"].items()))
-    lines.append(f"report: {report['output'].rstrip('/')}/report.json")
+    q = report["quality"]
+    lines.append(f"quality: {len(q['slos']) - len(q['breaches'])}/{len(q['slos'])} SLOs met"
+                 + (f", breached: {', '.join(q['breaches'])} ({q['mode']} mode)" if q["breaches"] else ""))
+    lines.append(f"report: {report['output'].rstrip('/')}/report.json, report.html")
     return "\n".join(lines)
 
 

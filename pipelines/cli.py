@@ -15,7 +15,10 @@ EXIT_CONFIG = 2       # bad configuration, missing key, bad schema folder, no in
 EXIT_ACCOUNTING = 3   # the run finished but its outputs do not account for every input record
 
 
-def run_main(run: Callable, argv=None, summary: Optional[Callable] = None) -> int:
+def run_main(run: Callable, argv=None, summary: Optional[Callable] = None,
+             exit_code: Optional[Callable] = None) -> int:
+    """Runs `run(argv)`; prints `summary(result)`; returns `exit_code(result)` (default 0) or the
+    failure's exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
@@ -28,4 +31,4 @@ def run_main(run: Callable, argv=None, summary: Optional[Callable] = None) -> in
         return EXIT_ACCOUNTING
     if summary is not None:
         print(summary(result))
-    return EXIT_OK
+    return exit_code(result) if exit_code is not None else EXIT_OK

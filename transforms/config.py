@@ -206,6 +206,7 @@ class JobConfig(_Section):
     labels: LabelsConfig = LabelsConfig()
     features: Optional["FeaturesConfig"] = Field(None, description="Windowed feature aggregates (off when absent).")
     online_store: Optional["OnlineStoreConfig"] = Field(None, description="Redis for online features (streaming).")
+    quality: "QualityConfig" = Field(default_factory=lambda: _quality_default(), description="SLO gates and drift.")
     output: OutputConfig = OutputConfig()
     # Where the file was read from; relative paths inside it resolve against this folder.
     base_dir: str = Field(".", exclude=True)
@@ -283,7 +284,14 @@ def _late_imports():
     # online_store imports _Section and Duration from here, so its model is attached afterwards.
     from transforms.features import FeaturesConfig
     from transforms.online_store import OnlineStoreConfig
-    JobConfig.model_rebuild(_types_namespace={"OnlineStoreConfig": OnlineStoreConfig, "FeaturesConfig": FeaturesConfig})
+    from transforms.quality import QualityConfig
+    JobConfig.model_rebuild(_types_namespace={"OnlineStoreConfig": OnlineStoreConfig, "FeaturesConfig": FeaturesConfig,
+                                              "QualityConfig": QualityConfig})
+
+
+def _quality_default():
+    from transforms.quality import QualityConfig
+    return QualityConfig()
 
 
 _late_imports()

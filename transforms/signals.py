@@ -195,11 +195,19 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
         elif head == "cat":
             name, _, value = rest.partition(".")
             categorical.setdefault(name, {})[value] = n
+    diversity = sorted(diversity, key=lambda r: r["hour"])
     fresh = {"new": {"latest_event_time_ms": None, "events": 0}, "returning": {"latest_event_time_ms": None, "events": 0}}
     run_end = None
     for row in freshness:
         fresh[row["cohort"]] = {"latest_event_time_ms": row["latest_event_time_ms"], "events": row["users"]}
         run_end = row["run_end_ms"]
+    # The hour the data ends in is usually cut short: its few events look like a diversity collapse.
+    # Trends use complete hours only.
+    if diversity and run_end is not None:
+        last_start = int(dt.datetime.strptime(diversity[-1]["hour"], "%Y-%m-%dT%H:00:00Z")
+                         .replace(tzinfo=dt.timezone.utc).timestamp() * 1000)
+        if run_end < last_start + HOUR_MS - 60_000:
+            diversity = diversity[:-1]
     return {
         "counts": summary["counts"],
         "input_records": summary["accounting"]["input_records"],
@@ -210,7 +218,7 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
         "latency_ms": {"arrival_minus_event": _histogram(counters, "latency", LATENCY_EDGES_MS)},
         "ctr_by_position": dict(sorted(ctr.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))),
         "diversity": {row["hour"]: {k: row[k] for k in ("exposure_items", "exposure_entropy", "positive_items",
-                                                        "positive_entropy")} for row in sorted(diversity, key=lambda r: r["hour"])},
+                                                        "positive_entropy")} for row in diversity},
         "freshness": fresh,
         "distributions": {
             "numeric": {name: _histogram(counters, f"num.{name}", edges) for name, edges in NUMERIC_EDGES.items()},
