@@ -170,13 +170,29 @@ def test_drift_report_flags_the_shift_only():
     assert d["entropy"]["exposure_mean"]["diff"] == pytest.approx(0.0)
 
 
+# Hand-sized inputs: compare them despite the minimum sample size a real run needs.
+SMALL = QualityConfig.model_validate({"slos": {"drift_min_count": 1}})
+
+
+def test_too_few_observations_are_not_compared():
+    d = drift_report(make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 3}}}),
+                     make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 1}}}))
+    assert d["features"]["c"]["drifted"] is None and "too few observations" in d["features"]["c"]["message"]
+
+
+def test_rare_categories_are_pooled():
+    from transforms.quality import pool_rare
+    a, b = pool_rare({"x": 980, "r1": 5, "r2": 5, "r3": 10}, {"x": 990, "r1": 0, "r4": 10}, 0.02)
+    assert a == {"x": 980, "(other)": 20} and b == {"x": 990, "(other)": 10}
+
+
 def test_drift_report_categorical_missing_and_incomparable():
     base = make_stats()
     cur = make_stats(distributions={
         "numeric": {"x": {"edges": EDGES[:-1], "counts": [1] * len(EDGES)}},       # edges changed
         "categorical": {"device_class": {"desktop": 50, "mobile": 20, "console": 30},  # new category
                         "brand_new": {"a": 1}}})
-    d = drift_report(cur, base, QualityConfig.model_validate({"slos": {"linf_max": 0.25}}))
+    d = drift_report(cur, base, QualityConfig.model_validate({"slos": {"linf_max": 0.25, "drift_min_count": 1}}))
     dev = d["features"]["device_class"]
     assert dev["bins"] == ["console", "desktop", "mobile", "tablet"]
     assert dev["flags"] == {"psi": True, "js": True, "linf": True} and dev["drifted"]
@@ -186,7 +202,7 @@ def test_drift_report_categorical_missing_and_incomparable():
     assert d["features"]["brand_new"]["drifted"] is None and "not in the baseline" in d["features"]["brand_new"]["message"]
 
     gone = make_stats(distributions={"numeric": {}, "categorical": base["distributions"]["categorical"]})
-    d = drift_report(gone, base)
+    d = drift_report(gone, base, SMALL)
     assert d["features"]["x"]["drifted"] is True and d["features"]["x"]["flags"] == {"missing": True}
     rows = by_slo(evaluate_slos(gone, QualityConfig(), drift=d))
     assert rows["drift.missing_features"]["ok"] is False and "x" in rows["drift.missing_features"]["message"]
@@ -194,7 +210,7 @@ def test_drift_report_categorical_missing_and_incomparable():
 
 def test_linf_of_categorical_drift():
     d = drift_report(make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 3}}}),
-                     make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 1}}}))
+                     make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 1}}}), SMALL)
     assert d["features"]["c"]["linf"] == pytest.approx(0.25)
 
 

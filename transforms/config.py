@@ -7,6 +7,7 @@ the file: transforms receive the (picklable) models or plain values taken from t
 from __future__ import annotations
 
 import os
+import typing
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -17,31 +18,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from transforms import contract
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value) -> float:
-    """'90s', '30m', '24h', '7d', '250ms' or a bare number of seconds -> seconds (float)."""
-    if isinstance(value, bool):
-        raise ValueError("a duration, not a boolean")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration must not be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    raise ValueError(
-        f"{value!r} is not a duration: use a number of seconds or a string like '250ms', '90s', '30m', '24h', '7d'")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+from transforms.configbase import Duration, _Section, parse_duration  # noqa: F401 - re-exported
+from transforms.features import FeaturesConfig
+from transforms.online_store import OnlineStoreConfig
+from transforms.quality import QualityConfig
 
 
 class SchemaConfig(_Section):
@@ -204,9 +184,9 @@ class JobConfig(_Section):
     time: TimeConfig = TimeConfig()
     sessions: SessionConfig = SessionConfig()
     labels: LabelsConfig = LabelsConfig()
-    features: Optional["FeaturesConfig"] = Field(None, description="Windowed feature aggregates (off when absent).")
-    online_store: Optional["OnlineStoreConfig"] = Field(None, description="Redis for online features (streaming).")
-    quality: "QualityConfig" = Field(default_factory=lambda: _quality_default(), description="SLO gates and drift.")
+    features: Optional[FeaturesConfig] = Field(None, description="Windowed feature aggregates (off when absent).")
+    online_store: Optional[OnlineStoreConfig] = Field(None, description="Redis for online features (streaming).")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="SLO gates and drift.")
     output: OutputConfig = OutputConfig()
     # Where the file was read from; relative paths inside it resolve against this folder.
     base_dir: str = Field(".", exclude=True)
@@ -251,9 +231,13 @@ def _allowed_keys(loc) -> list[str]:
         for name, f in model.model_fields.items():
             if part in (name, f.alias):
                 field = f
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        annotation = field.annotation if field is not None else None
+        # Optional[Section] -> Section
+        candidates = [annotation, *typing.get_args(annotation)]
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
             return []
-        model = field.annotation
+        model = sections[0]
     return sorted(f.alias or n for n, f in model.model_fields.items() if n != "base_dir")
 
 
@@ -279,19 +263,3 @@ def load_config(path: str) -> JobConfig:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     return config_from_dict(data, source=str(path), base_dir=str(p.parent.resolve()))
 
-
-def _late_imports():
-    # online_store imports _Section and Duration from here, so its model is attached afterwards.
-    from transforms.features import FeaturesConfig
-    from transforms.online_store import OnlineStoreConfig
-    from transforms.quality import QualityConfig
-    JobConfig.model_rebuild(_types_namespace={"OnlineStoreConfig": OnlineStoreConfig, "FeaturesConfig": FeaturesConfig,
-                                              "QualityConfig": QualityConfig})
-
-
-def _quality_default():
-    from transforms.quality import QualityConfig
-    return QualityConfig()
-
-
-_late_imports()

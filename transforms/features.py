@@ -44,7 +44,7 @@ from apache_beam.utils.timestamp import Timestamp
 from pydantic import Field, field_validator, model_validator
 
 from transforms import contract
-from transforms.config import Duration, _Section
+from transforms.configbase import Duration, _Section
 
 __all__ = ["SlidingWindowSpec", "FeaturesConfig", "FeatureParams", "ComputeFeatures", "WriteOfflineFeatures",
            "EVENT_TYPES", "ENTITY_TYPES", "KEY_COLUMNS", "FEATURE_COLUMNS", "ROW_COLUMNS", "arrow_schema",

@@ -29,7 +29,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 from pydantic import Field, field_validator
 
-from transforms.config import Duration, _Section
+from transforms.configbase import Duration, _Section
 
 __all__ = ["OnlineStoreConfig", "WriteOnlineFeatures", "MissingPasswordError", "make_client", "feature_key",
            "redis_key", "row_to_mapping", "read_features", "ROW_KEYS", "WINDOW_START_FIELD", "WINDOW_END_FIELD"]

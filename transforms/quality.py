@@ -41,7 +41,7 @@ from typing import Iterable, Literal, Optional, Sequence
 from pydantic import Field, model_validator
 
 from transforms import contract
-from transforms.config import Duration, _Section
+from transforms.configbase import Duration, _Section
 
 __all__ = [
     "EXIT_SLO_BREACH", "SUCCESS_OUTCOMES", "FAILURE_OUTCOMES", "SloConfig", "QualityConfig",
@@ -72,6 +72,12 @@ class SloConfig(_Section):
         0.5, ge=0, description="Bits the latest hour's entropy may fall below the mean of the earlier windows.")
     entropy_windows: int = Field(6, ge=2, description="Hourly windows the entropy trend looks at (latest included).")
     orphan_ratio_max: Optional[float] = Field(0.05, ge=0, description="orphan outcomes / exposures at most this.")
+    drift_min_count: int = Field(
+        500, ge=1, description="A feature with fewer observations in either run is not compared: PSI on small "
+                                "samples flags noise (a same-distribution rerun of a few thousand events did).")
+    drift_min_share: float = Field(
+        0.01, ge=0, lt=1, description="Categories under this share in both runs are pooled into '(other)' before "
+                                      "comparing: long tails of rare values dominate PSI otherwise.")
     latency_p99_max: Optional[Duration] = Field(None, description="p99 of arrival - event time at most this.")
     freshness_max_age: Optional[Duration] = Field(
         None, description="Per cohort: run end - its latest event time at most this.")
@@ -349,6 +355,8 @@ def _feature_drift(kind: str, cur: Optional[dict], base: Optional[dict], slos: S
         b_counts = list((base or {}).get("counts") or [])
         c_counts = list((cur or {}).get("counts") or [])
     else:
+        if base and cur:
+            base, cur = pool_rare(base, cur, slos.drift_min_share)
         b_counts, c_counts = categorical_align(base or {}, cur or {})
     entry["baseline_count"], entry["current_count"] = int(sum(b_counts)), int(sum(c_counts))
     if base is None or not sum(b_counts):
@@ -357,6 +365,10 @@ def _feature_drift(kind: str, cur: Optional[dict], base: Optional[dict], slos: S
     if cur is None or not sum(c_counts):
         entry.update(drifted=True, flags={"missing": True},
                      message="present in the baseline but absent or empty in this run")
+        return entry
+    if min(sum(b_counts), sum(c_counts)) < slos.drift_min_count:
+        entry["message"] = (f"too few observations to compare ({int(sum(b_counts))} baseline, "
+                            f"{int(sum(c_counts))} now; drift_min_count {slos.drift_min_count})")
         return entry
     if kind == "numeric":
         if not _same_edges(base.get("edges") or [], cur.get("edges") or []):
@@ -382,6 +394,20 @@ def _feature_drift(kind: str, cur: Optional[dict], base: Optional[dict], slos: S
     over = [k for k, v in flags.items() if v]
     entry["message"] = ("drifted: " + ", ".join(over) + " over threshold") if over else "stable"
     return entry
+
+
+def pool_rare(a: dict, b: dict, min_share: float) -> tuple[dict, dict]:
+    """Categories under `min_share` in both frequency maps merged into '(other)'."""
+    ta, tb = sum(a.values()) or 1, sum(b.values()) or 1
+    rare = {k for k in set(a) | set(b) if a.get(k, 0) / ta < min_share and b.get(k, 0) / tb < min_share}
+    if len(rare) < 2:
+        return a, b
+
+    def pooled(d):
+        out = {k: v for k, v in d.items() if k not in rare}
+        out["(other)"] = out.get("(other)", 0) + sum(v for k, v in d.items() if k in rare)
+        return out
+    return pooled(a), pooled(b)
 
 
 def drift_report(stats: dict, baseline_stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
