@@ -32,7 +32,10 @@ from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms import contract
 from transforms.config import JobConfig, WindowSpec, load_config
 from transforms.deadletter import dead_letter
+from transforms.accounting import summarise
 from transforms.features import WriteOfflineFeatures
+from transforms.quality import evaluate_slos
+from transforms.signals import stats_from_parts
 from transforms.io import WriteWindowedFiles, to_json_line
 from transforms.online_store import WriteOnlineFeatures
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
@@ -152,6 +155,47 @@ def output_windowing(cfg: JobConfig, settings: GraphSettings, label: str, accumu
         allowed_lateness=settings.max_output_delay_s, accumulation_mode=mode)
 
 
+class _CountersToDict(beam.CombineFn):
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, kv):
+        acc[kv[0]] = acc.get(kv[0], 0) + kv[1]
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = {}
+        for a in accs:
+            for k, v in a.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _QualityRecordFn(beam.DoFn):
+    """Per window (and pane): the run summary's fields and the SLOs that counts can decide, with a
+    counter of breaches -- the streaming job's periodic quality record."""
+
+    def __init__(self, quality_cfg):
+        self._cfg = quality_cfg
+        self._breaches = Metrics.counter("feedback.quality", "slo_breaches")
+        self._windows = Metrics.counter("feedback.quality", "windows")
+
+    def process(self, counters, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        summary = summarise(counters)
+        stats = stats_from_parts(summary, counters, [], [])
+        slos = [r for r in evaluate_slos(stats, self._cfg) if r["ok"] is not None]
+        failed = [r["slo"] for r in slos if r["ok"] is False]
+        self._windows.inc()
+        if failed:
+            self._breaches.inc(len(failed))
+        yield {"window_start": win.start.micros // 1000, "window_end": win.end.micros // 1000,
+               "pane": pane.index if pane else 0, "timing": str(pane.timing) if pane else None,
+               **summary, "slos": slos, "breaches": failed}
+
+
 def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output: str,
           upstream_dead_letters=(), labels_topic: Optional[str] = None,
           dead_letter_topic: Optional[str] = None) -> GraphOutputs:
@@ -178,6 +222,10 @@ def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output
     _ = (out.counts
          | "CountsToJson" >> beam.MapTuple(lambda k, n: {"counter": k, "count": n})
          | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/_counts", "counts", "jsonl"))
+    _ = (out.counts
+         | "QualityPerWindow" >> beam.CombineGlobally(_CountersToDict()).without_defaults()
+         | "QualityRecord" >> beam.ParDo(_QualityRecordFn(cfg.quality))
+         | "WriteQuality" >> WriteWindowedFiles(f"{output.rstrip('/')}/quality", "quality", "jsonl"))
     if out.features is not None:
         _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(
             f"{output.rstrip('/')}/features", streaming_window=cfg.time.output_window.size,

@@ -187,3 +187,11 @@ def test_streaming_features_equal_batch(both):
     _, batch_out, stream_out = both
     b, s = feature_rows(batch_out), feature_rows(stream_out)
     assert b and s == b
+
+
+def test_streaming_quality_record_per_window(both):
+    _, _, stream_out = both
+    records = jsonl_rows(str(stream_out / "quality" / "**" / "*.jsonl"))
+    assert records and all({"window_start", "window_end", "counts", "slos", "breaches"} <= set(r) for r in records)
+    assert sum(r["counts"]["too_late"] for r in records) == 1
+    assert any(s["slo"] == "ingestion_success" for r in records for s in r["slos"])
