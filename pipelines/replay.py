@@ -39,6 +39,7 @@ import apache_beam as beam
 import fastavro
 import orjson
 from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms import window
 
@@ -197,6 +198,41 @@ def build_dead_letter_replay(p, settings: GraphSettings, dead_glob: str, output:
     return out
 
 
+def _digest_files(root: str, start: int, end: int) -> dict:
+    """sha256 of every output file of the hours in [start, end) under `root`."""
+    import hashlib
+    hours = set()
+    t = start
+    while t < end:
+        hours.add(dt.datetime.fromtimestamp(t / 1000, dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+        t += PARTITION_S * 1000
+    digests = {}
+    for name in ("labels", "slates", "orphan_outcomes", "late_outcomes"):
+        for m in FileSystems.match([f"{root.rstrip('/')}/{name}/*"])[0].metadata_list:
+            base = m.path.rsplit("/", 1)[-1]
+            if any(f"-{h}-" in base for h in hours):
+                with FileSystems.open(m.path) as f:
+                    digests[f"{name}/{base}"] = hashlib.sha256(read_all(f)).hexdigest()
+    return dict(sorted(digests.items()))
+
+
+def record_replay(root: str, start: int, end: int) -> dict:
+    """Replayability: compares this run's files for the range with the manifest a previous replay of
+    the same range left, then leaves its own. {"previous_run", "identical", "files", "differing"}."""
+    manifest = f"{root.rstrip('/')}/_replay/{start}-{end}.json"
+    current = _digest_files(root, start, end)
+    previous = None
+    if FileSystems.exists(manifest):
+        with FileSystems.open(manifest) as f:
+            previous = json.loads(read_all(f))
+    with FileSystems.create(manifest) as f:
+        f.write(json.dumps(current, indent=1).encode())
+    if previous is None:
+        return {"previous_run": False, "identical": None, "files": len(current), "differing": []}
+    differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+    return {"previous_run": True, "identical": not differing, "files": len(current), "differing": differing}
+
+
 def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
@@ -221,7 +257,8 @@ def run(argv=None) -> dict:
               "elapsed_seconds": round(time.monotonic() - started, 3), "metrics": beam_counters(result)}
     if args.mode == "archive":
         labels = label_summary(read_counters(paths))
-        report.update(range={"from": args.start, "to": args.end}, archive=args.archive, labels=labels)
+        report.update(range={"from": args.start, "to": args.end}, archive=args.archive, labels=labels,
+                      replayability=record_replay(args.output, start, end))
         if not labels["one_label_per_exposure"]:
             write_report(paths, report)
             raise AccountingError(f"{labels['exposures']} exposures in range but {labels['labels']} labels")

@@ -42,6 +42,9 @@ def test_archive_replay_matches_batch_and_is_byte_identical(archive):
     r2 = replay.run(args + ["--output", str(tmp / "r2")])
     assert r1["labels"]["one_label_per_exposure"] and r1["labels"]["labels"] > 100
     assert file_digests(tmp / "r1") == file_digests(tmp / "r2")          # byte-identical reruns
+    assert r1["replayability"]["previous_run"] is False
+    again = replay.run(args + ["--output", str(tmp / "r1")])
+    assert again["replayability"] == {**again["replayability"], "previous_run": True, "identical": True}
     batch_labels = {r["label_id"]: r for f in glob.glob(str(out / "labels" / "*.avro"))
                     for r in fastavro.reader(open(f, "rb"))}
     start = 1793491200000 + 2 * 3_600_000   # 2026-11-01T02:00Z
