@@ -19,6 +19,7 @@ from apache_beam.transforms import window
 from pipelines import batch, streaming
 from pipelines.graph import GraphSettings
 from tests.conftest import write_config
+from tests.redis_server import redis_server  # noqa: F401 - pytest fixture (a real redis-server)
 from transforms.config import load_config
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
@@ -109,10 +110,12 @@ def canonical_labels(rows):
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory):
+def both(tmp_path_factory, redis_server):
     tmp = tmp_path_factory.mktemp("parity")
+    host, port = redis_server
     cfg_path = write_config(tmp, "time: {arrival_field: arrival_time}\n"
-                                 "features: {windows: [{size: 1h, period: 30m}], entities: [user, item]}\n")
+                                 "features: {windows: [{size: 1h, period: 30m}], entities: [user, item]}\n"
+                                 f"online_store: {{host: {host}, port: {port}, key_prefix: parity}}\n")
     cfg = load_config(cfg_path)
     settings = GraphSettings.from_config(cfg)
     report, batch_out = run_batch(tmp, SCENARIO, cfg_path)
@@ -195,3 +198,18 @@ def test_streaming_quality_record_per_window(both):
     assert records and all({"window_start", "window_end", "counts", "slos", "breaches"} <= set(r) for r in records)
     assert sum(r["counts"]["too_late"] for r in records) == 1
     assert any(s["slo"] == "ingestion_success" for r in records for s in r["slos"])
+
+
+def test_online_store_holds_the_newest_window_per_entity(both, redis_server):
+    import redis
+    from transforms.online_store import read_features
+    _, batch_out, _ = both
+    newest = {}
+    for (etype, eid, win, start), row in feature_rows(batch_out).items():
+        if (etype, eid, win) not in newest or start > newest[(etype, eid, win)]["window_start"]:
+            newest[(etype, eid, win)] = row
+    client = redis.Redis(*redis_server)
+    for (etype, eid, win), row in newest.items():
+        stored = read_features(client, etype, win, eid, prefix="parity")
+        assert stored is not None, (etype, eid)
+        assert stored["window_end"] == row["window_end"] and stored["n_events"] == row["n_events"]
