@@ -22,6 +22,8 @@ setuptools.setup(
         "numpy>=1.26",
         "ua-parser[regex]>=1.0.1",
         "crawler-user-agents>=1.0",
+        "pyarrow>=14",          # Parquet feature files
+        "redis>=5",             # online feature store
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "fake-useragent==2.2.0"],
