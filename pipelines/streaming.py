@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import apache_beam as beam
@@ -35,7 +36,7 @@ from transforms.deadletter import dead_letter
 from transforms.accounting import summarise
 from transforms.features import WriteOfflineFeatures
 from transforms.quality import evaluate_slos
-from transforms.signals import stats_from_parts
+from transforms.signals import LATENCY_EDGES_MS, bucket_index, stats_from_parts
 from transforms.io import WriteWindowedFiles, to_json_line
 from transforms.online_store import WriteOnlineFeatures
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
@@ -155,6 +156,25 @@ def output_windowing(cfg: JobConfig, settings: GraphSettings, label: str, accumu
         allowed_lateness=settings.max_output_delay_s, accumulation_mode=mode)
 
 
+class _OutputLatencyFn(beam.DoFn):
+    """Output - event time (processing clock at the sink minus the record's event/impression time), as
+    Beam counters per LATENCY_EDGES_MS bucket (feedback.latency.<output>_output_minus_event_le_<edge>)
+    plus a distribution: percentiles can be read off the buckets in the runner's UI or metrics API."""
+
+    def __init__(self, output: str):
+        self._output = output
+        self._field = "impression_time" if output == "labels" else "event_time"
+        self._dist = Metrics.distribution("feedback.latency", f"{output}_output_minus_event_ms")
+        names = [f"le_{e}" for e in LATENCY_EDGES_MS] + ["gt_last"]
+        self._buckets = [Metrics.counter("feedback.latency", f"{output}_output_minus_event_{n}") for n in names]
+
+    def process(self, record):
+        lag = int(time.time() * 1000) - int(record[self._field])
+        self._dist.update(lag)
+        self._buckets[bucket_index(LATENCY_EDGES_MS, lag)].inc()
+        yield record
+
+
 class _CountersToDict(beam.CombineFn):
     def create_accumulator(self):
         return {}
@@ -216,6 +236,8 @@ def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output
     }
     for name, (pcoll, fmt, schema) in files.items():
         title = name.title().replace("_", "")
+        if name in ("archive", "labels"):
+            pcoll = pcoll | f"OutputLatency{title}" >> beam.ParDo(_OutputLatencyFn(name))
         _ = (pcoll
              | output_windowing(cfg, settings, f"Window{title}")
              | f"Write{title}" >> WriteWindowedFiles(f"{output.rstrip('/')}/{name}", name, fmt, schema))
