@@ -51,6 +51,25 @@ def normalise_job_flags(argv: Iterable[str], option_strings: Iterable[str]) -> l
     return out
 
 
+def boolean_flags(parser: argparse.ArgumentParser) -> set:
+    """Long options that take no value (store_true), e.g. {'--warn-only'}."""
+    return {s for a in parser._actions if isinstance(a, argparse._StoreTrueAction)
+            for s in a.option_strings if s.startswith("--")}
+
+
+def normalise_boolean_flags(argv: Iterable[str], flags: set) -> list:
+    """Template parameters always carry a value: '--warn-only=true' -> '--warn-only', '=false' -> dropped."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if eq and name in flags:
+            if value.strip().lower() in ("true", "1", "yes"):
+                out.append(name)
+            continue
+        out.append(arg)
+    return out
+
+
 def _has_option(argv: Iterable[str], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in argv for n in names)
 
@@ -96,7 +115,8 @@ def launch(module: str, argv: Optional[list] = None, subcommand: Optional[str] =
     parser = job.build_parser()
     if subcommand:
         parser = _subparser(parser, subcommand)
-    argv = with_flex_defaults(normalise_job_flags(argv, job_option_strings(parser)), os.environ)
+    argv = normalise_job_flags(argv, job_option_strings(parser))
+    argv = with_flex_defaults(normalise_boolean_flags(argv, boolean_flags(parser)), os.environ)
     load_hmac_key(os.environ)
     os.chdir(REPO_ROOT)  # so a relative --config (config/streaming.yaml) resolves inside the image
     return job.main(([subcommand] if subcommand else []) + argv)

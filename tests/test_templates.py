@@ -41,6 +41,8 @@ SAMPLES = {
     "from": "2026-11-01T00:00:00Z",
     "to": "2026-11-02T00:00:00+00:00",
     "dead-letters": "gs://my-bucket/feedback/out/dead_letter/*.jsonl",
+    "baseline": "gs://my-bucket/feedback/baseline.json",
+    "warn-only": "true",
 }
 INVALID = {
     "config": ["gs://my-bucket/streaming.yaml ", "config/streaming.json"],
@@ -58,11 +60,13 @@ LEFT_OUT = {"streaming": {"topic"}}
 # --transform-name-mappings. templates/README.md lists them; change both on purpose, never by accident.
 STREAMING_TOP_LEVEL_LABELS = [
     "ReadEvents", "Parse", "Privacy", "Enrich", "Dedupe", "Bots", "Labels", "Slates", "AllDeadLetters",
-    "UpstreamInput0", "AllInputs", "Exposures", "Accounting", "DeadAndTooLate",
-    "WindowArchive", "WriteArchive", "WindowBots", "WriteBots", "WindowLabels", "WriteLabels",
+    "UpstreamInput0", "AllInputs", "Features", "Exposures", "Accounting", "DeadAndTooLate",
+    "OutputLatencyArchive", "WindowArchive", "WriteArchive", "WindowBots", "WriteBots",
+    "OutputLatencyLabels", "WindowLabels", "WriteLabels",
     "WindowSlates", "WriteSlates", "WindowDeadLetter", "WriteDeadLetter", "WindowOrphanOutcomes",
     "WriteOrphanOutcomes", "WindowLateOutcomes", "WriteLateOutcomes", "WindowDuplicates", "WriteDuplicates",
     "WindowConsentDropped", "WriteConsentDropped", "CountsToJson", "WriteCounts",
+    "QualityPerWindow", "QualityRecord", "WriteQuality", "WriteFeatures", "OnlineFeatures",
     "LabelsToJson", "PublishLabels", "DeadLettersToJson", "PublishDeadLetters",
 ]
 
@@ -146,10 +150,12 @@ def test_launch_parameters_parse_as_the_job_flags(folder):
     parser, actions = job_parser(folder), job_actions(folder)
     names = [p["name"] for p in metadata(folder)["parameters"] if p["name"] not in LEFT_OUT.get(folder, ())]
     argv = [f"--{n}={SAMPLES[n]}" for n in names] + ["--runner=DataflowRunner", "--max_num_workers=5"]
-    args, unknown = parser.parse_known_args(argv)
+    booleans = flex_launch.boolean_flags(parser)
+    args, unknown = parser.parse_known_args(flex_launch.normalise_boolean_flags(argv, booleans))
     assert unknown == ["--runner=DataflowRunner", "--max_num_workers=5"]
     for n in names:
-        assert getattr(args, actions[n].dest) == SAMPLES[n], n
+        expected = True if f"--{n}" in booleans else SAMPLES[n]
+        assert getattr(args, actions[n].dest) == expected, n
     # Underscore spellings are normalised to the dashed flags instead of leaking into Beam's options.
     fixed = flex_launch.normalise_job_flags(
         [f"--{n.replace('-', '_')}={SAMPLES[n]}" for n in names], flex_launch.job_option_strings(parser))
@@ -264,3 +270,12 @@ def test_streaming_top_level_labels_are_stable(tmp_path):
     readme = (TEMPLATES / "README.md").read_text()
     missing = [label for label in labels if f"`{label}`" not in readme]
     assert not missing, f"templates/README.md does not list {missing}"
+
+
+def test_boolean_template_parameters_become_bare_flags():
+    flex = flex_launch
+    from pipelines.batch import build_parser
+    flags = flex.boolean_flags(build_parser())
+    assert flags == {"--warn-only"}
+    assert flex.normalise_boolean_flags(["--warn-only=true", "--config=c"], flags) == ["--warn-only", "--config=c"]
+    assert flex.normalise_boolean_flags(["--warn-only=false"], flags) == []

@@ -125,7 +125,7 @@ def _aligned(p_counts, q_counts) -> tuple[list[float], list[float]]:
 
 def entropy_bits(counts: Iterable[int]) -> float:
     """Shannon entropy (base 2) of the distribution the counts describe; 0.0 for no counts."""
-    c = _check_counts(counts)
+    c = sorted(_check_counts(counts))  # sorted: the float sum must not depend on a runner's delivery order
     total = sum(c)
     if total == 0:
         return 0.0

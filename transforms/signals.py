@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
-import math
 from typing import Iterable, Optional
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from transforms import contract
 from transforms.labels import is_exposure
+from transforms.quality import entropy_bits
 
-METRICS_NS = "feedback.quality"
 HOUR_MS = 3_600_000
 
 # Upper bounds of histogram buckets (the last bucket is "more than the last edge").
@@ -78,14 +76,6 @@ def label_counters(label: dict) -> Iterable[str]:
     if label["label"]:
         yield f"position.{key}.positives"
         yield f"hourly.{hour_of(label['impression_time'])}.positives"
-
-
-def entropy_bits(counts: Iterable[int]) -> float:
-    counts = [c for c in counts if c > 0]
-    total = sum(counts)
-    if not total:
-        return 0.0
-    return -sum(c / total * math.log2(c / total) for c in counts)
 
 
 class _HourlyDiversityFn(beam.DoFn):

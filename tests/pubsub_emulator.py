@@ -1,0 +1,203 @@
+"""A real, throw-away Pub/Sub emulator for tests: Google's `pstest` fake served over gRPC.
+
+    from tests.pubsub_emulator import pubsub_emulator   # noqa: F401  (session fixture -> "host:port")
+
+then point the official client (and any job subprocess) at it with PUBSUB_EMULATOR_HOST=<host:port>.
+Outside pytest fixtures: `with run_pubsub_emulator() as host_port: ...`.
+
+Why pstest: Google's own emulator ships only with the gcloud SDK (Google's apt repository or its
+installer), which none of the reachable package registries serves. The fake from the Go client library
+(`cloud.google.com/go/pubsub/v2/pstest`) comes from the Go module proxy; tests/pubsub_emulator/main.go
+serves it on a host:port and exits on SIGTERM. It speaks the same gRPC API (Publish, Pull, Acknowledge,
+StreamingPull, CreateTopic/Subscription, ...) and keeps everything in memory.
+
+The launcher is built once with `go build` into
+`${XDG_CACHE_HOME:-~/.cache}/feedback-pipeline/pubsub-emulator-<hash of go.mod, go.sum, main.go>` and
+reused while those files are unchanged. The first build downloads the modules pinned in go.mod/go.sum
+(~2-4 min from a cold module cache on 2 cores); later builds of a changed main.go take seconds.
+No Go toolchain, or a failing build, is a test FAILURE with the reason, not a skip: Go is on the
+project's machines (/usr/local/go/bin/go); point $GO at another binary if needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+SOURCE_DIR = Path(__file__).resolve().parent / "pubsub_emulator"
+_SOURCES = ("go.mod", "go.sum", "main.go")
+_DEFAULT_GO = "/usr/local/go/bin/go"
+_BUILD_TIMEOUT_S = 20 * 60.0
+_START_TIMEOUT_S = 20.0
+_PORT_ATTEMPTS = 5
+
+
+class EmulatorUnavailable(RuntimeError):
+    """Go is missing or the launcher did not build or start; the message says why."""
+
+
+def go_binary() -> str:
+    candidate = os.environ.get("GO") or shutil.which("go") or _DEFAULT_GO
+    if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+        raise EmulatorUnavailable(
+            f"the Go toolchain was not found (looked for $GO, go on PATH, {_DEFAULT_GO}); it is needed to build "
+            f"the Pub/Sub emulator in {SOURCE_DIR}. Install Go (https://go.dev/dl) or set $GO.")
+    return candidate
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def binary_path() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "feedback-pipeline" / f"pubsub-emulator-{source_hash()}"
+
+
+def build_emulator() -> Path:
+    """The launcher binary for the current sources: cached, or built now. Raises EmulatorUnavailable."""
+    target = binary_path()
+    if target.is_file() and os.access(target, os.X_OK):
+        return target
+    go = go_binary()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly", "GOTOOLCHAIN": "local"}
+    cmd = [go, "build", "-trimpath", "-o", str(tmp), "."]
+    print(f"\nbuilding the Pub/Sub emulator ({' '.join(cmd)} in {SOURCE_DIR}); the first build downloads "
+          f"its Go modules and takes a few minutes", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=SOURCE_DIR, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=_BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        tmp.unlink(missing_ok=True)
+        raise EmulatorUnavailable(f"`go build` of the Pub/Sub emulator did not finish in {_BUILD_TIMEOUT_S:.0f}s; "
+                                  f"output:\n{_tail((e.stderr or b'').decode(errors='replace'))}") from None
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise EmulatorUnavailable(
+            f"`go build` of the Pub/Sub emulator failed (exit code {proc.returncode}) in {SOURCE_DIR}; "
+            f"the Go module proxy must be reachable for the first build. Output:\n{_tail(proc.stdout + proc.stderr)}")
+    os.replace(tmp, target)   # atomic: a concurrent session sees the old state or a whole binary
+    print(f"built {target} in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    return target
+
+
+def _tail(text: str, limit: int = 4000) -> str:
+    return text[-limit:] if text else "(no output)"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():   # Linux: the emulator gets SIGTERM if the test process dies without cleaning up
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-4000:]
+    except OSError:
+        return "(no log)"
+
+
+def _client_works(host_port: str) -> bool:
+    """One real client call (ListTopics) over an insecure channel, as PUBSUB_EMULATOR_HOST would make."""
+    import grpc
+    from google.api_core import exceptions
+    from google.pubsub_v1 import PublisherClient
+    from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+
+    channel = grpc.insecure_channel(host_port)
+    try:
+        client = PublisherClient(transport=PublisherGrpcTransport(channel=channel))
+        list(client.list_topics(request={"project": "projects/readiness-probe"}, timeout=2))
+        return True
+    except (exceptions.GoogleAPICallError, exceptions.RetryError):
+        return False
+    finally:
+        channel.close()
+
+
+def _wait_until_ready(proc: subprocess.Popen, host_port: str, log_path: str) -> bool:
+    """True once a client call succeeds; False if the emulator exited (e.g. the port was taken meanwhile)."""
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if "listening on" in _read(log_path) and _client_works(host_port):
+            return True
+        time.sleep(0.1)
+    _stop(proc)
+    raise EmulatorUnavailable(f"the Pub/Sub emulator on {host_port} did not answer a client call within "
+                              f"{_START_TIMEOUT_S:.0f}s; log:\n{_read(log_path)}")
+
+
+@contextlib.contextmanager
+def run_pubsub_emulator() -> Iterator[str]:
+    """Build (if needed) and start the emulator on a free loopback port; yield "host:port"; stop it on exit."""
+    binary = build_emulator()
+    with tempfile.TemporaryDirectory(prefix="pubsub-emulator-") as workdir:
+        for attempt in range(_PORT_ATTEMPTS):
+            host_port = f"127.0.0.1:{_free_port()}"
+            log_path = os.path.join(workdir, f"emulator-{attempt}.log")
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen([str(binary), "--host-port", host_port], stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            try:
+                if _wait_until_ready(proc, host_port, log_path):
+                    yield host_port
+                    return
+            finally:
+                _stop(proc)
+            if "address already in use" not in _read(log_path):
+                break
+        raise EmulatorUnavailable(f"the Pub/Sub emulator did not start (exit code {proc.returncode}); "
+                                  f"log:\n{_read(log_path)}")
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator() -> Iterator[str]:
+    """"host:port" of a Pub/Sub emulator shared by the test session. Tests sharing it should use their
+    own project id (topics and subscriptions live under projects/<id>/...)."""
+    stack = contextlib.ExitStack()
+    try:
+        host_port = stack.enter_context(run_pubsub_emulator())
+    except EmulatorUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    with stack:
+        yield host_port

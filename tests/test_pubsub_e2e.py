@@ -1,0 +1,332 @@
+"""The streaming job end to end against a real Pub/Sub emulator (tests/pubsub_emulator.py).
+
+The official google-cloud-pubsub client creates the topics and subscriptions and publishes the
+generator's records; `python -m pipelines.streaming` runs as a subprocess on the BundleBasedDirectRunner,
+reading the events subscription and publishing labels and dead letters to their topics, both through
+PUBSUB_EMULATOR_HOST. The test pulls what the job published, reads its files, compares both with the
+generator's ground truth, then stops the job with SIGTERM and expects a clean exit.
+
+Time. The DirectRunner's Pub/Sub watermark is the wall clock and the job's too-late rule compares the
+publish time with the event time, so the events are generated just ahead of now ("start" below), all
+inside one `sessions.split_every` bucket, with every outcome, label and window due a few minutes later.
+The job config shrinks the event-time rules accordingly (lateness 2 min, buckets 2 min, label window
+1 min); the generator's label truth is computed with the same window (see `truth`).
+
+Delivery. The DirectRunner pulls 10 messages at a time and acknowledges each pull before processing it:
+at-most-once. A job that crashes mid-bundle loses those messages; a clean run delivers each message
+once, which is what the exact counts below rely on (a lost or repeated message fails them).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import fastavro
+import orjson
+import pytest
+import yaml
+
+from tests.conftest import ROOT, SCHEMA_DIR
+from tests.pubsub_emulator import pubsub_emulator  # noqa: F401  (session fixture)
+
+pytestmark = pytest.mark.slow
+
+PROJECT = "feedback-e2e"
+N_EVENTS = 1000
+SEED = 11
+RUNNER = "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"
+# Event-time rules of the job, in seconds (config/streaming.yaml has 1 h, 1 h, 30 min, 5 min).
+LATENESS = 120          # time.lateness
+SPLIT_EVERY = 120       # sessions.split_every: the job releases a user's events at bucket end + LATENESS
+LABEL_WINDOW = 60       # labels.window: a label is due at impression + max(LABEL_WINDOW, LATENESS)
+OUTPUT_WINDOW = 60      # time.output_window
+# The generator's users all arrive within ~11 s, so N_EVENTS span under a minute of event time.
+GENERATOR_KNOBS = {"duration_hours": 0.003,
+                   # Crawler bots only: a per-event rule. The behavioural rules judge whole activity runs,
+                   # which this short a stream cuts off (the generator warns), so they would not match the truth.
+                   "bot_rule_split": {"crawler_user_agent": 1.0}}
+# Wall-clock seconds the job gets to pull and process every message before the first window closes
+# (measured ~20-40 messages/s on 2 busy cores: 10 messages per pull, each pull one bundle).
+PROCESSING_BUDGET = 150
+SETTLE_S = 60           # after the release time: how long outputs may keep arriving
+QUIET_S = 15            # ... and stop waiting once nothing changed for this long
+JOB_STOP_TIMEOUT_S = 60
+OUTPUT_NAMES = ("archive", "bots", "labels", "slates", "dead_letter", "orphan_outcomes", "late_outcomes",
+                "duplicates", "consent_dropped")
+
+
+# --- the plan: event times just ahead of the wall clock ------------------------------------------
+
+def plan_times(now: float) -> tuple[float, float]:
+    """(start of the events, release time), both epoch seconds.
+
+    Every event falls in the `split_every` bucket [B, B + SPLIT_EVERY) (one bucket, so no user's
+    activity or label is split across two), which the job releases at B + SPLIT_EVERY + LATENESS: the
+    earliest such time that leaves PROCESSING_BUDGET to process every message. Then now - B <=
+    SPLIT_EVERY + LATENESS - PROCESSING_BUDGET (90 s) < LATENESS, so no event is too late by its
+    publish time, as in the truth (no arrival times: nothing too late).
+    """
+    bucket = math.ceil((now + PROCESSING_BUDGET - SPLIT_EVERY - LATENESS) / SPLIT_EVERY) * SPLIT_EVERY
+    assert now - bucket < LATENESS - 20
+    return bucket + 1.0, bucket + SPLIT_EVERY + LATENESS
+
+
+def job_config(path: Path) -> Path:
+    """config/streaming.yaml with the short event-time rules above."""
+    cfg = yaml.safe_load((ROOT / "config" / "streaming.yaml").read_text())
+    cfg["schema"]["directory"] = str(SCHEMA_DIR)
+    cfg.pop("online_store", None)      # no Redis here (tests/test_online_store.py covers it)
+    cfg["time"].update(lateness=f"{LATENESS}s", output_window={"type": "fixed", "size": f"{OUTPUT_WINDOW}s"},
+                       # Any early_firing stops the job at start-up: pipelines/streaming.py passes the float
+                       # seconds to AfterProcessingTime, whose proto needs an int ("'float' object cannot be
+                       # interpreted as an integer"). Off until that is fixed.
+                       early_firing=None)
+    cfg["sessions"] = {"gap": f"{LATENESS}s", "split_every": f"{SPLIT_EVERY}s"}
+    cfg["labels"]["window"] = f"{LABEL_WINDOW}s"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def make_events(path: Path, start: float, monkeypatch) -> dict:
+    """Generate the events and their truth. The generator's label truth uses the pipeline's default
+    30 min attribution window (its module constant LABEL_WINDOW_MS); the job here uses LABEL_WINDOW,
+    so the truth is computed with that window too."""
+    from pipelines import generate as gen
+    monkeypatch.setattr(gen, "LABEL_WINDOW_MS", LABEL_WINDOW * 1000)
+    iso = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    truth = gen.generate(N_EVENTS, str(path), seed=SEED, start=iso, lateness_s=LATENESS, **GENERATOR_KNOBS)
+    lo, hi = (dt.datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() for t in truth["event_time_range"])
+    bucket = start - 1.0
+    assert bucket <= lo and hi < bucket + SPLIT_EVERY, (
+        f"the events span {truth['event_time_range']}, more than one {SPLIT_EVERY}s bucket from "
+        f"{bucket}: lower N_EVENTS or duration_hours")
+    assert truth["counts"]["too_late"] == 0
+    return truth
+
+
+# --- Pub/Sub through the official client ----------------------------------------------------------
+
+class PubSub:
+    """Topics and subscriptions of one test, through google-cloud-pubsub and PUBSUB_EMULATOR_HOST."""
+
+    def __init__(self):
+        from google.cloud import pubsub_v1
+        self.publisher = pubsub_v1.PublisherClient()
+        self.subscriber = pubsub_v1.SubscriberClient()
+
+    def topic(self, name: str) -> str:
+        path = self.publisher.topic_path(PROJECT, name)
+        self.publisher.create_topic(name=path)
+        return path
+
+    def subscription(self, topic: str, name: str) -> str:
+        path = self.subscriber.subscription_path(PROJECT, name)
+        self.subscriber.create_subscription(name=path, topic=topic, ack_deadline_seconds=60)
+        return path
+
+    def publish_lines(self, topic: str, lines: list[bytes]) -> list[str]:
+        """Every line as one message, with its line number and (when it has one) event_id as attributes.
+        Returns the message ids."""
+        futures = []
+        for n, line in enumerate(lines, 1):
+            attrs = {"line": str(n)}
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("event_id"), str) and obj["event_id"]:
+                attrs["event_id"] = obj["event_id"][:1024]
+            futures.append(self.publisher.publish(topic, line, **attrs))
+        return [f.result(timeout=60) for f in futures]
+
+    def pull_all(self, subscription: str) -> list:
+        """Every message waiting now (acknowledged), as PubsubMessage protos."""
+        out = []
+        while True:
+            response = self.subscriber.pull(subscription=subscription, max_messages=1000, timeout=10)
+            received = response.received_messages
+            if not received:
+                return out
+            self.subscriber.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in received])
+            out.extend(m.message for m in received)
+
+    def close(self):
+        self.publisher.stop()
+        self.subscriber.close()
+
+
+# --- the job's files ----------------------------------------------------------------------------------
+
+def read_output(out: Path, name: str) -> list[dict]:
+    """Every record of one output (files are written whole, then renamed, so none is half-written)."""
+    records = []
+    for path in sorted(glob.glob(str(out / name / "*"))):
+        if path.endswith(".avro"):
+            with open(path, "rb") as f:
+                records.extend(fastavro.reader(f))
+        elif path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                records.extend(orjson.loads(line) for line in f if line.strip())
+    return records
+
+
+def count_files(out: Path) -> int:
+    return sum(len(glob.glob(str(out / name / "*"))) for name in OUTPUT_NAMES)
+
+
+def _log_tail(path: Path, limit: int = 6000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return "(no log)"
+
+
+# --- the test ------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(600)
+def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkeypatch):
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator)
+    t_begin = time.monotonic()
+    start, release = plan_times(time.time())
+    truth = make_events(tmp_path / "events.jsonl", start, monkeypatch)
+    lines = (tmp_path / "events.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 == N_EVENTS
+    lines = lines[:-1]
+
+    ps = PubSub()
+    events_topic, labels_topic, dead_topic = ps.topic("events"), ps.topic("labels"), ps.topic("dead-letters")
+    events_sub = ps.subscription(events_topic, "events-job")
+    labels_sub = ps.subscription(labels_topic, "labels-check")
+    dead_sub = ps.subscription(dead_topic, "dead-letters-check")
+    published_from = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    message_ids = ps.publish_lines(events_topic, lines)
+    published_until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
+    assert len(set(message_ids)) == N_EVENTS
+
+    out = tmp_path / "out"
+    log_path = tmp_path / "job.log"
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_emulator, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipelines.streaming", "--config", str(job_config(tmp_path / "job.yaml")),
+           "--subscription", events_sub, "--output", str(out), "--labels-topic", labels_topic,
+           "--dead-letter-topic", dead_topic, f"--runner={RUNNER}"]
+    with open(log_path, "wb") as log:
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    labels_msgs, dead_msgs = [], []
+    expected_dead = sum(truth["dead_letter_by_reason"].values())
+    last_dead_at = None
+    try:
+        # Wait for the release time, then until everything expected is out or nothing changes any more.
+        state, changed_at = None, time.time()
+        while True:
+            assert job.poll() is None, f"the job exited early (code {job.returncode}); log:\n{_log_tail(log_path)}"
+            labels_msgs += ps.pull_all(labels_sub)
+            new_dead = ps.pull_all(dead_sub)
+            if new_dead:
+                dead_msgs += new_dead
+                last_dead_at = time.time()
+            now = time.time()
+            new_state = (len(labels_msgs), len(dead_msgs), count_files(out))
+            if new_state != state:
+                state, changed_at = new_state, now
+            complete = (len(labels_msgs) == truth["labels"]["exposures"] and len(dead_msgs) == expected_dead
+                        and len(read_output(out, "labels")) == len(labels_msgs)
+                        and len(read_output(out, "archive")) == truth["counts"]["valid"])
+            if complete and now > release:
+                break
+            if now > release + SETTLE_S and now - changed_at > QUIET_S:
+                break
+            if now > release + SETTLE_S + 120:
+                break
+            time.sleep(2)
+    finally:
+        stop_at = time.monotonic()
+        if job.poll() is None:
+            job.send_signal(signal.SIGTERM)
+        try:
+            code = job.wait(JOB_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.wait(10)
+            code = None
+        stop_s = time.monotonic() - stop_at
+        labels_msgs += ps.pull_all(labels_sub)
+        dead_msgs += ps.pull_all(dead_sub)
+        ps.close()
+    job_log = _log_tail(log_path)
+    processed_s = (last_dead_at - published_until.timestamp()) if last_dead_at else float("nan")
+    print(f"\npubsub e2e: {N_EVENTS} messages; the last dead letter came {processed_s:.0f}s after publishing "
+          f"(budget {PROCESSING_BUDGET}s); release {release - published_until.timestamp():.0f}s after publishing; "
+          f"job exited {stop_s:.1f}s after SIGTERM; {count_files(out)} output files; test {time.monotonic() - t_begin:.0f}s",
+          file=sys.stderr)
+
+    # The job stops cleanly on SIGTERM.
+    assert code == 0, f"the job did not exit 0 within {JOB_STOP_TIMEOUT_S}s of SIGTERM (code {code}); log:\n{job_log}"
+
+    outputs = {name: read_output(out, name) for name in OUTPUT_NAMES}
+    counts = truth["counts"]
+
+    # Dead letters: every reason the truth predicts, with its count, on the topic and in the files; each
+    # one names a distinct published message (source "pubsub:<message id>").
+    predicted = Counter({r: n for r, n in truth["dead_letter_by_reason"].items() if n})
+    published_dead = [json.loads(m.data) for m in dead_msgs]
+    assert Counter(d["reason"] for d in published_dead) == predicted
+    assert Counter(d["reason"] for d in outputs["dead_letter"]) == predicted
+    sources = [d["source"] for d in published_dead]
+    assert len(set(sources)) == len(sources) and {s.removeprefix("pubsub:") for s in sources} <= set(message_ids)
+    assert sorted(sources) == sorted(d["source"] for d in outputs["dead_letter"])
+
+    # Every valid event archived once (a clean run of an at-most-once source delivers each message once).
+    archive = outputs["archive"]
+    assert len(archive) == counts["valid"], "valid events archived != truth"
+    assert len({e["event_id"] for e in archive}) == len(archive)
+    assert Counter(e["event_type"] for e in archive) == Counter(
+        {t: n for t, n in truth["valid_event_count_by_type"].items() if n})
+    # Arrival time is the publish time (the emulator's clock is this machine's).
+    assert all(published_from <= e["arrival_time"] <= published_until for e in archive)
+
+    # The other outcomes, by event id.
+    assert sorted(e["event_id"] for e in outputs["bots"]) == sorted(truth["bot_event_ids"])
+    assert Counter(e["bot_rule"] for e in outputs["bots"]) == Counter(
+        {r: n for r, n in truth["bots_by_rule"].items() if n})
+    assert Counter(d["event_id"] for d in outputs["duplicates"]) == Counter(truth["duplicate_event_ids"])
+    assert sorted(c["event_id"] for c in outputs["consent_dropped"]) == sorted(truth["consent_dropped_event_ids"])
+    assert counts["too_late"] == 0
+    accounted = (len(archive) + len(outputs["bots"]) + len(outputs["duplicates"]) + len(outputs["dead_letter"])
+                 + len(outputs["consent_dropped"]))
+    assert accounted == N_EVENTS
+
+    # Labels: one per exposure, published exactly once and written to the files, positives as the truth.
+    published_labels = [json.loads(m.data) for m in labels_msgs]
+    file_labels = outputs["labels"]
+    label_truth = truth["labels"]
+    assert len(published_labels) == label_truth["exposures"] == len(file_labels)
+    assert len({l["label_id"] for l in published_labels}) == len(published_labels)
+    assert sorted(l["label_id"] for l in published_labels) == sorted(l["label_id"] for l in file_labels)
+    assert sorted(l["label_id"] for l in published_labels if l["label"]) == label_truth["positive_label_ids"]
+    assert sum(l["label"] == 0 for l in published_labels) == label_truth["negatives"]
+    for kind in ("click", "add_to_cart", "purchase"):
+        assert sum(kind in l["outcome_types"] for l in published_labels) == label_truth["by_outcome"][kind], kind
+    assert len(outputs["orphan_outcomes"]) == label_truth["orphan_outcomes"]
+    assert len(outputs["late_outcomes"]) == label_truth["late_outcomes"] == 0
+
+    # Slates: every label with a request_id, in one slate per request. Known bug, checked last so that
+    # everything above is asserted first: BuildSlates (transforms/labels.py) groups labels in
+    # Sessions(60 s) windows with no allowed lateness, but labels are stamped at label_time, which is
+    # already behind the watermark by up to split_every + lateness when they are emitted (FilterBots
+    # holds events until bucket end + lateness), so the GroupByKey drops them as late, silently.
+    slate_items = [(s["request_id"], i["item_id"]) for s in outputs["slates"] for i in s["items"]]
+    expected_items = sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
+    if not slate_items and expected_items:
+        pytest.xfail(f"known bug: 0 slates for {len(expected_items)} labels with a request_id "
+                     f"(BuildSlates' session window drops late labels)")
+    assert sorted(slate_items) == expected_items
+    assert len({s["request_id"] for s in outputs["slates"]}) == len(outputs["slates"])
