@@ -18,9 +18,9 @@ from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import StandardOptions
 
-from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, run_main  # noqa: F401 - exit codes re-exported
+from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, pipeline_options, run_main  # noqa: F401 - exit codes re-exported
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
@@ -162,9 +162,7 @@ def run(argv=None) -> dict:
     settings = GraphSettings.from_config(cfg, job_start)
     if not FileSystems.match([args.input])[0].metadata_list:
         raise ConfigError(f"--input: no file matches {args.input!r}")
-    options = PipelineOptions(beam_args)
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    options = pipeline_options(beam_args, DEFAULT_RUNNER)
     paths = OutputPaths(args.output)
     started = time.monotonic()
     p = beam.Pipeline(options=options)

@@ -15,6 +15,19 @@ EXIT_CONFIG = 2       # bad configuration, missing key, bad schema folder, no in
 EXIT_ACCOUNTING = 3   # the run finished but its outputs do not account for every input record
 
 
+def pipeline_options(beam_args, default_runner: str, streaming: bool = False):
+    """Beam options from the arguments the job did not consume, with the default runner named
+    explicitly when none was given (a bare DirectRunner may silently pick another runner)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    options = PipelineOptions(beam_args)
+    standard = options.view_as(StandardOptions)
+    if streaming:
+        standard.streaming = True
+    if not standard.runner:
+        standard.runner = default_runner
+    return options
+
+
 def run_main(run: Callable, argv=None, summary: Optional[Callable] = None,
              exit_code: Optional[Callable] = None) -> int:
     """Runs `run(argv)`; prints `summary(result)`; returns `exit_code(result)` (default 0) or the

@@ -40,11 +40,11 @@ import fastavro
 import orjson
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import window
 
 from pipelines.batch import DEFAULT_RUNNER, beam_counters, read_counters, write_report
-from pipelines.cli import run_main
+from pipelines.cli import pipeline_options, run_main
 from pipelines.graph import GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, CountOutcomes, label_summary, summarise
 from transforms.config import ConfigError, load_config
@@ -237,9 +237,7 @@ def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
     settings = GraphSettings.from_config(cfg)
-    options = PipelineOptions(beam_args)
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    options = pipeline_options(beam_args, DEFAULT_RUNNER)
     paths = OutputPaths(args.output)
     started = time.monotonic()
     p = beam.Pipeline(options=options)

@@ -25,10 +25,9 @@ from typing import Optional
 import apache_beam as beam
 import fastavro
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms import trigger, window
 
-from pipelines.cli import run_main
+from pipelines.cli import pipeline_options, run_main
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms import contract
 from transforms.config import JobConfig, WindowSpec, load_config
@@ -267,10 +266,7 @@ def run(argv=None):
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
     settings = GraphSettings.from_config(cfg)
-    options = PipelineOptions(beam_args)
-    options.view_as(StandardOptions).streaming = True
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    options = pipeline_options(beam_args, DEFAULT_RUNNER, streaming=True)
     p = beam.Pipeline(options=options)
     read = p | "ReadEvents" >> ReadEvents(args.subscription, args.topic, args.message_format,
                                           settings.validation.registry, cfg.time.event_time_attribute)
