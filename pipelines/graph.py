@@ -136,7 +136,7 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
         split_every_s=settings.split_every_s, lateness_s=settings.lateness_s)
     humans = judged["humans"]
     joined = humans | "Labels" >> JoinLabels(settings.labels, streaming=streaming)
-    slates = joined.labels | "Slates" >> BuildSlates(streaming=streaming)
+    slates = joined.labels | "Slates" >> BuildSlates(streaming=streaming, allowed_lateness_s=settings.max_output_delay_s)
     dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
             | "AllDeadLetters" >> beam.Flatten())
     upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(lambda _: None) for i, d in enumerate(upstream_dead_letters)]

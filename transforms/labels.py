@@ -348,9 +348,9 @@ def make_slate(request_id: str, labels: list[dict]) -> dict:
 class BuildSlates(beam.PTransform):
     """Labels -> one slate per request (all items shown, with positions, propensities and labels)."""
 
-    def __init__(self, streaming: bool = False, gap_s: float = 60.0):
+    def __init__(self, streaming: bool = False, gap_s: float = 60.0, allowed_lateness_s: float = 0.0):
         super().__init__()
-        self._streaming, self._gap_s = streaming, gap_s
+        self._streaming, self._gap_s, self._lateness_s = streaming, gap_s, allowed_lateness_s
 
     def expand(self, labels):
         keyed = (labels
@@ -358,7 +358,10 @@ class BuildSlates(beam.PTransform):
                  | "KeyByRequest" >> beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict]))
         if self._streaming:
             # A request's labels share (nearly) one impression time: a short session window gathers them.
-            keyed = keyed | "RequestWindows" >> beam.WindowInto(window.Sessions(self._gap_s))
+            # Labels are emitted when their deadline timer fires, often well behind the watermark: the
+            # windows must allow that lateness or Beam drops them silently (seen with Pub/Sub end to end).
+            keyed = keyed | "RequestWindows" >> beam.WindowInto(window.Sessions(self._gap_s),
+                                                                allowed_lateness=self._lateness_s)
         return (keyed
                 | "GroupRequest" >> beam.GroupByKey()
                 | "Slate" >> beam.MapTuple(lambda r, ls: make_slate(r, list(ls))))
