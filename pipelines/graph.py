@@ -53,7 +53,8 @@ class GraphSettings:
         """How far behind the watermark the graph's outputs can be in streaming: per-user buckets are
         judged at bucket end + lateness, labels at impression + max(window, lateness)."""
         label_wait = max(self.labels.window_ms, self.labels.lateness_ms) / 1000.0
-        return self.split_every_s + self.lateness_s + label_wait + 60.0
+        # Per-user buckets (split_every + lateness), then label timers wait the same again past deadlines.
+        return 2 * (self.split_every_s + self.lateness_s) + label_wait + 60.0
 
     @classmethod
     def from_config(cls, cfg: JobConfig, job_start: Optional[dt.datetime] = None) -> "GraphSettings":
@@ -135,7 +136,8 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
         settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s,
         split_every_s=settings.split_every_s, lateness_s=settings.lateness_s)
     humans = judged["humans"]
-    joined = humans | "Labels" >> JoinLabels(settings.labels, streaming=streaming)
+    joined = humans | "Labels" >> JoinLabels(settings.labels, streaming=streaming,
+                                             upstream_delay_s=settings.split_every_s + settings.lateness_s)
     slates = joined.labels | "Slates" >> BuildSlates(streaming=streaming, allowed_lateness_s=settings.max_output_delay_s)
     dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
             | "AllDeadLetters" >> beam.Flatten())

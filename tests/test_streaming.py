@@ -54,6 +54,9 @@ SCENARIO = sorted([
     (ev("s6", "skip", T0 + 3 * M + 5 * S, "u6", "i6", "r6"), T0 + 3 * M + 6 * S),
     (ev("imp7", "impression", T0 + 90 * M, "u7", "i7", "r7", position=1), T0 + 90 * M + 1 * S),
     (ev("c7", "click", T0 + 91 * M, "u7", "i7", "r7", dwell_ms=4000), T0 + 91 * M + 1 * S),
+    # impression and click on either side of a per-user bucket boundary (sessions.split_every = 1 h)
+    (ev("imp8", "impression", T0 + 59 * M + 50 * S, "u8", "i8", "r8", position=1), T0 + 59 * M + 51 * S),
+    (ev("c8", "click", T0 + 60 * M + 10 * S, "u8", "i8", "r8"), T0 + 60 * M + 11 * S),
 ], key=lambda pair: pair[1])
 
 
@@ -127,7 +130,8 @@ def both(tmp_path_factory, redis_server):
 def test_batch_labels_follow_the_rules(both):
     report, out, _ = both
     labels = {l["label_id"]: l for l in canonical_labels(avro_rows(str(out / "labels" / "*.avro")))}
-    assert set(labels) == {"imp1", "imp2", "imp3", "imp4", "imp6", "imp7"}
+    assert set(labels) == {"imp1", "imp2", "imp3", "imp4", "imp6", "imp7", "imp8"}
+    assert labels["imp8"]["label"] == 1                                             # click in the next bucket
     assert (labels["imp1"]["label"], labels["imp1"]["weight"], labels["imp1"]["outcome_types"]) == (1, 1.0, ["click"])
     assert labels["imp1"]["first_outcome_delay_ms"] == 10 * S
     assert (labels["imp2"]["label"], labels["imp2"]["weight"]) == (1, 5.0)          # purchase without request_id
@@ -139,7 +143,7 @@ def test_batch_labels_follow_the_rules(both):
     late = jsonl_rows(str(out / "late_outcomes" / "*.jsonl"))
     assert [(o["event_id"], o["label_id"]) for o in late] == [("a4", "imp4")]
     assert report["counts"]["too_late"] == 1 and report["counts"]["duplicates"] == 1
-    assert report["labels"]["one_label_per_exposure"] and report["labels"]["exposures"] == 6
+    assert report["labels"]["one_label_per_exposure"] and report["labels"]["exposures"] == 7
     too_late = [d for d in jsonl_rows(str(out / "dead_letter" / "*.jsonl")) if d["reason"] == "too_late"]
     assert too_late[0]["event_id"] == "v5" and too_late[0]["late_ms"] == 2 * H
     slates = {s["request_id"]: s for s in avro_rows(str(out / "slates" / "*.avro"))}
@@ -171,7 +175,7 @@ def test_streaming_counts_balance(both):
         counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]
     outcomes = ("valid", "duplicates", "bots", "dead_letter", "consent_dropped", "too_late")
     assert counters["input"] == len(SCENARIO) == sum(counters.get(o, 0) for o in outcomes)
-    assert counters["labels"] == counters["exposures"] == 6
+    assert counters["labels"] == counters["exposures"] == 7
 
 
 def feature_rows(root):

@@ -238,14 +238,18 @@ class _SettleStreamingFn(beam.DoFn):
     NEXT = ReadModifyWriteStateSpec("labels_next_due", VarIntCoder())
     DUE = TimerSpec("labels_due", TimeDomain.WATERMARK)
 
-    def __init__(self, rules: LabelRules):
+    def __init__(self, rules: LabelRules, upstream_delay_ms: int = 0):
         self._rules = rules
+        # Events reach this step up to `upstream_delay_ms` behind the watermark (the per-user bot and
+        # session buckets close at bucket end + lateness). Timers wait that much longer than the
+        # event-time deadline, so every outcome that counts under the rule has arrived when it fires.
+        self._delay = upstream_delay_ms
         self._counters = {k: Metrics.counter(METRICS_NS, k) for k in ("labels", "positives", "orphans", "late_outcomes")}
 
     def _due(self, e: dict) -> int:
         if is_exposure(e):
-            return self._rules.deadline(e["event_time"])
-        return self._rules.orphan_deadline(e["event_time"])
+            return self._rules.deadline(e["event_time"]) + self._delay
+        return self._rules.orphan_deadline(e["event_time"]) + self._delay
 
     def process(self, keyed, events=beam.DoFn.StateParam(EVENTS), done=beam.DoFn.StateParam(DONE),
                 next_due=beam.DoFn.StateParam(NEXT), due=beam.DoFn.TimerParam(DUE)):
@@ -271,7 +275,7 @@ class _SettleStreamingFn(beam.DoFn):
     @on_timer(DUE)
     def _on_due(self, fire=beam.DoFn.TimestampParam, events=beam.DoFn.StateParam(EVENTS),
                 done=beam.DoFn.StateParam(DONE), next_due=beam.DoFn.StateParam(NEXT), due=beam.DoFn.TimerParam(DUE)):
-        now = fire.micros // 1000
+        now = fire.micros // 1000 - self._delay   # the event-time deadline this firing settles
         buffered = list(events.read())
         emitted, reported = done.read() or (frozenset(), frozenset())
         exposures, outcomes = split_events(buffered, self._rules)
@@ -285,7 +289,7 @@ class _SettleStreamingFn(beam.DoFn):
                 if (e["event_id"] not in emitted and e["event_id"] not in reported)
                 or e["event_time"] + horizon > now]
         pending = [self._due(e) for e in keep
-                   if e["event_id"] not in emitted and e["event_id"] not in reported and self._due(e) > now]
+                   if e["event_id"] not in emitted and e["event_id"] not in reported and self._due(e) > now + self._delay]
         events.clear()
         for e in keep:
             events.add(e)
@@ -296,7 +300,7 @@ class _SettleStreamingFn(beam.DoFn):
         kept_ids = {e["event_id"] for e in keep}
         done.write((frozenset(emitted & kept_ids), frozenset(reported & kept_ids)))
         # Wake again for the next decision, or to forget the key once nothing can change.
-        when = min(pending) if pending else max(e["event_time"] for e in keep) + horizon + 1
+        when = min(pending) if pending else max(e["event_time"] for e in keep) + horizon + self._delay + 1
         next_due.write(when)
         due.set(Timestamp(micros=when * 1000))
 
@@ -306,11 +310,12 @@ class JoinLabels(beam.PTransform):
     ORPHANS = "orphans"
     LATE_OUTCOMES = "late_outcomes"
 
-    def __init__(self, rules: LabelRules, streaming: bool = False):
+    def __init__(self, rules: LabelRules, streaming: bool = False, upstream_delay_s: float = 0.0):
         super().__init__()
         if rules.window_ms <= 0:
             raise ValueError("attribution window must be > 0")
         self._rules, self._streaming = rules, streaming
+        self._delay_ms = int(upstream_delay_s * 1000)
 
     def expand(self, events):
         types = self._rules.outcome_types | {EXPOSURE_TYPE}
@@ -318,7 +323,7 @@ class JoinLabels(beam.PTransform):
                  | "ExposuresAndOutcomes" >> beam.Filter(lambda e: e["event_type"] in types and e.get("item_id") is not None)
                  | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict]))
         if self._streaming:
-            fn = _SettleStreamingFn(self._rules)
+            fn = _SettleStreamingFn(self._rules, self._delay_ms)
             return keyed | "SettleAsDue" >> beam.ParDo(fn).with_outputs(self.ORPHANS, self.LATE_OUTCOMES, main="labels")
         return (keyed
                 | "GroupUserItem" >> beam.GroupByKey()
