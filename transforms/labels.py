@@ -213,13 +213,15 @@ class _SettleBatchFn(beam.DoFn):
         yield from _emit(settle(exposures, outcomes, self._rules), self._counters)
 
 
-def _emit(s: Settlement, counters):
+def _emit(s: Settlement, counters, stamp_delay_ms: int = 0):
     for label in s.labels:
         counters["labels"].inc()
         if label["label"]:
             counters["positives"].inc()
-        # Stamped at label_time: when the label became final (a streaming timer's own time).
-        yield window.TimestampedValue(label, label["label_time"] / 1000.0)
+        # Stamped when the label became final: label_time, plus in streaming the delay the timer waits
+        # for upstream buckets -- the timer's own time, so labels are on time for the windows after
+        # (a request's slate then comes in one pane, not one late pane per label).
+        yield window.TimestampedValue(label, (label["label_time"] + stamp_delay_ms) / 1000.0)
     for o in s.orphans:
         counters["orphans"].inc()
         yield beam.pvalue.TaggedOutput(JoinLabels.ORPHANS, window.TimestampedValue(o, o["event_time"] / 1000.0))
@@ -282,7 +284,7 @@ class _SettleStreamingFn(beam.DoFn):
         s = settle(exposures, outcomes, self._rules, now=now, emitted=emitted, reported=reported)
         emitted = emitted | {l["label_id"] for l in s.labels}
         reported = reported | {o["event_id"] for o in s.orphans + s.late_outcomes} | s.consumed
-        yield from _emit(s, self._counters)
+        yield from _emit(s, self._counters, self._delay)
         # Keep what a later outcome may still need; drop what no future decision can touch.
         horizon = self._rules.window_ms + self._rules.lateness_ms + self._rules.clock_skew_ms
         keep = [e for e in buffered
