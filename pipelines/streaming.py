@@ -146,7 +146,8 @@ def output_windowing(cfg: JobConfig, settings: GraphSettings, label: str, accumu
     output is ever dropped by Beam as late.
     """
     t = cfg.time
-    early = trigger.AfterProcessingTime(t.early_firing) if t.early_firing else None
+    # AfterProcessingTime takes whole seconds (a float fails when the trigger is translated).
+    early = trigger.AfterProcessingTime(max(1, round(t.early_firing))) if t.early_firing else None
     late = trigger.AfterCount(1) if t.late_firings else None
     mode = (trigger.AccumulationMode.ACCUMULATING if accumulate and t.accumulation == "accumulating"
             else trigger.AccumulationMode.DISCARDING)

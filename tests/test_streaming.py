@@ -217,3 +217,15 @@ def test_online_store_holds_the_newest_window_per_entity(both, redis_server):
         stored = read_features(client, etype, win, eid, prefix="parity")
         assert stored is not None, (etype, eid)
         assert stored["window_end"] == row["window_end"] and stored["n_events"] == row["n_events"]
+
+
+def test_shipped_streaming_config_triggers_translate(tmp_path):
+    """config/streaming.yaml's early firings must survive translation to the runner API (a float delay
+    did not: 'float' object cannot be interpreted as an integer)."""
+    from apache_beam.transforms import trigger as tr
+    cfg = load_config("config/streaming.yaml")
+    settings = GraphSettings.from_config(cfg)
+    windowing = streaming.output_windowing(cfg, settings, "W").transform
+    assert cfg.time.early_firing
+    proto = windowing.windowing.triggerfn.to_runner_api(None)
+    assert tr.TriggerFn.from_runner_api(proto, None) is not None

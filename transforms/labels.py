@@ -355,7 +355,7 @@ def make_slate(request_id: str, labels: list[dict]) -> dict:
 class BuildSlates(beam.PTransform):
     """Labels -> one slate per request (all items shown, with positions, propensities and labels)."""
 
-    def __init__(self, streaming: bool = False, gap_s: float = 60.0, allowed_lateness_s: float = 0.0):
+    def __init__(self, streaming: bool = False, gap_s: float = 10.0, allowed_lateness_s: float = 0.0):
         super().__init__()
         self._streaming, self._gap_s, self._lateness_s = streaming, gap_s, allowed_lateness_s
 
