@@ -14,12 +14,11 @@ Use from a test module with ``from tests.engines import *  # noqa: F401,F403`` (
 """
 from __future__ import annotations
 
+from tests.processes import free_port, stop
 import dataclasses
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -121,10 +120,6 @@ def flink_options(jar: str, master: str = "[local]", *extra: str) -> list:
             "--environment_type=LOOPBACK", *extra]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass
@@ -182,15 +177,6 @@ def _write_flink_conf(home: str, conf_dir: Path, rest_port: int, rpc_port: int) 
     (conf_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -199,7 +185,7 @@ def flink_cluster(flink_home, tmp_path_factory):
     if shutil.which("java") is None:
         pytest.fail("java is not on PATH: the Flink cluster needs Java 17", pytrace=False)
     work = tmp_path_factory.mktemp("flink-cluster")
-    rest_port, rpc_port = _free_port(), _free_port()
+    rest_port, rpc_port = free_port(), free_port()
     _write_flink_conf(flink_home, work / "conf", rest_port, rpc_port)
     for d in ("log", "pid"):
         (work / d).mkdir()
@@ -235,4 +221,4 @@ def flink_cluster(flink_home, tmp_path_factory):
         # TaskManager first, as taskmanager.sh/jobmanager.sh stop would.
         for role in ("taskmanager", "jobmanager"):
             if role in procs:
-                _stop(procs[role])
+                stop(procs[role], timeout=20)

@@ -20,12 +20,11 @@ project's machines (/usr/local/go/bin/go); point $GO at another binary if needed
 """
 from __future__ import annotations
 
+from tests.processes import DIE_WITH_PARENT, free_port, stop
 import contextlib
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -102,28 +101,10 @@ def _tail(text: str, limit: int = 4000) -> str:
     return text[-limit:] if text else "(no output)"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _die_with_parent():   # Linux: the emulator gets SIGTERM if the test process dies without cleaning up
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def _read(path: str) -> str:
@@ -161,7 +142,7 @@ def _wait_until_ready(proc: subprocess.Popen, host_port: str, log_path: str) -> 
         if "listening on" in _read(log_path) and _client_works(host_port):
             return True
         time.sleep(0.1)
-    _stop(proc)
+    stop(proc)
     raise EmulatorUnavailable(f"the Pub/Sub emulator on {host_port} did not answer a client call within "
                               f"{_START_TIMEOUT_S:.0f}s; log:\n{_read(log_path)}")
 
@@ -172,18 +153,18 @@ def run_pubsub_emulator() -> Iterator[str]:
     binary = build_emulator()
     with tempfile.TemporaryDirectory(prefix="pubsub-emulator-") as workdir:
         for attempt in range(_PORT_ATTEMPTS):
-            host_port = f"127.0.0.1:{_free_port()}"
+            host_port = f"127.0.0.1:{free_port()}"
             log_path = os.path.join(workdir, f"emulator-{attempt}.log")
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen([str(binary), "--host-port", host_port], stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=subprocess.STDOUT,
-                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                        preexec_fn=DIE_WITH_PARENT)
             try:
                 if _wait_until_ready(proc, host_port, log_path):
                     yield host_port
                     return
             finally:
-                _stop(proc)
+                stop(proc)
             if "address already in use" not in _read(log_path):
                 break
         raise EmulatorUnavailable(f"the Pub/Sub emulator did not start (exit code {proc.returncode}); "

@@ -10,13 +10,11 @@ skip: install it with `apt-get install redis-server` (or point $REDIS_SERVER at 
 """
 from __future__ import annotations
 
+from tests.processes import DIE_WITH_PARENT, free_port, stop
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Iterator
@@ -44,28 +42,10 @@ def redis_server_binary() -> str:
     return candidate
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _die_with_parent():   # Linux: the server gets SIGTERM if the test process dies without cleaning up
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def _wait_for_ping(proc: subprocess.Popen, port: int, log_path: str) -> bool:
@@ -90,7 +70,7 @@ def _wait_for_ping(proc: subprocess.Popen, port: int, log_path: str) -> bool:
                 time.sleep(0.05)
     finally:
         client.close()
-    _stop(proc)
+    stop(proc)
     raise RuntimeError(f"redis-server on port {port} did not answer PING within {_START_TIMEOUT_S}s; "
                        f"log:\n{_read(log_path)}")
 
@@ -112,19 +92,19 @@ def run_redis_server(*extra_args: str) -> Iterator[tuple[str, int]]:
     binary = redis_server_binary()
     with tempfile.TemporaryDirectory(prefix="redis-test-") as workdir:
         for attempt in range(_PORT_ATTEMPTS):
-            port = _free_port()
+            port = free_port()
             log_path = os.path.join(workdir, f"redis-{attempt}.log")
             args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--dir", workdir, "--daemonize", "no", "--logfile", log_path, *extra_args]
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                    preexec_fn=DIE_WITH_PARENT)
             try:
                 if _wait_for_ping(proc, port, log_path):
                     yield "127.0.0.1", port
                     return
             finally:
-                _stop(proc)
+                stop(proc)
             if "Address already in use" not in _read(log_path):
                 break
         raise RuntimeError(f"redis-server did not start (exit code {proc.returncode}); log:\n{_read(log_path)}")
