@@ -28,9 +28,11 @@ def is_duplicate(first_time_ms: Optional[int], event_time_ms: int, horizon_ms: i
 
 def split_copies(copies: list[dict], horizon_ms: int) -> tuple[list[dict], list[dict]]:
     """All copies of one event_id -> (kept, duplicates), deciding exactly as `_DedupeFn` does when the
-    copies arrive in event-time order (ties broken by content, so the choice is deterministic)."""
+    copies arrive in event-time order (then arrival order; ties broken by content, so the choice is
+    deterministic)."""
     kept, dups, kept_time = [], [], None
-    for e in sorted(copies, key=lambda e: (e["event_time"], repr(sorted(e.items())))):
+    # Earliest-arriving copy first, as streaming sees them (then content, for a deterministic tie-break).
+    for e in sorted(copies, key=lambda e: (e["event_time"], e.get("arrival_time") or 0, repr(sorted(e.items())))):
         if is_duplicate(kept_time, e["event_time"], horizon_ms):
             dups.append(e)
         else:
