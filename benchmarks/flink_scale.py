@@ -94,7 +94,8 @@ class PeakWatcher:
     def _run(self):
         while not self._stop.is_set():
             for pid in _children_java(os.getpid()):
-                self.pids.setdefault("job server", pid)
+                if pid not in self.pids.values():   # the cluster's JVMs are children too
+                    self.pids.setdefault("job server", pid)
             for name, pid in self.pids.items():
                 hwm = vm_hwm_mib(pid)
                 if hwm is not None:

@@ -31,6 +31,7 @@ import apache_beam as beam
 import fastavro
 import orjson
 import pytest
+from apache_beam.coders import BytesCoder
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms import window
@@ -273,24 +274,34 @@ def test_batch_survives_a_killed_taskmanager(generated, flink_job_server_jar, fl
 def scenario_stream(settings, events_with_arrival, slack_ms=5 * ts.S, step_watermark=True) -> TestStream:
     """tests/test_streaming.py's TestStream (watermark = arrival - slack), optionally without the
     extra watermark steps before infinity that BundleBasedDirectRunner needs."""
-    stream, watermark = TestStream(), None
+    # Elements are bytes (a standard coder): the runner itself holds TestStream's elements, and Flink's
+    # Java side cannot decode Python's pickled tuples ("UnknownCoderWrapper was used ... decoding").
+    stream, watermark = TestStream(coder=BytesCoder()), None
     for n, (e, arrival) in enumerate(events_with_arrival):
         wm = (arrival - slack_ms) / 1000.0
         if watermark is None or wm > watermark:
             stream, watermark = stream.advance_watermark_to(wm), wm
-        stream = stream.add_elements([window.TimestampedValue((f"test:{n}", orjson.dumps(e), arrival), arrival / 1000.0)])
+        element = orjson.dumps([f"test:{n}", orjson.dumps(e).decode(), arrival])
+        stream = stream.add_elements([window.TimestampedValue(element, arrival / 1000.0)])
     if step_watermark:
         last = max(a for _, a in events_with_arrival)
         for step in range(1, 9):
             stream = stream.advance_watermark_to((last + step * settings.max_output_delay_s * 1000 / 2) / 1000.0)
-    return stream.advance_watermark_to_infinity()
+    return stream.advance_watermark_to_infinity().with_output_types(bytes)
+
+
+def _raw_record(element: bytes) -> tuple:
+    source, payload, arrival = orjson.loads(element)
+    return source, payload.encode(), arrival
 
 
 def run_streaming_on(beam_args, settings, cfg, events_with_arrival, out_dir, step_watermark=True):
     options = PipelineOptions(list(beam_args), streaming=True)
     started = time.monotonic()
     with beam.Pipeline(options=options) as p:
-        raw = p | "Events" >> scenario_stream(settings, events_with_arrival, step_watermark=step_watermark)
+        raw = (p
+               | "Events" >> scenario_stream(settings, events_with_arrival, step_watermark=step_watermark)
+               | "RawRecords" >> beam.Map(_raw_record))
         streaming.build(p, cfg, settings, raw, str(out_dir))
     print(f"\nstreaming graph on {beam_args[0]}: {time.monotonic() - started:.1f} s")
 
