@@ -1,7 +1,7 @@
 """Scale: the batch job on a standalone Flink 1.20.3 cluster with fixed TaskManager memory.
 
     python benchmarks/flink_scale.py --events 2000000 [--files 10] [--tm-memory 2g] [--workdir /tmp/flink-bench]
-    python benchmarks/flink_scale.py --events 2000 --files 2       # tiny: what CI runs (tests/test_benchmarks.py)
+    python benchmarks/flink_scale.py --events 2000 --files 2       # tiny (CI runs it on the tests' cluster)
     python benchmarks/flink_scale.py --events 200000 --engine fnapi   # the same input on FnApiRunner / prism
 
 Generates `--events` events (split over `--files` files, one generator seed and start day each; cached
@@ -127,6 +127,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--engine", choices=["flink", "fnapi", "prism"], default="flink")
     ap.add_argument("--tm-memory", default="2g", help="taskmanager.memory.process.size")
     ap.add_argument("--parallelism", type=int, default=2)
+    ap.add_argument("--flink-master", help="HOST:PORT of a running cluster to use instead of starting one "
+                                           "(the tests' session cluster); its processes are not measured")
+    ap.add_argument("--flink-job-server-jar", help="default: from .ci/install-flink")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "flink-bench"))
     args = ap.parse_args(argv)
     work = Path(args.workdir)
@@ -138,15 +141,18 @@ def main(argv=None) -> dict:
     try:
         pids = {"driver (python, SDK harness)": os.getpid()}
         if args.engine == "flink":
-            from tests.engines import FlinkCluster
-            tools = _install()
-            cluster = FlinkCluster(tools["FLINK_HOME"], Path(tempfile.mkdtemp(prefix="cluster-", dir=work)),
-                                   taskmanagers=2, slots=2, tm_memory=args.tm_memory, parallelism=args.parallelism)
-            cluster.start()
-            pids.update({name: p.pid for name, p in cluster.processes.items()})
-            beam_args = ["--runner=FlinkRunner", f"--flink_master={cluster.master}",
-                         f"--flink_job_server_jar={tools['FLINK_JOB_SERVER_JAR']}", "--environment_type=LOOPBACK",
-                         f"--parallelism={args.parallelism}"]
+            jar = args.flink_job_server_jar or _install("jar")["FLINK_JOB_SERVER_JAR"]
+            master = args.flink_master
+            if master is None:
+                from tests.engines import FlinkCluster
+                cluster = FlinkCluster(_install("dist")["FLINK_HOME"],
+                                       Path(tempfile.mkdtemp(prefix="cluster-", dir=work)), taskmanagers=2, slots=2,
+                                       tm_memory=args.tm_memory, parallelism=args.parallelism)
+                cluster.start()
+                master = cluster.master
+                pids.update({name: p.pid for name, p in cluster.processes.items()})
+            beam_args = ["--runner=FlinkRunner", f"--flink_master={master}", f"--flink_job_server_jar={jar}",
+                         "--environment_type=LOOPBACK", f"--parallelism={args.parallelism}"]
         elif args.engine == "prism":
             prism = subprocess.run(["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True,
                                    capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -162,7 +168,7 @@ def main(argv=None) -> dict:
         result = {
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "engine": args.engine, "events": args.events, "files": args.files,
-            "taskmanager_memory": args.tm_memory if args.engine == "flink" else None,
+            "taskmanager_memory": args.tm_memory if cluster is not None else None,
             "parallelism": args.parallelism if args.engine == "flink" else None,
             "wall_s": round(seconds, 1), "events_per_s": round(args.events / seconds),
             "peak_rss_mib": peaks, "accounting_exact": exact, "counts": report["counts"],
