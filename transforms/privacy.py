@@ -59,9 +59,14 @@ _EMAIL_LOCAL = r"(?:[\w.!#$%&'*+/=?^`{|}~\-]+|\"[^\"\r\n@]+\")"
 _EMAIL_DOMAIN = r"(?:\[[0-9A-Fa-f.:]+\]|(?:[\w\-]+\.)+(?:xn--[\w\-]+|[^\W\d_]{2,}))"
 EMAIL_RE = re.compile(_EMAIL_LOCAL + "@" + _EMAIL_DOMAIN)
 # A phone candidate: digits with the separators numbers are written with, not glued to a word, a
-# dotted version ("Chrome/120.0.6099.109") or another number.
-_PHONE_CANDIDATE_RE = re.compile(r"(?<![\w+./])(?:\+|\(\+?)?\d[\d \u00a0\t().\-/]*\d\)?")
-_PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS = 7, 17
+# dotted version ("Chrome/120.0.6099.109"), another number or a hyphenated token (a UUID's groups).
+_PHONE_CANDIDATE_RE = re.compile(r"(?<![\w+./])(?<!\w-)(?:\+|\(\+?)?\d[\d \u00a0\t().\-/]*\d\)?(?!\w|[-.]\w)")
+# A bare digit run (no separator, no + or 0 prefix) is an id, a count or a time far more often than a
+# phone number: it is only taken for one when written as +CC..., 00CC... or 0... (trunk prefix).
+_BARE_DIGITS_RE = re.compile(r"\(?[1-9]\d*\)?")
+# Dotted with a one-digit group and no +: a version number ("Instagram 375.2.0.33.77"), not a phone.
+_VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
+_PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS, _PHONE_MAX_GROUPS = 7, 17, 48
 # IPv4 not glued to a word, a dotted number or a product/version token ("Chrome/120.0.0.0").
 IPV4_RE = re.compile(r"(?<![\w.+])(?<![A-Za-z]/)(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
 IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4})"
@@ -225,13 +230,61 @@ class PiiScanner:
             for m in IPV4_RE.finditer(text):
                 if _ip_ok(m.group(0)):
                     add(m.start(), m.end(), "ip")
+        if found:  # phone candidates are looked for around, not inside, what was found already
+            chars = list(text)
+            for start, end, _ in found:
+                chars[start:end] = "_" * (end - start)
+            text = "".join(chars)
         for m in _PHONE_CANDIDATE_RE.finditer(text):
-            if not _PHONE_MIN_DIGITS <= _digits(m.group(0)) <= _PHONE_MAX_DIGITS:
+            c = m.group(0)
+            n = _digits(c)
+            if (n < _PHONE_MIN_DIGITS or _BARE_DIGITS_RE.fullmatch(c) or _VERSION_RE.fullmatch(c)
+                    or (n > _PHONE_MAX_DIGITS and c.isdigit())):
                 continue
             lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
-            for s, e in _phone_spans(text[lo:hi]):
+            spans = _phone_spans(text[lo:hi]) if n <= _PHONE_MAX_DIGITS else ()
+            if not spans:
+                spans = self._phone_spans_inside(text, m.start(), c)
+                lo = 0
+            for s, e in spans:
                 add(lo + s, lo + e, "phone")
         return sorted(found)
+
+    @staticmethod
+    def _phone_spans_inside(text: str, offset: int, c: str) -> list:
+        """Numbers among other digit groups ("ref 1 2 0044 20 7946 0958"): each stretch of groups that
+        starts like a number (+, (, a 0 prefix, or the first group) and could be one, longest first.
+        A run of more groups than can be tried is taken whole (fails closed)."""
+        groups = [(offset + g.start(), offset + g.end(), len(g.group(0))) for g in re.finditer(r"\d+", c)]
+        if len(groups) > _PHONE_MAX_GROUPS:
+            return [(offset, offset + len(c))]
+        starts = []
+        for i, (start, _, _) in enumerate(groups):
+            lead = text[start - 1] if start > offset else ""
+            rank = 0 if lead == "+" else 1 if lead == "(" or text.startswith("00", start) else \
+                2 if text[start] == "0" else 3 if i == 0 else None
+            if rank is not None:
+                starts.append((rank, i))
+        found, taken_until = [], -1
+        for _, i in sorted(starts):
+            start = groups[i][0]
+            if start < taken_until:
+                continue
+            digits, ends = 0, []
+            for _, g_end, g_len in groups[i:]:
+                digits += g_len
+                if digits > _PHONE_MAX_DIGITS:
+                    break
+                if digits >= _PHONE_MIN_DIGITS:
+                    ends.append(g_end)
+            lo = start - 1 if start > offset else start
+            for end in reversed(ends):
+                spans = _phone_spans(text[lo:end])
+                if spans:
+                    found += [(lo + s, lo + e) for s, e in spans]
+                    taken_until = max(taken_until, lo + spans[-1][1])
+                    break
+        return found
 
     def kinds(self, text: str) -> list:
         """Kinds found in the text and in its JSON-unescaped form."""
