@@ -4,9 +4,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
+import re
 from typing import Optional, Union
 
 import orjson
+
+from transforms.privacy import DEAD_LETTER_PSEUDONYMISED
 
 
 def _default(value):
@@ -37,12 +41,28 @@ def redact_payload_text(text: str, redactor) -> str:
         return redactor.redact(text)
     try:
         obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return redactor.redact(text, "raw")
-    redacted = redactor.redact_record(obj)
-    if redacted == obj:
-        return text
-    return orjson.dumps(redacted).decode()
+        redacted = redactor.redact_record(obj)
+        return text if redacted == obj else orjson.dumps(redacted).decode()
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError, RecursionError):
+        # Not JSON, or nested deeper than can be re-encoded: redacted as text, ids pseudonymised in place.
+        return redactor.redact(_pseudonymise_ids_in_text(text, redactor), "raw")
+
+
+# "user_id": "..." or "user_id": 123 in text that is not (complete) JSON.
+_ID_IN_TEXT_RE = re.compile(r'("(?:' + "|".join(DEAD_LETTER_PSEUDONYMISED) + r')"\s*:\s*)("(?:[^"\\]|\\.)*"|-?\d+)')
+
+
+def _pseudonymise_ids_in_text(text: str, redactor) -> str:
+    def one(m):
+        field = m.group(1).split('"')[1]
+        literal = m.group(2)
+        try:
+            value = json.loads(literal)
+        except ValueError:
+            value = literal
+        redactor.note(field, str(value))
+        return m.group(1) + '"' + redactor.pseudonym(field, str(value)) + '"'
+    return _ID_IN_TEXT_RE.sub(one, text)
 
 
 def _scrub(text: Optional[str], redactor) -> Optional[str]:

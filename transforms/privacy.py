@@ -55,8 +55,9 @@ DEAD_LETTER_PSEUDONYMISED = ("user_id", "session_id")
 PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "CN", "AU", "ES", "IT", "NL", "MX", "RU",
                  "ZA", "NG", "KR", "SE", "PL", "TR", "AR", "CH", "BE", "IE")
 
-_EMAIL_LOCAL = r"(?:[\w.!#$%&'*+/=?^`{|}~\-]+|\"[^\"\r\n@]+\")"
-_EMAIL_DOMAIN = r"(?:\[[0-9A-Fa-f.:]+\]|(?:[\w\-]+\.)+(?:xn--[\w\-]+|[^\W\d_]{2,}))"
+# Bounded repeats and a start only at a token boundary keep the scan linear on long hostile text.
+_EMAIL_LOCAL = r"(?:(?<![\w.!#$%&'*+/=?^`{|}~\-])[\w.!#$%&'*+/=?^`{|}~\-]{1,64}|\"[^\"\r\n@]{1,64}\")"
+_EMAIL_DOMAIN = r"(?:\[[0-9A-Fa-f.:]{2,45}\]|(?:[\w\-]{1,63}\.){1,8}(?:xn--[\w\-]{1,59}|[^\W\d_]{2,63}))"
 EMAIL_RE = re.compile(_EMAIL_LOCAL + "@" + _EMAIL_DOMAIN)
 # A phone candidate: digits with the separators numbers are written with, not glued to a word, a
 # dotted version ("Chrome/120.0.6099.109"), another number or a hyphenated token (a UUID's groups).
