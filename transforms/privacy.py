@@ -50,6 +50,9 @@ ID_FIELDS = ("event_id", "item_id", "request_id", "policy", "experiment_id", "va
              "user_id", "session_id")
 # Pseudonymised inside dead-letter payloads too (the same pseudonym a valid event gets).
 DEAD_LETTER_PSEUDONYMISED = ("user_id", "session_id")
+# Key added to a dead-letter payload whose ids are pseudonyms already: a keyed tag over them, so a replay
+# does not pseudonymise them twice (joins keep working) and nobody without the key can forge it.
+PSEUDONYMISED_MARK = "_pseudonymised"
 # Default regions for numbers written without a country code. A number in a national form of a
 # region not listed here is only found when written internationally (+CC or 00CC).
 PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "CN", "AU", "ES", "IT", "NL", "MX", "RU",
@@ -388,6 +391,10 @@ class Redactor:
         """The pseudonym a valid event's `field` gets (ProtectPrivacy uses the same key and domain)."""
         return self._ids.pseudonym(field, value)
 
+    def mark(self, pseudonyms: dict) -> str:
+        """The tag saying `pseudonyms` ({field: value}) are this key's pseudonyms already."""
+        return self._ids.pseudonym(PSEUDONYMISED_MARK, "\x1f".join(f"{k}={v}" for k, v in sorted(pseudonyms.items())))
+
     def redact_tree(self, value: Any, field: Optional[str]) -> Any:
         """Every string value and every key of a JSON value, at any depth."""
         if isinstance(value, str):
@@ -404,14 +411,20 @@ class Redactor:
         (user and session ids pseudonymised, ids holding PII tokenised), the rest redacted."""
         if not isinstance(obj, dict):
             return self.redact_tree(obj, "unknown_field")
+        ids = {k: str(v) for k, v in obj.items()
+               if k in DEAD_LETTER_PSEUDONYMISED and isinstance(v, (str, int)) and not isinstance(v, bool)}
+        done = bool(ids) and obj.get(PSEUDONYMISED_MARK) == self.mark(ids)   # a replayed dead letter
+        pseudonyms = {}
         out = {}
         for k, v in obj.items():
+            if k == PSEUDONYMISED_MARK:
+                continue
             name = self.redact(k, "field_name")
             field = counted_field(k)
-            if k in DEAD_LETTER_PSEUDONYMISED and isinstance(v, (str, int)) and not isinstance(v, bool):
-                v = str(v)
-                self.note(k, v)
-                out[name] = self.pseudonym(k, v)
+            if k in ids:
+                if not done:
+                    self.note(k, ids[k])
+                out[name] = pseudonyms[k] = ids[k] if done else self.pseudonym(k, ids[k])
             elif k in ID_FIELDS and isinstance(v, str):
                 out[name] = self.redact_id(k, v)
             elif k == "ip":  # an address by design (truncated and hashed for valid events): not a finding
@@ -420,6 +433,8 @@ class Redactor:
                 out[name] = {self.redact(ck, "context_key"): self.redact_tree(cv, "context") for ck, cv in v.items()}
             else:
                 out[name] = self.redact_tree(v, field)
+        if pseudonyms:
+            out[PSEUDONYMISED_MARK] = self.mark(pseudonyms)
         return out
 
     def drain(self) -> list:
@@ -466,16 +481,22 @@ def protect_event(event: dict, rules: PrivacyRules, pseudonymiser: Pseudonymiser
     """Pseudonymise identifiers and the IP, truncate the IP, tokenise identifiers holding PII, redact PII
     in every other string value and in context keys. Returns a new dict."""
     out = dict(event)
+    mark = out.pop(PSEUDONYMISED_MARK, None)
+    done = ()
+    if mark is not None:  # replayed from a dead letter: its ids may be pseudonyms already
+        ids = {k: out[k] for k in DEAD_LETTER_PSEUDONYMISED if isinstance(out.get(k), str)}
+        done = tuple(ids) if ids and mark == redactor.mark(ids) else ()
     for name in rules.pseudonymise_fields:
         value = out.get(name)
-        if value is not None:
+        if value is not None and name not in done:
             redactor.note(name, value)
             out[name] = pseudonymiser.pseudonym(name, value)
     ip = out.pop("ip", None)
     out["ip_hash"] = pseudonymiser.pseudonym("ip", ip.strip()) if ip else None
     out["ip_network"] = truncate_ip(ip, rules.ipv4_prefix, rules.ipv6_prefix) if ip else None
     for name, value in event.items():
-        if not isinstance(value, str) or name in rules.pseudonymise_fields or name == "ip":
+        if (not isinstance(value, str) or name in rules.pseudonymise_fields or name in done
+                or name in ("ip", PSEUDONYMISED_MARK)):
             continue
         out[name] = redactor.redact_id(name, value) if name in ID_FIELDS else redactor.redact(value, counted_field(name))
     ctx = out.get("context")
