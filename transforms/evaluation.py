@@ -321,10 +321,10 @@ def ope_estimates(rows: Sequence[tuple], bootstrap_samples: int = 1000, confiden
     cols = [0, 1, 2, 3, 4, 5, 6]
     sums = a[:, cols].sum(axis=0)
     n, w, w2 = sums[0], sums[2], sums[3]
-    point = _estimates(sums)
+    point = {m: (None if math.isnan(v) else float(v)) for m, v in _estimates(sums).items()}
     methods = ["ips", "snips", "dm", "dr"] if has_reward_model else ["ips", "snips"]
     out = {"exposures": int(n), "requests": len(rows), "on_policy_mean": sums[1] / n,
-           "estimates": {m: {"value": float(point[m])} for m in methods}}
+           "estimates": {m: {"value": point[m]} for m in methods}}
     if bootstrap_samples:
         rs = np.random.RandomState(seed)
         reps = {m: np.empty(bootstrap_samples) for m in methods}
@@ -337,8 +337,11 @@ def ope_estimates(rows: Sequence[tuple], bootstrap_samples: int = 1000, confiden
                 reps[m][b] = est[m]
         alpha = 1 - confidence
         for m in methods:
-            lo, hi = np.percentile(reps[m], [100 * alpha / 2, 100 * (1 - alpha / 2)])
-            out["estimates"][m].update(ci_low=float(lo), ci_high=float(hi), bootstrap_mean=float(np.mean(reps[m])))
+            if np.isnan(reps[m]).all():   # SNIPS with every weight 0
+                out["estimates"][m].update(ci_low=None, ci_high=None, bootstrap_mean=None)
+                continue
+            lo, hi = np.nanpercentile(reps[m], [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            out["estimates"][m].update(ci_low=float(lo), ci_high=float(hi), bootstrap_mean=float(np.nanmean(reps[m])))
         out["bootstrap"] = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed,
                             "unit": "request"}
     out["diagnostics"] = {"ess": float(w * w / w2) if w2 > 0 else 0.0,
