@@ -676,7 +676,7 @@ def evaluation_slos(evaluation: dict, cfg: EvaluationConfig, mode: str = "fail")
     rows = []
     ecfg = cfg.experiments
     if ecfg.srm_alpha is not None:
-        for exp_id, exp in sorted((evaluation.get("experiments") or {}).items()):
+        for exp_id, exp in sorted(((evaluation.get("experiments") or {}).get("experiments") or {}).items()):
             srm = exp.get("srm")
             name = f"srm.{exp_id}"
             if srm is None:
