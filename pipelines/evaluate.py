@@ -316,6 +316,7 @@ def run(argv=None) -> dict:
                   **{s: found[s] for s in SECTIONS}, "metrics": beam_counters(result)}
     weights = found["position_bias"].get("weights")
     if weights:
+        weights["positions"] = dict(sorted(weights["positions"].items(), key=lambda kv: int(kv[0])))
         write_json(f"{out}/position_weights.json", weights)
         evaluation["position_weights"] = f"{out}/position_weights.json"
     slos = E.evaluation_slos(evaluation, ev, mode)

@@ -712,6 +712,7 @@ def _position_bias_section(pb: dict) -> str:
         series.append(("naive CTR ratio", [curve["naive_ctr_ratio"][i] for i in idx], GREY))
     chart = _lines("position_bias", "Examination propensity by position", labels, series, y_fmt=lambda v: f"{v:.2f}")
     w = (pb.get("weights") or {}).get("positions") or {}
+    w = dict(sorted(w.items(), key=lambda kv: int(kv[0])))
     rows = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_f(v["propensity"])}</td><td class="num">{_f(v["weight"])}</td>'
                    f'<td class="num">{_num(v["exposures"])}</td></tr>' for k, v in w.items())
     table = ('<table><thead><tr><th>position</th><th>propensity</th><th>weight</th><th>exposures</th></tr></thead>'

@@ -23,6 +23,7 @@ Chi-square tail probabilities use the regularised upper incomplete gamma functio
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from statistics import NormalDist
@@ -483,7 +484,7 @@ def experiment_readout(experiment_id: str, by_variant: dict, cfg: ExperimentsCon
     z = NormalDist().inv_cdf(1 - (1 - cfg.confidence) / 2)
     variants = {}
     for v, acc in sorted(by_variant.items()):
-        row = {"units": acc["n"], "exposures": acc["sy"]}
+        row = {"units": acc["n"], "exposures": int(acc["sy"])}
         for m in EXPERIMENT_METRICS:
             row[m] = ratio_stats(acc, _METRIC_FIELD[m])
         variants[v] = row
@@ -649,14 +650,16 @@ def position_weights_table(curve: dict, max_weight: float) -> dict:
     """The file `labels.position_weights` reads: per position, propensity and weight = min(1/propensity, cap)."""
     positions = {}
     last = None
-    for i, p in enumerate(curve["propensity"]):
+    observed = [i for i, n in enumerate(curve["exposures"]) if n]
+    # positions past the last observed one are left out: labels give them the last entry's weight
+    for i, p in enumerate(curve["propensity"][:observed[-1] + 1 if observed else 0]):
         if p is None or p <= 0:
             if last is None:
                 continue
             p = last   # a position with no data takes the estimate of the nearest one above it
         last = p
         positions[str(i + 1)] = {"propensity": p, "weight": min(1.0 / p, max_weight),
-                                 "exposures": curve["exposures"][i]}
+                                 "exposures": int(curve["exposures"][i])}
     return {"method": curve["method"], "max_weight": max_weight, "positions": positions,
             "applies_to": "positive labels (inverse-propensity weighting of clicks)"}
 
@@ -710,8 +713,9 @@ def evaluation_slos(evaluation: dict, cfg: EvaluationConfig, mode: str = "fail")
             continue
         worst, at = max(vals)
         over = sum(1 for v, _ in vals if v > t)
+        when = dt.datetime.fromtimestamp(at / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
         rows.append(_row(f"concentration.{key}", worst, t, not over,
-                         f"worst bucket {at}: {worst:.4f} (max {t:g}); {over} of {len(vals)} buckets over", mode))
+                         f"worst bucket {when}: {worst:.4f} (max {t:g}); {over} of {len(vals)} buckets over", mode))
     ocfg = cfg.ope
     if ocfg.min_ess_share is not None:
         d = (evaluation.get("ope") or {}).get("diagnostics") or {}
