@@ -470,7 +470,34 @@ def test_bad_position_weights_file_is_a_config_error(tmp_path):
         load_config(str(cfg))
 
 
-def test_missing_inputs_exit_2(tmp_path):
+def test_missing_inputs_and_unreadable_tables_exit_2(tmp_path, capsys):
     cfg = write_config(tmp_path, "  ope: {target_policy: logged}\n")
     assert evaluate.main(["--config", cfg, "--labels", str(tmp_path / "none*.avro"), "--slates", "x",
                           "--output", str(tmp_path / "o")]) == 2
+    assert "--labels: no file matches" in capsys.readouterr().err
+    cfg = write_config(tmp_path, "  ope: {target_policy: nowhere.jsonl}\n", name="b.yaml")
+    assert evaluate.main(["--config", cfg, "--labels", "x", "--slates", "x", "--output", str(tmp_path / "o")]) == 2
+    assert "evaluation.ope: target policy" in capsys.readouterr().err
+    (tmp_path / "p.jsonl").write_text('{"item_id": "a", "probability": 0.5}\n{"item_id": "b", "probability": 0.4}\n')
+    cfg = write_config(tmp_path, f"  ope: {{target_policy: {tmp_path / 'p.jsonl'}}}\n", name="c.yaml")
+    assert evaluate.main(["--config", cfg, "--labels", "x", "--slates", "x", "--output", str(tmp_path / "o")]) == 2
+    assert "sum to 0.9" in capsys.readouterr().err
+
+
+def test_target_policy_scopes_most_specific_first(tmp_path):
+    rows = [{"item_id": "a", "probability": 1.0},                                   # everything else
+            {"item_id": "b", "probability": 1.0, "position": 2},                    # position 2
+            {"item_id": "c", "probability": 0.5, "context": {"device_class": "mobile"}},
+            {"item_id": "d", "probability": 0.5, "context": {"device_class": "mobile"}},
+            {"item_id": "e", "probability": 1.0, "request_id": "r1"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = E.OpeConfig(target_policy=str(tmp_path / "p.jsonl"), context_fields=("device_class",))
+    t = E.load_policy_tables(cfg)
+    assert t.distribution({"request_id": "r1", "position": 2, "device_class": "mobile"}) == {"e": 1.0}
+    assert t.distribution({"request_id": "r2", "position": 2, "device_class": "mobile"}) == {"c": 0.5, "d": 0.5}
+    assert t.distribution({"request_id": "r2", "position": 2, "device_class": "desktop"}) == {"b": 1.0}
+    assert t.distribution({"request_id": "r2", "position": 1, "device_class": None}) == {"a": 1.0}
+    label = {"request_id": "r2", "position": 1, "device_class": "mobile", "item_id": "c", "propensity": 0.25,
+             "label": 1, "weight": 1.0}
+    assert E.exposure_terms(label, t, "click", None)["w"] == pytest.approx(2.0)
+    assert E.exposure_terms({**label, "item_id": "a"}, t, "click", None)["w"] == 0.0

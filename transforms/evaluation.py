@@ -141,8 +141,12 @@ class EvaluationConfig(_Section):
 # --- target policy and reward tables ---------------------------------------------------------
 
 def _read_rows(path: str, what: str) -> list[dict]:
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot read it ({e.strerror}); name an existing JSON/JSONL file"
+                         + (" or a built-in (uniform, logged)" if what == "target policy" else "")) from None
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
