@@ -501,3 +501,21 @@ def test_target_policy_scopes_most_specific_first(tmp_path):
              "label": 1, "weight": 1.0}
     assert E.exposure_terms(label, t, "click", None)["w"] == pytest.approx(2.0)
     assert E.exposure_terms({**label, "item_id": "a"}, t, "click", None)["w"] == 0.0
+
+
+def test_job_without_randomised_traffic_fits_the_click_model(tmp_path):
+    labels, slates, _ = make_traffic(n_requests=800, seed=25, randomised_share=0.0)
+    code, out = run_job(tmp_path, labels, slates)
+    assert code == 0
+    pb = json.loads((out / "evaluation.json").read_text())["position_bias"]
+    assert pb["method"] == "em" and pb["randomised_exposures"] == 0
+    cells = {}
+    for s in slates:
+        for it in s["items"]:
+            c = cells.setdefault((it["item_id"], it["position"]), [0, 0])
+            c[0] += 1
+            c[1] += it["label"]
+    want = E.position_curve_em([(i, p, n, c) for (i, p), (n, c) in cells.items()], 20)
+    assert pb["curve"]["propensity"][:5] == pytest.approx(want["propensity"][:5], rel=1e-9)
+    assert pb["curve"]["propensity"][5:] == want["propensity"][5:] == [None] * 15   # no data past position 5
+    assert list(json.loads((out / "position_weights.json").read_text())["positions"]) == ["1", "2", "3", "4", "5"]

@@ -140,10 +140,22 @@ class EvaluationConfig(_Section):
 
 # --- target policy and reward tables ---------------------------------------------------------
 
+def _read_bytes(path: str) -> bytes:
+    """A local path or any URL Beam's FileSystems reads (gs://, s3://, ...)."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    from apache_beam.io.filesystems import FileSystems
+    try:
+        with FileSystems.open(path) as f:
+            return f.read()
+    except Exception as e:   # Beam wraps the filesystem's own errors in several types
+        raise OSError(2, str(e)) from None
+
+
 def _read_rows(path: str, what: str) -> list[dict]:
     try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+        text = _read_bytes(path).decode("utf-8")
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot read it ({e.strerror}); name an existing JSON/JSONL file"
                          + (" or a built-in (uniform, logged)" if what == "target policy" else "")) from None
@@ -737,8 +749,7 @@ def load_position_weights(path: str) -> tuple[tuple[int, float], ...]:
     """The `positions` table of a position_weights.json (written by pipelines.evaluate) ->
     ((position, weight), ...) sorted by position. ValueError naming the file and the bad entry."""
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read())
+        data = json.loads(_read_bytes(path))
     except OSError as e:
         raise ValueError(f"cannot read position weights file {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
