@@ -30,10 +30,11 @@ from transforms.signals import QualitySignals, stats_from_parts
 from transforms.quality import breaches, drift_report, evaluate_slos, quality_summary, slo_exit_code
 from pipelines.baseline import load_baseline
 from pipelines.report_html import render_report, write_report_html
-from transforms.io import (OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, WriteWindowedFiles,
-                           read_all)
+from transforms.io import (DAMAGE_FIELDS, OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines,
+                           WriteWindowedFiles, read_all)
 
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+DAMAGED_FILES = "damaged_files"   # report.json key: files read only up to a damage (see README, Dead letters)
 _log = logging.getLogger("pipelines.batch")
 
 
@@ -59,6 +60,10 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
     read = p | "ReadArchives" >> ReadRawRecords(input_glob, settings.validation.registry)
     out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
     build_outputs(out, settings, paths)
+    _ = (read[ReadRawRecords.CORRUPT]
+         | "DamagedFilesToJson" >> beam.Map(lambda d: json.dumps({k: d[k] for k in DAMAGE_FIELDS}))
+         | "WriteDamagedFiles" >> beam.io.WriteToText(paths.quality_part(DAMAGED_FILES), file_name_suffix=".jsonl",
+                                                      num_shards=1))
     write_quality_signals(p, out, paths)
     return out
 
@@ -181,6 +186,7 @@ def run(argv=None) -> dict:
         "started_at": job_start.isoformat(),
         "elapsed_seconds": round(elapsed, 3),
         **summary,
+        DAMAGED_FILES: sorted(read_jsonl_glob(paths.quality_part(DAMAGED_FILES) + "*"), key=lambda d: d["file"]),
         "metrics": beam_counters(result),
         "outputs": {name: getattr(paths, name) + "*" for name in
                     ("events", "bots", "dead_letter", "duplicates", "consent_dropped", "labels", "slates",
@@ -242,6 +248,9 @@ def format_summary(report: dict) -> str:
                  f"orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}")
     if report["dead_letter_by_reason"]:
         lines.append("dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
+    if report.get(DAMAGED_FILES):
+        lines.append(f"damaged files (read up to the damage, rest dead-lettered as corrupt_file): "
+                     f"{', '.join(d['stopped_at'] for d in report[DAMAGED_FILES])}")
     if report["bots_by_rule"]:
         lines.append("bots by rule: " + ", ".join(f"{k}={v}" for k, v in report["bots_by_rule"].items()))
     q = report["quality"]
