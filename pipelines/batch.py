@@ -27,7 +27,7 @@ from transforms.config import ConfigError, load_config
 from transforms.features import WriteOfflineFeatures
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.signals import QualitySignals, stats_from_parts
-from transforms.quality import breaches, drift_report, evaluate_slos, quality_summary, slo_exit_code
+from transforms.quality import breaches, drift_report, evaluate_slos, privacy_stats, quality_summary, slo_exit_code
 from pipelines.baseline import load_baseline
 from pipelines.report_html import render_report, write_report_html
 from transforms.io import (DAMAGE_FIELDS, OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines,
@@ -192,7 +192,9 @@ def run(argv=None) -> dict:
                     ("events", "bots", "dead_letter", "duplicates", "consent_dropped", "labels", "slates",
                      "orphans", "late_outcomes")},
     }
-    report["quality"] = assess_quality(cfg, paths, quality_stats(paths, summary), args.baseline, args.warn_only,
+    stats = quality_stats(paths, summary)
+    stats["privacy"] = privacy_stats(report["metrics"]) if report["metrics"] else None  # None: runner has no metrics
+    report["quality"] = assess_quality(cfg, paths, stats, args.baseline, args.warn_only,
                                        title=f"Batch run over {args.input}")
     write_report(paths, report)
     acc = summary["accounting"]

@@ -19,7 +19,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import contract
 from transforms.deadletter import dead_letter
-from transforms.privacy import KeySource, Redactor
+from transforms.privacy import KeySource, PiiCounters, Redactor, protect_consent_stub
 from transforms.schemas import SchemaRegistry, SchemaVersion
 
 METRICS_NS = "feedback.parse"
@@ -383,11 +383,16 @@ class _ParseFn(beam.DoFn):
         self._rejected = Metrics.counter(METRICS_NS, "dead_letter")
         self._consent = Metrics.counter(METRICS_NS, "consent_dropped")
         self._too_late = Metrics.counter(METRICS_NS, "too_late")
+        self._pii = PiiCounters()
 
     def setup(self):
         self._redactor = Redactor(self._key_source.load())
 
     def process(self, element: RawRecord) -> Iterable:
+        yield from self._process(element)
+        self._pii.flush(self._redactor)
+
+    def _process(self, element: RawRecord) -> Iterable:
         source, payload, arrival_ms = element
         try:
             event = parse_record(payload, self._rules, arrival_ms)
@@ -400,13 +405,14 @@ class _ParseFn(beam.DoFn):
         except TooLate as t:
             self._too_late.inc()
             record = dead_letter(contract.TOO_LATE, "event_time", str(t), "lateness", payload, source, self._redactor)
-            record.update(event_id=t.event["event_id"], event_time=t.event["event_time"],
-                          arrival_time=t.event["arrival_time"], late_ms=t.late_ms)
+            record.update(event_id=self._redactor.redact_id("event_id", t.event["event_id"], count=False),
+                          event_time=t.event["event_time"], arrival_time=t.event["arrival_time"], late_ms=t.late_ms)
             yield beam.pvalue.TaggedOutput(ParseEvents.TOO_LATE, record)
             return
         except ConsentWithdrawn as c:
             self._consent.inc()
-            yield beam.pvalue.TaggedOutput(ParseEvents.CONSENT_DROPPED, consent_stub(c.obj, source))
+            yield beam.pvalue.TaggedOutput(ParseEvents.CONSENT_DROPPED,
+                                           protect_consent_stub(consent_stub(c.obj, source), self._redactor))
             return
         self._valid.inc()
         yield beam.window.TimestampedValue(event, event["event_time"] / 1000.0)
