@@ -4,7 +4,8 @@
 
 Writes `sample/events.jsonl.gz` (+ its ground truth), `sample/items.csv` and
 `sample/experiments.jsonl` (the metadata tables config/local.yaml points at), runs
-`python -m pipelines.batch --config config/local.yaml` on FnApiRunner into `sample/out/`, and
+`python -m pipelines.batch --config config/local.yaml --overwrite` on FnApiRunner into `sample/out/`
+(replacing the previous demo run there), and
 compares the job's counts with the generator's truth.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     write_metadata(workdir, generate.DEFAULT_KNOBS["n_items"], args.seed)
     print(f"generated {truth['input_records']} events -> {events}")
     rc = batch.main(["--config", write_demo_config(workdir), "--input", str(events),
-                     "--output", str(workdir / "out"), *beam_args])
+                     "--output", str(workdir / "out"), "--overwrite", *beam_args])
     if rc:
         return rc
     report = json.loads((workdir / "out" / "report.json").read_text())
