@@ -79,6 +79,19 @@ def data(tmp_path_factory):
     return tmp, write_config(one, FEATURES), three_shards
 
 
+@pytest.fixture(scope="module")
+def published(data):
+    """One published run, copied by the tests that only need a used folder."""
+    tmp, cfg1, _ = data
+    assert run_batch(data, cfg1, tmp / "published") == 0
+    return tmp / "published"
+
+
+def copy_run(published_, dest):
+    shutil.copytree(published_, dest)
+    return dest
+
+
 def run_batch(data_, cfg, out, *extra):
     tmp = data_[0]
     return batch.main(["--config", cfg, "--input", str(tmp / "events.jsonl"), "--output", str(out), "--warn-only",
@@ -131,10 +144,9 @@ def test_foreign_folder_is_never_deleted_even_with_overwrite(data, capsys):
     assert (out / "notes.txt").read_text() == "mine" and os.listdir(out) == ["notes.txt"]
 
 
-def test_overwrite_refuses_a_run_folder_with_files_no_manifest_lists(data, capsys):
+def test_overwrite_refuses_a_run_folder_with_files_no_manifest_lists(data, published, capsys):
     tmp, cfg1, _ = data
-    out = tmp / "extra"
-    assert run_batch(data, cfg1, out) == 0
+    out = copy_run(published, tmp / "extra")
     (out / "events" / "events-99999-of-99999.avro").write_bytes(b"someone else's")
     assert run_batch(data, cfg1, out, "--overwrite") == 2
     assert "no manifest of ours lists (events/events-99999-of-99999.avro)" in capsys.readouterr().err
@@ -152,11 +164,10 @@ def test_unusable_output_path_exits_2_before_the_pipeline(data, capsys, kind):
     assert "Traceback" not in err
 
 
-def test_half_published_run_is_removed_by_overwrite(data):
+def test_half_published_run_is_removed_by_overwrite(data, published):
     """A run killed while moving files: some outputs in place, the rest and the manifest in staging."""
     tmp, cfg1, _ = data
-    done = tmp / "done"
-    assert run_batch(data, cfg1, done) == 0
+    done = published
     half = tmp / "half"
     manifest = json.loads((done / runfolder.MANIFEST).read_text())
     staging = half / "_staging-20261101T000000Z-deadbeef"
@@ -174,10 +185,9 @@ def test_half_published_run_is_removed_by_overwrite(data):
     assert_exactly_one_published_run(half, json.loads((half / "report.json").read_text()))
 
 
-def test_readers_refuse_unpublished_or_changed_runs(data, capsys):
+def test_readers_refuse_unpublished_or_changed_runs(data, published, capsys):
     tmp, cfg1, _ = data
-    out = tmp / "readers"
-    assert run_batch(data, cfg1, out) == 0
+    out = copy_run(published, tmp / "readers")
     events = str(out / "events" / "*.avro")
     assert runfolder.check_published(events, "--archive") == [str(out)]
     (out / "events" / "events-00000-of-00001.avro").open("ab").write(b"x")     # changed after publication
@@ -197,8 +207,8 @@ def test_readers_refuse_unpublished_or_changed_runs(data, capsys):
 
 
 def test_killed_run_leaves_nothing_complete_and_overwrite_recovers(tmp_path):
-    generate(20000, str(tmp_path / "events.jsonl"), seed=5, start="2026-11-01T00:00:00Z")
-    cfg = write_config(tmp_path, FEATURES)
+    generate(3000, str(tmp_path / "events.jsonl"), seed=5, start="2026-11-01T00:00:00Z")
+    cfg = write_config(tmp_path)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipelines.batch", "--config", cfg, "--input", str(tmp_path / "events.jsonl"),
            "--output", str(out), "--warn-only"]
