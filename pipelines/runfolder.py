@@ -281,9 +281,14 @@ def records_by_output(entries: list[dict]) -> dict:
     return dict(sorted(totals.items()))
 
 
+def _is_temp(rel: str) -> bool:
+    """Sinks' scratch files (Beam's `beam-temp-*`, fileio's `.temp*`, our `.tmp-*`): never published."""
+    return any(part.startswith((".", "beam-temp-")) for part in rel.split("/"))
+
+
 def publish(folder: RunFolder, config_sha256: str, summary: dict) -> dict:
     """Moves the staged outputs into the folder, manifest next, `_SUCCESS` last. Returns the manifest."""
-    staged = [f for f in list_files(folder.staging) if f not in MARKERS]
+    staged = [f for f in list_files(folder.staging) if f not in MARKERS and not _is_temp(f)]
     entries = [file_entry(folder.staging, f) for f in staged]
     manifest = {"manifest_version": MANIFEST_VERSION, "job": folder.job, "run_id": folder.run_id,
                 "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -311,10 +316,13 @@ def publish(folder: RunFolder, config_sha256: str, summary: dict) -> dict:
 
 # --- readers -------------------------------------------------------------------------------------
 
-def _run_root_of(path: str, levels: int = 4) -> Optional[str]:
+def _run_root_of(path: str, cache: dict, levels: int = 4) -> Optional[str]:
+    """The nearest folder (up to `levels` up) holding a run marker of ours, or None."""
     d = path.rsplit("/", 1)[0]
     for _ in range(levels):
-        if any(FileSystems.exists(_join(d, m)) for m in (SUCCESS, MANIFEST, RUNNING)):
+        if d not in cache:
+            cache[d] = any(FileSystems.exists(_join(d, m)) for m in (SUCCESS, MANIFEST, RUNNING))
+        if cache[d]:
             return d
         if "/" not in d.strip("/"):
             return None
@@ -331,11 +339,12 @@ def check_published(pattern: str, flag: str) -> list[str]:
     accepted as they are. Returns the run folders found."""
     matches = FileSystems.match([pattern])[0].metadata_list
     roots: dict[str, Optional[dict]] = {}
+    marked: dict = {}
     for m in matches:
         if f"/{STAGING_PREFIX}" in m.path:
             raise UnpublishedInputError(f"{flag}: {m.path} is inside an unpublished staging folder "
                                         f"({STAGING_PREFIX}*); name the published outputs instead")
-        root = _run_root_of(m.path)
+        root = _run_root_of(m.path, marked)
         if root is None:
             continue
         if root not in roots:

@@ -236,3 +236,19 @@ def test_killed_run_leaves_nothing_complete_and_overwrite_recovers(tmp_path):
     again = subprocess.run(cmd + ["--overwrite"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_exactly_one_published_run(out, json.loads((out / "report.json").read_text()))
+
+
+def test_publish_leaves_out_sink_scratch_files_and_empty_temp_folders(tmp_path):
+    folder = runfolder.prepare(str(tmp_path / "out"), "batch", overwrite=False)
+    staging = tmp_path / "out" / os.path.basename(folder.staging)
+    for rel, data in (("events/events-00000-of-00001.jsonl", b'{"a": 1}\n{"a": 2}\n'),
+                      ("features/.temp-1234/part", b"x"), ("events/beam-temp-events-99/x", b"y"),
+                      ("labels/.tmp-labels-1.avro-abc", b"z")):
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+    (staging / "features" / ".temp-empty").mkdir()
+    manifest = runfolder.publish(folder, "0" * 64, {"counts": {}})
+    assert [e["path"] for e in manifest["files"]] == ["events/events-00000-of-00001.jsonl"]
+    assert manifest["files"][0]["records"] == 2 and manifest["records_by_output"] == {"events": 2}
+    assert sorted(all_entries(tmp_path / "out")) == ["_MANIFEST.json", "_SUCCESS", "events",
+                                                     os.path.join("events", "events-00000-of-00001.jsonl")]
