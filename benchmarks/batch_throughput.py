@@ -63,7 +63,7 @@ def main(argv=None):
 
     base_s, base_rss = timed([sys.executable, "-c", PASSTHROUGH, str(data), str(work / "passthrough" / "out"), args.runner])
     job_s, job_rss = timed([sys.executable, "-m", "pipelines.batch", "--config", "config/batch.yaml",
-                            "--input", str(data), "--output", str(work / "job"), f"--runner={args.runner}"], env=env)
+                            "--input", str(data), "--output", str(work / "job"), "--overwrite", f"--runner={args.runner}"], env=env)
     report = json.loads((work / "job" / "report.json").read_text())
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",

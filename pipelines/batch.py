@@ -20,7 +20,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 
-from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, pipeline_options, run_main  # noqa: F401 - exit codes re-exported
+from pipelines import runfolder
+from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, add_overwrite_flag, pipeline_options, run_main  # noqa: F401
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", help="baseline.json (python -m pipelines.baseline) to measure drift against; "
                                            "default: quality.baseline in the config")
     parser.add_argument("--warn-only", action="store_true", help="Report SLO breaches without failing (exit 0)")
+    add_overwrite_flag(parser)
     return parser
 
 
@@ -168,7 +170,10 @@ def run(argv=None) -> dict:
     if not FileSystems.match([args.input])[0].metadata_list:
         raise ConfigError(f"--input: no file matches {args.input!r}")
     options = pipeline_options(beam_args, DEFAULT_RUNNER)
-    paths = OutputPaths(args.output)
+    # Preflight before the pipeline is built: a used, foreign or unwritable --output stops here (exit 2).
+    folder = runfolder.prepare(args.output, "batch", args.overwrite)
+    paths = OutputPaths(folder.staging)       # everything is written to staging, published at the end
+    final = OutputPaths(args.output)
     started = time.monotonic()
     p = beam.Pipeline(options=options)
     build(p, settings, args.input, paths)
@@ -180,6 +185,7 @@ def run(argv=None) -> dict:
         "job": "batch",
         "input": args.input,
         "output": args.output,
+        "run_id": folder.run_id,
         "config": args.config,
         "runner": str(options.view_as(StandardOptions).runner),
         "beam_version": beam.__version__,
@@ -188,7 +194,7 @@ def run(argv=None) -> dict:
         **summary,
         DAMAGED_FILES: sorted(read_jsonl_glob(paths.quality_part(DAMAGED_FILES) + "*"), key=lambda d: d["file"]),
         "metrics": beam_counters(result),
-        "outputs": {name: getattr(paths, name) + "*" for name in
+        "outputs": {name: getattr(final, name) + "*" for name in
                     ("events", "bots", "dead_letter", "duplicates", "consent_dropped", "labels", "slates",
                      "orphans", "late_outcomes")},
     }
@@ -196,15 +202,23 @@ def run(argv=None) -> dict:
     stats["privacy"] = privacy_stats(report["metrics"]) if report["metrics"] else None  # None: runner has no metrics
     report["quality"] = assess_quality(cfg, paths, stats, args.baseline, args.warn_only,
                                        title=f"Batch run over {args.input}")
+    report["quality"]["html"] = final.report_html
     write_report(paths, report)
     acc = summary["accounting"]
+    # A run whose accounting fails is not published: its outputs stay in staging (no _SUCCESS).
     if not acc["holds"]:
         raise AccountingError(
             f"accounting identity broken: {acc['input_records']} input records but {acc['sum_of_outcomes']} "
-            f"outcomes ({acc['difference']:+d}); see {paths.report}")
+            f"outcomes ({acc['difference']:+d}); not published, see {paths.report}")
     if not summary["labels"]["one_label_per_exposure"]:
         raise AccountingError(
-            f"{summary['labels']['exposures']} exposures but {summary['labels']['labels']} labels; see {paths.report}")
+            f"{summary['labels']['exposures']} exposures but {summary['labels']['labels']} labels; not published, "
+            f"see {paths.report}")
+    # A failed quality gate (exit 4) still publishes: the outputs are complete and accounted for; the
+    # verdict travels in the manifest so a consumer can refuse a run that breached its SLOs.
+    runfolder.publish(folder, runfolder.config_digest(cfg.model_dump_json()), {
+        "input": args.input, "counts": summary["counts"], "accounting": acc,
+        "quality": {"exit_code": report["quality"]["exit_code"], "breaches": report["quality"]["breaches"]}})
     return report
 
 

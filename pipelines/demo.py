@@ -4,7 +4,8 @@
 
 Writes `sample/events.jsonl.gz` (+ its ground truth), `sample/items.csv` and
 `sample/experiments.jsonl` (the metadata tables config/local.yaml points at), runs
-`python -m pipelines.batch --config config/local.yaml` on FnApiRunner into `sample/out/`, and
+`python -m pipelines.batch --config config/local.yaml --overwrite` on FnApiRunner into `sample/out/`
+(replacing the previous demo run there), and
 compares the job's counts with the generator's truth.
 """
 from __future__ import annotations
@@ -13,12 +14,13 @@ import argparse
 import csv
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from pipelines import batch, generate
+from pipelines import batch, generate, runfolder
 
 ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = ("books", "music", "shoes", "toys", "garden", "kitchen", "games", "beauty")
@@ -52,6 +54,21 @@ def write_demo_config(workdir: Path) -> str:
     return str(path)
 
 
+def clear_pre_manifest_output(out: Path) -> None:
+    """The demo owns `<workdir>/out`. A demo run from before output folders had manifests has none, so
+    --overwrite would (rightly) refuse it; the demo removes its own old output once instead."""
+    if not out.is_dir() or any((out / m).exists() for m in runfolder.MARKERS) \
+            or any(p.name.startswith(runfolder.STAGING_PREFIX) for p in out.iterdir()):
+        return
+    try:
+        old = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return
+    if old.get("job") == "batch":
+        print(f"removing {out}: a demo run from before output manifests")
+        shutil.rmtree(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=50_000)
@@ -64,8 +81,9 @@ def main(argv=None) -> int:
     truth = generate.generate(args.events, str(events), seed=args.seed)
     write_metadata(workdir, generate.DEFAULT_KNOBS["n_items"], args.seed)
     print(f"generated {truth['input_records']} events -> {events}")
+    clear_pre_manifest_output(workdir / "out")
     rc = batch.main(["--config", write_demo_config(workdir), "--input", str(events),
-                     "--output", str(workdir / "out"), *beam_args])
+                     "--output", str(workdir / "out"), "--overwrite", *beam_args])
     if rc:
         return rc
     report = json.loads((workdir / "out" / "report.json").read_text())

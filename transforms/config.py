@@ -14,11 +14,11 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from transforms import contract
 
-from transforms.configbase import Duration, _Section, parse_duration  # noqa: F401 - re-exported
+from transforms.configbase import Duration, PositiveDuration, _Section, parse_duration  # noqa: F401 - re-exported
 from transforms.features import FeaturesConfig
 from transforms.online_store import OnlineStoreConfig
 from transforms.quality import QualityConfig
@@ -38,6 +38,16 @@ class ValidationConfig(_Section):
     naive_timestamps: Literal["reject", "utc"] = Field(
         "reject", description="An ISO time without offset: reject it, or read it as UTC.")
 
+    @field_validator("min_event_time")
+    @classmethod
+    def _iso_time(cls, v):
+        from transforms.parse import parse_event_time
+        try:
+            parse_event_time(v, naive_as_utc=False)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not an ISO-8601 time with offset ({e}); use e.g. '2020-01-01T00:00:00Z'") from None
+        return v
+
     @field_validator("event_types")
     @classmethod
     def _non_empty_unique(cls, v):
@@ -51,7 +61,7 @@ class ValidationConfig(_Section):
 class PrivacyConfig(_Section):
     key_env: str = Field("FEEDBACK_HMAC_KEY", description="Environment variable holding the HMAC key.")
     key_file: Optional[str] = Field(None, description="File holding the HMAC key (e.g. a mounted secret).")
-    allow_demo_key: bool = Field(False, description="Use a built-in key when none is set. Local demos only.")
+    allow_demo_key: StrictBool = Field(False, description="Use a built-in key when none is set. Local demos only.")
     pseudonymise_fields: tuple[Literal["user_id", "session_id", "request_id", "item_id"], ...] = ("user_id", "session_id")
     ipv4_prefix: int = Field(24, ge=0, le=32)
     ipv6_prefix: int = Field(48, ge=0, le=128)
@@ -69,7 +79,7 @@ class EnrichmentConfig(_Section):
 
 
 class DedupeConfig(_Section):
-    horizon: Duration = Field(86400.0, description="Copies of an event_id this close in event time are duplicates.")
+    horizon: PositiveDuration = Field(86400.0, description="Copies of an event_id this close in event time are duplicates.")
 
     @field_validator("horizon")
     @classmethod
@@ -80,7 +90,7 @@ class DedupeConfig(_Section):
 
 
 class BotConfig(_Section):
-    crawler_user_agents: bool = Field(True, description="Flag user agents matching the crawler-user-agents list.")
+    crawler_user_agents: StrictBool = Field(True, description="Flag user agents matching the crawler-user-agents list.")
     extra_crawler_patterns: tuple[str, ...] = ()
     session_gap: Duration = Field(600.0, description="Inactivity gap that ends a user's activity run.")
     max_events_per_minute: int = Field(120, ge=1)
@@ -107,14 +117,14 @@ class BotConfig(_Section):
 
 
 class TimeConfig(_Section):
-    lateness: Duration = Field(3600.0, description="An event arriving more than this after its event time is too_late.")
+    lateness: PositiveDuration = Field(3600.0, description="An event arriving more than this after its event time is too_late.")
     arrival_field: Optional[str] = Field(
         None, description="Batch input: top-level field holding the arrival time (an envelope field, removed "
                           "before validation). Streaming uses the Pub/Sub publish time.")
     event_time_attribute: Optional[str] = Field(
         None, description="Streaming: Pub/Sub attribute holding the event time (default: the event_time field).")
-    early_firing: Optional[Duration] = Field(None, description="Early panes every N seconds of processing time.")
-    late_firings: bool = True
+    early_firing: Optional[PositiveDuration] = Field(None, description="Early panes every N seconds of processing time.")
+    late_firings: StrictBool = True
     accumulation: Literal["accumulating", "discarding"] = "accumulating"
     output_window: "WindowSpec" = Field(default_factory=lambda: WindowSpec(), description="Windows of file outputs.")
 
@@ -128,9 +138,9 @@ class TimeConfig(_Section):
 
 class WindowSpec(_Section):
     type: Literal["fixed", "sliding", "session"] = "fixed"
-    size: Duration = 300.0
-    period: Optional[Duration] = Field(None, description="sliding only")
-    gap: Optional[Duration] = Field(None, description="session only")
+    size: PositiveDuration = 300.0
+    period: Optional[PositiveDuration] = Field(None, description="sliding only")
+    gap: Optional[PositiveDuration] = Field(None, description="session only")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -144,14 +154,14 @@ class WindowSpec(_Section):
 
 
 class SessionConfig(_Section):
-    gap: Duration = Field(1800.0, description="Inactivity gap that ends a session (session_id assigned where missing).")
-    split_every: Duration = Field(
+    gap: PositiveDuration = Field(1800.0, description="Inactivity gap that ends a session (session_id assigned where missing).")
+    split_every: PositiveDuration = Field(
         3600.0, description="Sessions and bot runs are also cut at these fixed event-time boundaries, so a streaming "
                             "job can close them (like analytics tools' midnight split).")
 
 
 class LabelsConfig(_Section):
-    window: Duration = Field(1800.0, description="Attribution window after the impression.")
+    window: PositiveDuration = Field(1800.0, description="Attribution window after the impression.")
     clock_skew: Duration = Field(5.0, description="An outcome with the exposure's request_id may precede it by this much.")
     outcome_types: tuple[str, ...] = ("click", "view", "dwell", "add_to_cart", "purchase", "skip")
     positive: dict[str, float] = Field(default_factory=lambda: {"purchase": 5.0, "add_to_cart": 3.0, "click": 1.0})
@@ -219,6 +229,8 @@ def _format_errors(err: pydantic.ValidationError, source: str) -> str:
             lines.append(f"  {path}: unknown key. Allowed here: {', '.join(allowed)}")
         elif e["type"] == "missing":
             lines.append(f"  {path}: required key is missing")
+        elif e["type"] == "bool_type":
+            lines.append(f"  {path}: must be true or false (a YAML boolean, unquoted) (given: {given!r})")
         else:
             lines.append(f"  {path}: {e['msg']} (given: {given!r})")
     return "\n".join(lines)
