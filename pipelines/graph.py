@@ -119,6 +119,10 @@ class GraphOutputs:
         return {"labels": self.labels, "orphans": self.orphans, "late_outcomes": self.late_outcomes}
 
 
+def _input_marker(_record) -> int:
+    return 1
+
+
 def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letters=(),
                       streaming: bool = False, count_windowing=None) -> GraphOutputs:
     """RawRecord PCollection -> every outcome. `upstream_dead_letters`: dead letters made by the source
@@ -141,8 +145,13 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
     slates = joined.labels | "Slates" >> BuildSlates(streaming=streaming, allowed_lateness_s=settings.max_output_delay_s)
     dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
             | "AllDeadLetters" >> beam.Flatten())
-    upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(lambda _: None) for i, d in enumerate(upstream_dead_letters)]
-    inputs = ([raw_records, *upstream_inputs] | "AllInputs" >> beam.Flatten()) if upstream_inputs else raw_records
+    # Only the number of inputs matters here, so each side is reduced to a marker in an SDK step before
+    # the Flatten. Flink's fuser (Beam Java's GreedyPipelineFuser) rejects a Flatten that takes a
+    # runner-executed transform's output (the source's Reshuffle) beside SDK-stage outputs: "PCollectionNodes
+    # [...] were consumed but never produced".
+    upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(_input_marker) for i, d in enumerate(upstream_dead_letters)]
+    inputs = (([raw_records | "InputRecords" >> beam.Map(_input_marker), *upstream_inputs] | "AllInputs" >> beam.Flatten())
+              if upstream_inputs else raw_records)
     outputs = GraphOutputs(
         valid=humans, bots=judged[FilterBots.BOTS], duplicates=deduped[DedupeEvents.DUPLICATES],
         dead_letter=dead, consent_dropped=parsed[ParseEvents.CONSENT_DROPPED], too_late=parsed[ParseEvents.TOO_LATE],
