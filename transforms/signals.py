@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import functools
 from typing import Iterable, Optional
 
 import apache_beam as beam
 
 from transforms import contract
+from transforms.accounting import CountKeys
 from transforms.labels import is_exposure
 from transforms.quality import entropy_bits
 
@@ -39,7 +41,13 @@ def bucket_index(edges, value) -> int:
 
 
 def hour_of(ms: int) -> str:
-    return dt.datetime.fromtimestamp((ms // HOUR_MS) * HOUR_MS / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")
+    return _hour_label(ms // HOUR_MS)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _hour_label(hour: int) -> str:
+    # Formatting a datetime cost ~4 µs per call, several calls per event; a run spans few hours.
+    return dt.datetime.fromtimestamp(hour * HOUR_MS / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")
 
 
 def _category(e: dict, name: str) -> Optional[str]:
@@ -67,6 +75,21 @@ def event_counters(e: dict, outcome: str) -> Iterable[str]:
             yield f"cat.{name}.{v}"
     if is_exposure(e):
         yield f"hourly.{hour_of(e['event_time'])}.exposures"
+
+
+def too_late_counters(dead: dict) -> Iterable[str]:
+    yield f"hourly.{hour_of(dead['event_time'])}.too_late"
+
+
+def exposure_items(e: dict) -> Iterable[tuple]:
+    """(hour, "exposure", item) of an exposure; nothing for other events."""
+    if is_exposure(e):
+        yield hour_of(e["event_time"]), "exposure", e["item_id"]
+
+
+def positive_items(label: dict) -> Iterable[tuple]:
+    if label["label"] == 1:
+        yield hour_of(label["impression_time"]), "positive", label["item_id"]
 
 
 def label_counters(label: dict) -> Iterable[str]:
@@ -98,22 +121,15 @@ class QualitySignals(beam.PTransform):
 
     def expand(self, pbegin):
         out = self._out
-        keys = (
-            (out.valid | "ValidSignals" >> beam.FlatMap(event_counters, contract.OUTCOME_VALID),
-             out.bots | "BotSignals" >> beam.FlatMap(event_counters, contract.OUTCOME_BOT),
-             out.too_late | "TooLateSignals" >> beam.FlatMap(lambda d: [f"hourly.{hour_of(d['event_time'])}.too_late"]),
-             out.labels | "LabelSignals" >> beam.FlatMap(label_counters))
-            | "AllSignals" >> beam.Flatten())
-        counters = keys | "CountSignals" >> beam.combiners.Count.PerElement()
-        exposures = (out.valid
-                     | "ExposureItems" >> beam.Filter(is_exposure)
-                     | "ExposureHourItem" >> beam.Map(lambda e: (hour_of(e["event_time"]), "exposure", e["item_id"])))
-        positives = (out.labels
-                     | "PositiveLabels" >> beam.Filter(lambda l: l["label"] == 1)
-                     | "PositiveHourItem" >> beam.Map(lambda l: (hour_of(l["impression_time"]), "positive", l["item_id"])))
-        diversity = ((exposures, positives)
-                     | "HourItems" >> beam.Flatten()
-                     | "CountHourItem" >> beam.combiners.Count.PerElement()
+        # Tallied per bundle (transforms/accounting.py): one element per key and bundle, not per record.
+        counters = pbegin | "CountSignals" >> CountKeys({
+            "Valid": (out.valid, functools.partial(event_counters, outcome=contract.OUTCOME_VALID)),
+            "Bots": (out.bots, functools.partial(event_counters, outcome=contract.OUTCOME_BOT)),
+            "TooLate": (out.too_late, too_late_counters),
+            "Labels": (out.labels, label_counters)})
+        diversity = (pbegin
+                     | "CountHourItem" >> CountKeys({"Exposures": (out.valid, exposure_items),
+                                                     "Positives": (out.labels, positive_items)})
                      | "ByHour" >> beam.MapTuple(lambda hk, n: (hk[0], (hk[1], n)))
                      | "GroupHour" >> beam.GroupByKey()
                      | "Diversity" >> beam.ParDo(_HourlyDiversityFn()))
