@@ -4,8 +4,8 @@
 inside the pipeline, so the figures come from the data written, not from metrics a runner may
 report only approximately. `check_identity` is the pure check the launcher applies afterwards.
 
-`count_keys` is the counting itself: each record's counter keys are tallied per bundle (and window)
-inside one DoFn and only the bundle's partial counts leave it, then summed per key. Emitting one
+`count_keys` is the counting itself: each record's counter keys are tallied per bundle inside one
+DoFn and only the bundle's partial counts leave it, then summed per key. Emitting one
 element per key and record instead (`Count.PerElement`) cost Beam's per-element work ~15 times per
 event between accounting and quality signals (benchmarks/RESULTS.md).
 """
@@ -15,6 +15,7 @@ import collections
 from typing import Callable, Iterable, Optional
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
@@ -31,26 +32,25 @@ def _keys_for(outcome: str, detail: Optional[Callable[[dict], str]]):
 
 
 class _CountKeysPerBundleFn(beam.DoFn):
-    """Records -> (key, partial count) per key, window and bundle, emitted when the bundle ends."""
+    """Records of the global window -> (key, partial count) per key and bundle, emitted when the bundle
+    ends. No WindowParam: a DoFn asking for its window takes Beam's slower per-window invocation path
+    (~2x the per-element cost on FnApiRunner); `count_keys` uses this DoFn for global-window inputs only."""
 
     def __init__(self, keys: Callable[[object], Iterable]):
         self._keys = keys
-        self._counts: dict = {}
+        self._counts = collections.Counter()
 
     def start_bundle(self):
-        self._counts = {}
+        self._counts = collections.Counter()
 
-    def process(self, record, w=beam.DoFn.WindowParam):
-        counts = self._counts.get(w)
-        if counts is None:
-            counts = self._counts[w] = collections.Counter()
-        counts.update(self._keys(record))
+    def process(self, record):
+        self._counts.update(self._keys(record))
 
     def finish_bundle(self):
-        for w, counts in self._counts.items():
-            for key, n in counts.items():
-                yield WindowedValue((key, n), w.max_timestamp(), (w,))
-        self._counts = {}
+        end = GlobalWindow().max_timestamp()
+        for key, n in self._counts.items():
+            yield WindowedValue((key, n), end, (GlobalWindow(),))
+        self._counts = collections.Counter()
 
 
 def count_keys(sources: dict, windowing=None):
@@ -59,15 +59,18 @@ def count_keys(sources: dict, windowing=None):
     `expand` (its steps are labelled there).
 
     For inputs whose panes are decided by a trigger (streaming), pass `windowing`: it is applied to
-    each record's keys before counting, so each pane counts its own records (the per-bundle tally does
-    not apply there: one bundle's records may belong to different panes).
+    each record's keys before counting, so each pane counts its own records. Such inputs, and inputs
+    in any window but the global one, are counted per element (`Count.PerElement`): one bundle's
+    records may belong to different windows and panes.
     """
-    if windowing is not None:
+    per_bundle = windowing is None and all(isinstance(pc.windowing.windowfn, GlobalWindows)
+                                           for pc, _ in sources.values())
+    if not per_bundle:
         keyed = [pc | f"Key{label}" >> beam.FlatMap(keys) for label, (pc, keys) in sorted(sources.items())]
-        return (keyed
-                | "AllCounters" >> beam.Flatten()
-                | windowing
-                | "Count" >> beam.combiners.Count.PerElement())
+        counters = keyed | "AllCounters" >> beam.Flatten()
+        if windowing is not None:
+            counters = counters | windowing
+        return counters | "Count" >> beam.combiners.Count.PerElement()
     partials = [pc | f"Tally{label}" >> beam.ParDo(_CountKeysPerBundleFn(keys))
                 for label, (pc, keys) in sorted(sources.items())]
     return (partials

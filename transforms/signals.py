@@ -14,6 +14,8 @@ import functools
 from typing import Iterable, Optional
 
 import apache_beam as beam
+from apache_beam.transforms import window
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
 from transforms.accounting import CountKeys
@@ -113,7 +115,8 @@ class _HourlyDiversityFn(beam.DoFn):
 
 
 class QualitySignals(beam.PTransform):
-    """GraphOutputs -> {"counters": (key, n), "diversity": rows, "freshness": rows} (bounded input)."""
+    """GraphOutputs -> {"counters": (key, n), "diversity": rows, "freshness": rows} (bounded input, in
+    the global window: partial results are emitted per bundle there)."""
 
     def __init__(self, outputs):
         super().__init__()
@@ -121,6 +124,8 @@ class QualitySignals(beam.PTransform):
 
     def expand(self, pbegin):
         out = self._out
+        if not isinstance(out.valid.windowing.windowfn, window.GlobalWindows):
+            raise ValueError("QualitySignals needs its inputs in the global window (bounded input)")
         # Tallied per bundle (transforms/accounting.py): one element per key and bundle, not per record.
         counters = pbegin | "CountSignals" >> CountKeys({
             "Valid": (out.valid, functools.partial(event_counters, outcome=contract.OUTCOME_VALID)),
@@ -135,13 +140,35 @@ class QualitySignals(beam.PTransform):
                      | "Diversity" >> beam.ParDo(_HourlyDiversityFn()))
         # Freshness per cohort: a user is "new" when first seen within a day of the run's end.
         per_user = (out.valid
-                    | "UserTimes" >> beam.Map(lambda e: (e["user_id"], (e["event_time"], e["event_time"])))
+                    | "UserTimes" >> beam.ParDo(_UserFirstLastPerBundleFn())
                     | "FirstLastPerUser" >> beam.CombinePerKey(_MinMax()))
         freshness = (per_user
                      | "UserFirstLast" >> beam.Values()
                      | "AllUsers" >> beam.combiners.ToList()
                      | "Cohorts" >> beam.FlatMap(freshness_rows))
         return {"counters": counters, "diversity": diversity, "freshness": freshness}
+
+
+class _UserFirstLastPerBundleFn(beam.DoFn):
+    """Valid events (global window) -> (user, (first, last event time)) per user and bundle, emitted
+    when the bundle ends: one element per user and bundle instead of one per event."""
+
+    def start_bundle(self):
+        self._users: dict = {}
+
+    def process(self, e):
+        t, users = e["event_time"], self._users
+        seen = users.get(e["user_id"])
+        if seen is None:
+            users[e["user_id"]] = (t, t)
+        elif t < seen[0] or t > seen[1]:
+            users[e["user_id"]] = (min(seen[0], t), max(seen[1], t))
+
+    def finish_bundle(self):
+        end = window.GlobalWindow().max_timestamp()
+        for user, first_last in self._users.items():
+            yield WindowedValue((user, first_last), end, (window.GlobalWindow(),))
+        self._users = {}
 
 
 class _MinMax(beam.CombineFn):
