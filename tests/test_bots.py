@@ -135,7 +135,7 @@ def test_huge_user_is_judged_by_volume_without_sorting(monkeypatch):
     from transforms.bots import FilterBots, _UserRunsBatchFn
     rules = BotRules(True, (), 600.0, 120, 2, 200, 3, max_user_events=1000)
     fn = _UserRunsBatchFn(rules, 1800.0)
-    events = [ev(T0 + i * 30_000, "view") for i in range(1001)]     # a human pace, but too many events
+    events = [{**ev(T0 + i * 30_000, "view"), "user_id": "u1"} for i in range(1001)]   # human pace, too many
     monkeypatch.setattr("builtins.sorted", lambda *a, **k: pytest.fail("a huge user must not be sorted"))
     out = list(fn.process(("u1", events)))
     monkeypatch.undo()
