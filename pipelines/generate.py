@@ -34,8 +34,8 @@ Traffic (defaults; every proportion is a knob, see ``DEFAULT_KNOBS``):
   * boundary runs: the first sustained-rate and superhuman-click bots start so that their first run
     straddles an hour boundary (random within the bot window), the first steady crawler straddles
     the first UTC midnight after the start (traffic spans 48 h, bots start in its first 60%, so one
-    always lies in range), and two extra human users start a session just before that midnight and
-    an hour boundary. So every seed and start date covers runs cut by clock boundaries.
+    always lies in range), and two extra human users have a session with that midnight / an hour
+    boundary inside it. So every seed and start date covers runs cut by clock boundaries.
   * ~2% of well-formed, consenting events re-delivered 1-3 more times, byte-identical, later.
   * ~1% of human users send ``consent: false`` on every event.
   * ~1.5% malformed records, one defect each, cycling over all reason codes.
@@ -726,8 +726,24 @@ class _Sim:
         out = []
         for boundary in (self._first_midnight_after(self.start_ms), hour):
             a = self._new_actor()
-            out.append((a, self._human(a, max(self.start_ms, boundary - rng.randint(60_000, 600_000)))))
+            out.append((a, self._boundary_human(a, boundary)))
         return out
+
+    def _boundary_human(self, a, boundary):
+        """A human whose first session has the boundary strictly inside it (between two of its events,
+        none before the start), then more sessions as usual."""
+        rng = self.rng
+        events = self._human_session(a, 0)
+        times = sorted({e[0] for e in events})
+        shift = self.start_ms - times[0]
+        if len(times) >= 2:
+            i = max(1, len(times) // 2)
+            lo_t, hi_t = times[i - 1], times[i]
+            shift = max(shift, boundary - hi_t + rng.randint(0, hi_t - lo_t - 1))
+        events = [(e[0] + shift,) + e[1:] for e in events]
+        yield from events
+        t = events[-1][0] + SESSION_GAP_MIN_MS + int(rng.expovariate(1 / (2.5 * 3_600_000)))
+        yield from self._human(a, t)
 
     # -- emission --
     def _emit(self, a, ev):
