@@ -395,7 +395,7 @@ def test_every_seed_and_start_has_steady_crawlers_and_boundary_runs(tmp_path, se
             e["event_time"] = _time_ms(e["event_time"])
         except Exception:       # the deliberate dead letters
             continue
-        if e.get("user_id") is not None and isinstance(e["event_time"], int):
+        if isinstance(e.get("user_id"), (str, int)) and isinstance(e["event_time"], int):
             events.append(e)
     bot_users = set(truth["bot_user_ids"])
     start_ms = _time_ms(start)
