@@ -97,6 +97,19 @@ class BotConfig(_Section):
     sustained_minutes: int = Field(2, ge=1, description="Consecutive minutes above the rate that flag a run.")
     min_click_latency_ms: int = Field(200, ge=0, description="A click faster than this after its impression is superhuman.")
     min_superhuman_clicks: int = Field(3, ge=1, description="Superhuman clicks in one run that flag it.")
+    cadence_max_cv: float = Field(0.2, gt=0, description="machine_cadence: a run whose inter-event intervals have a "
+                                                         "coefficient of variation below this is machine-steady.")
+    cadence_min_events: int = Field(60, ge=3, description="machine_cadence: events a run needs to be judged.")
+    cadence_min_rate_per_s: float = Field(0.5, gt=0, description="machine_cadence: mean events/s a run needs.")
+    cadence_min_duration: Duration = Field(120.0, description="machine_cadence: event-time span a run needs.")
+    max_run_duration: Duration = Field(
+        7200.0, description="A user's activity run (and session) is cut this long after its first event, so a "
+                            "streaming job holds a bounded run in state; batch cuts the same way. Bounds how far "
+                            "behind the watermark judged events are (max_run_duration + time.lateness).")
+    max_user_events: int = Field(
+        100_000, ge=1000, description="Bound for huge users: a user with more events than this (batch: in the "
+                                      "input; streaming: in one open run) is flagged sustained_rate by volume, "
+                                      "without sorting its events.")
 
     @field_validator("extra_crawler_patterns")
     @classmethod
@@ -114,6 +127,12 @@ class BotConfig(_Section):
         if v < 60:
             raise ValueError("session_gap must be at least 60s")
         return v
+
+    @model_validator(mode="after")
+    def _run_cap_holds_a_run(self):
+        if self.max_run_duration < self.session_gap or self.max_run_duration < self.cadence_min_duration:
+            raise ValueError("max_run_duration must be at least session_gap and cadence_min_duration")
+        return self
 
 
 class TimeConfig(_Section):
