@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from transforms import contract
 
 from transforms.configbase import Duration, PositiveDuration, _Section, parse_duration  # noqa: F401 - re-exported
+from transforms.evaluation import EvaluationConfig, load_position_weights
 from transforms.features import FeaturesConfig
 from transforms.online_store import OnlineStoreConfig
 from transforms.quality import QualityConfig
@@ -187,6 +188,16 @@ class LabelsConfig(_Section):
     negative: dict[str, float] = Field(default_factory=lambda: {"skip": 1.0})
     default_negative_weight: float = Field(1.0, ge=0)
     min_click_dwell_ms: int = Field(0, ge=0, description="A click with less dwell than this is not a positive.")
+    position_weights: Optional[str] = Field(
+        None, description="position_weights.json (python -m pipelines.evaluate): positive labels' weight is "
+                          "multiplied by the inverse examination propensity of their position.")
+
+    @field_validator("position_weights")
+    @classmethod
+    def _weights_readable(cls, v):
+        if v is not None:
+            load_position_weights(v)   # ValueError names the file and the bad entry
+        return v
 
     @model_validator(mode="after")
     def _types_are_outcomes(self):
@@ -217,10 +228,23 @@ class JobConfig(_Section):
     online_store: Optional[OnlineStoreConfig] = Field(None, description="Redis for online features (streaming).")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="SLO gates and drift.")
     output: OutputConfig = OutputConfig()
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig,
+                                         description="pipelines.evaluate: OPE, position bias, experiments, cold start.")
     # Where the file was read from; relative paths inside it resolve against this folder.
     base_dir: str = Field(".", exclude=True)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_position_weights(cls, data):
+        # labels.position_weights is read while the labels section is validated, before resolve() exists:
+        # make a relative path relative to the config file's folder here.
+        labels = data.get("labels") if isinstance(data, dict) else None
+        path = labels.get("position_weights") if isinstance(labels, dict) else None
+        if isinstance(path, str) and "://" not in path and not os.path.isabs(path):
+            data = {**data, "labels": {**labels, "position_weights": str(Path(data.get("base_dir", "."), path))}}
+        return data
 
     def resolve(self, path: Optional[str]) -> Optional[str]:
         """A path from the file, made absolute against the config file's folder (URLs untouched)."""
