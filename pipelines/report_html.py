@@ -580,6 +580,23 @@ def _drift_table(drift: dict) -> str:
             '<th>run n</th><th>status</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
 
 
+def _privacy(stats: dict) -> str:
+    """PII found at the source per field and kind, and how much of it was redacted before any sink."""
+    p = stats.get("privacy")
+    if not p:
+        return '<p class="note">No privacy counters in this run (the runner reported no metrics).</p>'
+    kpis = [("privacy compliance", _pct(p["compliance_rate"], 2)), ("PII found at source", _num(p["found"])),
+            ("redacted before any sink", _num(p["redacted"])), ("not redacted", _num(p["not_redacted"]))]
+    kinds = sorted({k for ks in p["found_by_field_kind"].values() for k in ks})
+    head = "".join(f"<th>{_e(k)}</th>" for k in kinds)
+    rows = "".join(f'<tr><td>{_e(f)}</td>' + "".join(f'<td class="num">{ks.get(k, 0)}</td>' for k in kinds)
+                   + f'<td class="num">{sum(ks.values())}</td></tr>' for f, ks in p["found_by_field_kind"].items())
+    table = (f'<table><thead><tr><th>field</th>{head}<th>total</th></tr></thead><tbody>'
+             f'{rows or "<tr><td colspan=2>no PII found at the source</td></tr>"}</tbody></table>')
+    return ('<div class="kpis">' + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div>'
+                                           f'</div>' for l, v in kpis) + "</div>" + table)
+
+
 def _card(title: str, body: str, note: str = "") -> str:
     n = f'<p class="note">{_e(note)}</p>' if note else ""
     return f'<div class="card"><h3>{_e(title)}</h3>{body}{n}</div>'
@@ -626,6 +643,10 @@ def render_report(stats: dict, summary: dict, slo_results: Sequence[dict], drift
              _card("Lateness: arrival − event time", _latency(stats, summary),
                    "Bars are histogram buckets; dashed lines are p50/p95/p99 interpolated within a bucket."),
              "</div>",
+             "<h2>Privacy</h2>",
+             _card("PII found at the source, by field and kind", _privacy(stats),
+                   "Every string value and key is scanned (e-mail, phone, IP); compliance = redacted / found, "
+                   "must be 100%."),
              "<h2>Bots</h2>", '<div class="grid">',
              _card("Bot ratio over time", _bot_ratio(summary, bot_ratio_band),
                    "Green band: allowed range (bot_ratio_band)."),
