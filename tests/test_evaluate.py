@@ -11,6 +11,8 @@ import subprocess
 import sys
 
 import fastavro
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
 
@@ -519,3 +521,29 @@ def test_job_without_randomised_traffic_fits_the_click_model(tmp_path):
     assert pb["curve"]["propensity"][:5] == pytest.approx(want["propensity"][:5], rel=1e-9)
     assert pb["curve"]["propensity"][5:] == want["propensity"][5:] == [None] * 15   # no data past position 5
     assert list(json.loads((out / "position_weights.json").read_text())["positions"]) == ["1", "2", "3", "4", "5"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(shift_buckets=st.integers(min_value=-2000, max_value=2000))
+def test_cold_start_does_not_depend_on_the_calendar(shift_buckets):
+    """Shifting every impression by whole buckets changes bucket starts only, never a share or a Gini."""
+    labels, _, _ = make_traffic(n_requests=300, seed=26)
+    cfg = E.ColdStartConfig(new_item_age=86400, bucket=6 * 3600)
+    bucket_ms = 6 * HOUR
+
+    def figures(ls):
+        first, start = {}, min(l["impression_time"] for l in ls)
+        for l in ls:
+            first[l["item_id"]] = min(first.get(l["item_id"], 1 << 62), l["impression_time"])
+        cells = {}
+        for l in ls:
+            key, vals = evaluate.cold_start_cell(l, first, start, cfg)
+            cells[key] = [a + b for a, b in zip(cells.get(key, [0] * 6), vals)]
+        out = E.cold_start_buckets([(b, i, *v) for (b, i), v in cells.items()], start, cfg)
+        return out, [(b["new_exposure_share"], b["gini"], b["top1pct_share"], b["censored"]) for b in out["buckets"]]
+
+    base, base_rows = figures(labels)
+    moved, moved_rows = figures([{**l, "impression_time": l["impression_time"] + shift_buckets * bucket_ms}
+                                 for l in labels])
+    assert moved_rows == base_rows
+    assert moved["new_exposure_share"] == base["new_exposure_share"]
