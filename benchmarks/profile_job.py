@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     started = time.process_time()
     prof.enable()
     batch.run(["--config", str(ROOT / "config" / "batch.yaml"), "--input", str(data),
-               "--output", str(work / f"profile-{args.events}"), "--warn-only",
+               "--output", str(work / f"profile-{args.events}"), "--overwrite", "--warn-only",
                "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner"])
     prof.disable()
     cpu = time.process_time() - started
