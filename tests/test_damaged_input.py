@@ -135,6 +135,15 @@ def test_gzip_with_a_damaged_block_stops_there():
     assert damage is not None and damage.records_read == len(items) and damage.error
 
 
+def test_counting_stream_never_reads_more_than_asked_and_refuses_damaged_lengths():
+    data = bytes(range(256)) * (1 << 16)                       # 16 MiB, more than one read chunk
+    raw = _CountingStream(io.BytesIO(data), len(data))
+    assert raw.read(10 << 20) == data[: 10 << 20] and raw.offset == 10 << 20
+    assert raw.read(1 << 62) == data[10 << 20:] and raw.read(5) == b""   # a huge length: capped, no allocation
+    with pytest.raises(ValueError):
+        raw.read(-57854006)
+
+
 def test_storage_errors_are_not_taken_for_damage():
     class Failing(io.BytesIO):
         def read(self, size=-1):

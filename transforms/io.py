@@ -137,7 +137,7 @@ class _CountingStream:
         if size is not None and size < -1:
             raise ValueError(f"asked to read {size} bytes (a damaged length field)")
         if size is not None and size > _CHUNK and self._size is not None:
-            size = max(self._size - self.offset, _CHUNK)
+            size = min(size, max(self._size - self.offset, _CHUNK))
         try:
             data = self._f.read(size)
         except Exception as e:  # noqa: BLE001 - any failure of the storage layer itself
