@@ -135,6 +135,15 @@ def test_gzip_with_a_damaged_block_stops_there():
     assert damage is not None and damage.records_read == len(items) and damage.error
 
 
+def test_counting_stream_never_reads_more_than_asked_and_refuses_damaged_lengths():
+    data = bytes(range(256)) * (1 << 16)                       # 16 MiB, more than one read chunk
+    raw = _CountingStream(io.BytesIO(data), len(data))
+    assert raw.read(10 << 20) == data[: 10 << 20] and raw.offset == 10 << 20
+    assert raw.read(1 << 62) == data[10 << 20:] and raw.read(5) == b""   # a huge length: capped, no allocation
+    with pytest.raises(ValueError):
+        raw.read(-57854006)
+
+
 def test_storage_errors_are_not_taken_for_damage():
     class Failing(io.BytesIO):
         def read(self, size=-1):
@@ -160,6 +169,25 @@ def test_damaged_avro_keeps_the_records_before_the_damage(codec, damage_kind, re
     assert [s for s, _ in items] == [f"/in/x.avro#{n}" for n in range(1, expected + 1)]
     assert damage.records_read == expected and damage.stopped_at == f"/in/x.avro#{expected + 1}"
     assert 0 < damage.offset <= len(data) and damage.error
+
+
+@pytest.mark.parametrize("codec", ["null", "deflate", "snappy"])
+def test_damage_anywhere_in_an_avro_file_is_damage_never_an_exception(codec, registry, tmp_path):
+    """Every byte of the header and first blocks, flipped two ways: the reader either reads the
+    file or returns a Damage. Damaged lengths (negative, huge) included: they are not storage errors."""
+    data = avro_bytes([event(i) for i in range(60)], codec, sync_interval=1_000)
+    path = tmp_path / "x.avro"
+    outcomes = set()
+    for pos in range(0, min(len(data), 1200)):
+        for flip in (0xFF, 0x80):
+            damaged = bytearray(data)
+            damaged[pos] ^= flip
+            path.write_bytes(damaged)
+            with open(path, "rb") as f:
+                items, damage = collect(read_avro(str(path), _CountingStream(f, len(damaged)), registry))
+            assert damage is None or damage.records_read == len(items)
+            outcomes.add(damage is None)
+    assert outcomes == {True, False}
 
 
 def test_avro_that_is_not_avro_is_one_damage(registry):

@@ -5,7 +5,6 @@ A value outside its Avro type (position >= 2^31, dwell_ms >= 2^63, a number no d
 values, generated with hypothesis, go through the real batch job and every sink it has: events/bots
 Avro, labels/slates Avro, features Parquet and JSON lines.
 """
-import datetime as dt
 import glob
 import json
 import os
@@ -18,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from pipelines import batch
 from tests.conftest import ROOT, write_config
 from transforms import contract
 from transforms.parse import Rejected, parse_record
@@ -82,7 +80,7 @@ def test_consent_false_is_honoured_even_beside_a_number_beyond_double(rules):
         parse_record(raw, rules)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(field=st.sampled_from(["position", "dwell_ms"]), excess=st.integers(min_value=1, max_value=2 ** 70),
        negative=st.booleans())
 def test_every_integer_beyond_the_type_is_rejected(field, excess, negative, rules):
@@ -151,7 +149,7 @@ EXTREMES = [
 ]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=slates(4))
 def test_generated_valid_events_are_valid_and_writable_as_events_avro(events, rules, registry):
     from transforms.records import clean_event_schema
@@ -194,15 +192,13 @@ def test_batch_job_writes_extreme_valid_events_through_every_sink(events, tmp_pa
     assert report["counts"]["valid"] + report["counts"]["bots"] + report["counts"]["duplicates"] == len(events)
     written = read_avro_dir(out / "events" / "events") + read_avro_dir(out / "bots" / "bots")
     assert len(written) == report["counts"]["valid"] + report["counts"]["bots"]
-    sent = {e["event_id"]: e for e in events}
     for w in written:   # extreme numbers arrive unchanged (identifiers may be pseudonymised)
-        e = next(s for s in sent.values() if s["event_type"] == w["event_type"] and all(
-            s.get(k) == w.get(k) for k in ("position", "propensity", "dwell_ms", "value")))
-        assert e is not None
+        assert any(s["event_type"] == w["event_type"] and all(
+            s.get(k) == w.get(k) for k in ("position", "propensity", "dwell_ms", "value")) for s in events), w
     labels = read_avro_dir(out / "labels" / "labels")
     slates_out = read_avro_dir(out / "slates" / "slates")
     assert len(labels) == report["labels"]["labels"] == report["labels"]["exposures"]
-    assert sum(s["n_items"] for s in slates_out) == len(labels)
+    assert sum(s["n_items"] for s in slates_out) == sum(1 for l in labels if l["request_id"] is not None)
     features = [pq.read_table(f).to_pylist() for f in glob.glob(str(out / "features" / "**" / "*.parquet"),
                                                                  recursive=True)]
     assert report["counts"]["valid"] == 0 or any(features)

@@ -126,12 +126,18 @@ class StorageError(Exception):
 
 class _CountingStream:
     """The raw file: counts the bytes read (where reading stopped) and tells storage errors apart
-    from errors in decoding the bytes."""
+    from errors in decoding the bytes. A length read from damaged bytes (a negative or huge Avro
+    block size) is damage, not a storage error: it is refused or capped at what the file holds
+    before the storage layer would try to allocate it."""
 
-    def __init__(self, f):
-        self._f, self.offset = f, 0
+    def __init__(self, f, size: Optional[int] = None):
+        self._f, self._size, self.offset = f, size, 0
 
     def read(self, size: int = -1) -> bytes:
+        if size is not None and size < -1:
+            raise ValueError(f"asked to read {size} bytes (a damaged length field)")
+        if size is not None and size > _CHUNK and self._size is not None:
+            size = min(size, max(self._size - self.offset, _CHUNK))
         try:
             data = self._f.read(size)
         except Exception as e:  # noqa: BLE001 - any failure of the storage layer itself
@@ -262,7 +268,7 @@ class _ReadFileFn(beam.DoFn):
         self._files.inc()
         # Raw bytes: decompression is done here (read_json_lines), where a truncated stream is seen.
         with readable_file.open(compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            raw = _CountingStream(f)
+            raw = _CountingStream(f, readable_file.metadata.size_in_bytes)
             if path.lower().endswith(".avro"):
                 records = read_avro(path, raw, self._registry)
             else:
