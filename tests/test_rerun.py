@@ -252,3 +252,19 @@ def test_publish_leaves_out_sink_scratch_files_and_empty_temp_folders(tmp_path):
     assert manifest["files"][0]["records"] == 2 and manifest["records_by_output"] == {"events": 2}
     assert sorted(all_entries(tmp_path / "out")) == ["_MANIFEST.json", "_SUCCESS", "events",
                                                      os.path.join("events", "events-00000-of-00001.jsonl")]
+
+
+def test_streaming_folder_refused_when_used_and_replaced_with_overwrite(tmp_path):
+    from pipelines.streaming import STREAMING_OUTPUTS
+    out = tmp_path / "stream"
+    runfolder.prepare_streaming(str(out), False, STREAMING_OUTPUTS)
+    (out / "labels").mkdir()
+    (out / "labels" / "labels-20261101T000000Z-20261101T000500Z-pane0-00000-of-00001.avro").write_bytes(b"x")
+    (out / "features" / ".temp-1").mkdir(parents=True)
+    (out / "features" / ".temp-1" / "part").write_bytes(b"y")
+    with pytest.raises(runfolder.OutputFolderError, match="already holds a streaming run's output"):
+        runfolder.prepare_streaming(str(out), False, STREAMING_OUTPUTS)
+    with pytest.raises(runfolder.OutputFolderError, match="already holds a streaming run's output"):
+        runfolder.prepare(str(out), "batch", overwrite=False)   # batch and streaming refuse alike
+    runfolder.prepare_streaming(str(out), True, STREAMING_OUTPUTS)
+    assert all_entries(out) == [runfolder.STREAMING]
