@@ -362,3 +362,27 @@ def check_published(pattern: str, flag: str) -> list[str]:
                 f"{flag}: {m.path} is {'not listed in' if entry is None else 'a different size than in'} "
                 f"{_join(root, MANIFEST)}; the folder was changed after its run was published")
     return sorted(roots)
+
+
+def verify_run(root: str) -> list[str]:
+    """Full check of a published run (every file's sha256 and record count against its manifest, and no
+    unlisted files). Returns the problems; [] means intact. Readers check listing and size only, to
+    avoid reading large inputs twice; use this where a full check is worth it (e.g. before training)."""
+    files = list_files(root)
+    if SUCCESS not in files or RUNNING in files:
+        return [f"{root}: not a published run (no {SUCCESS}, or still {RUNNING})"]
+    manifest = _read_json(_join(root, MANIFEST)) or {}
+    listed = {e["path"]: e for e in manifest.get("files", [])}
+    problems = [f"{p}: not listed in {MANIFEST}" for p in files if p not in listed and p not in (MANIFEST, SUCCESS)]
+    for path, want in sorted(listed.items()):
+        if path not in files:
+            problems.append(f"{path}: listed but missing")
+            continue
+        try:
+            got = file_entry(root, path)
+        except (OSError, ValueError, EOFError) as e:   # a damaged file no longer parses
+            problems.append(f"{path}: unreadable ({type(e).__name__})")
+            continue
+        if (got["sha256"], got["records"]) != (want["sha256"], want["records"]):
+            problems.append(f"{path}: sha256/records differ from {MANIFEST}")
+    return problems

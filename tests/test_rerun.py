@@ -190,9 +190,11 @@ def test_readers_refuse_unpublished_or_changed_runs(data, published, capsys):
     out = copy_run(published, tmp / "readers")
     events = str(out / "events" / "*.avro")
     assert runfolder.check_published(events, "--archive") == [str(out)]
+    assert runfolder.verify_run(str(out)) == []
     (out / "events" / "events-00000-of-00001.avro").open("ab").write(b"x")     # changed after publication
     with pytest.raises(runfolder.UnpublishedInputError, match="different size"):
         runfolder.check_published(events, "--archive")
+    assert runfolder.verify_run(str(out)) == ["events/events-00000-of-00001.avro: unreadable (EOFError)"]
     (out / runfolder.SUCCESS).unlink()
     args = ["archive", "--config", cfg1, "--archive", events, "--from", "2026-11-01T02:00:00Z",
             "--to", "2026-11-01T03:00:00Z", "--output", str(tmp / "replayed")]
