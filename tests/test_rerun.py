@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import fastavro
 import pytest
@@ -222,6 +223,7 @@ def test_killed_run_leaves_nothing_complete_and_overwrite_recovers(tmp_path):
             stagings = glob.glob(str(out / "_staging-*"))
             if stagings and [e for e in all_entries(stagings[0]) if e != runfolder.RUNNING]:
                 break
+            time.sleep(0.02)  # polling for a state, not timing anything
         assert proc.poll() is None, "the job finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
