@@ -24,6 +24,7 @@ setuptools.setup(
         "crawler-user-agents>=1.0",
         "pyarrow>=14",          # Parquet feature files
         "redis>=5",             # online feature store
+        "cramjam>=2.7",         # snappy-compressed Avro input (fastavro's snappy codec)
         "phonenumbers>=8.13",   # phone numbers in free text (privacy)
     ],
     extras_require={

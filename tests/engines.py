@@ -2,19 +2,21 @@
 
 Tools come from the project's own install scripts (cached under
 ``${XDG_CACHE_HOME:-~/.cache}/feedback-pipeline``): ``.ci/install-prism`` builds Prism from the Go
-module proxy; ``.ci/install-flink`` fetches Beam's Flink job server jar (Maven Central) and the
-standalone Flink distribution of the same Flink version (PyPI wheels). A missing tool or a failed
-download FAILS the test that needs it, with the script's own error; nothing here skips.
+module proxy; ``.ci/install-flink`` builds Beam's Flink 1.20 job server from source with
+``../shared/flink-job-server/build.sh`` (the Maven registry here serves no ``beam-runners-flink-*``
+jar; ``FLINK_JOB_SERVER_JAR`` / ``FLINK_JOB_SERVER_DIR`` override) and assembles the standalone Flink
+1.20.3 distribution from PyPI. A missing tool or a failed download FAILS the test that needs it,
+with the script's own error; nothing here skips.
 
-``flink_cluster`` starts a standalone JobManager and one TaskManager (2 slots) as two child
-processes (``bin/*.sh start-foreground``), on loopback, on free ports, with a private config, log
-and pid folder; it waits for ``/overview`` to list the TaskManager and stops both at session end.
+``flink_cluster`` starts a standalone JobManager and two TaskManagers (2 slots each) as separate
+child processes (``bin/*.sh start-foreground``), on loopback, on free ports, with a private config,
+log and pid folder, a fixed-delay restart strategy; it waits for ``/overview`` to list both
+TaskManagers and stops every process at session end (``FlinkCluster`` also serves the benchmark).
 
 Use from a test module with ``from tests.engines import *  # noqa: F401,F403`` (pytest fixtures).
 """
 from __future__ import annotations
 
-from tests.processes import free_port, stop
 import dataclasses
 import json
 import os
@@ -29,13 +31,13 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.processes import DIE_WITH_PARENT, free_port, stop
 
 __all__ = ["prism_binary", "flink_install", "flink_home", "flink_job_server_jar", "flink_cluster", "FlinkCluster",
-           "prism_options", "flink_options"]
+           "FlinkClusterError", "prism_options", "flink_options"]
 
 INSTALL_TIMEOUT_S = 30 * 60      # a cold Prism build took ~7 min on 2 cores
 CLUSTER_START_TIMEOUT_S = 120    # ~30 s seen for JobManager + TaskManager to register
-TASK_SLOTS = 2
 
 
 def _run_install(script: str, *args: str) -> str:
@@ -72,37 +74,27 @@ def prism_options(prism: str, *extra: str) -> list:
     return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK", *extra]
 
 
+# --- Flink ------------------------------------------------------------------------------------------
+
+class FlinkClusterError(RuntimeError):
+    pass
+
+
 @pytest.fixture(scope="session")
 def flink_home() -> str:
-    """FLINK_HOME of the standalone Flink distribution (from the PyPI wheels, unpacked)."""
+    """FLINK_HOME of the standalone Flink 1.20.3 distribution (PyPI wheel + sdist, assembled)."""
     home = _key_values(_run_install("install-flink", "dist"))["FLINK_HOME"]
     if not os.access(os.path.join(home, "bin", "jobmanager.sh"), os.X_OK):
         pytest.fail(f"FLINK_HOME={home} has no executable bin/jobmanager.sh", pytrace=False)
     return home
 
 
-FLINK_JAR_BLOCKER = (
-    "Beam's Flink job server jar (org.apache.beam:beam-runners-flink-<flink>-job-server:<beam>) is not served "
-    "by the Maven registry this machine and CI reach (no beam-runners-flink-* artifact at any version; Beam Java "
-    "stops before 2.77). The portable FlinkRunner cannot start without it. Provide FLINK_JOB_SERVER_JAR to run these.")
-
-
 @pytest.fixture(scope="session")
 def flink_job_server_jar() -> str:
-    """Beam's Flink job server jar for the installed Beam version (FLINK_JOB_SERVER_JAR overrides).
-
-    When the registry does not serve it (the case here, see FLINK_JAR_BLOCKER), the Flink tests are
-    reported as xfailed with that reason -- visibly, in every run -- rather than erroring; the download
-    is attempted every time, so they run for real as soon as the jar can be had. Any other install
-    failure fails the tests.
-    """
-    cmd = ["bash", str(ROOT / ".ci" / "install-flink"), "jar"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
-    if proc.returncode != 0:
-        if "Could not find artifact" in proc.stderr or "could not find artifact" in proc.stderr.lower():
-            pytest.xfail(FLINK_JAR_BLOCKER)
-        pytest.fail(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", pytrace=False)
-    jar = _key_values(proc.stdout)["FLINK_JOB_SERVER_JAR"]
+    """A runnable Beam Flink 1.20 job server jar (for --flink_job_server_jar): FLINK_JOB_SERVER_JAR, or
+    the shared source build (FLINK_JOB_SERVER_DIR or ../shared/flink-job-server/build.sh) wrapped by
+    .ci/install-flink in a launcher jar. Any failure fails the tests that need it."""
+    jar = _key_values(_run_install("install-flink", "jar"))["FLINK_JOB_SERVER_JAR"]
     if not os.path.isfile(jar):
         pytest.fail(f".ci/install-flink printed FLINK_JOB_SERVER_JAR={jar}, which does not exist", pytrace=False)
     return jar
@@ -114,111 +106,176 @@ def flink_install(flink_home, flink_job_server_jar) -> dict:
 
 
 def flink_options(jar: str, master: str = "[local]", *extra: str) -> list:
-    """Beam options for the portable FlinkRunner. LOOPBACK: the Python SDK harness runs in this
-    process and the Flink tasks (embedded or on the loopback cluster) connect back to it."""
+    """Beam options for the portable FlinkRunner (the standard flags). LOOPBACK: the Python SDK harness
+    runs in this process and the Flink tasks (embedded or on the loopback cluster) connect back to it."""
     return ["--runner=FlinkRunner", f"--flink_master={master}", f"--flink_job_server_jar={jar}",
             "--environment_type=LOOPBACK", *extra]
 
 
+JOBMANAGER = "jobmanager"
 
 
 @dataclasses.dataclass
 class FlinkCluster:
+    """A standalone Flink session cluster on loopback: one JobManager and `taskmanagers` TaskManagers,
+    each its own `bin/<role>.sh start-foreground` process (a JVM), with a private config, log folder and
+    free ports. A fixed-delay restart strategy and short heartbeats let a job survive a lost TaskManager.
+    Usable outside pytest (benchmarks/flink_scale.py): start() / stop() raise FlinkClusterError."""
     home: str
-    rest_port: int
     workdir: Path
-    processes: dict
+    taskmanagers: int = 2
+    slots: int = 2
+    tm_memory: str = "1536m"
+    jm_memory: str = "1024m"
+    parallelism: int = 2
+    extra_conf: dict = dataclasses.field(default_factory=dict)
+    rest_port: int = 0
+    processes: dict = dataclasses.field(default_factory=dict)   # name -> Popen
+    _started_tms: int = 0
 
     @property
     def master(self) -> str:
-        """For --flink_master."""
+        """For --flink_master / the job server's --flink-master."""
         return f"localhost:{self.rest_port}"
 
-    def overview(self) -> dict:
-        with urllib.request.urlopen(f"http://localhost:{self.rest_port}/overview", timeout=5) as r:
+    def _get(self, path: str):
+        with urllib.request.urlopen(f"http://localhost:{self.rest_port}{path}", timeout=10) as r:
             return json.load(r)
 
-    def jobs(self) -> list:
-        with urllib.request.urlopen(f"http://localhost:{self.rest_port}/jobs/overview", timeout=5) as r:
-            return json.load(r)["jobs"]
+    def overview(self) -> dict:
+        return self._get("/overview")
 
-    def log_tail(self, chars: int = 4000) -> str:
+    def jobs(self) -> list:
+        return self._get("/jobs/overview")["jobs"]
+
+    def job(self, jid: str) -> dict:
+        return self._get(f"/jobs/{jid}")
+
+    def job_exceptions(self, jid: str) -> dict:
+        return self._get(f"/jobs/{jid}/exceptions")
+
+    def cancel_job(self, jid: str) -> None:
+        """Flink REST cancel (Beam's PipelineResult.cancel() does not stop a job on this job server)."""
+        req = urllib.request.Request(f"http://localhost:{self.rest_port}/jobs/{jid}?mode=cancel", method="PATCH")
+        urllib.request.urlopen(req, timeout=10).close()
+
+    def taskmanager_names(self) -> list:
+        return [n for n in self.processes if n != JOBMANAGER and self.processes[n].poll() is None]
+
+    def log_tail(self, chars: int = 3000) -> str:
         parts = []
-        for f in sorted((self.workdir / "log").glob("*")):
-            text = f.read_text(errors="replace")
-            if text.strip():
-                parts.append(f"--- {f.name}\n{text[-chars:]}")
+        for f in sorted((self.workdir / "log").glob("**/*")):
+            if f.is_file() and f.stat().st_size:
+                parts.append(f"--- {f.relative_to(self.workdir)}\n{f.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
 
+    def _write_conf(self, rpc_port: int) -> None:
+        conf_dir = self.workdir / "conf"
+        shutil.copytree(os.path.join(self.home, "conf"), conf_dir)
+        cfg = yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}
+        settings = {
+            "jobmanager.bind-host": "localhost", "jobmanager.rpc.address": "localhost", "jobmanager.rpc.port": rpc_port,
+            "jobmanager.memory.process.size": self.jm_memory,
+            "taskmanager.bind-host": "localhost", "taskmanager.host": "localhost",
+            "taskmanager.numberOfTaskSlots": self.slots, "taskmanager.memory.process.size": self.tm_memory,
+            "rest.address": "localhost", "rest.bind-address": "localhost", "rest.port": self.rest_port,
+            "parallelism.default": self.parallelism,
+            # Work lands on every TaskManager, so losing one really interrupts the job.
+            "cluster.evenly-spread-out-slots": True,
+            # Recovery: restart the job on the remaining slots; notice a dead TaskManager within seconds.
+            "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": 5,
+            "restart-strategy.fixed-delay.delay": "2 s",
+            "heartbeat.interval": 2000, "heartbeat.timeout": 15000,
+            # Beam's batch translation has many blocking exchanges; Flink's sort-merge shuffle reserves
+            # 512 buffers for each by default, which ran out at parallelism 2 (14k buffers of 16 kb).
+            "taskmanager.network.sort-shuffle.min-buffers": 64,
+            "taskmanager.memory.segment-size": "16kb", "taskmanager.memory.network.fraction": 0.2,
+            "taskmanager.memory.managed.fraction": 0.3,
+            **self.extra_conf,
+        }
+        for path, value in settings.items():   # config.yaml nests keys by their dots
+            node = cfg
+            *parents, leaf = path.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        (conf_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-def _write_flink_conf(home: str, conf_dir: Path, rest_port: int, rpc_port: int) -> None:
-    shutil.copytree(os.path.join(home, "conf"), conf_dir)
-    cfg = yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}
+    def _spawn(self, role: str, name: str) -> None:
+        log_dir = self.workdir / "log" / name
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "FLINK_HOME": self.home, "FLINK_CONF_DIR": str(self.workdir / "conf"),
+               "FLINK_LOG_DIR": str(log_dir), "FLINK_PID_DIR": str(self.workdir / "pid")}
+        env.pop("HADOOP_CLASSPATH", None)
+        out = open(log_dir / "console.log", "wb")
+        # start-foreground execs the JVM: this Popen's pid is the JobManager / TaskManager itself.
+        self.processes[name] = subprocess.Popen(
+            [os.path.join(self.home, "bin", f"{role}.sh"), "start-foreground"], env=env, cwd=self.workdir,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=DIE_WITH_PARENT)
 
-    def put(path: str, value):
-        node = cfg
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+    def _wait_for(self, what: str, ready, timeout: float = CLUSTER_START_TIMEOUT_S):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None and n in self._expected}
+            if dead:
+                raise FlinkClusterError(f"Flink {dead} exited while waiting for {what}:\n{self.log_tail()}")
+            try:
+                last = self.overview()
+                if ready(last):
+                    return last
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            time.sleep(1)
+        raise FlinkClusterError(f"Flink: no {what} after {timeout:.0f} s (last /overview: {last}):\n{self.log_tail()}")
 
-    put("jobmanager.bind-host", "localhost")
-    put("jobmanager.rpc.address", "localhost")
-    put("jobmanager.rpc.port", rpc_port)
-    put("jobmanager.memory.process.size", "1024m")
-    put("taskmanager.bind-host", "localhost")
-    put("taskmanager.host", "localhost")
-    put("taskmanager.numberOfTaskSlots", TASK_SLOTS)
-    put("taskmanager.memory.process.size", "1536m")
-    put("rest.address", "localhost")
-    put("rest.bind-address", "localhost")
-    put("rest.port", rest_port)
-    put("parallelism.default", 1)
-    (conf_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    def start(self) -> "FlinkCluster":
+        if shutil.which("java") is None:
+            raise FlinkClusterError("java is not on PATH: the Flink cluster needs Java 17")
+        self.rest_port = self.rest_port or free_port()
+        self._write_conf(free_port())
+        (self.workdir / "pid").mkdir(parents=True, exist_ok=True)
+        self._expected = {JOBMANAGER}
+        self._spawn(JOBMANAGER, JOBMANAGER)
+        for _ in range(self.taskmanagers):
+            self.start_taskmanager(wait=False)
+        want = self.taskmanagers
+        self._wait_for(f"{want} TaskManagers", lambda o: o.get("taskmanagers", 0) >= want
+                       and o.get("slots-total", 0) >= want * self.slots)
+        return self
 
+    def start_taskmanager(self, wait: bool = True) -> str:
+        self._started_tms += 1
+        name = f"taskmanager-{self._started_tms}"
+        self._expected.add(name)
+        self._spawn("taskmanager", name)
+        if wait:
+            want = len(self.taskmanager_names())
+            self._wait_for(f"{want} TaskManagers", lambda o: o.get("taskmanagers", 0) >= want)
+        return name
 
+    def kill_taskmanager(self, name: str) -> None:
+        """SIGKILL: the process gets no chance to deregister or flush anything."""
+        self._expected.discard(name)
+        self.processes[name].kill()
+        self.processes[name].wait(10)
+
+    def stop(self) -> None:
+        self._expected = set()
+        for name in [n for n in self.processes if n != JOBMANAGER] + [JOBMANAGER]:   # TaskManagers first
+            stop(self.processes[name], timeout=20)
 
 
 @pytest.fixture(scope="session")
 def flink_cluster(flink_home, tmp_path_factory):
-    """A standalone Flink cluster (1 JobManager + 1 TaskManager with 2 slots) for the session."""
-    if shutil.which("java") is None:
-        pytest.fail("java is not on PATH: the Flink cluster needs Java 17", pytrace=False)
-    work = tmp_path_factory.mktemp("flink-cluster")
-    rest_port, rpc_port = free_port(), free_port()
-    _write_flink_conf(flink_home, work / "conf", rest_port, rpc_port)
-    for d in ("log", "pid"):
-        (work / d).mkdir()
-    env = {**os.environ, "FLINK_HOME": flink_home, "FLINK_CONF_DIR": str(work / "conf"),
-           "FLINK_LOG_DIR": str(work / "log"), "FLINK_PID_DIR": str(work / "pid")}
-    env.pop("HADOOP_CLASSPATH", None)
-    procs = {}
-    cluster = FlinkCluster(flink_home, rest_port, work, procs)
+    """A standalone Flink 1.20.3 cluster (JobManager + 2 TaskManagers, 2 slots each) for the session."""
+    cluster = FlinkCluster(flink_home, tmp_path_factory.mktemp("flink-cluster"))
     try:
-        for role in ("jobmanager", "taskmanager"):
-            out = open(work / "log" / f"{role}.console", "wb")
-            procs[role] = subprocess.Popen([os.path.join(flink_home, "bin", f"{role}.sh"), "start-foreground"],
-                                           env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-        deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
-        overview = None
-        while time.monotonic() < deadline:
-            dead = {r: p.returncode for r, p in procs.items() if p.poll() is not None}
-            if dead:
-                pytest.fail(f"Flink {dead} exited during start-up:\n{cluster.log_tail()}", pytrace=False)
-            try:
-                overview = cluster.overview()
-                if overview.get("taskmanagers", 0) >= 1 and overview.get("slots-total", 0) >= TASK_SLOTS:
-                    break
-            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"Flink cluster not ready after {CLUSTER_START_TIMEOUT_S} s (last /overview: {overview}):\n"
-                        f"{cluster.log_tail()}", pytrace=False)
+        cluster.start()
+    except FlinkClusterError as e:
+        cluster.stop()
+        pytest.fail(str(e), pytrace=False)
+    try:
         yield cluster
     finally:
-        # TaskManager first, as taskmanager.sh/jobmanager.sh stop would.
-        for role in ("taskmanager", "jobmanager"):
-            if role in procs:
-                stop(procs[role], timeout=20)
+        cluster.stop()

@@ -11,17 +11,14 @@
   BundleBasedDirectRunner (shared/BEAM-NOTES.md), Prism delivers output from timers that fire only
   at that jump.
 
+* Batch and replay jobs on Flink with the standard flags (``--runner=FlinkRunner --flink_master=...
+  --flink_job_server_jar=...``): embedded (``[local]``) and a standalone Flink 1.20.3 cluster
+  (JobManager + 2 TaskManagers, separate processes, parallelism 2); outputs equal FnApiRunner's.
+* Recovery: one TaskManager SIGKILLed in the middle of a batch job on the cluster; the restart
+  strategy reruns the job on the surviving TaskManager and every output equals the uninterrupted run.
+
 Engines come from ``.ci/install-prism`` / ``.ci/install-flink`` (``tests/engines.py``); a missing
 tool or download fails these tests, it never skips them. SDK harness: LOOPBACK (this process).
-
-Flink status on this machine (2026-11-28): the job server ``org.apache.beam:beam-runners-flink-2.2-
-job-server:2.77.0`` is NOT obtainable: the Maven Central reachable here serves no
-``beam-runners-flink-*`` artifact at any version (``maven-metadata.xml`` -> HTTP 404; mvn: "Could
-not find artifact org.apache.beam:beam-runners-flink-2.2-job-server:jar:2.77.0 in central"), and
-no Beam Java artifact of 2.77.0 at all (``beam-sdks-java-core`` stops at 2.76.0). The standalone
-Flink 2.2.1 cluster does start (``flink_cluster``). So the Flink tests fail at the
-``flink_job_server_jar`` fixture until ``FLINK_JOB_SERVER_JAR`` points at a job server jar; whether
-portable Flink runs our TestStream graph is therefore not yet established here.
 """
 import collections
 import datetime as dt
@@ -53,7 +50,9 @@ N_EVENTS = 3000
 AVRO_OUTPUTS = ("events", "bots", "labels", "slates")
 JSONL_OUTPUTS = ("dead_letter", "duplicates", "consent_dropped", "orphan_outcomes", "late_outcomes")
 # Report fields that describe the run, not the data.
-RUN_FIELDS = {"output", "runner", "started_at", "elapsed_seconds", "outputs", "metrics"}
+RUN_FIELDS = {"output", "run_id", "runner", "started_at", "elapsed_seconds", "outputs", "metrics"}
+# The generated events' first hours (generate() starts at its default start time), for archive replays.
+ARCHIVE_FROM, ARCHIVE_TO = "2026-11-01T00:00:00Z", "2026-11-01T06:00:00Z"
 
 
 # --- canonical records ---------------------------------------------------------------------
@@ -133,27 +132,134 @@ def test_batch_on_prism_equals_fnapi(generated, prism_binary):
 
 
 def test_standalone_flink_cluster_runs(flink_cluster):
-    """The standalone cluster (JobManager + TaskManager as separate processes) starts and serves its
-    REST API; jobs are submitted to it by the tests below once a job server jar is available."""
+    """The standalone cluster: a JobManager and two TaskManagers, each its own process."""
     overview = flink_cluster.overview()
-    assert overview["taskmanagers"] >= 1 and overview["slots-total"] >= 1
-    assert overview["flink-version"].startswith("2.2")
+    assert overview["flink-version"] == "1.20.3"
+    assert overview["taskmanagers"] == 2 and overview["slots-total"] == 4
+    pids = {p.pid for p in flink_cluster.processes.values()}
+    assert len(pids) == 3 and os.getpid() not in pids
 
 
 def test_batch_on_embedded_flink_equals_fnapi(generated, flink_job_server_jar):
-    report, out = run_batch_on(generated, "flink-local", flink_options(flink_job_server_jar, "[local]"))
+    report, out = run_batch_on(generated, "flink-local",
+                               flink_options(flink_job_server_jar, "[local]", "--parallelism=2"))
+    assert report["runner"] == "FlinkRunner"
     assert_same_report(generated["reference"], report, metrics_required=False)
     assert_same_outputs(generated["reference_dir"], out)
+
+
+def new_jobs(cluster, before: set) -> list:
+    return [j for j in cluster.jobs() if j["jid"] not in before]
+
+
+def assert_ran_on_cluster(cluster, before: set, parallelism: int = 2) -> dict:
+    """Exactly one new job, FINISHED, whose parallel operators ran with `parallelism` subtasks."""
+    ran = new_jobs(cluster, before)
+    assert [j["state"] for j in ran] == ["FINISHED"], ran
+    job = cluster.job(ran[0]["jid"])
+    assert max(v["parallelism"] for v in job["vertices"]) == parallelism, [v["parallelism"] for v in job["vertices"]]
+    return job
 
 
 def test_batch_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, flink_cluster):
     before = {j["jid"] for j in flink_cluster.jobs()}
     report, out = run_batch_on(generated, "flink-cluster",
                                flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2"))
-    ran = [j for j in flink_cluster.jobs() if j["jid"] not in before]
-    assert [j["state"] for j in ran] == ["FINISHED"], ran   # it ran on the cluster, not elsewhere
+    assert_ran_on_cluster(flink_cluster, before)
     assert_same_report(generated["reference"], report, metrics_required=False)
     assert_same_outputs(generated["reference_dir"], out)
+
+
+def tree_digests(root) -> dict:
+    """sha256 of every file under `root` except the run's own report, manifest and _SUCCESS (they name
+    folders, run ids and times)."""
+    import hashlib
+    return {os.path.relpath(f, root): hashlib.sha256(open(f, "rb").read()).hexdigest()
+            for f in glob.glob(os.path.join(str(root), "**", "*"), recursive=True)
+            if os.path.isfile(f) and not f.endswith(("report.json", "_MANIFEST.json", "_SUCCESS"))
+            and "/_replay/" not in f}
+
+
+@pytest.mark.parametrize("mode", ["archive", "dead-letters"])
+def test_replay_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, flink_cluster, mode):
+    """Replays write deterministic files: the cluster's must be byte-identical to FnApiRunner's."""
+    from pipelines import replay
+    ref = generated["reference_dir"]
+    cfg = generated["argv"][1]
+    if mode == "archive":
+        args = ["archive", "--config", cfg, "--archive", str(ref / "events" / "*.avro"),
+                "--from", ARCHIVE_FROM, "--to", ARCHIVE_TO]
+    else:
+        args = ["dead-letters", "--config", cfg, "--dead-letters", str(ref / "dead_letter" / "*")]
+    tmp = generated["tmp"]
+    want = replay.run(args + ["--output", str(tmp / f"replay-{mode}-fnapi"), f"--runner={FN_API_RUNNER}"])
+    before = {j["jid"] for j in flink_cluster.jobs()}
+    got = replay.run(args + ["--output", str(tmp / f"replay-{mode}-flink"),
+                             *flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2")])
+    assert_ran_on_cluster(flink_cluster, before)
+    drop = {"output", "run_id", "runner", "elapsed_seconds", "metrics", "replayability"}
+    assert {k: v for k, v in got.items() if k not in drop} == {k: v for k, v in want.items() if k not in drop}
+    if mode == "archive":
+        assert want["labels"]["labels"] > 0
+    else:
+        assert want["accounting"]["input_records"] == generated["reference"]["counts"]["dead_letter"] \
+            + generated["reference"]["counts"]["too_late"]
+    digests = tree_digests(tmp / f"replay-{mode}-fnapi")
+    assert digests and tree_digests(tmp / f"replay-{mode}-flink") == digests
+
+
+def _running_tasks_by_taskmanager(cluster, jid: str) -> dict:
+    """TaskManager id -> number of this job's subtasks RUNNING there."""
+    by_tm = collections.Counter()
+    for v in cluster.job(jid)["vertices"]:
+        for tm in cluster._get(f"/jobs/{jid}/vertices/{v['id']}/taskmanagers")["taskmanagers"]:
+            by_tm[tm["taskmanager-id"]] += tm["status-counts"].get("RUNNING", 0)
+    return by_tm
+
+
+def test_batch_survives_a_killed_taskmanager(generated, flink_job_server_jar, flink_cluster):
+    """SIGKILL one TaskManager while the batch job runs on both; Flink's restart strategy reruns the job
+    on the surviving TaskManager (2 slots) and the outputs equal the uninterrupted run's exactly."""
+    import threading
+    before = {j["jid"] for j in flink_cluster.jobs()}
+    result = {}
+
+    def run():
+        try:
+            result["report"] = batch.run(generated["argv"] + [
+                "--output", str(generated["tmp"] / "flink-recovery"),
+                *flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2")])
+        except BaseException as e:   # re-raised in the test thread
+            result["error"] = e
+
+    job_thread = threading.Thread(target=run, daemon=True)
+    job_thread.start()
+    victim = None
+    deadline = time.monotonic() + 600
+    while victim is None and job_thread.is_alive() and time.monotonic() < deadline:
+        ran = new_jobs(flink_cluster, before)
+        if ran and ran[0]["state"] == "RUNNING":
+            by_tm = _running_tasks_by_taskmanager(flink_cluster, ran[0]["jid"])
+            tm_ids = [t["id"] for t in flink_cluster._get("/taskmanagers")["taskmanagers"]]
+            if len(by_tm) >= 2 and all(by_tm[t] > 0 for t in tm_ids):
+                # Both TaskManagers are working on the job: kill the most recently started one.
+                victim = flink_cluster.taskmanager_names()[-1]
+                flink_cluster.kill_taskmanager(victim)
+                break
+        time.sleep(0.2)
+    assert victim, f"the job never ran on both TaskManagers at once (finished: {not job_thread.is_alive()})"
+    job_thread.join(900)
+    assert not job_thread.is_alive(), "the job did not finish after the TaskManager was killed"
+    # Bring the cluster back to two TaskManagers for the tests that follow.
+    flink_cluster.start_taskmanager()
+    if "error" in result:
+        raise result["error"]
+    ran = new_jobs(flink_cluster, before)
+    assert [j["state"] for j in ran] == ["FINISHED"], ran
+    history = flink_cluster.job_exceptions(ran[0]["jid"])["exceptionHistory"]["entries"]
+    assert history, "Flink recorded no failure: the kill did not interrupt the job"
+    assert_same_report(generated["reference"], result["report"], metrics_required=False)
+    assert_same_outputs(generated["reference_dir"], generated["tmp"] / "flink-recovery")
 
 
 # --- streaming graph under TestStream --------------------------------------------------------

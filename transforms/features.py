@@ -17,7 +17,9 @@ does not see, and 2^(t/half_life) over epoch milliseconds overflows. The window 
 afterwards, in `_ToFeatureRowFn` (window bounds from `DoFn.WindowParam`). `compute_features` runs the
 very same accumulator code on a plain list, so the unit tests check what the pipeline computes.
 For bounded input, `ComputeFeatures(..., keyed_windows=True)` gives the same rows ~3x faster on
-FnApiRunner by keying on (entity, window start) in the global window (see the class docstring).
+FnApiRunner by keying on (entity, window start) in the global window (see the class docstring), and
+combines each entity's events per slot (the gcd of the periods) first, so the size/period fan-out
+into windows is paid per slot accumulator, not per event.
 
 Streaming: pass a trigger (e.g. `AfterWatermark(late=AfterCount(1))`) and keep ACCUMULATING (the
 default here when a trigger is given): a late-but-allowed event then re-emits its windows' complete
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import math
 import uuid
 from typing import Iterable, Literal, Optional, Sequence
@@ -358,12 +361,16 @@ def compute_all(events: Iterable[dict], cfg: FeaturesConfig) -> list[dict]:
     params = FeatureParams.from_config(cfg)
     fn = _EntityWindowCombineFn(params)
     accs: dict = {}
+    specs = [(spec.label, spec.size_ms, spec.period_ms) for spec in cfg.windows]
     for e in events:
         for key, value in entity_inputs(e, cfg.entities):
-            for spec in cfg.windows:
-                for bounds in window_bounds(value[1], spec.size_ms, spec.period_ms):
-                    k = (key, spec.label, bounds)
-                    accs[k] = fn.add_input(accs.get(k) or fn.create_accumulator(), value)
+            for label, size_ms, period_ms in specs:
+                for bounds in window_bounds(value[1], size_ms, period_ms):
+                    k = (key, label, bounds)
+                    acc = accs.get(k)
+                    if acc is None:
+                        acc = accs[k] = fn.create_accumulator()
+                    fn.add_input(acc, value)
     return [feature_row(et, eid, label, start, end, fn.extract_output(acc), params)
             for ((et, eid), label, (start, end)), acc in sorted(accs.items(), key=lambda kv: kv[0])]
 
@@ -401,16 +408,49 @@ class _ToFeatureRowFn(beam.DoFn):
                           summary, self._params)
 
 
-class _KeyByEntityWindowFn(beam.DoFn):
-    """Bounded-input path: (entity, window) keys in the global window, windows assigned as SlidingWindows does."""
+class _SlotCombineFn(_EntityWindowCombineFn):
+    """Events of one entity in one slot -> their accumulator itself (merged again per window)."""
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _MergeSlotsCombineFn(_EntityWindowCombineFn):
+    """Slot accumulators of one entity and window -> the window's summary. Inputs are never modified
+    (one slot's accumulator feeds several windows)."""
+
+    def add_input(self, acc, slot_acc):
+        return self.merge_accumulators([acc, slot_acc])
+
+
+def slot_ms(specs) -> int:
+    """The pre-aggregation slot: the largest span that never straddles a window boundary of any spec."""
+    return functools.reduce(math.gcd, (spec.period_ms for spec in specs))
+
+
+class _KeyBySlotFn(beam.DoFn):
+    """Bounded-input path: (entity, slot start) keys in the global window."""
+
+    def __init__(self, slot_ms: int):
+        self._slot_ms = slot_ms
+
+    def process(self, keyed_input):
+        (entity_type, entity_id), value = keyed_input
+        t = value[1]
+        yield (entity_type, entity_id, t - t % self._slot_ms), value
+
+
+class _SlotToWindowsFn(beam.DoFn):
+    """((entity, slot start), accumulator) -> the same accumulator keyed by every window of one spec
+    holding the slot (every instant of a slot lies in the same windows, as the slot divides the period)."""
 
     def __init__(self, size_ms: int, period_ms: int):
         self._size_ms, self._period_ms = size_ms, period_ms
 
-    def process(self, keyed_input):
-        (entity_type, entity_id), value = keyed_input
-        for start, _ in window_bounds(value[1], self._size_ms, self._period_ms):
-            yield (entity_type, entity_id, start), value
+    def process(self, slot):
+        (entity_type, entity_id, slot_start), acc = slot
+        for start, _ in window_bounds(slot_start, self._size_ms, self._period_ms):
+            yield (entity_type, entity_id, start), acc
 
 
 class _KeyedToFeatureRowFn(beam.DoFn):
@@ -460,13 +500,19 @@ class ComputeFeatures(beam.PTransform):
         keyed = events | "KeyByEntity" >> beam.ParDo(_KeyByEntityFn(tuple(self._cfg.entities))).with_output_types(
             tuple[tuple[str, str], tuple])
         outputs = []
+        if self._keyed_windows:
+            # Each event is combined once per entity into its slot; each slot's accumulator (not each
+            # event) is then merged into the size/period windows of every spec that hold it.
+            slots = (keyed
+                     | "KeySlots" >> beam.ParDo(_KeyBySlotFn(slot_ms(self._cfg.windows))).with_output_types(
+                         tuple[tuple[str, str, int], tuple])
+                     | "CombineSlots" >> beam.CombinePerKey(_SlotCombineFn(self._params)))
         for spec in self._cfg.windows:
             s = spec.slug
             if self._keyed_windows:
-                outputs.append(keyed
-                               | f"KeyWindows_{s}" >> beam.ParDo(_KeyByEntityWindowFn(
-                                   spec.size_ms, spec.period_ms)).with_output_types(tuple[tuple[str, str, int], tuple])
-                               | f"Combine_{s}" >> beam.CombinePerKey(_EntityWindowCombineFn(self._params))
+                outputs.append(slots
+                               | f"KeyWindows_{s}" >> beam.ParDo(_SlotToWindowsFn(spec.size_ms, spec.period_ms))
+                               | f"Combine_{s}" >> beam.CombinePerKey(_MergeSlotsCombineFn(self._params))
                                | f"ToRows_{s}" >> beam.ParDo(
                                    _KeyedToFeatureRowFn(spec.label, spec.size_ms, self._params)))
                 continue
