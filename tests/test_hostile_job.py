@@ -84,7 +84,8 @@ def _mutate(rng, e: dict, extras: list) -> dict:
     elif op == 1:
         e[name] = rng.choice(extras) if extras else None
     elif op == 2:
-        e[name] = rng.choice([None, "", 0, -1, 1.5, True, [], {}, "null", 2**31 - 1])
+        e[name] = rng.choice([None, "", 0, -1, 1.5, True, [], {}, "null", 2**31 - 1, 2**31, 2**63, -2**63 - 1,
+                              2**70, 1e308, -0.0])
     elif op == 3:
         e["context"] = {str(i): rng.choice(extras) if extras else "x" for i in range(rng.randrange(1, 4))}
     elif op == 4:
