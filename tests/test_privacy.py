@@ -108,7 +108,8 @@ def test_json_escaped_pii_is_found(kind, value):
     "ee667e43-735e-4f62-9b47-096155991978", "05051353-c5e2-4b5c-b9fe-3cbcbac64d13", "1761990000123",
     "Mozilla/5.0 (iPhone; CPU iPhone OS 18_3_2 like Mac OS X) Mobile/22D82 Instagram 375.2.0.33.77 "
     "(iPhone16,1; iOS 18_3_2; en_US; scale=3.00; 1179x2556; 719346134)", "2026-11-01T10:00:00.123+01:00",
-    "Chrome/120.0.6099.109", "std::vector", "10:00:00", "order 4155550134",
+    "Chrome/120.0.6099.109", "std::vector", "10:00:00", "order 4155550134", "2026-10-31 19:11:05",
+    "31/10/2026 19:11", "2026.10.31 19 11",
 ])
 def test_no_false_positives(text):
     assert PiiScanner().spans(text) == []

@@ -69,6 +69,9 @@ _PHONE_CANDIDATE_RE = re.compile(r"(?<![\w+./])(?<!\w-)(?:\+|\(\+?)?\d[\d \u00a0
 # phone number: it is only taken for one when written as +CC..., 00CC... or 0... (trunk prefix).
 _BARE_DIGITS_RE = re.compile(r"\(?[1-9]\d*\)?")
 # Dotted with a one-digit group and no +: a version number ("Instagram 375.2.0.33.77"), not a phone.
+# A candidate starting with a calendar date ("2026-10-31 19:11:05") is a timestamp.
+_DATE_RE = re.compile(r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])(?!\d)"
+                      r"|(?:0?[1-9]|[12]\d|3[01])[-/.](?:0?[1-9]|1[0-2])[-/.](?:19|20)\d\d(?!\d)")
 _VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
 _PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS, _PHONE_MAX_GROUPS = 7, 17, 48
 # IPv4 not glued to a word, a dotted number or a product/version token ("Chrome/120.0.0.0").
@@ -243,7 +246,7 @@ class PiiScanner:
             c = m.group(0)
             n = _digits(c)
             if (n < _PHONE_MIN_DIGITS or _BARE_DIGITS_RE.fullmatch(c) or _VERSION_RE.fullmatch(c)
-                    or (n > _PHONE_MAX_DIGITS and c.isdigit())):
+                    or (n > _PHONE_MAX_DIGITS and c.isdigit()) or _DATE_RE.match(c)):
                 continue
             lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
             spans = _phone_spans(text[lo:hi]) if n <= _PHONE_MAX_DIGITS else ()
