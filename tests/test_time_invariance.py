@@ -34,11 +34,11 @@ from tests.test_engines import run_streaming_on
 from transforms.config import load_config
 
 N_EVENTS = 900
-START = "2026-11-01T22:50:00Z"          # the first midnight comes early in the traffic
+START = "2026-11-01T22:50:00Z"          # the first midnight comes early in the traffic (6 h of it)
 FEATURE_PERIOD_S = 1800
 DAY_S = 86_400
 OFFSETS = st.one_of(st.integers(0, DAY_S), st.integers(0, DAY_S // FEATURE_PERIOD_S).map(lambda k: k * FEATURE_PERIOD_S))
-CONFIG = ("time: {arrival_field: arrival_time}\n"
+CONFIG = ("time: {arrival_field: arrival_time, output_window: {size: 1h}}\n"
           f"features: {{windows: [{{size: 1h, period: {FEATURE_PERIOD_S}s}}], entities: [user, item]}}\n")
 RUN_SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
@@ -124,7 +124,7 @@ def assert_invariant(reference: dict, got: dict, offset_s: int):
 def generated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("invariance")
     truth = generate(N_EVENTS, str(tmp / "events.jsonl"), seed=23, start=START, arrival_field="arrival_time",
-                     malformed_fraction=0.0)
+                     malformed_fraction=0.0, duration_hours=6.0)
     assert truth["bots_by_rule"]["machine_cadence"] > 0 and truth["counts"]["duplicates"] > 0
     cfg_path = write_config(tmp, CONFIG)
     cfg = load_config(cfg_path)
