@@ -412,6 +412,11 @@ class _WritePaneFn(beam.DoFn):
     def process(self, keyed, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         shard, records = keyed
         records = list(records)
+        if not records:
+            # An empty pane (e.g. the ON_TIME firing after early panes took everything) holds nothing to
+            # keep; writing it could replace a full file where a runner reports every pane as index 0
+            # (measured on Beam's portable Flink runner: all panes arrive as ON_TIME, index 0).
+            return
         name = window_file_name(self._prefix, "." + self._fmt, win, pane.index if pane else 0, shard, self._shards)
         path = FileSystems.join(self._directory, name)
         data = encode_file(records, self._fmt, self._schema, name)
