@@ -20,20 +20,22 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 
-from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, pipeline_options, run_main  # noqa: F401 - exit codes re-exported
+from pipelines import runfolder
+from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, add_overwrite_flag, pipeline_options, run_main  # noqa: F401
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
 from transforms.features import WriteOfflineFeatures
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.signals import QualitySignals, stats_from_parts
-from transforms.quality import breaches, drift_report, evaluate_slos, quality_summary, slo_exit_code
+from transforms.quality import breaches, drift_report, evaluate_slos, privacy_stats, quality_summary, slo_exit_code
 from pipelines.baseline import load_baseline
 from pipelines.report_html import render_report, write_report_html
-from transforms.io import (OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines, WriteWindowedFiles,
-                           read_all)
+from transforms.io import (DAMAGE_FIELDS, OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines,
+                           WriteWindowedFiles, read_all)
 
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+DAMAGED_FILES = "damaged_files"   # report.json key: files read only up to a damage (see README, Dead letters)
 _log = logging.getLogger("pipelines.batch")
 
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", help="baseline.json (python -m pipelines.baseline) to measure drift against; "
                                            "default: quality.baseline in the config")
     parser.add_argument("--warn-only", action="store_true", help="Report SLO breaches without failing (exit 0)")
+    add_overwrite_flag(parser)
     return parser
 
 
@@ -59,6 +62,10 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
     read = p | "ReadArchives" >> ReadRawRecords(input_glob, settings.validation.registry)
     out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
     build_outputs(out, settings, paths)
+    _ = (read[ReadRawRecords.CORRUPT]
+         | "DamagedFilesToJson" >> beam.Map(lambda d: json.dumps({k: d[k] for k in DAMAGE_FIELDS}))
+         | "WriteDamagedFiles" >> beam.io.WriteToText(paths.quality_part(DAMAGED_FILES), file_name_suffix=".jsonl",
+                                                      num_shards=1))
     write_quality_signals(p, out, paths)
     return out
 
@@ -163,7 +170,10 @@ def run(argv=None) -> dict:
     if not FileSystems.match([args.input])[0].metadata_list:
         raise ConfigError(f"--input: no file matches {args.input!r}")
     options = pipeline_options(beam_args, DEFAULT_RUNNER)
-    paths = OutputPaths(args.output)
+    # Preflight before the pipeline is built: a used, foreign or unwritable --output stops here (exit 2).
+    folder = runfolder.prepare(args.output, "batch", args.overwrite)
+    paths = OutputPaths(folder.staging)       # everything is written to staging, published at the end
+    final = OutputPaths(args.output)
     started = time.monotonic()
     p = beam.Pipeline(options=options)
     build(p, settings, args.input, paths)
@@ -175,28 +185,40 @@ def run(argv=None) -> dict:
         "job": "batch",
         "input": args.input,
         "output": args.output,
+        "run_id": folder.run_id,
         "config": args.config,
         "runner": str(options.view_as(StandardOptions).runner),
         "beam_version": beam.__version__,
         "started_at": job_start.isoformat(),
         "elapsed_seconds": round(elapsed, 3),
         **summary,
+        DAMAGED_FILES: sorted(read_jsonl_glob(paths.quality_part(DAMAGED_FILES) + "*"), key=lambda d: d["file"]),
         "metrics": beam_counters(result),
-        "outputs": {name: getattr(paths, name) + "*" for name in
+        "outputs": {name: getattr(final, name) + "*" for name in
                     ("events", "bots", "dead_letter", "duplicates", "consent_dropped", "labels", "slates",
                      "orphans", "late_outcomes")},
     }
-    report["quality"] = assess_quality(cfg, paths, quality_stats(paths, summary), args.baseline, args.warn_only,
+    stats = quality_stats(paths, summary)
+    stats["privacy"] = privacy_stats(report["metrics"]) if report["metrics"] else None  # None: runner has no metrics
+    report["quality"] = assess_quality(cfg, paths, stats, args.baseline, args.warn_only,
                                        title=f"Batch run over {args.input}")
+    report["quality"]["html"] = final.report_html
     write_report(paths, report)
     acc = summary["accounting"]
+    # A run whose accounting fails is not published: its outputs stay in staging (no _SUCCESS).
     if not acc["holds"]:
         raise AccountingError(
             f"accounting identity broken: {acc['input_records']} input records but {acc['sum_of_outcomes']} "
-            f"outcomes ({acc['difference']:+d}); see {paths.report}")
+            f"outcomes ({acc['difference']:+d}); not published, see {paths.report}")
     if not summary["labels"]["one_label_per_exposure"]:
         raise AccountingError(
-            f"{summary['labels']['exposures']} exposures but {summary['labels']['labels']} labels; see {paths.report}")
+            f"{summary['labels']['exposures']} exposures but {summary['labels']['labels']} labels; not published, "
+            f"see {paths.report}")
+    # A failed quality gate (exit 4) still publishes: the outputs are complete and accounted for; the
+    # verdict travels in the manifest so a consumer can refuse a run that breached its SLOs.
+    runfolder.publish(folder, runfolder.config_digest(cfg.model_dump_json()), {
+        "input": args.input, "counts": summary["counts"], "accounting": acc,
+        "quality": {"exit_code": report["quality"]["exit_code"], "breaches": report["quality"]["breaches"]}})
     return report
 
 
@@ -242,6 +264,9 @@ def format_summary(report: dict) -> str:
                  f"orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}")
     if report["dead_letter_by_reason"]:
         lines.append("dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
+    if report.get(DAMAGED_FILES):
+        lines.append(f"damaged files (read up to the damage, rest dead-lettered as corrupt_file): "
+                     f"{', '.join(d['stopped_at'] for d in report[DAMAGED_FILES])}")
     if report["bots_by_rule"]:
         lines.append("bots by rule: " + ", ".join(f"{k}={v}" for k, v in report["bots_by_rule"].items()))
     q = report["quality"]

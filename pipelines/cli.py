@@ -11,8 +11,16 @@ from transforms.privacy import MissingKeyError
 from transforms.schemas import SchemaError
 
 EXIT_OK = 0
-EXIT_CONFIG = 2       # bad configuration, missing key, bad schema folder, no input: nothing ran
+EXIT_CONFIG = 2       # bad configuration, missing key, bad schema folder, no input, used or unwritable
+                      # --output: nothing ran
 EXIT_ACCOUNTING = 3   # the run finished but its outputs do not account for every input record
+
+
+def add_overwrite_flag(parser) -> None:
+    """--overwrite, shared by every job that owns an output folder (see pipelines/runfolder.py)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace the previous run in --output (only files its manifest lists); without it a "
+                             "used output folder is refused with exit 2")
 
 
 def pipeline_options(beam_args, default_runner: str, streaming: bool = False):

@@ -27,7 +27,15 @@ Traffic (defaults; every proportion is a knob, see ``DEFAULT_KNOBS``):
     view, dwell (dwell_ms), add_to_cart, purchase (value); scroll and skip.  Humans never exceed
     28 non-impression / 56 total events in any 60 s of event time.
   * bots (~5% of records): crawler user agents; human UA at 3-8 events/s for 3-20 min;
-    human UA with every click 10-150 ms after its impression (>= 5 per session, <= 12 events/min).
+    human UA with every click 10-150 ms after its impression (>= 5 per session, <= 12 events/min);
+    steady crawlers with a browser UA (unknown to the crawler list): one view every 0.7-1.6 s with
+    3% timing jitter for 3-10 min (a machine's clock; intended truth ``machine_cadence``). Every seed
+    and start has at least one of these.
+  * boundary runs: the first sustained-rate and superhuman-click bots start so that their first run
+    straddles an hour boundary (random within the bot window), the first steady crawler straddles
+    the first UTC midnight after the start (traffic spans 48 h, bots start in its first 60%, so one
+    always lies in range), and two extra human users have a session with that midnight / an hour
+    boundary inside it. So every seed and start date covers runs cut by clock boundaries.
   * ~2% of well-formed, consenting events re-delivered 1-3 more times, byte-identical, later.
   * ~1% of human users send ``consent: false`` on every event.
   * ~1.5% malformed records, one defect each, cycling over all reason codes.
@@ -59,6 +67,7 @@ Truth sidecar ``<output>.truth.json`` (also returned by ``generate``)::
      "dead_letter_by_reason": {<every contract reason code>: n},          # zeros included
      "bots_by_rule": {<every bot rule>: n},         # bot events (first copies), by their user's rule
      "bot_event_ids": [sorted], "bot_user_ids": [sorted, strings],
+     "bot_event_ids_by_rule": {<every bot rule>: [sorted]},  # the rule the generator intended
      "duplicate_event_ids": {event_id: extra_copies},
      "consent_dropped_event_ids": [sorted],         # consent:false events (never duplicated)
      "too_late_event_ids": [sorted],                # one entry per too-late RECORD (an id repeats when
@@ -142,8 +151,8 @@ OVERSIZE_BYTES = 32768  # a line longer than this is oversize (the pipeline's de
 
 DEFAULT_KNOBS = {
     "bot_fraction": 0.05,            # share of records from bot users (first copies)
-    "bot_rule_split": {C.BOT_RULE_SUSTAINED_RATE: 0.40, C.BOT_RULE_CRAWLER_UA: 0.35,
-                       C.BOT_RULE_SUPERHUMAN_CLICKS: 0.25},
+    "bot_rule_split": {C.BOT_RULE_SUSTAINED_RATE: 0.35, C.BOT_RULE_CRAWLER_UA: 0.30,
+                       C.BOT_RULE_SUPERHUMAN_CLICKS: 0.20, C.BOT_RULE_MACHINE_CADENCE: 0.15},
     "malformed_fraction": 0.015,     # share of records that are dead letters
     "duplicate_fraction": 0.02,      # share of well-formed consenting events re-delivered
     "consent_optout_fraction": 0.01,  # share of human users with consent false
@@ -160,7 +169,7 @@ DEFAULT_KNOBS = {
     "lost_impression_fraction": 0.005,  # of human items with outcomes: impression lost upstream (orphans)
     "stalled_outcome_fraction": 0.01,  # of human outcomes: upload stalls to ~ impression + max(window, lateness)
     "n_items": 5000,
-    "duration_hours": 24.0,          # span over which new users arrive (bots start in its first 60%)
+    "duration_hours": 48.0,          # span over which new users arrive (bots start in its first 60%)
 }
 
 EXPERIMENT_ID = "exp-ranker-2026q4"
@@ -310,6 +319,7 @@ class _Sim:
         self.dl_reason = dict.fromkeys(C.REASON_CODES, 0)
         self.bot_rule_counts = dict.fromkeys(C.BOT_RULES, 0)
         self.bot_event_ids, self.bot_user_ids = [], set()
+        self.bot_ids_by_rule = {r: [] for r in C.BOT_RULES}
         self.dup_ids, self.consent_ids, self.late_ids = {}, [], {}
         self.too_late_ids = []
         self.p_lost_imp, self.p_stall = k["lost_impression_fraction"], k["stalled_outcome_fraction"]
@@ -627,6 +637,14 @@ class _Sim:
                     count += 1
             t += rng.randint(21_000, 60_000)
 
+    def _cadence(self, a, t0, dur_ms, period_ms):
+        """A steady crawler: one page view every period_ms (3% jitter), no clicks, for dur_ms."""
+        rng, ids = self.rng, self.item_ids
+        t, end = float(t0), t0 + dur_ms
+        while t < end:
+            yield (int(t), VIEW if rng.random() < 0.8 else SCROLL, None, None, ids[self._items(1)[0]], None, None)
+            t += period_ms * (1.0 + max(-0.1, min(0.1, rng.gauss(0.0, 0.03))))
+
     def _plan_bots(self):
         """Bot users with their start times, sized to the bot budget of each rule."""
         rng, k = self.rng, self.k
@@ -643,6 +661,18 @@ class _Sim:
                 rate = max(3.3, min(rate, rem / (minutes * 60)))
             rem -= rate * minutes * 60
             plans.append((C.BOT_RULE_SUSTAINED_RATE, (int(minutes * 60_000), rate)))
+        # Steady crawlers: always at least one (3-10 min at 0.7-1.6 s per view), however small N (then
+        # the bot share is a little over bot_fraction).
+        cad = budget * split.get(C.BOT_RULE_MACHINE_CADENCE, 0)
+        first = True
+        while first or cad >= 180:
+            period, minutes = rng.uniform(700, 1600), rng.uniform(3.05, 10.0)
+            if first and cad < 120:
+                period = rng.uniform(1500, 1600)     # the smallest steady crawler: ~115 events
+            first = False
+            minutes = max(3.05, min(minutes, cad * period / 60_000))
+            cad -= minutes * 60_000 / period
+            plans.append((C.BOT_RULE_MACHINE_CADENCE, (int(minutes * 60_000), period)))
         # a minimum-size sustained bot can overshoot its share (small N): take it from the others
         others = split.get(C.BOT_RULE_CRAWLER_UA, 0) + split.get(C.BOT_RULE_SUPERHUMAN_CLICKS, 0)
         scale = max(0.0, 1.0 + min(0.0, rem) / (budget * others)) if others and budget else 1.0
@@ -657,11 +687,23 @@ class _Sim:
             rem -= 70 * s
             plans.append((C.BOT_RULE_SUPERHUMAN_CLICKS, (s,)))
         out = []
+        straddled = set()
+        midnight = self._first_midnight_after(self.start_ms)
         for rule, args in plans:
             a = self._new_actor(rule)
             t0 = int(rng.uniform(lo, hi))
+            if rule not in straddled and rule != C.BOT_RULE_CRAWLER_UA:
+                straddled.add(rule)
+                if rule == C.BOT_RULE_MACHINE_CADENCE:       # across the first midnight (and its hour)
+                    boundary, span = midnight, args[0]
+                else:                                         # across an hour boundary in the bot window
+                    boundary = -(-int(rng.uniform(lo, hi)) // 3_600_000) * 3_600_000
+                    span = args[0] if rule == C.BOT_RULE_SUSTAINED_RATE else 5 * 62_000
+                t0 = max(self.start_ms, boundary - int(rng.uniform(0.2, 0.8) * span))
             if rule == C.BOT_RULE_SUSTAINED_RATE:
                 gen = self._sustained(a, t0, *args)
+            elif rule == C.BOT_RULE_MACHINE_CADENCE:
+                gen = self._cadence(a, t0, *args)
             elif rule == C.BOT_RULE_SUPERHUMAN_CLICKS:
                 a.rid_always, a.sid_keep = True, 1.0
                 gen = self._superhuman(a, t0, *args)
@@ -671,6 +713,37 @@ class _Sim:
                 gen = self._crawler(a, t0, *args)
             out.append((a, gen))
         return out
+
+    def _first_midnight_after(self, ms):
+        return (ms // 86_400_000 + 1) * 86_400_000
+
+    def _plan_boundary_humans(self):
+        """Two human users whose first session starts 1-10 min before a clock boundary: the first UTC
+        midnight after the start, and an hour boundary within the bot window."""
+        rng, k = self.rng, self.k
+        d_ms = k["duration_hours"] * 3_600_000
+        hour = -(-int(self.start_ms + rng.uniform(0.03, 0.6) * d_ms) // 3_600_000) * 3_600_000
+        out = []
+        for boundary in (self._first_midnight_after(self.start_ms), hour):
+            a = self._new_actor()
+            out.append((a, self._boundary_human(a, boundary)))
+        return out
+
+    def _boundary_human(self, a, boundary):
+        """A human whose first session has the boundary strictly inside it (between two of its events,
+        none before the start), then more sessions as usual."""
+        rng = self.rng
+        events = self._human_session(a, 0)
+        times = sorted({e[0] for e in events})
+        shift = self.start_ms - times[0]
+        if len(times) >= 2:
+            i = max(1, len(times) // 2)
+            lo_t, hi_t = times[i - 1], times[i]
+            shift = max(shift, boundary - hi_t + rng.randint(0, hi_t - lo_t - 1))
+        events = [(e[0] + shift,) + e[1:] for e in events]
+        yield from events
+        t = events[-1][0] + SESSION_GAP_MIN_MS + int(rng.expovariate(1 / (2.5 * 3_600_000)))
+        yield from self._human(a, t)
 
     # -- emission --
     def _emit(self, a, ev):
@@ -763,6 +836,7 @@ class _Sim:
             self.counts[C.OUTCOME_BOT] += 1
             self.bot_rule_counts[a.rule] += 1
             self.bot_event_ids.append(eid)
+            self.bot_ids_by_rule[a.rule].append(eid)
             self.bot_user_ids.add(a.uid_str)
         else:
             self.counts[C.OUTCOME_VALID] += 1
@@ -1024,7 +1098,7 @@ class _Sim:
         n = self.n
         sched = []          # (event_ms, seq, event, actor, generator)
         sseq = 0
-        for a, gen in self._plan_bots():
+        for a, gen in self._plan_bots() + self._plan_boundary_humans():
             ev = next(gen, None)
             if ev is not None:
                 sseq += 1
@@ -1081,6 +1155,7 @@ class _Sim:
             "bots_by_rule": dict(self.bot_rule_counts),
             "bot_event_ids": sorted(self.bot_event_ids),
             "bot_user_ids": sorted(self.bot_user_ids),
+            "bot_event_ids_by_rule": {r: sorted(v) for r, v in self.bot_ids_by_rule.items()},
             "duplicate_event_ids": dict(sorted(self.dup_ids.items())),
             "consent_dropped_event_ids": sorted(self.consent_ids),
             "too_late_event_ids": sorted(self.too_late_ids),

@@ -40,7 +40,6 @@ class GraphSettings:
     num_shards: int
     labels: LabelRules
     session_gap_s: float
-    split_every_s: float
     lateness_s: float
     features: Optional[object] = None        # FeaturesConfig, or None: no features
 
@@ -49,12 +48,18 @@ class GraphSettings:
         return self.clean_schema
 
     @property
+    def bots_delay_s(self) -> float:
+        """How far behind the watermark judged (human and bot) events can be in streaming: a user's run
+        closes at most max_run_duration after its first event, plus lateness (transforms.bots)."""
+        return FilterBots.output_delay_s(self.bots, self.lateness_s)
+
+    @property
     def max_output_delay_s(self) -> float:
-        """How far behind the watermark the graph's outputs can be in streaming: per-user buckets are
-        judged at bucket end + lateness, labels at impression + max(window, lateness)."""
+        """How far behind the watermark the graph's outputs can be in streaming: per-user runs are
+        judged up to bots_delay_s late, labels at impression + max(window, lateness) + bots_delay_s."""
         label_wait = max(self.labels.window_ms, self.labels.lateness_ms) / 1000.0
-        # Per-user buckets (split_every + lateness), then label timers wait the same again past deadlines.
-        return 2 * (self.split_every_s + self.lateness_s) + label_wait + 60.0
+        # Per-user runs (bots_delay_s), then label timers wait the same again past deadlines.
+        return 2 * self.bots_delay_s + label_wait + 60.0
 
     @classmethod
     def from_config(cls, cfg: JobConfig, job_start: Optional[dt.datetime] = None) -> "GraphSettings":
@@ -81,7 +86,6 @@ class GraphSettings:
             num_shards=cfg.output.num_shards,
             labels=LabelRules.from_config(cfg.labels, cfg.time.lateness),
             session_gap_s=cfg.sessions.gap,
-            split_every_s=cfg.sessions.split_every,
             lateness_s=cfg.time.lateness,
             features=cfg.features,
         )
@@ -137,11 +141,10 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
     enriched = protected | "Enrich" >> EnrichEvents(tables)
     deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, settings.lateness_s, streaming=streaming)
     judged = deduped.events | "Bots" >> FilterBots(
-        settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s,
-        split_every_s=settings.split_every_s, lateness_s=settings.lateness_s)
+        settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s, lateness_s=settings.lateness_s)
     humans = judged["humans"]
     joined = humans | "Labels" >> JoinLabels(settings.labels, streaming=streaming,
-                                             upstream_delay_s=settings.split_every_s + settings.lateness_s)
+                                             upstream_delay_s=settings.bots_delay_s)
     slates = joined.labels | "Slates" >> BuildSlates(streaming=streaming, allowed_lateness_s=settings.max_output_delay_s)
     dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
             | "AllDeadLetters" >> beam.Flatten())
@@ -161,8 +164,9 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
         if streaming:
             # Accumulating panes: each firing is a complete row for its window (later panes replace
             # earlier ones downstream: the online store keeps the newest, offline readers the fullest).
-            # Events reach this point behind the watermark by up to max_output_delay_s (per-user buckets
-            # close at bucket end + lateness): windows must allow that, or Beam drops them silently.
+            # Events reach this point behind the watermark by up to bots_delay_s (a user's run closes at
+            # most max_run_duration + lateness after its first event): windows allow max_output_delay_s,
+            # more than that, or Beam would drop them silently.
             features_cfg = settings.features.model_copy(update={"allowed_lateness": max(
                 settings.features.allowed_lateness, settings.max_output_delay_s)})
             outputs.features = humans | "Features" >> ComputeFeatures(

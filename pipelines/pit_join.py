@@ -33,6 +33,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines import runfolder
+from pipelines.cli import add_overwrite_flag
+from transforms.config import ConfigError
 from transforms.features import ENTITY_TYPES, FEATURE_COLUMNS, UNKNOWN_CATEGORY, FeaturesConfig, features_for_entity
 
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
@@ -271,6 +274,7 @@ def parse_args(argv=None):
     parser.add_argument("--entities", default=",".join(ENTITY_TYPES),
                         help="Comma-separated entities (default: %(default)s)")
     parser.add_argument("--num_shards", type=int, default=0, help="Output files; 0 lets the runner choose")
+    add_overwrite_flag(parser)
     return parser.parse_known_args(argv)
 
 
@@ -281,12 +285,23 @@ def run(argv=None) -> dict:
     options = PipelineOptions(beam_args)
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    # Inputs must be published runs (no half-written labels or features); the output folder gets one
+    # run, staged and published like the batch job's (pipelines/runfolder.py).
+    runfolder.check_published(args.labels, "--labels")
+    runfolder.check_published(FileSystems.join(args.features, FEATURE_GLOB), "--features")
+    label_schema = read_label_schema(args.labels)
+    folder = runfolder.prepare(args.output, "pit_join", args.overwrite)
     p = beam.Pipeline(options=options)
-    build(p, args.labels, args.features, args.output, windows=windows, entities=entities, num_shards=args.num_shards)
+    build(p, args.labels, args.features, folder.staging, windows=windows, entities=entities,
+          label_schema=label_schema, num_shards=args.num_shards)
     result = p.run()
     result.wait_until_finish()
-    return {"job": "pit_join", "labels": args.labels, "features": args.features, "output": args.output,
-            "windows": windows, "entities": entities, "metrics": _counters(result)}
+    report = {"job": "pit_join", "labels": args.labels, "features": args.features, "output": args.output,
+              "run_id": folder.run_id, "windows": windows, "entities": entities, "metrics": _counters(result)}
+    runfolder.publish(folder, runfolder.config_digest({k: report[k] for k in ("windows", "entities")}),
+                      {"labels": args.labels, "features": args.features,
+                       "training_rows": report["metrics"].get("training_rows")})
+    return report
 
 
 def _counters(result) -> dict:
@@ -307,7 +322,7 @@ def main(argv=None) -> int:
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
         report = run(argv)
-    except PitJoinError as e:
+    except (PitJoinError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(report, indent=2))

@@ -2,19 +2,23 @@
 
     # labels, slates, orphan and late outcomes for impressions in [from, to), from the archive
     python -m pipelines.replay archive --config config/batch.yaml --archive 'DIR/archive/**/*.avro' \
-        --from 2026-11-01T00:00:00Z --to 2026-11-02T00:00:00Z --output DIR
+        --from 2026-11-01T00:00:00Z --to 2026-11-02T00:00:00Z --output DIR/replay/2026-11-01
 
     # dead letters re-run through the whole graph after a fix (e.g. a new schema version)
     python -m pipelines.replay dead-letters --config config/batch.yaml --dead-letters 'DIR/dead_letter/*.jsonl' \
-        --output DIR
+        --output DIR/replay/dead-letters-1
 
 Archive replay guarantees:
+- One run per output folder (pipelines/runfolder.py): outputs are staged and published with
+  `_MANIFEST.json` and `_SUCCESS`; a used folder is refused unless `--overwrite` replaces its run.
+  Backfill range by range into one folder each (e.g. `DIR/replay/2026-11-01`).
 - Deterministic: outputs are partitioned by impression hour, one file per hour and shard, named by
   the hour, records sorted, Avro sync markers derived from the name. Re-running a range rewrites the
-  same files byte for byte.
-- Overlapping ranges never duplicate labels: `--from`/`--to` must be whole hours; every range reads
-  enough archive around it (attribution window, lateness, clock skew) to settle its hours completely,
-  so a shared hour is computed identically by both runs and its files are replaced, not appended to.
+  same files byte for byte; with `--overwrite` the report's `replayability` compares them with the
+  replaced run's manifest.
+- Overlapping ranges never disagree: `--from`/`--to` must be whole hours; every range reads enough
+  archive around it (attribution window, lateness, clock skew) to settle its hours completely, so a
+  shared hour is computed identically by both runs (same file, same bytes).
 - The archive holds valid human events (already private, enriched, deduplicated, bot-filtered, with
   session ids and arrival times), so the replay starts at the label join, with the same decisions as
   streaming (`transforms/labels.py` rules on event and arrival time).
@@ -44,7 +48,8 @@ from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import window
 
 from pipelines.batch import DEFAULT_RUNNER, beam_counters, read_counters, write_report
-from pipelines.cli import pipeline_options, run_main
+from pipelines import runfolder
+from pipelines.cli import add_overwrite_flag, pipeline_options, run_main
 from pipelines.graph import GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, CountOutcomes, label_summary, summarise
 from transforms.config import ConfigError, load_config
@@ -53,6 +58,7 @@ from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA, BuildSlates, JoinLabel
 from transforms.parse import parse_event_time
 
 PARTITION_S = 3600
+_REPLAYED = ("labels", "slates", "orphan_outcomes", "late_outcomes")
 _log = logging.getLogger("pipelines.replay")
 
 
@@ -65,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--from", dest="start", required=True, help="Start of the impression-time range (whole hour, ISO-8601)")
     a.add_argument("--to", dest="end", required=True, help="End of the range, exclusive (whole hour, ISO-8601)")
     a.add_argument("--output", required=True)
+    add_overwrite_flag(a)
     d = sub.add_parser("dead-letters", help="re-run dead letters through the whole graph after a fix")
     d.add_argument("--config", required=True)
     d.add_argument("--dead-letters", required=True, help="Glob of dead-letter JSONL files")
     d.add_argument("--output", required=True)
+    add_overwrite_flag(d)
     return parser
 
 
@@ -207,7 +215,7 @@ def _digest_files(root: str, start: int, end: int) -> dict:
         hours.add(dt.datetime.fromtimestamp(t / 1000, dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
         t += PARTITION_S * 1000
     digests = {}
-    for name in ("labels", "slates", "orphan_outcomes", "late_outcomes"):
+    for name in _REPLAYED:
         for m in FileSystems.match([f"{root.rstrip('/')}/{name}/*"])[0].metadata_list:
             base = m.path.rsplit("/", 1)[-1]
             if any(f"-{h}-" in base for h in hours):
@@ -216,17 +224,16 @@ def _digest_files(root: str, start: int, end: int) -> dict:
     return dict(sorted(digests.items()))
 
 
-def record_replay(root: str, start: int, end: int) -> dict:
-    """Replayability: compares this run's files for the range with the manifest a previous replay of
-    the same range left, then leaves its own. {"previous_run", "identical", "files", "differing"}."""
-    manifest = f"{root.rstrip('/')}/_replay/{start}-{end}.json"
-    current = _digest_files(root, start, end)
+def record_replay(staging: str, start: int, end: int, previous_manifest) -> dict:
+    """Replayability: compares this run's files for the range with those of the run it replaces
+    (`--overwrite`: the old manifest's sha256s), when that run replayed the same range.
+    {"previous_run", "identical", "files", "differing"}."""
+    current = _digest_files(staging, start, end)
     previous = None
-    if FileSystems.exists(manifest):
-        with FileSystems.open(manifest) as f:
-            previous = json.loads(read_all(f))
-    with FileSystems.create(manifest) as f:
-        f.write(json.dumps(current, indent=1).encode())
+    if previous_manifest and previous_manifest.get("job") == "replay-archive" \
+            and previous_manifest.get("range_ms") == [start, end]:
+        previous = {e["path"]: e["sha256"] for e in previous_manifest.get("files", [])
+                    if e["path"].split("/", 1)[0] in _REPLAYED}
     if previous is None:
         return {"previous_run": False, "identical": None, "files": len(current), "differing": []}
     differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
@@ -238,35 +245,45 @@ def run(argv=None) -> dict:
     cfg = load_config(args.config)
     settings = GraphSettings.from_config(cfg)
     options = pipeline_options(beam_args, DEFAULT_RUNNER)
-    paths = OutputPaths(args.output)
-    started = time.monotonic()
-    p = beam.Pipeline(options=options)
     if args.mode == "archive":
         start, end = _hour_ms(args.start, "--from"), _hour_ms(args.end, "--to")
         if end <= start:
             raise ConfigError("--to must be after --from")
-        build_archive_replay(p, settings, args.archive, start, end, args.output)
+        runfolder.check_published(args.archive, "--archive")
     else:
-        build_dead_letter_replay(p, settings, args.dead_letters, args.output)
+        runfolder.check_published(args.dead_letters, "--dead-letters")
+    folder = runfolder.prepare(args.output, f"replay-{args.mode}", args.overwrite)
+    paths = OutputPaths(folder.staging)
+    started = time.monotonic()
+    p = beam.Pipeline(options=options)
+    if args.mode == "archive":
+        build_archive_replay(p, settings, args.archive, start, end, folder.staging)
+    else:
+        build_dead_letter_replay(p, settings, args.dead_letters, folder.staging)
     result = p.run()
     result.wait_until_finish()
-    report = {"job": f"replay-{args.mode}", "config": args.config, "output": args.output,
+    report = {"job": f"replay-{args.mode}", "config": args.config, "output": args.output, "run_id": folder.run_id,
               "runner": str(options.view_as(StandardOptions).runner), "beam_version": beam.__version__,
               "elapsed_seconds": round(time.monotonic() - started, 3), "metrics": beam_counters(result)}
     if args.mode == "archive":
         labels = label_summary(read_counters(paths))
         report.update(range={"from": args.start, "to": args.end}, archive=args.archive, labels=labels,
-                      replayability=record_replay(args.output, start, end))
+                      replayability=record_replay(folder.staging, start, end, folder.previous_manifest))
+        published = {"range_ms": [start, end], "labels": labels}
         if not labels["one_label_per_exposure"]:
             write_report(paths, report)
-            raise AccountingError(f"{labels['exposures']} exposures in range but {labels['labels']} labels")
+            raise AccountingError(f"{labels['exposures']} exposures in range but {labels['labels']} labels; "
+                                  f"not published, see {paths.report}")
     else:
         summary = summarise(read_counters(paths))
         report.update(dead_letters=args.dead_letters, **summary)
+        published = {"counts": summary["counts"], "accounting": summary["accounting"]}
         if not summary["accounting"]["holds"]:
             write_report(paths, report)
-            raise AccountingError(f"replayed dead letters not accounted for exactly once: {summary['accounting']}")
+            raise AccountingError(f"replayed dead letters not accounted for exactly once: {summary['accounting']}; "
+                                  f"not published, see {paths.report}")
     write_report(paths, report)
+    runfolder.publish(folder, runfolder.config_digest(cfg.model_dump_json()), published)
     return report
 
 

@@ -580,6 +580,23 @@ def _drift_table(drift: dict) -> str:
             '<th>run n</th><th>status</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
 
 
+def _privacy(stats: dict) -> str:
+    """PII found at the source per field and kind, and how much of it was redacted before any sink."""
+    p = stats.get("privacy")
+    if not p:
+        return '<p class="note">No privacy counters in this run (the runner reported no metrics).</p>'
+    kpis = [("privacy compliance", _pct(p["compliance_rate"], 2)), ("PII found at source", _num(p["found"])),
+            ("redacted before any sink", _num(p["redacted"])), ("not redacted", _num(p["not_redacted"]))]
+    kinds = sorted({k for ks in p["found_by_field_kind"].values() for k in ks})
+    head = "".join(f"<th>{_e(k)}</th>" for k in kinds)
+    rows = "".join(f'<tr><td>{_e(f)}</td>' + "".join(f'<td class="num">{ks.get(k, 0)}</td>' for k in kinds)
+                   + f'<td class="num">{sum(ks.values())}</td></tr>' for f, ks in p["found_by_field_kind"].items())
+    table = (f'<table><thead><tr><th>field</th>{head}<th>total</th></tr></thead><tbody>'
+             f'{rows or "<tr><td colspan=2>no PII found at the source</td></tr>"}</tbody></table>')
+    return ('<div class="kpis">' + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div>'
+                                           f'</div>' for l, v in kpis) + "</div>" + table)
+
+
 def _card(title: str, body: str, note: str = "") -> str:
     n = f'<p class="note">{_e(note)}</p>' if note else ""
     return f'<div class="card"><h3>{_e(title)}</h3>{body}{n}</div>'
@@ -626,6 +643,10 @@ def render_report(stats: dict, summary: dict, slo_results: Sequence[dict], drift
              _card("Lateness: arrival − event time", _latency(stats, summary),
                    "Bars are histogram buckets; dashed lines are p50/p95/p99 interpolated within a bucket."),
              "</div>",
+             "<h2>Privacy</h2>",
+             _card("PII found at the source, by field and kind", _privacy(stats),
+                   "Every string value and key is scanned (e-mail, phone, IP); compliance = redacted / found, "
+                   "must be 100%."),
              "<h2>Bots</h2>", '<div class="grid">',
              _card("Bot ratio over time", _bot_ratio(summary, bot_ratio_band),
                    "Green band: allowed range (bot_ratio_band)."),
@@ -662,3 +683,134 @@ def write_report_html(path: str, html: str) -> None:
     """Write the report with Beam's FileSystems (local paths, gs://, s3://, ...)."""
     with FileSystems.create(path, mime_type="text/html", compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(html.encode("utf-8"))
+
+
+# --- evaluation report (pipelines.evaluate) --------------------------------------------------
+
+def _f(v, digits=4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}g}"
+
+
+def _ci(row: dict) -> str:
+    if row.get("ci_low") is None:
+        return "n/a"
+    return f"[{_f(row['ci_low'])}, {_f(row['ci_high'])}]"
+
+
+def _ope_section(ope: dict) -> str:
+    est = ope.get("estimates") or {}
+    rows = "".join(f'<tr><td>{_e(m.upper())}</td><td class="num">{_e(_f(v["value"], 6))}</td>'
+                   f'<td class="num">{_e(_ci(v))}</td></tr>' for m, v in est.items())
+    table = ('<table><thead><tr><th>estimator</th><th>estimate</th><th>bootstrap CI</th></tr></thead>'
+             f'<tbody>{rows or "<tr><td colspan=3>no exposure with a propensity</td></tr>"}</tbody></table>')
+    d = ope.get("diagnostics") or {}
+    kpis = [("exposures / requests", f"{ope.get('exposures', 0)} / {ope.get('requests', 0)}"),
+            ("on-policy mean reward", _f(ope.get("on_policy_mean"))),
+            ("effective sample size", f"{_f(d.get('ess'), 6)} ({_pct(d.get('ess_share'), 2)})"),
+            ("max / mean weight", f"{_f(d.get('max_weight'))} / {_f(d.get('mean_weight'))}"),
+            ("clipped exposures", str(d.get("clipped_exposures", "n/a"))),
+            ("excluded (no propensity)", str(sum((ope.get("excluded") or {}).values())))]
+    kpi = '<div class="kpis">' + "".join(
+        f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in kpis) + "</div>"
+    chart = _hbars("ope_estimates", "Policy value estimates", [m.upper() for m in est],
+                   [v["value"] for v in est.values()], fmt=lambda v: f"{v:.4g}",
+                   threshold=ope.get("on_policy_mean"), threshold_label="logged (on-policy) mean")
+    boot = ope.get("bootstrap") or {}
+    note = (f"Target policy {ope.get('target_policy')}, reward {ope.get('reward')}, clip {ope.get('clip')}; "
+            f"{boot.get('samples', 0)} bootstrap replicates over requests, seed {boot.get('seed')}.")
+    return kpi + '<div class="grid">' + _card("Estimates", table, note) + _card("Estimates vs logged mean", chart) + "</div>"
+
+
+def _position_bias_section(pb: dict) -> str:
+    curve = pb.get("curve")
+    if not curve:
+        return _card("Examination propensity by position", _lines("position_bias", "propensity", [], []),
+                     pb.get("error") or "no slates")
+    labels = [str(i + 1) for i, n in enumerate(curve["exposures"]) if n]
+    idx = [i for i, n in enumerate(curve["exposures"]) if n]
+    series = [("examination propensity", [curve["propensity"][i] for i in idx], BLUE)]
+    if curve.get("naive_ctr_ratio"):
+        series.append(("naive CTR ratio", [curve["naive_ctr_ratio"][i] for i in idx], GREY))
+    chart = _lines("position_bias", "Examination propensity by position", labels, series, y_fmt=lambda v: f"{v:.2f}")
+    w = (pb.get("weights") or {}).get("positions") or {}
+    w = dict(sorted(w.items(), key=lambda kv: int(kv[0])))
+    rows = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_f(v["propensity"])}</td><td class="num">{_f(v["weight"])}</td>'
+                   f'<td class="num">{_num(v["exposures"])}</td></tr>' for k, v in w.items())
+    table = ('<table><thead><tr><th>position</th><th>propensity</th><th>weight</th><th>exposures</th></tr></thead>'
+             f"<tbody>{rows}</tbody></table>")
+    note = (f"method {pb['method']} ({_num(pb.get('randomised_exposures'))} randomised exposures); relative to "
+            "position 1. The weights are written to position_weights.json for labels.position_weights.")
+    return '<div class="grid">' + _card("Examination propensity by position", chart, note) + \
+        _card("Inverse-propensity weights", table) + "</div>"
+
+
+def _experiments_section(exps: dict) -> str:
+    if not exps:
+        return _card("Experiments", '<p class="note">no labels carry an experiment_id</p>')
+    parts = []
+    for exp_id, exp in exps.items():
+        rows = []
+        for v, r in exp["variants"].items():
+            vs = r.get("vs_control") or {}
+            cells = []
+            for m in ("ctr", "conversion", "value"):
+                d = vs.get(m)
+                diff = "" if d is None else (f" ({'+' if (d['diff'] or 0) >= 0 else ''}{_f(d['diff'])} "
+                                             f"[{_f(d['ci_low'])}, {_f(d['ci_high'])}])" if d["diff"] is not None else " (n/a)")
+                cls = ' style="font-weight:700"' if d and d.get("significant") else ""
+                cells.append(f'<td class="num"{cls}>{_e(_f(r[m]["value"]))}{_e(diff)}</td>')
+            ctl = " (control)" if v == exp["control"] else ""
+            rows.append(f'<tr><td>{_e(v + ctl)}</td><td class="num">{r["units"]}</td>'
+                        f'<td class="num">{_num(r["exposures"])}</td>{"".join(cells)}</tr>')
+        srm = exp.get("srm")
+        if srm and srm.get("p_value") is not None:
+            status = "OK" if srm["ok"] is not False else "SAMPLE RATIO MISMATCH"
+            srm_note = (f"SRM: chi-square {srm['chi2']:.3f}, df {srm['df']}, p = {srm['p_value']:.3g} "
+                        f"(alpha {srm['alpha']}) - {status}")
+        else:
+            srm_note = "SRM: not checked (no split configured for this experiment)"
+        table = (f'<table><thead><tr><th>variant</th><th>{_e(exp["unit"])}s</th><th>exposures</th><th>CTR</th>'
+                 '<th>conversion</th><th>value / exposure</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+        parts.append(_card(f"Experiment {exp_id}", table,
+                           f"Differences vs {exp['control']} with {100 * exp['confidence']:g}% delta-method CIs "
+                           f"(clustered by {exp['unit']}); bold: the CI excludes 0. {srm_note}"))
+    return '<div class="grid">' + "".join(parts) + "</div>"
+
+
+def _cold_start_section(cs: dict) -> str:
+    buckets = cs.get("buckets") or []
+    labels = [_time_ms(b["bucket_start_ms"])[:16] for b in buckets]
+    share = _lines("cold_start", "New-item share", labels,
+                   [("exposures", [None if b["censored"] else b["new_exposure_share"] for b in buckets], BLUE),
+                    ("clicks", [None if b["censored"] else b["new_click_share"] for b in buckets], TEAL)],
+                   y_fmt=lambda v: _pct(v, 1))
+    conc = _lines("concentration", "Item-exposure concentration", labels,
+                  [("Gini", [b["gini"] for b in buckets], RED), ("top-1% share", [b["top1pct_share"] for b in buckets], AMBER)],
+                  y_fmt=lambda v: f"{v:.2f}", ymax=1.0)
+    note = (f"New: first seen within {cs.get('new_item_age_s', 0) / 86400:g} d of the exposure; buckets of "
+            f"{cs.get('bucket_s', 0) / 3600:g} h. Buckets closer than that to the data start are censored (not drawn). "
+            f"Whole run: {_pct(cs.get('new_exposure_share'))} of exposures, {_pct(cs.get('new_click_share'))} of clicks.")
+    return '<div class="grid">' + _card("Cold start: share going to new items", share, note) + \
+        _card("Feedback loop: exposure concentration", conc) + "</div>"
+
+
+def render_evaluation_report(evaluation: dict, slo_results: Sequence[dict], title: str = "Evaluation report",
+                             mode: str = "fail") -> str:
+    """The evaluation job's report: gates, off-policy estimates, position bias, experiments, cold start."""
+    n_breach = sum(1 for r in slo_results if r["ok"] is False)
+    if not n_breach:
+        banner = '<div class="banner pass">All evaluated gates met.</div>'
+    else:
+        cls = "warn" if mode == "warn" else "fail"
+        banner = (f'<div class="banner {cls}">{n_breach} gate breach{"es" if n_breach > 1 else ""}'
+                  + (" (warn mode: the job does not fail)" if mode == "warn" else "") + "</div>")
+    parts = [f"<h1>{_e(title)}</h1>", f'<div class="meta">{_e(evaluation.get("labels", ""))}</div>', banner,
+             "<h2>Gates</h2>", _slo_table(slo_results, mode),
+             "<h2>Off-policy evaluation</h2>", _ope_section(evaluation.get("ope") or {}),
+             "<h2>Position bias</h2>", _position_bias_section(evaluation.get("position_bias") or {}),
+             "<h2>Experiments</h2>", _experiments_section((evaluation.get("experiments") or {}).get("experiments") or {}),
+             "<h2>Cold start and feedback loop</h2>", _cold_start_section(evaluation.get("cold_start") or {})]
+    body = "\n".join(parts)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+            f"<body><main>\n{body}\n</main></body></html>\n")

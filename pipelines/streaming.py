@@ -27,7 +27,8 @@ import fastavro
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 
-from pipelines.cli import pipeline_options, run_main
+from pipelines import runfolder
+from pipelines.cli import add_overwrite_flag, pipeline_options, run_main
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms import contract
 from transforms.config import JobConfig, WindowSpec, load_config
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--message-format", choices=["json", "avro"], default="json",
                         help="Message bodies: JSON events, or Avro binary (schemaless) of the schema version in "
                              "the message's schema_version attribute (default: the latest)")
+    add_overwrite_flag(parser)
     return parser
 
 
@@ -263,11 +265,18 @@ def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output
     return out
 
 
+STREAMING_OUTPUTS = ("archive", "bots", "labels", "slates", "dead_letter", "orphan_outcomes", "late_outcomes",
+                     "duplicates", "consent_dropped", "_counts", "quality", "features")
+
+
 def run(argv=None):
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
     settings = GraphSettings.from_config(cfg)
     options = pipeline_options(beam_args, DEFAULT_RUNNER, streaming=True)
+    # Continuous windowed files cannot be staged; a used folder is refused as in batch (a restarted job
+    # would rewrite the same window file names), and --overwrite replaces a previous run's folder.
+    runfolder.prepare_streaming(args.output, args.overwrite, STREAMING_OUTPUTS)
     p = beam.Pipeline(options=options)
     read = p | "ReadEvents" >> ReadEvents(args.subscription, args.topic, args.message_format,
                                           settings.validation.registry, cfg.time.event_time_attribute)

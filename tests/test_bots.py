@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from transforms import contract
-from transforms.bots import BotRules, CrawlerMatcher, judge_run, superhuman_clicks, sustained_rate
+from transforms.bots import BotRules, CrawlerMatcher, judge_run, machine_cadence, superhuman_clicks, sustained_rate
 
 RULES = BotRules(True, (), 600.0, 120, 2, 200, 3)
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
@@ -78,3 +78,70 @@ def test_human_click_latency_is_fine_and_click_before_impression_ignored():
               ev(T0 + 10_000, "click", "i2", None), ev(T0 + 10_050, "impression", "i2", "r2")]
     assert superhuman_clicks(events, 200) == (0, None)
     assert judge_run(events, RULES) is None
+
+
+# --- machine cadence, continuous runs, huge users ---------------------------------------------------
+
+def test_steady_one_per_second_is_machine_cadence():
+    import random
+    rng = random.Random(1)
+    t, times = T0 + 17_345, []
+    for _ in range(240):            # 4 minutes at ~1/s, 3% timing jitter
+        times.append(int(t))
+        t += 1000 * (1 + rng.gauss(0, 0.03))
+    detail = machine_cadence(times, 0.2, 60, 0.5, 120_000)
+    assert detail and "near-constant" in detail
+    run = [ev(x, "view", "i1") for x in times]
+    assert judge_run(run, RULES)[0] == contract.BOT_RULE_MACHINE_CADENCE
+
+
+def test_human_bursts_are_not_machine_cadence():
+    # 30 events a minute, bursts of 10 in a second, irregular pauses: over 10 minutes.
+    import random
+    rng = random.Random(2)
+    times, t = [], T0
+    while t < T0 + 600_000:
+        times += [t + i * rng.randint(50, 150) for i in range(10)]
+        t += rng.randint(3_000, 40_000)
+    assert machine_cadence(times, 0.2, 60, 0.5, 120_000) is None
+
+
+def test_cadence_needs_rate_duration_and_count():
+    steady = [T0 + i * 1000 for i in range(100)]
+    assert machine_cadence(steady, 0.2, 60, 0.5, 120_000) is None        # 99 s < 2 min
+    slow = [T0 + i * 3000 for i in range(100)]
+    assert machine_cadence(slow, 0.2, 60, 0.5, 120_000) is None          # 0.33/s
+    assert machine_cadence(steady[:50], 0.2, 60, 0.5, 10_000) is None     # 50 < 60 events
+
+
+def test_sustained_rate_minutes_count_from_the_run_not_the_clock():
+    times = [T0 + 30_000 + i * 200 for i in range(5 * 60 * 3)]
+    for shift in (0, 1, 29_999, 30_000, 59_999):
+        assert sustained_rate([t + shift for t in times], 120, 2) == sustained_rate(times, 120, 2)
+
+
+def test_split_runs_by_gap_and_cap_from_run_start():
+    from transforms.sessions import split_runs
+    events = [ev(T0 + m * 60_000, "view") for m in (0, 5, 10, 50, 55, 100, 101)]
+    assert [len(r) for r in split_runs(events, 30 * 60_000, 7200_000)] == [3, 2, 2]
+    assert [len(r) for r in split_runs(events, 30 * 60_000, 50 * 60_000)] == [3, 2, 2]
+    assert [len(r) for r in split_runs(events, 60 * 60_000, 50 * 60_000)] == [3, 2, 2]   # by the cap alone
+    # the cap counts from each run's first event, not from a clock grid
+    assert [len(r) for r in split_runs(events, 60 * 60_000, 10 * 60_000)] == [2, 1, 2, 2]
+
+
+def test_huge_user_is_judged_by_volume_without_sorting(monkeypatch):
+    import apache_beam as beam
+    from transforms.bots import FilterBots, _UserRunsBatchFn
+    rules = BotRules(True, (), 600.0, 120, 2, 200, 3, max_user_events=1000)
+    fn = _UserRunsBatchFn(rules, 1800.0)
+    events = [{**ev(T0 + i * 30_000, "view"), "user_id": "u1"} for i in range(1001)]   # human pace, too many
+    monkeypatch.setattr("builtins.sorted", lambda *a, **k: pytest.fail("a huge user must not be sorted"))
+    out = list(fn.process(("u1", events)))
+    monkeypatch.undo()
+    assert len(out) == 1001 and all(isinstance(o, beam.pvalue.TaggedOutput) and o.tag == FilterBots.BOTS for o in out)
+    assert {o.value.value["bot_rule"] for o in out} == {contract.BOT_RULE_SUSTAINED_RATE}
+    assert "judged by volume" in out[0].value.value["bot_detail"]
+    # at the bound it is judged normally
+    out = list(fn.process(("u1", events[:1000])))
+    assert not any(isinstance(o, beam.pvalue.TaggedOutput) for o in out)

@@ -21,6 +21,14 @@ def test_demo_command(tmp_path):
     assert "counts equal the generator's ground truth: True" in r.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["metrics"]["feedback.read.records"] == 3000
+    # Run twice in a row: the demo replaces its previous run in sample/out (--overwrite), never mixes.
+    r = subprocess.run([sys.executable, "-m", "pipelines.demo", "--events", "1000", "--workdir", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "_MANIFEST.json").read_text())
+    assert report["metrics"]["feedback.read.records"] == 1000 and manifest["run_id"] == report["run_id"]
+    assert (tmp_path / "out" / "_SUCCESS").exists()
 
 
 def test_batch_refuses_bad_config_with_key_path(tmp_path):

@@ -34,3 +34,70 @@ def test_durations():
     assert parse_duration("250ms") == 0.25 and parse_duration(5) == 5
     with pytest.raises(ValueError):
         parse_duration("-1h")
+
+
+# --- preflight: every bad value stops the job with exit 2 and the key path, before anything runs ------
+
+@pytest.mark.parametrize("yaml_text,expected", [
+    ("dedupe: {horizon: .nan}\n", "dedupe.horizon: Value error, a duration must be a finite number"),
+    ("labels: {window: .inf}\n", "labels.window: Value error, a duration must be a finite number"),
+    ("time: {lateness: -.inf}\n", "time.lateness: Value error, a duration must be a finite number"),
+    ("validation: {min_event_time: yesterday}\n", "validation.min_event_time: Value error, not an ISO-8601 time"),
+    ("sessions: {split_every: 0}\n", "sessions.split_every: Value error, must be a positive duration"),
+    ("sessions: {gap: 0s}\n", "sessions.gap: Value error, must be a positive duration"),
+    ("time: {output_window: {size: 0}}\n", "time.output_window.size: Value error, must be a positive duration"),
+    ("privacy: {allow_demo_key: 'yes'}\n", "privacy.allow_demo_key: must be true or false"),
+    ("privacy: {allow_demo_key: 1}\n", "privacy.allow_demo_key: must be true or false"),
+    ("bots: {crawler_user_agents: 'false'}\n", "bots.crawler_user_agents: must be true or false"),
+    ("time: {late_firings: on_time}\n", "time.late_firings: must be true or false"),
+])
+def test_bad_values_exit_2_with_key_path_before_anything_runs(tmp_path, capsys, yaml_text, expected):
+    from pipelines import batch
+    from tests.conftest import write_config
+    cfg = write_config(tmp_path, yaml_text)
+    (tmp_path / "x.jsonl").write_text("{}\n")
+    out = tmp_path / "out"
+    # In-process: an exception escaping main (a traceback for the user) would fail this test.
+    rc = batch.main(["--config", cfg, "--input", str(tmp_path / "x.jsonl"), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert expected in err and "Traceback" not in err
+    assert not out.exists()  # stopped before the output folder was touched
+
+
+def test_yaml_booleans_still_accepted():
+    cfg = config_from_dict({"privacy": {"allow_demo_key": True}, "time": {"late_firings": False}})
+    assert cfg.privacy.allow_demo_key is True and cfg.time.late_firings is False
+
+
+def test_every_boolean_key_is_strict():
+    """Every bool field of every section (including ones other modules declare) rejects non-booleans."""
+    import typing
+    from pydantic import BaseModel
+    from transforms.config import JobConfig
+    seen = []
+
+    def walk(model, path):
+        for name, field in model.model_fields.items():
+            key = field.alias or name
+            args = [field.annotation, *typing.get_args(field.annotation)]
+            if bool in args:
+                seen.append(f"{path}{key}")
+                data: dict = {}
+                node = data
+                for part in path.rstrip(".").split(".") if path else []:
+                    node = node.setdefault(part, {})
+                node[key] = "yes"
+                with pytest.raises(ConfigError, match=f"{path}{key}: must be true or false"):
+                    config_from_dict(data)
+            for sub in args:
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    walk(sub, f"{path}{key}.")
+    walk(JobConfig, "")
+    assert {"privacy.allow_demo_key", "bots.crawler_user_agents", "time.late_firings"} <= set(seen)
+
+
+def test_durations_must_be_finite():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            parse_duration(bad)

@@ -51,7 +51,7 @@ N_EVENTS = 3000
 AVRO_OUTPUTS = ("events", "bots", "labels", "slates")
 JSONL_OUTPUTS = ("dead_letter", "duplicates", "consent_dropped", "orphan_outcomes", "late_outcomes")
 # Report fields that describe the run, not the data.
-RUN_FIELDS = {"output", "runner", "started_at", "elapsed_seconds", "outputs", "metrics"}
+RUN_FIELDS = {"output", "run_id", "runner", "started_at", "elapsed_seconds", "outputs", "metrics"}
 # The generated events' first hours (generate() starts at its default start time), for archive replays.
 ARCHIVE_FROM, ARCHIVE_TO = "2026-11-01T00:00:00Z", "2026-11-01T06:00:00Z"
 
@@ -172,8 +172,9 @@ def test_batch_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, fl
 
 
 def tree_digests(root) -> dict:
-    """sha256 of every file under `root` except the run's own report (it names folders and times);
-    the counters file (a plain runner-ordered WriteToText, not a replay output) by its sorted lines."""
+    """sha256 of every file under `root` except the run's own report, manifest and _SUCCESS (they name
+    folders, run ids and times); the counters file (a plain runner-ordered WriteToText, not a replay
+    output) by its sorted lines."""
     import hashlib
 
     def digest(path):
@@ -183,7 +184,8 @@ def tree_digests(root) -> dict:
         return hashlib.sha256(data).hexdigest()
     return {os.path.relpath(f, root): digest(f)
             for f in glob.glob(os.path.join(str(root), "**", "*"), recursive=True)
-            if os.path.isfile(f) and not f.endswith("report.json") and "/_replay/" not in f}
+            if os.path.isfile(f) and not f.endswith(("report.json", "_MANIFEST.json", "_SUCCESS"))
+            and "/_replay/" not in f}
 
 
 @pytest.mark.parametrize("mode", ["archive", "dead-letters"])
@@ -203,7 +205,7 @@ def test_replay_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, f
     got = replay.run(args + ["--output", str(tmp / f"replay-{mode}-flink"),
                              *flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2")])
     assert_ran_on_cluster(flink_cluster, before)
-    drop = {"output", "runner", "elapsed_seconds", "metrics", "replayability"}
+    drop = {"output", "run_id", "runner", "elapsed_seconds", "metrics", "replayability"}
     assert {k: v for k, v in got.items() if k not in drop} == {k: v for k, v in want.items() if k not in drop}
     if mode == "archive":
         assert want["labels"]["labels"] > 0

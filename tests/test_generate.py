@@ -9,6 +9,7 @@ import collections
 import datetime as dt
 import gzip
 import json
+import statistics
 import time
 
 import crawleruseragents
@@ -264,6 +265,14 @@ def test_user_agents_and_bot_rules(run20k):
                 assert len(run_lat) >= 5 and all(10 <= x <= 150 for x in run_lat)
                 assert _max_in_window([e["event_time"] for e in run]) <= 20
             per_rule[C.BOT_RULE_SUPERHUMAN_CLICKS] += len(evs)
+        elif not lat and all(e["event_type"] in (gen.VIEW, gen.SCROLL) for e in evs):
+            # a steady crawler: one run, a view every 0.7-1.6 s with a little jitter, 3-10 min
+            assert len(user_runs) == 1
+            gaps = [b["event_time"] - a["event_time"] for a, b in zip(evs, evs[1:])]
+            span_s = (evs[-1]["event_time"] - evs[0]["event_time"]) / 1000
+            assert 3 * 60 - 2 <= span_s <= 10 * 60 + 2 and 0.6 <= len(evs) / span_s <= 1.5
+            assert statistics.pstdev(gaps) / statistics.fmean(gaps) < 0.1
+            per_rule[C.BOT_RULE_MACHINE_CADENCE] += len(evs)
         else:
             assert len(user_runs) == 1 and all(x >= 400 for x in lat)
             span_s = (evs[-1]["event_time"] - evs[0]["event_time"]) / 1000
@@ -369,3 +378,36 @@ def test_speed_smoke(tmp_path):
     dt_s = time.perf_counter() - t0
     assert truth["input_records"] == 200_000
     print(f"\ngenerate: 200000 records in {dt_s:.2f}s = {200_000 / dt_s:,.0f} records/s")
+
+
+@pytest.mark.parametrize("seed,start", [(1, "2026-11-01T00:00:00Z"), (2, "2026-12-31T23:59:30Z"),
+                                        (3, "2027-06-15T13:47:11Z")])
+def test_every_seed_and_start_has_steady_crawlers_and_boundary_runs(tmp_path, seed, start):
+    """Steady unknown-UA crawlers and bot runs / human sessions across an hour and a UTC midnight are
+    in every sample, so the demo and the tests always meet them."""
+    path = tmp_path / "e.jsonl"
+    truth = gen.generate(4000, str(path), seed=seed, start=start)
+    assert truth["bots_by_rule"][C.BOT_RULE_MACHINE_CADENCE] >= 100
+    events = []
+    for line in path.read_bytes().splitlines():
+        try:
+            e = orjson.loads(line)
+            e["event_time"] = _time_ms(e["event_time"])
+        except Exception:       # the deliberate dead letters
+            continue
+        if isinstance(e.get("user_id"), (str, int)) and isinstance(e["event_time"], int):
+            events.append(e)
+    bot_users = set(truth["bot_user_ids"])
+    start_ms = _time_ms(start)
+    midnight = (start_ms // 86_400_000 + 1) * 86_400_000
+
+    def crosses(run, step):
+        return any(a["event_time"] // step != b["event_time"] // step for a, b in zip(run, run[1:]))
+
+    runs = _runs(events)
+    bot_runs = [r for u, rs in runs.items() if str(u) in bot_users for r in rs]
+    human_runs = [r for u, rs in runs.items() if str(u) not in bot_users for r in rs]
+    assert any(crosses(r, 86_400_000) and r[0]["event_time"] < midnight <= r[-1]["event_time"] for r in bot_runs)
+    assert sum(crosses(r, 3_600_000) for r in bot_runs) >= 2
+    assert any(crosses(r, 86_400_000) for r in human_runs)
+    assert _time_ms(truth["event_time_range"][0]) >= start_ms

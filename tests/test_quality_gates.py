@@ -64,7 +64,7 @@ def test_breach_exits_4_unless_warn_only(runs, capsys):
     args = ["--config", strict, "--input", str(tmp / "base.jsonl"), "--output", str(tmp / "strict_out")]
     assert batch.main(args) == 4               # 1.5% of the generated records are malformed on purpose
     assert "ingestion_success breached" in capsys.readouterr().err
-    assert batch.main(args + ["--warn-only"]) == 0
+    assert batch.main(args + ["--warn-only", "--overwrite"]) == 0
     report = json.load(open(tmp / "strict_out" / "report.json"))
     assert report["quality"]["breaches"] == ["ingestion_success"] and report["quality"]["mode"] == "warn"
     html = (tmp / "strict_out" / "report.html").read_text()

@@ -43,6 +43,7 @@ SAMPLES = {
     "dead-letters": "gs://my-bucket/feedback/out/dead_letter/*.jsonl",
     "baseline": "gs://my-bucket/feedback/baseline.json",
     "warn-only": "true",
+    "overwrite": "true",
 }
 INVALID = {
     "config": ["gs://my-bucket/streaming.yaml ", "config/streaming.json"],
@@ -276,6 +277,6 @@ def test_boolean_template_parameters_become_bare_flags():
     flex = flex_launch
     from pipelines.batch import build_parser
     flags = flex.boolean_flags(build_parser())
-    assert flags == {"--warn-only"}
+    assert flags == {"--warn-only", "--overwrite"}
     assert flex.normalise_boolean_flags(["--warn-only=true", "--config=c"], flags) == ["--warn-only", "--config=c"]
     assert flex.normalise_boolean_flags(["--warn-only=false"], flags) == []

@@ -3,12 +3,20 @@
 `CountOutcomes` counts the input and each outcome (with dead letters by reason and bots by rule)
 inside the pipeline, so the figures come from the data written, not from metrics a runner may
 report only approximately. `check_identity` is the pure check the launcher applies afterwards.
+
+`count_keys` is the counting itself: each record's counter keys are tallied per bundle inside one
+DoFn and only the bundle's partial counts leave it, then summed per key. Emitting one
+element per key and record instead (`Count.PerElement`) cost Beam's per-element work ~15 times per
+event between accounting and quality signals (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import collections
+from typing import Callable, Iterable, Optional
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
 
@@ -23,6 +31,66 @@ def _keys_for(outcome: str, detail: Optional[Callable[[dict], str]]):
     return keys
 
 
+class _CountKeysPerBundleFn(beam.DoFn):
+    """Records of the global window -> (key, partial count) per key and bundle, emitted when the bundle
+    ends. No WindowParam: a DoFn asking for its window takes Beam's slower per-window invocation path
+    (~2x the per-element cost on FnApiRunner); `count_keys` uses this DoFn for global-window inputs only."""
+
+    def __init__(self, keys: Callable[[object], Iterable]):
+        self._keys = keys
+        self._counts = collections.Counter()
+
+    def start_bundle(self):
+        self._counts = collections.Counter()
+
+    def process(self, record):
+        self._counts.update(self._keys(record))
+
+    def finish_bundle(self):
+        end = GlobalWindow().max_timestamp()
+        for key, n in self._counts.items():
+            yield WindowedValue((key, n), end, (GlobalWindow(),))
+        self._counts = collections.Counter()
+
+
+def count_keys(sources: dict, windowing=None):
+    """{label: (PCollection, keys function)} -> PCollection of (key, count): how often each key was
+    yielded, over all records of all the collections, per window. Call it inside a composite's
+    `expand` (its steps are labelled there).
+
+    For inputs whose panes are decided by a trigger (streaming), pass `windowing`: it is applied to
+    each record's keys before counting, so each pane counts its own records. Such inputs, and inputs
+    in any window but the global one, are counted per element (`Count.PerElement`): one bundle's
+    records may belong to different windows and panes.
+    """
+    per_bundle = windowing is None and all(isinstance(pc.windowing.windowfn, GlobalWindows)
+                                           for pc, _ in sources.values())
+    if not per_bundle:
+        keyed = [pc | f"Key{label}" >> beam.FlatMap(keys) for label, (pc, keys) in sorted(sources.items())]
+        counters = keyed | "AllCounters" >> beam.Flatten()
+        if windowing is not None:
+            counters = counters | windowing
+        return counters | "Count" >> beam.combiners.Count.PerElement()
+    partials = [pc | f"Tally{label}" >> beam.ParDo(_CountKeysPerBundleFn(keys))
+                for label, (pc, keys) in sorted(sources.items())]
+    return (partials
+            | "AllPartials" >> beam.Flatten()
+            | "Sum" >> beam.CombinePerKey(sum))
+
+
+class CountKeys(beam.PTransform):
+    """`count_keys` as a composite step, applied to the pipeline: `p | "Count" >> CountKeys({...})`."""
+
+    def __init__(self, sources: dict, windowing=None):
+        super().__init__()
+        if not sources:
+            raise ValueError("sources must name at least one (PCollection, keys function)")
+        self._sources, self._windowing = sources, windowing
+
+    def expand(self, pbegin):
+        return count_keys(self._sources, self._windowing)
+
+
 class CountOutcomes(beam.PTransform):
     """{name: PCollection} -> PCollection of (counter name, count).
 
@@ -35,12 +103,8 @@ class CountOutcomes(beam.PTransform):
         self._windowing = windowing
 
     def expand(self, named: dict):
-        keyed = [pc | f"Key{name.title().replace('_', '')}" >> beam.FlatMap(_keys_for(name, self._breakdowns.get(name)))
-                 for name, pc in sorted(named.items())]
-        counters = keyed | "AllCounters" >> beam.Flatten()
-        if self._windowing is not None:
-            counters = counters | self._windowing
-        return counters | "Count" >> beam.combiners.Count.PerElement()
+        return count_keys({name.title().replace('_', ''): (pc, _keys_for(name, self._breakdowns.get(name)))
+                           for name, pc in named.items()}, self._windowing)
 
 
 def summarise(counters: dict) -> dict:

@@ -3,34 +3,53 @@
 Rules, in order (the first that fires names the event's `bot_rule`):
 1. `crawler_user_agent` -- the user agent matches the maintained `crawler-user-agents` pattern list
    (or a configured extra pattern). Decided per event.
-2. `sustained_rate` -- within one activity run of a user (events separated by less than
-   `session_gap`, a Beam session window), `sustained_minutes` consecutive event-time minutes each
-   with more than `max_events_per_minute` events. Real people burst (~30 a minute, ~10 in a second)
-   but do not sustain machine rates for minutes.
+2. `sustained_rate` -- within one activity run of a user, `sustained_minutes` consecutive minutes
+   (counted from the run's first event) each with more than `max_events_per_minute` events. Real
+   people burst (~30 a minute, ~10 in a second) but do not sustain machine rates for minutes.
 3. `superhuman_click_latency` -- in one activity run, at least `min_superhuman_clicks` clicks that
    came less than `min_click_latency_ms` after the impression they click.
-Rules 2 and 3 flag every event of the run. Flagged events go to the bots output with the rule and a
+4. `machine_cadence` -- a run of at least `cadence_min_events` events, lasting at least
+   `cadence_min_duration`, at a mean rate of at least `cadence_min_rate_per_s`, whose inter-event
+   intervals are near-constant (coefficient of variation below `cadence_max_cv`): a steady crawler
+   with an unknown user agent, slow enough to stay under the sustained-rate bound. People browse in
+   irregular bursts (intervals from milliseconds to minutes; CV well above 1).
+Rules 2-4 flag every event of the run. Flagged events go to the bots output with the rule and a
 detail; they are counted and kept, never silently removed.
 
-Runs are also cut at fixed event-time boundaries (`sessions.split_every`, default 1 h), so a
-streaming job can close them: a user's bucket is judged once every event of it that is not too late
-has arrived (bucket end + lateness). Batch forms the same buckets and runs, so the two agree; the
-price is that a bot run crossing a boundary is judged in two parts.
+Runs (no fixed grid). A user's events are cut into continuous runs by inactivity only: a gap of
+max(`bots.session_gap`, `sessions.gap`) or more, plus a cap of `bots.max_run_duration` counted from
+the run's own first event (`sessions.split_runs`). Within a run, bot rules judge the sub-runs split
+by `bots.session_gap`, and the human events get sessions by `sessions.gap`. Nothing depends on clock
+time: shifting every event time by any offset gives the same decisions.
+* Batch groups a user's whole input (GroupByKey) and sorts it. Bound for huge users: a user with more
+  than `max_user_events` events is flagged `sustained_rate` by volume after one counting pass, without
+  sorting or holding its events in a list.
+* Streaming keeps a user's open run in state (global window, stateful DoFn keyed by user) and closes
+  it with an event-time timer at min(last + gap, first + max_run_duration) + lateness: by then every
+  event of the run that is not too late has arrived, so the run is judged whole, exactly as batch
+  judges it. An open run with more than `max_user_events` events is flagged by volume at once.
+  Judged events keep their event time as timestamp and are at most max_run_duration + lateness
+  behind the watermark; downstream windows and label timers allow that (GraphSettings).
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import statistics
 from functools import lru_cache
 from typing import Iterable, Optional
 
 import apache_beam as beam
 import crawleruseragents
+from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
 
 from transforms import contract
-from transforms.sessions import assign_sessions, split_by_bucket, split_by_gap
+from transforms.sessions import assign_sessions, run_closes_at, split_by_gap, split_runs
 
 METRICS_NS = "feedback.bots"
 _MINUTE_MS = 60_000
@@ -45,12 +64,20 @@ class BotRules:
     sustained_minutes: int
     min_click_latency_ms: int
     min_superhuman_clicks: int
+    cadence_max_cv: float = 0.2
+    cadence_min_events: int = 60
+    cadence_min_rate_per_s: float = 0.5
+    cadence_min_duration_s: float = 120.0
+    max_run_duration_s: float = 7200.0
+    max_user_events: int = 100_000
 
     @classmethod
     def from_config(cls, bots_cfg) -> "BotRules":
         return cls(bots_cfg.crawler_user_agents, tuple(bots_cfg.extra_crawler_patterns), bots_cfg.session_gap,
                    bots_cfg.max_events_per_minute, bots_cfg.sustained_minutes, bots_cfg.min_click_latency_ms,
-                   bots_cfg.min_superhuman_clicks)
+                   bots_cfg.min_superhuman_clicks, bots_cfg.cadence_max_cv, bots_cfg.cadence_min_events,
+                   bots_cfg.cadence_min_rate_per_s, bots_cfg.cadence_min_duration, bots_cfg.max_run_duration,
+                   bots_cfg.max_user_events)
 
 
 class CrawlerMatcher:
@@ -84,10 +111,15 @@ def _list_patterns() -> tuple:
 
 
 def sustained_rate(times_ms: Iterable[int], max_per_minute: int, sustained_minutes: int) -> Optional[str]:
-    """Detail text when `sustained_minutes` consecutive minutes each exceed the rate, else None."""
+    """Detail text when `sustained_minutes` consecutive minutes each exceed the rate, else None.
+    Minutes count from the first event (not the clock's minutes), so the verdict is shift-invariant."""
+    times = list(times_ms)
+    if not times:
+        return None
+    origin = min(times)
     per_minute: dict[int, int] = {}
-    for t in times_ms:
-        m = t // _MINUTE_MS
+    for t in times:
+        m = (t - origin) // _MINUTE_MS
         per_minute[m] = per_minute.get(m, 0) + 1
     run, best, peak, prev = 0, 0, 0, None
     for m in sorted(per_minute):
@@ -132,6 +164,27 @@ def superhuman_clicks(events: Iterable[dict], min_latency_ms: int) -> tuple[int,
     return fast, fastest
 
 
+def machine_cadence(times_ms: Iterable[int], max_cv: float, min_events: int, min_rate_per_s: float,
+                    min_duration_ms: float) -> Optional[str]:
+    """Detail text when a run's inter-event intervals are near-constant (CV < max_cv) over at least
+    min_events events, min_duration_ms and min_rate_per_s, else None."""
+    times = sorted(times_ms)
+    if len(times) < max(3, min_events):
+        return None
+    span = times[-1] - times[0]
+    if span < min_duration_ms or span <= 0:
+        return None
+    rate = (len(times) - 1) / (span / 1000.0)
+    if rate < min_rate_per_s:
+        return None
+    intervals = [b - a for a, b in zip(times, times[1:])]
+    cv = statistics.pstdev(intervals) / statistics.fmean(intervals)
+    if cv >= max_cv:
+        return None
+    return (f"{len(times)} events over {span / 1000.0:.0f} s at {rate:.2f}/s with near-constant intervals "
+            f"(coefficient of variation {cv:.3f} < {max_cv})")
+
+
 def judge_run(events: list[dict], rules: BotRules) -> Optional[tuple[str, str]]:
     """(rule, detail) for a user's activity run that behaves like a machine, else None."""
     detail = sustained_rate((e["event_time"] for e in events), rules.max_events_per_minute, rules.sustained_minutes)
@@ -141,7 +194,34 @@ def judge_run(events: list[dict], rules: BotRules) -> Optional[tuple[str, str]]:
     if fast >= rules.min_superhuman_clicks:
         return (contract.BOT_RULE_SUPERHUMAN_CLICKS,
                 f"{fast} clicks under {rules.min_click_latency_ms} ms after their impression (fastest {fastest} ms)")
+    detail = machine_cadence((e["event_time"] for e in events), rules.cadence_max_cv, rules.cadence_min_events,
+                             rules.cadence_min_rate_per_s, rules.cadence_min_duration_s * 1000)
+    if detail:
+        return contract.BOT_RULE_MACHINE_CADENCE, detail
     return None
+
+
+def volume_detail(n_events: int, rules: BotRules, where: str) -> str:
+    return (f"{n_events} events {where}, more than bots.max_user_events={rules.max_user_events}: "
+            f"judged by volume")
+
+
+def _order(e: dict):
+    return e["event_time"], e["event_id"]
+
+
+def judge_unit(unit: list[dict], rules: BotRules, session_gap_ms: int):
+    """A closed run of one user (time-ordered) -> [(rule or None, detail or None, event)]: bot sub-runs
+    (split by the bot gap) flagged whole, the human events with sessions assigned."""
+    out, humans = [], []
+    for run in split_by_gap(unit, int(rules.session_gap_s * 1000)):
+        verdict = judge_run(run, rules)
+        if verdict is None:
+            humans.extend(run)
+        else:
+            out.extend((verdict[0], verdict[1], e) for e in run)
+    out.extend((None, None, e) for e in assign_sessions(humans, session_gap_ms))
+    return out
 
 
 def flag(event: dict, rule: Optional[str], detail: Optional[str]) -> dict:
@@ -170,78 +250,147 @@ class _CrawlerFn(beam.DoFn):
                 event, contract.BOT_RULE_CRAWLER_UA, f"user agent matches crawler pattern {pattern!r}"))
 
 
-class _UserActivityFn(beam.DoFn):
-    """One user's events of one `split_every` bucket (streaming: one window; batch: all of the user's
-    events, bucketed here the same way) -> bot verdicts per activity run, then sessions."""
+class _JudgeFn(beam.DoFn):
+    """Shared by the batch and streaming DoFns: closed runs -> tagged, timestamped outputs."""
 
-    def __init__(self, rules: BotRules, session_gap_s: float, split_every_s: float, bucketed: bool):
+    def __init__(self, rules: BotRules, session_gap_s: float):
         self._rules = rules
-        self._bot_gap_ms = int(rules.session_gap_s * 1000)
         self._session_gap_ms = int(session_gap_s * 1000)
-        self._split_ms = int(split_every_s * 1000)
-        self._bucketed = bucketed
+        self._unit_gap_ms = int(max(rules.session_gap_s, session_gap_s) * 1000)
+        self._cap_ms = int(rules.max_run_duration_s * 1000)
         self._flagged = {r: Metrics.counter(METRICS_NS, r) for r in contract.BOT_RULES}
+        self._by_volume = Metrics.counter(METRICS_NS, "judged_by_volume")
+
+    def _emit(self, judged):
+        for rule, detail, e in judged:
+            ts = e["event_time"] / 1000.0
+            if rule is None:
+                yield window.TimestampedValue(flag(e, None, None), ts)
+            else:
+                self._flagged[rule].inc()
+                yield beam.pvalue.TaggedOutput(FilterBots.BOTS, window.TimestampedValue(flag(e, rule, detail), ts))
+
+    def _judge_units(self, units):
+        for unit in units:
+            yield from self._emit(judge_unit(unit, self._rules, self._session_gap_ms))
+
+    def _judge_by_volume(self, events: Iterable[dict], n: int, where: str):
+        self._by_volume.inc()
+        detail = volume_detail(n, self._rules, where)
+        return self._emit((contract.BOT_RULE_SUSTAINED_RATE, detail, e) for e in events)
+
+
+class _UserRunsBatchFn(_JudgeFn):
+    """(user, all of the user's events) -> runs judged whole (GroupByKey over the bounded input)."""
 
     def process(self, keyed_events):
         _, events = keyed_events
-        ordered = sorted(events, key=lambda e: (e["event_time"], e["event_id"]))
-        buckets = [ordered] if self._bucketed else split_by_bucket(ordered, self._split_ms)
-        for bucket in buckets:
-            humans = []
-            for run in split_by_gap(bucket, self._bot_gap_ms):
-                verdict = judge_run(run, self._rules)
-                if verdict is None:
-                    humans.extend(run)
-                    continue
-                rule, detail = verdict
-                self._flagged[rule].inc(len(run))
-                for e in run:
-                    yield beam.pvalue.TaggedOutput(FilterBots.BOTS, window.TimestampedValue(
-                        flag(e, rule, detail), e["event_time"] / 1000.0))
-            for e in assign_sessions(humans, self._session_gap_ms):
-                yield window.TimestampedValue(flag(e, None, None), e["event_time"] / 1000.0)
+        n = 0
+        for _ in events:      # counting pass: a huge user is never sorted or listed
+            n += 1
+        if n > self._rules.max_user_events:
+            yield from self._judge_by_volume(events, n, "of one user in the input")
+            return
+        ordered = sorted(events, key=_order)
+        yield from self._judge_units(split_runs(ordered, self._unit_gap_ms, self._cap_ms))
+
+
+class _UserRunsStreamingFn(_JudgeFn):
+    """(user, event) -> runs judged whole once closed. The user's open events wait in state; an
+    event-time timer fires at min(first + max_run_duration, last + gap) + lateness of the earliest
+    open run. State and timer names carry a `bots_` prefix (timer names must be unique per pipeline)."""
+    EVENTS = BagStateSpec("bots_open_events", PickleCoder())
+    SPAN = ReadModifyWriteStateSpec("bots_open_span", PickleCoder())     # (min time, max time, count)
+    CLOSE = TimerSpec("bots_run_close", TimeDomain.WATERMARK)
+
+    def __init__(self, rules: BotRules, session_gap_s: float, lateness_s: float):
+        super().__init__(rules, session_gap_s)
+        self._lateness_ms = int(lateness_s * 1000)
+
+    def _close_at(self, lo: int, hi: int) -> int:
+        return run_closes_at(lo, hi, self._unit_gap_ms, self._cap_ms) + self._lateness_ms
+
+    def process(self, keyed, events=beam.DoFn.StateParam(EVENTS), span=beam.DoFn.StateParam(SPAN),
+                close=beam.DoFn.TimerParam(CLOSE)):
+        _, e = keyed
+        t = e["event_time"]
+        lo, hi, n = span.read() or (t, t, 0)
+        lo, hi, n = min(lo, t), max(hi, t), n + 1
+        events.add(e)
+        if n > self._rules.max_user_events:
+            buffered = list(events.read())
+            events.clear()
+            span.clear()
+            yield from self._judge_by_volume(buffered, n, "in one open run of one user")
+            return
+        span.write((lo, hi, n))
+        # Also moves the timer earlier when an out-of-order event lowers the run's first time.
+        close.set(Timestamp(micros=self._close_at(lo, hi) * 1000))
+
+    @on_timer(CLOSE)
+    def _on_close(self, fire=beam.DoFn.TimestampParam, events=beam.DoFn.StateParam(EVENTS),
+                  span=beam.DoFn.StateParam(SPAN), close=beam.DoFn.TimerParam(CLOSE)):
+        horizon = fire.micros // 1000 - self._lateness_ms   # every not-too-late event before this has arrived
+        ordered = sorted(events.read(), key=_order)
+        if not ordered:
+            return
+        units = split_runs(ordered, self._unit_gap_ms, self._cap_ms)
+        done = 0
+        for unit in units:
+            if run_closes_at(unit[0]["event_time"], unit[-1]["event_time"], self._unit_gap_ms, self._cap_ms) > horizon:
+                break       # still open; so is every later run
+            done += 1
+        yield from self._judge_units(units[:done])
+        events.clear()
+        rest = [e for unit in units[done:] for e in unit]
+        if not rest:
+            span.clear()
+            return
+        for e in rest:
+            events.add(e)
+        lo, hi = rest[0]["event_time"], rest[-1]["event_time"]
+        span.write((lo, hi, len(rest)))
+        close.set(Timestamp(micros=self._close_at(lo, hi) * 1000))
 
 
 class FilterBots(beam.PTransform):
     """Events -> human events (main, bot_rule None, session_id filled) and flagged bot events (tag
     BOTS), both in the global window with their event timestamps.
 
-    Per-user runs are judged within fixed event-time buckets of `split_every_s`. Streaming groups each
-    bucket in a fixed window over timestamps shifted by `lateness_s`, so the window closes only when
-    every event of the bucket that is not too late has arrived: one complete pane, judged like batch.
-    Its output is behind the watermark by up to split_every + lateness; downstream windows allow that.
+    Per-user runs are continuous (inactivity gap, plus the max_run_duration cap counted from each
+    run's first event); see the module docstring. Streaming output is behind the watermark by up to
+    max_run_duration + lateness (`output_delay_s`); downstream windows allow that.
     """
     BOTS = "bots"
 
     def __init__(self, rules: BotRules, streaming: bool = False, session_gap_s: float = 1800.0,
-                 split_every_s: float = 3600.0, lateness_s: float = 3600.0):
+                 lateness_s: float = 3600.0):
         super().__init__()
         if rules.max_events_per_minute <= 0:
             raise ValueError("max_events_per_minute must be > 0")
-        if split_every_s <= 0:
-            raise ValueError("split_every_s must be > 0")
+        if rules.max_run_duration_s < max(rules.session_gap_s, session_gap_s):
+            raise ValueError("max_run_duration must be at least the bot and session gaps")
         self._rules = rules
         self._streaming = streaming
-        self._session_gap_s, self._split_every_s, self._lateness_s = session_gap_s, split_every_s, lateness_s
+        self._session_gap_s, self._lateness_s = session_gap_s, lateness_s
+
+    @staticmethod
+    def output_delay_s(rules: BotRules, lateness_s: float) -> float:
+        """How far behind the watermark judged events can be in streaming."""
+        return rules.max_run_duration_s + lateness_s
 
     def expand(self, events):
         crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
             self.BOTS, main="rest")
         keyed = crawler.rest | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
         if self._streaming:
-            shift = self._lateness_s
-            keyed = (keyed
-                     | "ShiftByLateness" >> beam.Map(
-                         lambda kv: window.TimestampedValue(kv, kv[1]["event_time"] / 1000.0 + shift))
-                     | "UserBuckets" >> beam.WindowInto(
-                         window.FixedWindows(self._split_every_s, offset=shift % self._split_every_s),
-                         allowed_lateness=self._split_every_s))
-        # Bounded input: group all of a user's events and bucket them in _UserActivityFn (same buckets).
-        judged = (keyed
-                  | "GroupUser" >> beam.GroupByKey()
-                  | "JudgeRunsAndSessionize" >> beam.ParDo(_UserActivityFn(
-                      self._rules, self._session_gap_s, self._split_every_s, bucketed=self._streaming)).with_outputs(
-                      self.BOTS, main="humans"))
+            judged = keyed | "JudgeOpenRuns" >> beam.ParDo(_UserRunsStreamingFn(
+                self._rules, self._session_gap_s, self._lateness_s)).with_outputs(self.BOTS, main="humans")
+        else:
+            judged = (keyed
+                      | "GroupUser" >> beam.GroupByKey()
+                      | "JudgeRunsAndSessionize" >> beam.ParDo(_UserRunsBatchFn(
+                          self._rules, self._session_gap_s)).with_outputs(self.BOTS, main="humans"))
         humans = judged.humans | "HumansGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         run_bots = judged[self.BOTS] | "RunBotsGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         bots = (crawler[self.BOTS], run_bots) | "AllBots" >> beam.Flatten()

@@ -14,11 +14,12 @@ from typing import Annotated, Literal, Optional
 
 import pydantic
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from transforms import contract
 
-from transforms.configbase import Duration, _Section, parse_duration  # noqa: F401 - re-exported
+from transforms.configbase import Duration, PositiveDuration, _Section, parse_duration  # noqa: F401 - re-exported
+from transforms.evaluation import EvaluationConfig, load_position_weights
 from transforms.features import FeaturesConfig
 from transforms.online_store import OnlineStoreConfig
 from transforms.quality import QualityConfig
@@ -38,6 +39,16 @@ class ValidationConfig(_Section):
     naive_timestamps: Literal["reject", "utc"] = Field(
         "reject", description="An ISO time without offset: reject it, or read it as UTC.")
 
+    @field_validator("min_event_time")
+    @classmethod
+    def _iso_time(cls, v):
+        from transforms.parse import parse_event_time
+        try:
+            parse_event_time(v, naive_as_utc=False)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not an ISO-8601 time with offset ({e}); use e.g. '2020-01-01T00:00:00Z'") from None
+        return v
+
     @field_validator("event_types")
     @classmethod
     def _non_empty_unique(cls, v):
@@ -51,7 +62,7 @@ class ValidationConfig(_Section):
 class PrivacyConfig(_Section):
     key_env: str = Field("FEEDBACK_HMAC_KEY", description="Environment variable holding the HMAC key.")
     key_file: Optional[str] = Field(None, description="File holding the HMAC key (e.g. a mounted secret).")
-    allow_demo_key: bool = Field(False, description="Use a built-in key when none is set. Local demos only.")
+    allow_demo_key: StrictBool = Field(False, description="Use a built-in key when none is set. Local demos only.")
     pseudonymise_fields: tuple[Literal["user_id", "session_id", "request_id", "item_id"], ...] = ("user_id", "session_id")
     ipv4_prefix: int = Field(24, ge=0, le=32)
     ipv6_prefix: int = Field(48, ge=0, le=128)
@@ -69,7 +80,7 @@ class EnrichmentConfig(_Section):
 
 
 class DedupeConfig(_Section):
-    horizon: Duration = Field(86400.0, description="Copies of an event_id this close in event time are duplicates.")
+    horizon: PositiveDuration = Field(86400.0, description="Copies of an event_id this close in event time are duplicates.")
 
     @field_validator("horizon")
     @classmethod
@@ -80,13 +91,26 @@ class DedupeConfig(_Section):
 
 
 class BotConfig(_Section):
-    crawler_user_agents: bool = Field(True, description="Flag user agents matching the crawler-user-agents list.")
+    crawler_user_agents: StrictBool = Field(True, description="Flag user agents matching the crawler-user-agents list.")
     extra_crawler_patterns: tuple[str, ...] = ()
     session_gap: Duration = Field(600.0, description="Inactivity gap that ends a user's activity run.")
     max_events_per_minute: int = Field(120, ge=1)
     sustained_minutes: int = Field(2, ge=1, description="Consecutive minutes above the rate that flag a run.")
     min_click_latency_ms: int = Field(200, ge=0, description="A click faster than this after its impression is superhuman.")
     min_superhuman_clicks: int = Field(3, ge=1, description="Superhuman clicks in one run that flag it.")
+    cadence_max_cv: float = Field(0.2, gt=0, description="machine_cadence: a run whose inter-event intervals have a "
+                                                         "coefficient of variation below this is machine-steady.")
+    cadence_min_events: int = Field(60, ge=3, description="machine_cadence: events a run needs to be judged.")
+    cadence_min_rate_per_s: float = Field(0.5, gt=0, description="machine_cadence: mean events/s a run needs.")
+    cadence_min_duration: Duration = Field(120.0, description="machine_cadence: event-time span a run needs.")
+    max_run_duration: Duration = Field(
+        7200.0, description="A user's activity run (and session) is cut this long after its first event, so a "
+                            "streaming job holds a bounded run in state; batch cuts the same way. Bounds how far "
+                            "behind the watermark judged events are (max_run_duration + time.lateness).")
+    max_user_events: int = Field(
+        100_000, ge=1000, description="Bound for huge users: a user with more events than this (batch: in the "
+                                      "input; streaming: in one open run) is flagged sustained_rate by volume, "
+                                      "without sorting its events.")
 
     @field_validator("extra_crawler_patterns")
     @classmethod
@@ -105,16 +129,22 @@ class BotConfig(_Section):
             raise ValueError("session_gap must be at least 60s")
         return v
 
+    @model_validator(mode="after")
+    def _run_cap_holds_a_run(self):
+        if self.max_run_duration < self.session_gap or self.max_run_duration < self.cadence_min_duration:
+            raise ValueError("max_run_duration must be at least session_gap and cadence_min_duration")
+        return self
+
 
 class TimeConfig(_Section):
-    lateness: Duration = Field(3600.0, description="An event arriving more than this after its event time is too_late.")
+    lateness: PositiveDuration = Field(3600.0, description="An event arriving more than this after its event time is too_late.")
     arrival_field: Optional[str] = Field(
         None, description="Batch input: top-level field holding the arrival time (an envelope field, removed "
                           "before validation). Streaming uses the Pub/Sub publish time.")
     event_time_attribute: Optional[str] = Field(
         None, description="Streaming: Pub/Sub attribute holding the event time (default: the event_time field).")
-    early_firing: Optional[Duration] = Field(None, description="Early panes every N seconds of processing time.")
-    late_firings: bool = True
+    early_firing: Optional[PositiveDuration] = Field(None, description="Early panes every N seconds of processing time.")
+    late_firings: StrictBool = True
     accumulation: Literal["accumulating", "discarding"] = "accumulating"
     output_window: "WindowSpec" = Field(default_factory=lambda: WindowSpec(), description="Windows of file outputs.")
 
@@ -128,9 +158,9 @@ class TimeConfig(_Section):
 
 class WindowSpec(_Section):
     type: Literal["fixed", "sliding", "session"] = "fixed"
-    size: Duration = 300.0
-    period: Optional[Duration] = Field(None, description="sliding only")
-    gap: Optional[Duration] = Field(None, description="session only")
+    size: PositiveDuration = 300.0
+    period: Optional[PositiveDuration] = Field(None, description="sliding only")
+    gap: Optional[PositiveDuration] = Field(None, description="session only")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -144,20 +174,30 @@ class WindowSpec(_Section):
 
 
 class SessionConfig(_Section):
-    gap: Duration = Field(1800.0, description="Inactivity gap that ends a session (session_id assigned where missing).")
-    split_every: Duration = Field(
+    gap: PositiveDuration = Field(1800.0, description="Inactivity gap that ends a session (session_id assigned where missing).")
+    split_every: PositiveDuration = Field(
         3600.0, description="Sessions and bot runs are also cut at these fixed event-time boundaries, so a streaming "
                             "job can close them (like analytics tools' midnight split).")
 
 
 class LabelsConfig(_Section):
-    window: Duration = Field(1800.0, description="Attribution window after the impression.")
+    window: PositiveDuration = Field(1800.0, description="Attribution window after the impression.")
     clock_skew: Duration = Field(5.0, description="An outcome with the exposure's request_id may precede it by this much.")
     outcome_types: tuple[str, ...] = ("click", "view", "dwell", "add_to_cart", "purchase", "skip")
     positive: dict[str, float] = Field(default_factory=lambda: {"purchase": 5.0, "add_to_cart": 3.0, "click": 1.0})
     negative: dict[str, float] = Field(default_factory=lambda: {"skip": 1.0})
     default_negative_weight: float = Field(1.0, ge=0)
     min_click_dwell_ms: int = Field(0, ge=0, description="A click with less dwell than this is not a positive.")
+    position_weights: Optional[str] = Field(
+        None, description="position_weights.json (python -m pipelines.evaluate): positive labels' weight is "
+                          "multiplied by the inverse examination propensity of their position.")
+
+    @field_validator("position_weights")
+    @classmethod
+    def _weights_readable(cls, v):
+        if v is not None:
+            load_position_weights(v)   # ValueError names the file and the bad entry
+        return v
 
     @model_validator(mode="after")
     def _types_are_outcomes(self):
@@ -188,10 +228,23 @@ class JobConfig(_Section):
     online_store: Optional[OnlineStoreConfig] = Field(None, description="Redis for online features (streaming).")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="SLO gates and drift.")
     output: OutputConfig = OutputConfig()
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig,
+                                         description="pipelines.evaluate: OPE, position bias, experiments, cold start.")
     # Where the file was read from; relative paths inside it resolve against this folder.
     base_dir: str = Field(".", exclude=True)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_position_weights(cls, data):
+        # labels.position_weights is read while the labels section is validated, before resolve() exists:
+        # make a relative path relative to the config file's folder here.
+        labels = data.get("labels") if isinstance(data, dict) else None
+        path = labels.get("position_weights") if isinstance(labels, dict) else None
+        if isinstance(path, str) and "://" not in path and not os.path.isabs(path):
+            data = {**data, "labels": {**labels, "position_weights": str(Path(data.get("base_dir", "."), path))}}
+        return data
 
     def resolve(self, path: Optional[str]) -> Optional[str]:
         """A path from the file, made absolute against the config file's folder (URLs untouched)."""
@@ -219,6 +272,8 @@ def _format_errors(err: pydantic.ValidationError, source: str) -> str:
             lines.append(f"  {path}: unknown key. Allowed here: {', '.join(allowed)}")
         elif e["type"] == "missing":
             lines.append(f"  {path}: required key is missing")
+        elif e["type"] == "bool_type":
+            lines.append(f"  {path}: must be true or false (a YAML boolean, unquoted) (given: {given!r})")
         else:
             lines.append(f"  {path}: {e['msg']} (given: {given!r})")
     return "\n".join(lines)

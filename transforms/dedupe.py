@@ -30,6 +30,8 @@ def split_copies(copies: list[dict], horizon_ms: int) -> tuple[list[dict], list[
     """All copies of one event_id -> (kept, duplicates), deciding exactly as `_DedupeFn` does when the
     copies arrive in event-time order (then arrival order; ties broken by content, so the choice is
     deterministic)."""
+    if len(copies) == 1:  # ~97% of event_ids: nothing to order (the sort key costs a repr of the record)
+        return list(copies), []
     kept, dups, kept_time = [], [], None
     # Earliest-arriving copy first, as streaming sees them (then content, for a deterministic tie-break).
     for e in sorted(copies, key=lambda e: (e["event_time"], e.get("arrival_time") or 0, repr(sorted(e.items())))):

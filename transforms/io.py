@@ -1,16 +1,21 @@
 """Reading raw records from archives and writing the job's outputs.
 
-Input files are read whole per file (JSON lines, plain or gzip, and Avro), so every record carries its
-exact bytes and a `path:line` (or `path#record`) source for dead letters. A `Reshuffle` then spreads
-the records over workers for the parsing that follows.
+Input files are read whole per file (JSON lines, plain or compressed, and Avro), so every record carries
+its exact bytes and a `path:line` (or `path#record`) source for dead letters. A `Reshuffle` then spreads
+the records over workers for the parsing that follows. A damaged or truncated file never fails the
+job: what was read before the damage is kept and the unreadable rest becomes one `corrupt_file` dead
+letter saying where reading stopped and why.
 """
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import hashlib
 import io
+import lzma
 import uuid
-from typing import Any, Optional
+import zlib
+from typing import Any, Generator, Iterator, Optional
 
 import apache_beam as beam
 import fastavro
@@ -19,6 +24,8 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
 from transforms.deadletter import dead_letter
@@ -34,6 +41,31 @@ class _NoRedaction:
 
 
 _CHUNK = 8 << 20
+_COMPRESSED_CHUNK = 64 << 10   # compressed bytes per step: bounds one step's output (deflate expands <= ~1000x)
+
+
+class _LineSplitter:
+    """Chunks of bytes -> (line number, exact line bytes without terminator). `tail` holds the
+    incomplete last line until the next chunk (or the end) completes it."""
+
+    def __init__(self):
+        self.count, self.tail = 0, b""
+
+    def feed(self, chunk: bytes) -> list:
+        lines = (self.tail + chunk).split(b"\n")
+        self.tail = lines.pop()
+        out = []
+        for line in lines:
+            self.count += 1
+            out.append((self.count, line[:-1] if line.endswith(b"\r") else line))
+        return out
+
+    def close(self) -> list:
+        if not self.tail:
+            return []
+        self.count += 1
+        tail, self.tail = self.tail, b""
+        return [(self.count, tail[:-1] if tail.endswith(b"\r") else tail)]
 
 
 def iter_lines(stream, chunk_size: int = _CHUNK):
@@ -44,18 +76,10 @@ def iter_lines(stream, chunk_size: int = _CHUNK):
     A final empty line (the file's trailing newline) is not a record; any other empty line is one
     (and is dead-lettered), so nothing in a file goes unaccounted.
     """
-    n, tail = 0, b""
-    while True:
-        chunk = stream.read(chunk_size)
-        if not chunk:
-            break
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        for line in lines:
-            n += 1
-            yield n, line[:-1] if line.endswith(b"\r") else line
-    if tail:
-        yield n + 1, tail[:-1] if tail.endswith(b"\r") else tail
+    lines = _LineSplitter()
+    for chunk in iter(lambda: stream.read(chunk_size), b""):
+        yield from lines.feed(chunk)
+    yield from lines.close()
 
 
 def read_all(stream, chunk_size: int = _CHUNK) -> bytes:
@@ -68,6 +92,170 @@ def read_all(stream, chunk_size: int = _CHUNK) -> bytes:
         parts.append(chunk)
 
 
+# --- damaged files ------------------------------------------------------------------------------
+
+# What report.json lists per damaged file (the same keys are on its corrupt_file dead letter).
+DAMAGE_FIELDS = ("file", "stopped_at", "records_read", "offset", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Damage:
+    """Why and where reading a file stopped early. Everything before `stopped_at` was read and kept."""
+    file: str
+    stopped_at: str        # source of the first record not read: `path:line` or `path#record`
+    records_read: int
+    offset: int            # bytes of the stored (possibly compressed) file read when the damage was found
+    error: str
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in DAMAGE_FIELDS}
+
+
+def damage_dead_letter(damage: Damage) -> dict:
+    """The unreadable rest of a file as ONE dead letter (it counts as one input record)."""
+    record = dead_letter(
+        contract.CORRUPT_FILE, None,
+        f"file unreadable after record {damage.records_read} ({damage.offset} bytes of the file read): {damage.error}",
+        "read", b"", damage.stopped_at, _NoRedaction())
+    record.update(damage.as_dict())
+    return record
+
+
+class StorageError(Exception):
+    """Reading the stored bytes failed (network, permissions): the runner retries the bundle. Not
+    damage in the file, so never turned into a dead letter."""
+
+
+class _CountingStream:
+    """The raw file: counts the bytes read (where reading stopped) and tells storage errors apart
+    from errors in decoding the bytes. A length read from damaged bytes (a negative or huge Avro
+    block size) is damage, not a storage error: it is refused or capped at what the file holds
+    before the storage layer would try to allocate it."""
+
+    def __init__(self, f, size: Optional[int] = None):
+        self._f, self._size, self.offset = f, size, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is not None and size < -1:
+            raise ValueError(f"asked to read {size} bytes (a damaged length field)")
+        if size is not None and size > _CHUNK and self._size is not None:
+            size = min(size, max(self._size - self.offset, _CHUNK))
+        try:
+            data = self._f.read(size)
+        except Exception as e:  # noqa: BLE001 - any failure of the storage layer itself
+            raise StorageError(f"{type(e).__name__}: {e}") from e
+        self.offset += len(data)
+        return data
+
+
+def _decompressor(compression: str):
+    """A fresh incremental decompressor (Beam's choices in apache_beam.io.filesystem.CompressedFile).
+    Each one has `eof` (its end-of-stream marker was seen) and `unused_data` (bytes after it)."""
+    if compression == CompressionTypes.GZIP:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if compression == CompressionTypes.DEFLATE:
+        return zlib.decompressobj()
+    if compression == CompressionTypes.BZIP2:
+        return bz2.BZ2Decompressor()
+    if compression == CompressionTypes.LZMA:
+        return lzma.LZMADecompressor()
+    if compression == CompressionTypes.ZSTD:
+        import zstandard  # a Beam dependency; imported here like Beam does
+        return zstandard.ZstdDecompressor(max_window_size=2 ** 31).decompressobj()
+    raise ValueError(f"unsupported compression {compression!r}")
+
+
+class TruncatedStream(EOFError):
+    """The file ended before its compressed stream did."""
+
+
+def decompressed_chunks(raw, compression: str, chunk_size: int = _COMPRESSED_CHUNK) -> Iterator[bytes]:
+    """The decompressed content of a compressed file, in chunks, raising where Beam's CompressedFile
+    stops quietly: a file that ends inside a compressed stream (no end-of-stream marker) is truncated
+    (TruncatedStream), and bytes that do not decompress raise the codec's own error. Concatenated
+    streams (multi-member gzip, bzip2, xz, zstd frames) are read one after the other, as Beam does.
+    An empty file has no records."""
+    decompressor, pending, fed = _decompressor(compression), b"", 0
+    while True:
+        if decompressor.eof:
+            pending = decompressor.unused_data or raw.read(chunk_size)
+            if not pending:
+                return
+            decompressor = _decompressor(compression)
+        elif not pending:
+            pending = raw.read(chunk_size)
+            if not pending:
+                if fed:
+                    raise TruncatedStream(f"the file ends inside its {compression} stream (truncated upload?)")
+                return
+        fed += len(pending)
+        data, pending = decompressor.decompress(pending), b""
+        if data:
+            yield data
+
+
+def _decode_errors() -> tuple:
+    import zstandard
+    return (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError)
+
+
+def _describe(error: BaseException) -> str:
+    kind = type(error)
+    name = kind.__name__ if kind.__module__ in ("builtins", __name__) else f"{kind.__module__}.{kind.__name__}"
+    return f"{name}: {error}"
+
+
+def read_json_lines(path: str, raw: _CountingStream) -> Generator[tuple, None, Optional[Damage]]:
+    """(source, line bytes) for each line of a JSON-lines file, plain or compressed (by suffix, as
+    Beam detects it). Returns a Damage when the file cannot be read to its end: the lines before it
+    are yielded, an incomplete line at the damage is part of the unreadable rest."""
+    compression = CompressionTypes.detect_compression_type(path)
+    if compression == CompressionTypes.UNCOMPRESSED:
+        chunks = iter(lambda: raw.read(_CHUNK), b"")
+    else:
+        chunks = decompressed_chunks(raw, compression)
+    lines = _LineSplitter()
+    try:
+        for chunk in chunks:
+            for n, line in lines.feed(chunk):
+                yield f"{path}:{n}", line
+    except _decode_errors() as e:
+        return Damage(path, f"{path}:{lines.count + 1}", lines.count, raw.offset, _describe(e))
+    for n, line in lines.close():
+        yield f"{path}:{n}", line
+    return None
+
+
+def read_avro(path: str, raw: _CountingStream, registry: SchemaRegistry) -> Generator[tuple, None, Optional[Damage]]:
+    """(source, record dict) for each record of an Avro file (any codec fastavro reads: null,
+    deflate, snappy, ...). Returns a Damage when a block cannot be decoded."""
+    n = 0
+    # fastavro decoding damaged bytes raises whatever they lead to (zlib.error, cramjam's
+    # DecompressionError, EOFError, IndexError, UnicodeDecodeError, OverflowError, ValueError, ...):
+    # any of them means the rest of this file cannot be read. Storage errors are re-raised.
+    try:
+        reader = fastavro.reader(raw)
+        written = registry.match_writer(reader.writer_schema)
+        records = iter(reader)
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see above
+        return Damage(path, f"{path}#1", 0, raw.offset, _describe(e))
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return None
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - see above
+            return Damage(path, f"{path}#{n + 1}", n, raw.offset, _describe(e))
+        n += 1
+        if isinstance(record, dict) and record.get("schema_version") is None and written:
+            record = {**record, "schema_version": written.version}
+        yield f"{path}#{n}", record
+
+
 class _ReadFileFn(beam.DoFn):
     CORRUPT = "corrupt"
 
@@ -75,39 +263,38 @@ class _ReadFileFn(beam.DoFn):
         self._registry = registry
         self._records = Metrics.counter(METRICS_NS, "records")
         self._files = Metrics.counter(METRICS_NS, "files")
+        self._damaged = Metrics.counter(METRICS_NS, "damaged_files")
 
     def process(self, readable_file: fileio.ReadableFile):
         path = readable_file.metadata.path
         self._files.inc()
-        if path.lower().endswith(".avro"):
-            yield from self._avro(readable_file, path)
-            return
-        with readable_file.open(compression_type=CompressionTypes.AUTO) as f:
-            for n, line in iter_lines(f):
-                self._records.inc()
-                yield f"{path}:{n}", line, None
-
-    def _avro(self, readable_file, path):
-        n = 0
-        try:
-            with readable_file.open(compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                reader = fastavro.reader(f)
-                written = self._registry.match_writer(reader.writer_schema)
-                for n, record in enumerate(reader, 1):
-                    self._records.inc()
-                    if isinstance(record, dict) and record.get("schema_version") is None and written:
-                        record = {**record, "schema_version": written.version}
-                    yield f"{path}#{n}", record, None
-        except (OSError, ValueError, EOFError, fastavro.read.SchemaResolutionError, StopIteration) as e:
-            # Everything before the damage was read; the rest of the file is one dead letter.
+        # Raw bytes: decompression is done here (read_json_lines), where a truncated stream is seen.
+        with readable_file.open(compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            raw = _CountingStream(f, readable_file.metadata.size_in_bytes)
+            if path.lower().endswith(".avro"):
+                records = read_avro(path, raw, self._registry)
+            else:
+                records = read_json_lines(path, raw)
+            damage = yield from self._emit(records)
+        if damage is not None:
+            self._damaged.inc()
             self._records.inc()
-            yield beam.pvalue.TaggedOutput(self.CORRUPT, dead_letter(
-                contract.CORRUPT_FILE, None, f"Avro file unreadable after record {n}: {type(e).__name__}: {e}",
-                "read", b"", f"{path}#{n + 1}", _NoRedaction()))
+            yield beam.pvalue.TaggedOutput(self.CORRUPT, damage_dead_letter(damage))
+
+    def _emit(self, records):
+        """(source, payload) -> RawRecord, counted; returns the reader's Damage (or None)."""
+        while True:
+            try:
+                source, payload = next(records)
+            except StopIteration as stop:
+                return stop.value
+            self._records.inc()
+            yield source, payload, None
 
 
 class ReadRawRecords(beam.PTransform):
-    """A file glob -> RawRecord (source, payload) plus dead letters for unreadable files (tag CORRUPT).
+    """A file glob -> RawRecord (source, payload) plus, for each damaged file, one `corrupt_file` dead
+    letter for its unreadable rest (tag CORRUPT; it carries the DAMAGE_FIELDS).
 
     A glob that matches nothing fails the job at once: an empty input is almost always a typo.
     """
@@ -171,12 +358,117 @@ class OutputPaths:
     def quality_part(self, name): return self._join("_quality", name)
 
 
+AVRO_CODEC = "deflate"   # WriteToAvro's default; ~2 µs per record more than "null" for ~7x smaller files
+
+
+class _WriteBundleFileFn(beam.DoFn):
+    """Records (global window) -> one temp file per bundle, streamed as they come; the file's path
+    is emitted when the bundle ends. A retried bundle writes a new temp file; the orphan is removed
+    with the temp folder."""
+
+    def __init__(self, temp_dir: str, fmt: str, schema: Optional[dict]):
+        self._temp_dir, self._fmt, self._schema = temp_dir, fmt, schema
+        self._fh = self._writer = self._path = None
+
+    def setup(self):
+        self._parsed = fastavro.parse_schema(self._schema) if self._fmt == "avro" else None
+
+    def start_bundle(self):
+        self._fh = self._writer = self._path = None
+
+    def _open(self):
+        self._path = FileSystems.join(self._temp_dir, f"{uuid.uuid4().hex}.{self._fmt}")
+        self._fh = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
+        if self._fmt == "avro":
+            self._writer = fastavro.write.Writer(self._fh, self._parsed, codec=AVRO_CODEC)
+
+    def process(self, record):
+        if self._fh is None:
+            self._open()
+        if self._writer is not None:
+            self._writer.write(record)
+        else:
+            self._fh.write(orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE))
+
+    def finish_bundle(self):
+        if self._fh is None:
+            return
+        if self._writer is not None:
+            self._writer.flush()
+        self._fh.close()
+        path, self._fh, self._writer = self._path, None, None
+        yield WindowedValue(path, GlobalWindow().max_timestamp(), (GlobalWindow(),))
+
+
+class _FinalizeFilesFn(beam.DoFn):
+    """All temp files of a write -> `<prefix>-SSSSS-of-NNNNN<suffix>` (the names Beam's file sinks
+    give), then the temp folder is removed. No records: one empty file (an Avro file keeps its header),
+    as WriteToText/WriteToAvro write. Renames are skipped when already done (a retried finalize)."""
+
+    def __init__(self, prefix: str, suffix: str, temp_dir: str, fmt: str, schema: Optional[dict]):
+        self._prefix, self._suffix, self._temp_dir, self._fmt, self._schema = prefix, suffix, temp_dir, fmt, schema
+        self._files = Metrics.counter("feedback.write", "files")
+
+    def process(self, temp_paths):
+        temp_paths = sorted(temp_paths)
+        n = max(1, len(temp_paths))
+        finals = [f"{self._prefix}-{i:05d}-of-{n:05d}{self._suffix}" for i in range(n)]
+        if not temp_paths:
+            with FileSystems.create(finals[0], compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                if self._fmt == "avro":
+                    fastavro.writer(f, fastavro.parse_schema(self._schema), [], codec=AVRO_CODEC)
+        else:
+            todo = [(t, f) for t, f in zip(temp_paths, finals) if FileSystems.exists(t)]
+            if todo:
+                FileSystems.rename([t for t, _ in todo], [f for _, f in todo])
+        leftovers = [m.path for m in FileSystems.match([FileSystems.join(self._temp_dir, "*")])[0].metadata_list]
+        if leftovers:  # temp files of retried bundles
+            FileSystems.delete(leftovers)
+        if FileSystems.exists(self._temp_dir):  # a folder on file systems that have them
+            FileSystems.delete([self._temp_dir])
+        self._files.inc(n)
+        yield from finals
+
+
+class WriteFilesPerBundle(beam.PTransform):
+    """Records in the global window -> `<prefix>-SSSSS-of-NNNNN<suffix>` files, one per bundle (Avro
+    with `schema`, or JSON lines with sorted keys). Returns the final file names.
+
+    Why not WriteToAvro / WriteToText: their WriteImpl re-windows every record into the global window
+    and writes it from a DoFn with a side input, two of Beam's slowest per-element paths (~5 µs per
+    record on FnApiRunner, benchmarks/RESULTS.md); here each record costs one plain DoFn call. Same
+    file layout and codec: one file per bundle, renamed into place once all bundles are written.
+    """
+
+    def __init__(self, prefix: str, suffix: str, fmt: str, schema: Optional[dict] = None):
+        super().__init__()
+        if fmt not in ("avro", "jsonl") or (fmt == "avro" and schema is None):
+            raise ValueError("fmt must be 'jsonl', or 'avro' with a schema")
+        self._prefix, self._suffix, self._fmt, self._schema = prefix, suffix, fmt, schema
+
+    def expand(self, records):
+        temp_dir = f"{self._prefix.rsplit('/', 1)[0]}/.temp-{uuid.uuid4().hex}"
+        return (records
+                | "WriteBundles" >> beam.ParDo(_WriteBundleFileFn(temp_dir, self._fmt, self._schema))
+                | "TempFiles" >> beam.combiners.ToList()
+                | "Finalize" >> beam.ParDo(_FinalizeFilesFn(self._prefix, self._suffix, temp_dir, self._fmt,
+                                                            self._schema)))
+
+
+def _per_bundle_ok(pcoll, num_shards: int) -> bool:
+    """Per-bundle files serve runner-sharded writes of global-window records; anything else goes
+    through Beam's own sinks."""
+    return num_shards == 0 and isinstance(pcoll.windowing.windowfn, GlobalWindows)
+
+
 class WriteJsonLines(beam.PTransform):
     def __init__(self, prefix: str, num_shards: int = 0):
         super().__init__()
         self._prefix, self._shards = prefix, num_shards
 
     def expand(self, records):
+        if _per_bundle_ok(records, self._shards):
+            return records | "WriteJsonl" >> WriteFilesPerBundle(self._prefix, ".jsonl", "jsonl")
         return (records
                 | "ToJson" >> beam.Map(to_json_line)
                 | "Write" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl", num_shards=self._shards))
@@ -188,8 +480,10 @@ class WriteAvroEvents(beam.PTransform):
         self._prefix, self._schema, self._shards = prefix, schema, num_shards
 
     def expand(self, events):
+        if _per_bundle_ok(events, self._shards):
+            return events | "WriteAvroFiles" >> WriteFilesPerBundle(self._prefix, ".avro", "avro", self._schema)
         return events | "WriteAvro" >> beam.io.WriteToAvro(
-            self._prefix, schema=self._schema, file_name_suffix=".avro", num_shards=self._shards)
+            self._prefix, schema=self._schema, file_name_suffix=".avro", num_shards=self._shards, codec=AVRO_CODEC)
 
 
 # --- windowed file sinks (streaming; also fine in batch) -----------------------------------------

@@ -36,6 +36,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms.evaluation import load_position_weights
+
 METRICS_NS = "feedback.labels"
 EXPOSURE_TYPE = "impression"
 _FOREVER = 2 ** 62
@@ -51,14 +53,24 @@ class LabelRules:
     default_negative_weight: float
     min_click_dwell_ms: int
     outcome_types: frozenset
+    # ((position, inverse-propensity weight), ...) from labels.position_weights; empty: no correction
+    position_weights: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def from_config(cls, labels_cfg, lateness_s: float) -> "LabelRules":
         pos = tuple(sorted(labels_cfg.positive.items(), key=lambda kv: (-kv[1], kv[0])))
         neg = tuple(sorted(labels_cfg.negative.items(), key=lambda kv: (-kv[1], kv[0])))
+        weights = load_position_weights(labels_cfg.position_weights) if labels_cfg.position_weights else ()
         return cls(int(labels_cfg.window * 1000), int(lateness_s * 1000), int(labels_cfg.clock_skew * 1000),
                    pos, neg, labels_cfg.default_negative_weight, int(labels_cfg.min_click_dwell_ms),
-                   frozenset(labels_cfg.outcome_types))
+                   frozenset(labels_cfg.outcome_types), weights)
+
+    def position_weight(self, position: Optional[int]) -> float:
+        """Inverse examination propensity of a position (a position past the table takes its last entry)."""
+        if not self.position_weights or position is None or position < 1:
+            return 1.0
+        i = bisect.bisect_right([p for p, _ in self.position_weights], position)
+        return self.position_weights[i - 1][1] if i else 1.0
 
     def deadline(self, impression_time: int) -> int:
         return impression_time + max(self.window_ms, self.lateness_ms)
@@ -112,6 +124,8 @@ def make_label(x: dict, outcomes: list[dict], rules: LabelRules) -> dict:
         label, weight = 0, max(negatives[t] for t in types if t in negatives)
     else:
         label, weight = 0, rules.default_negative_weight
+    if label:   # unbiased learning to rank: a click counts 1 / P(examined at its position)
+        weight *= rules.position_weight(x.get("position"))
     first = min((o["event_time"] for o in outcomes), default=None)
     item_meta = x.get("item_meta") or {}
     return {

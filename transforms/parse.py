@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import math
+import sys
 from typing import Any, Iterable, Optional, Union
 
 import apache_beam as beam
@@ -17,7 +19,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import contract
 from transforms.deadletter import dead_letter
-from transforms.privacy import KeySource, Redactor
+from transforms.privacy import PSEUDONYMISED_MARK, KeySource, PiiCounters, Redactor, protect_consent_stub
 from transforms.schemas import SchemaRegistry, SchemaVersion
 
 METRICS_NS = "feedback.parse"
@@ -113,7 +115,8 @@ def parse_event_time(value: Any, naive_as_utc: bool) -> int:
 
 
 def decode_payload(raw: bytes, max_bytes: int) -> Any:
-    """Exact bytes of one record -> a JSON value. Raises Rejected."""
+    """Exact bytes of one record -> a JSON value. Raises Rejected (ConsentWithdrawn for a consent: false
+    object that is rejected only for a number beyond the double range)."""
     if len(raw) > max_bytes:
         raise Rejected(contract.OVERSIZE_PAYLOAD, None,
                        f"record is {len(raw)} bytes, over the {max_bytes}-byte limit")
@@ -127,7 +130,41 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as e:
-        raise Rejected(contract.MALFORMED_JSON, None, f"not valid JSON: {e}") from None
+        error = e
+    # orjson refuses numbers no double can hold (1e400); the standard library reads them (as inf, or an
+    # int for a long digit string), which tells which field is out of range. Only for records orjson
+    # rejected, so the slower parser never runs on good input.
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        obj = None
+    field = None if obj is None else _number_beyond_double(obj)
+    if field is None:
+        raise Rejected(contract.MALFORMED_JSON, None, f"not valid JSON: {error}")
+    if isinstance(obj, dict) and obj.get("consent") is False:
+        raise ConsentWithdrawn(obj)  # consent first, whatever else is wrong (see validate_event)
+    raise Rejected(contract.OUT_OF_RANGE, field,
+                   f"{field} is a number beyond the double range (|x| <= {_MAX_DOUBLE:.17g})")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _number_beyond_double(obj: Any) -> Optional[str]:
+    """The path of the first number in a decoded JSON value that no double can hold, or None."""
+    stack = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, float) and not math.isfinite(value):
+            return path or "(record)"
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_DOUBLE:
+            return path or "(record)"
+    return None
 
 
 def _resolve_version(obj: dict, rules: ValidationRules) -> SchemaVersion:
@@ -164,17 +201,25 @@ def _coerce(field, value: Any) -> Any:
     if kind in ("int", "long"):
         if isinstance(value, bool):
             raise wrong("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        raise wrong("an integer")
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise Rejected(contract.OUT_OF_RANGE, name, f"{name} must be a finite integer, got {value!r}")
+            if not value.is_integer():
+                raise wrong("an integer")
+            value = int(value)
+        if not isinstance(value, int):
+            raise wrong("an integer")
+        return _in_avro_range(name, kind, value)
     if kind in ("double", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong("a number")
-        if not math.isfinite(value):
-            raise Rejected(contract.OUT_OF_RANGE, name, f"{name} must be finite, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the double range
+            number = math.inf
+        if not math.isfinite(number):
+            raise Rejected(contract.OUT_OF_RANGE, name, f"{name} must be finite, got {_short(value)}")
+        return _in_avro_range(name, kind, number)
     if kind == "boolean":
         if not isinstance(value, bool):
             raise wrong("true or false")
@@ -188,6 +233,28 @@ def _coerce(field, value: Any) -> Any:
                                f"{name}.{k} must be a string, got {type(v).__name__} {_short(v)}")
         return dict(value)
     return value  # timestamp: handled by the caller
+
+
+# What each Avro type can hold: a value outside it would pass validation and then fail the sink's
+# writer (and the job). Every sink of the job writes these fields with these types (events/bots,
+# labels, slates Avro; Parquet int32/int64/float64 and JSON lines hold at least as much).
+_MAX_DOUBLE = sys.float_info.max
+_AVRO_RANGES = {
+    "int": (-2 ** 31, 2 ** 31 - 1),
+    "long": (-2 ** 63, 2 ** 63 - 1),
+    "float": (-3.4028234663852886e38, 3.4028234663852886e38),
+    "double": (-_MAX_DOUBLE, _MAX_DOUBLE),
+}
+
+
+def _in_avro_range(name: str, kind: str, value):
+    low, high = _AVRO_RANGES[kind]
+    if not low <= value <= high:
+        raise Rejected(contract.OUT_OF_RANGE, name,
+                       f"{name} {_short(value)} is outside the range of Avro {kind} [{low:.17g}, {high:.17g}]"
+                       if kind in ("float", "double") else
+                       f"{name} {_short(value)} is outside the range of Avro {kind} [{low}, {high}]")
+    return value
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -281,6 +348,10 @@ def parse_record(payload: Union[bytes, dict], rules: ValidationRules, arrival_ms
     `rules.arrival_field`, which is removed before the event is validated.
     """
     obj = payload if isinstance(payload, dict) else decode_payload(payload, rules.max_event_bytes)
+    mark = None
+    if isinstance(obj, dict) and PSEUDONYMISED_MARK in obj:  # a replayed dead letter (checked by ProtectPrivacy)
+        obj = dict(obj)
+        mark = obj.pop(PSEUDONYMISED_MARK)
     if rules.arrival_field and isinstance(obj, dict) and rules.arrival_field in obj:
         obj = dict(obj)
         value = obj.pop(rules.arrival_field)
@@ -289,7 +360,10 @@ def parse_record(payload: Union[bytes, dict], rules: ValidationRules, arrival_ms
                 arrival_ms = parse_event_time(value, rules.naive_as_utc)
             except ValueError as e:
                 raise Rejected(contract.BAD_TIMESTAMP, rules.arrival_field, f"{rules.arrival_field}: {e}") from None
+            _in_avro_range(rules.arrival_field, "long", arrival_ms)  # written as arrival_time (timestamp-millis)
     event = validate_event(obj, rules)
+    if mark is not None:
+        event[PSEUDONYMISED_MARK] = mark
     event["arrival_time"] = arrival_ms
     if arrival_ms is not None and arrival_ms - event["event_time"] > rules.lateness_ms:
         raise TooLate(event, arrival_ms - event["event_time"], rules.lateness_ms)
@@ -315,11 +389,16 @@ class _ParseFn(beam.DoFn):
         self._rejected = Metrics.counter(METRICS_NS, "dead_letter")
         self._consent = Metrics.counter(METRICS_NS, "consent_dropped")
         self._too_late = Metrics.counter(METRICS_NS, "too_late")
+        self._pii = PiiCounters()
 
     def setup(self):
         self._redactor = Redactor(self._key_source.load())
 
     def process(self, element: RawRecord) -> Iterable:
+        yield from self._process(element)
+        self._pii.flush(self._redactor)
+
+    def _process(self, element: RawRecord) -> Iterable:
         source, payload, arrival_ms = element
         try:
             event = parse_record(payload, self._rules, arrival_ms)
@@ -332,13 +411,14 @@ class _ParseFn(beam.DoFn):
         except TooLate as t:
             self._too_late.inc()
             record = dead_letter(contract.TOO_LATE, "event_time", str(t), "lateness", payload, source, self._redactor)
-            record.update(event_id=t.event["event_id"], event_time=t.event["event_time"],
-                          arrival_time=t.event["arrival_time"], late_ms=t.late_ms)
+            record.update(event_id=self._redactor.redact_id("event_id", t.event["event_id"], count=False),
+                          event_time=t.event["event_time"], arrival_time=t.event["arrival_time"], late_ms=t.late_ms)
             yield beam.pvalue.TaggedOutput(ParseEvents.TOO_LATE, record)
             return
         except ConsentWithdrawn as c:
             self._consent.inc()
-            yield beam.pvalue.TaggedOutput(ParseEvents.CONSENT_DROPPED, consent_stub(c.obj, source))
+            yield beam.pvalue.TaggedOutput(ParseEvents.CONSENT_DROPPED,
+                                           protect_consent_stub(consent_stub(c.obj, source), self._redactor))
             return
         self._valid.inc()
         yield beam.window.TimestampedValue(event, event["event_time"] / 1000.0)

@@ -1,11 +1,29 @@
-"""Privacy: keyed pseudonyms for identifiers and IPs, IP truncation, PII redaction in free text.
+"""Privacy: keyed pseudonyms for identifiers and IPs, IP truncation, PII detection and redaction.
 
 The HMAC key never travels in the pipeline graph: transforms carry a `KeySource` (which environment
 variable or secret file to read) and load the key on the worker in `setup()`. The launcher calls
 `KeySource.load()` once before building the graph, so a missing key stops the job at start-up.
+
+Detection (`PiiScanner`) finds e-mail addresses, phone numbers and IP addresses in any text:
+* phone numbers with Google's libphonenumber port (`phonenumbers.PhoneNumberMatcher`, leniency VALID),
+  tried with the default regions in `PHONE_REGIONS` so national forms (trunk 0, `00` prefixes) are
+  found too; a cheap candidate regex (a run of 7-17 digits with separators) decides whether the
+  library is called at all;
+* IPv4 and IPv6 candidates found by regex and confirmed with `ipaddress` (IPv4 octets with leading
+  zeros are read as decimal, as `inet_aton`-style parsers in logs do; IPv6 zones and IPv4-mapped forms
+  included);
+* e-mail addresses by regex (hand-written on purpose: no maintained library finds addresses *inside*
+  free text; Unicode local parts and IDN domains, plus-addressing and quoted local parts included).
+Text holding JSON escapes (`\\u0040`) is scanned in its decoded form as well.
+
+`Redactor` replaces what the scanner finds by keyed tokens (`[email:kfjab...]`, letters only so a
+token never looks like a phone number or an address), replaces identifiers that hold PII by one
+stable keyed token (`pii-...`, same input -> same token, so joins keep working) and counts every
+finding by field and kind (`pii_found.<field>.<kind>` counters in namespace `feedback.privacy`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -14,24 +32,54 @@ import logging
 import os
 import re
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional
 
 import apache_beam as beam
+import phonenumbers
 from apache_beam.metrics import Metrics
 
 METRICS_NS = "feedback.privacy"
+PII_FOUND = "pii_found"          # counter pii_found.<field>.<kind>: PII occurrences found at the source
+PII_REDACTED = "pii_redacted"    # counter pii_redacted.<field>.<kind>: of those, replaced before any sink
+PII_KINDS = ("email", "phone", "ip")
 _DEMO_KEY = b"feedback-pipeline-local-demo-key-not-secret"
 _log = logging.getLogger(__name__)
 
-EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
-# Phone numbers: an international +digits form, or digit groups joined by separators. Bare digit runs
-# (ids, epoch times) are deliberately not matched.
-PHONE_RE = re.compile(
-    r"(?<![\w.+/])(?:\+\d{1,3}[\s.\-]?)?(?:\(\d{2,4}\)[\s.\-]?|\d{2,4}[\s.\-])\d{2,4}[\s.\-]\d{3,4}(?![\w.])"
-    r"|(?<![\w+/])\+\d{8,15}(?!\w)")
-# IPv4 not preceded by a '/' or a word character, so "Chrome/120.0.0.0" is not taken for an address.
-IPV4_RE = re.compile(r"(?<![\w./])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
-IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f:]{0,4}(?:\.\d{1,3}){0,3}(?![\w:])")
+# Identifier fields: a value holding PII is replaced whole by one keyed token (joins keep working).
+ID_FIELDS = ("event_id", "item_id", "request_id", "policy", "experiment_id", "variant", "event_type",
+             "user_id", "session_id")
+# Pseudonymised inside dead-letter payloads too (the same pseudonym a valid event gets).
+DEAD_LETTER_PSEUDONYMISED = ("user_id", "session_id")
+# Key added to a dead-letter payload whose ids are pseudonyms already: a keyed tag over them, so a replay
+# does not pseudonymise them twice (joins keep working) and nobody without the key can forge it.
+PSEUDONYMISED_MARK = "_pseudonymised"
+# Default regions for numbers written without a country code. A number in a national form of a
+# region not listed here is only found when written internationally (+CC or 00CC).
+PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "CN", "AU", "ES", "IT", "NL", "MX", "RU",
+                 "ZA", "NG", "KR", "SE", "PL", "TR", "AR", "CH", "BE", "IE")
+
+# Bounded repeats and a start only at a token boundary keep the scan linear on long hostile text.
+_EMAIL_LOCAL = r"(?:(?<![\w.!#$%&'*+/=?^`{|}~\-])[\w.!#$%&'*+/=?^`{|}~\-]{1,64}|\"[^\"\r\n@]{1,64}\")"
+_EMAIL_DOMAIN = r"(?:\[[0-9A-Fa-f.:]{2,45}\]|(?:[\w\-]{1,63}\.){1,8}(?:xn--[\w\-]{1,59}|[^\W\d_]{2,63}))"
+EMAIL_RE = re.compile(_EMAIL_LOCAL + "@" + _EMAIL_DOMAIN)
+# A phone candidate: digits with the separators numbers are written with, not glued to a word, a
+# dotted version ("Chrome/120.0.6099.109"), another number or a hyphenated token (a UUID's groups).
+_PHONE_CANDIDATE_RE = re.compile(r"(?<![\w+./])(?<!\w-)(?:\+|\(\+?)?\d[\d \u00a0\t().\-/]*\d\)?(?!\w|[-.]\w)")
+# A bare digit run (no separator, no + or 0 prefix) is an id, a count or a time far more often than a
+# phone number: it is only taken for one when written as +CC..., 00CC... or 0... (trunk prefix).
+_BARE_DIGITS_RE = re.compile(r"\(?[1-9]\d*\)?")
+# Dotted with a one-digit group and no +: a version number ("Instagram 375.2.0.33.77"), not a phone.
+# A candidate starting with a calendar date ("2026-10-31 19:11:05") is a timestamp.
+_DATE_RE = re.compile(r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])(?!\d)"
+                      r"|(?:0?[1-9]|[12]\d|3[01])[-/.](?:0?[1-9]|1[0-2])[-/.](?:19|20)\d\d(?!\d)")
+_VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
+_PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS, _PHONE_MAX_GROUPS = 7, 17, 48
+# IPv4 not glued to a word, a dotted number or a product/version token ("Chrome/120.0.0.0").
+IPV4_RE = re.compile(r"(?<![\w.+])(?<![A-Za-z]/)(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
+IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4})"
+                     r"(?:%[\w.\-]+)?")
+_JSON_ESCAPE_RE = re.compile(r"(?:\\u[0-9A-Fa-f]{4})+")
+_TOKEN_ALPHABET = str.maketrans("0123456789abcdef", "abcdefghijklmnop")
 
 
 class MissingKeyError(RuntimeError):
@@ -89,7 +137,8 @@ class Pseudonymiser:
         self.pseudonym = lru_cache(maxsize=200_000)(self._pseudonym)
 
     def _pseudonym(self, domain: str, value: str) -> str:
-        return hmac.new(self._key, f"{domain}\x1f{value}".encode(), hashlib.sha256).hexdigest()[:self._length]
+        return hmac.new(self._key, f"{domain}\x1f{value}".encode("utf-8", "surrogatepass"),
+                        hashlib.sha256).hexdigest()[:self._length]
 
 
 @lru_cache(maxsize=100_000)
@@ -99,46 +148,325 @@ def truncate_ip(ip: str, v4_prefix: int, v6_prefix: int) -> Optional[str]:
         addr = ipaddress.ip_address(ip.strip())
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        elif addr.scope_id:
+            addr = ipaddress.IPv6Address(str(addr).split("%", 1)[0])
     prefix = v4_prefix if addr.version == 4 else v6_prefix
     return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
-class Redactor:
-    """Replaces e-mail addresses, phone numbers and IP addresses in free text with keyed tokens.
+# --- detection ---------------------------------------------------------------------------------
 
-    Tokens are keyed pseudonyms ('[email:3f9a...]') so the same address redacts the same way in every
-    output, and joins or counts on redacted values stay possible without the value itself.
+def decode_json_escapes(text: str) -> str:
+    """'a\\u0040b.com' -> 'a@b.com' (surrogate pairs joined); other text unchanged."""
+    def one(m):
+        try:
+            return (m.group(0).encode("ascii").decode("unicode_escape")
+                    .encode("utf-16", "surrogatepass").decode("utf-16"))
+        except UnicodeError:
+            return m.group(0)
+    return _JSON_ESCAPE_RE.sub(one, text)
+
+
+def _ip_ok(candidate: str) -> bool:
+    if ":" not in candidate:
+        candidate = ".".join(str(int(octet)) for octet in candidate.split("."))  # leading zeros
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _digits(text: str) -> int:
+    return sum(c.isdigit() for c in text)
+
+
+@lru_cache(maxsize=50_000)
+def _phone_spans(candidate: str) -> tuple:
+    """Spans of phone numbers within one candidate (with a character of context on each side)."""
+    for region in PHONE_REGIONS:
+        spans = tuple((m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(
+            candidate, region, leniency=phonenumbers.Leniency.VALID))
+        if spans:
+            return spans
+    return ()
+
+
+class PiiScanner:
+    """Finds PII in text: `spans(text)` -> sorted non-overlapping (start, end, kind)."""
+
+    @staticmethod
+    def could_hold_pii(text: str) -> bool:
+        """Cheap pre-filter: no '@', no ':' and fewer than 4 digits cannot hold any kind we look for."""
+        if "@" in text or ":" in text:
+            return True
+        n = 0
+        for c in text:
+            if c.isdigit():
+                n += 1
+                if n >= 4:
+                    return True
+        return False
+
+    def spans(self, text: str) -> list:
+        if not self.could_hold_pii(text):
+            return []
+        found = []
+        taken = bytearray(len(text))
+
+        def add(start, end, kind):
+            if any(taken[start:end]):
+                return
+            taken[start:end] = b"\x01" * (end - start)
+            found.append((start, end, kind))
+
+        if "@" in text:
+            for m in EMAIL_RE.finditer(text):
+                add(m.start(), m.end(), "email")
+        if ":" in text:
+            for m in IPV6_RE.finditer(text):
+                c = m.group(0)
+                for end in (len(c), len(c.rstrip(":"))):
+                    if end and c.count(":", 0, end) >= 2 and _ip_ok(c[:end]):
+                        add(m.start(), m.start() + end, "ip")
+                        break
+        if "." in text:
+            for m in IPV4_RE.finditer(text):
+                if _ip_ok(m.group(0)):
+                    add(m.start(), m.end(), "ip")
+        if found:  # phone candidates are looked for around, not inside, what was found already
+            chars = list(text)
+            for start, end, _ in found:
+                chars[start:end] = "_" * (end - start)
+            text = "".join(chars)
+        for m in _PHONE_CANDIDATE_RE.finditer(text):
+            c = m.group(0)
+            n = _digits(c)
+            if (n < _PHONE_MIN_DIGITS or _BARE_DIGITS_RE.fullmatch(c) or _VERSION_RE.fullmatch(c)
+                    or (n > _PHONE_MAX_DIGITS and c.isdigit()) or _DATE_RE.match(c)):
+                continue
+            lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
+            spans = _phone_spans(text[lo:hi]) if n <= _PHONE_MAX_DIGITS else ()
+            if not spans:
+                spans = self._phone_spans_inside(text, m.start(), c)
+                lo = 0
+            for s, e in spans:
+                add(lo + s, lo + e, "phone")
+        return sorted(found)
+
+    @staticmethod
+    def _phone_spans_inside(text: str, offset: int, c: str) -> list:
+        """Numbers among other digit groups ("ref 1 2 0044 20 7946 0958"): each stretch of groups that
+        starts like a number (+, (, a 0 prefix, or the first group) and could be one, longest first.
+        A run of more groups than can be tried is taken whole (fails closed)."""
+        groups = [(offset + g.start(), offset + g.end(), len(g.group(0))) for g in re.finditer(r"\d+", c)]
+        if len(groups) > _PHONE_MAX_GROUPS:
+            return [(offset, offset + len(c))]
+        starts = []
+        for i, (start, _, _) in enumerate(groups):
+            lead = text[start - 1] if start > offset else ""
+            rank = 0 if lead == "+" else 1 if lead == "(" or text.startswith("00", start) else \
+                2 if text[start] == "0" else 3 if i == 0 else None
+            if rank is not None:
+                starts.append((rank, i))
+        found, taken_until = [], -1
+        for _, i in sorted(starts):
+            start = groups[i][0]
+            if start < taken_until:
+                continue
+            digits, ends = 0, []
+            for _, g_end, g_len in groups[i:]:
+                digits += g_len
+                if digits > _PHONE_MAX_DIGITS:
+                    break
+                if digits >= _PHONE_MIN_DIGITS:
+                    ends.append(g_end)
+            lo = start - 1 if start > offset else start
+            for end in reversed(ends):
+                spans = _phone_spans(text[lo:end])
+                if spans:
+                    found += [(lo + s, lo + e) for s, e in spans]
+                    taken_until = max(taken_until, lo + spans[-1][1])
+                    break
+        return found
+
+    def kinds(self, text: str) -> list:
+        """Kinds found in the text and in its JSON-unescaped form."""
+        found = [k for _, _, k in self.spans(text)]
+        if "\\u" in text:
+            decoded = decode_json_escapes(text)
+            if decoded != text:
+                found += [k for _, _, k in self.spans(decoded)]
+        return found
+
+
+# --- redaction ---------------------------------------------------------------------------------
+
+# Top-level names counted under their own name; any other name counts as "unknown_field" (counter
+# names must not grow with whatever keys hostile input carries).
+_KNOWN_FIELDS = frozenset(ID_FIELDS + ("user_agent", "ip", "context", "event_time", "schema_version",
+                                       "position", "propensity", "dwell_ms", "value", "consent"))
+
+
+def counted_field(name: str) -> str:
+    return name if name in _KNOWN_FIELDS else "unknown_field"
+
+
+class Redactor:
+    """Replaces e-mail addresses, phone numbers and IP addresses by keyed tokens and counts them.
+
+    Tokens are keyed pseudonyms ('[email:kfjab...]') so the same address redacts the same way in every
+    output, and joins or counts on redacted values stay possible without the value itself. Findings
+    accumulate in `found` / `not_redacted` ((field, kind) -> n) until `drain()` hands them to counters.
     """
 
     def __init__(self, key: bytes):
-        self._p = Pseudonymiser(key, length=12)
-        # User agents and context values repeat a lot; redaction is a handful of regex passes.
-        self.redact = lru_cache(maxsize=100_000)(self._redact)
+        self._tokens = Pseudonymiser(key, length=12)
+        self._ids = Pseudonymiser(key)
+        self._scanner = PiiScanner()
+        # User agents, context values and ids repeat a lot: scan each distinct text once.
+        self._scan = lru_cache(maxsize=100_000)(self._scan_uncached)
+        self.found = collections.Counter()
+        self.not_redacted = collections.Counter()
 
-    def _token(self, kind: str):
-        return lambda m: f"[{kind}:{self._p.pseudonym(kind, m.group(0))}]"
+    def _token(self, kind: str, value: str) -> str:
+        return f"[{kind}:{self._tokens.pseudonym(kind, value).translate(_TOKEN_ALPHABET)}]"
 
-    def _redact(self, text: str) -> str:
+    def _scan_uncached(self, text: str) -> tuple:
+        """text -> (redacted text, kinds found, kinds still found after redaction)."""
+        spans = self._scanner.spans(text)
+        if "\\u" in text:
+            decoded = decode_json_escapes(text)
+            if decoded != text:
+                decoded_spans = self._scanner.spans(decoded)
+                if decoded_spans:  # the decoded form holds all the original did, and more
+                    text, spans = decoded, decoded_spans
+        if not spans:
+            return text, (), ()
+        parts, pos = [], 0
+        for start, end, kind in spans:
+            parts += [text[pos:start], self._token(kind, text[start:end])]
+            pos = end
+        out = "".join(parts) + text[pos:]
+        # Verification: whatever the scanner still finds in the result was not redacted.
+        residual = tuple(k for _, _, k in self._scanner.spans(out))
+        return out, tuple(k for _, _, k in spans), residual
+
+    def _count(self, field: Optional[str], kinds: tuple, residual: tuple) -> None:
+        if field is None:
+            return
+        for k in kinds:
+            self.found[field, k] += 1
+        for k in residual:
+            self.not_redacted[field, k] += 1
+
+    def redact(self, text: str, field: Optional[str] = None) -> str:
+        """Free text with PII replaced by tokens; counted under `field` (None: not counted, for text
+        that only echoes what was counted elsewhere, e.g. an error message quoting a value)."""
         if not text:
             return text
-        if "@" in text:
-            text = EMAIL_RE.sub(self._token("email"), text)
-        text = PHONE_RE.sub(self._token("phone"), text)
-        if "." in text:
-            text = IPV4_RE.sub(self._ip_token, text)
-        if ":" in text:
-            text = IPV6_RE.sub(self._ip_token, text)
-        return text
+        out, kinds, residual = self._scan(text)
+        if kinds:
+            self._count(field, kinds, residual)
+        return out
 
-    def _ip_token(self, m) -> str:
-        candidate = m.group(0)
-        try:
-            ipaddress.ip_address(candidate)
-        except ValueError:
-            return candidate  # looked like an address, is not one (a version string, a time)
-        return f"[ip:{self._p.pseudonym('ip', candidate)}]"
+    def redact_id(self, field: str, value: str, count: bool = True) -> str:
+        """An identifier: unchanged without PII, else one stable keyed token for the whole value."""
+        if not value:
+            return value
+        _, kinds, _ = self._scan(value)
+        if not kinds:
+            return value
+        if count:
+            self._count(field, kinds, ())
+        return "pii-" + self._ids.pseudonym("pii_id", value)
+
+    def note(self, field: str, value: str) -> None:
+        """Counts PII in a value that is replaced whole anyway (a pseudonymised user id)."""
+        if value:
+            _, kinds, _ = self._scan(value)
+            self._count(field, kinds, ())
+
+    def pseudonym(self, field: str, value: str) -> str:
+        """The pseudonym a valid event's `field` gets (ProtectPrivacy uses the same key and domain)."""
+        return self._ids.pseudonym(field, value)
+
+    def mark(self, pseudonyms: dict) -> str:
+        """The tag saying `pseudonyms` ({field: value}) are this key's pseudonyms already."""
+        return self._ids.pseudonym(PSEUDONYMISED_MARK, "\x1f".join(f"{k}={v}" for k, v in sorted(pseudonyms.items())))
+
+    def redact_tree(self, value: Any, field: Optional[str]) -> Any:
+        """Every string value and every key of a JSON value, at any depth."""
+        if isinstance(value, str):
+            return self.redact(value, field)
+        if isinstance(value, list):
+            return [self.redact_tree(v, field) for v in value]
+        if isinstance(value, dict):
+            key_field = None if field is None else f"{field}_key"
+            return {self.redact(k, key_field): self.redact_tree(v, field) for k, v in value.items()}
+        return value
+
+    def redact_record(self, obj: Any) -> Any:
+        """A decoded payload (e.g. a rejected record): identifiers as `protect_event` would treat them
+        (user and session ids pseudonymised, ids holding PII tokenised), the rest redacted."""
+        if not isinstance(obj, dict):
+            return self.redact_tree(obj, "unknown_field")
+        ids = {k: str(v) for k, v in obj.items()
+               if k in DEAD_LETTER_PSEUDONYMISED and isinstance(v, (str, int)) and not isinstance(v, bool)}
+        done = bool(ids) and obj.get(PSEUDONYMISED_MARK) == self.mark(ids)   # a replayed dead letter
+        pseudonyms = {}
+        out = {}
+        for k, v in obj.items():
+            if k == PSEUDONYMISED_MARK:
+                continue
+            name = self.redact(k, "field_name")
+            field = counted_field(k)
+            if k in ids:
+                if not done:
+                    self.note(k, ids[k])
+                out[name] = pseudonyms[k] = ids[k] if done else self.pseudonym(k, ids[k])
+            elif k in ID_FIELDS and isinstance(v, str):
+                out[name] = self.redact_id(k, v)
+            elif k == "ip":  # an address by design (truncated and hashed for valid events): not a finding
+                out[name] = self.redact_tree(v, None)
+            elif k == "context" and isinstance(v, dict):
+                out[name] = {self.redact(ck, "context_key"): self.redact_tree(cv, "context") for ck, cv in v.items()}
+            else:
+                out[name] = self.redact_tree(v, field)
+        if pseudonyms:
+            out[PSEUDONYMISED_MARK] = self.mark(pseudonyms)
+        return out
+
+    def drain(self) -> list:
+        """[(counter name, n)] of the findings since the last drain: pii_found.* and pii_redacted.*."""
+        if not self.found:
+            return []
+        rows = []
+        for (field, kind), n in sorted(self.found.items()):
+            rows.append((f"{PII_FOUND}.{field}.{kind}", n))
+            done = n - self.not_redacted.get((field, kind), 0)
+            if done:
+                rows.append((f"{PII_REDACTED}.{field}.{kind}", done))
+        self.found.clear()
+        self.not_redacted.clear()
+        return rows
+
+
+class PiiCounters:
+    """Beam counters for a Redactor's findings (created on first use: names depend on the data)."""
+
+    def __init__(self):
+        self._counters = {}
+
+    def flush(self, redactor: Redactor) -> None:
+        for name, n in redactor.drain():
+            c = self._counters.get(name)
+            if c is None:
+                c = self._counters[name] = Metrics.counter(METRICS_NS, name)
+            c.inc(n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,21 +481,41 @@ class PrivacyRules:
 
 
 def protect_event(event: dict, rules: PrivacyRules, pseudonymiser: Pseudonymiser, redactor: Redactor) -> dict:
-    """Pseudonymise identifiers and the IP, truncate the IP, redact PII in free text. Returns a new dict."""
+    """Pseudonymise identifiers and the IP, truncate the IP, tokenise identifiers holding PII, redact PII
+    in every other string value and in context keys. Returns a new dict."""
     out = dict(event)
+    mark = out.pop(PSEUDONYMISED_MARK, None)
+    done = ()
+    if mark is not None:  # replayed from a dead letter: its ids may be pseudonyms already
+        ids = {k: out[k] for k in DEAD_LETTER_PSEUDONYMISED if isinstance(out.get(k), str)}
+        done = tuple(ids) if ids and mark == redactor.mark(ids) else ()
     for name in rules.pseudonymise_fields:
         value = out.get(name)
-        if value is not None:
+        if value is not None and name not in done:
+            redactor.note(name, value)
             out[name] = pseudonymiser.pseudonym(name, value)
     ip = out.pop("ip", None)
     out["ip_hash"] = pseudonymiser.pseudonym("ip", ip.strip()) if ip else None
     out["ip_network"] = truncate_ip(ip, rules.ipv4_prefix, rules.ipv6_prefix) if ip else None
-    ua = out.get("user_agent")
-    if ua:
-        out["user_agent"] = redactor.redact(ua)
+    for name, value in event.items():
+        if (not isinstance(value, str) or name in rules.pseudonymise_fields or name in done
+                or name in ("ip", PSEUDONYMISED_MARK)):
+            continue
+        out[name] = redactor.redact_id(name, value) if name in ID_FIELDS else redactor.redact(value, counted_field(name))
     ctx = out.get("context")
     if ctx:
-        out["context"] = {k: redactor.redact(v) for k, v in ctx.items()}
+        out["context"] = {redactor.redact(k, "context_key"): redactor.redact(v, "context") for k, v in ctx.items()}
+    return out
+
+
+def protect_consent_stub(stub: dict, redactor: Redactor) -> dict:
+    """A consent-dropped stub keeps its event id (tokenised when it holds PII) and nothing personal."""
+    out = dict(stub)
+    for name in ("event_id", "event_type"):
+        if isinstance(out.get(name), str):
+            out[name] = redactor.redact_id(name, out[name])
+    if isinstance(out.get("source"), str):
+        out["source"] = redactor.redact(out["source"])
     return out
 
 
@@ -175,6 +523,7 @@ class _ProtectFn(beam.DoFn):
     def __init__(self, rules: PrivacyRules, key_source: KeySource):
         self._rules, self._key_source = rules, key_source
         self._bad_ip = Metrics.counter(METRICS_NS, "ip_not_an_address")
+        self._pii = PiiCounters()
 
     def setup(self):
         key = self._key_source.load()
@@ -183,6 +532,7 @@ class _ProtectFn(beam.DoFn):
 
     def process(self, event: dict):
         out = protect_event(event, self._rules, self._pseudonymiser, self._redactor)
+        self._pii.flush(self._redactor)
         if out["ip_hash"] is not None and out["ip_network"] is None:
             self._bad_ip.inc()
         yield out

@@ -24,6 +24,11 @@ Definitions (the report and the SLO gates use exactly these):
   percentile in the overflow bucket is reported as the last edge (a lower bound) and flagged.
 * **Entropy drop** over the last `entropy_windows` hourly windows = mean entropy of the earlier
   windows - entropy of the latest one (bits). Exposure and positive entropy are gated separately.
+* **Privacy compliance rate** = PII occurrences redacted before any sink / PII occurrences found at the
+  source (counters `feedback.privacy.pii_found.<field>.<kind>` and `pii_redacted.<field>.<kind>`;
+  every redacted text is scanned again and what the scanner still finds counts as not redacted).
+  Must be 1.0; no PII found -> 1.0. **PII at source** per field is the count of occurrences found in
+  that field of the input (e-mail, phone, IP): an alertable signal of bad instrumentation.
 * **PSI** uses natural logs on additively eps-smoothed, renormalised proportions
   ((p + eps) / (1 + k*eps)); 0.1 / 0.2 are the usual "watch" / "act" levels. **JS** is the
   Jensen-Shannon *divergence* in bits (in [0, 1]), not its square root. **L-infinity** is the largest
@@ -47,6 +52,7 @@ __all__ = [
     "EXIT_SLO_BREACH", "SUCCESS_OUTCOMES", "FAILURE_OUTCOMES", "SloConfig", "QualityConfig",
     "entropy_bits", "histogram_percentile", "psi", "js_divergence", "linf", "categorical_align",
     "quality_summary", "drift_report", "evaluate_slos", "slo_exit_code", "breaches", "entropy_snapshot",
+    "privacy_stats",
 ]
 
 EXIT_SLO_BREACH = 4   # the run finished and accounts for every record, but a quality SLO is breached
@@ -81,6 +87,11 @@ class SloConfig(_Section):
     latency_p99_max: Optional[Duration] = Field(None, description="p99 of arrival - event time at most this.")
     freshness_max_age: Optional[Duration] = Field(
         None, description="Per cohort: run end - its latest event time at most this.")
+    privacy_compliance_min: Optional[float] = Field(
+        1.0, ge=0, le=1, description="PII redacted before any sink / PII found at the source at least this.")
+    pii_at_source_max: Optional[int] = Field(
+        None, ge=0, description="Per input field: PII occurrences found at the source at most this "
+                                "(null: counts are reported, not gated).")
 
     @model_validator(mode="after")
     def _band(self):
@@ -451,6 +462,39 @@ def drift_report(stats: dict, baseline_stats: dict, cfg: Optional[QualityConfig]
             "ctr_by_position": ctr, "entropy": entropy}
 
 
+# --- privacy -------------------------------------------------------------------------------------
+
+_PRIVACY_NS = "feedback.privacy."
+
+
+def privacy_stats(metrics: dict) -> dict:
+    """The privacy section of the quality stats from the job's counters ({"feedback.privacy.pii_found.
+    <field>.<kind>": n, "feedback.privacy.pii_redacted.<field>.<kind>": n, ...})."""
+    found, redacted = {}, {}
+    for name, n in metrics.items():
+        if not name.startswith(_PRIVACY_NS):
+            continue
+        what, _, rest = name[len(_PRIVACY_NS):].partition(".")
+        field, _, kind = rest.rpartition(".")
+        if what == "pii_found":
+            found[field] = found.get(field, {})
+            found[field][kind] = found[field].get(kind, 0) + n
+        elif what == "pii_redacted":
+            redacted[field] = redacted.get(field, {})
+            redacted[field][kind] = redacted[field].get(kind, 0) + n
+    total_found = sum(sum(k.values()) for k in found.values())
+    total_redacted = sum(sum(k.values()) for k in redacted.values())
+    by_kind: dict = {}
+    for kinds in found.values():
+        for kind, n in kinds.items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
+    return {"found": total_found, "redacted": total_redacted, "not_redacted": total_found - total_redacted,
+            "compliance_rate": 1.0 if not total_found else total_redacted / total_found,
+            "found_by_field": {f: sum(k.values()) for f, k in sorted(found.items())},
+            "found_by_kind": dict(sorted(by_kind.items())),
+            "found_by_field_kind": {f: dict(sorted(k.items())) for f, k in sorted(found.items())}}
+
+
 # --- SLO evaluation --------------------------------------------------------------------------
 
 def _fmt(v, pct=False) -> str:
@@ -554,6 +598,20 @@ def evaluate_slos(stats: dict, cfg: Optional[QualityConfig] = None, drift: Optio
             else:
                 out.add(f"freshness.{cohort}", age, t_ms, age <= t_ms,
                         f"latest {cohort} event {age / 1000:g} s before the run end (max {t_ms / 1000:g} s)")
+
+    # Privacy gates need the job's counters (batch: after the run); stats without them give no row.
+    privacy = stats.get("privacy")
+    if slo.privacy_compliance_min is not None and privacy is not None:
+        t, rate = slo.privacy_compliance_min, privacy["compliance_rate"]
+        out.add("privacy_compliance", rate, t, rate >= t,
+                f"{privacy['redacted']} of {privacy['found']} PII occurrences found at the source redacted "
+                f"before any sink = {_fmt(rate, True)} (min {_fmt(t, True)})")
+    if slo.pii_at_source_max is not None and privacy is not None:
+        t = slo.pii_at_source_max
+        for field, n in privacy["found_by_field"].items():
+            kinds = ", ".join(f"{k} {v}" for k, v in privacy["found_by_field_kind"][field].items())
+            out.add(f"pii_at_source.{field}", n, t, n <= t,
+                    f"{n} PII occurrences in {field} at the source ({kinds}; max {t})")
 
     gates = [("psi", slo.psi_max), ("js", slo.js_max), ("linf", slo.linf_max)]
     if any(t is not None for _, t in gates):

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import functools
 from typing import Iterable, Optional
 
 import apache_beam as beam
+from apache_beam.transforms import window
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
+from transforms.accounting import CountKeys
 from transforms.labels import is_exposure
 from transforms.quality import entropy_bits
 
@@ -39,7 +43,13 @@ def bucket_index(edges, value) -> int:
 
 
 def hour_of(ms: int) -> str:
-    return dt.datetime.fromtimestamp((ms // HOUR_MS) * HOUR_MS / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")
+    return _hour_label(ms // HOUR_MS)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _hour_label(hour: int) -> str:
+    # Formatting a datetime cost ~4 µs per call, several calls per event; a run spans few hours.
+    return dt.datetime.fromtimestamp(hour * HOUR_MS / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")
 
 
 def _category(e: dict, name: str) -> Optional[str]:
@@ -69,6 +79,21 @@ def event_counters(e: dict, outcome: str) -> Iterable[str]:
         yield f"hourly.{hour_of(e['event_time'])}.exposures"
 
 
+def too_late_counters(dead: dict) -> Iterable[str]:
+    yield f"hourly.{hour_of(dead['event_time'])}.too_late"
+
+
+def exposure_items(e: dict) -> Iterable[tuple]:
+    """(hour, "exposure", item) of an exposure; nothing for other events."""
+    if is_exposure(e):
+        yield hour_of(e["event_time"]), "exposure", e["item_id"]
+
+
+def positive_items(label: dict) -> Iterable[tuple]:
+    if label["label"] == 1:
+        yield hour_of(label["impression_time"]), "positive", label["item_id"]
+
+
 def label_counters(label: dict) -> Iterable[str]:
     pos = label.get("position")
     key = "none" if pos is None else str(pos)
@@ -90,7 +115,8 @@ class _HourlyDiversityFn(beam.DoFn):
 
 
 class QualitySignals(beam.PTransform):
-    """GraphOutputs -> {"counters": (key, n), "diversity": rows, "freshness": rows} (bounded input)."""
+    """GraphOutputs -> {"counters": (key, n), "diversity": rows, "freshness": rows} (bounded input, in
+    the global window: partial results are emitted per bundle there)."""
 
     def __init__(self, outputs):
         super().__init__()
@@ -98,34 +124,51 @@ class QualitySignals(beam.PTransform):
 
     def expand(self, pbegin):
         out = self._out
-        keys = (
-            (out.valid | "ValidSignals" >> beam.FlatMap(event_counters, contract.OUTCOME_VALID),
-             out.bots | "BotSignals" >> beam.FlatMap(event_counters, contract.OUTCOME_BOT),
-             out.too_late | "TooLateSignals" >> beam.FlatMap(lambda d: [f"hourly.{hour_of(d['event_time'])}.too_late"]),
-             out.labels | "LabelSignals" >> beam.FlatMap(label_counters))
-            | "AllSignals" >> beam.Flatten())
-        counters = keys | "CountSignals" >> beam.combiners.Count.PerElement()
-        exposures = (out.valid
-                     | "ExposureItems" >> beam.Filter(is_exposure)
-                     | "ExposureHourItem" >> beam.Map(lambda e: (hour_of(e["event_time"]), "exposure", e["item_id"])))
-        positives = (out.labels
-                     | "PositiveLabels" >> beam.Filter(lambda l: l["label"] == 1)
-                     | "PositiveHourItem" >> beam.Map(lambda l: (hour_of(l["impression_time"]), "positive", l["item_id"])))
-        diversity = ((exposures, positives)
-                     | "HourItems" >> beam.Flatten()
-                     | "CountHourItem" >> beam.combiners.Count.PerElement()
+        if not isinstance(out.valid.windowing.windowfn, window.GlobalWindows):
+            raise ValueError("QualitySignals needs its inputs in the global window (bounded input)")
+        # Tallied per bundle (transforms/accounting.py): one element per key and bundle, not per record.
+        counters = pbegin | "CountSignals" >> CountKeys({
+            "Valid": (out.valid, functools.partial(event_counters, outcome=contract.OUTCOME_VALID)),
+            "Bots": (out.bots, functools.partial(event_counters, outcome=contract.OUTCOME_BOT)),
+            "TooLate": (out.too_late, too_late_counters),
+            "Labels": (out.labels, label_counters)})
+        diversity = (pbegin
+                     | "CountHourItem" >> CountKeys({"Exposures": (out.valid, exposure_items),
+                                                     "Positives": (out.labels, positive_items)})
                      | "ByHour" >> beam.MapTuple(lambda hk, n: (hk[0], (hk[1], n)))
                      | "GroupHour" >> beam.GroupByKey()
                      | "Diversity" >> beam.ParDo(_HourlyDiversityFn()))
         # Freshness per cohort: a user is "new" when first seen within a day of the run's end.
         per_user = (out.valid
-                    | "UserTimes" >> beam.Map(lambda e: (e["user_id"], (e["event_time"], e["event_time"])))
+                    | "UserTimes" >> beam.ParDo(_UserFirstLastPerBundleFn())
                     | "FirstLastPerUser" >> beam.CombinePerKey(_MinMax()))
         freshness = (per_user
                      | "UserFirstLast" >> beam.Values()
                      | "AllUsers" >> beam.combiners.ToList()
                      | "Cohorts" >> beam.FlatMap(freshness_rows))
         return {"counters": counters, "diversity": diversity, "freshness": freshness}
+
+
+class _UserFirstLastPerBundleFn(beam.DoFn):
+    """Valid events (global window) -> (user, (first, last event time)) per user and bundle, emitted
+    when the bundle ends: one element per user and bundle instead of one per event."""
+
+    def start_bundle(self):
+        self._users: dict = {}
+
+    def process(self, e):
+        t, users = e["event_time"], self._users
+        seen = users.get(e["user_id"])
+        if seen is None:
+            users[e["user_id"]] = (t, t)
+        elif t < seen[0] or t > seen[1]:
+            users[e["user_id"]] = (min(seen[0], t), max(seen[1], t))
+
+    def finish_bundle(self):
+        end = window.GlobalWindow().max_timestamp()
+        for user, first_last in self._users.items():
+            yield WindowedValue((user, first_last), end, (window.GlobalWindow(),))
+        self._users = {}
 
 
 class _MinMax(beam.CombineFn):

@@ -1,0 +1,181 @@
+"""Plain-Python reference of the batch job's per-event work: one process, no Beam runner.
+
+    python benchmarks/reference.py --config config/batch.yaml --input events.jsonl --output /tmp/ref
+
+It runs the project's own stage code on every record, in the job's order: read lines, parse and
+validate, pseudonymise (HMAC) and redact, enrich (ua-parser, cached), crawler user agents, dedupe
+per event_id, per-user bot runs and sessions, labels per (user, item), slates per request, features
+(the same CombineFn code, in memory), outcome counters and quality signals, and it writes the same
+kinds of files (Avro for events, bots, labels and slates; JSON lines for the rest; Parquet for
+features). Each stage's DoFn is driven directly (`setup()`, then `process()` per element), so the
+decisions are the job's; what is left out is exactly Beam's part: element wrapping, coders,
+shuffles, bundle handling. `benchmarks/batch_throughput.py` compares the job's CPU per event with
+this one's. It prints its outcome counts as JSON (they must equal the job's report).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fastavro  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from apache_beam.pvalue import TaggedOutput  # noqa: E402
+from apache_beam.transforms.window import TimestampedValue  # noqa: E402
+
+from pipelines.graph import GraphSettings  # noqa: E402
+from transforms import contract  # noqa: E402
+from transforms.accounting import INPUT, summarise  # noqa: E402
+from transforms.bots import FilterBots, _CrawlerFn, _UserActivityFn  # noqa: E402
+from transforms.config import load_config  # noqa: E402
+from transforms.dedupe import DedupeEvents, _SplitCopiesFn  # noqa: E402
+from transforms.enrich import _EnrichFn  # noqa: E402
+from transforms.features import arrow_schema, compute_all  # noqa: E402
+from transforms.io import iter_lines, to_json_line  # noqa: E402
+from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA, JoinLabels, _SettleBatchFn, is_exposure, make_slate  # noqa: E402
+from transforms.parse import ParseEvents, _ParseFn  # noqa: E402
+from transforms.privacy import _ProtectFn  # noqa: E402
+from transforms.signals import event_counters, label_counters  # noqa: E402
+
+
+def _route(outputs, main: list, tagged: dict) -> None:
+    """A DoFn's yields -> `main` and `tagged[tag]` (values unwrapped from TimestampedValue)."""
+    for out in outputs:
+        if isinstance(out, TaggedOutput):
+            tag, out = out.tag, out.value
+        else:
+            tag = None
+        if isinstance(out, TimestampedValue):
+            out = out.value
+        (main if tag is None else tagged.setdefault(tag, [])).append(out)
+
+
+def _run(fn, elements) -> tuple[list, dict]:
+    if hasattr(fn, "setup"):
+        fn.setup()
+    main, tagged = [], {}
+    for el in elements:
+        _route(fn.process(el), main, tagged)
+    return main, tagged
+
+
+def _write_avro(path: Path, schema: dict, records: list) -> None:
+    with open(path, "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema(schema), records)
+
+
+def _write_jsonl(path: Path, records: list) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(to_json_line(r) + "\n")
+
+
+def run(config: str, input_path: str, output: str) -> dict:
+    cfg = load_config(config)
+    s = GraphSettings.from_config(cfg, dt.datetime.now(dt.timezone.utc))
+    if s.lookups:
+        raise SystemExit("reference.py: metadata tables are not supported (the shipped config has none)")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = []
+    with open(input_path, "rb") as f:
+        for n, line in iter_lines(f):
+            raw.append((f"{input_path}:{n}", line, None))
+
+    parsed, parse_tags = _run(_ParseFn(s.validation, s.key_source), raw)
+    protected, _ = _run(_ProtectFn(s.privacy, s.key_source), parsed)
+    enriched, _ = _run(_EnrichFn(), protected)
+
+    by_id: dict = {}
+    for e in enriched:
+        by_id.setdefault(e["event_id"], []).append(e)
+    deduped, dedupe_tags = _run(_SplitCopiesFn(s.dedupe_horizon_s), by_id.items())
+
+    rest, crawler_tags = _run(_CrawlerFn(s.bots), deduped)
+    by_user: dict = {}
+    for e in rest:
+        by_user.setdefault(e["user_id"], []).append(e)
+    humans, user_tags = _run(_UserActivityFn(s.bots, s.session_gap_s, s.split_every_s, bucketed=False),
+                             by_user.items())
+    bots = crawler_tags.get(FilterBots.BOTS, []) + user_tags.get(FilterBots.BOTS, [])
+
+    types = s.labels.outcome_types | {"impression"}
+    by_user_item: dict = {}
+    for e in humans:
+        if e["event_type"] in types and e.get("item_id") is not None:
+            by_user_item.setdefault(f"{len(e['user_id'])}:{e['user_id']}|{e['item_id']}", []).append(e)
+    labels, label_tags = _run(_SettleBatchFn(s.labels), by_user_item.items())
+    by_request: dict = {}
+    for label in labels:
+        if label["request_id"] is not None:
+            by_request.setdefault(label["request_id"], []).append(label)
+    slates = [make_slate(r, ls) for r, ls in by_request.items()]
+    features = compute_all(humans, s.features) if s.features is not None else []
+
+    outcomes = {
+        contract.OUTCOME_VALID: humans, contract.OUTCOME_BOT: bots,
+        contract.OUTCOME_DUPLICATE: dedupe_tags.get(DedupeEvents.DUPLICATES, []),
+        contract.OUTCOME_DEAD_LETTER: parse_tags.get(ParseEvents.DEAD_LETTER, []),
+        contract.OUTCOME_CONSENT_DROPPED: parse_tags.get(ParseEvents.CONSENT_DROPPED, []),
+        contract.OUTCOME_TOO_LATE: parse_tags.get(ParseEvents.TOO_LATE, []),
+    }
+    counters = collections.Counter({INPUT: len(raw), "exposures": sum(1 for e in humans if is_exposure(e)),
+                                    "labels": len(labels),
+                                    "orphans": len(label_tags.get(JoinLabels.ORPHANS, [])),
+                                    "late_outcomes": len(label_tags.get(JoinLabels.LATE_OUTCOMES, []))})
+    for name, records in outcomes.items():
+        counters[name] += len(records)
+    counters.update(f"{contract.OUTCOME_DEAD_LETTER}.{r['reason']}" for r in outcomes[contract.OUTCOME_DEAD_LETTER])
+    counters.update(f"{contract.OUTCOME_BOT}.{r['bot_rule']}" for r in bots)
+    counters.update(f"{contract.OUTCOME_VALID}.{r['event_type']}" for r in humans)
+    counters.update(f"labels.{'positive' if r['label'] else 'negative'}" for r in labels)
+    signals = collections.Counter()
+    for e in humans:
+        signals.update(event_counters(e, contract.OUTCOME_VALID))
+    for e in bots:
+        signals.update(event_counters(e, contract.OUTCOME_BOT))
+    for label in labels:
+        signals.update(label_counters(label))
+
+    _write_avro(out / "events.avro", s.clean_schema, humans)
+    _write_avro(out / "bots.avro", s.clean_schema, bots)
+    _write_avro(out / "labels.avro", LABEL_SCHEMA, labels)
+    _write_avro(out / "slates.avro", SLATE_SCHEMA, slates)
+    _write_jsonl(out / "dead_letter.jsonl", outcomes[contract.OUTCOME_DEAD_LETTER] + outcomes[contract.OUTCOME_TOO_LATE])
+    _write_jsonl(out / "duplicates.jsonl", outcomes[contract.OUTCOME_DUPLICATE])
+    _write_jsonl(out / "consent_dropped.jsonl", outcomes[contract.OUTCOME_CONSENT_DROPPED])
+    _write_jsonl(out / "orphans.jsonl", label_tags.get(JoinLabels.ORPHANS, []))
+    _write_jsonl(out / "late_outcomes.jsonl", label_tags.get(JoinLabels.LATE_OUTCOMES, []))
+    _write_jsonl(out / "signals.jsonl", [{"counter": k, "count": n} for k, n in sorted(signals.items())])
+    if features:
+        pq.write_table(pa.Table.from_pylist(features, schema=arrow_schema()), out / "features.parquet",
+                       compression="snappy")
+    summary = summarise(dict(counters))
+    return {"counts": summary["counts"], "accounting_holds": summary["accounting"]["holds"],
+            "labels": len(labels), "slates": len(slates), "feature_rows": len(features)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "config" / "batch.yaml"))
+    ap.add_argument("--input", required=True, help="a JSON-lines file (plain)")
+    ap.add_argument("--output", required=True)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
+    summary = run(args.config, args.input, args.output)
+    (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

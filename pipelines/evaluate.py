@@ -1,0 +1,372 @@
+"""Evaluation job: labels + slates (Avro, as the batch job writes them) -> evaluation.json + report.html.
+
+    python -m pipelines.evaluate --config config/batch.yaml --labels 'out/labels/*.avro' \
+        --slates 'out/slates/*.avro' --output eval/ [--warn-only]
+
+Four sections, configured under `evaluation:` (transforms/evaluation.py has the definitions):
+  ope             off-policy estimates (IPS, SNIPS, DM, DR) of a target policy from the logged propensities,
+                  with request-level bootstrap intervals and weight diagnostics
+  position_bias   examination propensity per position (randomised slates, else an EM position-based
+                  model), also written as position_weights.json for `labels.position_weights`
+  experiments     per experiment_id x variant readout, delta-method CIs vs control, sample-ratio check
+  cold_start      new-item share of exposures and clicks, item-exposure Gini and top-1% share per bucket
+Gates (SRM, cold start, concentration, ESS) exit 4 on a breach unless --warn-only or quality.mode: warn,
+as in pipelines.batch; a bad config or input glob exits 2 before anything runs.
+
+Beam: every section reduces the records to small aggregates (per request, per unit, per item and
+bucket, per item and position) with GroupByKey / CombinePerKey, gathers them with ToList and runs the
+pure functions of transforms/evaluation.py on one worker. The per-request rows (OPE bootstrap) are the
+largest of these: about 80 bytes a request. Without --runner the job runs on FnApiRunner, named
+explicitly (see pipelines/batch.py).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import StandardOptions
+
+from pipelines.batch import beam_counters, read_jsonl_glob, write_json
+from pipelines.cli import pipeline_options, run_main
+from pipelines.report_html import render_evaluation_report, write_report_html
+from transforms import evaluation as E
+from transforms.config import ConfigError, load_config
+from transforms.quality import breaches, slo_exit_code
+
+DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+METRICS_NS = "feedback.evaluate"
+SECTIONS = ("ope", "position_bias", "experiments", "cold_start")
+EXCLUDED_NO_PROPENSITY = "no_propensity"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML job config (its evaluation: section), e.g. config/batch.yaml")
+    parser.add_argument("--labels", required=True, help="File glob of label Avro files (batch job output labels/)")
+    parser.add_argument("--slates", required=True, help="File glob of slate Avro files (batch job output slates/)")
+    parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
+    parser.add_argument("--warn-only", action="store_true", help="Report gate breaches without failing (exit 0)")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_known_args(argv)
+
+
+def _ms(v) -> int:
+    """Avro timestamp-millis may come back as a datetime (fastavro) or as an int."""
+    if isinstance(v, dt.datetime):
+        return round(v.timestamp() * 1000)
+    return int(v)
+
+
+def is_click(label: dict) -> bool:
+    return E.CLICK in (label.get("outcome_types") or ())
+
+
+# --- off-policy estimates ------------------------------------------------------------------
+
+class _OpeTermsFn(beam.DoFn):
+    EXCLUDED = "excluded"
+
+    def __init__(self, tables: E.PolicyTables, reward: str, clip: Optional[float]):
+        self._tables, self._reward, self._clip = tables, reward, clip
+        self._used = Metrics.counter(METRICS_NS, "ope_exposures")
+        self._excluded = Metrics.counter(METRICS_NS, "ope_excluded_no_propensity")
+
+    def process(self, label):
+        terms = E.exposure_terms(label, self._tables, self._reward, self._clip)
+        if terms is None:
+            self._excluded.inc()
+            yield beam.pvalue.TaggedOutput(self.EXCLUDED, EXCLUDED_NO_PROPENSITY)
+            return
+        self._used.inc()
+        # a label without request_id is a request of its own
+        yield label.get("request_id") or f"label:{label['label_id']}", terms
+
+
+def _finish_ope(rows: list, excluded: list, cfg: E.OpeConfig, has_reward_model: bool) -> dict:
+    ordered = [r for _, r in sorted(rows)]
+    out = E.ope_estimates(ordered, cfg.bootstrap_samples, cfg.confidence, cfg.seed, has_reward_model)
+    out.update(section="ope", target_policy=cfg.target_policy, reward=cfg.reward, clip=cfg.clip,
+               reward_model=cfg.reward_model, excluded=dict(sorted(excluded)))
+    return out
+
+
+class OffPolicyEstimates(beam.PTransform):
+    """Labels -> one dict: IPS / SNIPS (/ DM / DR with a reward model), intervals and diagnostics."""
+
+    def __init__(self, tables: E.PolicyTables, cfg: E.OpeConfig):
+        super().__init__()
+        self._tables, self._cfg = tables, cfg
+
+    def expand(self, labels):
+        terms = labels | "Terms" >> beam.ParDo(_OpeTermsFn(self._tables, self._cfg.reward, self._cfg.clip)
+                                               ).with_output_types(tuple[str, dict]).with_outputs(
+                                                   _OpeTermsFn.EXCLUDED, main="terms")
+        rows = (terms.terms
+                | "GroupRequest" >> beam.GroupByKey()
+                | "RequestSums" >> beam.MapTuple(lambda rid, ts: (rid, E.request_sums(ts)))
+                | "AllRequests" >> beam.combiners.ToList())
+        excluded = (terms[_OpeTermsFn.EXCLUDED]
+                    | "CountExcluded" >> beam.combiners.Count.PerElement()
+                    | "AllExcluded" >> beam.combiners.ToList())
+        return rows | "Estimate" >> beam.Map(_finish_ope, beam.pvalue.AsSingleton(excluded), self._cfg,
+                                             self._tables.rewards is not None)
+
+
+# --- experiments ---------------------------------------------------------------------------
+
+def unit_contribution(label: dict, cfg: E.ExperimentsConfig) -> tuple:
+    """A label in an experiment -> ((experiment, variant, unit), (exposures, clicks, conversions, value))."""
+    unit = label.get("user_id") if cfg.unit == "user" else label.get("request_id")
+    unit = unit or f"label:{label['label_id']}"
+    types = set(label.get("outcome_types") or ())
+    return ((label["experiment_id"], label["variant"], unit),
+            (1, int(E.CLICK in types), int(bool(types & set(cfg.conversion_types))),
+             float(label["label"]) * float(label["weight"])))
+
+
+def _sum_tuples(rows):
+    return tuple(sum(col) for col in zip(*rows)) if rows else ()
+
+
+class _UnitStatsFn(beam.CombineFn):
+    """Per (experiment, variant): sums over units for the delta method (fixed-size accumulator)."""
+
+    def create_accumulator(self):
+        return E.unit_accumulator(())
+
+    def add_input(self, acc, unit):
+        return E.add_unit(acc, dict(zip(E.UNIT_FIELDS, unit)))
+
+    def merge_accumulators(self, accs):
+        return E.merge_accumulators(accs)
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _finish_experiments(cells: list, cfg: E.ExperimentsConfig) -> dict:
+    by_exp: dict = {}
+    for (exp, variant), acc in cells:
+        by_exp.setdefault(exp, {})[variant] = acc
+    for exp in cfg.experiments:   # a configured experiment with no traffic is reported too (SRM n/a)
+        by_exp.setdefault(exp, {})
+    return {"section": "experiments",
+            "experiments": {exp: E.experiment_readout(exp, v, cfg) for exp, v in sorted(by_exp.items())}}
+
+
+class ExperimentReadout(beam.PTransform):
+    def __init__(self, cfg: E.ExperimentsConfig):
+        super().__init__()
+        self._cfg = cfg
+
+    def expand(self, labels):
+        cfg = self._cfg
+        return (labels
+                | "InExperiment" >> beam.Filter(lambda l: l.get("experiment_id") is not None
+                                                and l.get("variant") is not None)
+                | "UnitContribution" >> beam.Map(unit_contribution, cfg)
+                | "SumPerUnit" >> beam.CombinePerKey(_sum_tuples)
+                | "KeyByVariant" >> beam.MapTuple(lambda k, v: ((k[0], k[1]), v))
+                | "UnitStats" >> beam.CombinePerKey(_UnitStatsFn())
+                | "AllVariants" >> beam.combiners.ToList()
+                | "Readout" >> beam.Map(_finish_experiments, cfg))
+
+
+# --- cold start and concentration ------------------------------------------------------------
+
+def cold_start_cell(label: dict, first_seen: dict, data_start: int, cfg: E.ColdStartConfig) -> tuple:
+    """A label -> ((bucket, item), (exposures, clicks, new_exposures, new_clicks, judged_exposures, judged_clicks))."""
+    t = _ms(label["impression_time"])
+    age_ms = int(cfg.new_item_age * 1000)
+    click = int(is_click(label))
+    judged = int(t - age_ms >= data_start)
+    new = judged * int(first_seen[label["item_id"]] > t - age_ms)
+    return ((E.bucket_of(t, int(cfg.bucket * 1000)), label["item_id"]),
+            (1, click, new, new * click, judged, judged * click))
+
+
+class ColdStartAndConcentration(beam.PTransform):
+    def __init__(self, cfg: E.ColdStartConfig):
+        super().__init__()
+        self._cfg = cfg
+
+    def expand(self, labels):
+        cfg = self._cfg
+        times = labels | "ItemTime" >> beam.Map(lambda l: (l["item_id"], _ms(l["impression_time"])))
+        first_seen = times | "FirstSeen" >> beam.CombinePerKey(min)
+        data_start = (times | "Times" >> beam.Values()
+                      | "DataStart" >> beam.CombineGlobally(lambda ts: min(ts, default=0)))
+        return (labels
+                | "Classify" >> beam.Map(cold_start_cell, beam.pvalue.AsDict(first_seen),
+                                         beam.pvalue.AsSingleton(data_start), cfg)
+                | "SumPerBucketItem" >> beam.CombinePerKey(_sum_tuples)
+                | "Flatten" >> beam.MapTuple(lambda k, v: (k[0], k[1], *v))
+                | "AllCells" >> beam.combiners.ToList()
+                | "Trend" >> beam.Map(lambda cells, start: {"section": "cold_start",
+                                                            **E.cold_start_buckets(cells, start, cfg)},
+                                      beam.pvalue.AsSingleton(data_start)))
+
+
+# --- position bias -------------------------------------------------------------------------
+
+def slate_cells(slate: dict, randomised_policies) -> list:
+    """A slate -> ((kind, item, position), (exposures, clicks)); kind 'randomised' or 'logged'."""
+    kind = "randomised" if E.is_randomised_slate(slate, randomised_policies) else "logged"
+    return [((kind, it["item_id"], it["position"]), (1, int(it["label"])))
+            for it in slate.get("items") or () if it.get("position") is not None and it["position"] >= 1]
+
+
+def _finish_position_bias(cells: list, cfg: E.PositionBiasConfig) -> dict:
+    randomised = [(pos, n, c) for (kind, _, pos), (n, c) in cells if kind == "randomised"]
+    n_random = sum(n for _, n, _ in randomised)
+    method = cfg.method
+    if method == "auto":
+        method = "randomised" if n_random >= cfg.min_randomised_exposures else "em"
+    out = {"section": "position_bias", "method": method, "randomised_exposures": n_random,
+           "exposures": sum(n for _, (n, _) in cells)}
+    try:
+        if method == "randomised":
+            curve = E.position_curve_randomised(randomised, cfg.max_position)
+        else:
+            curve = E.position_curve_em([(item, pos, n, c) for (_, item, pos), (n, c) in cells], cfg.max_position,
+                                        cfg.em_iterations, cfg.em_tolerance)
+    except ValueError as e:
+        out.update(curve=None, weights=None, error=str(e))
+        return out
+    out.update(curve=curve, weights=E.position_weights_table(curve, cfg.max_weight))
+    return out
+
+
+class EstimatePositionBias(beam.PTransform):
+    def __init__(self, cfg: E.PositionBiasConfig):
+        super().__init__()
+        self._cfg = cfg
+
+    def expand(self, slates):
+        cfg = self._cfg
+        return (slates
+                | "SlateCells" >> beam.FlatMap(slate_cells, tuple(cfg.randomised_policies))
+                | "SumPerCell" >> beam.CombinePerKey(_sum_tuples)
+                | "AllCells" >> beam.combiners.ToList()
+                | "Curve" >> beam.Map(_finish_position_bias, cfg))
+
+
+# --- job -----------------------------------------------------------------------------------
+
+def sections_prefix(output: str) -> str:
+    return "/".join([output.rstrip("/"), "_evaluation", "sections"])
+
+
+def build(p: beam.Pipeline, cfg: E.EvaluationConfig, tables: E.PolicyTables, labels_glob: str,
+          slates_glob: str, output: str) -> beam.PCollection:
+    """Reads, evaluates, writes one JSON line per section; returns the sections (for tests)."""
+    labels = p | "ReadLabels" >> beam.io.ReadFromAvro(labels_glob)
+    slates = p | "ReadSlates" >> beam.io.ReadFromAvro(slates_glob)
+    parts = (labels | "OffPolicy" >> OffPolicyEstimates(tables, cfg.ope),
+             slates | "PositionBias" >> EstimatePositionBias(cfg.position_bias),
+             labels | "Experiments" >> ExperimentReadout(cfg.experiments),
+             labels | "ColdStart" >> ColdStartAndConcentration(cfg.cold_start))
+    sections = parts | "Sections" >> beam.Flatten()
+    _ = (sections
+         | "ToJson" >> beam.Map(lambda s: json.dumps(s, sort_keys=True, allow_nan=True))
+         | "WriteSections" >> beam.io.WriteToText(sections_prefix(output), file_name_suffix=".jsonl", num_shards=1))
+    return sections
+
+
+def _check_glob(flag: str, pattern: str) -> None:
+    if not FileSystems.match([pattern])[0].metadata_list:
+        raise ConfigError(f"{flag}: no file matches {pattern!r}")
+
+
+def run(argv=None) -> dict:
+    args, beam_args = parse_args(argv)
+    cfg = load_config(args.config)
+    ev = cfg.evaluation
+    try:
+        tables = E.load_policy_tables(ev.ope, cfg.resolve)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"evaluation.ope: {e}") from None
+    _check_glob("--labels", args.labels)
+    _check_glob("--slates", args.slates)
+    options = pipeline_options(beam_args, DEFAULT_RUNNER)
+    started = time.monotonic()
+    p = beam.Pipeline(options=options)
+    build(p, ev, tables, args.labels, args.slates, args.output)
+    result = p.run()
+    result.wait_until_finish()
+    found = {s.pop("section"): s for s in read_jsonl_glob(sections_prefix(args.output) + "*")}
+    missing = [s for s in SECTIONS if s not in found]
+    if missing:
+        raise RuntimeError(f"the job wrote no {missing} section(s)")
+    mode = "warn" if args.warn_only else cfg.quality.mode
+    out = args.output.rstrip("/")
+    evaluation = {"job": "evaluate", "labels": args.labels, "slates": args.slates, "output": args.output,
+                  "config": args.config, "runner": str(options.view_as(StandardOptions).runner),
+                  "beam_version": beam.__version__, "elapsed_seconds": round(time.monotonic() - started, 3),
+                  **{s: found[s] for s in SECTIONS}, "metrics": beam_counters(result)}
+    weights = found["position_bias"].get("weights")
+    if weights:
+        weights["positions"] = dict(sorted(weights["positions"].items(), key=lambda kv: int(kv[0])))
+        write_json(f"{out}/position_weights.json", weights)
+        evaluation["position_weights"] = f"{out}/position_weights.json"
+    slos = E.evaluation_slos(evaluation, ev, mode)
+    qcfg = cfg.quality.model_copy(update={"mode": mode})
+    evaluation["quality"] = {"mode": mode, "slos": slos, "breaches": [b["slo"] for b in breaches(slos)],
+                             "exit_code": slo_exit_code(slos, qcfg), "html": f"{out}/report.html"}
+    write_json(f"{out}/evaluation.json", evaluation)
+    write_report_html(f"{out}/report.html", render_evaluation_report(
+        evaluation, slos, title=f"Evaluation of {args.labels}", mode=mode))
+    return evaluation
+
+
+def format_summary(ev: dict) -> str:
+    lines = []
+    ope = ev["ope"]
+    est = ", ".join(f"{m.upper()} {v['value']:.6g}" for m, v in ope.get("estimates", {}).items())
+    lines.append(f"off-policy ({ope.get('target_policy')}, {ope.get('exposures', 0)} exposures): {est or 'n/a'}")
+    if ope.get("diagnostics"):
+        d = ope["diagnostics"]
+        lines.append(f"  ESS {d['ess']:.1f} ({100 * d['ess_share']:.3g}%), max weight {d['max_weight']:.4g}")
+    pb = ev["position_bias"]
+    if pb.get("curve"):
+        props = ", ".join(f"{p:.3f}" for p in pb["curve"]["propensity"][:10] if p is not None)
+        lines.append(f"position bias ({pb['method']}): {props}")
+    for exp_id, exp in ev["experiments"]["experiments"].items():
+        srm = exp.get("srm") or {}
+        lines.append(f"experiment {exp_id}: " + ", ".join(
+            f"{v} {r['units']} units / {r['exposures']:.0f} exposures" for v, r in exp["variants"].items())
+            + (f"; SRM p = {srm['p_value']:.3g}" if srm.get("p_value") is not None else ""))
+    cs = ev["cold_start"]
+    if cs.get("new_exposure_share") is not None:
+        lines.append(f"new-item exposure share {100 * cs['new_exposure_share']:.3g}%")
+    q = ev["quality"]
+    lines.append(f"gates: {len(q['slos']) - len(q['breaches'])}/{len(q['slos'])} met"
+                 + (f", breached: {', '.join(q['breaches'])} ({q['mode']} mode)" if q["breaches"] else ""))
+    lines.append(f"report: {ev['output'].rstrip('/')}/evaluation.json, report.html")
+    return "\n".join(lines)
+
+
+def _exit_code(ev: dict) -> int:
+    code = ev["quality"]["exit_code"]
+    for b in ev["quality"]["slos"]:
+        if b["ok"] is False:
+            print(f"{'error' if code else 'warning'}: gate {b['slo']} breached: {b['message']}", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv, format_summary, _exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

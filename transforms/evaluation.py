@@ -1,0 +1,772 @@
+"""Counterfactual evaluation, experiment readouts and feedback-loop figures, as pure functions.
+
+Everything here is plain Python / numpy on small aggregated arrays; `pipelines/evaluate.py` is the
+thin Beam job that builds those arrays from the labels and slates.
+
+Off-policy estimation (one exposure = one round, as in obp): for exposure i with logged item a_i at
+position k_i, reward r_i and logged propensity p_i, the target policy gives pi(a_i | x_i, k_i) and
+the importance weight is w_i = min(pi / p_i, clip).
+    IPS   = sum_i w_i r_i / n
+    SNIPS = sum_i w_i r_i / sum_i w_i
+    DM    = sum_i qhat(x_i, pi) / n,        qhat(x, pi) = sum_a pi(a | x, k) qhat(x, a, k)
+    DR    = sum_i [qhat(x_i, pi) + w_i (r_i - qhat(x_i, a_i, k_i))] / n
+ESS = (sum w)^2 / sum w^2. Bootstrap intervals resample *requests* (the exposures of one request are
+not independent), so the job keeps one small row of sums per request: O(requests) memory on one
+worker (about 80 bytes a request: 10 M requests ~ 0.8 GB), fine at this project's scale. The
+resampling draws `RandomState(seed).choice(n_requests, n_requests)` per replicate, the same stream
+obp's `estimate_confidence_interval_by_bootstrap` draws, so with one exposure per request the
+IPS / DM / DR intervals equal obp's for the same seed (SNIPS is re-computed as a ratio per
+replicate, which obp does not do).
+
+Chi-square tail probabilities use the regularised upper incomplete gamma function written out below
+(scipy is not a dependency of this project; the series / continued fraction are the textbook ones).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from statistics import NormalDist
+from typing import Iterable, Literal, Optional, Sequence
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from transforms.configbase import Duration, _Section
+
+__all__ = [
+    "OpeConfig", "ExperimentConfig", "ExperimentsConfig", "ColdStartConfig", "PositionBiasConfig",
+    "EvaluationConfig", "PolicyTables", "load_policy_tables", "exposure_terms", "request_sums",
+    "ope_estimates", "chi2_sf", "srm_check", "ratio_stats", "experiment_readout", "gini", "top_share",
+    "cold_start_buckets", "position_curve_randomised", "position_curve_em", "position_weights_table",
+    "evaluation_slos", "is_randomised_slate",
+]
+
+BUILTIN_POLICIES = ("uniform", "logged")
+CLICK = "click"
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+class OpeConfig(_Section):
+    target_policy: str = Field(
+        "logged", description="'uniform', 'logged' or a JSON/JSONL file of {item_id, probability[, position]"
+                              "[, request_id | context]} rows (relative to the config file).")
+    reward: Literal["click", "weighted"] = Field(
+        "click", description="click: the label (0/1); weighted: label x weight (purchase 5, add_to_cart 3, ...).")
+    reward_model: Optional[str] = Field(
+        None, description="JSON/JSONL file of {item_id, reward[, position][, request_id | context]} rows: the "
+                          "reward model table for the direct method and doubly robust.")
+    default_reward: float = Field(0.0, description="qhat of an item the reward table does not list.")
+    context_fields: tuple[str, ...] = Field(
+        (), description="Label fields whose values form the context key of `context` rows, e.g. [device_class].")
+    n_actions: Optional[int] = Field(None, ge=1, description="Size of the action set (catalogue); needed by 'uniform'.")
+    clip: Optional[float] = Field(None, gt=0, description="Importance weights are capped at this (null: no clipping).")
+    bootstrap_samples: int = Field(1000, ge=0, description="Bootstrap replicates (0: no intervals).")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = Field(12345, description="Bootstrap seed: the same inputs give the same intervals.")
+    min_ess_share: Optional[float] = Field(
+        None, ge=0, le=1, description="SLO: effective sample size / exposures at least this (null: off).")
+
+    @model_validator(mode="after")
+    def _uniform_needs_actions(self):
+        if self.target_policy == "uniform" and self.n_actions is None:
+            raise ValueError("target_policy 'uniform' needs n_actions (the number of items it chooses from)")
+        return self
+
+
+class ExperimentConfig(_Section):
+    split: dict[str, float] = Field(..., description="Configured traffic split, e.g. {control: 0.5, treatment: 0.5}.")
+    control: Optional[str] = Field(None, description="Control variant (default: experiments.control).")
+
+    @field_validator("split")
+    @classmethod
+    def _shares(cls, v):
+        if len(v) < 2:
+            raise ValueError("a split needs at least two variants")
+        if any(s <= 0 for s in v.values()):
+            raise ValueError("every share must be > 0")
+        if not math.isclose(sum(v.values()), 1.0, abs_tol=1e-6):
+            raise ValueError(f"shares must sum to 1, they sum to {sum(v.values()):g}")
+        return v
+
+
+class ExperimentsConfig(_Section):
+    control: str = Field("control", description="Name of the control variant (each experiment may override it).")
+    unit: Literal["user", "request"] = Field(
+        "user", description="Randomisation unit: the SRM check counts these and the delta method clusters on them.")
+    conversion_types: tuple[str, ...] = Field(("purchase",), description="Outcome types that count as a conversion.")
+    srm_alpha: Optional[float] = Field(
+        0.001, gt=0, lt=1, description="SLO: the SRM chi-square p-value below this fails the gate (null: off).")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    experiments: dict[str, ExperimentConfig] = Field(default_factory=dict, description="Per experiment_id.")
+
+
+class ColdStartConfig(_Section):
+    new_item_age: Duration = Field(7 * 86400.0, description="An item first seen this recently is new.")
+    bucket: Duration = Field(86400.0, description="Time buckets of the trend (by impression time).")
+    new_exposure_share_min: Optional[float] = Field(
+        None, ge=0, le=1, description="SLO: share of exposures going to new items at least this (null: off).")
+    gini_max: Optional[float] = Field(None, ge=0, le=1, description="SLO: item-exposure Gini per bucket at most this.")
+    top1pct_share_max: Optional[float] = Field(
+        None, ge=0, le=1, description="SLO: exposure share of the top 1% of items per bucket at most this.")
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.bucket <= 0 or self.new_item_age <= 0:
+            raise ValueError("bucket and new_item_age must be > 0")
+        return self
+
+
+class PositionBiasConfig(_Section):
+    method: Literal["auto", "randomised", "em"] = Field(
+        "auto", description="auto: randomised traffic when there is enough of it, else the EM click model.")
+    randomised_policies: tuple[str, ...] = Field(
+        (), description="Policies known to place items uniformly at random (besides slates whose propensities "
+                        "are all 1/n_items).")
+    min_randomised_exposures: int = Field(1000, ge=1)
+    max_position: int = Field(20, ge=1, description="Positions beyond this share its estimate.")
+    max_weight: float = Field(20.0, ge=1, description="Inverse-propensity weights are capped at this.")
+    em_iterations: int = Field(200, ge=1)
+    em_tolerance: float = Field(1e-9, gt=0)
+
+
+class EvaluationConfig(_Section):
+    ope: OpeConfig = OpeConfig()
+    experiments: ExperimentsConfig = ExperimentsConfig()
+    cold_start: ColdStartConfig = ColdStartConfig()
+    position_bias: PositionBiasConfig = PositionBiasConfig()
+
+
+# --- target policy and reward tables ---------------------------------------------------------
+
+def _read_bytes(path: str) -> bytes:
+    """A local path or any URL Beam's FileSystems reads (gs://, s3://, ...)."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    from apache_beam.io.filesystems import FileSystems
+    try:
+        with FileSystems.open(path) as f:
+            return f.read()
+    except Exception as e:   # Beam wraps the filesystem's own errors in several types
+        raise OSError(2, str(e)) from None
+
+
+def _read_rows(path: str, what: str) -> list[dict]:
+    try:
+        text = _read_bytes(path).decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot read it ({e.strerror}); name an existing JSON/JSONL file"
+                         + (" or a built-in (uniform, logged)" if what == "target policy" else "")) from None
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("["):
+            rows = json.loads(text)
+        elif stripped.startswith("{") and "\n" not in stripped.strip():
+            rows = [json.loads(text)]
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path}: not JSON or JSON lines: {e}") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{what} {path}: every row must be an object")
+    return rows
+
+
+def _scope(row: dict, context_fields: Sequence[str], what: str, i: int) -> tuple:
+    """(kind, key, position) of a table row: kind 'request', 'context' or 'all'."""
+    pos = row.get("position")
+    if pos is not None and (not isinstance(pos, int) or isinstance(pos, bool)):
+        raise ValueError(f"{what} row {i}: position must be an integer, got {pos!r}")
+    if row.get("request_id") is not None:
+        return ("request", str(row["request_id"]), pos)
+    if row.get("context") is not None:
+        ctx = row["context"]
+        if not isinstance(ctx, dict) or set(ctx) != set(context_fields):
+            raise ValueError(f"{what} row {i}: context must name exactly the fields {list(context_fields)} "
+                             f"(evaluation.ope.context_fields), got {ctx!r}")
+        return ("context", tuple(str(ctx[f]) if ctx[f] is not None else None for f in context_fields), pos)
+    return ("all", None, pos)
+
+
+class PolicyTables:
+    """The target policy and reward model, resolved on the launcher and shipped to workers by value.
+
+    Lookup for an exposure goes from the most to the least specific scope: (request, position),
+    (request), (context, position), (context), (position), (everything). The first scope the table
+    has defines the whole distribution there (items it does not list have probability 0).
+    """
+
+    def __init__(self, target: str, policy: Optional[dict], rewards: Optional[dict], context_fields: Sequence[str],
+                 n_actions: Optional[int], default_reward: float):
+        self.target = target
+        self.policy = policy            # scope -> {item: probability}
+        self.rewards = rewards          # scope -> {item: qhat}
+        self.context_fields = tuple(context_fields)
+        self.n_actions = n_actions
+        self.default_reward = default_reward
+
+    def _scopes(self, label: dict):
+        rid = label.get("request_id")
+        pos = label.get("position")
+        ctx = tuple(None if label.get(f) is None else str(label.get(f)) for f in self.context_fields)
+        out = []
+        if rid is not None:
+            out += [("request", str(rid), pos), ("request", str(rid), None)]
+        if self.context_fields:
+            out += [("context", ctx, pos), ("context", ctx, None)]
+        return out + [("all", None, pos), ("all", None, None)]
+
+    def distribution(self, label: dict) -> Optional[dict]:
+        for s in self._scopes(label):
+            if s in self.policy:
+                return self.policy[s]
+        return None
+
+    def qhat(self, label: dict, item: str) -> float:
+        if not self.rewards:
+            return self.default_reward
+        for s in self._scopes(label):
+            table = self.rewards.get(s)
+            if table is not None and item in table:
+                return table[item]
+        return self.default_reward
+
+    def qhat_items(self, label: dict) -> dict:
+        """item -> qhat for every item some matching scope lists (most specific wins)."""
+        out: dict = {}
+        for s in reversed(self._scopes(label)):
+            out.update((self.rewards or {}).get(s, {}))
+        return out
+
+
+def _table(rows: list[dict], value_key: str, context_fields, what: str) -> dict:
+    table: dict = {}
+    for i, r in enumerate(rows):
+        if r.get("item_id") is None:
+            raise ValueError(f"{what} row {i}: item_id is missing")
+        v = r.get(value_key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{what} row {i}: {value_key} must be a finite number, got {v!r}")
+        table.setdefault(_scope(r, context_fields, what, i), {})[str(r["item_id"])] = float(v)
+    return table
+
+
+def load_policy_tables(cfg: OpeConfig, resolve=lambda p: p) -> PolicyTables:
+    """Reads the target policy and reward files named in the config (launcher side). ValueError with
+    the file, row and reason on bad content: probabilities outside [0, 1] or not summing to 1."""
+    policy = None
+    if cfg.target_policy not in BUILTIN_POLICIES:
+        path = resolve(cfg.target_policy)
+        policy = _table(_read_rows(path, "target policy"), "probability", cfg.context_fields, f"target policy {path}")
+        for scope, dist in policy.items():
+            bad = [a for a, p in dist.items() if not 0 <= p <= 1]
+            if bad:
+                raise ValueError(f"target policy {path}: probabilities outside [0, 1] for items {bad[:5]} in {scope}")
+            total = math.fsum(dist.values())
+            if not math.isclose(total, 1.0, abs_tol=1e-6):
+                raise ValueError(f"target policy {path}: probabilities in scope {scope} sum to {total:.9g}, not 1")
+    rewards = None
+    if cfg.reward_model:
+        path = resolve(cfg.reward_model)
+        rewards = _table(_read_rows(path, "reward model"), "reward", cfg.context_fields, f"reward model {path}")
+    return PolicyTables(cfg.target_policy, policy, rewards, cfg.context_fields, cfg.n_actions, cfg.default_reward)
+
+
+def label_reward(label: dict, kind: str) -> float:
+    return float(label["label"]) * (float(label["weight"]) if kind == "weighted" else 1.0)
+
+
+def exposure_terms(label: dict, tables: PolicyTables, reward_kind: str, clip: Optional[float]) -> Optional[dict]:
+    """One exposure -> {r, w_raw, w, q_factual, q_target}; None when it has no usable propensity."""
+    p = label.get("propensity")
+    if p is None or not (0 < p <= 1):
+        return None
+    item = label["item_id"]
+    r = label_reward(label, reward_kind)
+    q_factual = tables.qhat(label, item)
+    if tables.target == "logged":
+        pi, q_target = p, q_factual   # pi_e = pi_b: w = 1; E_pi_b[qhat] taken at the logged action
+    elif tables.target == "uniform":
+        pi = 1.0 / tables.n_actions
+        listed = tables.qhat_items(label)
+        q_target = (math.fsum(listed.values()) + (tables.n_actions - len(listed)) * tables.default_reward) \
+            / tables.n_actions
+    else:
+        dist = tables.distribution(label) or {}
+        pi = dist.get(item, 0.0)
+        weight_sum = math.fsum(dist.values())
+        q_target = (math.fsum(prob * tables.qhat(label, a) for a, prob in dist.items()) / weight_sum
+                    if weight_sum > 0 else 0.0)
+    w_raw = pi / p
+    w = min(w_raw, clip) if clip is not None else w_raw
+    return {"r": r, "w_raw": w_raw, "w": w, "q_factual": q_factual, "q_target": q_target}
+
+
+REQUEST_COLUMNS = ("n", "r", "w", "w2", "wr", "dm", "dr", "w_raw_max", "clipped")
+
+
+def request_sums(terms: Iterable[dict]) -> tuple:
+    """The exposures of one request -> one row of sums, in REQUEST_COLUMNS order."""
+    n = r = w = w2 = wr = dm = dr = 0.0
+    w_max, clipped = 0.0, 0
+    for t in terms:
+        n += 1
+        r += t["r"]
+        w += t["w"]
+        w2 += t["w"] * t["w"]
+        wr += t["w"] * t["r"]
+        dm += t["q_target"]
+        dr += t["q_target"] + t["w"] * (t["r"] - t["q_factual"])
+        w_max = max(w_max, t["w_raw"])
+        clipped += t["w"] < t["w_raw"]
+    return (n, r, w, w2, wr, dm, dr, w_max, clipped)
+
+
+def _estimates(s: np.ndarray) -> dict:
+    n, w, wr, dm, dr = s[0], s[2], s[4], s[5], s[6]
+    return {"ips": wr / n, "snips": wr / w if w > 0 else float("nan"), "dm": dm / n, "dr": dr / n}
+
+
+def ope_estimates(rows: Sequence[tuple], bootstrap_samples: int = 1000, confidence: float = 0.95,
+                  seed: int = 12345, has_reward_model: bool = False) -> dict:
+    """Per-request rows (sorted by request id) -> estimates, bootstrap intervals and weight diagnostics."""
+    if not rows:
+        return {"exposures": 0, "requests": 0, "estimates": {}, "diagnostics": {}}
+    a = np.asarray(rows, dtype=float)
+    cols = [0, 1, 2, 3, 4, 5, 6]
+    sums = a[:, cols].sum(axis=0)
+    n, w, w2 = sums[0], sums[2], sums[3]
+    point = {m: (None if math.isnan(v) else float(v)) for m, v in _estimates(sums).items()}
+    methods = ["ips", "snips", "dm", "dr"] if has_reward_model else ["ips", "snips"]
+    out = {"exposures": int(n), "requests": len(rows), "on_policy_mean": sums[1] / n,
+           "estimates": {m: {"value": point[m]} for m in methods}}
+    if bootstrap_samples:
+        rs = np.random.RandomState(seed)
+        reps = {m: np.empty(bootstrap_samples) for m in methods}
+        data = a[:, cols]
+        k = len(rows)
+        for b in range(bootstrap_samples):
+            idx = rs.choice(k, size=k)
+            est = _estimates(np.bincount(idx, minlength=k) @ data)
+            for m in methods:
+                reps[m][b] = est[m]
+        alpha = 1 - confidence
+        for m in methods:
+            if np.isnan(reps[m]).all():   # SNIPS with every weight 0
+                out["estimates"][m].update(ci_low=None, ci_high=None, bootstrap_mean=None)
+                continue
+            lo, hi = np.nanpercentile(reps[m], [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            out["estimates"][m].update(ci_low=float(lo), ci_high=float(hi), bootstrap_mean=float(np.nanmean(reps[m])))
+        out["bootstrap"] = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed,
+                            "unit": "request"}
+    out["diagnostics"] = {"ess": float(w * w / w2) if w2 > 0 else 0.0,
+                          "ess_share": float(w * w / w2 / n) if w2 > 0 else 0.0,
+                          "max_weight": float(a[:, 7].max()), "mean_weight": float(w / n),
+                          "clipped_exposures": int(a[:, 8].sum())}
+    return out
+
+
+# --- chi-square ------------------------------------------------------------------------------
+
+def _gamma_q(s: float, x: float) -> float:
+    """Regularised upper incomplete gamma Q(s, x)."""
+    if x <= 0:
+        return 1.0
+    lg = math.lgamma(s)
+    if x < s + 1:   # series for P, then Q = 1 - P
+        term = total = 1.0 / s
+        ap = s
+        for _ in range(10_000):
+            ap += 1
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-16:
+                break
+        return max(0.0, 1.0 - total * math.exp(-x + s * math.log(x) - lg))
+    # Lentz's continued fraction for Q
+    tiny = 1e-300
+    b = x + 1 - s
+    c = 1 / tiny
+    d = 1 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - s)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-16:
+            break
+    return math.exp(-x + s * math.log(x) - lg) * h
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """P(X > x) for X ~ chi-square(df)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    return _gamma_q(df / 2.0, x / 2.0)
+
+
+def srm_check(counts: dict, split: dict, alpha: Optional[float]) -> dict:
+    """Sample-ratio mismatch: observed units per variant vs the configured split (Pearson chi-square)."""
+    unexpected = sorted(set(counts) - set(split))
+    total = sum(counts.get(v, 0) for v in split)
+    rows = {v: {"observed": counts.get(v, 0), "expected": total * share, "share": share,
+                "observed_share": counts.get(v, 0) / total if total else None} for v, share in split.items()}
+    if total == 0:
+        return {"variants": rows, "chi2": None, "df": len(split) - 1, "p_value": None, "unexpected": unexpected,
+                "ok": None, "alpha": alpha}
+    chi2 = math.fsum((r["observed"] - r["expected"]) ** 2 / r["expected"] for r in rows.values())
+    p = chi2_sf(chi2, len(split) - 1)
+    ok = None if alpha is None else (p >= alpha and not unexpected)
+    return {"variants": rows, "chi2": chi2, "df": len(split) - 1, "p_value": p, "unexpected": unexpected,
+            "ok": ok, "alpha": alpha}
+
+
+# --- experiment readout (delta method) -------------------------------------------------------
+
+EXPERIMENT_METRICS = ("ctr", "conversion", "value")
+# per-unit sums kept for the delta method: y = exposures, x = the metric's numerator
+UNIT_FIELDS = ("exposures", "clicks", "conversions", "value")
+
+
+def ratio_stats(acc: dict, metric_field: str) -> dict:
+    """Ratio metric sum(x) / sum(y) over units with its delta-method variance.
+
+    acc holds n (units), sy, syy and per metric sx, sxx, sxy (sums over units). Sample (co)variances
+    use n - 1. var(R) = (s_xx - 2 R s_xy + R^2 s_yy) / (n mean_y^2), the first-order Taylor
+    expansion of mean_x / mean_y (Deng et al., 'Applying the delta method in metric analytics').
+    """
+    n = acc["n"]
+    sy, syy = acc["sy"], acc["syy"]
+    sx, sxx, sxy = acc[f"{metric_field}_sx"], acc[f"{metric_field}_sxx"], acc[f"{metric_field}_sxy"]
+    if n == 0 or sy == 0:
+        return {"value": None, "variance": None}
+    mx, my = sx / n, sy / n
+    r = sx / sy
+    if n < 2:
+        return {"value": r, "variance": None}
+    vx = (sxx - n * mx * mx) / (n - 1)
+    vy = (syy - n * my * my) / (n - 1)
+    cxy = (sxy - n * mx * my) / (n - 1)
+    var = (vx - 2 * r * cxy + r * r * vy) / (n * my * my)
+    return {"value": r, "variance": max(var, 0.0)}
+
+
+def unit_accumulator(units: Iterable[dict]) -> dict:
+    """Plain sums over units of {exposures, clicks, conversions, value} (what the CombineFn builds)."""
+    acc = {"n": 0, "sy": 0.0, "syy": 0.0}
+    for m in UNIT_FIELDS[1:]:
+        acc.update({f"{m}_sx": 0.0, f"{m}_sxx": 0.0, f"{m}_sxy": 0.0})
+    for u in units:
+        add_unit(acc, u)
+    return acc
+
+
+def add_unit(acc: dict, u: dict) -> dict:
+    y = u["exposures"]
+    acc["n"] += 1
+    acc["sy"] += y
+    acc["syy"] += y * y
+    for m in UNIT_FIELDS[1:]:
+        x = u[m]
+        acc[f"{m}_sx"] += x
+        acc[f"{m}_sxx"] += x * x
+        acc[f"{m}_sxy"] += x * y
+    return acc
+
+
+def merge_accumulators(accs: Iterable[dict]) -> dict:
+    out = unit_accumulator(())
+    for a in accs:
+        for k, v in a.items():
+            out[k] += v
+    return out
+
+
+_METRIC_FIELD = {"ctr": "clicks", "conversion": "conversions", "value": "value"}
+
+
+def experiment_readout(experiment_id: str, by_variant: dict, cfg: ExperimentsConfig) -> dict:
+    """One experiment: per variant exposures and metrics; difference vs control with delta-method CIs; SRM."""
+    exp_cfg = cfg.experiments.get(experiment_id)
+    control = (exp_cfg.control if exp_cfg and exp_cfg.control else None) or cfg.control
+    z = NormalDist().inv_cdf(1 - (1 - cfg.confidence) / 2)
+    variants = {}
+    for v, acc in sorted(by_variant.items()):
+        row = {"units": acc["n"], "exposures": int(acc["sy"])}
+        for m in EXPERIMENT_METRICS:
+            row[m] = ratio_stats(acc, _METRIC_FIELD[m])
+        variants[v] = row
+    ctl = variants.get(control)
+    for v, row in variants.items():
+        if v == control or ctl is None:
+            continue
+        row["vs_control"] = {}
+        for m in EXPERIMENT_METRICS:
+            t, c = row[m], ctl[m]
+            if t["value"] is None or c["value"] is None or t["variance"] is None or c["variance"] is None:
+                row["vs_control"][m] = {"diff": None, "ci_low": None, "ci_high": None, "relative": None}
+                continue
+            diff = t["value"] - c["value"]
+            se = math.sqrt(t["variance"] + c["variance"])
+            row["vs_control"][m] = {"diff": diff, "se": se, "ci_low": diff - z * se, "ci_high": diff + z * se,
+                                    "relative": diff / c["value"] if c["value"] else None,
+                                    "significant": not (diff - z * se <= 0 <= diff + z * se)}
+    srm = None
+    if exp_cfg is not None:
+        srm = srm_check({v: acc["n"] for v, acc in by_variant.items()}, exp_cfg.split, cfg.srm_alpha)
+    return {"experiment_id": experiment_id, "control": control, "control_present": ctl is not None,
+            "unit": cfg.unit, "confidence": cfg.confidence, "variants": variants, "srm": srm}
+
+
+# --- cold start and concentration ------------------------------------------------------------
+
+def gini(counts: Sequence[float]) -> Optional[float]:
+    """Gini coefficient of non-negative counts (0: equal; near 1: all on one item). None when empty."""
+    x = np.sort(np.asarray(counts, dtype=float))
+    n = len(x)
+    if n == 0 or x.sum() == 0:
+        return None
+    i = np.arange(1, n + 1)
+    return float(np.sum((2 * i - n - 1) * x) / (n * x.sum()))
+
+
+def top_share(counts: Sequence[float], fraction: float = 0.01) -> Optional[float]:
+    """Share of the total held by the top ceil(fraction * n) entries (at least one)."""
+    x = np.sort(np.asarray(counts, dtype=float))[::-1]
+    if len(x) == 0 or x.sum() == 0:
+        return None
+    k = max(1, math.ceil(fraction * len(x)))
+    return float(x[:k].sum() / x.sum())
+
+
+def bucket_of(t_ms: int, bucket_ms: int) -> int:
+    return t_ms - t_ms % bucket_ms
+
+
+def cold_start_buckets(cells: Iterable[tuple], data_start_ms: int, cfg: ColdStartConfig) -> dict:
+    """(bucket_start_ms, item, exposures, clicks, new_exposures, new_clicks, judged_exposures,
+    judged_clicks) cells -> per-bucket trend and whole-run figures.
+
+    An exposure is *judged* when its time minus new_item_age is inside the data (before that,
+    every item looks new: its first sighting may predate the data). New-item shares use judged
+    exposures only; a bucket whose start is not judged is marked censored.
+    """
+    age_ms = int(cfg.new_item_age * 1000)
+    per_bucket: dict = {}
+    for b, item, e, c, ne, nc, je, jc in cells:
+        per_bucket.setdefault(b, []).append((item, e, c, ne, nc, je, jc))
+    buckets = []
+    totals = dict(exposures=0, clicks=0, new_exposures=0, new_clicks=0, judged_exposures=0, judged_clicks=0)
+    for b in sorted(per_bucket):
+        rows = sorted(per_bucket[b])
+        e = sum(r[1] for r in rows)
+        c = sum(r[2] for r in rows)
+        ne, nc = sum(r[3] for r in rows), sum(r[4] for r in rows)
+        je, jc = sum(r[5] for r in rows), sum(r[6] for r in rows)
+        for k, v in zip(totals, (e, c, ne, nc, je, jc)):
+            totals[k] += v
+        counts = [r[1] for r in rows]
+        buckets.append({"bucket_start_ms": b, "censored": b - age_ms < data_start_ms, "items": len(rows),
+                        "exposures": e, "clicks": c,
+                        "new_exposure_share": ne / je if je else None, "new_click_share": nc / jc if jc else None,
+                        "gini": gini(counts), "top1pct_share": top_share(counts, 0.01)})
+    return {"new_item_age_s": cfg.new_item_age, "bucket_s": cfg.bucket, "data_start_ms": data_start_ms,
+            "buckets": buckets, **totals,
+            "new_exposure_share": totals["new_exposures"] / totals["judged_exposures"] if totals["judged_exposures"] else None,
+            "new_click_share": totals["new_clicks"] / totals["judged_clicks"] if totals["judged_clicks"] else None}
+
+
+# --- position bias ---------------------------------------------------------------------------
+
+def is_randomised_slate(slate: dict, randomised_policies: Sequence[str], tol: float = 1e-3) -> bool:
+    """A slate from a uniform placement: a named uniform policy, or every propensity equal to 1/n_items."""
+    if slate.get("policy") in randomised_policies:
+        return True
+    items = slate.get("items") or []
+    if len(items) < 2:
+        return False
+    u = 1.0 / len(items)
+    return all(it.get("propensity") is not None and abs(it["propensity"] - u) <= tol * u for it in items)
+
+
+def position_curve_randomised(cells: Iterable[tuple], max_position: int) -> dict:
+    """(position, exposures, clicks) from randomised slates -> relative examination per position.
+
+    Items are placed at random, so relevance is independent of position and E[CTR_k] = theta_k x
+    mean relevance: theta_k / theta_1 = CTR_k / CTR_1.
+    """
+    n = np.zeros(max_position)
+    c = np.zeros(max_position)
+    for pos, e, k in cells:
+        i = min(int(pos), max_position) - 1
+        n[i] += e
+        c[i] += k
+    ctr = np.divide(c, n, out=np.full(max_position, np.nan), where=n > 0)
+    if not n[0] or not c[0]:
+        raise ValueError("no clicks at position 1 in the randomised traffic: cannot normalise the curve")
+    return {"method": "randomised", "exposures": n.tolist(), "clicks": c.tolist(),
+            "propensity": [None if math.isnan(v) else float(v / ctr[0]) for v in ctr]}
+
+
+def position_curve_em(cells: Iterable[tuple], max_position: int, iterations: int = 200,
+                      tolerance: float = 1e-9) -> dict:
+    """Position-based click model (P(click) = theta_position x gamma_item) fitted by EM on
+    (item, position, exposures, clicks) cells; theta returned relative to position 1.
+
+    E-step for a non-click at (k, d): P(examined, not relevant) = theta(1-gamma)/(1-theta gamma),
+    P(not examined, relevant) = (1-theta)gamma/(1-theta gamma) (Chuklin, Markov, de Rijke,
+    'Click Models for Web Search', 4.2); the M-step averages over the cells' exposures.
+    """
+    cells = sorted((str(item), min(int(pos), max_position) - 1, float(e), float(k)) for item, pos, e, k in cells)
+    if not cells:
+        raise ValueError("no exposures")
+    items = sorted({c[0] for c in cells})
+    ix = {d: i for i, d in enumerate(items)}
+    d_idx = np.array([ix[c[0]] for c in cells])
+    k_idx = np.array([c[1] for c in cells])
+    n = np.array([c[2] for c in cells])
+    clicks = np.array([c[3] for c in cells])
+    n_pos = np.bincount(k_idx, weights=n, minlength=max_position)
+    n_item = np.bincount(d_idx, weights=n, minlength=len(items))
+    theta = np.full(max_position, 0.5)
+    gamma = np.full(len(items), 0.5)
+    done = 0
+    for done in range(1, iterations + 1):
+        t, g = theta[k_idx], gamma[d_idx]
+        denom = np.maximum(1 - t * g, 1e-12)
+        non = n - clicks
+        e_pos = clicks + non * t * (1 - g) / denom
+        e_item = clicks + non * (1 - t) * g / denom
+        new_theta = np.divide(np.bincount(k_idx, weights=e_pos, minlength=max_position), n_pos,
+                              out=np.full(max_position, np.nan), where=n_pos > 0)
+        new_gamma = np.bincount(d_idx, weights=e_item, minlength=len(items)) / n_item
+        new_theta = np.where(np.isnan(new_theta), 0.5, np.clip(new_theta, 1e-6, 1 - 1e-9))
+        new_gamma = np.clip(new_gamma, 1e-9, 1 - 1e-9)
+        change = max(np.max(np.abs(new_theta - theta)), np.max(np.abs(new_gamma - gamma)))
+        theta, gamma = new_theta, new_gamma
+        if change < tolerance:
+            break
+    ctr = np.divide(np.bincount(k_idx, weights=clicks, minlength=max_position), n_pos,
+                    out=np.zeros(max_position), where=n_pos > 0)
+    return {"method": "em", "iterations": done, "exposures": n_pos.tolist(),
+            "clicks": np.bincount(k_idx, weights=clicks, minlength=max_position).tolist(),
+            "naive_ctr_ratio": [float(v / ctr[0]) if n_pos[i] and ctr[0] else None for i, v in enumerate(ctr)],
+            "propensity": [float(theta[i] / theta[0]) if n_pos[i] else None for i in range(max_position)]}
+
+
+def position_weights_table(curve: dict, max_weight: float) -> dict:
+    """The file `labels.position_weights` reads: per position, propensity and weight = min(1/propensity, cap)."""
+    positions = {}
+    last = None
+    observed = [i for i, n in enumerate(curve["exposures"]) if n]
+    # positions past the last observed one are left out: labels give them the last entry's weight
+    for i, p in enumerate(curve["propensity"][:observed[-1] + 1 if observed else 0]):
+        if p is None or p <= 0:
+            if last is None:
+                continue
+            p = last   # a position with no data takes the estimate of the nearest one above it
+        last = p
+        positions[str(i + 1)] = {"propensity": p, "weight": min(1.0 / p, max_weight),
+                                 "exposures": int(curve["exposures"][i])}
+    return {"method": curve["method"], "max_weight": max_weight, "positions": positions,
+            "applies_to": "positive labels (inverse-propensity weighting of clicks)"}
+
+
+# --- quality gate ----------------------------------------------------------------------------
+
+def _row(slo, value, threshold, ok, message, mode):
+    if ok is False:
+        message = f"BREACH: {message}" + (" (warn mode: reported, the job does not fail)" if mode == "warn" else "")
+    elif ok is None:
+        message = f"not evaluated: {message}"
+    return {"slo": slo, "value": value, "threshold": threshold, "ok": ok, "message": message}
+
+
+def evaluation_slos(evaluation: dict, cfg: EvaluationConfig, mode: str = "fail") -> list[dict]:
+    """The evaluation's gates, in the shape of transforms.quality.evaluate_slos rows."""
+    rows = []
+    ecfg = cfg.experiments
+    if ecfg.srm_alpha is not None:
+        for exp_id, exp in sorted(((evaluation.get("experiments") or {}).get("experiments") or {}).items()):
+            srm = exp.get("srm")
+            name = f"srm.{exp_id}"
+            if srm is None:
+                rows.append(_row(name, None, ecfg.srm_alpha, None,
+                                 f"no split configured (evaluation.experiments.experiments.{exp_id}.split)", mode))
+            elif srm["p_value"] is None:
+                rows.append(_row(name, None, ecfg.srm_alpha, None, "no units in the configured variants", mode))
+            else:
+                obs = ", ".join(f"{v} {r['observed']} (expected {r['expected']:.0f})" for v, r in srm["variants"].items())
+                extra = f"; variants outside the split: {srm['unexpected']}" if srm["unexpected"] else ""
+                rows.append(_row(name, srm["p_value"], ecfg.srm_alpha, srm["ok"],
+                                 f"chi-square {srm['chi2']:.3f} (df {srm['df']}), p = {srm['p_value']:.3g} "
+                                 f"(min {ecfg.srm_alpha:g}): {obs}{extra}", mode))
+    cs, ccfg = evaluation.get("cold_start") or {}, cfg.cold_start
+    if ccfg.new_exposure_share_min is not None:
+        share = cs.get("new_exposure_share")
+        t = ccfg.new_exposure_share_min
+        if share is None:
+            rows.append(_row("cold_start.new_exposure_share", None, t, None,
+                             "no exposure is new_item_age after the data start", mode))
+        else:
+            rows.append(_row("cold_start.new_exposure_share", share, t, share >= t,
+                             f"{cs['new_exposures']} of {cs['judged_exposures']} judged exposures went to items first "
+                             f"seen within {ccfg.new_item_age:g} s = {100 * share:.3g}% (min {100 * t:.3g}%)", mode))
+    for key, t in (("gini", ccfg.gini_max), ("top1pct_share", ccfg.top1pct_share_max)):
+        if t is None:
+            continue
+        vals = [(b[key], b["bucket_start_ms"]) for b in cs.get("buckets") or [] if b[key] is not None]
+        if not vals:
+            rows.append(_row(f"concentration.{key}", None, t, None, "no exposures", mode))
+            continue
+        worst, at = max(vals)
+        over = sum(1 for v, _ in vals if v > t)
+        when = dt.datetime.fromtimestamp(at / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+        rows.append(_row(f"concentration.{key}", worst, t, not over,
+                         f"worst bucket {when}: {worst:.4f} (max {t:g}); {over} of {len(vals)} buckets over", mode))
+    ocfg = cfg.ope
+    if ocfg.min_ess_share is not None:
+        d = (evaluation.get("ope") or {}).get("diagnostics") or {}
+        share = d.get("ess_share")
+        if share is None:
+            rows.append(_row("ope.ess_share", None, ocfg.min_ess_share, None, "no exposure with a propensity", mode))
+        else:
+            rows.append(_row("ope.ess_share", share, ocfg.min_ess_share, share >= ocfg.min_ess_share,
+                             f"effective sample size {d['ess']:.1f} = {100 * share:.3g}% of exposures "
+                             f"(min {100 * ocfg.min_ess_share:.3g}%); max weight {d['max_weight']:.3g}", mode))
+    return rows
+
+
+def load_position_weights(path: str) -> tuple[tuple[int, float], ...]:
+    """The `positions` table of a position_weights.json (written by pipelines.evaluate) ->
+    ((position, weight), ...) sorted by position. ValueError naming the file and the bad entry."""
+    try:
+        data = json.loads(_read_bytes(path))
+    except OSError as e:
+        raise ValueError(f"cannot read position weights file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"position weights file {path} is not JSON: {e}") from None
+    table = data.get("positions") if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"position weights file {path}: needs a non-empty 'positions' object "
+                         "(write it with python -m pipelines.evaluate)")
+    out = []
+    for k, v in table.items():
+        w = v.get("weight") if isinstance(v, dict) else v
+        try:
+            pos = int(k)
+        except ValueError:
+            raise ValueError(f"position weights file {path}: position {k!r} is not an integer") from None
+        if pos < 1 or isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+            raise ValueError(f"position weights file {path}: position {k!r} needs a position >= 1 and a "
+                             f"finite weight > 0, got {w!r}")
+        out.append((pos, float(w)))
+    return tuple(sorted(out))
