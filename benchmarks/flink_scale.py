@@ -1,7 +1,7 @@
 """Scale: the batch job on a standalone Flink 1.20.3 cluster with fixed TaskManager memory.
 
     python benchmarks/flink_scale.py --events 2000000 [--files 10] [--tm-memory 2g] [--workdir /tmp/flink-bench]
-    python benchmarks/flink_scale.py --events 2000 --files 2       # tiny (CI runs it on the tests' cluster)
+    python benchmarks/flink_scale.py --events 1500 --files 2       # tiny (tests/test_benchmarks.py)
     python benchmarks/flink_scale.py --events 200000 --engine fnapi   # the same input on FnApiRunner / prism
 
 Generates `--events` events (split over `--files` files, one generator seed and start day each; cached

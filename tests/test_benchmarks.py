@@ -17,6 +17,8 @@ BENCH = ROOT / "benchmarks"
 # Script -> its arguments for a tiny run ({work}: a temporary folder, {data}: a tiny generated input).
 TINY_ARGS = {
     "batch_throughput.py": ["--sizes", "150", "300", "--runners", "fnapi", "--workdir", "{work}"],
+    # starts its own standalone Flink cluster (JobManager + 2 TaskManagers); tools from .ci/install-flink
+    "flink_scale.py": ["--events", "1500", "--files", "2", "--workdir", "{work}"],
     "profile_job.py": ["--events", "150", "--workdir", "{work}", "--top", "5"],
     "reference.py": ["--input", "{data}", "--output", "{work}/reference"],
 }
@@ -52,6 +54,9 @@ def test_benchmark_script_runs_on_a_tiny_input(script, tmp_path, tiny_input):
             job = run["job_fnapi"]
             assert job["accounting_holds"] and job["same_counts_as_reference"], run
         assert set(result["job_fnapi"]) >= {"cpu_us_per_event", "fixed_cpu_s", "rss_kib_per_event", "ratio_to_reference"}
+    if script == "flink_scale.py":
+        result = json.loads(proc.stdout[proc.stdout.index("{"):])
+        assert result["accounting_exact"] and sum(result["counts"].values()) == 1500, result
     if script == "reference.py":
         summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
         assert summary["accounting_holds"] and sum(summary["counts"].values()) == 150

@@ -40,7 +40,7 @@ from pipelines import batch, streaming
 from pipelines.generate import generate
 from pipelines.graph import GraphSettings
 from tests import test_streaming as ts
-from tests.conftest import FN_API_RUNNER, ROOT, write_config
+from tests.conftest import FN_API_RUNNER, write_config
 from tests.engines import *  # noqa: F401,F403 - pytest fixtures
 from tests.engines import flink_options, prism_options
 from transforms.config import load_config
@@ -269,19 +269,6 @@ def test_batch_survives_a_killed_taskmanager(generated, flink_job_server_jar, fl
     assert history, "Flink recorded no failure: the kill did not interrupt the job"
     assert_same_report(generated["reference"], report, metrics_required=False)
     assert_same_outputs(generated["reference_dir"], generated["tmp"] / "flink-recovery")
-
-
-def test_flink_scale_benchmark_runs_tiny(flink_job_server_jar, flink_cluster, tmp_path):
-    """benchmarks/flink_scale.py end to end on a tiny input (on the session cluster): the script works
-    and its accounting check holds; the real figures are in benchmarks/RESULTS.md."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("flink_scale", ROOT / "benchmarks" / "flink_scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--events", "1500", "--files", "2", "--workdir", str(tmp_path),
-                         "--flink-master", flink_cluster.master, "--flink-job-server-jar", flink_job_server_jar])
-    assert result["accounting_exact"] and result["events"] == 1500
-    assert sum(result["counts"].values()) == 1500
 
 
 # --- streaming graph under TestStream --------------------------------------------------------
