@@ -34,7 +34,7 @@ from tests.conftest import ROOT
 from tests.processes import DIE_WITH_PARENT, free_port, stop
 
 __all__ = ["prism_binary", "flink_install", "flink_home", "flink_job_server_jar", "flink_cluster", "FlinkCluster",
-           "FlinkClusterError", "prism_options", "flink_options"]
+           "FlinkClusterError", "prism_options", "flink_options", "flink_cluster_job_server", "portable_options"]
 
 INSTALL_TIMEOUT_S = 30 * 60      # a cold Prism build took ~7 min on 2 cores
 CLUSTER_START_TIMEOUT_S = 120    # ~30 s seen for JobManager + TaskManager to register
@@ -282,3 +282,36 @@ def flink_cluster(flink_home, tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+def portable_options(endpoint: str, *extra: str) -> list:
+    """Beam options for a job server that is already running (PortableRunner --job_endpoint)."""
+    return ["--runner=PortableRunner", f"--job_endpoint={endpoint}", "--environment_type=LOOPBACK", *extra]
+
+
+@pytest.fixture(scope="session")
+def flink_cluster_job_server(flink_job_server_jar, flink_cluster, tmp_path_factory):
+    """One job server for the session, submitting to the standalone cluster; its endpoint. Beam's
+    FlinkRunner starts a new job server JVM (~600 MB) per pipeline and stops it only when Python exits,
+    so all but the tests of the FlinkRunner flags themselves share this one."""
+    import socket
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("flink-job-server") / "job-server.log", "wb")
+    proc = subprocess.Popen(["java", "-jar", flink_job_server_jar, "--flink-master", flink_cluster.master,
+                             "--job-port", str(port), "--artifact-port", "0", "--expansion-port", "0"],
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=DIE_WITH_PARENT)
+    try:
+        deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the Flink job server exited (code {proc.returncode}); see {log.name}", pytrace=False)
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the Flink job server did not listen on {port}; see {log.name}", pytrace=False)
+                time.sleep(0.5)
+        yield f"localhost:{port}"
+    finally:
+        stop(proc, timeout=20)

@@ -42,7 +42,7 @@ from pipelines.graph import GraphSettings
 from tests import test_streaming as ts
 from tests.conftest import FN_API_RUNNER, write_config
 from tests.engines import *  # noqa: F401,F403 - pytest fixtures
-from tests.engines import flink_options, prism_options
+from tests.engines import flink_options, portable_options, prism_options
 from transforms.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -189,7 +189,7 @@ def tree_digests(root) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["archive", "dead-letters"])
-def test_replay_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, flink_cluster, mode):
+def test_replay_on_flink_cluster_equals_fnapi(generated, flink_cluster_job_server, flink_cluster, mode):
     """Replays write deterministic files: the cluster's must be byte-identical to FnApiRunner's."""
     from pipelines import replay
     ref = generated["reference_dir"]
@@ -203,7 +203,7 @@ def test_replay_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, f
     want = replay.run(args + ["--output", str(tmp / f"replay-{mode}-fnapi"), f"--runner={FN_API_RUNNER}"])
     before = {j["jid"] for j in flink_cluster.jobs()}
     got = replay.run(args + ["--output", str(tmp / f"replay-{mode}-flink"),
-                             *flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2")])
+                             *portable_options(flink_cluster_job_server, "--parallelism=2")])
     assert_ran_on_cluster(flink_cluster, before)
     drop = {"output", "run_id", "runner", "elapsed_seconds", "metrics", "replayability"}
     assert {k: v for k, v in got.items() if k not in drop} == {k: v for k, v in want.items() if k not in drop}
@@ -228,7 +228,7 @@ def _runs_on_both_taskmanagers(cluster, jid: str) -> bool:
     return False
 
 
-def test_batch_survives_a_killed_taskmanager(generated, flink_job_server_jar, flink_cluster):
+def test_batch_survives_a_killed_taskmanager(generated, flink_cluster_job_server, flink_cluster):
     """SIGKILL one TaskManager while the batch job runs on both; Flink's restart strategy reruns the job
     on the surviving TaskManager (2 slots) and the outputs equal the uninterrupted run's exactly.
     The job runs in this (main) thread -- Beam's job server launcher installs a signal handler -- and a
@@ -256,7 +256,7 @@ def test_batch_survives_a_killed_taskmanager(generated, flink_job_server_jar, fl
     try:
         report = batch.run(generated["argv"] + [
             "--output", str(generated["tmp"] / "flink-recovery"),
-            *flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2")])
+            *portable_options(flink_cluster_job_server, "--parallelism=2")])
     finally:
         done.set()
         watcher.join(30)
@@ -334,8 +334,8 @@ def test_streaming_on_prism_equals_batch(scenario, prism_binary, step_watermark)
     assert_stream_equals_batch(scenario, out)
 
 
-def test_streaming_on_flink_equals_batch(scenario, flink_job_server_jar, flink_cluster):
+def test_streaming_on_flink_equals_batch(scenario, flink_cluster_job_server):
     out = scenario["tmp"] / "flink"
-    run_streaming_on(flink_options(flink_job_server_jar, flink_cluster.master), scenario["settings"],
+    run_streaming_on(portable_options(flink_cluster_job_server, "--parallelism=2"), scenario["settings"],
                      scenario["cfg"], ts.SCENARIO, out)
     assert_stream_equals_batch(scenario, out)
