@@ -143,8 +143,14 @@ def outcomes(out_dir, valid_name: str, offset_s: int) -> dict:
 
 def assert_invariant(reference: dict, got: dict, offset_s: int):
     assert reference["bots"] and reference["labels"] and reference["features"]
-    for name in ("valid", "bots", "sessions", "duplicates", "labels"):
+    for name in ("valid", "bots", "sessions", "duplicates"):
         assert got[name] == reference[name], f"{name} differ after a shift by {offset_s} s"
+    ref_labels = {l["label_id"]: l for l in reference["labels"]}
+    got_labels = {l["label_id"]: l for l in got["labels"]}
+    assert got_labels == ref_labels, (
+        f"labels differ after a shift by {offset_s} s: missing {sorted(set(ref_labels) - set(got_labels))[:5]}, "
+        f"extra {sorted(set(got_labels) - set(ref_labels))[:5]}, changed "
+        f"{[(ref_labels[k], got_labels[k]) for k in set(ref_labels) & set(got_labels) if ref_labels[k] != got_labels[k]][:2]}")
     if offset_s % FEATURE_PERIOD_S == 0:
         assert got["features"] == reference["features"], f"features differ after a shift by {offset_s} s"
 
