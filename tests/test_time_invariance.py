@@ -211,7 +211,8 @@ def test_prism_is_shift_invariant(generated, prism_binary, offset_s):
     run_stream(prism_options(prism_binary), generated["settings"], generated["cfg"],
                shifted(generated["events"], offset_s), out)
     # Labels are not compared on Prism: measured on this input (offsets 5400 and 12345 s), Prism wrote
-    # some labels twice and settled 3 exposures before their click reached the labels step (label 0
+    # some labels twice and settled exposures before their click reached the labels step (label 0
     # instead of 1, a late outcome) -- an open issue in the streaming labels path on Prism, found by
-    # this test; bots, sessions, duplicates, valid events and features agree exactly.
+    # this test. Bots, sessions, duplicates, valid events and features agreed exactly at 5400 s; one
+    # run at 12345 s lost 3 valid events (input 900, outcomes 897): also open, so this can fail.
     assert_invariant(generated["reference"], outcomes(out, "archive", offset_s), offset_s, labels=False)
