@@ -19,6 +19,7 @@ TINY_ARGS = {
     "batch_throughput.py": ["--sizes", "150", "300", "--runners", "fnapi", "--workdir", "{work}"],
     # starts its own standalone Flink cluster (JobManager + 2 TaskManagers); tools from .ci/install-flink
     "flink_scale.py": ["--events", "1500", "--files", "2", "--workdir", "{work}"],
+    "pii_redaction.py": ["300"],
     "profile_job.py": ["--events", "150", "--workdir", "{work}", "--top", "5"],
     "reference.py": ["--input", "{data}", "--output", "{work}/reference"],
 }

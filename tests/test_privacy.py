@@ -183,3 +183,15 @@ def test_privacy_stats_and_slos():
     assert rows["privacy_compliance"]["ok"] is False
     assert rows["pii_at_source.context"]["ok"] is False and rows["pii_at_source.user_agent"]["ok"] is True
     assert privacy_stats({"feedback.parse.valid": 1})["compliance_rate"] == 1.0
+
+
+def test_dead_letter_without_a_key_masks_pii():
+    class NoRedaction:
+        @staticmethod
+        def redact(text):
+            return text
+    import base64
+    raw = b"\x02\x00\xff avro body jane@example.com +44 20 7946 0958"
+    d = dead_letter("schema_violation", None, "x", "read", raw, "m:1", NoRedaction())
+    text = base64.b64decode(d["raw"]).decode("latin-1")
+    assert "jane@example.com" not in text and "7946" not in text and "[email:masked]" in text

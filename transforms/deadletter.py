@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import orjson
 
-from transforms.privacy import DEAD_LETTER_PSEUDONYMISED
+from transforms.privacy import DEAD_LETTER_PSEUDONYMISED, PiiScanner
 
 
 def _default(value):
@@ -38,7 +38,9 @@ def redact_payload_text(text: str, redactor) -> str:
     no-op ones) only gets `redact(text)`.
     """
     if not hasattr(redactor, "redact_record"):
-        return redactor.redact(text)
+        # A reader's no-op redactor holds no key (e.g. an undecodable Avro body, whose strings are still
+        # plain bytes): PII is masked without a token rather than kept.
+        return _mask_unkeyed(redactor.redact(text))
     try:
         obj = orjson.loads(text)
         redacted = redactor.redact_record(obj)
@@ -63,6 +65,13 @@ def _pseudonymise_ids_in_text(text: str, redactor) -> str:
         redactor.note(field, str(value))
         return m.group(1) + '"' + redactor.pseudonym(field, str(value)) + '"'
     return _ID_IN_TEXT_RE.sub(one, text)
+
+
+def _mask_unkeyed(text: str) -> str:
+    spans = PiiScanner().spans(text)
+    for start, end, kind in reversed(spans):
+        text = f"{text[:start]}[{kind}:masked]{text[end:]}"
+    return text
 
 
 def _scrub(text: Optional[str], redactor) -> Optional[str]:
