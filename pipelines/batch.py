@@ -26,13 +26,12 @@ from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, summarise
 from transforms.config import ConfigError, load_config
 from transforms.features import WriteOfflineFeatures
-from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.signals import QualitySignals, stats_from_parts
 from transforms.quality import breaches, drift_report, evaluate_slos, privacy_stats, quality_summary, slo_exit_code
 from pipelines.baseline import load_baseline
 from pipelines.report_html import render_report, write_report_html
-from transforms.io import (DAMAGE_FIELDS, OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines,
-                           WriteWindowedFiles, read_all)
+from pipelines.outputs import AVRO, BATCH_OUTPUTS, Output, OutputPaths, output_collections
+from transforms.io import DAMAGE_FIELDS, ReadRawRecords, WriteAvroEvents, WriteJsonLines, WriteWindowedFiles, read_all
 
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 DAMAGED_FILES = "damaged_files"   # report.json key: files read only up to a damage (see README, Dead letters)
@@ -98,32 +97,22 @@ def quality_stats(paths: OutputPaths, summary: dict) -> dict:
                             read_jsonl_glob(paths.quality_part("freshness") + "*"))
 
 
+def _sink(output: Output, prefix: str, schema, shards: int, deterministic: bool) -> beam.PTransform:
+    if deterministic:
+        folder, name = prefix.rsplit("/", 1)
+        return WriteWindowedFiles(folder, name, output.fmt, schema, max(1, shards))
+    if output.fmt == AVRO:
+        return WriteAvroEvents(prefix, schema, shards)
+    return WriteJsonLines(prefix, shards)
+
+
 def build_outputs(out: GraphOutputs, settings: GraphSettings, paths: OutputPaths, deterministic: bool = False) -> None:
-    """The batch sinks. `deterministic`: sorted records in fixed-name files (replays rewrite the same
-    bytes) instead of runner-sharded writes."""
-    shards = settings.num_shards
-
-    def avro(pcoll, label, prefix, schema):
-        if deterministic:
-            name = prefix.rsplit("/", 1)
-            return pcoll | label >> WriteWindowedFiles(name[0], name[1], "avro", schema, max(1, shards))
-        return pcoll | label >> WriteAvroEvents(prefix, schema, shards)
-
-    def jsonl(pcoll, label, prefix):
-        if deterministic:
-            name = prefix.rsplit("/", 1)
-            return pcoll | label >> WriteWindowedFiles(name[0], name[1], "jsonl", None, max(1, shards))
-        return pcoll | label >> WriteJsonLines(prefix, shards)
-
-    avro(out.valid, "WriteEvents", paths.events, settings.clean_schema)
-    avro(out.bots, "WriteBots", paths.bots, settings.clean_schema)
-    jsonl((out.dead_letter, out.too_late) | "DeadAndTooLate" >> beam.Flatten(), "WriteDeadLetters", paths.dead_letter)
-    avro(out.labels, "WriteLabels", paths.labels, LABEL_SCHEMA)
-    avro(out.slates, "WriteSlates", paths.slates, SLATE_SCHEMA)
-    jsonl(out.orphans, "WriteOrphans", paths.orphans)
-    jsonl(out.late_outcomes, "WriteLateOutcomes", paths.late_outcomes)
-    jsonl(out.duplicates, "WriteDuplicates", paths.duplicates)
-    jsonl(out.consent_dropped, "WriteConsentDropped", paths.consent_dropped)
+    """The batch sinks (BATCH_OUTPUTS, features, counters). `deterministic`: sorted records in fixed-name
+    files (replays rewrite the same bytes) instead of runner-sharded writes."""
+    pcolls = output_collections(out, BATCH_OUTPUTS)
+    for o in BATCH_OUTPUTS:
+        _ = pcolls[o.name] | o.write_label >> _sink(o, paths.of(o), o.schema_for(settings.clean_schema),
+                                                     settings.num_shards, deterministic)
     if out.features is not None:
         _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(paths.features)
     _ = (out.counts
@@ -194,9 +183,7 @@ def run(argv=None) -> dict:
         **summary,
         DAMAGED_FILES: sorted(read_jsonl_glob(paths.quality_part(DAMAGED_FILES) + "*"), key=lambda d: d["file"]),
         "metrics": beam_counters(result),
-        "outputs": {name: getattr(final, name) + "*" for name in
-                    ("events", "bots", "dead_letter", "duplicates", "consent_dropped", "labels", "slates",
-                     "orphans", "late_outcomes")},
+        "outputs": {o.name: final.of(o) + "*" for o in BATCH_OUTPUTS},
     }
     stats = quality_stats(paths, summary)
     stats["privacy"] = privacy_stats(report["metrics"]) if report["metrics"] else None  # None: runner has no metrics

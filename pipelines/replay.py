@@ -53,12 +53,14 @@ from pipelines.cli import add_overwrite_flag, pipeline_options, run_main
 from pipelines.graph import GraphSettings, build_event_graph
 from transforms.accounting import AccountingError, CountOutcomes, label_summary, summarise
 from transforms.config import ConfigError, load_config
-from transforms.io import OutputPaths, WriteWindowedFiles, read_all
-from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA, BuildSlates, JoinLabels, LabelRules, is_exposure
+from pipelines.outputs import COUNTS, LABELS, LATE_OUTCOMES, ORPHAN_OUTCOMES, REPLAY_ARCHIVE_OUTPUTS, SLATES, OutputPaths
+from transforms import contract
+from transforms.io import WriteWindowedFiles, read_all
+from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure, label_polarity
 from transforms.parse import parse_event_time
 
 PARTITION_S = 3600
-_REPLAYED = ("labels", "slates", "orphan_outcomes", "late_outcomes")
+_REPLAYED = tuple(o.name for o in REPLAY_ARCHIVE_OUTPUTS)
 _log = logging.getLogger("pipelines.replay")
 
 
@@ -150,25 +152,23 @@ def build_archive_replay(p, settings: GraphSettings, archive_glob: str, start: i
     joined = events | "Labels" >> JoinLabels(settings.labels)
     labels = joined.labels | "LabelsInRange" >> beam.Filter(in_range("impression_time", start, end))
     slates = labels | "Slates" >> BuildSlates()
+    in_range_outputs = {LABELS.name: labels, SLATES.name: slates}
+    for o, tag in ((ORPHAN_OUTCOMES, JoinLabels.ORPHANS), (LATE_OUTCOMES, JoinLabels.LATE_OUTCOMES)):
+        in_range_outputs[o.name] = joined[tag] | f"{o.title}InRange" >> beam.Filter(in_range(o.time_field, start, end))
     root = output.rstrip("/")
-    _ = labels | "WriteLabels" >> WriteHourly(f"{root}/labels", "labels", "avro", LABEL_SCHEMA, "impression_time")
-    _ = slates | "WriteSlates" >> WriteHourly(f"{root}/slates", "slates", "avro", SLATE_SCHEMA, "impression_time")
-    for name, tag in (("orphan_outcomes", JoinLabels.ORPHANS), ("late_outcomes", JoinLabels.LATE_OUTCOMES)):
-        title = name.title().replace("_", "")
-        _ = (joined[tag]
-             | f"{title}InRange" >> beam.Filter(in_range("event_time", start, end))
-             | f"Write{title}" >> WriteHourly(f"{root}/{name}", name, "jsonl"))
+    for o in REPLAY_ARCHIVE_OUTPUTS:
+        _ = in_range_outputs[o.name] | f"Write{o.title}" >> WriteHourly(f"{root}/{o.name}", o.name, o.fmt, o.schema,
+                                                                        o.time_field)
     exposures = (events
                  | "Exposures" >> beam.Filter(is_exposure)
                  | "ExposuresInRange" >> beam.Filter(in_range("event_time", start, end)))
-    counted = {"exposures": exposures, "labels": labels,
-               "orphans": joined[JoinLabels.ORPHANS] | "OrphansCounted" >> beam.Filter(in_range("event_time", start, end)),
-               "late_outcomes": joined[JoinLabels.LATE_OUTCOMES]
-               | "LateCounted" >> beam.Filter(in_range("event_time", start, end))}
+    counted = {contract.COUNTER_EXPOSURES: exposures, contract.COUNTER_LABELS: labels,
+               contract.COUNTER_ORPHANS: in_range_outputs[ORPHAN_OUTCOMES.name],
+               contract.COUNTER_LATE_OUTCOMES: in_range_outputs[LATE_OUTCOMES.name]}
     _ = (counted
-         | "Accounting" >> CountOutcomes({"labels": lambda r: "positive" if r["label"] else "negative"})
+         | "Accounting" >> CountOutcomes({contract.COUNTER_LABELS: label_polarity})
          | "CountsToJson" >> beam.MapTuple(lambda k, n: {"counter": k, "count": n})
-         | "WriteCounts" >> WriteWindowedFiles(f"{root}/_counts", "counts", "jsonl"))
+         | "WriteCounts" >> WriteWindowedFiles(f"{root}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt))
     return labels
 
 

@@ -317,45 +317,6 @@ def to_json_line(record: dict) -> str:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode()
 
 
-@dataclasses.dataclass(frozen=True)
-class OutputPaths:
-    root: str
-
-    def _join(self, *parts):
-        return "/".join([self.root.rstrip("/"), *parts])
-
-    @property
-    def events(self): return self._join("events", "events")
-    @property
-    def bots(self): return self._join("bots", "bots")
-    @property
-    def dead_letter(self): return self._join("dead_letter", "dead_letter")
-    @property
-    def duplicates(self): return self._join("duplicates", "duplicates")
-    @property
-    def consent_dropped(self): return self._join("consent_dropped", "consent_dropped")
-    @property
-    def labels(self): return self._join("labels", "labels")
-    @property
-    def slates(self): return self._join("slates", "slates")
-    @property
-    def orphans(self): return self._join("orphan_outcomes", "orphans")
-    @property
-    def late_outcomes(self): return self._join("late_outcomes", "late_outcomes")
-    @property
-    def features(self): return self._join("features")
-    @property
-    def counts(self): return self._join("_counts", "counts")
-    @property
-    def report(self): return self._join("report.json")
-    @property
-    def quality(self): return self._join("quality.json")
-    @property
-    def report_html(self): return self._join("report.html")
-
-    def quality_part(self, name): return self._join("_quality", name)
-
-
 class WriteJsonLines(beam.PTransform):
     def __init__(self, prefix: str, num_shards: int = 0):
         super().__init__()

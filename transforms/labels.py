@@ -36,6 +36,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import contract
 from transforms.evaluation import load_position_weights
 
 METRICS_NS = "feedback.labels"
@@ -199,6 +200,11 @@ def settle(exposures: list[dict], outcomes: list[dict], rules: LabelRules, now: 
     return Settlement(labels, orphans, late, consumed)
 
 
+def label_polarity(label: dict) -> str:
+    """The sub-counter of a label: `labels.positive` or `labels.negative` (contract.COUNTER_LABELS_*)."""
+    return "positive" if label["label"] else "negative"
+
+
 def split_events(events: Iterable[dict], rules: LabelRules) -> tuple[list[dict], list[dict]]:
     exposures, outcomes = [], []
     for e in events:
@@ -340,11 +346,12 @@ class JoinLabels(beam.PTransform):
                  | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict]))
         if self._streaming:
             fn = _SettleStreamingFn(self._rules, self._delay_ms)
-            return keyed | "SettleAsDue" >> beam.ParDo(fn).with_outputs(self.ORPHANS, self.LATE_OUTCOMES, main="labels")
+            return keyed | "SettleAsDue" >> beam.ParDo(fn).with_outputs(
+                self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS)
         return (keyed
                 | "GroupUserItem" >> beam.GroupByKey()
                 | "Settle" >> beam.ParDo(_SettleBatchFn(self._rules)).with_outputs(
-                    self.ORPHANS, self.LATE_OUTCOMES, main="labels"))
+                    self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS))
 
 
 # --- slates -----------------------------------------------------------------------------------
