@@ -23,24 +23,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import sys
-import time
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import StandardOptions
 
-from pipelines.batch import beam_counters, read_jsonl_glob, write_json
-from pipelines.cli import pipeline_options, run_main
+from pipelines.launcher import (beam_counters, pipeline_options, quality_exit_code, read_jsonl_glob, require_match,
+                                run_main, run_pipeline, runner_name, write_json)
 from pipelines.report_html import render_evaluation_report, write_report_html
 from transforms import evaluation as E
 from transforms.config import ConfigError, load_config
 from transforms.quality import breaches, slo_exit_code
 
-DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 METRICS_NS = "feedback.evaluate"
 SECTIONS = ("ope", "position_bias", "experiments", "cold_start")
 EXCLUDED_NO_PROPENSITY = "no_propensity"
@@ -283,11 +280,6 @@ def build(p: beam.Pipeline, cfg: E.EvaluationConfig, tables: E.PolicyTables, lab
     return sections
 
 
-def _check_glob(flag: str, pattern: str) -> None:
-    if not FileSystems.match([pattern])[0].metadata_list:
-        raise ConfigError(f"{flag}: no file matches {pattern!r}")
-
-
 def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
@@ -296,14 +288,10 @@ def run(argv=None) -> dict:
         tables = E.load_policy_tables(ev.ope, cfg.resolve)
     except (OSError, ValueError) as e:
         raise ConfigError(f"evaluation.ope: {e}") from None
-    _check_glob("--labels", args.labels)
-    _check_glob("--slates", args.slates)
-    options = pipeline_options(beam_args, DEFAULT_RUNNER)
-    started = time.monotonic()
-    p = beam.Pipeline(options=options)
-    build(p, ev, tables, args.labels, args.slates, args.output)
-    result = p.run()
-    result.wait_until_finish()
+    require_match("--labels", args.labels)
+    require_match("--slates", args.slates)
+    options = pipeline_options(beam_args)
+    finished = run_pipeline(options, lambda p: build(p, ev, tables, args.labels, args.slates, args.output))
     found = {s.pop("section"): s for s in read_jsonl_glob(sections_prefix(args.output) + "*")}
     missing = [s for s in SECTIONS if s not in found]
     if missing:
@@ -311,9 +299,9 @@ def run(argv=None) -> dict:
     mode = "warn" if args.warn_only else cfg.quality.mode
     out = args.output.rstrip("/")
     evaluation = {"job": "evaluate", "labels": args.labels, "slates": args.slates, "output": args.output,
-                  "config": args.config, "runner": str(options.view_as(StandardOptions).runner),
-                  "beam_version": beam.__version__, "elapsed_seconds": round(time.monotonic() - started, 3),
-                  **{s: found[s] for s in SECTIONS}, "metrics": beam_counters(result)}
+                  "config": args.config, "runner": runner_name(options),
+                  "beam_version": beam.__version__, "elapsed_seconds": finished.elapsed_seconds,
+                  **{s: found[s] for s in SECTIONS}, "metrics": beam_counters(finished.result)}
     weights = found["position_bias"].get("weights")
     if weights:
         weights["positions"] = dict(sorted(weights["positions"].items(), key=lambda kv: int(kv[0])))
@@ -356,16 +344,8 @@ def format_summary(ev: dict) -> str:
     return "\n".join(lines)
 
 
-def _exit_code(ev: dict) -> int:
-    code = ev["quality"]["exit_code"]
-    for b in ev["quality"]["slos"]:
-        if b["ok"] is False:
-            print(f"{'error' if code else 'warning'}: gate {b['slo']} breached: {b['message']}", file=sys.stderr)
-    return code
-
-
 def main(argv=None) -> int:
-    return run_main(run, argv, format_summary, _exit_code)
+    return run_main(run, argv, format_summary, functools.partial(quality_exit_code, check="gate"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
+import apache_beam as beam
+
 from transforms import contract
+from transforms.features import WriteOfflineFeatures
+from transforms.io import WriteAvroEvents, WriteJsonLines, WriteWindowedFiles, counter_line
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 
 AVRO = "avro"
@@ -105,7 +109,6 @@ def counted(out, outputs=BATCH_OUTPUTS) -> dict:
 def output_collections(out, outputs=BATCH_OUTPUTS, merged_label: str = "DeadAndTooLate") -> dict:
     """{output name: PCollection} from a GraphOutputs; an output of several sources is their Flatten
     (one per call: `merged_label` names it)."""
-    import apache_beam as beam
     result = {}
     for o in outputs:
         parts = tuple(getattr(out, s) for s in o.sources)
@@ -137,3 +140,28 @@ class OutputPaths:
     def report_html(self): return self._join("report.html")
 
     def quality_part(self, name): return self._join("_quality", name)
+
+
+# --- batch sinks ----------------------------------------------------------------------------------
+
+def _sink(output: Output, prefix: str, schema, shards: int, deterministic: bool) -> beam.PTransform:
+    if deterministic:
+        folder, name = prefix.rsplit("/", 1)
+        return WriteWindowedFiles(folder, name, output.fmt, schema, max(1, shards))
+    if output.fmt == AVRO:
+        return WriteAvroEvents(prefix, schema, shards)
+    return WriteJsonLines(prefix, shards)
+
+
+def build_outputs(out, settings, paths: OutputPaths, deterministic: bool = False) -> None:
+    """The batch sinks (BATCH_OUTPUTS, features, counters). `deterministic`: sorted records in fixed-name
+    files (replays rewrite the same bytes) instead of runner-sharded writes."""
+    pcolls = output_collections(out, BATCH_OUTPUTS)
+    for o in BATCH_OUTPUTS:
+        _ = pcolls[o.name] | o.write_label >> _sink(o, paths.of(o), o.schema_for(settings.clean_schema),
+                                                     settings.num_shards, deterministic)
+    if out.features is not None:
+        _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(paths.features)
+    _ = (out.counts
+         | "CountsToJson" >> beam.MapTuple(counter_line)
+         | "WriteCounts" >> beam.io.WriteToText(paths.counts, file_name_suffix=".jsonl", num_shards=1))

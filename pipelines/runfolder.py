@@ -35,6 +35,7 @@ from typing import Iterable, Optional
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.config import ConfigError
+from transforms.io import read_all
 
 MANIFEST = "_MANIFEST.json"
 SUCCESS = "_SUCCESS"
@@ -81,18 +82,9 @@ def list_files(root: str) -> list[str]:
 def _read_json(path: str) -> Optional[dict]:
     try:
         with FileSystems.open(path) as f:
-            return json.loads(_read_all(f))
+            return json.loads(read_all(f, _CHUNK))
     except Exception:  # noqa: BLE001 - a missing or half-written manifest proves nothing
         return None
-
-
-def _read_all(f) -> bytes:
-    parts = []
-    while True:
-        chunk = f.read(_CHUNK)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -249,9 +241,9 @@ def count_records(path: str) -> Optional[int]:
         if name.endswith(".parquet"):
             import io
             import pyarrow.parquet as pq
-            return pq.ParquetFile(io.BytesIO(_read_all(f))).metadata.num_rows
+            return pq.ParquetFile(io.BytesIO(read_all(f, _CHUNK))).metadata.num_rows
         if name.endswith(".jsonl"):
-            data = _read_all(f)
+            data = read_all(f, _CHUNK)
             return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     return None
 

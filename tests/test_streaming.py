@@ -20,7 +20,9 @@ from pipelines import batch, streaming
 from pipelines.graph import GraphSettings
 from tests.conftest import write_config
 from tests.redis_server import redis_server  # noqa: F401 - pytest fixture (a real redis-server)
+from transforms import contract
 from transforms.config import load_config
+from transforms.io import sum_counters
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
 S, M, H = 1000, 60_000, 3_600_000
@@ -170,11 +172,8 @@ def test_streaming_equals_batch(both):
 
 def test_streaming_counts_balance(both):
     _, _, stream_out = both
-    counters = {}
-    for row in jsonl_rows(str(stream_out / "_counts" / "**" / "*.jsonl")):
-        counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]
-    outcomes = ("valid", "duplicates", "bots", "dead_letter", "consent_dropped", "too_late")
-    assert counters["input"] == len(SCENARIO) == sum(counters.get(o, 0) for o in outcomes)
+    counters = sum_counters(jsonl_rows(str(stream_out / "_counts" / "**" / "*.jsonl")))
+    assert counters["input"] == len(SCENARIO) == sum(counters.get(o, 0) for o in contract.OUTCOMES)
     assert counters["labels"] == counters["exposures"] == 7
 
 

@@ -13,9 +13,10 @@ import dataclasses
 import hashlib
 import io
 import lzma
+import json
 import uuid
 import zlib
-from typing import Any, Generator, Iterator, Optional
+from typing import Any, Generator, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import fastavro
@@ -315,6 +316,24 @@ class ReadRawRecords(beam.PTransform):
 
 def to_json_line(record: dict) -> str:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode()
+
+
+# --- counter files (`_counts`, `_quality/counters`): one {"counter", "count"} row per key and shard ---
+
+def counter_record(key: str, count: int) -> dict:
+    return {"counter": key, "count": count}
+
+
+def counter_line(key: str, count: int) -> str:
+    return json.dumps(counter_record(key, count))
+
+
+def sum_counters(rows: Iterable[dict]) -> dict:
+    """Counter rows (from several shards or panes) -> {counter: total}."""
+    totals: dict = {}
+    for row in rows:
+        totals[row["counter"]] = totals.get(row["counter"], 0) + row["count"]
+    return totals
 
 
 class WriteJsonLines(beam.PTransform):
