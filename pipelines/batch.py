@@ -13,16 +13,28 @@ import datetime as dt
 import json
 import logging
 import sys
-from typing import Optional
 
 import apache_beam as beam
 
 from pipelines import runfolder
 from pipelines.baseline import load_baseline
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
-from pipelines.launcher import (EXIT_ACCOUNTING, EXIT_CONFIG, add_overwrite_flag, beam_counters,  # noqa: F401
-                                pipeline_options, quality_exit_code, read_counters, read_jsonl_glob, refuse_unless,
-                                require_match, run_main, run_pipeline, runner_name, write_json)
+from pipelines.launcher import (  # noqa: F401
+    EXIT_ACCOUNTING,
+    EXIT_CONFIG,
+    add_overwrite_flag,
+    beam_counters,
+    pipeline_options,
+    quality_exit_code,
+    read_counters,
+    read_jsonl_glob,
+    refuse_unless,
+    require_match,
+    run_main,
+    run_pipeline,
+    runner_name,
+    write_json,
+)
 from pipelines.outputs import BATCH_OUTPUTS, OutputPaths, build_outputs
 from pipelines.report_html import render_report, write_report_html
 from transforms.accounting import summarise
@@ -40,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     Template metadata test, which checks templates/*/metadata.json against it."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML job config, e.g. config/batch.yaml")
-    parser.add_argument("--input", required=True, help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives")
+    parser.add_argument("--input", required=True,
+                        help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives")
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
     parser.add_argument("--baseline", help="baseline.json (python -m pipelines.baseline) to measure drift against; "
                                            "default: quality.baseline in the config")
@@ -70,7 +83,8 @@ def write_quality_signals(p: beam.Pipeline, out: GraphOutputs, paths: OutputPath
     signals = p | "QualitySignals" >> QualitySignals(out)
     _ = (signals["counters"]
          | "SignalsToJson" >> beam.MapTuple(counter_line)
-         | "WriteSignals" >> beam.io.WriteToText(paths.quality_part("counters"), file_name_suffix=".jsonl", num_shards=1))
+         | "WriteSignals" >> beam.io.WriteToText(paths.quality_part("counters"), file_name_suffix=".jsonl",
+                                                 num_shards=1))
     for name in ("diversity", "freshness"):
         _ = (signals[name]
              | f"{name.title()}ToJson" >> beam.Map(json.dumps)
@@ -133,7 +147,7 @@ def run(argv=None) -> dict:
     return report
 
 
-def assess_quality(cfg, paths: OutputPaths, stats: dict, baseline_path: Optional[str], warn_only: bool,
+def assess_quality(cfg, paths: OutputPaths, stats: dict, baseline_path: str | None, warn_only: bool,
                    title: str) -> dict:
     """quality.json, report.html and the SLO verdicts for a finished run."""
     qcfg = cfg.quality
@@ -166,7 +180,8 @@ def format_summary(report: dict) -> str:
     lines.append(f"labels {lab['labels']} for {lab['exposures']} exposures ({lab['positives']} positive), "
                  f"orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}")
     if report["dead_letter_by_reason"]:
-        lines.append("dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
+        lines.append("dead letters by reason: "
+                     + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
     if report.get(DAMAGED_FILES):
         lines.append(f"damaged files (read up to the damage, rest dead-lettered as corrupt_file): "
                      f"{', '.join(d['stopped_at'] for d in report[DAMAGED_FILES])}")

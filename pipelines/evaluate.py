@@ -26,13 +26,21 @@ import datetime as dt
 import functools
 import json
 import sys
-from typing import Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines.launcher import (beam_counters, pipeline_options, quality_exit_code, read_jsonl_glob, require_match,
-                                run_main, run_pipeline, runner_name, write_json)
+from pipelines.launcher import (
+    beam_counters,
+    pipeline_options,
+    quality_exit_code,
+    read_jsonl_glob,
+    require_match,
+    run_main,
+    run_pipeline,
+    runner_name,
+    write_json,
+)
 from pipelines.report_html import render_evaluation_report, write_report_html
 from transforms import evaluation as E
 from transforms.config import ConfigError, load_config
@@ -45,7 +53,8 @@ EXCLUDED_NO_PROPENSITY = "no_propensity"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML job config (its evaluation: section), e.g. config/batch.yaml")
+    parser.add_argument("--config", required=True,
+                        help="YAML job config (its evaluation: section), e.g. config/batch.yaml")
     parser.add_argument("--labels", required=True, help="File glob of label Avro files (batch job output labels/)")
     parser.add_argument("--slates", required=True, help="File glob of slate Avro files (batch job output slates/)")
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
@@ -73,7 +82,7 @@ def is_click(label: dict) -> bool:
 class _OpeTermsFn(beam.DoFn):
     EXCLUDED = "excluded"
 
-    def __init__(self, tables: E.PolicyTables, reward: str, clip: Optional[float]):
+    def __init__(self, tables: E.PolicyTables, reward: str, clip: float | None):
         self._tables, self._reward, self._clip = tables, reward, clip
         self._used = Metrics.counter(METRICS_NS, "ope_exposures")
         self._excluded = Metrics.counter(METRICS_NS, "ope_excluded_no_propensity")
@@ -98,13 +107,18 @@ def _finish_ope(rows: list, excluded: list, cfg: E.OpeConfig, has_reward_model: 
 
 
 class OffPolicyEstimates(beam.PTransform):
-    """Labels -> one dict: IPS / SNIPS (/ DM / DR with a reward model), intervals and diagnostics."""
+    """Labels -> one dict: IPS / SNIPS (/ DM / DR with a reward model), intervals and diagnostics.
+
+    Args:
+      tables: target-policy (and reward-model) tables, loaded on the launcher.
+      cfg: the `evaluation.ope` section (reward, clipping, target policy).
+    """
 
     def __init__(self, tables: E.PolicyTables, cfg: E.OpeConfig):
         super().__init__()
         self._tables, self._cfg = tables, cfg
 
-    def expand(self, labels):
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         terms = labels | "Terms" >> beam.ParDo(_OpeTermsFn(self._tables, self._cfg.reward, self._cfg.clip)
                                                ).with_output_types(tuple[str, dict]).with_outputs(
                                                    _OpeTermsFn.EXCLUDED, main="terms")
@@ -162,11 +176,17 @@ def _finish_experiments(cells: list, cfg: E.ExperimentsConfig) -> dict:
 
 
 class ExperimentReadout(beam.PTransform):
+    """Labels -> one dict: per experiment_id x variant readout, delta-method CIs vs control, sample-ratio check.
+
+    Args:
+      cfg: the `evaluation.experiments` section.
+    """
+
     def __init__(self, cfg: E.ExperimentsConfig):
         super().__init__()
         self._cfg = cfg
 
-    def expand(self, labels):
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         cfg = self._cfg
         return (labels
                 | "InExperiment" >> beam.Filter(lambda l: l.get("experiment_id") is not None
@@ -193,11 +213,17 @@ def cold_start_cell(label: dict, first_seen: dict, data_start: int, cfg: E.ColdS
 
 
 class ColdStartAndConcentration(beam.PTransform):
+    """Labels -> one dict: new-item exposure share and exposure concentration.
+
+    Args:
+      cfg: the `evaluation.cold_start` section.
+    """
+
     def __init__(self, cfg: E.ColdStartConfig):
         super().__init__()
         self._cfg = cfg
 
-    def expand(self, labels):
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         cfg = self._cfg
         times = labels | "ItemTime" >> beam.Map(lambda l: (l["item_id"], _ms(l["impression_time"])))
         first_seen = times | "FirstSeen" >> beam.CombinePerKey(min)
@@ -245,11 +271,17 @@ def _finish_position_bias(cells: list, cfg: E.PositionBiasConfig) -> dict:
 
 
 class EstimatePositionBias(beam.PTransform):
+    """Slates -> one dict: the click-propensity curve by position and its inverse weights.
+
+    Args:
+      cfg: the `evaluation.position_bias` section.
+    """
+
     def __init__(self, cfg: E.PositionBiasConfig):
         super().__init__()
         self._cfg = cfg
 
-    def expand(self, slates):
+    def expand(self, slates: beam.PCollection[dict]) -> beam.PCollection[dict]:
         cfg = self._cfg
         return (slates
                 | "SlateCells" >> beam.FlatMap(slate_cells, tuple(cfg.randomised_policies))

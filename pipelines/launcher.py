@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -141,8 +141,8 @@ def quality_exit_code(report: dict, check: str = "SLO") -> int:
     return code
 
 
-def run_main(run: Callable, argv=None, summary: Optional[Callable] = None,
-             exit_code: Optional[Callable] = None) -> int:
+def run_main(run: Callable, argv=None, summary: Callable | None = None,
+             exit_code: Callable | None = None) -> int:
     """Runs `run(argv)`; prints `summary(result)`; returns `exit_code(result)` (default 0) or the
     failure's exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,7 +10,6 @@ Folder and file names are on-disk contracts (README, Outputs): change them on pu
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
 
 import apache_beam as beam
 
@@ -44,7 +43,7 @@ class Output:
     """
     name: str
     fmt: str
-    schema: Union[dict, str, None]
+    schema: dict | str | None
     sources: tuple
     counters: tuple = ()
     file_prefix: str = ""
@@ -72,7 +71,7 @@ class Output:
     def write_label(self) -> str:
         return "Write" + (self.label or self.title)
 
-    def schema_for(self, clean_schema: dict) -> Optional[dict]:
+    def schema_for(self, clean_schema: dict) -> dict | None:
         return clean_schema if self.schema == CLEAN_EVENT_SCHEMA else self.schema
 
 

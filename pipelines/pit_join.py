@@ -23,7 +23,7 @@ import functools
 import hashlib
 import logging
 import sys
-from typing import Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import fastavro
@@ -33,8 +33,15 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipelines import runfolder
-from pipelines.launcher import (EXIT_CONFIG, add_overwrite_flag, beam_counters, json_summary,  # noqa: F401
-                                pipeline_options, run_main, run_pipeline)
+from pipelines.launcher import (  # noqa: F401
+    EXIT_CONFIG,
+    add_overwrite_flag,
+    beam_counters,
+    json_summary,
+    pipeline_options,
+    run_main,
+    run_pipeline,
+)
 from transforms.config import ConfigError
 from transforms.features import ENTITY_TYPES, FEATURE_COLUMNS, UNKNOWN_CATEGORY, FeaturesConfig, features_for_entity
 
@@ -226,8 +233,8 @@ def output_schema(label_schema: dict, columns: Sequence[tuple[str, str]]) -> dic
 
 
 def build(p: beam.Pipeline, labels_glob: str, features_dir: str, output: str, *,
-          windows: Optional[Sequence[str]] = None, entities: Optional[Sequence[str]] = None,
-          label_schema: Optional[dict] = None, num_shards: int = 0) -> beam.PCollection:
+          windows: Sequence[str] | None = None, entities: Sequence[str] | None = None,
+          label_schema: dict | None = None, num_shards: int = 0) -> beam.PCollection:
     """Labels + features -> training rows written as Avro to `<output>/training-*.avro`; returns the rows."""
     windows = tuple(windows or (w.label for w in FeaturesConfig().windows))
     entities = tuple(entities or ENTITY_TYPES)

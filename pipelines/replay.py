@@ -45,13 +45,32 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 
 from pipelines import runfolder
-from pipelines.launcher import (add_overwrite_flag, beam_counters, json_summary, pipeline_options, read_counters,
-                                refuse_unless, run_main, run_pipeline, runner_name, write_json)
 from pipelines.graph import GraphSettings, build_event_graph
+from pipelines.launcher import (
+    add_overwrite_flag,
+    beam_counters,
+    json_summary,
+    pipeline_options,
+    read_counters,
+    refuse_unless,
+    run_main,
+    run_pipeline,
+    runner_name,
+    write_json,
+)
+from pipelines.outputs import (
+    COUNTS,
+    LABELS,
+    LATE_OUTCOMES,
+    ORPHAN_OUTCOMES,
+    REPLAY_ARCHIVE_OUTPUTS,
+    SLATES,
+    OutputPaths,
+    build_outputs,
+)
+from transforms import contract
 from transforms.accounting import CountOutcomes, label_summary, summarise
 from transforms.config import ConfigError, load_config
-from pipelines.outputs import COUNTS, build_outputs, LABELS, LATE_OUTCOMES, ORPHAN_OUTCOMES, REPLAY_ARCHIVE_OUTPUTS, SLATES, OutputPaths
-from transforms import contract
 from transforms.io import WriteWindowedFiles, counter_record, read_all
 from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure, label_polarity
 from transforms.parse import parse_event_time
@@ -67,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("archive", help="labels from the streaming archive for a time range")
     a.add_argument("--config", required=True)
     a.add_argument("--archive", required=True, help="Glob of archive Avro files (streaming output archive/)")
-    a.add_argument("--from", dest="start", required=True, help="Start of the impression-time range (whole hour, ISO-8601)")
+    a.add_argument("--from", dest="start", required=True,
+                   help="Start of the impression-time range (whole hour, ISO-8601)")
     a.add_argument("--to", dest="end", required=True, help="End of the range, exclusive (whole hour, ISO-8601)")
     a.add_argument("--output", required=True)
     add_overwrite_flag(a)
@@ -126,13 +146,21 @@ def in_range(field: str, start: int, end: int):
     return lambda r: start <= r[field] < end
 
 
+@beam.typehints.with_input_types(dict)
 class WriteHourly(beam.PTransform):
+    """Records -> WriteWindowedFiles per hour of `time_field` (one file per hour: deterministic names).
+
+    Args:
+      directory, prefix, fmt, schema: as for WriteWindowedFiles.
+      time_field: the epoch-ms field that picks a record's hour.
+    """
+
     def __init__(self, directory: str, prefix: str, fmt: str, schema=None, time_field: str = "event_time"):
         super().__init__()
         self._args = (directory, prefix, fmt, schema)
         self._field = time_field
 
-    def expand(self, records):
+    def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         field = self._field
         return (records
                 | "StampPartition" >> beam.Map(lambda r: window.TimestampedValue(r, r[field] / 1000.0))

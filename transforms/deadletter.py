@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-from typing import Optional, Union
 
 import orjson
 
@@ -17,7 +16,7 @@ def _default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def payload_bytes(payload: Union[bytes, dict]) -> bytes:
+def payload_bytes(payload: bytes | dict) -> bytes:
     """The record as bytes: a JSON line as received, an Avro record re-encoded as JSON."""
     if isinstance(payload, bytes):
         return payload
@@ -45,7 +44,7 @@ def redact_payload_text(text: str, redactor) -> str:
     return orjson.dumps(redacted).decode()
 
 
-def _scrub(text: Optional[str], redactor) -> Optional[str]:
+def _scrub(text: str | None, redactor) -> str | None:
     """Text that only echoes the payload (message, field name, source): redacted, not counted again."""
     if not text:
         return text
@@ -54,8 +53,8 @@ def _scrub(text: Optional[str], redactor) -> Optional[str]:
     return redactor.redact(text)
 
 
-def dead_letter(reason: str, field: Optional[str], message: str, stage: str,
-                payload: Union[bytes, dict], source: str, redactor) -> dict:
+def dead_letter(reason: str, field: str | None, message: str, stage: str,
+                payload: bytes | dict, source: str, redactor) -> dict:
     """A dead-letter record.
 
     The payload is kept so a fixed pipeline can replay it, except that e-mail addresses, phone numbers

@@ -12,11 +12,12 @@ import bz2
 import dataclasses
 import hashlib
 import io
-import lzma
 import json
+import lzma
 import uuid
 import zlib
-from typing import Any, Generator, Iterable, Iterator, Optional
+from collections.abc import Generator, Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 import fastavro
@@ -131,7 +132,7 @@ class _CountingStream:
     block size) is damage, not a storage error: it is refused or capped at what the file holds
     before the storage layer would try to allocate it."""
 
-    def __init__(self, f, size: Optional[int] = None):
+    def __init__(self, f, size: int | None = None):
         self._f, self._size, self.offset = f, size, 0
 
     def read(self, size: int = -1) -> bytes:
@@ -204,7 +205,7 @@ def _describe(error: BaseException) -> str:
     return f"{name}: {error}"
 
 
-def read_json_lines(path: str, raw: _CountingStream) -> Generator[tuple, None, Optional[Damage]]:
+def read_json_lines(path: str, raw: _CountingStream) -> Generator[tuple, None, Damage | None]:
     """(source, line bytes) for each line of a JSON-lines file, plain or compressed (by suffix, as
     Beam detects it). Returns a Damage when the file cannot be read to its end: the lines before it
     are yielded, an incomplete line at the damage is part of the unreadable rest."""
@@ -225,7 +226,7 @@ def read_json_lines(path: str, raw: _CountingStream) -> Generator[tuple, None, O
     return None
 
 
-def read_avro(path: str, raw: _CountingStream, registry: SchemaRegistry) -> Generator[tuple, None, Optional[Damage]]:
+def read_avro(path: str, raw: _CountingStream, registry: SchemaRegistry) -> Generator[tuple, None, Damage | None]:
     """(source, record dict) for each record of an Avro file (any codec fastavro reads: null,
     deflate, snappy, ...). Returns a Damage when a block cannot be decoded."""
     n = 0
@@ -296,6 +297,13 @@ class ReadRawRecords(beam.PTransform):
     letter for its unreadable rest (tag CORRUPT; it carries the DAMAGE_FIELDS).
 
     A glob that matches nothing fails the job at once: an empty input is almost always a typo.
+
+    Args:
+      file_pattern: glob of JSONL (plain, gzip, ...) and Avro archives.
+      registry: the schema versions Avro archives may be written with.
+      reshuffle: spread the records over workers after reading (a file is read by one worker).
+
+    Returns {"records": PCollection[RawRecord], CORRUPT: PCollection[dict]}.
     """
     CORRUPT = _ReadFileFn.CORRUPT
 
@@ -303,9 +311,10 @@ class ReadRawRecords(beam.PTransform):
         super().__init__()
         self._pattern, self._registry, self._reshuffle = file_pattern, registry, reshuffle
 
-    def expand(self, pbegin):
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict:
         read = (pbegin
-                | "MatchFiles" >> fileio.MatchFiles(self._pattern, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
+                | "MatchFiles" >> fileio.MatchFiles(self._pattern,
+                                                    empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
                 | "OpenFiles" >> fileio.ReadMatches()
                 | "ReadRecords" >> beam.ParDo(_ReadFileFn(self._registry)).with_outputs(self.CORRUPT, main="records"))
         records = read.records
@@ -336,23 +345,40 @@ def sum_counters(rows: Iterable[dict]) -> dict:
     return totals
 
 
+@beam.typehints.with_input_types(dict)
 class WriteJsonLines(beam.PTransform):
+    """Records -> JSON lines (sorted keys) in runner-sharded files `<prefix>-SSSSS-of-NNNNN.jsonl`.
+
+    Args:
+      prefix: path and file-name prefix.
+      num_shards: number of files; 0 lets the runner choose.
+    """
+
     def __init__(self, prefix: str, num_shards: int = 0):
         super().__init__()
         self._prefix, self._shards = prefix, num_shards
 
-    def expand(self, records):
+    def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         return (records
                 | "ToJson" >> beam.Map(to_json_line)
                 | "Write" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl", num_shards=self._shards))
 
 
+@beam.typehints.with_input_types(dict)
 class WriteAvroEvents(beam.PTransform):
+    """Records -> Avro files `<prefix>-SSSSS-of-NNNNN.avro`.
+
+    Args:
+      prefix: path and file-name prefix.
+      schema: the Avro writer schema (a dict).
+      num_shards: number of files; 0 lets the runner choose.
+    """
+
     def __init__(self, prefix: str, schema: dict, num_shards: int = 0):
         super().__init__()
         self._prefix, self._schema, self._shards = prefix, schema, num_shards
 
-    def expand(self, events):
+    def expand(self, events: beam.PCollection[dict]) -> beam.PCollection[str]:
         return events | "WriteAvro" >> beam.io.WriteToAvro(
             self._prefix, schema=self._schema, file_name_suffix=".avro", num_shards=self._shards)
 
@@ -371,7 +397,7 @@ def window_file_name(prefix: str, suffix: str, win, pane_index: int, shard: int,
     return "-".join(parts) + suffix
 
 
-def encode_file(records: list, fmt: str, schema: Optional[dict], name: str) -> bytes:
+def encode_file(records: list, fmt: str, schema: dict | None, name: str) -> bytes:
     """The bytes of one output file: records sorted by their JSON form, so a replay is byte-identical
     (Avro's sync marker is derived from the file name instead of being random)."""
     ordered = sorted(records, key=lambda r: orjson.dumps(r, option=orjson.OPT_SORT_KEYS, default=str))
@@ -384,7 +410,7 @@ def encode_file(records: list, fmt: str, schema: Optional[dict], name: str) -> b
 
 
 class _WritePaneFn(beam.DoFn):
-    def __init__(self, directory: str, prefix: str, fmt: str, schema: Optional[dict], shards: int):
+    def __init__(self, directory: str, prefix: str, fmt: str, schema: dict | None, shards: int):
         self._directory, self._prefix, self._fmt, self._schema, self._shards = directory, prefix, fmt, schema, shards
         self._files = Metrics.counter("feedback.write", "files")
         self._records = Metrics.counter("feedback.write", "records")
@@ -405,6 +431,7 @@ class _WritePaneFn(beam.DoFn):
         yield path
 
 
+@beam.typehints.with_input_types(dict)
 class WriteWindowedFiles(beam.PTransform):
     """Windowed records -> one file per (window, pane, shard) under `directory`.
 
@@ -413,9 +440,18 @@ class WriteWindowedFiles(beam.PTransform):
     files -- records lost without an error (tests/test_streaming.py caught it). Here the records are
     grouped per (window, shard) with the input's trigger, and each firing writes its own file named by
     its pane index.
+
+    Args:
+      directory: folder of the files.
+      prefix: file-name prefix; the window, pane and shard follow it.
+      fmt: "jsonl", or "avro" with `schema`.
+      schema: the Avro writer schema.
+      shards: files per window and pane (records are spread by a hash of their content).
+
+    Returns the written paths.
     """
 
-    def __init__(self, directory: str, prefix: str, fmt: str = "jsonl", schema: Optional[dict] = None,
+    def __init__(self, directory: str, prefix: str, fmt: str = "jsonl", schema: dict | None = None,
                  shards: int = 1):
         super().__init__()
         if fmt not in ("avro", "jsonl") or (fmt == "avro" and schema is None):
@@ -423,7 +459,7 @@ class WriteWindowedFiles(beam.PTransform):
         self._directory, self._prefix, self._fmt, self._schema = directory.rstrip("/"), prefix, fmt, schema
         self._shards = max(1, shards)
 
-    def expand(self, records):
+    def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         shards = self._shards
         return (records
                 | "Shard" >> beam.Map(lambda r: (_shard_of(r, shards), r)).with_output_types(tuple[int, Any])
