@@ -27,6 +27,6 @@ setuptools.setup(
         "cramjam>=2.7",         # snappy-compressed Avro input (fastavro's snappy codec)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "fake-useragent==2.2.0", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "fake-useragent==2.2.0", "hypothesis>=6.100", "ruff>=0.6"],
     },
 )
