@@ -22,15 +22,15 @@ import os
 import fastavro
 import orjson
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from pipelines import batch
 from pipelines.generate import generate
 from pipelines.graph import GraphSettings
-from tests import test_streaming as ts
 from tests.conftest import write_config
 from tests.engines import prism_binary, prism_options  # noqa: F401 - pytest fixture
-from tests.test_engines import run_streaming_on
+from tests.helpers import run_streaming, run_streaming_on
 from transforms.config import load_config
 
 N_EVENTS = 900
@@ -159,7 +159,7 @@ def test_batch_is_shift_invariant(generated, offset_s):
 @example(offset_s=4_321)
 def test_streaming_teststream_is_shift_invariant(generated, offset_s):
     out = generated["tmp"] / f"stream-{offset_s}"
-    ts.run_streaming(generated["settings"], generated["cfg"], shifted(generated["events"], offset_s), out)
+    run_streaming(generated["settings"], generated["cfg"], shifted(generated["events"], offset_s), out)
     assert_invariant(generated["reference"], outcomes(out, "archive", offset_s), offset_s)
 
 
