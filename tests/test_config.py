@@ -35,7 +35,8 @@ def _resolve(model, dotted: str):
 
 def test_shipped_configs_load():
     defaults = config_from_dict({})
-    shipped = {name: load_config(str(ROOT / "config" / name)) for name in ("batch.yaml", "local.yaml", "streaming.yaml")}
+    shipped = {name: load_config(str(ROOT / "config" / name))
+               for name in ("batch.yaml", "local.yaml", "streaming.yaml")}
     # batch.yaml shows the defaults of every section, and turns features on with windows of its own.
     batch = shipped["batch.yaml"]
     assert batch.model_dump(exclude={"features"}) == defaults.model_dump(exclude={"features"})

@@ -32,6 +32,7 @@ from transforms.deadletter import dead_letter
 from transforms.schemas import SchemaRegistry
 
 METRICS_NS = "feedback.read"
+WRITE_METRICS_NS = "feedback.write"
 
 
 class _NoRedaction:
@@ -412,8 +413,8 @@ def encode_file(records: list, fmt: str, schema: dict | None, name: str) -> byte
 class _WritePaneFn(beam.DoFn):
     def __init__(self, directory: str, prefix: str, fmt: str, schema: dict | None, shards: int):
         self._directory, self._prefix, self._fmt, self._schema, self._shards = directory, prefix, fmt, schema, shards
-        self._files = Metrics.counter("feedback.write", "files")
-        self._records = Metrics.counter("feedback.write", "records")
+        self._files = Metrics.counter(WRITE_METRICS_NS, "files")
+        self._records = Metrics.counter(WRITE_METRICS_NS, "records")
 
     def process(self, keyed, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         shard, records = keyed
