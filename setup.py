@@ -25,6 +25,7 @@ setuptools.setup(
         "pyarrow>=14",          # Parquet feature files
         "redis>=5",             # online feature store
         "cramjam>=2.7",         # snappy-compressed Avro input (fastavro's snappy codec)
+        "phonenumbers>=8.13",   # phone numbers in free text (privacy)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "fake-useragent==2.2.0", "hypothesis>=6.100", "ruff>=0.6"],

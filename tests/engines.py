@@ -182,8 +182,11 @@ class FlinkCluster:
             "parallelism.default": self.parallelism,
             # Work lands on every TaskManager, so losing one really interrupts the job.
             "cluster.evenly-spread-out-slots": True,
-            # Recovery: restart the job on the remaining slots; notice a dead TaskManager within seconds.
-            "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": 5,
+            # Recovery: restart on the remaining slots; notice a dead TaskManager within seconds. Region
+            # failover counts one attempt per failed region, and a lost TaskManager fails ~10 regions of
+            # Beam's batch job at once (5 attempts were used up by one kill), hence the generous count.
+            "jobmanager.execution.failover-strategy": "region",
+            "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": 100,
             "restart-strategy.fixed-delay.delay": "2 s",
             "heartbeat.interval": 2000, "heartbeat.timeout": 15000,
             # Beam's batch translation has many blocking exchanges; Flink's sort-merge shuffle reserves

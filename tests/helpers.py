@@ -11,6 +11,7 @@ import os
 import apache_beam as beam
 import fastavro
 import orjson
+from apache_beam.coders import BytesCoder
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms import window
@@ -63,30 +64,41 @@ SCENARIO_EXPOSURES = 7
 # --- running the jobs -----------------------------------------------------------------------------
 
 def scenario_stream(settings, events_with_arrival, slack_ms=5 * S, step_watermark=True) -> TestStream:
-    """RawRecords of (event, arrival) pairs with the watermark at arrival - slack.
+    """(event, arrival) pairs as a TestStream with the watermark at arrival - slack; elements are
+    JSON bytes (decode with `raw_record`).
 
+    Bytes, a standard coder: the runner itself holds TestStream's elements, and Flink's Java side cannot
+    decode Python's pickled tuples ("UnknownCoderWrapper was used ... decoding").
     `step_watermark`: step the watermark past every deadline before infinity: on
     BundleBasedDirectRunner, output from a timer that fires only at the final jump to infinity can be
     lost (shared/BEAM-NOTES.md)."""
-    stream, watermark = TestStream(), None
+    stream, watermark = TestStream(coder=BytesCoder()), None
     for n, (e, arrival) in enumerate(events_with_arrival):
         wm = (arrival - slack_ms) / 1000.0
         if watermark is None or wm > watermark:
             stream, watermark = stream.advance_watermark_to(wm), wm
-        record = (f"test:{n}", orjson.dumps(e), arrival)
-        stream = stream.add_elements([window.TimestampedValue(record, arrival / 1000.0)])
+        element = orjson.dumps([f"test:{n}", orjson.dumps(e).decode(), arrival])
+        stream = stream.add_elements([window.TimestampedValue(element, arrival / 1000.0)])
     if step_watermark:
         last = max(a for _, a in events_with_arrival)
         for step in range(1, 9):
             stream = stream.advance_watermark_to((last + step * settings.max_output_delay_s * 1000 / 2) / 1000.0)
-    return stream.advance_watermark_to_infinity()
+    return stream.advance_watermark_to_infinity().with_output_types(bytes)
+
+
+def raw_record(element: bytes) -> tuple:
+    """A scenario_stream element -> RawRecord (source, payload bytes, arrival ms)."""
+    source, payload, arrival = orjson.loads(element)
+    return source, payload.encode(), arrival
 
 
 def run_streaming_on(beam_args, settings, cfg, events_with_arrival, out_dir, step_watermark=True, slack_ms=5 * S):
     """The streaming graph (pipelines.streaming.build) over scenario_stream on the runner `beam_args` name."""
     options = PipelineOptions(list(beam_args), streaming=True)
     with beam.Pipeline(options=options) as p:
-        raw = p | "Events" >> scenario_stream(settings, events_with_arrival, slack_ms, step_watermark)
+        raw = (p
+               | "Events" >> scenario_stream(settings, events_with_arrival, slack_ms, step_watermark)
+               | "RawRecords" >> beam.Map(raw_record))
         streaming.build(p, cfg, settings, raw, str(out_dir))
 
 

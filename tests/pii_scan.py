@@ -67,7 +67,7 @@ def _strings(value: Any) -> Iterable[str]:
         if value.startswith("{") or value.startswith("["):  # a JSON document inside a string (dead-letter raw)
             try:
                 yield from _strings(json.loads(value))
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or too deep to decode: searched as text above
                 pass
     elif isinstance(value, bytes):
         yield value.decode("latin-1")
@@ -103,12 +103,12 @@ def file_strings(path: str) -> Iterable[str]:
         try:
             yield from _strings(json.loads(text))
             return
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         for line in text.splitlines():
             try:
                 yield from _strings(json.loads(line))
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
 
 

@@ -17,6 +17,7 @@ BENCH = ROOT / "benchmarks"
 # Script -> its arguments for a tiny run ({work}: a temporary folder, {data}: a tiny generated input).
 TINY_ARGS = {
     "batch_throughput.py": ["--sizes", "150", "300", "--runners", "fnapi", "--workdir", "{work}"],
+    "pii_redaction.py": ["300"],
     "profile_job.py": ["--events", "150", "--workdir", "{work}", "--top", "5"],
     "reference.py": ["--input", "{data}", "--output", "{work}/reference"],
 }

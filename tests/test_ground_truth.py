@@ -93,3 +93,40 @@ def test_no_raw_pii_in_any_output(run):
     import re
     assert not re.search(r"[A-Za-z0-9._%+-]+@example\.(com|org|net)", text)
     assert "+1 415 555" not in text
+
+
+def test_machine_cadence_false_positives_on_generated_humans(run):
+    """The cadence rule alone, on every run of the generator's human users (valid events): under 0.5%."""
+    from transforms.bots import machine_cadence
+    from transforms.config import BotConfig
+    from transforms.sessions import split_by_gap
+    _, _, out = run
+    b = BotConfig()
+    by_user = collections.defaultdict(list)
+    for f in sorted(glob.glob(str(out / "events" / "*.avro"))):
+        for r in fastavro.reader(open(f, "rb")):
+            t = r["event_time"]
+            by_user[r["user_id"]].append({"event_time": int(t.timestamp() * 1000) if hasattr(t, "timestamp") else t})
+    flagged = total = runs = 0
+    for events in by_user.values():
+        events.sort(key=lambda e: e["event_time"])
+        for run_ in split_by_gap(events, int(b.session_gap * 1000)):
+            runs += 1
+            total += len(run_)
+            if machine_cadence((e["event_time"] for e in run_), b.cadence_max_cv, b.cadence_min_events,
+                               b.cadence_min_rate_per_s, b.cadence_min_duration * 1000):
+                flagged += len(run_)
+    rate = flagged / total
+    print(f"\nmachine_cadence on {total} human events in {runs} runs: false-positive rate {rate:.4%}")
+    assert total > 10_000 and rate < 0.005
+
+
+def test_bot_precision_recall_per_rule(run):
+    """Each rule against the generator's intent (truth names the rule each bot user was built to trip)."""
+    from pipelines.demo import flagged_rules, precision_recall_by_rule
+    truth, _, out = run
+    rows = precision_recall_by_rule(flagged_rules(out), truth["bot_event_ids_by_rule"])
+    for rule, (tp, n_flagged, n_meant, precision, recall) in rows.items():
+        print(f"\n{rule}: precision {precision} recall {recall} ({tp} of {n_flagged} flagged, {n_meant} intended)")
+    assert rows["machine_cadence"][2] > 0
+    assert all(precision == 1.0 and recall == 1.0 for _, _, n, precision, recall in rows.values() if n)

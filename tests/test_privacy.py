@@ -81,3 +81,117 @@ def test_dead_letter_non_utf8_is_base64():
     import base64
     d = dead_letter("bad_encoding", None, "x", "parse", b'{"a": "caf\xe9"}', "f:1", Redactor(KEY))
     assert d["raw_encoding"] == "base64" and base64.b64decode(d["raw"]) == b'{"a": "caf\xe9"}'
+
+
+# --- PII everywhere ------------------------------------------------------------------------------
+
+from tests.pii_scan import PII_CORPUS, json_escaped  # noqa: E402
+from transforms.privacy import PSEUDONYMISED_MARK, PiiScanner  # noqa: E402
+
+
+@pytest.mark.parametrize("kind,value", PII_CORPUS)
+def test_every_corpus_format_is_found_in_text(kind, value):
+    r = Redactor(KEY)
+    for text in (value, f"call {value} now", f"({value})", f"x {value}.", f"k={value};"):
+        out = r.redact(text, "context")
+        assert value not in out and f"[{kind}:" in out, (text, out)
+    assert r.found[("context", kind)] == 5 and not r.not_redacted
+
+
+@pytest.mark.parametrize("kind,value", PII_CORPUS)
+def test_json_escaped_pii_is_found(kind, value):
+    out = Redactor(KEY).redact(f"note {json_escaped(value)} end")
+    assert f"[{kind}:" in out and "\\u" not in out
+
+
+@pytest.mark.parametrize("text", [
+    "ee667e43-735e-4f62-9b47-096155991978", "05051353-c5e2-4b5c-b9fe-3cbcbac64d13", "1761990000123",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_3_2 like Mac OS X) Mobile/22D82 Instagram 375.2.0.33.77 "
+    "(iPhone16,1; iOS 18_3_2; en_US; scale=3.00; 1179x2556; 719346134)", "2026-11-01T10:00:00.123+01:00",
+    "Chrome/120.0.6099.109", "std::vector", "10:00:00", "order 4155550134", "2026-10-31 19:11:05",
+    "31/10/2026 19:11", "2026.10.31 19 11",
+])
+def test_no_false_positives(text):
+    assert PiiScanner().spans(text) == []
+
+
+def test_identifiers_with_pii_get_one_stable_token():
+    p, r = Pseudonymiser(KEY), Redactor(KEY)
+    e = {"event_id": "jane@example.com", "request_id": "req +44 20 7946 0958", "item_id": "i1",
+         "policy": "p", "context": {"mail bob@example.com": "x"}, "user_agent": None}
+    a = protect_event(e, PrivacyRules(("user_id", "session_id"), 24, 48), p, r)
+    b = protect_event(dict(e), PrivacyRules(("user_id", "session_id"), 24, 48), p, Redactor(KEY))
+    assert a == b and a["event_id"].startswith("pii-") and a["request_id"].startswith("pii-")
+    assert a["item_id"] == "i1" and "bob@example.com" not in repr(a)
+    counts = dict(r.drain())
+    assert counts["pii_found.event_id.email"] == 1 and counts["pii_found.request_id.phone"] == 1
+    assert counts["pii_found.context_key.email"] == counts["pii_redacted.context_key.email"] == 1
+
+
+def test_dead_letter_pseudonymises_ids_and_decodes_escapes():
+    raw = b'{"user_id": "u1", "session_id": 7, "event_type": "hover", "q": "a\\u0040example.com"}'
+    r = Redactor(KEY)
+    d = dead_letter("unknown_event_type", "event_type", "no", "parse", raw, "f:1", r)
+    obj = json.loads(d["raw"])
+    assert obj["user_id"] == Pseudonymiser(KEY).pseudonym("user_id", "u1")
+    assert obj["session_id"] == Pseudonymiser(KEY).pseudonym("session_id", "7")
+    assert "example.com" not in d["raw"] and d["raw_redacted"]
+    # malformed JSON: ids pseudonymised in place
+    d = dead_letter("malformed_json", None, "x", "parse", b'{"user_id": "u1", "q": "x\\u0040y.com', "f:2", r)
+    assert Pseudonymiser(KEY).pseudonym("user_id", "u1") in d["raw"] and '"u1"' not in d["raw"]
+    assert "x@y.com" not in d["raw"] and "x\\u0040y.com" not in d["raw"]
+
+
+def test_replayed_dead_letter_keeps_the_original_pseudonyms(rules):
+    from transforms.parse import parse_record
+    raw = {"event_id": "e1", "event_type": "hover", "event_time": 1793527200000, "user_id": "alice",
+           "session_id": "s1", "schema_version": 2}
+    r = Redactor(KEY)
+    d = dead_letter("unknown_event_type", "event_type", "no", "parse", json.dumps(raw).encode(), "f:1", r)
+    fixed = json.loads(d["raw"])
+    assert PSEUDONYMISED_MARK in fixed
+    fixed["event_type"] = "click"
+    again = dead_letter("x", None, "m", "parse", json.dumps(fixed).encode(), "f:1", r)  # not pseudonymised twice
+    assert json.loads(again["raw"])["user_id"] == fixed["user_id"]
+    event = protect_event(parse_record(json.dumps(fixed).encode(), rules),
+                          PrivacyRules(("user_id", "session_id"), 24, 48), Pseudonymiser(KEY), r)
+    assert event["user_id"] == Pseudonymiser(KEY).pseudonym("user_id", "alice")
+    assert event["session_id"] == Pseudonymiser(KEY).pseudonym("session_id", "s1")
+    assert PSEUDONYMISED_MARK not in event
+    forged = dict(fixed, **{PSEUDONYMISED_MARK: "0" * 32})
+    event = protect_event(parse_record(json.dumps(forged).encode(), rules),
+                          PrivacyRules(("user_id", "session_id"), 24, 48), Pseudonymiser(KEY), r)
+    assert event["user_id"] == Pseudonymiser(KEY).pseudonym("user_id", fixed["user_id"])
+
+
+def test_hostile_text_is_scanned_in_linear_time():
+    r = Redactor(KEY)
+    assert r.redact("x" * 40_000 + " jane@example.com").endswith("]")
+    assert r.redact(" ".join(str(i % 10) for i in range(16_000))).startswith("[phone:")  # fails closed
+    assert "0044 20 7946 0958" not in r.redact("ref 1 2 3 0044 20 7946 0958 4 5")
+
+
+def test_privacy_stats_and_slos():
+    from transforms.quality import QualityConfig, SloConfig, evaluate_slos, privacy_stats
+    p = privacy_stats({"feedback.privacy.pii_found.context.email": 3, "feedback.privacy.pii_redacted.context.email": 3,
+                       "feedback.privacy.pii_found.user_agent.phone": 2,
+                       "feedback.privacy.pii_redacted.user_agent.phone": 1, "feedback.parse.valid": 9})
+    assert (p["found"], p["redacted"], p["not_redacted"]) == (5, 4, 1) and p["compliance_rate"] == 0.8
+    assert p["found_by_field"] == {"context": 3, "user_agent": 2}
+    cfg = QualityConfig(slos=SloConfig(pii_at_source_max=2))
+    rows = {r["slo"]: r for r in evaluate_slos({"privacy": p}, cfg)}
+    assert rows["privacy_compliance"]["ok"] is False
+    assert rows["pii_at_source.context"]["ok"] is False and rows["pii_at_source.user_agent"]["ok"] is True
+    assert privacy_stats({"feedback.parse.valid": 1})["compliance_rate"] == 1.0
+
+
+def test_dead_letter_without_a_key_masks_pii():
+    class NoRedaction:
+        @staticmethod
+        def redact(text):
+            return text
+    import base64
+    raw = b"\x02\x00\xff avro body jane@example.com +44 20 7946 0958"
+    d = dead_letter("schema_violation", None, "x", "read", raw, "m:1", NoRedaction())
+    text = base64.b64decode(d["raw"]).decode("latin-1")
+    assert "jane@example.com" not in text and "7946" not in text and "[email:masked]" in text

@@ -91,6 +91,9 @@ def job_config(path: Path) -> Path:
     # The shipped early firing (every 30 s of processing time) stays on: files get one per pane.
     cfg["time"].update(lateness=f"{LATENESS}s", output_window={"type": "fixed", "size": f"{OUTPUT_WINDOW}s"})
     cfg["sessions"] = {"gap": f"{LATENESS}s", "split_every": f"{SPLIT_EVERY}s"}
+    # A user's run closes at min(last + gap, first + max_run_duration) + lateness (transforms/bots.py):
+    # the shortest allowed gap and cap keep that within a couple of minutes of wall clock.
+    cfg["bots"] = {"session_gap": "60s", "max_run_duration": "120s"}
     cfg["labels"]["window"] = f"{LABEL_WINDOW}s"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -4,8 +4,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
+import re
+from typing import Optional, Union
 
 import orjson
+
+from transforms.privacy import DEAD_LETTER_PSEUDONYMISED, PiiScanner
 
 
 def _default(value):
@@ -16,7 +21,7 @@ def _default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def payload_bytes(payload: bytes | dict) -> bytes:
+def payload_bytes(payload: Union[bytes, dict]) -> bytes:
     """The record as bytes: a JSON line as received, an Avro record re-encoded as JSON."""
     if isinstance(payload, bytes):
         return payload
@@ -33,18 +38,43 @@ def redact_payload_text(text: str, redactor) -> str:
     no-op ones) only gets `redact(text)`.
     """
     if not hasattr(redactor, "redact_record"):
-        return redactor.redact(text)
+        # A reader's no-op redactor holds no key (e.g. an undecodable Avro body, whose strings are still
+        # plain bytes): PII is masked without a token rather than kept.
+        return _mask_unkeyed(redactor.redact(text))
     try:
         obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return redactor.redact(text, "raw")
-    redacted = redactor.redact_record(obj)
-    if redacted == obj:
-        return text
-    return orjson.dumps(redacted).decode()
+        redacted = redactor.redact_record(obj)
+        return text if redacted == obj else orjson.dumps(redacted).decode()
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError, RecursionError):
+        # Not JSON, or nested deeper than can be re-encoded: redacted as text, ids pseudonymised in place.
+        return redactor.redact(_pseudonymise_ids_in_text(text, redactor), "raw")
 
 
-def _scrub(text: str | None, redactor) -> str | None:
+# "user_id": "..." or "user_id": 123 in text that is not (complete) JSON.
+_ID_IN_TEXT_RE = re.compile(r'("(?:' + "|".join(DEAD_LETTER_PSEUDONYMISED) + r')"\s*:\s*)("(?:[^"\\]|\\.)*"|-?\d+)')
+
+
+def _pseudonymise_ids_in_text(text: str, redactor) -> str:
+    def one(m):
+        field = m.group(1).split('"')[1]
+        literal = m.group(2)
+        try:
+            value = json.loads(literal)
+        except ValueError:
+            value = literal
+        redactor.note(field, str(value))
+        return m.group(1) + '"' + redactor.pseudonym(field, str(value)) + '"'
+    return _ID_IN_TEXT_RE.sub(one, text)
+
+
+def _mask_unkeyed(text: str) -> str:
+    spans = PiiScanner().spans(text)
+    for start, end, kind in reversed(spans):
+        text = f"{text[:start]}[{kind}:masked]{text[end:]}"
+    return text
+
+
+def _scrub(text: Optional[str], redactor) -> Optional[str]:
     """Text that only echoes the payload (message, field name, source): redacted, not counted again."""
     if not text:
         return text
@@ -53,8 +83,8 @@ def _scrub(text: str | None, redactor) -> str | None:
     return redactor.redact(text)
 
 
-def dead_letter(reason: str, field: str | None, message: str, stage: str,
-                payload: bytes | dict, source: str, redactor) -> dict:
+def dead_letter(reason: str, field: Optional[str], message: str, stage: str,
+                payload: Union[bytes, dict], source: str, redactor) -> dict:
     """A dead-letter record.
 
     The payload is kept so a fixed pipeline can replay it, except that e-mail addresses, phone numbers

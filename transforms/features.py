@@ -16,10 +16,9 @@ when merged. Summing 0.5^((end - t)/half_life) directly would need the window en
 does not see, and 2^(t/half_life) over epoch milliseconds overflows. The window end is applied
 afterwards, in `_ToFeatureRowFn` (window bounds from `DoFn.WindowParam`). `compute_features` runs the
 very same accumulator code on a plain list, so the unit tests check what the pipeline computes.
-For bounded input, `ComputeFeatures(..., keyed_windows=True)` gives the same rows ~3x faster on
-FnApiRunner by keying on (entity, window start) in the global window (see the class docstring), and
-combines each entity's events per slot (the gcd of the periods) first, so the size/period fan-out
-into windows is paid per slot accumulator, not per event.
+For bounded input, `ComputeFeatures(..., keyed_windows=True)` gives the same rows without WindowInto:
+one GroupByKey per entity, then `entity_rows` in plain Python (events combined per slot, slots merged
+into windows) -- the window fan-out costs no Beam elements (see the class docstring).
 
 Streaming: pass a trigger (e.g. `AfterWatermark(late=AfterCount(1))`) and keep ACCUMULATING (the
 default here when a trigger is given): a late-but-allowed event then re-emits its windows' complete
@@ -51,7 +50,7 @@ from transforms.configbase import Duration, _Section
 
 __all__ = ["SlidingWindowSpec", "FeaturesConfig", "FeatureParams", "ComputeFeatures", "WriteOfflineFeatures",
            "EVENT_TYPES", "ENTITY_TYPES", "KEY_COLUMNS", "FEATURE_COLUMNS", "ROW_COLUMNS", "arrow_schema",
-           "compute_features", "compute_all", "window_bounds", "entity_inputs", "features_for_entity"]
+           "compute_features", "compute_all", "entity_rows", "window_bounds", "entity_inputs", "features_for_entity"]
 
 METRICS_NS = "feedback.features"
 EVENT_TYPES: tuple[str, ...] = tuple(contract.DEFAULT_EVENT_TYPES)
@@ -375,10 +374,50 @@ def compute_all(events: Iterable[dict], cfg: FeaturesConfig) -> list[dict]:
             for ((et, eid), label, (start, end)), acc in sorted(accs.items(), key=lambda kv: kv[0])]
 
 
+def entity_rows(entity_type: str, entity_id: str, values: Iterable[tuple], specs: Sequence[tuple[str, int, int]],
+                cfg) -> Iterable[dict]:
+    """Every feature row of one entity, from all its (event_type, t_ms, dwell_ms, counterpart) inputs
+    (`entity_inputs`), for window specs given as (label, size_ms, period_ms); rows in spec, then
+    window order.
+
+    Events are combined per slot first (the gcd of the periods: every instant of a slot lies in the
+    same windows), then each window merges the slots it holds, so the size/period fan-out costs one
+    merge per slot and window instead of one input per event and window. Same combine code as
+    `compute_all`, so the same rows (decayed sums up to float rounding).
+    """
+    params = _params(cfg)
+    fn = _EntityWindowCombineFn(params)
+    slot = functools.reduce(math.gcd, (period for _, _, period in specs))
+    slots: dict = {}
+    for value in values:
+        start = value[1] - value[1] % slot
+        acc = slots.get(start)
+        if acc is None:
+            acc = slots[start] = fn.create_accumulator()
+        fn.add_input(acc, value)
+    ordered = sorted(slots.items())   # a fixed merge order: the same floats on every runner
+    for label, size_ms, period_ms in specs:
+        windows: dict = {}
+        for start, acc in ordered:
+            for w_start, _ in window_bounds(start, size_ms, period_ms):
+                merged = windows.get(w_start)
+                if merged is None:
+                    merged = windows[w_start] = fn.create_accumulator()
+                fn.merge_accumulators([merged, acc])   # mutates `merged` only
+        for w_start in sorted(windows):
+            yield feature_row(entity_type, entity_id, label, w_start, w_start + size_ms,
+                              fn.extract_output(windows[w_start]), params)
+
+
 def partition_of(row: dict) -> str:
     """'date=YYYY-MM-DD' of the row's window_end (UTC)."""
-    day = dt.date(1970, 1, 1) + dt.timedelta(days=row["window_end"] // 86_400_000)
-    return f"date={day.isoformat()}"
+    return _partition_of_day(row["window_end"] // 86_400_000)
+
+
+@functools.lru_cache(maxsize=4096)
+def _partition_of_day(day: int) -> str:
+    # Called for every row written (~2.5 rows per event with the shipped windows); a run spans few days.
+    return f"date={(dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()}"
 
 
 # --- transforms ------------------------------------------------------------------------------
@@ -408,64 +447,21 @@ class _ToFeatureRowFn(beam.DoFn):
                           summary, self._params)
 
 
-class _SlotCombineFn(_EntityWindowCombineFn):
-    """Events of one entity in one slot -> their accumulator itself (merged again per window)."""
+class _EntityRowsFn(beam.DoFn):
+    """Bounded-input path: all inputs of one entity -> all its feature rows (`entity_rows`), each
+    stamped with its window's max timestamp, as the windowed path gives."""
 
-    def extract_output(self, acc):
-        return acc
-
-
-class _MergeSlotsCombineFn(_EntityWindowCombineFn):
-    """Slot accumulators of one entity and window -> the window's summary. Inputs are never modified
-    (one slot's accumulator feeds several windows)."""
-
-    def add_input(self, acc, slot_acc):
-        return self.merge_accumulators([acc, slot_acc])
-
-
-def slot_ms(specs) -> int:
-    """The pre-aggregation slot: the largest span that never straddles a window boundary of any spec."""
-    return functools.reduce(math.gcd, (spec.period_ms for spec in specs))
-
-
-class _KeyBySlotFn(beam.DoFn):
-    """Bounded-input path: (entity, slot start) keys in the global window."""
-
-    def __init__(self, slot_ms: int):
-        self._slot_ms = slot_ms
-
-    def process(self, keyed_input):
-        (entity_type, entity_id), value = keyed_input
-        t = value[1]
-        yield (entity_type, entity_id, t - t % self._slot_ms), value
-
-
-class _SlotToWindowsFn(beam.DoFn):
-    """((entity, slot start), accumulator) -> the same accumulator keyed by every window of one spec
-    holding the slot (every instant of a slot lies in the same windows, as the slot divides the period)."""
-
-    def __init__(self, size_ms: int, period_ms: int):
-        self._size_ms, self._period_ms = size_ms, period_ms
-
-    def process(self, slot):
-        (entity_type, entity_id, slot_start), acc = slot
-        for start, _ in window_bounds(slot_start, self._size_ms, self._period_ms):
-            yield (entity_type, entity_id, start), acc
-
-
-class _KeyedToFeatureRowFn(beam.DoFn):
-    def __init__(self, window_label: str, size_ms: int, params: FeatureParams):
-        self._label, self._size_ms, self._params = window_label, size_ms, params
+    def __init__(self, specs: tuple[tuple[str, int, int], ...], params: FeatureParams):
+        self._specs, self._params = specs, params
         self._rows = Metrics.counter(METRICS_NS, "feature_rows")
 
-    def process(self, element):
-        (entity_type, entity_id, start), summary = element
-        self._rows.inc()
-        end = start + self._size_ms
-        # The timestamp the windowed path gives: the window's max timestamp.
-        yield window.TimestampedValue(
-            feature_row(entity_type, entity_id, self._label, start, end, summary, self._params),
-            Timestamp(micros=(end - 1) * 1000))
+    def process(self, grouped):
+        (entity_type, entity_id), values = grouped
+        n = 0
+        for row in entity_rows(entity_type, entity_id, values, self._specs, self._params):
+            n += 1
+            yield window.TimestampedValue(row, Timestamp(micros=(row["window_end"] - 1) * 1000))
+        self._rows.inc(n)
 
 
 class ComputeFeatures(beam.PTransform):
@@ -476,10 +472,13 @@ class ComputeFeatures(beam.PTransform):
     accumulate (each firing carries the whole window). Default (None): one pane per window at the
     watermark, which is what batch gives.
 
-    `keyed_windows=True` (bounded input only, no trigger): the same rows without WindowInto. Events are
-    keyed by (entity, window start) in the global window and combined there. Python runners push
-    every element of a non-global window through the general trigger machinery, even in batch; on
-    FnApiRunner that made the windowed path ~3x slower (2,000 events -> 180k rows: 69 s vs 21 s).
+    `keyed_windows=True` (bounded input only, no trigger): the same rows without WindowInto. Each
+    entity's inputs are grouped in the global window and `entity_rows` computes all its windows.
+    Python runners push every element of a non-global window through the general trigger machinery,
+    even in batch; on FnApiRunner that made the windowed path ~3x slower (2,000 events -> 180k rows:
+    69 s vs 21 s). Keying by (entity, window start) and combining there instead paid Beam's
+    per-element work size/period times per event and shuffled one accumulator per row (~20% more
+    peak memory, benchmarks/RESULTS.md). An entity's group holds its small input tuples, not events.
     """
 
     def __init__(self, cfg: FeaturesConfig, trigger=None, accumulation_mode=None, keyed_windows: bool = False):
@@ -499,23 +498,14 @@ class ComputeFeatures(beam.PTransform):
     def expand(self, events):
         keyed = events | "KeyByEntity" >> beam.ParDo(_KeyByEntityFn(tuple(self._cfg.entities))).with_output_types(
             tuple[tuple[str, str], tuple])
-        outputs = []
         if self._keyed_windows:
-            # Each event is combined once per entity into its slot; each slot's accumulator (not each
-            # event) is then merged into the size/period windows of every spec that hold it.
-            slots = (keyed
-                     | "KeySlots" >> beam.ParDo(_KeyBySlotFn(slot_ms(self._cfg.windows))).with_output_types(
-                         tuple[tuple[str, str, int], tuple])
-                     | "CombineSlots" >> beam.CombinePerKey(_SlotCombineFn(self._params)))
+            specs = tuple((spec.label, spec.size_ms, spec.period_ms) for spec in self._cfg.windows)
+            return (keyed
+                    | "GroupEntity" >> beam.GroupByKey()
+                    | "EntityRows" >> beam.ParDo(_EntityRowsFn(specs, self._params)))
+        outputs = []
         for spec in self._cfg.windows:
             s = spec.slug
-            if self._keyed_windows:
-                outputs.append(slots
-                               | f"KeyWindows_{s}" >> beam.ParDo(_SlotToWindowsFn(spec.size_ms, spec.period_ms))
-                               | f"Combine_{s}" >> beam.CombinePerKey(_MergeSlotsCombineFn(self._params))
-                               | f"ToRows_{s}" >> beam.ParDo(
-                                   _KeyedToFeatureRowFn(spec.label, spec.size_ms, self._params)))
-                continue
             rows = (keyed
                     | f"Window_{s}" >> beam.WindowInto(
                         window.SlidingWindows(spec.size, spec.period), trigger=self._trigger,

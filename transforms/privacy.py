@@ -50,13 +50,17 @@ ID_FIELDS = ("event_id", "item_id", "request_id", "policy", "experiment_id", "va
              "user_id", "session_id")
 # Pseudonymised inside dead-letter payloads too (the same pseudonym a valid event gets).
 DEAD_LETTER_PSEUDONYMISED = ("user_id", "session_id")
+# Key added to a dead-letter payload whose ids are pseudonyms already: a keyed tag over them, so a replay
+# does not pseudonymise them twice (joins keep working) and nobody without the key can forge it.
+PSEUDONYMISED_MARK = "_pseudonymised"
 # Default regions for numbers written without a country code. A number in a national form of a
 # region not listed here is only found when written internationally (+CC or 00CC).
 PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "CN", "AU", "ES", "IT", "NL", "MX", "RU",
                  "ZA", "NG", "KR", "SE", "PL", "TR", "AR", "CH", "BE", "IE")
 
-_EMAIL_LOCAL = r"(?:[\w.!#$%&'*+/=?^`{|}~\-]+|\"[^\"\r\n@]+\")"
-_EMAIL_DOMAIN = r"(?:\[[0-9A-Fa-f.:]+\]|(?:[\w\-]+\.)+(?:xn--[\w\-]+|[^\W\d_]{2,}))"
+# Bounded repeats and a start only at a token boundary keep the scan linear on long hostile text.
+_EMAIL_LOCAL = r"(?:(?<![\w.!#$%&'*+/=?^`{|}~\-])[\w.!#$%&'*+/=?^`{|}~\-]{1,64}|\"[^\"\r\n@]{1,64}\")"
+_EMAIL_DOMAIN = r"(?:\[[0-9A-Fa-f.:]{2,45}\]|(?:[\w\-]{1,63}\.){1,8}(?:xn--[\w\-]{1,59}|[^\W\d_]{2,63}))"
 EMAIL_RE = re.compile(_EMAIL_LOCAL + "@" + _EMAIL_DOMAIN)
 # A phone candidate: digits with the separators numbers are written with, not glued to a word, a
 # dotted version ("Chrome/120.0.6099.109"), another number or a hyphenated token (a UUID's groups).
@@ -65,6 +69,9 @@ _PHONE_CANDIDATE_RE = re.compile(r"(?<![\w+./])(?<!\w-)(?:\+|\(\+?)?\d[\d \u00a0
 # phone number: it is only taken for one when written as +CC..., 00CC... or 0... (trunk prefix).
 _BARE_DIGITS_RE = re.compile(r"\(?[1-9]\d*\)?")
 # Dotted with a one-digit group and no +: a version number ("Instagram 375.2.0.33.77"), not a phone.
+# A candidate starting with a calendar date ("2026-10-31 19:11:05") is a timestamp.
+_DATE_RE = re.compile(r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])(?!\d)"
+                      r"|(?:0?[1-9]|[12]\d|3[01])[-/.](?:0?[1-9]|1[0-2])[-/.](?:19|20)\d\d(?!\d)")
 _VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
 _PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS, _PHONE_MAX_GROUPS = 7, 17, 48
 # IPv4 not glued to a word, a dotted number or a product/version token ("Chrome/120.0.0.0").
@@ -239,7 +246,7 @@ class PiiScanner:
             c = m.group(0)
             n = _digits(c)
             if (n < _PHONE_MIN_DIGITS or _BARE_DIGITS_RE.fullmatch(c) or _VERSION_RE.fullmatch(c)
-                    or (n > _PHONE_MAX_DIGITS and c.isdigit())):
+                    or (n > _PHONE_MAX_DIGITS and c.isdigit()) or _DATE_RE.match(c)):
                 continue
             lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
             spans = _phone_spans(text[lo:hi]) if n <= _PHONE_MAX_DIGITS else ()
@@ -387,6 +394,10 @@ class Redactor:
         """The pseudonym a valid event's `field` gets (ProtectPrivacy uses the same key and domain)."""
         return self._ids.pseudonym(field, value)
 
+    def mark(self, pseudonyms: dict) -> str:
+        """The tag saying `pseudonyms` ({field: value}) are this key's pseudonyms already."""
+        return self._ids.pseudonym(PSEUDONYMISED_MARK, "\x1f".join(f"{k}={v}" for k, v in sorted(pseudonyms.items())))
+
     def redact_tree(self, value: Any, field: Optional[str]) -> Any:
         """Every string value and every key of a JSON value, at any depth."""
         if isinstance(value, str):
@@ -403,14 +414,20 @@ class Redactor:
         (user and session ids pseudonymised, ids holding PII tokenised), the rest redacted."""
         if not isinstance(obj, dict):
             return self.redact_tree(obj, "unknown_field")
+        ids = {k: str(v) for k, v in obj.items()
+               if k in DEAD_LETTER_PSEUDONYMISED and isinstance(v, (str, int)) and not isinstance(v, bool)}
+        done = bool(ids) and obj.get(PSEUDONYMISED_MARK) == self.mark(ids)   # a replayed dead letter
+        pseudonyms = {}
         out = {}
         for k, v in obj.items():
+            if k == PSEUDONYMISED_MARK:
+                continue
             name = self.redact(k, "field_name")
             field = counted_field(k)
-            if k in DEAD_LETTER_PSEUDONYMISED and isinstance(v, (str, int)) and not isinstance(v, bool):
-                v = str(v)
-                self.note(k, v)
-                out[name] = self.pseudonym(k, v)
+            if k in ids:
+                if not done:
+                    self.note(k, ids[k])
+                out[name] = pseudonyms[k] = ids[k] if done else self.pseudonym(k, ids[k])
             elif k in ID_FIELDS and isinstance(v, str):
                 out[name] = self.redact_id(k, v)
             elif k == "ip":  # an address by design (truncated and hashed for valid events): not a finding
@@ -419,6 +436,8 @@ class Redactor:
                 out[name] = {self.redact(ck, "context_key"): self.redact_tree(cv, "context") for ck, cv in v.items()}
             else:
                 out[name] = self.redact_tree(v, field)
+        if pseudonyms:
+            out[PSEUDONYMISED_MARK] = self.mark(pseudonyms)
         return out
 
     def drain(self) -> list:
@@ -465,16 +484,22 @@ def protect_event(event: dict, rules: PrivacyRules, pseudonymiser: Pseudonymiser
     """Pseudonymise identifiers and the IP, truncate the IP, tokenise identifiers holding PII, redact PII
     in every other string value and in context keys. Returns a new dict."""
     out = dict(event)
+    mark = out.pop(PSEUDONYMISED_MARK, None)
+    done = ()
+    if mark is not None:  # replayed from a dead letter: its ids may be pseudonyms already
+        ids = {k: out[k] for k in DEAD_LETTER_PSEUDONYMISED if isinstance(out.get(k), str)}
+        done = tuple(ids) if ids and mark == redactor.mark(ids) else ()
     for name in rules.pseudonymise_fields:
         value = out.get(name)
-        if value is not None:
+        if value is not None and name not in done:
             redactor.note(name, value)
             out[name] = pseudonymiser.pseudonym(name, value)
     ip = out.pop("ip", None)
     out["ip_hash"] = pseudonymiser.pseudonym("ip", ip.strip()) if ip else None
     out["ip_network"] = truncate_ip(ip, rules.ipv4_prefix, rules.ipv6_prefix) if ip else None
     for name, value in event.items():
-        if not isinstance(value, str) or name in rules.pseudonymise_fields or name == "ip":
+        if (not isinstance(value, str) or name in rules.pseudonymise_fields or name in done
+                or name in ("ip", PSEUDONYMISED_MARK)):
             continue
         out[name] = redactor.redact_id(name, value) if name in ID_FIELDS else redactor.redact(value, counted_field(name))
     ctx = out.get("context")

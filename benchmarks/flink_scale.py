@@ -1,0 +1,180 @@
+"""Scale: the batch job on a standalone Flink 1.20.3 cluster with fixed TaskManager memory.
+
+    python benchmarks/flink_scale.py --events 2000000 [--files 10] [--tm-memory 2g] [--workdir /tmp/flink-bench]
+    python benchmarks/flink_scale.py --events 2000 --files 2       # tiny: what CI runs (tests/test_benchmarks.py)
+    python benchmarks/flink_scale.py --events 200000 --engine fnapi   # the same input on FnApiRunner / prism
+
+Generates `--events` events (split over `--files` files, one generator seed and start day each; cached
+in the workdir), starts a cluster (JobManager + 2 TaskManagers, `taskmanager.memory.process.size`
+fixed, 2 slots each, parallelism 2; tests/engines.py's FlinkCluster), runs `pipelines.batch` on it with
+`--runner=FlinkRunner --flink_master=...`, checks the accounting is exact (input records == events
+generated == sum of outcomes) and prints wall time, events/s and the peak RSS (VmHWM) of every
+process: JobManager, each TaskManager, the job server and the Python driver (which also runs the SDK
+harness: LOOPBACK). Stops everything it started. No assertions beyond accounting: figures go to
+benchmarks/RESULTS.md by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FN_API = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+
+
+def _install(*what: str) -> dict:
+    out = subprocess.run(["bash", str(ROOT / ".ci" / "install-flink"), *what], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def generate_input(work: Path, events: int, files: int) -> str:
+    """`events` events over `files` files (cached); returns the glob."""
+    folder = work / f"input-{events}-{files}"
+    sizes = [events // files + (1 if i < events % files else 0) for i in range(files)]
+    if not (folder / ".complete").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        for i, n in enumerate(sizes):
+            subprocess.run([sys.executable, "-m", "pipelines.generate", "--events", str(n), "--seed", str(100 + i),
+                            "--start", f"2026-11-{1 + i % 28:02d}T00:00:00Z",
+                            "--output", str(folder / f"events-{i}.jsonl")],
+                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        (folder / ".complete").touch()
+        print(f"generated {events} events in {files} files in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return str(folder / "events-*.jsonl")
+
+
+def vm_hwm_mib(pid: int) -> float | None:
+    """Peak resident set size of a live process (Linux /proc VmHWM), MiB."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _children_java(pid: int) -> list:
+    """Java processes started by `pid` (the job server the FlinkRunner launches)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and cmd and cmd[0].endswith(b"java"):
+            found.append(int(entry))
+    return found
+
+
+class PeakWatcher:
+    """Samples VmHWM of named processes until stopped (a process's peak is lost once it exits)."""
+
+    def __init__(self, pids: dict):
+        self.pids, self.peaks, self._stop = dict(pids), {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            for pid in _children_java(os.getpid()):
+                if pid not in self.pids.values():   # the cluster's JVMs are children too
+                    self.pids.setdefault("job server", pid)
+            for name, pid in self.pids.items():
+                hwm = vm_hwm_mib(pid)
+                if hwm is not None:
+                    self.peaks[name] = max(self.peaks.get(name, 0), hwm)
+            self._stop.wait(1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_job(input_glob: str, out: Path, beam_args: list) -> tuple:
+    from pipelines import batch
+    os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
+    started = time.perf_counter()
+    report = batch.run(["--config", str(ROOT / "config" / "batch.yaml"), "--input", input_glob, "--output", str(out),
+                        "--warn-only", *beam_args])
+    return report, time.perf_counter() - started
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=2_000_000)
+    ap.add_argument("--files", type=int, default=10)
+    ap.add_argument("--engine", choices=["flink", "fnapi", "prism"], default="flink")
+    ap.add_argument("--tm-memory", default="2g", help="taskmanager.memory.process.size")
+    ap.add_argument("--parallelism", type=int, default=2)
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "flink-bench"))
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    input_glob = generate_input(work, args.events, args.files)
+    out = work / f"out-{args.engine}-{args.events}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    cluster = None
+    try:
+        pids = {"driver (python, SDK harness)": os.getpid()}
+        if args.engine == "flink":
+            from tests.engines import FlinkCluster
+            tools = _install()
+            cluster = FlinkCluster(tools["FLINK_HOME"], Path(tempfile.mkdtemp(prefix="cluster-", dir=work)),
+                                   taskmanagers=2, slots=2, tm_memory=args.tm_memory, parallelism=args.parallelism)
+            cluster.start()
+            pids.update({name: p.pid for name, p in cluster.processes.items()})
+            beam_args = ["--runner=FlinkRunner", f"--flink_master={cluster.master}",
+                         f"--flink_job_server_jar={tools['FLINK_JOB_SERVER_JAR']}", "--environment_type=LOOPBACK",
+                         f"--parallelism={args.parallelism}"]
+        elif args.engine == "prism":
+            prism = subprocess.run(["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True,
+                                   capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            beam_args = ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
+        else:
+            beam_args = [f"--runner={FN_API}"]
+        with PeakWatcher(pids) as watcher:
+            report, seconds = run_job(input_glob, out, beam_args)
+        acc = report["accounting"]
+        exact = acc["holds"] and acc["input_records"] == args.events
+        peaks = {name: round(mib) for name, mib in watcher.peaks.items()}
+        peaks["driver (python, SDK harness)"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        result = {
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "engine": args.engine, "events": args.events, "files": args.files,
+            "taskmanager_memory": args.tm_memory if args.engine == "flink" else None,
+            "parallelism": args.parallelism if args.engine == "flink" else None,
+            "wall_s": round(seconds, 1), "events_per_s": round(args.events / seconds),
+            "peak_rss_mib": peaks, "accounting_exact": exact, "counts": report["counts"],
+        }
+        print(json.dumps(result, indent=2))
+        if not exact:
+            raise SystemExit(f"accounting not exact: {acc} for {args.events} generated events")
+        return result
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
