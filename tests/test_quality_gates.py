@@ -30,8 +30,10 @@ def shift_dwell(src, dst, factor):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
-    for name, seed in (("base", 1), ("same", 2)):
-        generate(N, str(tmp / f"{name}.jsonl"), seed=seed)
+    # "same": the same population two days later. Two seeds would be two samples whose per-user
+    # attributes (browser, OS) differ by chance, and a test must not depend on chance.
+    generate(N, str(tmp / "base.jsonl"), seed=1, start="2026-11-01T00:00:00Z")
+    generate(N, str(tmp / "same.jsonl"), seed=1, start="2026-11-03T00:00:00Z")
     shift_dwell(tmp / "same.jsonl", tmp / "shifted.jsonl", 8)
     cfg = write_config(tmp, "quality: {mode: warn}\n")
     batch.run(["--config", cfg, "--input", str(tmp / "base.jsonl"), "--output", str(tmp / "base_out")])
