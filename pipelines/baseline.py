@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional
 
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -89,7 +88,7 @@ def write_baseline(path: str, baseline: dict) -> None:
         f.write((json.dumps(baseline, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def run(argv: Optional[list] = None) -> dict:
+def run(argv: list | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m pipelines.baseline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quality", required=True, help="quality.json of the run to snapshot")
     parser.add_argument("--output", required=True, help="where to write baseline.json")

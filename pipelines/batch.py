@@ -13,28 +13,36 @@ import datetime as dt
 import json
 import logging
 import sys
-import time
-from typing import Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import StandardOptions
 
 from pipelines import runfolder
-from pipelines.cli import EXIT_ACCOUNTING, EXIT_CONFIG, add_overwrite_flag, pipeline_options, run_main  # noqa: F401
-from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
-from transforms.accounting import AccountingError, summarise
-from transforms.config import ConfigError, load_config
-from transforms.features import WriteOfflineFeatures
-from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
-from transforms.signals import QualitySignals, stats_from_parts
-from transforms.quality import breaches, drift_report, evaluate_slos, privacy_stats, quality_summary, slo_exit_code
 from pipelines.baseline import load_baseline
+from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
+from pipelines.launcher import (  # noqa: F401
+    EXIT_ACCOUNTING,
+    EXIT_CONFIG,
+    add_overwrite_flag,
+    beam_counters,
+    pipeline_options,
+    quality_exit_code,
+    read_counters,
+    read_jsonl_glob,
+    refuse_unless,
+    require_match,
+    run_main,
+    run_pipeline,
+    runner_name,
+    write_json,
+)
+from pipelines.outputs import BATCH_OUTPUTS, OutputPaths, build_outputs
 from pipelines.report_html import render_report, write_report_html
-from transforms.io import (DAMAGE_FIELDS, OutputPaths, ReadRawRecords, WriteAvroEvents, WriteJsonLines,
-                           WriteWindowedFiles, read_all)
+from transforms.accounting import summarise
+from transforms.config import load_config
+from transforms.io import DAMAGE_FIELDS, ReadRawRecords, counter_line
+from transforms.quality import breaches, drift_report, evaluate_slos, privacy_stats, quality_summary, slo_exit_code
+from transforms.signals import QualitySignals, stats_from_parts
 
-DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 DAMAGED_FILES = "damaged_files"   # report.json key: files read only up to a damage (see README, Dead letters)
 _log = logging.getLogger("pipelines.batch")
 
@@ -44,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     Template metadata test, which checks templates/*/metadata.json against it."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML job config, e.g. config/batch.yaml")
-    parser.add_argument("--input", required=True, help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives")
+    parser.add_argument("--input", required=True,
+                        help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives")
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
     parser.add_argument("--baseline", help="baseline.json (python -m pipelines.baseline) to measure drift against; "
                                            "default: quality.baseline in the config")
@@ -70,11 +79,12 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
     return out
 
 
-def write_quality_signals(p, out: GraphOutputs, paths: OutputPaths) -> None:
+def write_quality_signals(p: beam.Pipeline, out: GraphOutputs, paths: OutputPaths) -> None:
     signals = p | "QualitySignals" >> QualitySignals(out)
     _ = (signals["counters"]
-         | "SignalsToJson" >> beam.MapTuple(lambda k, n: json.dumps({"counter": k, "count": n}))
-         | "WriteSignals" >> beam.io.WriteToText(paths.quality_part("counters"), file_name_suffix=".jsonl", num_shards=1))
+         | "SignalsToJson" >> beam.MapTuple(counter_line)
+         | "WriteSignals" >> beam.io.WriteToText(paths.quality_part("counters"), file_name_suffix=".jsonl",
+                                                 num_shards=1))
     for name in ("diversity", "freshness"):
         _ = (signals[name]
              | f"{name.title()}ToJson" >> beam.Map(json.dumps)
@@ -82,83 +92,10 @@ def write_quality_signals(p, out: GraphOutputs, paths: OutputPaths) -> None:
                                                             num_shards=1))
 
 
-def read_jsonl_glob(pattern: str) -> list:
-    rows = []
-    for match in FileSystems.match([pattern])[0].metadata_list:
-        with FileSystems.open(match.path) as f:
-            rows += [json.loads(line) for line in read_all(f).decode().splitlines() if line.strip()]
-    return rows
-
-
 def quality_stats(paths: OutputPaths, summary: dict) -> dict:
-    counters = {}
-    for row in read_jsonl_glob(paths.quality_part("counters") + "*"):
-        counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]
-    return stats_from_parts(summary, counters, read_jsonl_glob(paths.quality_part("diversity") + "*"),
+    return stats_from_parts(summary, read_counters(paths.quality_part("counters")),
+                            read_jsonl_glob(paths.quality_part("diversity") + "*"),
                             read_jsonl_glob(paths.quality_part("freshness") + "*"))
-
-
-def build_outputs(out: GraphOutputs, settings: GraphSettings, paths: OutputPaths, deterministic: bool = False) -> None:
-    """The batch sinks. `deterministic`: sorted records in fixed-name files (replays rewrite the same
-    bytes) instead of runner-sharded writes."""
-    shards = settings.num_shards
-
-    def avro(pcoll, label, prefix, schema):
-        if deterministic:
-            name = prefix.rsplit("/", 1)
-            return pcoll | label >> WriteWindowedFiles(name[0], name[1], "avro", schema, max(1, shards))
-        return pcoll | label >> WriteAvroEvents(prefix, schema, shards)
-
-    def jsonl(pcoll, label, prefix):
-        if deterministic:
-            name = prefix.rsplit("/", 1)
-            return pcoll | label >> WriteWindowedFiles(name[0], name[1], "jsonl", None, max(1, shards))
-        return pcoll | label >> WriteJsonLines(prefix, shards)
-
-    avro(out.valid, "WriteEvents", paths.events, settings.clean_schema)
-    avro(out.bots, "WriteBots", paths.bots, settings.clean_schema)
-    jsonl((out.dead_letter, out.too_late) | "DeadAndTooLate" >> beam.Flatten(), "WriteDeadLetters", paths.dead_letter)
-    avro(out.labels, "WriteLabels", paths.labels, LABEL_SCHEMA)
-    avro(out.slates, "WriteSlates", paths.slates, SLATE_SCHEMA)
-    jsonl(out.orphans, "WriteOrphans", paths.orphans)
-    jsonl(out.late_outcomes, "WriteLateOutcomes", paths.late_outcomes)
-    jsonl(out.duplicates, "WriteDuplicates", paths.duplicates)
-    jsonl(out.consent_dropped, "WriteConsentDropped", paths.consent_dropped)
-    if out.features is not None:
-        _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(paths.features)
-    _ = (out.counts
-         | "CountsToJson" >> beam.MapTuple(lambda k, n: json.dumps({"counter": k, "count": n}))
-         | "WriteCounts" >> beam.io.WriteToText(paths.counts, file_name_suffix=".jsonl", num_shards=1))
-
-
-def read_counters(paths: OutputPaths) -> dict:
-    counters = {}
-    for row in read_jsonl_glob(paths.counts + "*"):
-        counters[row["counter"]] = counters.get(row["counter"], 0) + row["count"]
-    return counters
-
-
-def beam_counters(result) -> dict:
-    """The job's own Beam counters (namespace feedback.*), as the runner reports them (attempted)."""
-    try:
-        counters = result.metrics().query()["counters"]
-    except (NotImplementedError, KeyError, AttributeError):  # a runner without metrics support
-        return {}
-    totals: dict = {}
-    for c in counters:
-        if c.key.metric.namespace.startswith("feedback."):
-            name = f"{c.key.metric.namespace}.{c.key.metric.name}"
-            totals[name] = totals.get(name, 0) + (c.committed if c.committed is not None else c.attempted)
-    return dict(sorted(totals.items()))
-
-
-def write_json(path: str, data: dict) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(data, indent=2, sort_keys=False).encode() + b"\n")
-
-
-def write_report(paths: OutputPaths, report: dict) -> None:
-    write_json(paths.report, report)
 
 
 def run(argv=None) -> dict:
@@ -167,53 +104,41 @@ def run(argv=None) -> dict:
     cfg = load_config(args.config)
     job_start = dt.datetime.now(dt.timezone.utc)
     settings = GraphSettings.from_config(cfg, job_start)
-    if not FileSystems.match([args.input])[0].metadata_list:
-        raise ConfigError(f"--input: no file matches {args.input!r}")
-    options = pipeline_options(beam_args, DEFAULT_RUNNER)
+    require_match("--input", args.input)
+    options = pipeline_options(beam_args)
     # Preflight before the pipeline is built: a used, foreign or unwritable --output stops here (exit 2).
     folder = runfolder.prepare(args.output, "batch", args.overwrite)
     paths = OutputPaths(folder.staging)       # everything is written to staging, published at the end
     final = OutputPaths(args.output)
-    started = time.monotonic()
-    p = beam.Pipeline(options=options)
-    build(p, settings, args.input, paths)
-    result = p.run()
-    result.wait_until_finish()
-    elapsed = time.monotonic() - started
-    summary = summarise(read_counters(paths))
+    finished = run_pipeline(options, lambda p: build(p, settings, args.input, paths))
+    summary = summarise(read_counters(paths.counts))
     report = {
         "job": "batch",
         "input": args.input,
         "output": args.output,
         "run_id": folder.run_id,
         "config": args.config,
-        "runner": str(options.view_as(StandardOptions).runner),
+        "runner": runner_name(options),
         "beam_version": beam.__version__,
         "started_at": job_start.isoformat(),
-        "elapsed_seconds": round(elapsed, 3),
+        "elapsed_seconds": finished.elapsed_seconds,
         **summary,
         DAMAGED_FILES: sorted(read_jsonl_glob(paths.quality_part(DAMAGED_FILES) + "*"), key=lambda d: d["file"]),
-        "metrics": beam_counters(result),
-        "outputs": {name: getattr(final, name) + "*" for name in
-                    ("events", "bots", "dead_letter", "duplicates", "consent_dropped", "labels", "slates",
-                     "orphans", "late_outcomes")},
+        "metrics": beam_counters(finished.result),
+        "outputs": {o.name: final.of(o) + "*" for o in BATCH_OUTPUTS},
     }
     stats = quality_stats(paths, summary)
     stats["privacy"] = privacy_stats(report["metrics"]) if report["metrics"] else None  # None: runner has no metrics
     report["quality"] = assess_quality(cfg, paths, stats, args.baseline, args.warn_only,
                                        title=f"Batch run over {args.input}")
     report["quality"]["html"] = final.report_html
-    write_report(paths, report)
-    acc = summary["accounting"]
+    write_json(paths.report, report)
+    acc, labels = summary["accounting"], summary["labels"]
     # A run whose accounting fails is not published: its outputs stay in staging (no _SUCCESS).
-    if not acc["holds"]:
-        raise AccountingError(
-            f"accounting identity broken: {acc['input_records']} input records but {acc['sum_of_outcomes']} "
-            f"outcomes ({acc['difference']:+d}); not published, see {paths.report}")
-    if not summary["labels"]["one_label_per_exposure"]:
-        raise AccountingError(
-            f"{summary['labels']['exposures']} exposures but {summary['labels']['labels']} labels; not published, "
-            f"see {paths.report}")
+    refuse_unless(acc["holds"], f"accounting identity broken: {acc['input_records']} input records but "
+                  f"{acc['sum_of_outcomes']} outcomes ({acc['difference']:+d})", paths.report, report)
+    refuse_unless(labels["one_label_per_exposure"], f"{labels['exposures']} exposures but {labels['labels']} labels",
+                  paths.report, report)
     # A failed quality gate (exit 4) still publishes: the outputs are complete and accounted for; the
     # verdict travels in the manifest so a consumer can refuse a run that breached its SLOs.
     runfolder.publish(folder, runfolder.config_digest(cfg.model_dump_json()), {
@@ -222,7 +147,7 @@ def run(argv=None) -> dict:
     return report
 
 
-def assess_quality(cfg, paths: OutputPaths, stats: dict, baseline_path: Optional[str], warn_only: bool,
+def assess_quality(cfg, paths: OutputPaths, stats: dict, baseline_path: str | None, warn_only: bool,
                    title: str) -> dict:
     """quality.json, report.html and the SLO verdicts for a finished run."""
     qcfg = cfg.quality
@@ -241,16 +166,8 @@ def assess_quality(cfg, paths: OutputPaths, stats: dict, baseline_path: Optional
             "exit_code": slo_exit_code(slos, qcfg), "html": paths.report_html}
 
 
-def _exit_code(report: dict) -> int:
-    code = report["quality"]["exit_code"]
-    for b in report["quality"]["slos"]:
-        if b["ok"] is False:
-            print(f"{'error' if code else 'warning'}: SLO {b['slo']} breached: {b['message']}", file=sys.stderr)
-    return code
-
-
 def main(argv=None) -> int:
-    return run_main(run, argv, format_summary, _exit_code)
+    return run_main(run, argv, format_summary, quality_exit_code)
 
 
 def format_summary(report: dict) -> str:
@@ -263,7 +180,8 @@ def format_summary(report: dict) -> str:
     lines.append(f"labels {lab['labels']} for {lab['exposures']} exposures ({lab['positives']} positive), "
                  f"orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}")
     if report["dead_letter_by_reason"]:
-        lines.append("dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
+        lines.append("dead letters by reason: "
+                     + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
     if report.get(DAMAGED_FILES):
         lines.append(f"damaged files (read up to the damage, rest dead-lettered as corrupt_file): "
                      f"{', '.join(d['stopped_at'] for d in report[DAMAGED_FILES])}")

@@ -23,24 +23,29 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import sys
-import time
-from typing import Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import StandardOptions
 
-from pipelines.batch import beam_counters, read_jsonl_glob, write_json
-from pipelines.cli import pipeline_options, run_main
+from pipelines.launcher import (
+    beam_counters,
+    pipeline_options,
+    quality_exit_code,
+    read_jsonl_glob,
+    require_match,
+    run_main,
+    run_pipeline,
+    runner_name,
+    write_json,
+)
 from pipelines.report_html import render_evaluation_report, write_report_html
 from transforms import evaluation as E
 from transforms.config import ConfigError, load_config
 from transforms.quality import breaches, slo_exit_code
 
-DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 METRICS_NS = "feedback.evaluate"
 SECTIONS = ("ope", "position_bias", "experiments", "cold_start")
 EXCLUDED_NO_PROPENSITY = "no_propensity"
@@ -48,7 +53,8 @@ EXCLUDED_NO_PROPENSITY = "no_propensity"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML job config (its evaluation: section), e.g. config/batch.yaml")
+    parser.add_argument("--config", required=True,
+                        help="YAML job config (its evaluation: section), e.g. config/batch.yaml")
     parser.add_argument("--labels", required=True, help="File glob of label Avro files (batch job output labels/)")
     parser.add_argument("--slates", required=True, help="File glob of slate Avro files (batch job output slates/)")
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
@@ -76,7 +82,7 @@ def is_click(label: dict) -> bool:
 class _OpeTermsFn(beam.DoFn):
     EXCLUDED = "excluded"
 
-    def __init__(self, tables: E.PolicyTables, reward: str, clip: Optional[float]):
+    def __init__(self, tables: E.PolicyTables, reward: str, clip: float | None):
         self._tables, self._reward, self._clip = tables, reward, clip
         self._used = Metrics.counter(METRICS_NS, "ope_exposures")
         self._excluded = Metrics.counter(METRICS_NS, "ope_excluded_no_propensity")
@@ -101,13 +107,18 @@ def _finish_ope(rows: list, excluded: list, cfg: E.OpeConfig, has_reward_model: 
 
 
 class OffPolicyEstimates(beam.PTransform):
-    """Labels -> one dict: IPS / SNIPS (/ DM / DR with a reward model), intervals and diagnostics."""
+    """Labels -> one dict: IPS / SNIPS (/ DM / DR with a reward model), intervals and diagnostics.
+
+    Args:
+      tables: target-policy (and reward-model) tables, loaded on the launcher.
+      cfg: the `evaluation.ope` section (reward, clipping, target policy).
+    """
 
     def __init__(self, tables: E.PolicyTables, cfg: E.OpeConfig):
         super().__init__()
         self._tables, self._cfg = tables, cfg
 
-    def expand(self, labels):
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         terms = labels | "Terms" >> beam.ParDo(_OpeTermsFn(self._tables, self._cfg.reward, self._cfg.clip)
                                                ).with_output_types(tuple[str, dict]).with_outputs(
                                                    _OpeTermsFn.EXCLUDED, main="terms")
@@ -165,11 +176,17 @@ def _finish_experiments(cells: list, cfg: E.ExperimentsConfig) -> dict:
 
 
 class ExperimentReadout(beam.PTransform):
+    """Labels -> one dict: per experiment_id x variant readout, delta-method CIs vs control, sample-ratio check.
+
+    Args:
+      cfg: the `evaluation.experiments` section.
+    """
+
     def __init__(self, cfg: E.ExperimentsConfig):
         super().__init__()
         self._cfg = cfg
 
-    def expand(self, labels):
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         cfg = self._cfg
         return (labels
                 | "InExperiment" >> beam.Filter(lambda l: l.get("experiment_id") is not None
@@ -196,11 +213,17 @@ def cold_start_cell(label: dict, first_seen: dict, data_start: int, cfg: E.ColdS
 
 
 class ColdStartAndConcentration(beam.PTransform):
+    """Labels -> one dict: new-item exposure share and exposure concentration.
+
+    Args:
+      cfg: the `evaluation.cold_start` section.
+    """
+
     def __init__(self, cfg: E.ColdStartConfig):
         super().__init__()
         self._cfg = cfg
 
-    def expand(self, labels):
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         cfg = self._cfg
         times = labels | "ItemTime" >> beam.Map(lambda l: (l["item_id"], _ms(l["impression_time"])))
         first_seen = times | "FirstSeen" >> beam.CombinePerKey(min)
@@ -248,11 +271,17 @@ def _finish_position_bias(cells: list, cfg: E.PositionBiasConfig) -> dict:
 
 
 class EstimatePositionBias(beam.PTransform):
+    """Slates -> one dict: the click-propensity curve by position and its inverse weights.
+
+    Args:
+      cfg: the `evaluation.position_bias` section.
+    """
+
     def __init__(self, cfg: E.PositionBiasConfig):
         super().__init__()
         self._cfg = cfg
 
-    def expand(self, slates):
+    def expand(self, slates: beam.PCollection[dict]) -> beam.PCollection[dict]:
         cfg = self._cfg
         return (slates
                 | "SlateCells" >> beam.FlatMap(slate_cells, tuple(cfg.randomised_policies))
@@ -283,11 +312,6 @@ def build(p: beam.Pipeline, cfg: E.EvaluationConfig, tables: E.PolicyTables, lab
     return sections
 
 
-def _check_glob(flag: str, pattern: str) -> None:
-    if not FileSystems.match([pattern])[0].metadata_list:
-        raise ConfigError(f"{flag}: no file matches {pattern!r}")
-
-
 def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
@@ -296,14 +320,10 @@ def run(argv=None) -> dict:
         tables = E.load_policy_tables(ev.ope, cfg.resolve)
     except (OSError, ValueError) as e:
         raise ConfigError(f"evaluation.ope: {e}") from None
-    _check_glob("--labels", args.labels)
-    _check_glob("--slates", args.slates)
-    options = pipeline_options(beam_args, DEFAULT_RUNNER)
-    started = time.monotonic()
-    p = beam.Pipeline(options=options)
-    build(p, ev, tables, args.labels, args.slates, args.output)
-    result = p.run()
-    result.wait_until_finish()
+    require_match("--labels", args.labels)
+    require_match("--slates", args.slates)
+    options = pipeline_options(beam_args)
+    finished = run_pipeline(options, lambda p: build(p, ev, tables, args.labels, args.slates, args.output))
     found = {s.pop("section"): s for s in read_jsonl_glob(sections_prefix(args.output) + "*")}
     missing = [s for s in SECTIONS if s not in found]
     if missing:
@@ -311,9 +331,9 @@ def run(argv=None) -> dict:
     mode = "warn" if args.warn_only else cfg.quality.mode
     out = args.output.rstrip("/")
     evaluation = {"job": "evaluate", "labels": args.labels, "slates": args.slates, "output": args.output,
-                  "config": args.config, "runner": str(options.view_as(StandardOptions).runner),
-                  "beam_version": beam.__version__, "elapsed_seconds": round(time.monotonic() - started, 3),
-                  **{s: found[s] for s in SECTIONS}, "metrics": beam_counters(result)}
+                  "config": args.config, "runner": runner_name(options),
+                  "beam_version": beam.__version__, "elapsed_seconds": finished.elapsed_seconds,
+                  **{s: found[s] for s in SECTIONS}, "metrics": beam_counters(finished.result)}
     weights = found["position_bias"].get("weights")
     if weights:
         weights["positions"] = dict(sorted(weights["positions"].items(), key=lambda kv: int(kv[0])))
@@ -356,16 +376,8 @@ def format_summary(ev: dict) -> str:
     return "\n".join(lines)
 
 
-def _exit_code(ev: dict) -> int:
-    code = ev["quality"]["exit_code"]
-    for b in ev["quality"]["slos"]:
-        if b["ok"] is False:
-            print(f"{'error' if code else 'warning'}: gate {b['slo']} breached: {b['message']}", file=sys.stderr)
-    return code
-
-
 def main(argv=None) -> int:
-    return run_main(run, argv, format_summary, _exit_code)
+    return run_main(run, argv, format_summary, functools.partial(quality_exit_code, check="gate"))
 
 
 if __name__ == "__main__":

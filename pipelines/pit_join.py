@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import hashlib
-import json
 import logging
 import sys
-from typing import Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import fastavro
@@ -31,25 +31,30 @@ import orjson
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines import runfolder
-from pipelines.cli import add_overwrite_flag
+from pipelines.launcher import (  # noqa: F401
+    EXIT_CONFIG,
+    add_overwrite_flag,
+    beam_counters,
+    json_summary,
+    pipeline_options,
+    run_main,
+    run_pipeline,
+)
 from transforms.config import ConfigError
 from transforms.features import ENTITY_TYPES, FEATURE_COLUMNS, UNKNOWN_CATEGORY, FeaturesConfig, features_for_entity
 
-DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 METRICS_NS = "feedback.pit_join"
 REQUIRED_LABEL_FIELDS = ("request_id", "user_id", "item_id", "item_category", "impression_time", "label", "weight")
 FEATURE_GLOB = "date=*/*.parquet"
-EXIT_CONFIG = 2
 _AVRO_TYPES = {"int64": "long", "float64": "double", "string": "string"}
 _FEATURE_TYPES = dict(FEATURE_COLUMNS)
 _log = logging.getLogger("pipelines.pit_join")
 
 
-class PitJoinError(ValueError):
-    """Bad arguments or inputs, found before the pipeline runs."""
+class PitJoinError(ConfigError):
+    """Bad arguments or inputs, found before the pipeline runs (exit 2)."""
 
 
 # --- pure functions --------------------------------------------------------------------------
@@ -228,8 +233,8 @@ def output_schema(label_schema: dict, columns: Sequence[tuple[str, str]]) -> dic
 
 
 def build(p: beam.Pipeline, labels_glob: str, features_dir: str, output: str, *,
-          windows: Optional[Sequence[str]] = None, entities: Optional[Sequence[str]] = None,
-          label_schema: Optional[dict] = None, num_shards: int = 0) -> beam.PCollection:
+          windows: Sequence[str] | None = None, entities: Sequence[str] | None = None,
+          label_schema: dict | None = None, num_shards: int = 0) -> beam.PCollection:
     """Labels + features -> training rows written as Avro to `<output>/training-*.avro`; returns the rows."""
     windows = tuple(windows or (w.label for w in FeaturesConfig().windows))
     entities = tuple(entities or ENTITY_TYPES)
@@ -263,7 +268,7 @@ def build(p: beam.Pipeline, labels_glob: str, features_dir: str, output: str, *,
     return training
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.pit_join", description=__doc__.split("\n\n")[0])
     parser.add_argument("--labels", required=True, help="File glob of label Avro files")
     parser.add_argument("--features", required=True,
@@ -275,58 +280,38 @@ def parse_args(argv=None):
                         help="Comma-separated entities (default: %(default)s)")
     parser.add_argument("--num_shards", type=int, default=0, help="Output files; 0 lets the runner choose")
     add_overwrite_flag(parser)
-    return parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_known_args(argv)
 
 
 def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     windows = [w.strip() for w in args.windows.split(",") if w.strip()]
     entities = [e.strip() for e in args.entities.split(",") if e.strip()]
-    options = PipelineOptions(beam_args)
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    options = pipeline_options(beam_args)
     # Inputs must be published runs (no half-written labels or features); the output folder gets one
     # run, staged and published like the batch job's (pipelines/runfolder.py).
     runfolder.check_published(args.labels, "--labels")
     runfolder.check_published(FileSystems.join(args.features, FEATURE_GLOB), "--features")
     label_schema = read_label_schema(args.labels)
     folder = runfolder.prepare(args.output, "pit_join", args.overwrite)
-    p = beam.Pipeline(options=options)
-    build(p, args.labels, args.features, folder.staging, windows=windows, entities=entities,
-          label_schema=label_schema, num_shards=args.num_shards)
-    result = p.run()
-    result.wait_until_finish()
+    finished = run_pipeline(options, lambda p: build(p, args.labels, args.features, folder.staging, windows=windows,
+                                                     entities=entities, label_schema=label_schema,
+                                                     num_shards=args.num_shards))
     report = {"job": "pit_join", "labels": args.labels, "features": args.features, "output": args.output,
-              "run_id": folder.run_id, "windows": windows, "entities": entities, "metrics": _counters(result)}
+              "run_id": folder.run_id, "windows": windows, "entities": entities,
+              "metrics": beam_counters(finished.result, METRICS_NS, qualified=False)}
     runfolder.publish(folder, runfolder.config_digest({k: report[k] for k in ("windows", "entities")}),
                       {"labels": args.labels, "features": args.features,
                        "training_rows": report["metrics"].get("training_rows")})
     return report
 
 
-def _counters(result) -> dict:
-    try:
-        counters = result.metrics().query()["counters"]
-    except (NotImplementedError, KeyError, AttributeError):
-        return {}
-    totals: dict = {}
-    for c in counters:
-        if c.key.metric.namespace == METRICS_NS:
-            totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (
-                c.committed if c.committed is not None else c.attempted)
-    return dict(sorted(totals.items()))
-
-
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    try:
-        report = run(argv)
-    except (PitJoinError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(json.dumps(report, indent=2))
-    return 0
+    return run_main(run, argv, functools.partial(json_summary, exclude=()))
 
 
 if __name__ == "__main__":

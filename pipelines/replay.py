@@ -34,31 +34,49 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
-import json
 import logging
 import sys
-import time
 
 import apache_beam as beam
 import fastavro
 import orjson
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import window
 
-from pipelines.batch import DEFAULT_RUNNER, beam_counters, read_counters, write_report
 from pipelines import runfolder
-from pipelines.cli import add_overwrite_flag, pipeline_options, run_main
 from pipelines.graph import GraphSettings, build_event_graph
-from transforms.accounting import AccountingError, CountOutcomes, label_summary, summarise
+from pipelines.launcher import (
+    add_overwrite_flag,
+    beam_counters,
+    json_summary,
+    pipeline_options,
+    read_counters,
+    refuse_unless,
+    run_main,
+    run_pipeline,
+    runner_name,
+    write_json,
+)
+from pipelines.outputs import (
+    COUNTS,
+    LABELS,
+    LATE_OUTCOMES,
+    ORPHAN_OUTCOMES,
+    REPLAY_ARCHIVE_OUTPUTS,
+    SLATES,
+    OutputPaths,
+    build_outputs,
+)
+from transforms import contract
+from transforms.accounting import CountOutcomes, label_summary, summarise
 from transforms.config import ConfigError, load_config
-from transforms.io import OutputPaths, WriteWindowedFiles, read_all
-from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA, BuildSlates, JoinLabels, LabelRules, is_exposure
+from transforms.io import WriteWindowedFiles, counter_record, read_all
+from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure, label_polarity
 from transforms.parse import parse_event_time
 
 PARTITION_S = 3600
-_REPLAYED = ("labels", "slates", "orphan_outcomes", "late_outcomes")
+_REPLAYED = tuple(o.name for o in REPLAY_ARCHIVE_OUTPUTS)
 _log = logging.getLogger("pipelines.replay")
 
 
@@ -68,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("archive", help="labels from the streaming archive for a time range")
     a.add_argument("--config", required=True)
     a.add_argument("--archive", required=True, help="Glob of archive Avro files (streaming output archive/)")
-    a.add_argument("--from", dest="start", required=True, help="Start of the impression-time range (whole hour, ISO-8601)")
+    a.add_argument("--from", dest="start", required=True,
+                   help="Start of the impression-time range (whole hour, ISO-8601)")
     a.add_argument("--to", dest="end", required=True, help="End of the range, exclusive (whole hour, ISO-8601)")
     a.add_argument("--output", required=True)
     add_overwrite_flag(a)
@@ -127,13 +146,21 @@ def in_range(field: str, start: int, end: int):
     return lambda r: start <= r[field] < end
 
 
+@beam.typehints.with_input_types(dict)
 class WriteHourly(beam.PTransform):
+    """Records -> WriteWindowedFiles per hour of `time_field` (one file per hour: deterministic names).
+
+    Args:
+      directory, prefix, fmt, schema: as for WriteWindowedFiles.
+      time_field: the epoch-ms field that picks a record's hour.
+    """
+
     def __init__(self, directory: str, prefix: str, fmt: str, schema=None, time_field: str = "event_time"):
         super().__init__()
         self._args = (directory, prefix, fmt, schema)
         self._field = time_field
 
-    def expand(self, records):
+    def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         field = self._field
         return (records
                 | "StampPartition" >> beam.Map(lambda r: window.TimestampedValue(r, r[field] / 1000.0))
@@ -150,25 +177,23 @@ def build_archive_replay(p, settings: GraphSettings, archive_glob: str, start: i
     joined = events | "Labels" >> JoinLabels(settings.labels)
     labels = joined.labels | "LabelsInRange" >> beam.Filter(in_range("impression_time", start, end))
     slates = labels | "Slates" >> BuildSlates()
+    in_range_outputs = {LABELS.name: labels, SLATES.name: slates}
+    for o, tag in ((ORPHAN_OUTCOMES, JoinLabels.ORPHANS), (LATE_OUTCOMES, JoinLabels.LATE_OUTCOMES)):
+        in_range_outputs[o.name] = joined[tag] | f"{o.title}InRange" >> beam.Filter(in_range(o.time_field, start, end))
     root = output.rstrip("/")
-    _ = labels | "WriteLabels" >> WriteHourly(f"{root}/labels", "labels", "avro", LABEL_SCHEMA, "impression_time")
-    _ = slates | "WriteSlates" >> WriteHourly(f"{root}/slates", "slates", "avro", SLATE_SCHEMA, "impression_time")
-    for name, tag in (("orphan_outcomes", JoinLabels.ORPHANS), ("late_outcomes", JoinLabels.LATE_OUTCOMES)):
-        title = name.title().replace("_", "")
-        _ = (joined[tag]
-             | f"{title}InRange" >> beam.Filter(in_range("event_time", start, end))
-             | f"Write{title}" >> WriteHourly(f"{root}/{name}", name, "jsonl"))
+    for o in REPLAY_ARCHIVE_OUTPUTS:
+        _ = in_range_outputs[o.name] | f"Write{o.title}" >> WriteHourly(f"{root}/{o.name}", o.name, o.fmt, o.schema,
+                                                                        o.time_field)
     exposures = (events
                  | "Exposures" >> beam.Filter(is_exposure)
                  | "ExposuresInRange" >> beam.Filter(in_range("event_time", start, end)))
-    counted = {"exposures": exposures, "labels": labels,
-               "orphans": joined[JoinLabels.ORPHANS] | "OrphansCounted" >> beam.Filter(in_range("event_time", start, end)),
-               "late_outcomes": joined[JoinLabels.LATE_OUTCOMES]
-               | "LateCounted" >> beam.Filter(in_range("event_time", start, end))}
+    counted = {contract.COUNTER_EXPOSURES: exposures, contract.COUNTER_LABELS: labels,
+               contract.COUNTER_ORPHANS: in_range_outputs[ORPHAN_OUTCOMES.name],
+               contract.COUNTER_LATE_OUTCOMES: in_range_outputs[LATE_OUTCOMES.name]}
     _ = (counted
-         | "Accounting" >> CountOutcomes({"labels": lambda r: "positive" if r["label"] else "negative"})
-         | "CountsToJson" >> beam.MapTuple(lambda k, n: {"counter": k, "count": n})
-         | "WriteCounts" >> WriteWindowedFiles(f"{root}/_counts", "counts", "jsonl"))
+         | "Accounting" >> CountOutcomes({contract.COUNTER_LABELS: label_polarity})
+         | "CountsToJson" >> beam.MapTuple(counter_record)
+         | "WriteCounts" >> WriteWindowedFiles(f"{root}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt))
     return labels
 
 
@@ -196,7 +221,6 @@ class _ReadDeadLettersFn(beam.DoFn):
 
 
 def build_dead_letter_replay(p, settings: GraphSettings, dead_glob: str, output: str):
-    from pipelines.batch import build_outputs
     raw = (p
            | "MatchDeadLetters" >> fileio.MatchFiles(dead_glob)
            | "OpenDeadLetters" >> fileio.ReadMatches()
@@ -244,7 +268,7 @@ def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
     settings = GraphSettings.from_config(cfg)
-    options = pipeline_options(beam_args, DEFAULT_RUNNER)
+    options = pipeline_options(beam_args)
     if args.mode == "archive":
         start, end = _hour_ms(args.start, "--from"), _hour_ms(args.end, "--to")
         if end <= start:
@@ -254,41 +278,36 @@ def run(argv=None) -> dict:
         runfolder.check_published(args.dead_letters, "--dead-letters")
     folder = runfolder.prepare(args.output, f"replay-{args.mode}", args.overwrite)
     paths = OutputPaths(folder.staging)
-    started = time.monotonic()
-    p = beam.Pipeline(options=options)
     if args.mode == "archive":
-        build_archive_replay(p, settings, args.archive, start, end, folder.staging)
+        finished = run_pipeline(options, lambda p: build_archive_replay(p, settings, args.archive, start, end,
+                                                                        folder.staging))
     else:
-        build_dead_letter_replay(p, settings, args.dead_letters, folder.staging)
-    result = p.run()
-    result.wait_until_finish()
+        finished = run_pipeline(options, lambda p: build_dead_letter_replay(p, settings, args.dead_letters,
+                                                                            folder.staging))
     report = {"job": f"replay-{args.mode}", "config": args.config, "output": args.output, "run_id": folder.run_id,
-              "runner": str(options.view_as(StandardOptions).runner), "beam_version": beam.__version__,
-              "elapsed_seconds": round(time.monotonic() - started, 3), "metrics": beam_counters(result)}
+              "runner": runner_name(options), "beam_version": beam.__version__,
+              "elapsed_seconds": finished.elapsed_seconds, "metrics": beam_counters(finished.result)}
     if args.mode == "archive":
-        labels = label_summary(read_counters(paths))
+        labels = label_summary(read_counters(paths.counts))
         report.update(range={"from": args.start, "to": args.end}, archive=args.archive, labels=labels,
                       replayability=record_replay(folder.staging, start, end, folder.previous_manifest))
         published = {"range_ms": [start, end], "labels": labels}
-        if not labels["one_label_per_exposure"]:
-            write_report(paths, report)
-            raise AccountingError(f"{labels['exposures']} exposures in range but {labels['labels']} labels; "
-                                  f"not published, see {paths.report}")
+        refuse_unless(labels["one_label_per_exposure"],
+                      f"{labels['exposures']} exposures in range but {labels['labels']} labels", paths.report, report)
     else:
-        summary = summarise(read_counters(paths))
+        summary = summarise(read_counters(paths.counts))
         report.update(dead_letters=args.dead_letters, **summary)
         published = {"counts": summary["counts"], "accounting": summary["accounting"]}
-        if not summary["accounting"]["holds"]:
-            write_report(paths, report)
-            raise AccountingError(f"replayed dead letters not accounted for exactly once: {summary['accounting']}; "
-                                  f"not published, see {paths.report}")
-    write_report(paths, report)
+        refuse_unless(summary["accounting"]["holds"],
+                      f"replayed dead letters not accounted for exactly once: {summary['accounting']}",
+                      paths.report, report)
+    write_json(paths.report, report)
     runfolder.publish(folder, runfolder.config_digest(cfg.model_dump_json()), published)
     return report
 
 
 def main(argv=None) -> int:
-    return run_main(run, argv, lambda report: json.dumps({k: v for k, v in report.items() if k != "metrics"}, indent=2))
+    return run_main(run, argv, json_summary)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ import json
 import logging
 import os
 import uuid
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.config import ConfigError
+from transforms.io import read_all
 
 MANIFEST = "_MANIFEST.json"
 SUCCESS = "_SUCCESS"
@@ -78,21 +79,12 @@ def list_files(root: str) -> list[str]:
     return sorted(_rel(root, m.path) for m in matches)
 
 
-def _read_json(path: str) -> Optional[dict]:
+def _read_json(path: str) -> dict | None:
     try:
         with FileSystems.open(path) as f:
-            return json.loads(_read_all(f))
+            return json.loads(read_all(f, _CHUNK))
     except Exception:  # noqa: BLE001 - a missing or half-written manifest proves nothing
         return None
-
-
-def _read_all(f) -> bytes:
-    parts = []
-    while True:
-        chunk = f.read(_CHUNK)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -124,7 +116,7 @@ def describe_previous(root: str, files: list[str]) -> str:
     return "an unfinished run (killed, failed or still running: no _SUCCESS)"
 
 
-def _owned(root: str, files: list[str]) -> Optional[set[str]]:
+def _owned(root: str, files: list[str]) -> set[str] | None:
     """The files of `root` that earlier runs of ours wrote (provably), or None when it holds none."""
     present = set(files)
     stagings = _staging_names(files)
@@ -199,14 +191,14 @@ class RunFolder:
     root: str
     job: str
     run_id: str
-    previous_manifest: Optional[dict] = None
+    previous_manifest: dict | None = None
 
     @property
     def staging(self) -> str:
         return _join(self.root, STAGING_PREFIX + self.run_id)
 
 
-def new_run_id(now: Optional[dt.datetime] = None) -> str:
+def new_run_id(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
@@ -239,7 +231,7 @@ def prepare_streaming(root: str, overwrite: bool, outputs: Iterable[str]) -> str
 
 # --- publish -------------------------------------------------------------------------------------
 
-def count_records(path: str) -> Optional[int]:
+def count_records(path: str) -> int | None:
     """Records in one output file (Avro blocks, Parquet metadata, JSON lines); None for other files."""
     name = path.lower()
     with FileSystems.open(path, compression_type="uncompressed") as f:
@@ -248,10 +240,11 @@ def count_records(path: str) -> Optional[int]:
             return sum(block.num_records for block in fastavro.block_reader(f))
         if name.endswith(".parquet"):
             import io
+
             import pyarrow.parquet as pq
-            return pq.ParquetFile(io.BytesIO(_read_all(f))).metadata.num_rows
+            return pq.ParquetFile(io.BytesIO(read_all(f, _CHUNK))).metadata.num_rows
         if name.endswith(".jsonl"):
-            data = _read_all(f)
+            data = read_all(f, _CHUNK)
             return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     return None
 
@@ -316,7 +309,7 @@ def publish(folder: RunFolder, config_sha256: str, summary: dict) -> dict:
 
 # --- readers -------------------------------------------------------------------------------------
 
-def _run_root_of(path: str, cache: dict, levels: int = 4) -> Optional[str]:
+def _run_root_of(path: str, cache: dict, levels: int = 4) -> str | None:
     """The nearest folder (up to `levels` up) holding a run marker of ours, or None."""
     d = path.rsplit("/", 1)[0]
     for _ in range(levels):
@@ -338,7 +331,7 @@ def check_published(pattern: str, flag: str) -> list[str]:
     with the same size. Files outside any run folder of ours (streaming output, external archives) are
     accepted as they are. Returns the run folders found."""
     matches = FileSystems.match([pattern])[0].metadata_list
-    roots: dict[str, Optional[dict]] = {}
+    roots: dict[str, dict | None] = {}
     marked: dict = {}
     for m in matches:
         if f"/{STAGING_PREFIX}" in m.path:

@@ -1,12 +1,66 @@
+import re
+
 import pytest
 
-from transforms.config import ConfigError, config_from_dict, load_config, parse_duration
 from tests.conftest import ROOT
+from transforms.config import ConfigError, config_from_dict, load_config, parse_duration
+
+
+def _documented_keys() -> list[str]:
+    """The dotted keys in the first column of README's configuration table ("lists every key")."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("`config/batch.yaml` lists every key with its default:", 1)[1].split("\n\n", 2)[1]
+    keys = []
+    for row in table.splitlines()[2:]:
+        section = None
+        for token in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            if "." in token:                 # `time.early_firing`
+                section, names = token.split(".", 1)
+            elif section:                    # ... / `late_firings`: same section as the one before
+                names = token
+            else:                            # `online_store`: a whole section
+                keys.append(token)
+                continue
+            keys += [f"{section}.{n}" for n in names.split("/")]   # `enrichment.items/users/experiments`
+    return keys
+
+
+def _resolve(model, dotted: str):
+    for name in dotted.split("."):
+        name = {"schema": "schema_"}.get(name, name) if model.__class__.__name__ == "JobConfig" else name
+        assert name in type(model).model_fields, f"{dotted}: README documents a key the config does not have"
+        model = getattr(model, name)
+    return model
 
 
 def test_shipped_configs_load():
-    for name in ("batch.yaml", "local.yaml", "streaming.yaml"):
-        load_config(str(ROOT / "config" / name))
+    defaults = config_from_dict({})
+    shipped = {name: load_config(str(ROOT / "config" / name))
+               for name in ("batch.yaml", "local.yaml", "streaming.yaml")}
+    # batch.yaml shows the defaults of every section, and turns features on with windows of its own.
+    batch = shipped["batch.yaml"]
+    assert batch.model_dump(exclude={"features"}) == defaults.model_dump(exclude={"features"})
+    assert defaults.features is None and [(w.size, w.period) for w in batch.features.windows] == [
+        (3600, 900), (86400, 21600)]
+    # local.yaml: the demo key and sample tables, quality in warn mode (the demo data is dirty on purpose).
+    local = shipped["local.yaml"]
+    assert local.privacy.allow_demo_key and local.quality.mode == "warn" and local.output.num_shards == 1
+    assert local.enrichment.items.path == "../sample/items.csv" and local.enrichment.users.path is None
+    # streaming.yaml: the keys it sets differ from the defaults as written.
+    st = shipped["streaming.yaml"]
+    assert (st.time.lateness, st.time.early_firing, st.time.late_firings, st.time.accumulation) == (
+        3600, 30, True, "accumulating")
+    assert (st.time.output_window.type, st.time.output_window.size) == ("fixed", 300)
+    assert (st.sessions.gap, st.sessions.split_every, st.labels.window) == (1800, 3600, 1800)
+    assert st.online_store is not None and (st.online_store.host, st.online_store.port, st.online_store.ttl) == (
+        "localhost", 6379, 7 * 86400)
+    assert not st.privacy.allow_demo_key
+    # Every key README's table documents exists in every shipped config.
+    keys = _documented_keys()
+    assert len(keys) > 30 and "validation.event_types" in keys and "time.accumulation" in keys
+    for cfg in shipped.values():
+        for key in keys:
+            _resolve(cfg, key)
 
 
 @pytest.mark.parametrize("data,expected", [
@@ -73,7 +127,9 @@ def test_yaml_booleans_still_accepted():
 def test_every_boolean_key_is_strict():
     """Every bool field of every section (including ones other modules declare) rejects non-booleans."""
     import typing
+
     from pydantic import BaseModel
+
     from transforms.config import JobConfig
     seen = []
 

@@ -51,3 +51,22 @@ BOT_RULE_SUSTAINED_RATE = "sustained_rate"
 BOT_RULE_SUPERHUMAN_CLICKS = "superhuman_click_latency"
 BOT_RULE_MACHINE_CADENCE = "machine_cadence"
 BOT_RULES = (BOT_RULE_CRAWLER_UA, BOT_RULE_SUSTAINED_RATE, BOT_RULE_SUPERHUMAN_CLICKS, BOT_RULE_MACHINE_CADENCE)
+
+# Counter names besides the outcomes: the `_counts` files hold them and the report's `labels` summary
+# reads them. Stable strings, like the reason codes.
+COUNTER_INPUT = "input"
+COUNTER_EXPOSURES = "exposures"
+COUNTER_LABELS = "labels"
+COUNTER_LABELS_POSITIVE = "labels.positive"
+COUNTER_LABELS_NEGATIVE = "labels.negative"
+COUNTER_ORPHANS = "orphans"            # orphan outcomes (outputs.ORPHAN_OUTCOMES)
+COUNTER_LATE_OUTCOMES = "late_outcomes"
+
+# Tags of multi-output steps, shared by the steps that emit them and the graph that reads them.
+TAG_EVENTS = "events"                  # DedupeEvents: first sightings
+TAG_HUMANS = "humans"                  # FilterBots: events judged human
+TAG_REST = "rest"                      # FilterBots: events routed on without judging
+TAG_LABELS = "labels"                  # JoinLabels: settled labels
+
+# Prefix of every Beam metric namespace of the project (reports list the metrics under it).
+METRICS_PREFIX = "feedback."

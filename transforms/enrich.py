@@ -10,8 +10,8 @@ import csv
 import dataclasses
 import io
 import re
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable, Optional
 
 import apache_beam as beam
 import fastavro
@@ -40,14 +40,14 @@ _TABLET_RE = re.compile(r"iPad|Tablet|Kindle|Silk/|PlayBook|Nexus (7|9|10)\b|SM-
 
 @dataclasses.dataclass(frozen=True)
 class Device:
-    browser: Optional[str]
-    browser_version: Optional[str]
-    os: Optional[str]
-    os_version: Optional[str]
+    browser: str | None
+    browser_version: str | None
+    os: str | None
+    os_version: str | None
     device_class: str      # desktop | mobile | tablet | tv | console | bot | unknown
 
 
-def classify_device(ua: Optional[str]) -> Device:
+def classify_device(ua: str | None) -> Device:
     """A user-agent string -> browser, OS and device class (pure; cached per process)."""
     if not ua:
         return Device(None, None, None, None, "unknown")
@@ -103,7 +103,7 @@ def read_table_rows(path: str, data: bytes) -> Iterable[dict]:
         raise ValueError(f"{path}: metadata files must end in .csv, .jsonl or .avro")
 
 
-def metadata_entry(row: dict, key: str) -> Optional[tuple[str, dict]]:
+def metadata_entry(row: dict, key: str) -> tuple[str, dict] | None:
     """A row -> (key, {column: text}) with every other column as a string; None without the key."""
     k = row.get(key)
     if k is None or k == "":
@@ -112,7 +112,7 @@ def metadata_entry(row: dict, key: str) -> Optional[tuple[str, dict]]:
 
 
 class _TableRowsFn(beam.DoFn):
-    def __init__(self, key: str, pseudonym_domain: Optional[str], key_source: KeySource):
+    def __init__(self, key: str, pseudonym_domain: str | None, key_source: KeySource):
         self._key, self._domain, self._key_source = key, pseudonym_domain, key_source
         self._no_key = Metrics.counter(METRICS_NS, "metadata_rows_without_key")
 
@@ -136,13 +136,20 @@ class _TableRowsFn(beam.DoFn):
 
 
 class ReadMetadataTable(beam.PTransform):
-    """A glob of metadata files -> (key, {column: value}) pairs, for use as an AsDict side input."""
+    """A glob of metadata files -> (key, {column: value}) pairs, for use as an AsDict side input.
 
-    def __init__(self, path: str, key: str, pseudonym_domain: Optional[str], key_source: KeySource):
+    Args:
+      path: file glob of the table (JSON lines, CSV or Parquet).
+      key: the column holding the lookup key.
+      pseudonym_domain: when the events carry a pseudonym of the key, its HMAC domain; else None.
+      key_source: where the HMAC key comes from (read on the workers in setup).
+    """
+
+    def __init__(self, path: str, key: str, pseudonym_domain: str | None, key_source: KeySource):
         super().__init__()
         self._path, self._key, self._domain, self._key_source = path, key, pseudonym_domain, key_source
 
-    def expand(self, pbegin):
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[tuple[str, dict]]:
         return (pbegin
                 | "Match" >> fileio.MatchFiles(self._path)
                 | "Open" >> fileio.ReadMatches()
@@ -184,14 +191,19 @@ class _EnrichFn(beam.DoFn):
         yield out
 
 
+@beam.typehints.with_input_types(dict)
 class EnrichEvents(beam.PTransform):
-    """Events -> events with device class and metadata. `tables` maps item/user/experiment to a
-    PCollection of (key, metadata) pairs, or is missing the name when no table is configured."""
+    """Events -> events with device class and metadata.
 
-    def __init__(self, tables: Optional[dict] = None):
+    Args:
+      tables: maps item/user/experiment to a PCollection of (key, metadata) pairs (ReadMetadataTable);
+        a name is missing when no table is configured.
+    """
+
+    def __init__(self, tables: dict | None = None):
         super().__init__()
         self._tables = tables or {}
 
-    def expand(self, events):
+    def expand(self, events: beam.PCollection[dict]) -> beam.PCollection[dict]:
         side = {f"{name}s": beam.pvalue.AsDict(pc) for name, pc in self._tables.items()}
         return events | "UserAgentAndMetadata" >> beam.ParDo(_EnrichFn(), **side)

@@ -12,10 +12,12 @@ import bz2
 import dataclasses
 import hashlib
 import io
+import json
 import lzma
 import uuid
 import zlib
-from typing import Any, Generator, Iterator, Optional
+from collections.abc import Generator, Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 import fastavro
@@ -32,6 +34,7 @@ from transforms.deadletter import dead_letter
 from transforms.schemas import SchemaRegistry
 
 METRICS_NS = "feedback.read"
+WRITE_METRICS_NS = "feedback.write"
 
 
 class _NoRedaction:
@@ -132,7 +135,7 @@ class _CountingStream:
     block size) is damage, not a storage error: it is refused or capped at what the file holds
     before the storage layer would try to allocate it."""
 
-    def __init__(self, f, size: Optional[int] = None):
+    def __init__(self, f, size: int | None = None):
         self._f, self._size, self.offset = f, size, 0
 
     def read(self, size: int = -1) -> bytes:
@@ -205,7 +208,7 @@ def _describe(error: BaseException) -> str:
     return f"{name}: {error}"
 
 
-def read_json_lines(path: str, raw: _CountingStream) -> Generator[tuple, None, Optional[Damage]]:
+def read_json_lines(path: str, raw: _CountingStream) -> Generator[tuple, None, Damage | None]:
     """(source, line bytes) for each line of a JSON-lines file, plain or compressed (by suffix, as
     Beam detects it). Returns a Damage when the file cannot be read to its end: the lines before it
     are yielded, an incomplete line at the damage is part of the unreadable rest."""
@@ -226,7 +229,7 @@ def read_json_lines(path: str, raw: _CountingStream) -> Generator[tuple, None, O
     return None
 
 
-def read_avro(path: str, raw: _CountingStream, registry: SchemaRegistry) -> Generator[tuple, None, Optional[Damage]]:
+def read_avro(path: str, raw: _CountingStream, registry: SchemaRegistry) -> Generator[tuple, None, Damage | None]:
     """(source, record dict) for each record of an Avro file (any codec fastavro reads: null,
     deflate, snappy, ...). Returns a Damage when a block cannot be decoded."""
     n = 0
@@ -297,6 +300,13 @@ class ReadRawRecords(beam.PTransform):
     letter for its unreadable rest (tag CORRUPT; it carries the DAMAGE_FIELDS).
 
     A glob that matches nothing fails the job at once: an empty input is almost always a typo.
+
+    Args:
+      file_pattern: glob of JSONL (plain, gzip, ...) and Avro archives.
+      registry: the schema versions Avro archives may be written with.
+      reshuffle: spread the records over workers after reading (a file is read by one worker).
+
+    Returns {"records": PCollection[RawRecord], CORRUPT: PCollection[dict]}.
     """
     CORRUPT = _ReadFileFn.CORRUPT
 
@@ -304,9 +314,10 @@ class ReadRawRecords(beam.PTransform):
         super().__init__()
         self._pattern, self._registry, self._reshuffle = file_pattern, registry, reshuffle
 
-    def expand(self, pbegin):
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict:
         read = (pbegin
-                | "MatchFiles" >> fileio.MatchFiles(self._pattern, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
+                | "MatchFiles" >> fileio.MatchFiles(self._pattern,
+                                                    empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
                 | "OpenFiles" >> fileio.ReadMatches()
                 | "ReadRecords" >> beam.ParDo(_ReadFileFn(self._registry)).with_outputs(self.CORRUPT, main="records"))
         records = read.records
@@ -319,43 +330,22 @@ def to_json_line(record: dict) -> str:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode()
 
 
-@dataclasses.dataclass(frozen=True)
-class OutputPaths:
-    root: str
+# --- counter files (`_counts`, `_quality/counters`): one {"counter", "count"} row per key and shard ---
 
-    def _join(self, *parts):
-        return "/".join([self.root.rstrip("/"), *parts])
+def counter_record(key: str, count: int) -> dict:
+    return {"counter": key, "count": count}
 
-    @property
-    def events(self): return self._join("events", "events")
-    @property
-    def bots(self): return self._join("bots", "bots")
-    @property
-    def dead_letter(self): return self._join("dead_letter", "dead_letter")
-    @property
-    def duplicates(self): return self._join("duplicates", "duplicates")
-    @property
-    def consent_dropped(self): return self._join("consent_dropped", "consent_dropped")
-    @property
-    def labels(self): return self._join("labels", "labels")
-    @property
-    def slates(self): return self._join("slates", "slates")
-    @property
-    def orphans(self): return self._join("orphan_outcomes", "orphans")
-    @property
-    def late_outcomes(self): return self._join("late_outcomes", "late_outcomes")
-    @property
-    def features(self): return self._join("features")
-    @property
-    def counts(self): return self._join("_counts", "counts")
-    @property
-    def report(self): return self._join("report.json")
-    @property
-    def quality(self): return self._join("quality.json")
-    @property
-    def report_html(self): return self._join("report.html")
 
-    def quality_part(self, name): return self._join("_quality", name)
+def counter_line(key: str, count: int) -> str:
+    return json.dumps(counter_record(key, count))
+
+
+def sum_counters(rows: Iterable[dict]) -> dict:
+    """Counter rows (from several shards or panes) -> {counter: total}."""
+    totals: dict = {}
+    for row in rows:
+        totals[row["counter"]] = totals.get(row["counter"], 0) + row["count"]
+    return totals
 
 
 AVRO_CODEC = "deflate"   # WriteToAvro's default; ~2 µs per record more than "null" for ~7x smaller files
@@ -366,7 +356,7 @@ class _WriteBundleFileFn(beam.DoFn):
     is emitted when the bundle ends. A retried bundle writes a new temp file; the orphan is removed
     with the temp folder."""
 
-    def __init__(self, temp_dir: str, fmt: str, schema: Optional[dict]):
+    def __init__(self, temp_dir: str, fmt: str, schema: dict | None):
         self._temp_dir, self._fmt, self._schema = temp_dir, fmt, schema
         self._fh = self._writer = self._path = None
 
@@ -405,9 +395,9 @@ class _FinalizeFilesFn(beam.DoFn):
     give), then the temp folder is removed. No records: one empty file (an Avro file keeps its header),
     as WriteToText/WriteToAvro write. Renames are skipped when already done (a retried finalize)."""
 
-    def __init__(self, prefix: str, suffix: str, temp_dir: str, fmt: str, schema: Optional[dict]):
+    def __init__(self, prefix: str, suffix: str, temp_dir: str, fmt: str, schema: dict | None):
         self._prefix, self._suffix, self._temp_dir, self._fmt, self._schema = prefix, suffix, temp_dir, fmt, schema
-        self._files = Metrics.counter("feedback.write", "files")
+        self._files = Metrics.counter(WRITE_METRICS_NS, "files")
 
     def process(self, temp_paths):
         temp_paths = sorted(temp_paths)
@@ -440,7 +430,7 @@ class WriteFilesPerBundle(beam.PTransform):
     file layout and codec: one file per bundle, renamed into place once all bundles are written.
     """
 
-    def __init__(self, prefix: str, suffix: str, fmt: str, schema: Optional[dict] = None):
+    def __init__(self, prefix: str, suffix: str, fmt: str, schema: dict | None = None):
         super().__init__()
         if fmt not in ("avro", "jsonl") or (fmt == "avro" and schema is None):
             raise ValueError("fmt must be 'jsonl', or 'avro' with a schema")
@@ -461,12 +451,20 @@ def _per_bundle_ok(pcoll, num_shards: int) -> bool:
     return num_shards == 0 and isinstance(pcoll.windowing.windowfn, GlobalWindows)
 
 
+@beam.typehints.with_input_types(dict)
 class WriteJsonLines(beam.PTransform):
+    """Records -> JSON lines (sorted keys) in runner-sharded files `<prefix>-SSSSS-of-NNNNN.jsonl`.
+
+    Args:
+      prefix: path and file-name prefix.
+      num_shards: number of files; 0 lets the runner choose.
+    """
+
     def __init__(self, prefix: str, num_shards: int = 0):
         super().__init__()
         self._prefix, self._shards = prefix, num_shards
 
-    def expand(self, records):
+    def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         if _per_bundle_ok(records, self._shards):
             return records | "WriteJsonl" >> WriteFilesPerBundle(self._prefix, ".jsonl", "jsonl")
         return (records
@@ -474,12 +472,21 @@ class WriteJsonLines(beam.PTransform):
                 | "Write" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl", num_shards=self._shards))
 
 
+@beam.typehints.with_input_types(dict)
 class WriteAvroEvents(beam.PTransform):
+    """Records -> Avro files `<prefix>-SSSSS-of-NNNNN.avro`.
+
+    Args:
+      prefix: path and file-name prefix.
+      schema: the Avro writer schema (a dict).
+      num_shards: number of files; 0 lets the runner choose.
+    """
+
     def __init__(self, prefix: str, schema: dict, num_shards: int = 0):
         super().__init__()
         self._prefix, self._schema, self._shards = prefix, schema, num_shards
 
-    def expand(self, events):
+    def expand(self, events: beam.PCollection[dict]) -> beam.PCollection[str]:
         if _per_bundle_ok(events, self._shards):
             return events | "WriteAvroFiles" >> WriteFilesPerBundle(self._prefix, ".avro", "avro", self._schema)
         return events | "WriteAvro" >> beam.io.WriteToAvro(
@@ -500,7 +507,7 @@ def window_file_name(prefix: str, suffix: str, win, pane_index: int, shard: int,
     return "-".join(parts) + suffix
 
 
-def encode_file(records: list, fmt: str, schema: Optional[dict], name: str) -> bytes:
+def encode_file(records: list, fmt: str, schema: dict | None, name: str) -> bytes:
     """The bytes of one output file: records sorted by their JSON form, so a replay is byte-identical
     (Avro's sync marker is derived from the file name instead of being random)."""
     ordered = sorted(records, key=lambda r: orjson.dumps(r, option=orjson.OPT_SORT_KEYS, default=str))
@@ -513,10 +520,10 @@ def encode_file(records: list, fmt: str, schema: Optional[dict], name: str) -> b
 
 
 class _WritePaneFn(beam.DoFn):
-    def __init__(self, directory: str, prefix: str, fmt: str, schema: Optional[dict], shards: int):
+    def __init__(self, directory: str, prefix: str, fmt: str, schema: dict | None, shards: int):
         self._directory, self._prefix, self._fmt, self._schema, self._shards = directory, prefix, fmt, schema, shards
-        self._files = Metrics.counter("feedback.write", "files")
-        self._records = Metrics.counter("feedback.write", "records")
+        self._files = Metrics.counter(WRITE_METRICS_NS, "files")
+        self._records = Metrics.counter(WRITE_METRICS_NS, "records")
 
     def process(self, keyed, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         shard, records = keyed
@@ -539,6 +546,7 @@ class _WritePaneFn(beam.DoFn):
         yield path
 
 
+@beam.typehints.with_input_types(dict)
 class WriteWindowedFiles(beam.PTransform):
     """Windowed records -> one file per (window, pane, shard) under `directory`.
 
@@ -547,9 +555,18 @@ class WriteWindowedFiles(beam.PTransform):
     files -- records lost without an error (tests/test_streaming.py caught it). Here the records are
     grouped per (window, shard) with the input's trigger, and each firing writes its own file named by
     its pane index.
+
+    Args:
+      directory: folder of the files.
+      prefix: file-name prefix; the window, pane and shard follow it.
+      fmt: "jsonl", or "avro" with `schema`.
+      schema: the Avro writer schema.
+      shards: files per window and pane (records are spread by a hash of their content).
+
+    Returns the written paths.
     """
 
-    def __init__(self, directory: str, prefix: str, fmt: str = "jsonl", schema: Optional[dict] = None,
+    def __init__(self, directory: str, prefix: str, fmt: str = "jsonl", schema: dict | None = None,
                  shards: int = 1):
         super().__init__()
         if fmt not in ("avro", "jsonl") or (fmt == "avro" and schema is None):
@@ -557,7 +574,7 @@ class WriteWindowedFiles(beam.PTransform):
         self._directory, self._prefix, self._fmt, self._schema = directory.rstrip("/"), prefix, fmt, schema
         self._shards = max(1, shards)
 
-    def expand(self, records):
+    def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         shards = self._shards
         return (records
                 | "Shard" >> beam.Map(lambda r: (_shard_of(r, shards), r)).with_output_types(tuple[int, Any])

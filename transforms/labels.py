@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder, VarIntCoder
@@ -36,6 +36,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import contract
 from transforms.evaluation import load_position_weights
 
 METRICS_NS = "feedback.labels"
@@ -57,7 +58,7 @@ class LabelRules:
     position_weights: tuple[tuple[int, float], ...] = ()
 
     @classmethod
-    def from_config(cls, labels_cfg, lateness_s: float) -> "LabelRules":
+    def from_config(cls, labels_cfg, lateness_s: float) -> LabelRules:
         pos = tuple(sorted(labels_cfg.positive.items(), key=lambda kv: (-kv[1], kv[0])))
         neg = tuple(sorted(labels_cfg.negative.items(), key=lambda kv: (-kv[1], kv[0])))
         weights = load_position_weights(labels_cfg.position_weights) if labels_cfg.position_weights else ()
@@ -65,7 +66,7 @@ class LabelRules:
                    pos, neg, labels_cfg.default_negative_weight, int(labels_cfg.min_click_dwell_ms),
                    frozenset(labels_cfg.outcome_types), weights)
 
-    def position_weight(self, position: Optional[int]) -> float:
+    def position_weight(self, position: int | None) -> float:
         """Inverse examination propensity of a position (a position past the table takes its last entry)."""
         if not self.position_weights or position is None or position < 1:
             return 1.0
@@ -83,7 +84,7 @@ def is_exposure(e: dict) -> bool:
     return e["event_type"] == EXPOSURE_TYPE and e.get("item_id") is not None
 
 
-def attribute(exposures: list[dict], outcomes: list[dict], rules: LabelRules) -> dict[str, Optional[str]]:
+def attribute(exposures: list[dict], outcomes: list[dict], rules: LabelRules) -> dict[str, str | None]:
     """outcome event_id -> exposure event_id (or None: orphan), for one (user, item).
 
     With a request_id, the outcome joins an exposure of that request within
@@ -151,7 +152,7 @@ def make_label(x: dict, outcomes: list[dict], rules: LabelRules) -> dict:
     }
 
 
-def outcome_record(o: dict, exposure_id: Optional[str], kind: str) -> dict:
+def outcome_record(o: dict, exposure_id: str | None, kind: str) -> dict:
     """An orphan or late outcome, as written: enough to find and correct the label."""
     return {"kind": kind, "event_id": o["event_id"], "event_type": o["event_type"], "event_time": o["event_time"],
             "arrival_time": o.get("arrival_time"), "user_id": o["user_id"], "item_id": o.get("item_id"),
@@ -199,6 +200,11 @@ def settle(exposures: list[dict], outcomes: list[dict], rules: LabelRules, now: 
     return Settlement(labels, orphans, late, consumed)
 
 
+def label_polarity(label: dict) -> str:
+    """The sub-counter of a label: `labels.positive` or `labels.negative` (contract.COUNTER_LABELS_*)."""
+    return "positive" if label["label"] else "negative"
+
+
 def split_events(events: Iterable[dict], rules: LabelRules) -> tuple[list[dict], list[dict]]:
     exposures, outcomes = [], []
     for e in events:
@@ -216,10 +222,15 @@ def _key(e: dict) -> str:
     return f"{len(e['user_id'])}:{e['user_id']}|{e['item_id']}"
 
 
+def _settle_counters() -> dict:
+    """The Beam counters of settling (feedback.labels.<name>; README lists them)."""
+    return {k: Metrics.counter(METRICS_NS, k) for k in ("labels", "positives", "orphans", "late_outcomes")}
+
+
 class _SettleBatchFn(beam.DoFn):
     def __init__(self, rules: LabelRules):
         self._rules = rules
-        self._counters = {k: Metrics.counter(METRICS_NS, k) for k in ("labels", "positives", "orphans", "late_outcomes")}
+        self._counters = _settle_counters()
 
     def process(self, keyed):
         _, events = keyed
@@ -260,7 +271,7 @@ class _SettleStreamingFn(beam.DoFn):
         # session buckets close at bucket end + lateness). Timers wait that much longer than the
         # event-time deadline, so every outcome that counts under the rule has arrived when it fires.
         self._delay = upstream_delay_ms
-        self._counters = {k: Metrics.counter(METRICS_NS, k) for k in ("labels", "positives", "orphans", "late_outcomes")}
+        self._counters = _settle_counters()
 
     def _due(self, e: dict) -> int:
         if is_exposure(e):
@@ -305,7 +316,8 @@ class _SettleStreamingFn(beam.DoFn):
                 if (e["event_id"] not in emitted and e["event_id"] not in reported)
                 or e["event_time"] + horizon > now]
         pending = [self._due(e) for e in keep
-                   if e["event_id"] not in emitted and e["event_id"] not in reported and self._due(e) > now + self._delay]
+                   if e["event_id"] not in emitted and e["event_id"] not in reported
+                   and self._due(e) > now + self._delay]
         events.clear()
         for e in keep:
             events.add(e)
@@ -321,8 +333,15 @@ class _SettleStreamingFn(beam.DoFn):
         due.set(Timestamp(micros=when * 1000))
 
 
+@beam.typehints.with_input_types(dict)
 class JoinLabels(beam.PTransform):
-    """Human events -> labels (main), orphan outcomes (ORPHANS) and late outcomes (LATE_OUTCOMES)."""
+    """Human events -> labels (main), orphan outcomes (ORPHANS) and late outcomes (LATE_OUTCOMES).
+
+    Args:
+      rules: attribution window, lateness and outcome types (LabelRules.from_config).
+      streaming: settle per key with event-time timers (unbounded input) instead of GroupByKey.
+      upstream_delay_s: streaming only: how far behind the watermark events can reach this step.
+    """
     ORPHANS = "orphans"
     LATE_OUTCOMES = "late_outcomes"
 
@@ -333,18 +352,20 @@ class JoinLabels(beam.PTransform):
         self._rules, self._streaming = rules, streaming
         self._delay_ms = int(upstream_delay_s * 1000)
 
-    def expand(self, events):
+    def expand(self, events: beam.PCollection[dict]) -> beam.pvalue.DoOutputsTuple:
         types = self._rules.outcome_types | {EXPOSURE_TYPE}
         keyed = (events
-                 | "ExposuresAndOutcomes" >> beam.Filter(lambda e: e["event_type"] in types and e.get("item_id") is not None)
+                 | "ExposuresAndOutcomes" >> beam.Filter(
+                     lambda e: e["event_type"] in types and e.get("item_id") is not None)
                  | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict]))
         if self._streaming:
             fn = _SettleStreamingFn(self._rules, self._delay_ms)
-            return keyed | "SettleAsDue" >> beam.ParDo(fn).with_outputs(self.ORPHANS, self.LATE_OUTCOMES, main="labels")
+            return keyed | "SettleAsDue" >> beam.ParDo(fn).with_outputs(
+                self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS)
         return (keyed
                 | "GroupUserItem" >> beam.GroupByKey()
                 | "Settle" >> beam.ParDo(_SettleBatchFn(self._rules)).with_outputs(
-                    self.ORPHANS, self.LATE_OUTCOMES, main="labels"))
+                    self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS))
 
 
 # --- slates -----------------------------------------------------------------------------------
@@ -366,14 +387,21 @@ def make_slate(request_id: str, labels: list[dict]) -> dict:
     }
 
 
+@beam.typehints.with_input_types(dict)
 class BuildSlates(beam.PTransform):
-    """Labels -> one slate per request (all items shown, with positions, propensities and labels)."""
+    """Labels -> one slate per request (all items shown, with positions, propensities and labels).
+
+    Args:
+      streaming: gather a request's labels in session windows of `gap_s` (unbounded input).
+      gap_s: streaming session gap between a request's labels.
+      allowed_lateness_s: streaming: how late labels may reach the session windows.
+    """
 
     def __init__(self, streaming: bool = False, gap_s: float = 10.0, allowed_lateness_s: float = 0.0):
         super().__init__()
         self._streaming, self._gap_s, self._lateness_s = streaming, gap_s, allowed_lateness_s
 
-    def expand(self, labels):
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         keyed = (labels
                  | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
                  | "KeyByRequest" >> beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict]))

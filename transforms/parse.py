@@ -11,7 +11,8 @@ import datetime as dt
 import json
 import math
 import sys
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 import apache_beam as beam
 import orjson
@@ -28,7 +29,7 @@ METRICS_NS = "feedback.parse"
 # or a dict decoded from an Avro file (its schema_version filled in from the file's writer schema).
 # arrival_ms is when the pipeline's front door received it (Pub/Sub publish time, an archive's
 # recorded arrival time), or None when unknown (then nothing can be too late).
-RawRecord = tuple[str, Union[bytes, dict], Optional[int]]
+RawRecord = tuple[str, bytes | dict, int | None]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ID_SUFFIX = "_id"
@@ -37,7 +38,7 @@ _ID_SUFFIX = "_id"
 class Rejected(Exception):
     """A record that cannot become a valid event: reason code, offending field, readable message."""
 
-    def __init__(self, reason: str, field: Optional[str], message: str):
+    def __init__(self, reason: str, field: str | None, message: str):
         super().__init__(message)
         self.reason, self.field, self.message = reason, field, message
 
@@ -62,10 +63,10 @@ class ValidationRules:
     reject_unknown_fields: bool
     naive_as_utc: bool
     lateness_ms: int = 3_600_000
-    arrival_field: Optional[str] = None
+    arrival_field: str | None = None
 
     @classmethod
-    def from_config(cls, cfg, registry: SchemaRegistry, job_start: dt.datetime) -> "ValidationRules":
+    def from_config(cls, cfg, registry: SchemaRegistry, job_start: dt.datetime) -> ValidationRules:
         v = cfg.validation
         min_ms = parse_event_time(v.min_event_time, naive_as_utc=False)
         max_ms = int((job_start.timestamp() + v.max_clock_skew) * 1000)
@@ -151,7 +152,7 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _number_beyond_double(obj: Any) -> Optional[str]:
+def _number_beyond_double(obj: Any) -> str | None:
     """The path of the first number in a decoded JSON value that no double can hold, or None."""
     stack = [("", obj)]
     while stack:
@@ -341,7 +342,7 @@ class TooLate(Exception):
         self.event, self.late_ms = event, late_ms
 
 
-def parse_record(payload: Union[bytes, dict], rules: ValidationRules, arrival_ms: Optional[int] = None) -> dict:
+def parse_record(payload: bytes | dict, rules: ValidationRules, arrival_ms: int | None = None) -> dict:
     """One raw payload -> canonical event (with `arrival_time`). Raises Rejected, ConsentWithdrawn or TooLate.
 
     The arrival time comes from the transport (`arrival_ms`) or, for archives, from the envelope field
@@ -426,7 +427,14 @@ class _ParseFn(beam.DoFn):
 
 class ParseEvents(beam.PTransform):
     """RawRecord -> valid events (timestamped in event time) + consent stubs + dead letters + too-late
-    events (dead-letter records with reason too_late, kept apart so they are counted as their own outcome)."""
+    events (dead-letter records with reason too_late, kept apart so they are counted as their own outcome).
+
+    Args:
+      rules: validation rules resolved on the launcher (ValidationRules.from_config).
+      key_source: where the HMAC key for consent stubs and dead-letter redaction comes from.
+
+    Returns the tagged outputs VALID (main), DEAD_LETTER, CONSENT_DROPPED and TOO_LATE.
+    """
     VALID = "valid"
     DEAD_LETTER = "dead_letter"
     CONSENT_DROPPED = "consent_dropped"
@@ -439,6 +447,6 @@ class ParseEvents(beam.PTransform):
         self._rules = rules
         self._key_source = key_source
 
-    def expand(self, raw):
+    def expand(self, raw: beam.PCollection[RawRecord]) -> beam.pvalue.DoOutputsTuple:
         return raw | "ParseAndValidate" >> beam.ParDo(_ParseFn(self._rules, self._key_source)).with_outputs(
             self.DEAD_LETTER, self.CONSENT_DROPPED, self.TOO_LATE, main=self.VALID)
