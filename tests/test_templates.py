@@ -61,7 +61,7 @@ LEFT_OUT = {"streaming": {"topic"}}
 # --transform-name-mappings. templates/README.md lists them; change both on purpose, never by accident.
 STREAMING_TOP_LEVEL_LABELS = [
     "ReadEvents", "Parse", "Privacy", "Enrich", "Dedupe", "Bots", "Labels", "Slates", "AllDeadLetters",
-    "UpstreamInput0", "AllInputs", "Features", "Exposures", "Accounting", "DeadAndTooLate",
+    "UpstreamInput0", "InputRecords", "AllInputs", "Features", "Exposures", "Accounting", "DeadAndTooLate",
     "OutputLatencyArchive", "WindowArchive", "WriteArchive", "WindowBots", "WriteBots",
     "OutputLatencyLabels", "WindowLabels", "WriteLabels",
     "WindowSlates", "WriteSlates", "WindowDeadLetter", "WriteDeadLetter", "WindowOrphanOutcomes",
