@@ -12,15 +12,16 @@ from typing import Optional
 
 import apache_beam as beam
 
+from pipelines import outputs as output_table
 from transforms import contract
-from transforms.accounting import INPUT, CountOutcomes
+from transforms.accounting import CountOutcomes
 from transforms.bots import BotRules, FilterBots
 from transforms.config import JobConfig
 from transforms.dedupe import DedupeEvents
 from transforms.enrich import EnrichEvents, ReadMetadataTable
 from transforms.features import ComputeFeatures
 from apache_beam.transforms.trigger import AccumulationMode, AfterCount, AfterWatermark
-from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure
+from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure, label_polarity
 from transforms.parse import ParseEvents, ValidationRules
 from transforms.privacy import KeySource, PrivacyRules, ProtectPrivacy
 from transforms.records import clean_event_schema
@@ -109,18 +110,10 @@ class GraphOutputs:
     too_late: beam.PCollection      # dead-letter records with reason too_late
     labels: beam.PCollection
     slates: beam.PCollection
-    orphans: beam.PCollection
+    orphan_outcomes: beam.PCollection
     late_outcomes: beam.PCollection
     features: Optional[beam.PCollection] = None    # feature rows (None when features are off)
     counts: Optional[beam.PCollection] = None      # (counter name, count)
-
-    def outcomes(self) -> dict:
-        return {contract.OUTCOME_VALID: self.valid, contract.OUTCOME_BOT: self.bots,
-                contract.OUTCOME_DUPLICATE: self.duplicates, contract.OUTCOME_DEAD_LETTER: self.dead_letter,
-                contract.OUTCOME_CONSENT_DROPPED: self.consent_dropped, contract.OUTCOME_TOO_LATE: self.too_late}
-
-    def label_outputs(self) -> dict:
-        return {"labels": self.labels, "orphans": self.orphans, "late_outcomes": self.late_outcomes}
 
 
 def _input_marker(_record) -> int:
@@ -142,7 +135,7 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
     deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, settings.lateness_s, streaming=streaming)
     judged = deduped.events | "Bots" >> FilterBots(
         settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s, lateness_s=settings.lateness_s)
-    humans = judged["humans"]
+    humans = judged[contract.TAG_HUMANS]
     joined = humans | "Labels" >> JoinLabels(settings.labels, streaming=streaming,
                                              upstream_delay_s=settings.bots_delay_s)
     slates = joined.labels | "Slates" >> BuildSlates(streaming=streaming, allowed_lateness_s=settings.max_output_delay_s)
@@ -158,7 +151,7 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
     outputs = GraphOutputs(
         valid=humans, bots=judged[FilterBots.BOTS], duplicates=deduped[DedupeEvents.DUPLICATES],
         dead_letter=dead, consent_dropped=parsed[ParseEvents.CONSENT_DROPPED], too_late=parsed[ParseEvents.TOO_LATE],
-        labels=joined.labels, slates=slates, orphans=joined[JoinLabels.ORPHANS],
+        labels=joined.labels, slates=slates, orphan_outcomes=joined[JoinLabels.ORPHANS],
         late_outcomes=joined[JoinLabels.LATE_OUTCOMES])
     if settings.features is not None:
         if streaming:
@@ -175,11 +168,14 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
         else:
             outputs.features = humans | "Features" >> ComputeFeatures(settings.features, keyed_windows=True)
     exposures = humans | "Exposures" >> beam.Filter(is_exposure)
-    outputs.counts = ({INPUT: inputs, "exposures": exposures, **outputs.outcomes(), **outputs.label_outputs()}
+    # The outcome and label counters are the ones the outputs table declares (outputs.counted).
+    counted = {contract.COUNTER_INPUT: inputs, contract.COUNTER_EXPOSURES: exposures,
+               **output_table.counted(outputs, output_table.BATCH_OUTPUTS)}
+    outputs.counts = (counted
                       | "Accounting" >> CountOutcomes(windowing=count_windowing, breakdowns={
         contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
         contract.OUTCOME_BOT: lambda r: r["bot_rule"],
         contract.OUTCOME_VALID: lambda r: r["event_type"],
-        "labels": lambda r: "positive" if r["label"] else "negative",
+        contract.COUNTER_LABELS: label_polarity,
     }))
     return outputs

@@ -83,7 +83,7 @@ DEAD_LETTER = Output("dead_letter", JSONL, None, ("dead_letter", "too_late"),
                      (contract.OUTCOME_DEAD_LETTER, contract.OUTCOME_TOO_LATE), label="DeadLetters")
 LABELS = Output("labels", AVRO, LABEL_SCHEMA, ("labels",), (contract.COUNTER_LABELS,), time_field="impression_time")
 SLATES = Output("slates", AVRO, SLATE_SCHEMA, ("slates",), time_field="impression_time")
-ORPHAN_OUTCOMES = Output("orphan_outcomes", JSONL, None, ("orphans",), (contract.COUNTER_ORPHANS,),
+ORPHAN_OUTCOMES = Output("orphan_outcomes", JSONL, None, ("orphan_outcomes",), (contract.COUNTER_ORPHANS,),
                          file_prefix="orphans", label="Orphans")
 LATE_OUTCOMES = Output("late_outcomes", JSONL, None, ("late_outcomes",), (contract.COUNTER_LATE_OUTCOMES,))
 DUPLICATES = Output("duplicates", JSONL, None, ("duplicates",), (contract.OUTCOME_DUPLICATE,))

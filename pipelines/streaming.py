@@ -28,8 +28,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 
 from pipelines import runfolder
-from pipelines.cli import add_overwrite_flag, pipeline_options, run_main
+from pipelines.launcher import add_overwrite_flag, pipeline_options, run_main
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
+from pipelines.outputs import ARCHIVE, COUNTS, DEAD_LETTER, FEATURES, LABELS, output_collections
+from pipelines.outputs import STREAMING_OUTPUTS as STREAMING_FILES
 from transforms import contract
 from transforms.config import JobConfig, WindowSpec, load_config
 from transforms.deadletter import dead_letter
@@ -37,9 +39,8 @@ from transforms.accounting import summarise
 from transforms.features import WriteOfflineFeatures
 from transforms.quality import evaluate_slos
 from transforms.signals import LATENCY_EDGES_MS, bucket_index, stats_from_parts
-from transforms.io import WriteWindowedFiles, to_json_line
+from transforms.io import WriteWindowedFiles, counter_record, to_json_line
 from transforms.online_store import WriteOnlineFeatures
-from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 from transforms.schemas import SchemaRegistry
 
 DEFAULT_RUNNER = "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"
@@ -224,35 +225,26 @@ def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output
     """Raw records -> shared graph (streaming implementations) -> windowed sinks. Returns the outputs."""
     out = build_event_graph(raw, settings, upstream_dead_letters=list(upstream_dead_letters), streaming=True,
                             count_windowing=output_windowing(cfg, settings, "WindowCounters"))
-    dead = (out.dead_letter, out.too_late) | "DeadAndTooLate" >> beam.Flatten()
-    files = {
-        "archive": (out.valid, "avro", settings.archive_schema),
-        "bots": (out.bots, "avro", settings.clean_schema),
-        "labels": (out.labels, "avro", LABEL_SCHEMA),
-        "slates": (out.slates, "avro", SLATE_SCHEMA),
-        "dead_letter": (dead, "jsonl", None),
-        "orphan_outcomes": (out.orphans, "jsonl", None),
-        "late_outcomes": (out.late_outcomes, "jsonl", None),
-        "duplicates": (out.duplicates, "jsonl", None),
-        "consent_dropped": (out.consent_dropped, "jsonl", None),
-    }
-    for name, (pcoll, fmt, schema) in files.items():
-        title = name.title().replace("_", "")
-        if name in ("archive", "labels"):
-            pcoll = pcoll | f"OutputLatency{title}" >> beam.ParDo(_OutputLatencyFn(name))
+    pcolls = output_collections(out, STREAMING_FILES)
+    dead = pcolls[DEAD_LETTER.name]
+    for o in STREAMING_FILES:
+        pcoll = pcolls[o.name]
+        if o in (ARCHIVE, LABELS):
+            pcoll = pcoll | f"OutputLatency{o.title}" >> beam.ParDo(_OutputLatencyFn(o.name))
         _ = (pcoll
-             | output_windowing(cfg, settings, f"Window{title}")
-             | f"Write{title}" >> WriteWindowedFiles(f"{output.rstrip('/')}/{name}", name, fmt, schema))
+             | output_windowing(cfg, settings, f"Window{o.title}")
+             | f"Write{o.title}" >> WriteWindowedFiles(f"{output.rstrip('/')}/{o.name}", o.name, o.fmt,
+                                                       o.schema_for(settings.clean_schema)))
     _ = (out.counts
-         | "CountsToJson" >> beam.MapTuple(lambda k, n: {"counter": k, "count": n})
-         | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/_counts", "counts", "jsonl"))
+         | "CountsToJson" >> beam.MapTuple(counter_record)
+         | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt))
     _ = (out.counts
          | "QualityPerWindow" >> beam.CombineGlobally(_CountersToDict()).without_defaults()
          | "QualityRecord" >> beam.ParDo(_QualityRecordFn(cfg.quality))
          | "WriteQuality" >> WriteWindowedFiles(f"{output.rstrip('/')}/quality", "quality", "jsonl"))
     if out.features is not None:
         _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(
-            f"{output.rstrip('/')}/features", streaming_window=cfg.time.output_window.size,
+            f"{output.rstrip('/')}/{FEATURES.name}", streaming_window=cfg.time.output_window.size,
             allowed_lateness=2 * settings.max_output_delay_s)
         if cfg.online_store is not None:
             _ = out.features | "OnlineFeatures" >> WriteOnlineFeatures(cfg.online_store)
@@ -265,8 +257,7 @@ def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output
     return out
 
 
-STREAMING_OUTPUTS = ("archive", "bots", "labels", "slates", "dead_letter", "orphan_outcomes", "late_outcomes",
-                     "duplicates", "consent_dropped", "_counts", "quality", "features")
+STREAMING_OUTPUTS = (*(o.name for o in STREAMING_FILES), COUNTS.name, "quality", FEATURES.name)
 
 
 def run(argv=None):
