@@ -5,7 +5,7 @@
   dead_letter, labels, slates, duplicates, consent_dropped, orphan and late outcomes) holds the
   same multiset of records (canonicalised: Avro timestamps as epoch ms, JSON keys sorted), over
   ``generate(3000)`` with an arrival-time envelope (too-late and late-outcome rules exercised).
-* Streaming graph with TestStream (``tests/test_streaming.py``'s SCENARIO and assertions) on Prism
+* Streaming graph with TestStream (``tests/helpers.py``'s SCENARIO, stream builder and parity assertions) on Prism
   and on Flink: labels, orphan/late outcomes, dead letters and the archive equal the batch job's.
   On Prism it also runs with the watermark jumping straight to infinity: unlike
   BundleBasedDirectRunner (shared/BEAM-NOTES.md), Prism delivers output from timers that fire only
@@ -27,22 +27,17 @@ import json
 import os
 import time
 
-import apache_beam as beam
 import fastavro
-import orjson
 import pytest
-from apache_beam.coders import BytesCoder
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing.test_stream import TestStream
-from apache_beam.transforms import window
 
-from pipelines import batch, streaming
+from pipelines import batch
 from pipelines.generate import generate
 from pipelines.graph import GraphSettings
-from tests import test_streaming as ts
 from tests.conftest import FN_API_RUNNER, write_config
 from tests.engines import *  # noqa: F401,F403 - pytest fixtures
 from tests.engines import flink_options, portable_options, prism_options
+from tests.helpers import (SCENARIO, SCENARIO_EXPOSURES, assert_counts_balance, assert_streaming_equals_batch,
+                           avro_rows, canonical_labels, run_batch, run_streaming_on)
 from transforms.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -273,63 +268,28 @@ def test_batch_survives_a_killed_taskmanager(generated, flink_cluster_job_server
 
 # --- streaming graph under TestStream --------------------------------------------------------
 
-def scenario_stream(settings, events_with_arrival, slack_ms=5 * ts.S, step_watermark=True) -> TestStream:
-    """tests/test_streaming.py's TestStream (watermark = arrival - slack), optionally without the
-    extra watermark steps before infinity that BundleBasedDirectRunner needs."""
-    # Elements are bytes (a standard coder): the runner itself holds TestStream's elements, and Flink's
-    # Java side cannot decode Python's pickled tuples ("UnknownCoderWrapper was used ... decoding").
-    stream, watermark = TestStream(coder=BytesCoder()), None
-    for n, (e, arrival) in enumerate(events_with_arrival):
-        wm = (arrival - slack_ms) / 1000.0
-        if watermark is None or wm > watermark:
-            stream, watermark = stream.advance_watermark_to(wm), wm
-        element = orjson.dumps([f"test:{n}", orjson.dumps(e).decode(), arrival])
-        stream = stream.add_elements([window.TimestampedValue(element, arrival / 1000.0)])
-    if step_watermark:
-        last = max(a for _, a in events_with_arrival)
-        for step in range(1, 9):
-            stream = stream.advance_watermark_to((last + step * settings.max_output_delay_s * 1000 / 2) / 1000.0)
-    return stream.advance_watermark_to_infinity().with_output_types(bytes)
-
-
-def _raw_record(element: bytes) -> tuple:
-    source, payload, arrival = orjson.loads(element)
-    return source, payload.encode(), arrival
-
-
-def run_streaming_on(beam_args, settings, cfg, events_with_arrival, out_dir, step_watermark=True):
-    options = PipelineOptions(list(beam_args), streaming=True)
-    started = time.monotonic()
-    with beam.Pipeline(options=options) as p:
-        raw = (p
-               | "Events" >> scenario_stream(settings, events_with_arrival, step_watermark=step_watermark)
-               | "RawRecords" >> beam.Map(_raw_record))
-        streaming.build(p, cfg, settings, raw, str(out_dir))
-    print(f"\nstreaming graph on {beam_args[0]}: {time.monotonic() - started:.1f} s")
-
-
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
-    """tests/test_streaming.py's scenario through the batch job (FnApiRunner): the reference."""
+    """tests/helpers.py's scenario through the batch job (FnApiRunner): the reference."""
     tmp = tmp_path_factory.mktemp("engines-stream")
     cfg_path = write_config(tmp, "time: {arrival_field: arrival_time}\n")
     cfg = load_config(cfg_path)
-    report, batch_out = ts.run_batch(tmp, ts.SCENARIO, cfg_path)
+    report, batch_out = run_batch(tmp, SCENARIO, cfg_path)
     return {"tmp": tmp, "cfg": cfg, "settings": GraphSettings.from_config(cfg), "batch_out": batch_out}
 
 
 def assert_stream_equals_batch(scenario, stream_out):
-    labels = ts.canonical_labels(ts.avro_rows(str(stream_out / "labels" / "**" / "*.avro")))
-    exposures = sum(1 for e, _ in ts.SCENARIO if e["event_type"] == "impression")
-    assert len(labels) == exposures, [l["label_id"] for l in labels]
-    ts.test_streaming_equals_batch((None, scenario["batch_out"], stream_out))
-    ts.test_streaming_counts_balance((None, None, stream_out))
+    labels = canonical_labels(avro_rows(str(stream_out / "labels" / "**" / "*.avro")))
+    exposures = sum(1 for e, _ in SCENARIO if e["event_type"] == "impression")
+    assert len(labels) == exposures == SCENARIO_EXPOSURES, [l["label_id"] for l in labels]
+    assert_streaming_equals_batch(scenario["batch_out"], stream_out)
+    assert_counts_balance(stream_out, len(SCENARIO), SCENARIO_EXPOSURES)
 
 
 @pytest.mark.parametrize("step_watermark", [True, False], ids=["stepped-watermark", "straight-to-infinity"])
 def test_streaming_on_prism_equals_batch(scenario, prism_binary, step_watermark):
     out = scenario["tmp"] / f"prism-{step_watermark}"
-    run_streaming_on(prism_options(prism_binary), scenario["settings"], scenario["cfg"], ts.SCENARIO, out,
+    run_streaming_on(prism_options(prism_binary), scenario["settings"], scenario["cfg"], SCENARIO, out,
                      step_watermark=step_watermark)
     assert_stream_equals_batch(scenario, out)
 
@@ -337,5 +297,5 @@ def test_streaming_on_prism_equals_batch(scenario, prism_binary, step_watermark)
 def test_streaming_on_flink_equals_batch(scenario, flink_cluster_job_server):
     out = scenario["tmp"] / "flink"
     run_streaming_on(portable_options(flink_cluster_job_server, "--parallelism=2"), scenario["settings"],
-                     scenario["cfg"], ts.SCENARIO, out)
+                     scenario["cfg"], SCENARIO, out)
     assert_stream_equals_batch(scenario, out)
