@@ -273,7 +273,24 @@ def quality_summary(stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
     succeeded = sum(counts.get(o, 0) for o in SUCCESS_OUTCOMES)
     failed = {o: counts.get(o, 0) for o in FAILURE_OUTCOMES}
     sum_outcomes = sum(counts.get(o, 0) for o in contract.OUTCOMES)
+    run_end = stats.get("run_end_ms")
+    return {
+        "input_records": input_records,
+        "accounting": {"sum_of_outcomes": sum_outcomes, "holds": sum_outcomes == input_records},
+        "ingestion": {"success_rate": _ratio(succeeded, input_records), "succeeded": succeeded,
+                      "failed": failed, "unaccounted": input_records - sum_outcomes,
+                      "definition": "(" + " + ".join(SUCCESS_OUTCOMES) + ") / input_records"},
+        "latency_ms": _latency_summary(stats),
+        "labels": _labels_summary(stats.get("labels", {})),
+        "bots": _bots_summary(stats, counts),
+        "freshness": _freshness_summary(stats, run_end),
+        "entropy_trend": _entropy_summary(stats, cfg.slos.entropy_windows),
+        "ctr_by_position": _ctr_summary(stats),
+        "run_end_ms": run_end,
+    }
 
+
+def _latency_summary(stats: dict) -> dict:
     lat = (stats.get("latency_ms") or {}).get("arrival_minus_event") or {}
     edges, lcounts = lat.get("edges") or [], lat.get("counts") or []
     latency = {"count": int(sum(lcounts)), "overflow": lcounts[-1] if lcounts else 0,
@@ -282,61 +299,56 @@ def quality_summary(stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
         value = histogram_percentile(edges, lcounts, q) if edges else None
         latency[name] = value
         latency[f"{name}_in_overflow"] = bool(edges) and value is not None and _in_overflow(lcounts, q)
+    return latency
 
-    labels = stats.get("labels", {})
+
+def _labels_summary(labels: dict) -> dict:
     exposures = labels.get("exposures", 0)
     coverage = labels.get("coverage")
     if coverage is None and exposures:
         coverage = labels.get("labels", 0) / exposures
+    return {"exposures": exposures, "labels": labels.get("labels", 0), "coverage": coverage,
+            "positives": labels.get("positives", 0), "negatives": labels.get("negatives", 0),
+            "orphan_outcomes": labels.get("orphan_outcomes", 0),
+            "orphan_ratio": _ratio(labels.get("orphan_outcomes", 0), exposures),
+            "late_outcomes": labels.get("late_outcomes", 0),
+            "positive_rate": _ratio(labels.get("positives", 0), labels.get("labels", 0))}
 
+
+def _bots_summary(stats: dict, counts: dict) -> dict:
     human_and_bots = counts.get(contract.OUTCOME_VALID, 0) + counts.get(contract.OUTCOME_BOT, 0)
     hourly = stats.get("hourly") or {}
-    bots = {
+    return {
         "ratio": _ratio(counts.get(contract.OUTCOME_BOT, 0), human_and_bots),
         "by_rule": {rule: _ratio(n, human_and_bots) for rule, n in sorted((stats.get("bots_by_rule") or {}).items())},
         "hourly": {h: _ratio(v.get("bots", 0), v.get("valid", 0) + v.get("bots", 0)) for h, v in sorted(hourly.items())},
     }
 
-    run_end = stats.get("run_end_ms")
+
+def _freshness_summary(stats: dict, run_end: Optional[int]) -> dict:
     freshness = {}
     for cohort, f in sorted((stats.get("freshness") or {}).items()):
         latest = f.get("latest_event_time_ms")
         freshness[cohort] = {"events": f.get("events", 0), "latest_event_time_ms": latest,
                              "age_ms": run_end - latest if run_end is not None and latest is not None else None}
+    return freshness
 
+
+def _entropy_summary(stats: dict, n_windows: int) -> dict:
     div = stats.get("diversity") or {}
-    windows = sorted(div)[-cfg.slos.entropy_windows:]
+    windows = sorted(div)[-n_windows:]
     exp_h = [div[w].get("exposure_entropy", 0.0) for w in windows]
     pos_h = [div[w].get("positive_entropy", 0.0) for w in windows]
-    entropy = {"windows": windows, "exposure_entropy": exp_h, "positive_entropy": pos_h,
-               "exposure_items": [div[w].get("exposure_items", 0) for w in windows],
-               "positive_items": [div[w].get("positive_items", 0) for w in windows],
-               "exposure_drop": entropy_drop(exp_h), "positive_drop": entropy_drop(pos_h)}
+    return {"windows": windows, "exposure_entropy": exp_h, "positive_entropy": pos_h,
+            "exposure_items": [div[w].get("exposure_items", 0) for w in windows],
+            "positive_items": [div[w].get("positive_items", 0) for w in windows],
+            "exposure_drop": entropy_drop(exp_h), "positive_drop": entropy_drop(pos_h)}
 
-    ctr = []
-    for pos, v in sorted((stats.get("ctr_by_position") or {}).items(), key=lambda kv: _position_key(kv[0])):
-        ctr.append({"position": pos, "exposures": v.get("exposures", 0), "positives": v.get("positives", 0),
-                    "ctr": _ratio(v.get("positives", 0), v.get("exposures", 0))})
 
-    return {
-        "input_records": input_records,
-        "accounting": {"sum_of_outcomes": sum_outcomes, "holds": sum_outcomes == input_records},
-        "ingestion": {"success_rate": _ratio(succeeded, input_records), "succeeded": succeeded,
-                      "failed": failed, "unaccounted": input_records - sum_outcomes,
-                      "definition": "(" + " + ".join(SUCCESS_OUTCOMES) + ") / input_records"},
-        "latency_ms": latency,
-        "labels": {"exposures": exposures, "labels": labels.get("labels", 0), "coverage": coverage,
-                   "positives": labels.get("positives", 0), "negatives": labels.get("negatives", 0),
-                   "orphan_outcomes": labels.get("orphan_outcomes", 0),
-                   "orphan_ratio": _ratio(labels.get("orphan_outcomes", 0), exposures),
-                   "late_outcomes": labels.get("late_outcomes", 0),
-                   "positive_rate": _ratio(labels.get("positives", 0), labels.get("labels", 0))},
-        "bots": bots,
-        "freshness": freshness,
-        "entropy_trend": entropy,
-        "ctr_by_position": ctr,
-        "run_end_ms": run_end,
-    }
+def _ctr_summary(stats: dict) -> list[dict]:
+    return [{"position": pos, "exposures": v.get("exposures", 0), "positives": v.get("positives", 0),
+             "ctr": _ratio(v.get("positives", 0), v.get("exposures", 0))}
+            for pos, v in sorted((stats.get("ctr_by_position") or {}).items(), key=lambda kv: _position_key(kv[0]))]
 
 
 def _in_overflow(counts: Sequence[int], q: float) -> bool:
