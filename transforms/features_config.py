@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from transforms import contract
-from transforms.configbase import Duration, _Section
+from transforms.configbase import Duration, PositiveDuration, _Section
 
 __all__ = ["SlidingWindowSpec", "FeaturesConfig", "EVENT_TYPES", "ENTITY_TYPES", "UNKNOWN_CATEGORY", "METRICS_NS",
            "KEY_COLUMNS", "FEATURE_COLUMNS", "ROW_COLUMNS", "features_for_entity"]
@@ -95,7 +95,7 @@ class FeaturesConfig(_Section):
                                              SlidingWindowSpec(size=86400, period=3600))
     ctr_prior_alpha: float = Field(1.0, gt=0, description="Beta prior pseudo-clicks.")
     ctr_prior_beta: float = Field(20.0, gt=0, description="Beta prior pseudo-non-clicks.")
-    half_life: Duration = Field(21600.0, description="Half-life of the decayed engagement score.")
+    half_life: PositiveDuration = Field(21600.0, description="Half-life of the decayed engagement score.")
     engagement_weights: dict[str, float] = Field(
         default_factory=lambda: {"click": 1.0, "dwell": 0.5, "add_to_cart": 3.0, "purchase": 5.0})
     entities: tuple[Literal["user", "item", "user_category"], ...] = ENTITY_TYPES
@@ -109,13 +109,6 @@ class FeaturesConfig(_Section):
         labels = [w.label for w in v]
         if len(set(labels)) != len(labels):
             raise ValueError(f"window specs must be unique, got {labels}")
-        return v
-
-    @field_validator("half_life")
-    @classmethod
-    def _positive_half_life(cls, v):
-        if v <= 0:
-            raise ValueError("half_life must be > 0")
         return v
 
     @field_validator("engagement_weights")
