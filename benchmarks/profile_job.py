@@ -48,7 +48,7 @@ AREAS = (
     ("project: bots + sessions", "transforms/bots.py"),
     ("project: bots + sessions", "transforms/sessions.py"),
     ("project: labels", "transforms/labels.py"),
-    ("project: features", "transforms/features.py"),
+    ("project: features", "transforms/features"),  # features.py, features_config.py, features_sink.py
     ("project: accounting", "transforms/accounting.py"),
     ("project: quality signals", "transforms/signals.py"),
     ("project: io", "transforms/io.py"),

@@ -20,7 +20,7 @@ from transforms import contract
 
 from transforms.configbase import Duration, PositiveDuration, _Section, parse_duration  # noqa: F401 - re-exported
 from transforms.evaluation import EvaluationConfig, load_position_weights
-from transforms.features import FeaturesConfig
+from transforms.features_config import FeaturesConfig
 from transforms.online_store import OnlineStoreConfig
 from transforms.quality import QualityConfig
 

@@ -27,154 +27,27 @@ rows, with more `n_events`; `pit_join` keeps, per window, the row with the most 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
 import math
-import uuid
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
-from pydantic import Field, field_validator, model_validator
 
-from transforms import contract
-from transforms.configbase import Duration, _Section
+# Config and row schema live in features_config, the Parquet sink in features_sink; re-exported here so that
+# `from transforms.features import ...` keeps giving the whole feature API.
+from transforms.features_config import (ENTITY_TYPES, EVENT_TYPES, FEATURE_COLUMNS, KEY_COLUMNS,  # noqa: F401
+                                        METRICS_NS, ROW_COLUMNS, UNKNOWN_CATEGORY, FeaturesConfig,
+                                        SlidingWindowSpec, features_for_entity)
+from transforms.features_sink import WriteOfflineFeatures, arrow_schema, partition_of  # noqa: F401
 
 __all__ = ["SlidingWindowSpec", "FeaturesConfig", "FeatureParams", "ComputeFeatures", "WriteOfflineFeatures",
            "EVENT_TYPES", "ENTITY_TYPES", "KEY_COLUMNS", "FEATURE_COLUMNS", "ROW_COLUMNS", "arrow_schema",
            "compute_features", "compute_all", "entity_rows", "window_bounds", "entity_inputs", "features_for_entity"]
-
-METRICS_NS = "feedback.features"
-EVENT_TYPES: tuple[str, ...] = tuple(contract.DEFAULT_EVENT_TYPES)
-ENTITY_TYPES: tuple[str, ...] = ("user", "item", "user_category")
-UNKNOWN_CATEGORY = "unknown"
-
-# Column name -> type ("string", "int64", "float64"); the Parquet schema and pit_join are built from these.
-KEY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("entity_type", "string"), ("entity_id", "string"), ("window", "string"),
-    ("window_start", "int64"), ("window_end", "int64"))
-FEATURE_COLUMNS: tuple[tuple[str, str], ...] = (
-    *((f"n_{t}", "int64") for t in EVENT_TYPES),
-    ("n_events", "int64"),
-    ("ctr", "float64"),                 # (clicks + alpha) / (impressions + alpha + beta)
-    ("dwell_mean_ms", "float64"),       # None when the window has no dwell_ms value
-    ("dwell_p50_ms", "float64"),
-    ("dwell_p90_ms", "float64"),
-    ("distinct_items", "int64"),        # user and user_category rows; None on item rows
-    ("distinct_users", "int64"),        # item rows; None on user and user_category rows
-    ("recency_s", "float64"),           # (window_end - last event time) / 1000
-    ("decayed_engagement", "float64"),  # sum weight(type) * 0.5 ** ((window_end - t) / half_life)
-)
-ROW_COLUMNS = KEY_COLUMNS + FEATURE_COLUMNS
-_ARROW_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
-
-
-def arrow_schema() -> pa.Schema:
-    key_names = {n for n, _ in KEY_COLUMNS}
-    return pa.schema([pa.field(n, _ARROW_TYPES[t], nullable=n not in key_names) for n, t in ROW_COLUMNS])
-
-
-def features_for_entity(entity_type: str) -> tuple[str, ...]:
-    """The feature columns that can be non-null for an entity type."""
-    skip = "distinct_items" if entity_type == "item" else "distinct_users"
-    return tuple(n for n, _ in FEATURE_COLUMNS if n != skip)
-
-
-# --- configuration ---------------------------------------------------------------------------
-
-def _format_ms(ms: int) -> str:
-    for unit, factor in (("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
-        if ms % factor == 0:
-            return f"{ms // factor}{unit}"
-    raise AssertionError(ms)
-
-
-class SlidingWindowSpec(_Section):
-    size: Duration
-    period: Duration
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.period <= 0:
-            raise ValueError("period must be > 0")
-        size_ms, period_ms = self.size * 1000, self.period * 1000
-        if size_ms != round(size_ms) or period_ms != round(period_ms):
-            raise ValueError("size and period must be whole milliseconds")
-        if size_ms <= 0 or round(size_ms) % round(period_ms):
-            raise ValueError(f"size ({self.size}s) must be a positive multiple of period ({self.period}s)")
-        return self
-
-    @property
-    def size_ms(self) -> int:
-        return round(self.size * 1000)
-
-    @property
-    def period_ms(self) -> int:
-        return round(self.period * 1000)
-
-    @property
-    def label(self) -> str:
-        """'1h/5m', '24h/1h': the `window` column of feature rows."""
-        return f"{_format_ms(self.size_ms)}/{_format_ms(self.period_ms)}"
-
-    @property
-    def slug(self) -> str:
-        """The label as an identifier: '1h_5m' (step labels, pit_join column prefixes)."""
-        return self.label.replace("/", "_")
-
-
-class FeaturesConfig(_Section):
-    windows: tuple[SlidingWindowSpec, ...] = (SlidingWindowSpec(size=3600, period=300),
-                                             SlidingWindowSpec(size=86400, period=3600))
-    ctr_prior_alpha: float = Field(1.0, gt=0, description="Beta prior pseudo-clicks.")
-    ctr_prior_beta: float = Field(20.0, gt=0, description="Beta prior pseudo-non-clicks.")
-    half_life: Duration = Field(21600.0, description="Half-life of the decayed engagement score.")
-    engagement_weights: dict[str, float] = Field(
-        default_factory=lambda: {"click": 1.0, "dwell": 0.5, "add_to_cart": 3.0, "purchase": 5.0})
-    entities: tuple[Literal["user", "item", "user_category"], ...] = ENTITY_TYPES
-    allowed_lateness: Duration = 0.0
-
-    @field_validator("windows")
-    @classmethod
-    def _unique_windows(cls, v):
-        if not v:
-            raise ValueError("at least one window is needed")
-        labels = [w.label for w in v]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"window specs must be unique, got {labels}")
-        return v
-
-    @field_validator("half_life")
-    @classmethod
-    def _positive_half_life(cls, v):
-        if v <= 0:
-            raise ValueError("half_life must be > 0")
-        return v
-
-    @field_validator("engagement_weights")
-    @classmethod
-    def _known_types(cls, v):
-        unknown = sorted(set(v) - set(EVENT_TYPES))
-        if unknown:
-            raise ValueError(f"unknown event types {unknown}; known: {list(EVENT_TYPES)}")
-        if not all(math.isfinite(w) for w in v.values()):
-            raise ValueError("weights must be finite")
-        return v
-
-    @field_validator("entities")
-    @classmethod
-    def _unique_entities(cls, v):
-        if not v or len(set(v)) != len(v):
-            raise ValueError("entities must be non-empty and unique")
-        return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,17 +282,6 @@ def entity_rows(entity_type: str, entity_id: str, values: Iterable[tuple], specs
                               fn.extract_output(windows[w_start]), params)
 
 
-def partition_of(row: dict) -> str:
-    """'date=YYYY-MM-DD' of the row's window_end (UTC)."""
-    return _partition_of_day(row["window_end"] // 86_400_000)
-
-
-@functools.lru_cache(maxsize=4096)
-def _partition_of_day(day: int) -> str:
-    # Called for every row written (~2.5 rows per event with the shipped windows); a run spans few days.
-    return f"date={(dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()}"
-
-
 # --- transforms ------------------------------------------------------------------------------
 
 class _KeyByEntityFn(beam.DoFn):
@@ -515,105 +377,3 @@ class ComputeFeatures(beam.PTransform):
                     | f"GlobalWindow_{s}" >> beam.WindowInto(window.GlobalWindows()))
             outputs.append(rows)
         return outputs | "AllWindows" >> beam.Flatten()
-
-
-class _ParquetSink(fileio.FileSink):
-    """Feature rows -> one Parquet file (arrow_schema), written in row groups of `batch_rows`.
-
-    `create_metadata` also creates the row's partition folder under the output directory: WriteToFiles
-    writes temp files then renames them to `<output_dir>/<file name>`, and a local rename into a missing
-    folder fails (WriteToFiles only logs that at debug level; `_CheckWrittenFn` catches it too).
-    """
-
-    def __init__(self, output_dir: str, batch_rows: int = 65536):
-        self._output_dir = output_dir
-        self._batch_rows = batch_rows
-        self._writer = None
-
-    def create_metadata(self, destination, full_file_name):
-        target = FileSystems.join(self._output_dir, destination)
-        if FileSystems.get_filesystem(target).has_dirs() and not FileSystems.exists(target):
-            try:
-                FileSystems.mkdirs(target)
-            except IOError:  # created meanwhile by another writer
-                pass
-        return fileio.FileMetadata(mime_type="application/octet-stream", compression_type=CompressionTypes.UNCOMPRESSED)
-
-    def open(self, fh):
-        import pyarrow.parquet as pq
-        self._schema = arrow_schema()
-        self._writer = pq.ParquetWriter(fh, self._schema, compression="snappy")
-        self._rows = []
-
-    def write(self, record):
-        if self._writer is None:
-            raise RuntimeError("write after flush: a Parquet file cannot be reopened")
-        self._rows.append(record)
-        if len(self._rows) >= self._batch_rows:
-            self._write_rows()
-
-    def _write_rows(self):
-        if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
-            self._rows = []
-
-    def flush(self):
-        # WriteToFiles calls flush once, right before closing the file: the footer must be written here.
-        if self._writer is not None:
-            self._write_rows()
-            self._writer.close()
-            self._writer = None
-
-
-def _partition_file_naming(window_, pane, shard_index, total_shards, compression, destination):
-    if window_ == window.GlobalWindow():
-        return f"{destination}/features-{shard_index:05d}-of-{total_shards:05d}.parquet"
-    # Windowed (streaming) writes: WriteToFiles names files by destination and window only, so a late pane
-    # of the same window would overwrite the earlier file; a random token keeps every pane's file.
-    start, end = window_.start.micros // 1000, window_.end.micros // 1000
-    return (f"{destination}/features-{start}-{end}-{uuid.uuid4().hex[:12]}-"
-            f"{shard_index:05d}-of-{total_shards:05d}.parquet")
-
-
-class _CheckWrittenFn(beam.DoFn):
-    def __init__(self, output_dir: str):
-        self._dir = output_dir
-        self._files = Metrics.counter(METRICS_NS, "parquet_files")
-
-    def process(self, result):
-        path = FileSystems.join(self._dir, result.file_name)
-        if not FileSystems.exists(path):
-            raise IOError(f"feature file {path} was not written (WriteToFiles could not move its temp file)")
-        self._files.inc()
-        yield path
-
-
-class WriteOfflineFeatures(beam.PTransform):
-    """Feature rows -> Parquet under `<output_dir>/date=YYYY-MM-DD/` (UTC date of window_end).
-
-    Returns the written file paths. Batch: rows in the global window, files written once at the end.
-    Streaming: pass `streaming_window` (seconds) to write files per fixed window of the rows' timestamps
-    (window_end - 1 ms), and `allowed_lateness` at least ComputeFeatures' own, or late panes are dropped here.
-    """
-
-    def __init__(self, output_dir: str, streaming_window: Optional[float] = None, allowed_lateness: float = 0.0,
-                 shards: Optional[int] = None):
-        super().__init__()
-        if not output_dir:
-            raise ValueError("output_dir is required")
-        if streaming_window is not None and streaming_window <= 0:
-            raise ValueError(f"streaming_window must be > 0, got {streaming_window}")
-        self._dir = output_dir
-        self._streaming_window = streaming_window
-        self._lateness = allowed_lateness
-        self._shards = shards
-
-    def expand(self, rows):
-        if self._streaming_window is not None:
-            rows = rows | "WriteWindows" >> beam.WindowInto(
-                window.FixedWindows(self._streaming_window), allowed_lateness=self._lateness)
-        out_dir = self._dir
-        written = rows | "WriteParquet" >> fileio.WriteToFiles(
-            path=out_dir, destination=partition_of, sink=lambda _dest: _ParquetSink(out_dir),
-            file_naming=_partition_file_naming, shards=self._shards)
-        return written | "CheckWritten" >> beam.ParDo(_CheckWrittenFn(out_dir))

@@ -273,7 +273,24 @@ def quality_summary(stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
     succeeded = sum(counts.get(o, 0) for o in SUCCESS_OUTCOMES)
     failed = {o: counts.get(o, 0) for o in FAILURE_OUTCOMES}
     sum_outcomes = sum(counts.get(o, 0) for o in contract.OUTCOMES)
+    run_end = stats.get("run_end_ms")
+    return {
+        "input_records": input_records,
+        "accounting": {"sum_of_outcomes": sum_outcomes, "holds": sum_outcomes == input_records},
+        "ingestion": {"success_rate": _ratio(succeeded, input_records), "succeeded": succeeded,
+                      "failed": failed, "unaccounted": input_records - sum_outcomes,
+                      "definition": "(" + " + ".join(SUCCESS_OUTCOMES) + ") / input_records"},
+        "latency_ms": _latency_summary(stats),
+        "labels": _labels_summary(stats.get("labels", {})),
+        "bots": _bots_summary(stats, counts),
+        "freshness": _freshness_summary(stats, run_end),
+        "entropy_trend": _entropy_summary(stats, cfg.slos.entropy_windows),
+        "ctr_by_position": _ctr_summary(stats),
+        "run_end_ms": run_end,
+    }
 
+
+def _latency_summary(stats: dict) -> dict:
     lat = (stats.get("latency_ms") or {}).get("arrival_minus_event") or {}
     edges, lcounts = lat.get("edges") or [], lat.get("counts") or []
     latency = {"count": int(sum(lcounts)), "overflow": lcounts[-1] if lcounts else 0,
@@ -282,61 +299,56 @@ def quality_summary(stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
         value = histogram_percentile(edges, lcounts, q) if edges else None
         latency[name] = value
         latency[f"{name}_in_overflow"] = bool(edges) and value is not None and _in_overflow(lcounts, q)
+    return latency
 
-    labels = stats.get("labels", {})
+
+def _labels_summary(labels: dict) -> dict:
     exposures = labels.get("exposures", 0)
     coverage = labels.get("coverage")
     if coverage is None and exposures:
         coverage = labels.get("labels", 0) / exposures
+    return {"exposures": exposures, "labels": labels.get("labels", 0), "coverage": coverage,
+            "positives": labels.get("positives", 0), "negatives": labels.get("negatives", 0),
+            "orphan_outcomes": labels.get("orphan_outcomes", 0),
+            "orphan_ratio": _ratio(labels.get("orphan_outcomes", 0), exposures),
+            "late_outcomes": labels.get("late_outcomes", 0),
+            "positive_rate": _ratio(labels.get("positives", 0), labels.get("labels", 0))}
 
+
+def _bots_summary(stats: dict, counts: dict) -> dict:
     human_and_bots = counts.get(contract.OUTCOME_VALID, 0) + counts.get(contract.OUTCOME_BOT, 0)
     hourly = stats.get("hourly") or {}
-    bots = {
+    return {
         "ratio": _ratio(counts.get(contract.OUTCOME_BOT, 0), human_and_bots),
         "by_rule": {rule: _ratio(n, human_and_bots) for rule, n in sorted((stats.get("bots_by_rule") or {}).items())},
         "hourly": {h: _ratio(v.get("bots", 0), v.get("valid", 0) + v.get("bots", 0)) for h, v in sorted(hourly.items())},
     }
 
-    run_end = stats.get("run_end_ms")
+
+def _freshness_summary(stats: dict, run_end: Optional[int]) -> dict:
     freshness = {}
     for cohort, f in sorted((stats.get("freshness") or {}).items()):
         latest = f.get("latest_event_time_ms")
         freshness[cohort] = {"events": f.get("events", 0), "latest_event_time_ms": latest,
                              "age_ms": run_end - latest if run_end is not None and latest is not None else None}
+    return freshness
 
+
+def _entropy_summary(stats: dict, n_windows: int) -> dict:
     div = stats.get("diversity") or {}
-    windows = sorted(div)[-cfg.slos.entropy_windows:]
+    windows = sorted(div)[-n_windows:]
     exp_h = [div[w].get("exposure_entropy", 0.0) for w in windows]
     pos_h = [div[w].get("positive_entropy", 0.0) for w in windows]
-    entropy = {"windows": windows, "exposure_entropy": exp_h, "positive_entropy": pos_h,
-               "exposure_items": [div[w].get("exposure_items", 0) for w in windows],
-               "positive_items": [div[w].get("positive_items", 0) for w in windows],
-               "exposure_drop": entropy_drop(exp_h), "positive_drop": entropy_drop(pos_h)}
+    return {"windows": windows, "exposure_entropy": exp_h, "positive_entropy": pos_h,
+            "exposure_items": [div[w].get("exposure_items", 0) for w in windows],
+            "positive_items": [div[w].get("positive_items", 0) for w in windows],
+            "exposure_drop": entropy_drop(exp_h), "positive_drop": entropy_drop(pos_h)}
 
-    ctr = []
-    for pos, v in sorted((stats.get("ctr_by_position") or {}).items(), key=lambda kv: _position_key(kv[0])):
-        ctr.append({"position": pos, "exposures": v.get("exposures", 0), "positives": v.get("positives", 0),
-                    "ctr": _ratio(v.get("positives", 0), v.get("exposures", 0))})
 
-    return {
-        "input_records": input_records,
-        "accounting": {"sum_of_outcomes": sum_outcomes, "holds": sum_outcomes == input_records},
-        "ingestion": {"success_rate": _ratio(succeeded, input_records), "succeeded": succeeded,
-                      "failed": failed, "unaccounted": input_records - sum_outcomes,
-                      "definition": "(" + " + ".join(SUCCESS_OUTCOMES) + ") / input_records"},
-        "latency_ms": latency,
-        "labels": {"exposures": exposures, "labels": labels.get("labels", 0), "coverage": coverage,
-                   "positives": labels.get("positives", 0), "negatives": labels.get("negatives", 0),
-                   "orphan_outcomes": labels.get("orphan_outcomes", 0),
-                   "orphan_ratio": _ratio(labels.get("orphan_outcomes", 0), exposures),
-                   "late_outcomes": labels.get("late_outcomes", 0),
-                   "positive_rate": _ratio(labels.get("positives", 0), labels.get("labels", 0))},
-        "bots": bots,
-        "freshness": freshness,
-        "entropy_trend": entropy,
-        "ctr_by_position": ctr,
-        "run_end_ms": run_end,
-    }
+def _ctr_summary(stats: dict) -> list[dict]:
+    return [{"position": pos, "exposures": v.get("exposures", 0), "positives": v.get("positives", 0),
+             "ctr": _ratio(v.get("positives", 0), v.get("exposures", 0))}
+            for pos, v in sorted((stats.get("ctr_by_position") or {}).items(), key=lambda kv: _position_key(kv[0]))]
 
 
 def _in_overflow(counts: Sequence[int], q: float) -> bool:
@@ -519,125 +531,157 @@ class _Rows:
         self.rows.append({"slo": slo, "value": value, "threshold": threshold, "ok": ok, "message": message})
 
 
+# --- SLO table ----------------------------------------------------------------------------------
+# Each check: (summary, stats, drift, threshold) -> (slo, value, threshold, ok, message) rows.
+# ok None = not evaluated (no data), which `_Rows.add` reports as such.
+
+def _judge(name, value, t, ok, message, empty):
+    """The common shape: no value -> not evaluated with `empty`; else `ok(value)` and `message(value)`."""
+    if value is None:
+        return (name, None, t, None, empty)
+    return (name, value, t, ok(value), message(value))
+
+
+def _check_ingestion(s, stats, drift, t):
+    ing = s["ingestion"]
+    failed = ", ".join(f"{k} {v}" for k, v in ing["failed"].items())
+    unaccounted = f", unaccounted {ing['unaccounted']}" if ing["unaccounted"] else ""
+    yield _judge("ingestion_success", ing["success_rate"], t, lambda v: v >= t,
+                 lambda v: f"{_fmt(v, True)} of {s['input_records']} records persisted (min {_fmt(t, True)}; {failed}"
+                           f"{unaccounted})", "no input records")
+
+
+def _check_label_coverage(s, stats, drift, t):
+    lab = s["labels"]
+    yield _judge("label_coverage", lab["coverage"], t, lambda v: v >= t,
+                 lambda v: f"{lab['labels']} labels for {lab['exposures']} exposures = {_fmt(v, True)} "
+                           f"(min {_fmt(t, True)})", "no exposures")
+
+
+def _check_orphan_ratio(s, stats, drift, t):
+    ratio, orphans = s["labels"]["orphan_ratio"], s["labels"]["orphan_outcomes"]
+    if ratio is None and orphans:
+        yield ("orphan_ratio", None, t, False, f"{orphans} orphan outcomes and no exposures at all")
+        return
+    yield _judge("orphan_ratio", ratio, t, lambda v: v <= t,
+                 lambda v: f"{orphans} orphan outcomes per {s['labels']['exposures']} exposures = {_fmt(v, True)} "
+                           f"(max {_fmt(t, True)})", "no exposures")
+
+
+def _check_bot_ratio(s, stats, drift, band):
+    low, high = band
+    rules = ", ".join(f"{r} {_fmt(v, True)}" for r, v in s["bots"]["by_rule"].items()) or "no rule fired"
+    yield _judge("bot_ratio", s["bots"]["ratio"], [low, high], lambda v: low <= v <= high,
+                 lambda v: f"bots / (valid + bots) = {_fmt(v, True)}, band [{_fmt(low, True)}, {_fmt(high, True)}] "
+                           f"({rules})", "no valid or bot events")
+
+
+def _check_entropy_drop(s, stats, drift, t):
+    trend = s["entropy_trend"]
+    for series in ("exposure", "positive"):
+        yield _judge(f"entropy_drop.{series}", trend[f"{series}_drop"], t, lambda v: v <= t,
+                     lambda v: f"latest hour {trend['windows'][-1]}: {trend[f'{series}_entropy'][-1]:.3f} bits, "
+                               f"{v:+.3f} below the mean of the previous {len(trend['windows']) - 1} (max drop {t:g})",
+                     f"fewer than 2 hourly windows (have {len(trend['windows'])})")
+
+
+def _check_latency_p99(s, stats, drift, t):
+    lat, t_ms = s["latency_ms"], t * 1000
+    p99 = lat["p99"]
+    if p99 is not None and lat["p99_in_overflow"] and p99 <= t_ms:
+        yield ("latency_p99", p99, t_ms, False,
+               f"p99 is beyond the last bucket edge ({p99:g} ms): cannot show it is under {t_ms:g} ms")
+        return
+    yield _judge("latency_p99", p99, t_ms, lambda v: v <= t_ms,
+                 lambda v: f"p99 arrival - event time {v:.0f} ms (max {t_ms:g} ms)", "empty latency histogram")
+
+
+def _check_freshness(s, stats, drift, t):
+    t_ms = t * 1000
+    for cohort, f in s["freshness"].items():
+        yield _judge(f"freshness.{cohort}", f["age_ms"], t_ms, lambda v: v <= t_ms,
+                     lambda v: f"latest {cohort} event {v / 1000:g} s before the run end (max {t_ms / 1000:g} s)",
+                     "no events in this cohort")
+
+
+# Privacy gates need the job's counters (batch: after the run); stats without them give no row.
+def _check_privacy_compliance(s, stats, drift, t):
+    privacy = stats.get("privacy")
+    if privacy is not None:
+        rate = privacy["compliance_rate"]
+        yield (("privacy_compliance", rate, t, rate >= t,
+                f"{privacy['redacted']} of {privacy['found']} PII occurrences found at the source redacted "
+                f"before any sink = {_fmt(rate, True)} (min {_fmt(t, True)})"))
+
+
+def _check_pii_at_source(s, stats, drift, t):
+    privacy = stats.get("privacy")
+    for field, n in (privacy["found_by_field"] if privacy is not None else {}).items():
+        kinds = ", ".join(f"{k} {v}" for k, v in privacy["found_by_field_kind"][field].items())
+        yield (f"pii_at_source.{field}", n, t, n <= t, f"{n} PII occurrences in {field} at the source ({kinds}; max {t})")
+
+
+def _check_drift(metric):
+    def check(s, stats, drift, t):
+        name = f"drift.{metric}"
+        if drift is None:
+            yield (name, None, t, None, "no baseline given")
+            return
+        scored = {n: f[metric] for n, f in drift["features"].items()
+                  if f["comparable"] and f[metric] is not None and (metric != "linf" or f["kind"] == "categorical")}
+        if not scored:
+            yield (name, None, t, None, "no feature comparable with the baseline")
+            return
+        worst = max(scored, key=scored.get)
+        over = sorted(n for n, v in scored.items() if v > t)
+        yield (name, scored[worst], t, not over,
+               (f"{len(over)} of {len(scored)} features over {t:g}: {', '.join(over)}" if over else
+                f"{len(scored)} features, worst {worst} {scored[worst]:.4f} (max {t:g})"))
+    return check
+
+
+def _check_missing_features(s, stats, drift, t):
+    if drift is not None:
+        missing = sorted(n for n, f in drift["features"].items() if f["flags"].get("missing"))
+        yield ("drift.missing_features", len(missing), t, not missing,
+               f"absent from this run but in the baseline: {', '.join(missing)}" if missing
+               else "every baseline feature is present")
+
+
+def _any_drift_gate(slo) -> Optional[int]:
+    """Missing baseline features are checked (threshold 0) whenever any drift gate is on."""
+    return 0 if any(t is not None for t in (slo.psi_max, slo.js_max, slo.linf_max)) else None
+
+
+# (threshold: SloConfig -> value or None = gate disabled, check) in report order.
+_SLO_TABLE = (
+    (lambda slo: slo.ingestion_success_min, _check_ingestion),
+    (lambda slo: slo.label_coverage_min, _check_label_coverage),
+    (lambda slo: slo.orphan_ratio_max, _check_orphan_ratio),
+    (lambda slo: slo.bot_ratio_band, _check_bot_ratio),
+    (lambda slo: slo.entropy_drop_max, _check_entropy_drop),
+    (lambda slo: slo.latency_p99_max, _check_latency_p99),
+    (lambda slo: slo.freshness_max_age, _check_freshness),
+    (lambda slo: slo.privacy_compliance_min, _check_privacy_compliance),
+    (lambda slo: slo.pii_at_source_max, _check_pii_at_source),
+    (lambda slo: slo.psi_max, _check_drift("psi")),
+    (lambda slo: slo.js_max, _check_drift("js")),
+    (lambda slo: slo.linf_max, _check_drift("linf")),
+    (_any_drift_gate, _check_missing_features),
+)
+
+
 def evaluate_slos(stats: dict, cfg: Optional[QualityConfig] = None, drift: Optional[dict] = None,
                   summary: Optional[dict] = None) -> list[dict]:
     """Every enabled gate -> {slo, value, threshold, ok, message}; disabled gates give no row."""
     cfg = cfg or QualityConfig()
-    s, slo = summary or quality_summary(stats, cfg), cfg.slos
+    s = summary or quality_summary(stats, cfg)
     out = _Rows(cfg.mode)
-
-    if slo.ingestion_success_min is not None:
-        rate, t = s["ingestion"]["success_rate"], slo.ingestion_success_min
-        failed = ", ".join(f"{k} {v}" for k, v in s["ingestion"]["failed"].items())
-        if rate is None:
-            out.add("ingestion_success", None, t, None, "no input records")
-        else:
-            out.add("ingestion_success", rate, t, rate >= t,
-                    f"{_fmt(rate, True)} of {s['input_records']} records persisted (min {_fmt(t, True)}; {failed}"
-                    + (f", unaccounted {s['ingestion']['unaccounted']}" if s["ingestion"]["unaccounted"] else "") + ")")
-
-    if slo.label_coverage_min is not None:
-        cov, t = s["labels"]["coverage"], slo.label_coverage_min
-        if cov is None:
-            out.add("label_coverage", None, t, None, "no exposures")
-        else:
-            out.add("label_coverage", cov, t, cov >= t,
-                    f"{s['labels']['labels']} labels for {s['labels']['exposures']} exposures = {_fmt(cov, True)} "
-                    f"(min {_fmt(t, True)})")
-
-    if slo.orphan_ratio_max is not None:
-        ratio, t, orphans = s["labels"]["orphan_ratio"], slo.orphan_ratio_max, s["labels"]["orphan_outcomes"]
-        if ratio is None and orphans:
-            out.add("orphan_ratio", None, t, False, f"{orphans} orphan outcomes and no exposures at all")
-        elif ratio is None:
-            out.add("orphan_ratio", None, t, None, "no exposures")
-        else:
-            out.add("orphan_ratio", ratio, t, ratio <= t,
-                    f"{orphans} orphan outcomes per {s['labels']['exposures']} exposures = {_fmt(ratio, True)} "
-                    f"(max {_fmt(t, True)})")
-
-    if slo.bot_ratio_band is not None:
-        ratio, (low, high) = s["bots"]["ratio"], slo.bot_ratio_band
-        rules = ", ".join(f"{r} {_fmt(v, True)}" for r, v in s["bots"]["by_rule"].items()) or "no rule fired"
-        if ratio is None:
-            out.add("bot_ratio", None, [low, high], None, "no valid or bot events")
-        else:
-            out.add("bot_ratio", ratio, [low, high], low <= ratio <= high,
-                    f"bots / (valid + bots) = {_fmt(ratio, True)}, band [{_fmt(low, True)}, {_fmt(high, True)}] ({rules})")
-
-    if slo.entropy_drop_max is not None:
-        trend, t = s["entropy_trend"], slo.entropy_drop_max
-        for series in ("exposure", "positive"):
-            drop = trend[f"{series}_drop"]
-            name = f"entropy_drop.{series}"
-            if drop is None:
-                out.add(name, None, t, None, f"fewer than 2 hourly windows (have {len(trend['windows'])})")
-            else:
-                last = trend[f"{series}_entropy"][-1]
-                out.add(name, drop, t, drop <= t,
-                        f"latest hour {trend['windows'][-1]}: {last:.3f} bits, {drop:+.3f} below the mean of the "
-                        f"previous {len(trend['windows']) - 1} (max drop {t:g})")
-
-    if slo.latency_p99_max is not None:
-        lat, t_ms = s["latency_ms"], slo.latency_p99_max * 1000
-        p99 = lat["p99"]
-        if p99 is None:
-            out.add("latency_p99", None, t_ms, None, "empty latency histogram")
-        elif lat["p99_in_overflow"] and p99 <= t_ms:
-            out.add("latency_p99", p99, t_ms, False,
-                    f"p99 is beyond the last bucket edge ({p99:g} ms): cannot show it is under {t_ms:g} ms")
-        else:
-            out.add("latency_p99", p99, t_ms, p99 <= t_ms, f"p99 arrival - event time {p99:.0f} ms (max {t_ms:g} ms)")
-
-    if slo.freshness_max_age is not None:
-        t_ms = slo.freshness_max_age * 1000
-        for cohort, f in s["freshness"].items():
-            age = f["age_ms"]
-            if age is None:
-                out.add(f"freshness.{cohort}", None, t_ms, None, "no events in this cohort")
-            else:
-                out.add(f"freshness.{cohort}", age, t_ms, age <= t_ms,
-                        f"latest {cohort} event {age / 1000:g} s before the run end (max {t_ms / 1000:g} s)")
-
-    # Privacy gates need the job's counters (batch: after the run); stats without them give no row.
-    privacy = stats.get("privacy")
-    if slo.privacy_compliance_min is not None and privacy is not None:
-        t, rate = slo.privacy_compliance_min, privacy["compliance_rate"]
-        out.add("privacy_compliance", rate, t, rate >= t,
-                f"{privacy['redacted']} of {privacy['found']} PII occurrences found at the source redacted "
-                f"before any sink = {_fmt(rate, True)} (min {_fmt(t, True)})")
-    if slo.pii_at_source_max is not None and privacy is not None:
-        t = slo.pii_at_source_max
-        for field, n in privacy["found_by_field"].items():
-            kinds = ", ".join(f"{k} {v}" for k, v in privacy["found_by_field_kind"][field].items())
-            out.add(f"pii_at_source.{field}", n, t, n <= t,
-                    f"{n} PII occurrences in {field} at the source ({kinds}; max {t})")
-
-    gates = [("psi", slo.psi_max), ("js", slo.js_max), ("linf", slo.linf_max)]
-    if any(t is not None for _, t in gates):
-        if drift is None:
-            for metric, t in gates:
-                if t is not None:
-                    out.add(f"drift.{metric}", None, t, None, "no baseline given")
-        else:
-            feats = drift["features"]
-            for metric, t in gates:
-                if t is None:
-                    continue
-                scored = {n: f[metric] for n, f in feats.items()
-                          if f["comparable"] and f[metric] is not None and (metric != "linf" or f["kind"] == "categorical")}
-                if not scored:
-                    out.add(f"drift.{metric}", None, t, None, "no feature comparable with the baseline")
-                    continue
-                worst = max(scored, key=scored.get)
-                over = sorted(n for n, v in scored.items() if v > t)
-                out.add(f"drift.{metric}", scored[worst], t, not over,
-                        (f"{len(over)} of {len(scored)} features over {t:g}: {', '.join(over)}" if over else
-                         f"{len(scored)} features, worst {worst} {scored[worst]:.4f} (max {t:g})"))
-            missing = sorted(n for n, f in feats.items() if f["flags"].get("missing"))
-            out.add("drift.missing_features", len(missing), 0, not missing,
-                    f"absent from this run but in the baseline: {', '.join(missing)}" if missing
-                    else "every baseline feature is present")
+    for threshold, check in _SLO_TABLE:
+        t = threshold(cfg.slos)
+        if t is not None:
+            for row in check(s, stats, drift, t):
+                out.add(*row)
     return out.rows
 
 
