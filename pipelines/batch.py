@@ -36,7 +36,7 @@ from pipelines.launcher import (  # noqa: F401
     write_json,
 )
 from pipelines.outputs import BATCH_OUTPUTS, OutputPaths, build_outputs
-from pipelines.report_html import render_report, write_report_html
+from feedback_report.report_html import render_report, write_report_html
 from transforms.accounting import summarise
 from transforms.config import load_config
 from transforms.io import DAMAGE_FIELDS, ReadRawRecords, counter_line

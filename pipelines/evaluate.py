@@ -41,7 +41,7 @@ from pipelines.launcher import (
     runner_name,
     write_json,
 )
-from pipelines.report_html import render_evaluation_report, write_report_html
+from feedback_report.report_html import render_evaluation_report, write_report_html
 from transforms import evaluation as E
 from transforms.config import ConfigError, load_config
 from transforms.quality import breaches, slo_exit_code

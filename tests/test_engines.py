@@ -37,7 +37,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms import window
 
 from pipelines import batch, streaming
-from pipelines.generate import generate
+from feedback_tools.generate import generate
 from pipelines.graph import GraphSettings
 from tests import test_streaming as ts
 from tests.conftest import FN_API_RUNNER, write_config

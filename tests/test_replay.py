@@ -8,7 +8,7 @@ import fastavro
 import pytest
 
 from pipelines import batch, replay
-from pipelines.generate import generate
+from feedback_tools.generate import generate
 from tests.conftest import write_config
 
 

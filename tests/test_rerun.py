@@ -17,7 +17,7 @@ import fastavro
 import pytest
 
 from pipelines import batch, replay, runfolder
-from pipelines.generate import generate
+from feedback_tools.generate import generate
 from tests.conftest import ROOT, write_config
 
 FEATURES = "features:\n  windows:\n    - {size: 1h, period: 15m}\n"
