@@ -36,8 +36,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms import window
 
-from pipelines import batch, streaming
 from feedback_tools.generate import generate
+from pipelines import batch, streaming
 from pipelines.graph import GraphSettings
 from tests import test_streaming as ts
 from tests.conftest import FN_API_RUNNER, write_config

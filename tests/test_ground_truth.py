@@ -11,8 +11,8 @@ import json
 import fastavro
 import pytest
 
-from pipelines import batch
 from feedback_tools.generate import generate
+from pipelines import batch
 from tests.conftest import write_config
 
 N_EVENTS = 40_000

@@ -7,8 +7,8 @@ import os
 import fastavro
 import pytest
 
-from pipelines import batch, replay
 from feedback_tools.generate import generate
+from pipelines import batch, replay
 from tests.conftest import write_config
 
 
