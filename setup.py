@@ -1,6 +1,8 @@
 """Implicit-feedback pipeline on Apache Beam.
 
-`pipelines/` and `transforms/` are the packages shipped to workers (`--setup_file ./setup.py`).
+`pipelines/` and `transforms/` are the packages shipped to workers (`--setup_file ./setup.py`), with
+`feedback_report/` (the HTML report renderer, used by the batch/evaluate launchers only). `feedback_tools/`
+(generator, demo, sample user agents) is developer tooling run from the repository root and never shipped.
 The Beam version must match the one in templates/ Dockerfiles and .ci/bootstrap.
 """
 import setuptools
@@ -11,7 +13,7 @@ setuptools.setup(
     name="implicit-feedback-pipeline",
     version="0.1.0",
     description="Implicit-feedback events -> training labels, features and signal-quality figures, on Apache Beam",
-    packages=setuptools.find_packages(exclude=["tests*", "benchmarks*"]),
+    packages=setuptools.find_packages(exclude=["tests*", "benchmarks*", "feedback_tools*"]),
     python_requires=">=3.10",
     install_requires=[
         f"apache-beam[gcp]=={BEAM_VERSION}",

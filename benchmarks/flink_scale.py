@@ -47,7 +47,7 @@ def generate_input(work: Path, events: int, files: int) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         for i, n in enumerate(sizes):
-            subprocess.run([sys.executable, "-m", "pipelines.generate", "--events", str(n), "--seed", str(100 + i),
+            subprocess.run([sys.executable, "-m", "feedback_tools.generate", "--events", str(n), "--seed", str(100 + i),
                             "--start", f"2026-11-{1 + i % 28:02d}T00:00:00Z",
                             "--output", str(folder / f"events-{i}.jsonl")],
                            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)

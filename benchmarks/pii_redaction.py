@@ -2,7 +2,7 @@
 
     python -m benchmarks.pii_redaction [N]
 
-Generates N events (pipelines.generate, fixed seed), parses them, then times `protect_event` on the
+Generates N events (feedback_tools.generate, fixed seed), parses them, then times `protect_event` on the
 valid ones and `dead_letter` on the rejected ones, with a cold and a warm cache. Also lists the
 values in which PII was found, to check for false positives (the generator puts e-mails and phone
 numbers in ~6% of contexts and nowhere else).
@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from pipelines.generate import generate
+from feedback_tools.generate import generate
 from transforms.config import config_from_dict
 from transforms.deadletter import dead_letter
 from transforms.parse import ConsentWithdrawn, Rejected, TooLate, ValidationRules, parse_record

@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"events-{args.events}.jsonl"
     if not data.exists():
-        subprocess.run([sys.executable, "-m", "pipelines.generate", "--events", str(args.events), "--output", str(data)],
+        subprocess.run([sys.executable, "-m", "feedback_tools.generate", "--events", str(args.events), "--output", str(data)],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
     from pipelines import batch

@@ -16,6 +16,7 @@ import sys
 
 import apache_beam as beam
 
+from feedback_report.report_html import render_report, write_report_html
 from pipelines import runfolder
 from pipelines.baseline import load_baseline
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
@@ -36,7 +37,6 @@ from pipelines.launcher import (  # noqa: F401
     write_json,
 )
 from pipelines.outputs import BATCH_OUTPUTS, OutputPaths, build_outputs
-from pipelines.report_html import render_report, write_report_html
 from transforms.accounting import summarise
 from transforms.config import load_config
 from transforms.io import DAMAGE_FIELDS, ReadRawRecords, counter_line

@@ -30,6 +30,7 @@ import sys
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from feedback_report.report_html import render_evaluation_report, write_report_html
 from pipelines.launcher import (
     beam_counters,
     pipeline_options,
@@ -41,7 +42,6 @@ from pipelines.launcher import (
     runner_name,
     write_json,
 )
-from pipelines.report_html import render_evaluation_report, write_report_html
 from transforms import evaluation as E
 from transforms.config import ConfigError, load_config
 from transforms.quality import breaches, slo_exit_code

@@ -38,7 +38,7 @@ def test_every_benchmark_script_has_a_tiny_run():
 @pytest.fixture(scope="module")
 def tiny_input(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("bench-input") / "events.jsonl"
-    subprocess.run([sys.executable, "-m", "pipelines.generate", "--events", "150", "--output", str(data)],
+    subprocess.run([sys.executable, "-m", "feedback_tools.generate", "--events", "150", "--output", str(data)],
                    cwd=ROOT, env=_env(), check=True, capture_output=True)
     return data
 

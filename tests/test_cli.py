@@ -14,7 +14,7 @@ def run(*args, env_extra=None):
 
 def test_demo_command(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FEEDBACK_HMAC_KEY"}
-    r = subprocess.run([sys.executable, "-m", "pipelines.demo", "--events", "3000", "--workdir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "feedback_tools.demo", "--events", "3000", "--workdir", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accounting identity holds: True" in r.stdout
@@ -22,7 +22,7 @@ def test_demo_command(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["metrics"]["feedback.read.records"] == 3000
     # Run twice in a row: the demo replaces its previous run in sample/out (--overwrite), never mixes.
-    r = subprocess.run([sys.executable, "-m", "pipelines.demo", "--events", "1000", "--workdir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "feedback_tools.demo", "--events", "1000", "--workdir", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -50,5 +50,5 @@ def test_batch_refuses_to_start_without_hmac_key(tmp_path):
 
 
 def test_schema_check_command():
-    r = run("pipelines.schemas", "check")
+    r = run("pipelines.schema_check", "check")
     assert r.returncode == 0 and "v2 is backward compatible with v1" in r.stdout

@@ -30,8 +30,8 @@ import time
 import fastavro
 import pytest
 
+from feedback_tools.generate import generate
 from pipelines import batch
-from pipelines.generate import generate
 from pipelines.graph import GraphSettings
 from tests.conftest import FN_API_RUNNER, write_config
 from tests.engines import *  # noqa: F401,F403 - pytest fixtures

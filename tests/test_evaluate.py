@@ -1,7 +1,7 @@
 """Evaluation figures checked against plain recomputations on generated data with a known truth.
 
 The generated traffic (`make_traffic`) knows everything the estimators try to recover: item click
-probabilities (so a target policy's true value), the examination curve (pipelines.generate's own),
+probabilities (so a target policy's true value), the examination curve (feedback_tools.generate's own),
 the traffic split and the day each item enters the catalogue.
 """
 import json
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipelines import evaluate
-from pipelines.generate import _Sim
+from feedback_tools.generate import _Sim
 from tests.conftest import FN_API_RUNNER, ROOT, SCHEMA_DIR
 from transforms import evaluation as E
 from transforms.config import LabelsConfig, config_from_dict
@@ -29,7 +29,7 @@ DAY = 24 * HOUR
 
 
 def generator_exam_curve(k: int) -> list:
-    """The examination curve pipelines.generate clicks with (relevance x exam[position - 1])."""
+    """The examination curve feedback_tools.generate clicks with (relevance x exam[position - 1])."""
     sim = _Sim.__new__(_Sim)
     sim._tables()
     return sim.exam[:k]

@@ -1,4 +1,4 @@
-"""Tests of the synthetic traffic generator (pipelines/generate.py) and its ground truth.
+"""Tests of the synthetic traffic generator (feedback_tools/generate.py) and its ground truth.
 
 The truth is checked against an independent, minimal re-implementation of the contract
 (`_classify`), not against the pipeline, so these tests stay meaningful while it changes.
@@ -17,8 +17,8 @@ import fastavro
 import orjson
 import pytest
 
-from pipelines import generate as gen
-from pipelines import sample_agents
+from feedback_tools import generate as gen
+from feedback_tools import sample_agents
 from transforms import contract as C
 
 IMPRESSION, CLICK = "impression", "click"

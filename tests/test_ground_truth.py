@@ -11,8 +11,8 @@ import json
 import fastavro
 import pytest
 
+from feedback_tools.generate import generate
 from pipelines import batch
-from pipelines.generate import generate
 from tests.conftest import write_config
 
 N_EVENTS = 40_000
@@ -123,7 +123,7 @@ def test_machine_cadence_false_positives_on_generated_humans(run):
 
 def test_bot_precision_recall_per_rule(run):
     """Each rule against the generator's intent (truth names the rule each bot user was built to trip)."""
-    from pipelines.demo import flagged_rules, precision_recall_by_rule
+    from feedback_tools.demo import flagged_rules, precision_recall_by_rule
     truth, _, out = run
     rows = precision_recall_by_rule(flagged_rules(out), truth["bot_event_ids_by_rule"])
     for rule, (tp, n_flagged, n_meant, precision, recall) in rows.items():

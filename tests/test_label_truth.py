@@ -16,7 +16,7 @@ import dataclasses
 import orjson
 import pytest
 
-from pipelines import generate as gen
+from feedback_tools import generate as gen
 from transforms import contract as C
 from transforms.config import LabelsConfig
 from transforms.labels import LabelRules, settle, split_events

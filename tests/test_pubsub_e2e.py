@@ -103,7 +103,7 @@ def make_events(path: Path, start: float, monkeypatch) -> dict:
     """Generate the events and their truth. The generator's label truth uses the pipeline's default
     30 min attribution window (its module constant LABEL_WINDOW_MS); the job here uses LABEL_WINDOW,
     so the truth is computed with that window too."""
-    from pipelines import generate as gen
+    from feedback_tools import generate as gen
     monkeypatch.setattr(gen, "LABEL_WINDOW_MS", LABEL_WINDOW * 1000)
     iso = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat().replace("+00:00", "Z")
     truth = gen.generate(N_EVENTS, str(path), seed=SEED, start=iso, lateness_s=LATENESS, **GENERATOR_KNOBS)

@@ -4,8 +4,8 @@ import json
 import orjson
 import pytest
 
+from feedback_tools.generate import generate
 from pipelines import baseline, batch
-from pipelines.generate import generate
 from tests.conftest import write_config
 
 N = 25_000  # effective sample size is users, not events: smaller reruns drift by chance

@@ -7,8 +7,8 @@ import os
 import fastavro
 import pytest
 
+from feedback_tools.generate import generate
 from pipelines import batch, replay
-from pipelines.generate import generate
 from tests.conftest import write_config
 
 

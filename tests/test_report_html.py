@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.report_html import CHARTS, render_report, write_report_html
+from feedback_report.report_html import CHARTS, render_report, write_report_html
 from transforms.quality import QualityConfig, drift_report, evaluate_slos, quality_summary
 
 HOURS = [f"2026-11-01T{h:02d}:00:00Z" for h in range(24)]

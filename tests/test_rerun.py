@@ -16,8 +16,8 @@ import time
 import fastavro
 import pytest
 
+from feedback_tools.generate import generate
 from pipelines import batch, replay, runfolder
-from pipelines.generate import generate
 from tests.conftest import ROOT, write_config
 
 FEATURES = "features:\n  windows:\n    - {size: 1h, period: 15m}\n"

@@ -1,7 +1,7 @@
 import json
 import shutil
 
-from pipelines import schemas as schemas_cli
+from pipelines import schema_check as schemas_cli
 from tests.conftest import SCHEMA_DIR
 from transforms.schemas import SchemaRegistry, check_registry
 

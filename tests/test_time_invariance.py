@@ -30,7 +30,7 @@ from apache_beam.transforms import window
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from pipelines import batch, streaming
-from pipelines.generate import generate
+from feedback_tools.generate import generate
 from pipelines.graph import GraphSettings
 from tests.conftest import write_config
 from transforms.config import load_config

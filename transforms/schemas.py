@@ -2,7 +2,7 @@
 
 A folder holds `event.v<N>.avsc` files. `SchemaRegistry` loads them all (fastavro parses and checks
 each), gives every version its field table (used to validate JSON events) and recognises the writer
-schema of an Avro file. `check_backward_compatible` is what `python -m pipelines.schemas check` runs:
+schema of an Avro file. `check_backward_compatible` is what `python -m pipelines.schema_check check` runs:
 a new version must be able to read every record written with the previous one.
 """
 from __future__ import annotations

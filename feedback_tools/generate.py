@@ -1,6 +1,6 @@
 """Synthetic implicit-feedback traffic for the recommender pipeline, with a ground-truth sidecar.
 
-    python -m pipelines.generate --events N --output FILE [--seed 42]
+    python -m feedback_tools.generate --events N --output FILE [--seed 42]
         [--start 2026-11-01T00:00:00Z] [--format jsonl|jsonl.gz|avro] [--knob name=value ...]
         [--arrival-field NAME] [--lateness SECONDS]
 
@@ -128,7 +128,7 @@ from pathlib import Path
 
 import orjson
 
-from pipelines import sample_agents
+from feedback_tools import sample_agents
 from transforms import contract as C
 
 (IMPRESSION, CLICK, VIEW, DWELL, SCROLL, SKIP, ADD_TO_CART, PURCHASE) = C.DEFAULT_EVENT_TYPES
@@ -1251,7 +1251,7 @@ def _knob_value(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m feedback_tools.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, required=True, help="exact number of records to write")
     p.add_argument("--output", required=True, help="output file (.jsonl, .jsonl.gz or .avro)")
     p.add_argument("--seed", type=int, default=42)

@@ -1,7 +1,7 @@
 """Schema registry command: refuse a new event schema version that is not backward compatible.
 
-    python -m pipelines.schemas check [--dir config/schemas]
-    python -m pipelines.schemas list  [--dir config/schemas]
+    python -m pipelines.schema_check check [--dir config/schemas]
+    python -m pipelines.schema_check list  [--dir config/schemas]
 
 `check` compares every version with the one before it: each field added must have a default, no field
 may be removed while producers may still send it, and fastavro must read random records written with
@@ -19,7 +19,7 @@ DEFAULT_DIR = str(Path(__file__).resolve().parent.parent / "config" / "schemas")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.schemas", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.schema_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["check", "list"])
     parser.add_argument("--dir", default=DEFAULT_DIR, help="folder of event.v<N>.avsc files (default: %(default)s)")
     args = parser.parse_args(argv)

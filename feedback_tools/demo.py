@@ -1,6 +1,6 @@
 """Local demo: generate sample data, run the batch job on it, print what happened.
 
-    python -m pipelines.demo [--events 50000] [--workdir sample] [--seed 42] [--start 2026-11-01T00:00:00Z]
+    python -m feedback_tools.demo [--events 50000] [--workdir sample] [--seed 42] [--start 2026-11-01T00:00:00Z]
 
 Writes `sample/events.jsonl.gz` (+ its ground truth), `sample/items.csv` and
 `sample/experiments.jsonl` (the metadata tables config/local.yaml points at), runs
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from pipelines import batch, generate, runfolder
+from feedback_tools import generate
+from pipelines import batch, runfolder
 
 ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = ("books", "music", "shoes", "toys", "garden", "kitchen", "games", "beauty")
@@ -64,7 +65,7 @@ def write_demo_config(workdir: Path, max_clock_skew_s: float = 86400.0) -> str:
     cfg["enrichment"]["experiments"]["path"] = str(workdir.resolve() / "experiments.jsonl")
     cfg.setdefault("validation", {})["max_clock_skew"] = f"{int(max_clock_skew_s) + 1}s"
     path = workdir / "demo.yaml"
-    path.write_text("# Written by python -m pipelines.demo from config/local.yaml\n" + yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text("# Written by python -m feedback_tools.demo from config/local.yaml\n" + yaml.safe_dump(cfg, sort_keys=False))
     return str(path)
 
 
@@ -110,7 +111,7 @@ def _pct(x):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m feedback_tools.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--workdir", default=str(ROOT / "sample"))
     ap.add_argument("--seed", type=int, default=42)
