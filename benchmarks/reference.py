@@ -35,7 +35,7 @@ from apache_beam.transforms.window import TimestampedValue  # noqa: E402
 from pipelines.graph import GraphSettings  # noqa: E402
 from transforms import contract  # noqa: E402
 from transforms.accounting import INPUT, summarise  # noqa: E402
-from transforms.bots import FilterBots, _CrawlerFn, _UserActivityFn  # noqa: E402
+from transforms.bots import FilterBots, _CrawlerFn, _UserRunsBatchFn  # noqa: E402
 from transforms.config import load_config  # noqa: E402
 from transforms.dedupe import DedupeEvents, _SplitCopiesFn  # noqa: E402
 from transforms.enrich import _EnrichFn  # noqa: E402
@@ -104,7 +104,7 @@ def run(config: str, input_path: str, output: str) -> dict:
     by_user: dict = {}
     for e in rest:
         by_user.setdefault(e["user_id"], []).append(e)
-    humans, user_tags = _run(_UserActivityFn(s.bots, s.session_gap_s, s.split_every_s, bucketed=False),
+    humans, user_tags = _run(_UserRunsBatchFn(s.bots, s.session_gap_s),
                              by_user.items())
     bots = crawler_tags.get(FilterBots.BOTS, []) + user_tags.get(FilterBots.BOTS, [])
 
