@@ -5,6 +5,7 @@
 (generator, demo, sample user agents) is developer tooling run from the repository root and never shipped.
 The Beam version must match the one in templates/ Dockerfiles and .ci/bootstrap.
 """
+
 import setuptools
 
 BEAM_VERSION = "2.77.0"
@@ -24,10 +25,10 @@ setuptools.setup(
         "numpy>=1.26",
         "ua-parser[regex]>=1.0.1",
         "crawler-user-agents>=1.0",
-        "pyarrow>=14",          # Parquet feature files
-        "redis>=5",             # online feature store
-        "cramjam>=2.7",         # snappy-compressed Avro input (fastavro's snappy codec)
-        "phonenumbers>=8.13",   # phone numbers in free text (privacy)
+        "pyarrow>=14",  # Parquet feature files
+        "redis>=5",  # online feature store
+        "cramjam>=2.7",  # snappy-compressed Avro input (fastavro's snappy codec)
+        "phonenumbers>=8.13",  # phone numbers in free text (privacy)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "fake-useragent==2.2.0", "hypothesis>=6.100", "ruff>=0.6"],

@@ -17,6 +17,7 @@ costs; the fixed part is what remains at zero events. Prism runs the SDK harness
 No assertions: figures go to benchmarks/RESULTS.md by hand, with the date and machine.
 `--sizes 200 400 --runners fnapi` is the tiny run tests/test_benchmarks.py does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,11 @@ with beam.Pipeline(options=PipelineOptions(sys.argv[3:])) as p:
 
 # Runs a command in a fresh parent and prints that tree's (user + sys CPU s, peak RSS KiB): with one
 # child per parent, RUSAGE_CHILDREN covers exactly that command and every process it waited for.
-_MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-            "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-            "print(r.returncode, u.ru_utime + u.ru_stime, u.ru_maxrss)")
+_MEASURE = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print(r.returncode, u.ru_utime + u.ru_stime, u.ru_maxrss)"
+)
 
 
 def measure(cmd, env=None, repeat: int = 1) -> dict:
@@ -58,13 +61,17 @@ def measure(cmd, env=None, repeat: int = 1) -> dict:
 
 def _measure_once(cmd, env=None) -> dict:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, cmd)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *map(str, cmd)], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     code, cpu, rss = out.stdout.strip().splitlines()[-1].split()
     if code != "0":
         raise RuntimeError(f"{' '.join(map(str, cmd))} exited {code}:\n{out.stderr[-3000:]}")
-    return {"cpu_s": round(float(cpu), 2), "wall_s": round(time.perf_counter() - start, 2),
-            "peak_rss_mib": round(int(rss) / 1024, 1)}
+    return {
+        "cpu_s": round(float(cpu), 2),
+        "wall_s": round(time.perf_counter() - start, 2),
+        "peak_rss_mib": round(int(rss) / 1024, 1),
+    }
 
 
 def runner_args(runner: str, prism: str | None) -> list:
@@ -72,8 +79,13 @@ def runner_args(runner: str, prism: str | None) -> list:
         return [f"--runner={FN_API}"]
     if runner == "prism":
         if not prism:
-            prism = subprocess.run(["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True,
-                                   capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            prism = (
+                subprocess.run(
+                    ["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True, capture_output=True, text=True
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
         return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
     raise ValueError(f"unknown runner {runner!r}: fnapi or prism")
 
@@ -81,8 +93,12 @@ def runner_args(runner: str, prism: str | None) -> list:
 def generate(n: int, work: Path) -> Path:
     data = work / f"events-{n}.jsonl"
     if not data.exists():
-        subprocess.run([sys.executable, "-m", "feedback_tools.generate", "--events", str(n), "--output", str(data)],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "feedback_tools.generate", "--events", str(n), "--output", str(data)],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
     return data
 
 
@@ -90,18 +106,38 @@ def run_size(n: int, runners: list, prism: str | None, work: Path, env: dict, re
     data = generate(n, work)
     row = {"events": n}
     ref_out = work / f"ref-{n}"
-    row["reference"] = measure([sys.executable, ROOT / "benchmarks" / "reference.py", "--input", data,
-                                "--output", ref_out], env=env, repeat=repeat)
+    row["reference"] = measure(
+        [sys.executable, ROOT / "benchmarks" / "reference.py", "--input", data, "--output", ref_out],
+        env=env,
+        repeat=repeat,
+    )
     ref_counts = json.loads((ref_out / "summary.json").read_text())["counts"]
     for runner in runners:
         args = runner_args(runner, prism)
-        row[f"passthrough_{runner}"] = measure([sys.executable, "-c", PASSTHROUGH, data,
-                                                work / f"pass-{runner}-{n}" / "out", *args], env=env,
-                                               repeat=repeat)
+        row[f"passthrough_{runner}"] = measure(
+            [sys.executable, "-c", PASSTHROUGH, data, work / f"pass-{runner}-{n}" / "out", *args],
+            env=env,
+            repeat=repeat,
+        )
         job_out = work / f"job-{runner}-{n}"
-        row[f"job_{runner}"] = measure([sys.executable, "-m", "pipelines.batch", "--config", "config/batch.yaml",
-                                        "--input", data, "--output", job_out, "--overwrite", "--warn-only", *args],
-                                        env=env, repeat=repeat)
+        row[f"job_{runner}"] = measure(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.batch",
+                "--config",
+                "config/batch.yaml",
+                "--input",
+                data,
+                "--output",
+                job_out,
+                "--overwrite",
+                "--warn-only",
+                *args,
+            ],
+            env=env,
+            repeat=repeat,
+        )
         report = json.loads((job_out / "report.json").read_text())
         row[f"job_{runner}"]["accounting_holds"] = report["accounting"]["holds"]
         row[f"job_{runner}"]["same_counts_as_reference"] = report["counts"] == ref_counts
@@ -113,8 +149,11 @@ def marginal(small: dict, large: dict, name: str) -> dict:
     dn = large["events"] - small["events"]
     a, b = small[name], large[name]
     us = (b["cpu_s"] - a["cpu_s"]) / dn * 1e6
-    return {"cpu_us_per_event": round(us, 1), "fixed_cpu_s": round(a["cpu_s"] - us * small["events"] / 1e6, 2),
-            "rss_kib_per_event": round((b["peak_rss_mib"] - a["peak_rss_mib"]) * 1024 / dn, 3)}
+    return {
+        "cpu_us_per_event": round(us, 1),
+        "fixed_cpu_s": round(a["cpu_s"] - us * small["events"] / 1e6, 2),
+        "rss_kib_per_event": round((b["peak_rss_mib"] - a["peak_rss_mib"]) * 1024 / dn, 3),
+    }
 
 
 def main(argv=None) -> dict:
@@ -129,12 +168,20 @@ def main(argv=None) -> dict:
         ap.error("--sizes: the second size must be larger")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FEEDBACK_HMAC_KEY": os.environ.get("FEEDBACK_HMAC_KEY", "benchmark-key"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "FEEDBACK_HMAC_KEY": os.environ.get("FEEDBACK_HMAC_KEY", "benchmark-key"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     small, large = (run_size(n, args.runners, args.prism_location, work, env, args.repeat) for n in args.sizes)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "python": platform.python_version(), "sizes": args.sizes, "runs": [small, large],
-              "reference": marginal(small, large, "reference")}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "sizes": args.sizes,
+        "runs": [small, large],
+        "reference": marginal(small, large, "reference"),
+    }
     ref_us = result["reference"]["cpu_us_per_event"]
     for runner in args.runners:
         job = marginal(small, large, f"job_{runner}")

@@ -13,6 +13,7 @@ process: JobManager, each TaskManager, the job server and the Python driver (whi
 harness: LOOPBACK). Stops everything it started. No assertions beyond accounting: figures go to
 benchmarks/RESULTS.md by hand.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ FN_API = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
 
 def _install(*what: str) -> dict:
-    out = subprocess.run(["bash", str(ROOT / ".ci" / "install-flink"), *what], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "install-flink"), *what], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
@@ -47,10 +49,24 @@ def generate_input(work: Path, events: int, files: int) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         for i, n in enumerate(sizes):
-            subprocess.run([sys.executable, "-m", "feedback_tools.generate", "--events", str(n), "--seed", str(100 + i),
-                            "--start", f"2026-11-{1 + i % 28:02d}T00:00:00Z",
-                            "--output", str(folder / f"events-{i}.jsonl")],
-                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "feedback_tools.generate",
+                    "--events",
+                    str(n),
+                    "--seed",
+                    str(100 + i),
+                    "--start",
+                    f"2026-11-{1 + i % 28:02d}T00:00:00Z",
+                    "--output",
+                    str(folder / f"events-{i}.jsonl"),
+                ],
+                check=True,
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+            )
         (folder / ".complete").touch()
         print(f"generated {events} events in {files} files in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return str(folder / "events-*.jsonl")
@@ -94,7 +110,7 @@ class PeakWatcher:
     def _run(self):
         while not self._stop.is_set():
             for pid in _children_java(os.getpid()):
-                if pid not in self.pids.values():   # the cluster's JVMs are children too
+                if pid not in self.pids.values():  # the cluster's JVMs are children too
                     self.pids.setdefault("job server", pid)
             for name, pid in self.pids.items():
                 hwm = vm_hwm_mib(pid)
@@ -113,10 +129,21 @@ class PeakWatcher:
 
 def run_job(input_glob: str, out: Path, beam_args: list) -> tuple:
     from pipelines import batch
+
     os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
     started = time.perf_counter()
-    report = batch.run(["--config", str(ROOT / "config" / "batch.yaml"), "--input", input_glob, "--output", str(out),
-                        "--warn-only", *beam_args])
+    report = batch.run(
+        [
+            "--config",
+            str(ROOT / "config" / "batch.yaml"),
+            "--input",
+            input_glob,
+            "--output",
+            str(out),
+            "--warn-only",
+            *beam_args,
+        ]
+    )
     return report, time.perf_counter() - started
 
 
@@ -127,8 +154,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--engine", choices=["flink", "fnapi", "prism"], default="flink")
     ap.add_argument("--tm-memory", default="2g", help="taskmanager.memory.process.size")
     ap.add_argument("--parallelism", type=int, default=2)
-    ap.add_argument("--flink-master", help="HOST:PORT of a running cluster to use instead of starting one "
-                                           "(the tests' session cluster); its processes are not measured")
+    ap.add_argument(
+        "--flink-master",
+        help="HOST:PORT of a running cluster to use instead of starting one "
+        "(the tests' session cluster); its processes are not measured",
+    )
     ap.add_argument("--flink-job-server-jar", help="default: from .ci/install-flink")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "flink-bench"))
     args = ap.parse_args(argv)
@@ -145,17 +175,33 @@ def main(argv=None) -> dict:
             master = args.flink_master
             if master is None:
                 from tests.engines import FlinkCluster
-                cluster = FlinkCluster(_install("dist")["FLINK_HOME"],
-                                       Path(tempfile.mkdtemp(prefix="cluster-", dir=work)), taskmanagers=2, slots=2,
-                                       tm_memory=args.tm_memory, parallelism=args.parallelism)
+
+                cluster = FlinkCluster(
+                    _install("dist")["FLINK_HOME"],
+                    Path(tempfile.mkdtemp(prefix="cluster-", dir=work)),
+                    taskmanagers=2,
+                    slots=2,
+                    tm_memory=args.tm_memory,
+                    parallelism=args.parallelism,
+                )
                 cluster.start()
                 master = cluster.master
                 pids.update({name: p.pid for name, p in cluster.processes.items()})
-            beam_args = ["--runner=FlinkRunner", f"--flink_master={master}", f"--flink_job_server_jar={jar}",
-                         "--environment_type=LOOPBACK", f"--parallelism={args.parallelism}"]
+            beam_args = [
+                "--runner=FlinkRunner",
+                f"--flink_master={master}",
+                f"--flink_job_server_jar={jar}",
+                "--environment_type=LOOPBACK",
+                f"--parallelism={args.parallelism}",
+            ]
         elif args.engine == "prism":
-            prism = subprocess.run(["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True,
-                                   capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            prism = (
+                subprocess.run(
+                    ["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True, capture_output=True, text=True
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             beam_args = ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
         else:
             beam_args = [f"--runner={FN_API}"]
@@ -166,12 +212,18 @@ def main(argv=None) -> dict:
         peaks = {name: round(mib) for name, mib in watcher.peaks.items()}
         peaks["driver (python, SDK harness)"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         result = {
-            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "engine": args.engine, "events": args.events, "files": args.files,
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "engine": args.engine,
+            "events": args.events,
+            "files": args.files,
             "taskmanager_memory": args.tm_memory if cluster is not None else None,
             "parallelism": args.parallelism if args.engine == "flink" else None,
-            "wall_s": round(seconds, 1), "events_per_s": round(args.events / seconds),
-            "peak_rss_mib": peaks, "accounting_exact": exact, "counts": report["counts"],
+            "wall_s": round(seconds, 1),
+            "events_per_s": round(args.events / seconds),
+            "peak_rss_mib": peaks,
+            "accounting_exact": exact,
+            "counts": report["counts"],
         }
         print(json.dumps(result, indent=2))
         if not exact:

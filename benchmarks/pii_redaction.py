@@ -7,6 +7,7 @@ valid ones and `dead_letter` on the rejected ones, with a cold and a warm cache.
 values in which PII was found, to check for false positives (the generator puts e-mails and phone
 numbers in ~6% of contexts and nowhere else).
 """
+
 import collections
 import datetime as dt
 import gzip
@@ -27,8 +28,9 @@ def main(n: int = 20_000) -> None:
         generate(n, f"{tmp}/e.jsonl.gz", seed=3)
         lines = gzip.open(f"{tmp}/e.jsonl.gz").read().split(b"\n")[:n]
     cfg = config_from_dict({})
-    rules = ValidationRules.from_config(cfg, SchemaRegistry.from_directory("config/schemas"),
-                                        dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))
+    rules = ValidationRules.from_config(
+        cfg, SchemaRegistry.from_directory("config/schemas"), dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    )
     valid, rejected = [], []
     for line in lines:
         try:
@@ -49,8 +51,10 @@ def main(n: int = 20_000) -> None:
         for line, r in rejected:
             dead_letter("x", None, str(r), "parse", line, "f:1", red)
         per_dead = (time.perf_counter() - t) / max(1, len(rejected)) * 1e6
-        print(f"{label}: {len(valid)} valid events {per_valid:.1f} us/event; "
-              f"{len(rejected)} dead letters {per_dead:.1f} us/record")
+        print(
+            f"{label}: {len(valid)} valid events {per_valid:.1f} us/event; "
+            f"{len(rejected)} dead letters {per_dead:.1f} us/record"
+        )
         found = collections.Counter()
         for (field, kind), c in red.found.items():
             found[field, kind] += c
@@ -62,8 +66,11 @@ def main(n: int = 20_000) -> None:
     for e in valid:
         out = protect_event(e, prules, p, red)
         for k, v in out.items():
-            if k != "context" and isinstance(v, str) and ("[phone:" in v or "[email:" in v or "[ip:" in v
-                                                          or v.startswith("pii-")):
+            if (
+                k != "context"
+                and isinstance(v, str)
+                and ("[phone:" in v or "[email:" in v or "[ip:" in v or v.startswith("pii-"))
+            ):
                 odd[k, e[k] if k not in ("user_id", "session_id") else "?"] += 1
     print("findings outside context (possible false positives):", odd.most_common(10) or "none")
 

@@ -7,6 +7,7 @@ Parquet, JSON, ...) with their share of the profiled own time, then the top func
 its own per-call overhead, so many cheap calls (Beam's per-element work) look somewhat bigger than
 they are; the shares are for ranking, the absolute cost is batch_throughput.py's figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,16 +83,31 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"events-{args.events}.jsonl"
     if not data.exists():
-        subprocess.run([sys.executable, "-m", "feedback_tools.generate", "--events", str(args.events), "--output", str(data)],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "feedback_tools.generate", "--events", str(args.events), "--output", str(data)],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
     os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
     from pipelines import batch
+
     prof = cProfile.Profile()
     started = time.process_time()
     prof.enable()
-    batch.run(["--config", str(ROOT / "config" / "batch.yaml"), "--input", str(data),
-               "--output", str(work / f"profile-{args.events}"), "--overwrite", "--warn-only",
-               "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner"])
+    batch.run(
+        [
+            "--config",
+            str(ROOT / "config" / "batch.yaml"),
+            "--input",
+            str(data),
+            "--output",
+            str(work / f"profile-{args.events}"),
+            "--overwrite",
+            "--warn-only",
+            "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner",
+        ]
+    )
     prof.disable()
     cpu = time.process_time() - started
     stats = pstats.Stats(prof)
@@ -107,7 +123,7 @@ def main(argv=None) -> dict:
     for area, t in sorted(areas.items(), key=lambda kv: -kv[1]):
         print(f"| {area} | {100 * t / total:.1f}% |")
     print(f"\ntop {args.top} functions by own time:")
-    for tottime, ncalls, area, name in sorted(rows, reverse=True)[:args.top]:
+    for tottime, ncalls, area, name in sorted(rows, reverse=True)[: args.top]:
         print(f"{100 * tottime / total:5.1f}%  {ncalls:>9}  {area:<40} {name}")
     return {area: round(100 * t / total, 1) for area, t in areas.items()}
 

@@ -12,6 +12,7 @@ decisions are the job's; what is left out is exactly Beam's part: element wrappi
 shuffles, bundle handling. `benchmarks/batch_throughput.py` compares the job's CPU per event with
 this one's. It prints its outcome counts as JSON (they must equal the job's report).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,7 @@ def run(config: str, input_path: str, output: str) -> dict:
     by_user: dict = {}
     for e in rest:
         by_user.setdefault(e["user_id"], []).append(e)
-    humans, user_tags = _run(_UserRunsBatchFn(s.bots, s.session_gap_s),
-                             by_user.items())
+    humans, user_tags = _run(_UserRunsBatchFn(s.bots, s.session_gap_s), by_user.items())
     bots = crawler_tags.get(FilterBots.BOTS, []) + user_tags.get(FilterBots.BOTS, [])
 
     types = s.labels.outcome_types | {"impression"}
@@ -122,16 +122,22 @@ def run(config: str, input_path: str, output: str) -> dict:
     features = compute_all(humans, s.features) if s.features is not None else []
 
     outcomes = {
-        contract.OUTCOME_VALID: humans, contract.OUTCOME_BOT: bots,
+        contract.OUTCOME_VALID: humans,
+        contract.OUTCOME_BOT: bots,
         contract.OUTCOME_DUPLICATE: dedupe_tags.get(DedupeEvents.DUPLICATES, []),
         contract.OUTCOME_DEAD_LETTER: parse_tags.get(ParseEvents.DEAD_LETTER, []),
         contract.OUTCOME_CONSENT_DROPPED: parse_tags.get(ParseEvents.CONSENT_DROPPED, []),
         contract.OUTCOME_TOO_LATE: parse_tags.get(ParseEvents.TOO_LATE, []),
     }
-    counters = collections.Counter({INPUT: len(raw), "exposures": sum(1 for e in humans if is_exposure(e)),
-                                    "labels": len(labels),
-                                    "orphans": len(label_tags.get(JoinLabels.ORPHANS, [])),
-                                    "late_outcomes": len(label_tags.get(JoinLabels.LATE_OUTCOMES, []))})
+    counters = collections.Counter(
+        {
+            INPUT: len(raw),
+            "exposures": sum(1 for e in humans if is_exposure(e)),
+            "labels": len(labels),
+            "orphans": len(label_tags.get(JoinLabels.ORPHANS, [])),
+            "late_outcomes": len(label_tags.get(JoinLabels.LATE_OUTCOMES, [])),
+        }
+    )
     for name, records in outcomes.items():
         counters[name] += len(records)
     counters.update(f"{contract.OUTCOME_DEAD_LETTER}.{r['reason']}" for r in outcomes[contract.OUTCOME_DEAD_LETTER])
@@ -150,18 +156,26 @@ def run(config: str, input_path: str, output: str) -> dict:
     _write_avro(out / "bots.avro", s.clean_schema, bots)
     _write_avro(out / "labels.avro", LABEL_SCHEMA, labels)
     _write_avro(out / "slates.avro", SLATE_SCHEMA, slates)
-    _write_jsonl(out / "dead_letter.jsonl", outcomes[contract.OUTCOME_DEAD_LETTER] + outcomes[contract.OUTCOME_TOO_LATE])
+    _write_jsonl(
+        out / "dead_letter.jsonl", outcomes[contract.OUTCOME_DEAD_LETTER] + outcomes[contract.OUTCOME_TOO_LATE]
+    )
     _write_jsonl(out / "duplicates.jsonl", outcomes[contract.OUTCOME_DUPLICATE])
     _write_jsonl(out / "consent_dropped.jsonl", outcomes[contract.OUTCOME_CONSENT_DROPPED])
     _write_jsonl(out / "orphans.jsonl", label_tags.get(JoinLabels.ORPHANS, []))
     _write_jsonl(out / "late_outcomes.jsonl", label_tags.get(JoinLabels.LATE_OUTCOMES, []))
     _write_jsonl(out / "signals.jsonl", [{"counter": k, "count": n} for k, n in sorted(signals.items())])
     if features:
-        pq.write_table(pa.Table.from_pylist(features, schema=arrow_schema()), out / "features.parquet",
-                       compression="snappy")
+        pq.write_table(
+            pa.Table.from_pylist(features, schema=arrow_schema()), out / "features.parquet", compression="snappy"
+        )
     summary = summarise(dict(counters))
-    return {"counts": summary["counts"], "accounting_holds": summary["accounting"]["holds"],
-            "labels": len(labels), "slates": len(slates), "feature_rows": len(features)}
+    return {
+        "counts": summary["counts"],
+        "accounting_holds": summary["accounting"]["holds"],
+        "labels": len(labels),
+        "slates": len(slates),
+        "feature_rows": len(features),
+    }
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ Each chart is `<svg class="chart" data-chart="<name>">`; `CHARTS` lists the name
 (with a "no data" note when the run had none), plus one `dist:<feature>` overlay per drifted or
 worst-drifting feature when a drift report is given. Hover a bar or point for its exact value.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -23,13 +24,31 @@ from transforms import contract
 
 __all__ = ["CHARTS", "render_report", "write_report_html"]
 
-CHARTS = ("waterfall", "events_over_time", "dead_letter_reasons", "latency", "bot_ratio", "bots_by_rule",
-          "label_coverage", "positive_rate", "ctr_by_position", "catalog_coverage", "entropy", "drift_psi")
+CHARTS = (
+    "waterfall",
+    "events_over_time",
+    "dead_letter_reasons",
+    "latency",
+    "bot_ratio",
+    "bots_by_rule",
+    "label_coverage",
+    "positive_rate",
+    "ctr_by_position",
+    "catalog_coverage",
+    "entropy",
+    "drift_psi",
+)
 
 COLORS = {
-    contract.OUTCOME_VALID: "#2e7d32", contract.OUTCOME_DUPLICATE: "#78909c", contract.OUTCOME_BOT: "#ef6c00",
-    contract.OUTCOME_CONSENT_DROPPED: "#6a1b9a", contract.OUTCOME_DEAD_LETTER: "#c62828",
-    contract.OUTCOME_TOO_LATE: "#ad1457", "input": "#1565c0", "other": "#b0bec5", "unaccounted": "#212121",
+    contract.OUTCOME_VALID: "#2e7d32",
+    contract.OUTCOME_DUPLICATE: "#78909c",
+    contract.OUTCOME_BOT: "#ef6c00",
+    contract.OUTCOME_CONSENT_DROPPED: "#6a1b9a",
+    contract.OUTCOME_DEAD_LETTER: "#c62828",
+    contract.OUTCOME_TOO_LATE: "#ad1457",
+    "input": "#1565c0",
+    "other": "#b0bec5",
+    "unaccounted": "#212121",
 }
 BLUE, GREY, RED, AMBER, TEAL = "#1565c0", "#9e9e9e", "#c62828", "#f9a825", "#00838f"
 _MAX_DIST_CHARTS = 6
@@ -59,6 +78,7 @@ svg text{font-family:inherit}
 
 
 # --- formatting ------------------------------------------------------------------------------
+
 
 def _e(s) -> str:
     return _html.escape(str(s), quote=True)
@@ -119,11 +139,13 @@ def _ticks(vmax: float, n: int = 5) -> list[float]:
 
 # --- SVG primitives --------------------------------------------------------------------------
 
+
 class _Svg:
     """A chart canvas with a plot area (margins), y scale and helpers; str() gives the markup."""
 
-    def __init__(self, name: str, title: str, width: int = 620, height: int = 300,
-                 margin=(36, 20, 62, 64)):   # top, right, bottom, left
+    def __init__(
+        self, name: str, title: str, width: int = 620, height: int = 300, margin=(36, 20, 62, 64)
+    ):  # top, right, bottom, left
         self.name, self.w, self.h = name, width, height
         self.top, self.right, self.bottom, self.left = margin
         self.parts: list[str] = []
@@ -145,19 +167,25 @@ class _Svg:
 
     def text(self, x, y, s, anchor="middle", size=11, color="#37474f", weight="normal", rotate=None, halo=False):
         tr = f' transform="rotate({rotate} {x:.1f} {y:.1f})"' if rotate is not None else ""
-        h = ' stroke="#ffffff" stroke-width="3" paint-order="stroke"' if halo else ""   # readable over bars
-        self.add(f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="{size}" fill="{color}" '
-                 f'font-weight="{weight}"{tr}{h}>{_e(s)}</text>')
+        h = ' stroke="#ffffff" stroke-width="3" paint-order="stroke"' if halo else ""  # readable over bars
+        self.add(
+            f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="{size}" fill="{color}" '
+            f'font-weight="{weight}"{tr}{h}>{_e(s)}</text>'
+        )
 
     def rect(self, x, y, w, h, color, tip=None, opacity=1.0):
         t = f"<title>{_e(tip)}</title>" if tip else ""
-        self.add(f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{max(h, 0):.1f}" fill="{color}" '
-                 f'fill-opacity="{opacity}">{t}</rect>')
+        self.add(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{max(h, 0):.1f}" fill="{color}" '
+            f'fill-opacity="{opacity}">{t}</rect>'
+        )
 
     def line(self, x1, y1, x2, y2, color="#90a4ae", width=1.0, dash=None):
         d = f' stroke-dasharray="{dash}"' if dash else ""
-        self.add(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" '
-                 f'stroke-width="{width}"{d}/>')
+        self.add(
+            f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" '
+            f'stroke-width="{width}"{d}/>'
+        )
 
     def y_axis(self, vmax, fmt=_num, label=None, right=False, n=5):
         for t in _ticks(vmax, n):
@@ -193,14 +221,31 @@ class _Svg:
         self.text(self.w / 2, self.h / 2, why, size=14, color="#90a4ae")
 
     def __str__(self):
-        return (f'<svg class="chart" data-chart="{_e(self.name)}" viewBox="0 0 {self.w} {self.h}" '
-                f'width="{self.w}" height="{self.h}" role="img" aria-label="{_e(self.title)}">'
-                f'<rect x="0" y="0" width="{self.w}" height="{self.h}" fill="#ffffff"/>'
-                + "".join(self.parts) + "</svg>")
+        return (
+            f'<svg class="chart" data-chart="{_e(self.name)}" viewBox="0 0 {self.w} {self.h}" '
+            f'width="{self.w}" height="{self.h}" role="img" aria-label="{_e(self.title)}">'
+            f'<rect x="0" y="0" width="{self.w}" height="{self.h}" fill="#ffffff"/>' + "".join(self.parts) + "</svg>"
+        )
 
 
-def _bars(name, title, labels, series, *, stacked=True, y_fmt=_num, y_label=None, thresholds=(),
-          width=620, height=300, rotate=False, tip_fmt=_num, legend=True, ymax=None, overlay=None) -> str:
+def _bars(
+    name,
+    title,
+    labels,
+    series,
+    *,
+    stacked=True,
+    y_fmt=_num,
+    y_label=None,
+    thresholds=(),
+    width=620,
+    height=300,
+    rotate=False,
+    tip_fmt=_num,
+    legend=True,
+    ymax=None,
+    overlay=None,
+) -> str:
     """Vertical bars: series = [(name, values, color)], stacked or grouped; thresholds = [(value, label, color)].
 
     `overlay(svg, slot)` may draw on top (e.g. percentile markers); bar i spans svg.left + i*slot.
@@ -247,8 +292,21 @@ def _bars(name, title, labels, series, *, stacked=True, y_fmt=_num, y_label=None
     return str(svg)
 
 
-def _lines(name, title, labels, series, *, y_fmt=_num, y_label=None, band=None, thresholds=(), ymax=None,
-           shade_from=None, width=620, height=300) -> str:
+def _lines(
+    name,
+    title,
+    labels,
+    series,
+    *,
+    y_fmt=_num,
+    y_label=None,
+    band=None,
+    thresholds=(),
+    ymax=None,
+    shade_from=None,
+    width=620,
+    height=300,
+) -> str:
     """Lines with dots over ordered x; None values leave gaps. band=(low, high) shades the allowed range."""
     svg = _Svg(name, title, width, height, margin=(36, 20, 74, 64))
     vals = [v for _, vs, _ in series for v in vs if v is not None]
@@ -287,15 +345,18 @@ def _lines(name, title, labels, series, *, y_fmt=_num, y_label=None, band=None, 
             svg.add(f'<polyline points="{" ".join(run)}" fill="none" stroke="{color}" stroke-width="2"/>')
         for i, v in enumerate(vs):
             if v is not None:
-                svg.add(f'<circle cx="{xs[i]:.1f}" cy="{svg.y(v, vmax):.1f}" r="3" fill="{color}">'
-                        f"<title>{_e(labels[i])} · {_e(sname)}: {_e(y_fmt(v))}</title></circle>")
+                svg.add(
+                    f'<circle cx="{xs[i]:.1f}" cy="{svg.y(v, vmax):.1f}" r="3" fill="{color}">'
+                    f"<title>{_e(labels[i])} · {_e(sname)}: {_e(y_fmt(v))}</title></circle>"
+                )
     svg.x_labels(labels, xs, rotate=True)
     svg.legend([(n_, c) for n_, _, c in series])
     return str(svg)
 
 
-def _hbars(name, title, labels, values, *, fmt=_num, threshold=None, threshold_label="", colors=None,
-           width=620, note=None) -> str:
+def _hbars(
+    name, title, labels, values, *, fmt=_num, threshold=None, threshold_label="", colors=None, width=620, note=None
+) -> str:
     """Horizontal bars, one per label (e.g. PSI per feature), with an optional vertical threshold line."""
     height = max(120, 46 + 24 * max(len(labels), 1))
     label_w = min(220, 20 + 7 * max((len(str(l)) for l in labels), default=4))
@@ -329,6 +390,7 @@ def _hbars(name, title, labels, values, *, fmt=_num, threshold=None, threshold_l
 
 # --- the charts ------------------------------------------------------------------------------
 
+
 def _waterfall(stats: dict) -> str:
     counts, total = stats.get("counts", {}), stats.get("input_records", 0)
     order = sorted(contract.OUTCOMES, key=lambda o: -counts.get(o, 0))
@@ -361,9 +423,16 @@ def _waterfall(stats: dict) -> str:
         if i + 1 < len(bars):
             svg.line(x + slot * 0.7, y0, x + slot, y0, "#b0bec5", 1, "3 3")
     svg.x_labels([b[0] for b in bars], xs)
-    svg.text(svg.left + svg.pw, 18, "input_records = " + " + ".join(contract.OUTCOMES)
-             + ("" if not unaccounted else f"   (unaccounted: {unaccounted})"),
-             anchor="end", size=11, color=RED if unaccounted else "#37474f")
+    svg.text(
+        svg.left + svg.pw,
+        18,
+        "input_records = "
+        + " + ".join(contract.OUTCOMES)
+        + ("" if not unaccounted else f"   (unaccounted: {unaccounted})"),
+        anchor="end",
+        size=11,
+        color=RED if unaccounted else "#37474f",
+    )
     return str(svg)
 
 
@@ -374,15 +443,28 @@ def _events_over_time(stats: dict) -> str:
     series = [(n, [hourly[h].get(n, 0) for h in hours], COLORS[n]) for n in names]
     other = [max(hourly[h].get("input", 0) - sum(hourly[h].get(n, 0) for n in names), 0) for h in hours]
     series.append(("other (duplicates, consent)", other, COLORS["other"]))
-    return _bars("events_over_time", "Events per event-time hour, by outcome", [_hour_label(h) for h in hours],
-                 series, y_label="events", width=1240, height=320, rotate=True)
+    return _bars(
+        "events_over_time",
+        "Events per event-time hour, by outcome",
+        [_hour_label(h) for h in hours],
+        series,
+        y_label="events",
+        width=1240,
+        height=320,
+        rotate=True,
+    )
 
 
 def _dead_letters(stats: dict) -> str:
     reasons = sorted((stats.get("dead_letter_by_reason") or {}).items(), key=lambda kv: -kv[1])
-    return _hbars("dead_letter_reasons", "Dead letters by reason", [r for r, _ in reasons], [n for _, n in reasons],
-                  colors=[COLORS["too_late"] if r == "too_late" else COLORS["dead_letter"] for r, _ in reasons],
-                  note="no dead letters")
+    return _hbars(
+        "dead_letter_reasons",
+        "Dead letters by reason",
+        [r for r, _ in reasons],
+        [n for _, n in reasons],
+        colors=[COLORS["too_late"] if r == "too_late" else COLORS["dead_letter"] for r, _ in reasons],
+        note="no dead letters",
+    )
 
 
 def _latency(stats: dict, summary: dict) -> str:
@@ -403,22 +485,42 @@ def _latency(stats: dict, summary: dict) -> str:
             svg.line(x, svg.top, x, svg.top + svg.ph, color, 1.5, "5 3")
             svg.text(x + 3, svg.top + 10 + 12 * k, f"{name} {_ms(v)}", anchor="start", size=10, color=color, halo=True)
 
-    return _bars("latency", "Arrival − event time", labels, [("", list(counts), TEAL)], y_label="events",
-                 rotate=True, legend=False, overlay=markers)
+    return _bars(
+        "latency",
+        "Arrival − event time",
+        labels,
+        [("", list(counts), TEAL)],
+        y_label="events",
+        rotate=True,
+        legend=False,
+        overlay=markers,
+    )
 
 
 def _bot_ratio(summary: dict, band) -> str:
     hourly = summary["bots"]["hourly"]
     hours = list(hourly)
-    return _lines("bot_ratio", "Bot ratio per hour", [_hour_label(h) for h in hours],
-                  [("bots / (valid + bots)", [hourly[h] for h in hours], COLORS["bots"])],
-                  y_fmt=lambda v: _pct(v, 0), band=tuple(band) if band else None)
+    return _lines(
+        "bot_ratio",
+        "Bot ratio per hour",
+        [_hour_label(h) for h in hours],
+        [("bots / (valid + bots)", [hourly[h] for h in hours], COLORS["bots"])],
+        y_fmt=lambda v: _pct(v, 0),
+        band=tuple(band) if band else None,
+    )
 
 
 def _bots_by_rule(summary: dict) -> str:
     rules = summary["bots"]["by_rule"]
-    return _hbars("bots_by_rule", "Bot ratio by rule", list(rules), list(rules.values()),
-                  fmt=lambda v: _pct(v, 2), colors=[COLORS["bots"]] * len(rules), note="no bots flagged")
+    return _hbars(
+        "bots_by_rule",
+        "Bot ratio by rule",
+        list(rules),
+        list(rules.values()),
+        fmt=lambda v: _pct(v, 2),
+        colors=[COLORS["bots"]] * len(rules),
+        note="no bots flagged",
+    )
 
 
 def _label_coverage(summary: dict, coverage_min) -> str:
@@ -434,33 +536,51 @@ def _label_coverage(summary: dict, coverage_min) -> str:
     vmax = max(exposures, lab["labels"])
     x = svg.left
     y, h = svg.top + 10, 44
-    for name, n, color in (("positives", pos, "#2e7d32"), ("negatives", neg, "#90caf9"),
-                           ("other labels", other_labels, "#b0bec5"), ("unlabelled exposures", unlabelled, RED)):
+    for name, n, color in (
+        ("positives", pos, "#2e7d32"),
+        ("negatives", neg, "#90caf9"),
+        ("other labels", other_labels, "#b0bec5"),
+        ("unlabelled exposures", unlabelled, RED),
+    ):
         w = svg.pw * n / vmax
         if n:
             svg.rect(x, y, w, h, color, f"{name}: {n} ({_pct(n / exposures)})")
             if w > 60:
-                svg.text(x + w / 2, y + h / 2 + 4, f"{_num(n)}", size=11, color="#fff" if color != "#90caf9" else "#0d47a1")
+                svg.text(
+                    x + w / 2, y + h / 2 + 4, f"{_num(n)}", size=11, color="#fff" if color != "#90caf9" else "#0d47a1"
+                )
         x += w
-    svg.legend([("positives", "#2e7d32"), ("negatives", "#90caf9"), ("other labels", "#b0bec5"),
-                ("unlabelled exposures", RED)])
+    svg.legend(
+        [("positives", "#2e7d32"), ("negatives", "#90caf9"), ("other labels", "#b0bec5"), ("unlabelled exposures", RED)]
+    )
     if coverage_min is not None:
         tx = svg.left + svg.pw * coverage_min * exposures / vmax
         svg.line(tx, y - 8, tx, y + h + 8, "#212121", 2, "4 3")
         svg.text(tx, y + h + 22, f"min coverage {_pct(coverage_min)}", size=10, color="#212121")
-    svg.text(svg.left, y + h + 40, f"coverage {_pct(lab['coverage'], 2)} = {lab['labels']} labels / {exposures} exposures;"
-             f" orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}",
-             anchor="start", size=11)
+    svg.text(
+        svg.left,
+        y + h + 40,
+        f"coverage {_pct(lab['coverage'], 2)} = {lab['labels']} labels / {exposures} exposures;"
+        f" orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}",
+        anchor="start",
+        size=11,
+    )
     return str(svg)
 
 
 def _positive_rate(stats: dict) -> str:
     hourly = stats.get("hourly") or {}
     hours = [h for h in sorted(hourly)]
-    rate = [(hourly[h].get("positives", 0) / hourly[h]["exposures"]) if hourly[h].get("exposures") else None
-            for h in hours]
-    return _lines("positive_rate", "Positives per exposure, per hour", [_hour_label(h) for h in hours],
-                  [("positives / exposures", rate, "#2e7d32")], y_fmt=lambda v: _pct(v, 1))
+    rate = [
+        (hourly[h].get("positives", 0) / hourly[h]["exposures"]) if hourly[h].get("exposures") else None for h in hours
+    ]
+    return _lines(
+        "positive_rate",
+        "Positives per exposure, per hour",
+        [_hour_label(h) for h in hours],
+        [("positives / exposures", rate, "#2e7d32")],
+        y_fmt=lambda v: _pct(v, 1),
+    )
 
 
 def _ctr_by_position(summary: dict, drift: Optional[dict]) -> str:
@@ -470,26 +590,50 @@ def _ctr_by_position(summary: dict, drift: Optional[dict]) -> str:
     if drift and drift.get("ctr_by_position"):
         base = drift["ctr_by_position"]
         series.append(("baseline", [(base.get(r["position"]) or {}).get("baseline") for r in rows], GREY))
-    return _bars("ctr_by_position", "CTR by position", labels, series, stacked=False, y_fmt=lambda v: _pct(v, 1),
-                 tip_fmt=lambda v: _pct(v, 2), y_label="positives / exposures")
+    return _bars(
+        "ctr_by_position",
+        "CTR by position",
+        labels,
+        series,
+        stacked=False,
+        y_fmt=lambda v: _pct(v, 1),
+        tip_fmt=lambda v: _pct(v, 2),
+        y_label="positives / exposures",
+    )
 
 
 def _catalog_coverage(stats: dict) -> str:
     div = stats.get("diversity") or {}
     ws = sorted(div)
-    return _bars("catalog_coverage", "Distinct items per hour", [_hour_label(w) for w in ws],
-                 [("exposed items", [div[w].get("exposure_items", 0) for w in ws], BLUE),
-                  ("positive items", [div[w].get("positive_items", 0) for w in ws], "#2e7d32")],
-                 stacked=False, y_label="distinct items", rotate=True)
+    return _bars(
+        "catalog_coverage",
+        "Distinct items per hour",
+        [_hour_label(w) for w in ws],
+        [
+            ("exposed items", [div[w].get("exposure_items", 0) for w in ws], BLUE),
+            ("positive items", [div[w].get("positive_items", 0) for w in ws], "#2e7d32"),
+        ],
+        stacked=False,
+        y_label="distinct items",
+        rotate=True,
+    )
 
 
 def _entropy(stats: dict, n_windows: int) -> str:
     div = stats.get("diversity") or {}
     ws = sorted(div)
-    return _lines("entropy", "Entropy per hour (bits)", [_hour_label(w) for w in ws],
-                  [("exposure entropy", [div[w].get("exposure_entropy") for w in ws], BLUE),
-                   ("positive entropy", [div[w].get("positive_entropy") for w in ws], "#2e7d32")],
-                  y_fmt=lambda v: f"{v:.1f}", y_label="bits", shade_from=max(len(ws) - n_windows, 0))
+    return _lines(
+        "entropy",
+        "Entropy per hour (bits)",
+        [_hour_label(w) for w in ws],
+        [
+            ("exposure entropy", [div[w].get("exposure_entropy") for w in ws], BLUE),
+            ("positive entropy", [div[w].get("positive_entropy") for w in ws], "#2e7d32"),
+        ],
+        y_fmt=lambda v: f"{v:.1f}",
+        y_label="bits",
+        shade_from=max(len(ws) - n_windows, 0),
+    )
 
 
 def _drift_psi(drift: Optional[dict]) -> str:
@@ -500,8 +644,17 @@ def _drift_psi(drift: Optional[dict]) -> str:
     labels = [n for n, _ in feats]
     values = [f["psi"] for _, f in feats]
     colors = [RED if f["drifted"] else (GREY if not f["comparable"] else BLUE) for _, f in feats]
-    return _hbars("drift_psi", "PSI per feature vs baseline", labels, values, fmt=lambda v: f"{v:.3f}",
-                  threshold=t, threshold_label=f"psi_max {t:g}" if t is not None else "", colors=colors, width=1240)
+    return _hbars(
+        "drift_psi",
+        "PSI per feature vs baseline",
+        labels,
+        values,
+        fmt=lambda v: f"{v:.3f}",
+        threshold=t,
+        threshold_label=f"psi_max {t:g}" if t is not None else "",
+        colors=colors,
+        width=1240,
+    )
 
 
 def _dist_overlay(name: str, f: dict) -> str:
@@ -510,13 +663,24 @@ def _dist_overlay(name: str, f: dict) -> str:
         keep = sorted(range(len(bins)), key=lambda i: -max(base[i], cur[i]))[:_MAX_CATEGORIES]
         keep.sort()
         bins, base, cur = [bins[i] for i in keep], [base[i] for i in keep], [cur[i] for i in keep]
-    title = f"{name}: PSI {f['psi']:.3f}, JS {f['js']:.3f}" + (f", L∞ {f['linf']:.3f}" if f["kind"] == "categorical" else "")
-    chart = _bars(f"dist:{name}", title, bins, [("baseline", base, GREY), ("this run", cur, RED if f["drifted"] else BLUE)],
-                  stacked=False, y_fmt=lambda v: _pct(v, 0), tip_fmt=lambda v: _pct(v, 2), rotate=True)
+    title = f"{name}: PSI {f['psi']:.3f}, JS {f['js']:.3f}" + (
+        f", L∞ {f['linf']:.3f}" if f["kind"] == "categorical" else ""
+    )
+    chart = _bars(
+        f"dist:{name}",
+        title,
+        bins,
+        [("baseline", base, GREY), ("this run", cur, RED if f["drifted"] else BLUE)],
+        stacked=False,
+        y_fmt=lambda v: _pct(v, 0),
+        tip_fmt=lambda v: _pct(v, 2),
+        rotate=True,
+    )
     return f'<div class="card"><h3>{_e(title)}</h3>{chart}</div>'
 
 
 # --- page ------------------------------------------------------------------------------------
+
 
 def _slo_table(slo_results: Sequence[dict], mode: str) -> str:
     rows = []
@@ -527,13 +691,17 @@ def _slo_table(slo_results: Sequence[dict], mode: str) -> str:
             cls, status = ("warn", "WARN") if mode == "warn" else ("fail", "FAIL")
         else:
             cls, status = "na", "n/a"
-        rows.append(f'<tr class="{cls}"><td><b>{status}</b></td><td>{_e(r["slo"])}</td>'
-                    f'<td class="num">{_e(_slo_value(r["value"]))}</td><td class="num">{_e(_slo_value(r["threshold"]))}</td>'
-                    f'<td>{_e(r["message"])}</td></tr>')
+        rows.append(
+            f'<tr class="{cls}"><td><b>{status}</b></td><td>{_e(r["slo"])}</td>'
+            f'<td class="num">{_e(_slo_value(r["value"]))}</td><td class="num">{_e(_slo_value(r["threshold"]))}</td>'
+            f"<td>{_e(r['message'])}</td></tr>"
+        )
     if not rows:
         rows.append('<tr class="na"><td colspan="5">no SLO gates enabled</td></tr>')
-    return ('<table class="slos"><thead><tr><th>status</th><th>SLO</th><th>value</th><th>threshold</th>'
-            '<th>detail</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+    return (
+        '<table class="slos"><thead><tr><th>status</th><th>SLO</th><th>value</th><th>threshold</th>'
+        "<th>detail</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
 
 
 def _slo_value(v) -> str:
@@ -552,32 +720,48 @@ def _kpis(summary: dict) -> str:
         ("input records", _num(summary["input_records"])),
         ("ingestion success", _pct(summary["ingestion"]["success_rate"], 3)),
         ("label coverage", _pct(summary["labels"]["coverage"], 2)),
-        ("latency p50 / p95 / p99", f"{_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])}"
-         + (" +" if lat.get("p99_in_overflow") else "")),
+        (
+            "latency p50 / p95 / p99",
+            f"{_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])}" + (" +" if lat.get("p99_in_overflow") else ""),
+        ),
         ("bot ratio", _pct(summary["bots"]["ratio"], 2)),
         ("orphan outcomes / exposure", _pct(summary["labels"]["orphan_ratio"], 2)),
     ]
-    return '<div class="kpis">' + "".join(
-        f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in items) + "</div>"
+    return (
+        '<div class="kpis">'
+        + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in items)
+        + "</div>"
+    )
 
 
 def _freshness_table(summary: dict) -> str:
-    rows = "".join(f'<tr><td>{_e(c)}</td><td class="num">{f["events"]}</td><td>{_e(_time_ms(f["latest_event_time_ms"]))}</td>'
-                   f'<td class="num">{_e(_ms(f["age_ms"]))}</td></tr>' for c, f in summary["freshness"].items())
-    return ('<table><thead><tr><th>cohort</th><th>events</th><th>latest event time</th><th>age at run end</th></tr>'
-            f'</thead><tbody>{rows or "<tr><td colspan=4>no cohorts</td></tr>"}</tbody></table>')
+    rows = "".join(
+        f'<tr><td>{_e(c)}</td><td class="num">{f["events"]}</td><td>{_e(_time_ms(f["latest_event_time_ms"]))}</td>'
+        f'<td class="num">{_e(_ms(f["age_ms"]))}</td></tr>'
+        for c, f in summary["freshness"].items()
+    )
+    return (
+        "<table><thead><tr><th>cohort</th><th>events</th><th>latest event time</th><th>age at run end</th></tr>"
+        f"</thead><tbody>{rows or '<tr><td colspan=4>no cohorts</td></tr>'}</tbody></table>"
+    )
 
 
 def _drift_table(drift: dict) -> str:
     rows = []
     for n, f in sorted(drift["features"].items(), key=lambda kv: -(kv[1]["psi"] or 0)):
         cls = "fail" if f["drifted"] else ("na" if not f["comparable"] else "pass")
-        cells = "".join(f'<td class="num">{"n/a" if f[m] is None else f"{f[m]:.4f}"}</td>' for m in ("psi", "js", "linf"))
-        rows.append(f'<tr class="{cls}"><td>{_e(n)}</td><td>{_e(f["kind"])}</td>{cells}'
-                    f'<td class="num">{f["baseline_count"]}</td><td class="num">{f["current_count"]}</td>'
-                    f'<td>{_e(f["message"])}</td></tr>')
-    return ('<table><thead><tr><th>feature</th><th>kind</th><th>PSI</th><th>JS</th><th>L∞</th><th>baseline n</th>'
-            '<th>run n</th><th>status</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+        cells = "".join(
+            f'<td class="num">{"n/a" if f[m] is None else f"{f[m]:.4f}"}</td>' for m in ("psi", "js", "linf")
+        )
+        rows.append(
+            f'<tr class="{cls}"><td>{_e(n)}</td><td>{_e(f["kind"])}</td>{cells}'
+            f'<td class="num">{f["baseline_count"]}</td><td class="num">{f["current_count"]}</td>'
+            f"<td>{_e(f['message'])}</td></tr>"
+        )
+    return (
+        "<table><thead><tr><th>feature</th><th>kind</th><th>PSI</th><th>JS</th><th>L∞</th><th>baseline n</th>"
+        "<th>run n</th><th>status</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
 
 
 def _privacy(stats: dict) -> str:
@@ -585,16 +769,30 @@ def _privacy(stats: dict) -> str:
     p = stats.get("privacy")
     if not p:
         return '<p class="note">No privacy counters in this run (the runner reported no metrics).</p>'
-    kpis = [("privacy compliance", _pct(p["compliance_rate"], 2)), ("PII found at source", _num(p["found"])),
-            ("redacted before any sink", _num(p["redacted"])), ("not redacted", _num(p["not_redacted"]))]
+    kpis = [
+        ("privacy compliance", _pct(p["compliance_rate"], 2)),
+        ("PII found at source", _num(p["found"])),
+        ("redacted before any sink", _num(p["redacted"])),
+        ("not redacted", _num(p["not_redacted"])),
+    ]
     kinds = sorted({k for ks in p["found_by_field_kind"].values() for k in ks})
     head = "".join(f"<th>{_e(k)}</th>" for k in kinds)
-    rows = "".join(f'<tr><td>{_e(f)}</td>' + "".join(f'<td class="num">{ks.get(k, 0)}</td>' for k in kinds)
-                   + f'<td class="num">{sum(ks.values())}</td></tr>' for f, ks in p["found_by_field_kind"].items())
-    table = (f'<table><thead><tr><th>field</th>{head}<th>total</th></tr></thead><tbody>'
-             f'{rows or "<tr><td colspan=2>no PII found at the source</td></tr>"}</tbody></table>')
-    return ('<div class="kpis">' + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div>'
-                                           f'</div>' for l, v in kpis) + "</div>" + table)
+    rows = "".join(
+        f"<tr><td>{_e(f)}</td>"
+        + "".join(f'<td class="num">{ks.get(k, 0)}</td>' for k in kinds)
+        + f'<td class="num">{sum(ks.values())}</td></tr>'
+        for f, ks in p["found_by_field_kind"].items()
+    )
+    table = (
+        f"<table><thead><tr><th>field</th>{head}<th>total</th></tr></thead><tbody>"
+        f"{rows or '<tr><td colspan=2>no PII found at the source</td></tr>'}</tbody></table>"
+    )
+    return (
+        '<div class="kpis">'
+        + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in kpis)
+        + "</div>"
+        + table
+    )
 
 
 def _card(title: str, body: str, note: str = "") -> str:
@@ -602,10 +800,17 @@ def _card(title: str, body: str, note: str = "") -> str:
     return f'<div class="card"><h3>{_e(title)}</h3>{body}{n}</div>'
 
 
-def render_report(stats: dict, summary: dict, slo_results: Sequence[dict], drift: Optional[dict] = None,
-                  title: str = "Signal quality report", mode: str = "fail",
-                  coverage_min: Optional[float] = None, bot_ratio_band=None,
-                  entropy_windows: Optional[int] = None) -> str:
+def render_report(
+    stats: dict,
+    summary: dict,
+    slo_results: Sequence[dict],
+    drift: Optional[dict] = None,
+    title: str = "Signal quality report",
+    mode: str = "fail",
+    coverage_min: Optional[float] = None,
+    bot_ratio_band=None,
+    entropy_windows: Optional[int] = None,
+) -> str:
     """The whole report as one HTML string (inline CSS and SVG only).
 
     Thresholds drawn on charts come from `slo_results` when present (label_coverage, bot_ratio);
@@ -617,7 +822,7 @@ def render_report(stats: dict, summary: dict, slo_results: Sequence[dict], drift
         coverage_min = by_slo["label_coverage"]["threshold"]
     if bot_ratio_band is None and "bot_ratio" in by_slo:
         bot_ratio_band = by_slo["bot_ratio"]["threshold"]
-    if entropy_windows is None:   # the summary holds the last N windows, N = slos.entropy_windows
+    if entropy_windows is None:  # the summary holds the last N windows, N = slos.entropy_windows
         entropy_windows = len((summary.get("entropy_trend") or {}).get("windows") or []) or 6
 
     n_breach = sum(1 for r in slo_results if r["ok"] is False)
@@ -625,46 +830,72 @@ def render_report(stats: dict, summary: dict, slo_results: Sequence[dict], drift
         banner = '<div class="banner pass">All evaluated SLOs met.</div>'
     else:
         cls = "warn" if mode == "warn" else "fail"
-        banner = (f'<div class="banner {cls}">{n_breach} SLO breach{"es" if n_breach > 1 else ""}'
-                  + (" (warn mode: the job does not fail)" if mode == "warn" else "") + "</div>")
+        banner = (
+            f'<div class="banner {cls}">{n_breach} SLO breach{"es" if n_breach > 1 else ""}'
+            + (" (warn mode: the job does not fail)" if mode == "warn" else "")
+            + "</div>"
+        )
     acc = summary["accounting"]
-    meta = (f"run end (latest event time): {_time_ms(summary.get('run_end_ms'))} · input records "
-            f"{summary['input_records']} · accounting identity {'holds' if acc['holds'] else 'BROKEN'} "
-            f"(sum of outcomes {acc['sum_of_outcomes']}) · ingestion success = {summary['ingestion']['definition']}")
+    meta = (
+        f"run end (latest event time): {_time_ms(summary.get('run_end_ms'))} · input records "
+        f"{summary['input_records']} · accounting identity {'holds' if acc['holds'] else 'BROKEN'} "
+        f"(sum of outcomes {acc['sum_of_outcomes']}) · ingestion success = {summary['ingestion']['definition']}"
+    )
 
-    parts = [f"<h1>{_e(title)}</h1>", f'<div class="meta">{_e(meta)}</div>', banner,
-             "<h2>SLOs</h2>", _slo_table(slo_results, mode), _kpis(summary),
-             "<h2>Accounting</h2>",
-             _card("Accounting waterfall: input → each outcome", _waterfall(stats),
-                   "Every input record ends in exactly one outcome; the last step must reach 0."),
-             _card("Events over event time (hourly, stacked by outcome)", _events_over_time(stats)),
-             '<div class="grid">',
-             _card("Dead letters by reason", _dead_letters(stats)),
-             _card("Lateness: arrival − event time", _latency(stats, summary),
-                   "Bars are histogram buckets; dashed lines are p50/p95/p99 interpolated within a bucket."),
-             "</div>",
-             "<h2>Privacy</h2>",
-             _card("PII found at the source, by field and kind", _privacy(stats),
-                   "Every string value and key is scanned (e-mail, phone, IP); compliance = redacted / found, "
-                   "must be 100%."),
-             "<h2>Bots</h2>", '<div class="grid">',
-             _card("Bot ratio over time", _bot_ratio(summary, bot_ratio_band),
-                   "Green band: allowed range (bot_ratio_band)."),
-             _card("Bot ratio by rule", _bots_by_rule(summary)),
-             "</div>",
-             "<h2>Labels</h2>", '<div class="grid">',
-             _card("Label coverage", _label_coverage(summary, coverage_min)),
-             _card("Positive rate over time", _positive_rate(stats)),
-             _card("CTR by position", _ctr_by_position(summary, drift)),
-             _card("Freshness per cohort", _freshness_table(summary)),
-             "</div>",
-             "<h2>Diversity</h2>", '<div class="grid">',
-             _card("Catalog coverage over windows", _catalog_coverage(stats)),
-             _card("Entropy over windows", _entropy(stats, entropy_windows),
-                   "Shaded: the windows the entropy-drop SLO looks at."),
-             "</div>",
-             "<h2>Drift vs baseline</h2>",
-             _card("PSI per feature (dashed: threshold; red: drifted, grey: not comparable)", _drift_psi(drift))]
+    parts = [
+        f"<h1>{_e(title)}</h1>",
+        f'<div class="meta">{_e(meta)}</div>',
+        banner,
+        "<h2>SLOs</h2>",
+        _slo_table(slo_results, mode),
+        _kpis(summary),
+        "<h2>Accounting</h2>",
+        _card(
+            "Accounting waterfall: input → each outcome",
+            _waterfall(stats),
+            "Every input record ends in exactly one outcome; the last step must reach 0.",
+        ),
+        _card("Events over event time (hourly, stacked by outcome)", _events_over_time(stats)),
+        '<div class="grid">',
+        _card("Dead letters by reason", _dead_letters(stats)),
+        _card(
+            "Lateness: arrival − event time",
+            _latency(stats, summary),
+            "Bars are histogram buckets; dashed lines are p50/p95/p99 interpolated within a bucket.",
+        ),
+        "</div>",
+        "<h2>Privacy</h2>",
+        _card(
+            "PII found at the source, by field and kind",
+            _privacy(stats),
+            "Every string value and key is scanned (e-mail, phone, IP); compliance = redacted / found, must be 100%.",
+        ),
+        "<h2>Bots</h2>",
+        '<div class="grid">',
+        _card(
+            "Bot ratio over time", _bot_ratio(summary, bot_ratio_band), "Green band: allowed range (bot_ratio_band)."
+        ),
+        _card("Bot ratio by rule", _bots_by_rule(summary)),
+        "</div>",
+        "<h2>Labels</h2>",
+        '<div class="grid">',
+        _card("Label coverage", _label_coverage(summary, coverage_min)),
+        _card("Positive rate over time", _positive_rate(stats)),
+        _card("CTR by position", _ctr_by_position(summary, drift)),
+        _card("Freshness per cohort", _freshness_table(summary)),
+        "</div>",
+        "<h2>Diversity</h2>",
+        '<div class="grid">',
+        _card("Catalog coverage over windows", _catalog_coverage(stats)),
+        _card(
+            "Entropy over windows",
+            _entropy(stats, entropy_windows),
+            "Shaded: the windows the entropy-drop SLO looks at.",
+        ),
+        "</div>",
+        "<h2>Drift vs baseline</h2>",
+        _card("PSI per feature (dashed: threshold; red: drifted, grey: not comparable)", _drift_psi(drift)),
+    ]
     if drift:
         parts.append(_card("Drift detail", _drift_table(drift)))
         comparable = [(n, f) for n, f in drift["features"].items() if f["comparable"]]
@@ -674,9 +905,11 @@ def render_report(stats: dict, summary: dict, slo_results: Sequence[dict], drift
             parts.extend(_dist_overlay(n, f) for n, f in comparable[:_MAX_DIST_CHARTS])
             parts.append("</div>")
     body = "\n".join(parts)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
-            f"<body><main>\n{body}\n</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+        f"<body><main>\n{body}\n</main></body></html>\n"
+    )
 
 
 def write_report_html(path: str, html: str) -> None:
@@ -686,6 +919,7 @@ def write_report_html(path: str, html: str) -> None:
 
 
 # --- evaluation report (pipelines.evaluate) --------------------------------------------------
+
 
 def _f(v, digits=4) -> str:
     return "n/a" if v is None else f"{v:.{digits}g}"
@@ -699,33 +933,60 @@ def _ci(row: dict) -> str:
 
 def _ope_section(ope: dict) -> str:
     est = ope.get("estimates") or {}
-    rows = "".join(f'<tr><td>{_e(m.upper())}</td><td class="num">{_e(_f(v["value"], 6))}</td>'
-                   f'<td class="num">{_e(_ci(v))}</td></tr>' for m, v in est.items())
-    table = ('<table><thead><tr><th>estimator</th><th>estimate</th><th>bootstrap CI</th></tr></thead>'
-             f'<tbody>{rows or "<tr><td colspan=3>no exposure with a propensity</td></tr>"}</tbody></table>')
+    rows = "".join(
+        f'<tr><td>{_e(m.upper())}</td><td class="num">{_e(_f(v["value"], 6))}</td>'
+        f'<td class="num">{_e(_ci(v))}</td></tr>'
+        for m, v in est.items()
+    )
+    table = (
+        "<table><thead><tr><th>estimator</th><th>estimate</th><th>bootstrap CI</th></tr></thead>"
+        f"<tbody>{rows or '<tr><td colspan=3>no exposure with a propensity</td></tr>'}</tbody></table>"
+    )
     d = ope.get("diagnostics") or {}
-    kpis = [("exposures / requests", f"{ope.get('exposures', 0)} / {ope.get('requests', 0)}"),
-            ("on-policy mean reward", _f(ope.get("on_policy_mean"))),
-            ("effective sample size", f"{_f(d.get('ess'), 6)} ({_pct(d.get('ess_share'), 2)})"),
-            ("max / mean weight", f"{_f(d.get('max_weight'))} / {_f(d.get('mean_weight'))}"),
-            ("clipped exposures", str(d.get("clipped_exposures", "n/a"))),
-            ("excluded (no propensity)", str(sum((ope.get("excluded") or {}).values())))]
-    kpi = '<div class="kpis">' + "".join(
-        f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in kpis) + "</div>"
-    chart = _hbars("ope_estimates", "Policy value estimates", [m.upper() for m in est],
-                   [v["value"] for v in est.values()], fmt=lambda v: f"{v:.4g}",
-                   threshold=ope.get("on_policy_mean"), threshold_label="logged (on-policy) mean")
+    kpis = [
+        ("exposures / requests", f"{ope.get('exposures', 0)} / {ope.get('requests', 0)}"),
+        ("on-policy mean reward", _f(ope.get("on_policy_mean"))),
+        ("effective sample size", f"{_f(d.get('ess'), 6)} ({_pct(d.get('ess_share'), 2)})"),
+        ("max / mean weight", f"{_f(d.get('max_weight'))} / {_f(d.get('mean_weight'))}"),
+        ("clipped exposures", str(d.get("clipped_exposures", "n/a"))),
+        ("excluded (no propensity)", str(sum((ope.get("excluded") or {}).values()))),
+    ]
+    kpi = (
+        '<div class="kpis">'
+        + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in kpis)
+        + "</div>"
+    )
+    chart = _hbars(
+        "ope_estimates",
+        "Policy value estimates",
+        [m.upper() for m in est],
+        [v["value"] for v in est.values()],
+        fmt=lambda v: f"{v:.4g}",
+        threshold=ope.get("on_policy_mean"),
+        threshold_label="logged (on-policy) mean",
+    )
     boot = ope.get("bootstrap") or {}
-    note = (f"Target policy {ope.get('target_policy')}, reward {ope.get('reward')}, clip {ope.get('clip')}; "
-            f"{boot.get('samples', 0)} bootstrap replicates over requests, seed {boot.get('seed')}.")
-    return kpi + '<div class="grid">' + _card("Estimates", table, note) + _card("Estimates vs logged mean", chart) + "</div>"
+    note = (
+        f"Target policy {ope.get('target_policy')}, reward {ope.get('reward')}, clip {ope.get('clip')}; "
+        f"{boot.get('samples', 0)} bootstrap replicates over requests, seed {boot.get('seed')}."
+    )
+    return (
+        kpi
+        + '<div class="grid">'
+        + _card("Estimates", table, note)
+        + _card("Estimates vs logged mean", chart)
+        + "</div>"
+    )
 
 
 def _position_bias_section(pb: dict) -> str:
     curve = pb.get("curve")
     if not curve:
-        return _card("Examination propensity by position", _lines("position_bias", "propensity", [], []),
-                     pb.get("error") or "no slates")
+        return _card(
+            "Examination propensity by position",
+            _lines("position_bias", "propensity", [], []),
+            pb.get("error") or "no slates",
+        )
     labels = [str(i + 1) for i, n in enumerate(curve["exposures"]) if n]
     idx = [i for i, n in enumerate(curve["exposures"]) if n]
     series = [("examination propensity", [curve["propensity"][i] for i in idx], BLUE)]
@@ -734,14 +995,25 @@ def _position_bias_section(pb: dict) -> str:
     chart = _lines("position_bias", "Examination propensity by position", labels, series, y_fmt=lambda v: f"{v:.2f}")
     w = (pb.get("weights") or {}).get("positions") or {}
     w = dict(sorted(w.items(), key=lambda kv: int(kv[0])))
-    rows = "".join(f'<tr><td>{_e(k)}</td><td class="num">{_f(v["propensity"])}</td><td class="num">{_f(v["weight"])}</td>'
-                   f'<td class="num">{_num(v["exposures"])}</td></tr>' for k, v in w.items())
-    table = ('<table><thead><tr><th>position</th><th>propensity</th><th>weight</th><th>exposures</th></tr></thead>'
-             f"<tbody>{rows}</tbody></table>")
-    note = (f"method {pb['method']} ({_num(pb.get('randomised_exposures'))} randomised exposures); relative to "
-            "position 1. The weights are written to position_weights.json for labels.position_weights.")
-    return '<div class="grid">' + _card("Examination propensity by position", chart, note) + \
-        _card("Inverse-propensity weights", table) + "</div>"
+    rows = "".join(
+        f'<tr><td>{_e(k)}</td><td class="num">{_f(v["propensity"])}</td><td class="num">{_f(v["weight"])}</td>'
+        f'<td class="num">{_num(v["exposures"])}</td></tr>'
+        for k, v in w.items()
+    )
+    table = (
+        "<table><thead><tr><th>position</th><th>propensity</th><th>weight</th><th>exposures</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+    note = (
+        f"method {pb['method']} ({_num(pb.get('randomised_exposures'))} randomised exposures); relative to "
+        "position 1. The weights are written to position_weights.json for labels.position_weights."
+    )
+    return (
+        '<div class="grid">'
+        + _card("Examination propensity by position", chart, note)
+        + _card("Inverse-propensity weights", table)
+        + "</div>"
+    )
 
 
 def _experiments_section(exps: dict) -> str:
@@ -755,62 +1027,113 @@ def _experiments_section(exps: dict) -> str:
             cells = []
             for m in ("ctr", "conversion", "value"):
                 d = vs.get(m)
-                diff = "" if d is None else (f" ({'+' if (d['diff'] or 0) >= 0 else ''}{_f(d['diff'])} "
-                                             f"[{_f(d['ci_low'])}, {_f(d['ci_high'])}])" if d["diff"] is not None else " (n/a)")
+                diff = (
+                    ""
+                    if d is None
+                    else (
+                        f" ({'+' if (d['diff'] or 0) >= 0 else ''}{_f(d['diff'])} "
+                        f"[{_f(d['ci_low'])}, {_f(d['ci_high'])}])"
+                        if d["diff"] is not None
+                        else " (n/a)"
+                    )
+                )
                 cls = ' style="font-weight:700"' if d and d.get("significant") else ""
                 cells.append(f'<td class="num"{cls}>{_e(_f(r[m]["value"]))}{_e(diff)}</td>')
             ctl = " (control)" if v == exp["control"] else ""
-            rows.append(f'<tr><td>{_e(v + ctl)}</td><td class="num">{r["units"]}</td>'
-                        f'<td class="num">{_num(r["exposures"])}</td>{"".join(cells)}</tr>')
+            rows.append(
+                f'<tr><td>{_e(v + ctl)}</td><td class="num">{r["units"]}</td>'
+                f'<td class="num">{_num(r["exposures"])}</td>{"".join(cells)}</tr>'
+            )
         srm = exp.get("srm")
         if srm and srm.get("p_value") is not None:
             status = "OK" if srm["ok"] is not False else "SAMPLE RATIO MISMATCH"
-            srm_note = (f"SRM: chi-square {srm['chi2']:.3f}, df {srm['df']}, p = {srm['p_value']:.3g} "
-                        f"(alpha {srm['alpha']}) - {status}")
+            srm_note = (
+                f"SRM: chi-square {srm['chi2']:.3f}, df {srm['df']}, p = {srm['p_value']:.3g} "
+                f"(alpha {srm['alpha']}) - {status}"
+            )
         else:
             srm_note = "SRM: not checked (no split configured for this experiment)"
-        table = (f'<table><thead><tr><th>variant</th><th>{_e(exp["unit"])}s</th><th>exposures</th><th>CTR</th>'
-                 '<th>conversion</th><th>value / exposure</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
-        parts.append(_card(f"Experiment {exp_id}", table,
-                           f"Differences vs {exp['control']} with {100 * exp['confidence']:g}% delta-method CIs "
-                           f"(clustered by {exp['unit']}); bold: the CI excludes 0. {srm_note}"))
+        table = (
+            f"<table><thead><tr><th>variant</th><th>{_e(exp['unit'])}s</th><th>exposures</th><th>CTR</th>"
+            "<th>conversion</th><th>value / exposure</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        )
+        parts.append(
+            _card(
+                f"Experiment {exp_id}",
+                table,
+                f"Differences vs {exp['control']} with {100 * exp['confidence']:g}% delta-method CIs "
+                f"(clustered by {exp['unit']}); bold: the CI excludes 0. {srm_note}",
+            )
+        )
     return '<div class="grid">' + "".join(parts) + "</div>"
 
 
 def _cold_start_section(cs: dict) -> str:
     buckets = cs.get("buckets") or []
     labels = [_time_ms(b["bucket_start_ms"])[:16] for b in buckets]
-    share = _lines("cold_start", "New-item share", labels,
-                   [("exposures", [None if b["censored"] else b["new_exposure_share"] for b in buckets], BLUE),
-                    ("clicks", [None if b["censored"] else b["new_click_share"] for b in buckets], TEAL)],
-                   y_fmt=lambda v: _pct(v, 1))
-    conc = _lines("concentration", "Item-exposure concentration", labels,
-                  [("Gini", [b["gini"] for b in buckets], RED), ("top-1% share", [b["top1pct_share"] for b in buckets], AMBER)],
-                  y_fmt=lambda v: f"{v:.2f}", ymax=1.0)
-    note = (f"New: first seen within {cs.get('new_item_age_s', 0) / 86400:g} d of the exposure; buckets of "
-            f"{cs.get('bucket_s', 0) / 3600:g} h. Buckets closer than that to the data start are censored (not drawn). "
-            f"Whole run: {_pct(cs.get('new_exposure_share'))} of exposures, {_pct(cs.get('new_click_share'))} of clicks.")
-    return '<div class="grid">' + _card("Cold start: share going to new items", share, note) + \
-        _card("Feedback loop: exposure concentration", conc) + "</div>"
+    share = _lines(
+        "cold_start",
+        "New-item share",
+        labels,
+        [
+            ("exposures", [None if b["censored"] else b["new_exposure_share"] for b in buckets], BLUE),
+            ("clicks", [None if b["censored"] else b["new_click_share"] for b in buckets], TEAL),
+        ],
+        y_fmt=lambda v: _pct(v, 1),
+    )
+    conc = _lines(
+        "concentration",
+        "Item-exposure concentration",
+        labels,
+        [("Gini", [b["gini"] for b in buckets], RED), ("top-1% share", [b["top1pct_share"] for b in buckets], AMBER)],
+        y_fmt=lambda v: f"{v:.2f}",
+        ymax=1.0,
+    )
+    note = (
+        f"New: first seen within {cs.get('new_item_age_s', 0) / 86400:g} d of the exposure; buckets of "
+        f"{cs.get('bucket_s', 0) / 3600:g} h. Buckets closer than that to the data start are censored (not drawn). "
+        f"Whole run: {_pct(cs.get('new_exposure_share'))} of exposures, {_pct(cs.get('new_click_share'))} of clicks."
+    )
+    return (
+        '<div class="grid">'
+        + _card("Cold start: share going to new items", share, note)
+        + _card("Feedback loop: exposure concentration", conc)
+        + "</div>"
+    )
 
 
-def render_evaluation_report(evaluation: dict, slo_results: Sequence[dict], title: str = "Evaluation report",
-                             mode: str = "fail") -> str:
+def render_evaluation_report(
+    evaluation: dict, slo_results: Sequence[dict], title: str = "Evaluation report", mode: str = "fail"
+) -> str:
     """The evaluation job's report: gates, off-policy estimates, position bias, experiments, cold start."""
     n_breach = sum(1 for r in slo_results if r["ok"] is False)
     if not n_breach:
         banner = '<div class="banner pass">All evaluated gates met.</div>'
     else:
         cls = "warn" if mode == "warn" else "fail"
-        banner = (f'<div class="banner {cls}">{n_breach} gate breach{"es" if n_breach > 1 else ""}'
-                  + (" (warn mode: the job does not fail)" if mode == "warn" else "") + "</div>")
-    parts = [f"<h1>{_e(title)}</h1>", f'<div class="meta">{_e(evaluation.get("labels", ""))}</div>', banner,
-             "<h2>Gates</h2>", _slo_table(slo_results, mode),
-             "<h2>Off-policy evaluation</h2>", _ope_section(evaluation.get("ope") or {}),
-             "<h2>Position bias</h2>", _position_bias_section(evaluation.get("position_bias") or {}),
-             "<h2>Experiments</h2>", _experiments_section((evaluation.get("experiments") or {}).get("experiments") or {}),
-             "<h2>Cold start and feedback loop</h2>", _cold_start_section(evaluation.get("cold_start") or {})]
+        banner = (
+            f'<div class="banner {cls}">{n_breach} gate breach{"es" if n_breach > 1 else ""}'
+            + (" (warn mode: the job does not fail)" if mode == "warn" else "")
+            + "</div>"
+        )
+    parts = [
+        f"<h1>{_e(title)}</h1>",
+        f'<div class="meta">{_e(evaluation.get("labels", ""))}</div>',
+        banner,
+        "<h2>Gates</h2>",
+        _slo_table(slo_results, mode),
+        "<h2>Off-policy evaluation</h2>",
+        _ope_section(evaluation.get("ope") or {}),
+        "<h2>Position bias</h2>",
+        _position_bias_section(evaluation.get("position_bias") or {}),
+        "<h2>Experiments</h2>",
+        _experiments_section((evaluation.get("experiments") or {}).get("experiments") or {}),
+        "<h2>Cold start and feedback loop</h2>",
+        _cold_start_section(evaluation.get("cold_start") or {}),
+    ]
     body = "\n".join(parts)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
-            f"<body><main>\n{body}\n</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+        f"<body><main>\n{body}\n</main></body></html>\n"
+    )

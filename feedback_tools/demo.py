@@ -12,6 +12,7 @@ The result does not depend on the wall clock: the traffic starts at `--start` (a
 and the demo config widens `validation.max_clock_skew` so that no generated event counts as "in the
 future" whatever today's date is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,21 @@ def write_metadata(workdir: Path, n_items: int, seed: int) -> None:
         for j in range(n_items):
             if rng.random() < 0.01:
                 continue
-            w.writerow([f"i{j:0{width}d}", rng.choice(CATEGORIES), f"{rng.uniform(2, 200):.2f}", f"brand-{rng.randrange(80)}"])
+            w.writerow(
+                [f"i{j:0{width}d}", rng.choice(CATEGORIES), f"{rng.uniform(2, 200):.2f}", f"brand-{rng.randrange(80)}"]
+            )
     with open(workdir / "experiments.jsonl", "w") as f:
-        f.write(json.dumps({"experiment_id": generate.EXPERIMENT_ID, "owner": "ranking-team",
-                            "start": "2026-10-15", "hypothesis": "ranker-v4 lifts purchases"}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "experiment_id": generate.EXPERIMENT_ID,
+                    "owner": "ranking-team",
+                    "start": "2026-10-15",
+                    "hypothesis": "ranker-v4 lifts purchases",
+                }
+            )
+            + "\n"
+        )
 
 
 def clock_skew_for(last_event_iso: str, now: dt.datetime) -> float:
@@ -65,15 +77,20 @@ def write_demo_config(workdir: Path, max_clock_skew_s: float = 86400.0) -> str:
     cfg["enrichment"]["experiments"]["path"] = str(workdir.resolve() / "experiments.jsonl")
     cfg.setdefault("validation", {})["max_clock_skew"] = f"{int(max_clock_skew_s) + 1}s"
     path = workdir / "demo.yaml"
-    path.write_text("# Written by python -m feedback_tools.demo from config/local.yaml\n" + yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(
+        "# Written by python -m feedback_tools.demo from config/local.yaml\n" + yaml.safe_dump(cfg, sort_keys=False)
+    )
     return str(path)
 
 
 def clear_pre_manifest_output(out: Path) -> None:
     """The demo owns `<workdir>/out`. A demo run from before output folders had manifests has none, so
     --overwrite would (rightly) refuse it; the demo removes its own old output once instead."""
-    if not out.is_dir() or any((out / m).exists() for m in runfolder.MARKERS) \
-            or any(p.name.startswith(runfolder.STAGING_PREFIX) for p in out.iterdir()):
+    if (
+        not out.is_dir()
+        or any((out / m).exists() for m in runfolder.MARKERS)
+        or any(p.name.startswith(runfolder.STAGING_PREFIX) for p in out.iterdir())
+    ):
         return
     try:
         old = json.loads((out / "report.json").read_text())
@@ -87,6 +104,7 @@ def clear_pre_manifest_output(out: Path) -> None:
 def flagged_rules(out_dir: Path) -> dict:
     """event_id -> bot_rule, from the job's bots output."""
     import fastavro
+
     out = {}
     for f in sorted(glob.glob(str(out_dir / "bots" / "*.avro"))):
         with open(f, "rb") as fh:
@@ -125,16 +143,29 @@ def main(argv=None) -> int:
     print(f"generated {truth['input_records']} events from {args.start} (seed {args.seed}) -> {events}")
     clear_pre_manifest_output(workdir / "out")
     skew = clock_skew_for(truth["event_time_range"][1], dt.datetime.now(dt.timezone.utc))
-    rc = batch.main(["--config", write_demo_config(workdir, skew), "--input", str(events),
-                     "--output", str(workdir / "out"), "--overwrite", *beam_args])
+    rc = batch.main(
+        [
+            "--config",
+            write_demo_config(workdir, skew),
+            "--input",
+            str(events),
+            "--output",
+            str(workdir / "out"),
+            "--overwrite",
+            *beam_args,
+        ]
+    )
     if rc:
         return rc
     report = json.loads((workdir / "out" / "report.json").read_text())
     print("bots per rule against the generator's intent (precision = flagged by the rule and meant as it):")
     for rule, (tp, n_flagged, n_meant, precision, recall) in precision_recall_by_rule(
-            flagged_rules(workdir / "out"), truth["bot_event_ids_by_rule"]).items():
-        print(f"  {rule:<26} precision {_pct(precision)}  recall {_pct(recall)}  "
-              f"({tp} of {n_flagged} flagged, {n_meant} intended)")
+        flagged_rules(workdir / "out"), truth["bot_event_ids_by_rule"]
+    ).items():
+        print(
+            f"  {rule:<26} precision {_pct(precision)}  recall {_pct(recall)}  "
+            f"({tp} of {n_flagged} flagged, {n_meant} intended)"
+        )
     same = report["counts"] == truth["counts"]
     print(f"counts equal the generator's ground truth: {same}")
     if not same:

@@ -111,6 +111,7 @@ window; ``other`` -- always 0) and ``ambiguous_label_ids`` (exposures whose labe
 differ between the two).  So rule orphans == intended orphans + beyond_window - attributed_to_other.
 Without an arrival field nothing is late.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -134,42 +135,73 @@ from transforms import contract as C
 (IMPRESSION, CLICK, VIEW, DWELL, SCROLL, SKIP, ADD_TO_CART, PURCHASE) = C.DEFAULT_EVENT_TYPES
 
 # Field names used below; checked against the contract at import.
-_FIELDS_USED = ("event_id", "event_type", "event_time", "user_id", "session_id", "request_id",
-                "item_id", "position", "propensity", "policy", "dwell_ms", "value", "experiment_id",
-                "variant", "context", "user_agent", "ip", "consent", "schema_version")
+_FIELDS_USED = (
+    "event_id",
+    "event_type",
+    "event_time",
+    "user_id",
+    "session_id",
+    "request_id",
+    "item_id",
+    "position",
+    "propensity",
+    "policy",
+    "dwell_ms",
+    "value",
+    "experiment_id",
+    "variant",
+    "context",
+    "user_agent",
+    "ip",
+    "consent",
+    "schema_version",
+)
 assert set(_FIELDS_USED) <= set(C.REQUIRED_FIELDS) | set(C.OPTIONAL_FIELDS), "contract changed"
 assert len(C.DEFAULT_EVENT_TYPES) == 8
 
 FORMATS = ("jsonl", "jsonl.gz", "avro")
 DEFAULT_START = "2026-11-01T00:00:00Z"
 # Reasons a JSON line can carry; an Avro record can only carry these three.
-JSON_REASONS = (C.MALFORMED_JSON, C.BAD_ENCODING, C.NOT_AN_OBJECT, C.MISSING_FIELD, C.WRONG_TYPE,
-                C.BAD_TIMESTAMP, C.UNKNOWN_EVENT_TYPE, C.OUT_OF_RANGE, C.OVERSIZE_PAYLOAD,
-                C.SCHEMA_VIOLATION)
+JSON_REASONS = (
+    C.MALFORMED_JSON,
+    C.BAD_ENCODING,
+    C.NOT_AN_OBJECT,
+    C.MISSING_FIELD,
+    C.WRONG_TYPE,
+    C.BAD_TIMESTAMP,
+    C.UNKNOWN_EVENT_TYPE,
+    C.OUT_OF_RANGE,
+    C.OVERSIZE_PAYLOAD,
+    C.SCHEMA_VIOLATION,
+)
 AVRO_REASONS = (C.BAD_TIMESTAMP, C.UNKNOWN_EVENT_TYPE, C.OUT_OF_RANGE)
 OVERSIZE_BYTES = 32768  # a line longer than this is oversize (the pipeline's default limit)
 
 DEFAULT_KNOBS = {
-    "bot_fraction": 0.05,            # share of records from bot users (first copies)
-    "bot_rule_split": {C.BOT_RULE_SUSTAINED_RATE: 0.35, C.BOT_RULE_CRAWLER_UA: 0.30,
-                       C.BOT_RULE_SUPERHUMAN_CLICKS: 0.20, C.BOT_RULE_MACHINE_CADENCE: 0.15},
-    "malformed_fraction": 0.015,     # share of records that are dead letters
-    "duplicate_fraction": 0.02,      # share of well-formed consenting events re-delivered
+    "bot_fraction": 0.05,  # share of records from bot users (first copies)
+    "bot_rule_split": {
+        C.BOT_RULE_SUSTAINED_RATE: 0.35,
+        C.BOT_RULE_CRAWLER_UA: 0.30,
+        C.BOT_RULE_SUPERHUMAN_CLICKS: 0.20,
+        C.BOT_RULE_MACHINE_CADENCE: 0.15,
+    },
+    "malformed_fraction": 0.015,  # share of records that are dead letters
+    "duplicate_fraction": 0.02,  # share of well-formed consenting events re-delivered
     "consent_optout_fraction": 0.01,  # share of human users with consent false
-    "late_fraction": 0.02,           # 2-90 min late
-    "very_late_fraction": 0.003,     # 3-12 h late
+    "late_fraction": 0.02,  # 2-90 min late
+    "very_late_fraction": 0.003,  # 3-12 h late
     "numeric_user_fraction": 0.10,
-    "v1_fraction": 0.20,             # users on the old producer (JSON formats only)
+    "v1_fraction": 0.20,  # users on the old producer (JSON formats only)
     "session_id_fraction": 0.70,
     "experiment_fraction": 0.50,
-    "iso_time_fraction": 0.60,       # the rest: epoch milliseconds
-    "context_fraction": 0.30,        # of v2 requests
-    "pii_fraction": 0.06,            # of contexts
+    "iso_time_fraction": 0.60,  # the rest: epoch milliseconds
+    "context_fraction": 0.30,  # of v2 requests
+    "pii_fraction": 0.06,  # of contexts
     "request_id_omit_fraction": 0.15,  # of outcome events
     "lost_impression_fraction": 0.005,  # of human items with outcomes: impression lost upstream (orphans)
     "stalled_outcome_fraction": 0.01,  # of human outcomes: upload stalls to ~ impression + max(window, lateness)
     "n_items": 5000,
-    "duration_hours": 48.0,          # span over which new users arrive (bots start in its first 60%)
+    "duration_hours": 48.0,  # span over which new users arrive (bots start in its first 60%)
 }
 
 EXPERIMENT_ID = "exp-ranker-2026q4"
@@ -201,22 +233,52 @@ AMBIGUOUS_KINDS = ("outcome_beyond_window", "attributed_to_other_exposure", "oth
 
 # Measured mean records per human user at the defaults (calibrates the arrival rate).
 _EVENTS_PER_HUMAN = 65.0
-_MEAN_EXTRA_COPIES = 1.5          # 1, 2 or 3 extra copies with probability 0.6, 0.3, 0.1
+_MEAN_EXTRA_COPIES = 1.5  # 1, 2 or 3 extra copies with probability 0.6, 0.3, 0.1
 
-_TZS = (("Z", 0),) * 7 + (("+01:00", 60), ("+02:00", 120), ("-05:00", -300), ("-08:00", -480),
-                          ("+05:30", 330), ("+09:00", 540), ("+00:00", 0))
+_TZS = (("Z", 0),) * 7 + (
+    ("+01:00", 60),
+    ("+02:00", 120),
+    ("-05:00", -300),
+    ("-08:00", -480),
+    ("+05:30", 330),
+    ("+09:00", 540),
+    ("+00:00", 0),
+)
 _PAGES = ("home", "home", "search", "category", "pdp", "cart")
-_QUERIES = ("running shoes", "wireless earbuds", "gift ideas", "crème brûlée torch", "Müsli",
-            "kids lego", "winter jacket", "coffee grinder", "yoga mat", "phone case", "tênis",
-            "desk lamp", "board games", "niño toys", "water bottle", "headphones", "espresso")
+_QUERIES = (
+    "running shoes",
+    "wireless earbuds",
+    "gift ideas",
+    "crème brûlée torch",
+    "Müsli",
+    "kids lego",
+    "winter jacket",
+    "coffee grinder",
+    "yoga mat",
+    "phone case",
+    "tênis",
+    "desk lamp",
+    "board games",
+    "niño toys",
+    "water bottle",
+    "headphones",
+    "espresso",
+)
 _REFERRERS = ("google", "newsletter", "direct", "instagram", "partner")
 _NAMES = ("jane.doe", "john.smith", "a.martin", "maria.garcia", "li.wei", "sam.taylor")
 _DOMAINS = ("example.com", "example.org", "example.net")
-_PHONES = ("+1 415 555 0134", "+1 (212) 555-0187", "+44 20 7946 0958", "+49 30 901820",
-           "415-555-0199", "+33 1 99 00 12 34")
+_PHONES = (
+    "+1 415 555 0134",
+    "+1 (212) 555-0187",
+    "+44 20 7946 0958",
+    "+49 30 901820",
+    "415-555-0199",
+    "+33 1 99 00 12 34",
+)
 
 
 # --- small helpers -------------------------------------------------------------------------------
+
 
 def _parse_start(start) -> int:
     if isinstance(start, (int, float)):
@@ -257,31 +319,67 @@ def _infer_format(path: str) -> str:
 
 def _load_avro_schema():
     import fastavro
+
     path = Path(__file__).resolve().parent.parent / "config" / "schemas" / "event.v2.avsc"
     if path.exists():
         return fastavro.parse_schema(json.loads(path.read_text()))
     opt = lambda name, t: {"name": name, "type": ["null", t], "default": None}  # noqa: E731
-    return fastavro.parse_schema({
-        "type": "record", "name": "Event", "namespace": "feedback.events", "fields": [
-            {"name": "event_id", "type": "string"}, {"name": "event_type", "type": "string"},
-            {"name": "event_time", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-            {"name": "user_id", "type": "string"},
-            opt("item_id", "string"), opt("request_id", "string"), opt("session_id", "string"),
-            opt("position", "int"), opt("propensity", "double"), opt("policy", "string"),
-            opt("dwell_ms", "long"), opt("value", "double"), opt("user_agent", "string"),
-            opt("ip", "string"), opt("consent", "boolean"), opt("schema_version", "int"),
-            opt("experiment_id", "string"), opt("variant", "string"),
-            opt("context", {"type": "map", "values": "string"})]})
+    return fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "Event",
+            "namespace": "feedback.events",
+            "fields": [
+                {"name": "event_id", "type": "string"},
+                {"name": "event_type", "type": "string"},
+                {"name": "event_time", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+                {"name": "user_id", "type": "string"},
+                opt("item_id", "string"),
+                opt("request_id", "string"),
+                opt("session_id", "string"),
+                opt("position", "int"),
+                opt("propensity", "double"),
+                opt("policy", "string"),
+                opt("dwell_ms", "long"),
+                opt("value", "double"),
+                opt("user_agent", "string"),
+                opt("ip", "string"),
+                opt("consent", "boolean"),
+                opt("schema_version", "int"),
+                opt("experiment_id", "string"),
+                opt("variant", "string"),
+                opt("context", {"type": "map", "values": "string"}),
+            ],
+        }
+    )
 
 
 class _Actor:
     """One user (human or bot) and everything constant about its client."""
-    __slots__ = ("uid", "uid_str", "rule", "ua", "ip", "consent", "consent_p", "v1", "variant",
-                 "policy", "tz", "sid_keep", "rid_always", "genre", "malformable",
-                 "imps", "lab")   # humans: (request, item) -> impression's fate; item -> label-stage events
+
+    __slots__ = (
+        "uid",
+        "uid_str",
+        "rule",
+        "ua",
+        "ip",
+        "consent",
+        "consent_p",
+        "v1",
+        "variant",
+        "policy",
+        "tz",
+        "sid_keep",
+        "rid_always",
+        "genre",
+        "malformable",
+        "imps",
+        "lab",
+    )  # humans: (request, item) -> impression's fate; item -> label-stage events
 
 
 # --- the simulation ------------------------------------------------------------------------------
+
 
 class _Sim:
     def __init__(self, n, seed, start_ms, fmt, knobs, arrival_field=None, lateness_s=DEFAULT_LATENESS_S):
@@ -290,12 +388,16 @@ class _Sim:
         self.arrival_field = None if fmt == "avro" else arrival_field
         self.env_prefix = b"{" + orjson.dumps(arrival_field) + b":" if self.arrival_field else None
         self.lateness_s = lateness_s
-        self.lateness_ms = int(lateness_s * 1000)     # as transforms.parse.ValidationRules does
+        self.lateness_ms = int(lateness_s * 1000)  # as transforms.parse.ValidationRules does
         self.k = k = knobs
         self.avro = fmt == "avro"
         rng = self.rng = random.Random(seed)
         self.rnd, self.bits, self.gauss = rng.random, rng.getrandbits, rng.gauss
-        self.p_omit_rid, self.p_iso, self.p_dup = k["request_id_omit_fraction"], k["iso_time_fraction"], k["duplicate_fraction"]
+        self.p_omit_rid, self.p_iso, self.p_dup = (
+            k["request_id_omit_fraction"],
+            k["iso_time_fraction"],
+            k["duplicate_fraction"],
+        )
         self.p_very_late = k["very_late_fraction"]
         self.p_any_late = k["very_late_fraction"] + k["late_fraction"]
         self.reasons = AVRO_REASONS if self.avro else JSON_REASONS
@@ -314,7 +416,7 @@ class _Sim:
         # output bookkeeping
         self.lines = 0
         self.seq = 0
-        self.arrivals = []                  # reorder buffer: (arrival_ms, seq, payload)
+        self.arrivals = []  # reorder buffer: (arrival_ms, seq, payload)
         self.counts = dict.fromkeys(C.OUTCOMES, 0)
         self.dl_reason = dict.fromkeys(C.REASON_CODES, 0)
         self.bot_rule_counts = dict.fromkeys(C.BOT_RULES, 0)
@@ -325,14 +427,20 @@ class _Sim:
         self.p_lost_imp, self.p_stall = k["lost_impression_fraction"], k["stalled_outcome_fraction"]
         self.label_span_ms = max(LABEL_WINDOW_MS, self.lateness_ms)
         self.lab_rule, self.lab_intent = self._label_acc(), self._label_acc()
-        self.lab_intent.update(orphans_by_cause=dict.fromkeys((CAUSE_LOST, CAUSE_DEAD_LETTER, CAUSE_TOO_LATE), 0),
-                               ambiguous=dict.fromkeys(AMBIGUOUS_KINDS, 0), ambiguous_label_ids=[])
+        self.lab_intent.update(
+            orphans_by_cause=dict.fromkeys((CAUSE_LOST, CAUSE_DEAD_LETTER, CAUSE_TOO_LATE), 0),
+            ambiguous=dict.fromkeys(AMBIGUOUS_KINDS, 0),
+            ambiguous_label_ids=[],
+        )
         self.valid_by_type = dict.fromkeys(C.DEFAULT_EVENT_TYPES, 0)
         self.tmin, self.tmax = None, None
         self.reason_cycle, self.pending_reason = [], None
         lines_per_event = 1.0 + k["duplicate_fraction"] * _MEAN_EXTRA_COPIES
-        self.p_malformed = k["malformed_fraction"] * lines_per_event / max(
-            1e-9, (1.0 - k["bot_fraction"]) * (1.0 - k["consent_optout_fraction"]))
+        self.p_malformed = (
+            k["malformed_fraction"]
+            * lines_per_event
+            / max(1e-9, (1.0 - k["bot_fraction"]) * (1.0 - k["consent_optout_fraction"]))
+        )
 
     # -- static tables --
     def _catalogue(self, n_items):
@@ -340,7 +448,7 @@ class _Sim:
         width = max(5, len(str(n_items - 1)))
         self.item_ids = [f"i{j:0{width}d}" for j in range(n_items)]
         by_pop = list(range(n_items))
-        rng.shuffle(by_pop)                 # by_pop[rank] = item index
+        rng.shuffle(by_pop)  # by_pop[rank] = item index
         w = [1.0 / (r + 1) ** 1.05 for r in range(n_items)]
         tot, acc, cum = sum(w), 0.0, []
         for x in w:
@@ -366,6 +474,7 @@ class _Sim:
 
     def _crawler_agents(self):
         import crawleruseragents
+
         sample_agents.check_agents()
         extra = []
         for entry in crawleruseragents.CRAWLER_USER_AGENTS_DATA:
@@ -377,6 +486,7 @@ class _Sim:
     def _crawler_agent(self):
         """A curated crawler UA (70%) or an instance from crawler-user-agents, verified."""
         import crawleruseragents
+
         curated, extra = self.crawler_agents
         if extra and self.rng.random() >= 0.7:
             for _ in range(20):
@@ -414,11 +524,16 @@ class _Sim:
         a.rule = rule
         a.ua = rng.choice(self.human_agents)
         if rnd() < 0.9:
-            a.ip = rng.choice((f"192.0.2.{rng.randrange(1, 255)}", f"198.51.100.{rng.randrange(1, 255)}",
-                               f"203.0.113.{rng.randrange(1, 255)}",
-                               f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-                               f"172.{rng.randrange(16, 32)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-                               f"192.168.{rng.randrange(256)}.{rng.randrange(1, 255)}"))
+            a.ip = rng.choice(
+                (
+                    f"192.0.2.{rng.randrange(1, 255)}",
+                    f"198.51.100.{rng.randrange(1, 255)}",
+                    f"203.0.113.{rng.randrange(1, 255)}",
+                    f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                    f"172.{rng.randrange(16, 32)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                    f"192.168.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                )
+            )
         else:
             a.ip = f"2001:db8:{rng.getrandbits(16):x}:{rng.getrandbits(16):x}::{rng.getrandbits(16):x}"
         a.consent = not (rule is None and rnd() < self.k["consent_optout_fraction"])
@@ -458,8 +573,9 @@ class _Sim:
         if rnd() < self.k["pii_fraction"]:
             if rnd() < 0.5:
                 pii = f"{rng.choice(_NAMES)}@{rng.choice(_DOMAINS)}"
-                key, text = rng.choice((("search_query", "gift for {}"), ("note", "contact {}"),
-                                        ("search_query", "{}")))
+                key, text = rng.choice(
+                    (("search_query", "gift for {}"), ("note", "contact {}"), ("search_query", "{}"))
+                )
             else:
                 pii = rng.choice(_PHONES)
                 key, text = rng.choice((("note", "call me at {}"), ("search_query", "order {}")))
@@ -501,10 +617,12 @@ class _Sim:
                 if e[1] is not IMPRESSION:
                     rec_non.append(e[0])
             cut = last - 60_000
-            rec_all = rec_all[bisect_left(rec_all, cut):]
-            rec_non = rec_non[bisect_left(rec_non, cut):]
-            t = max(req[0][0] + REQUEST_GAP_MIN_MS + int(rng.expovariate(1 / 20_000)),
-                    last + self._lognorm_ms(rng, 4000, 0.8, 1000, 120_000))
+            rec_all = rec_all[bisect_left(rec_all, cut) :]
+            rec_non = rec_non[bisect_left(rec_non, cut) :]
+            t = max(
+                req[0][0] + REQUEST_GAP_MIN_MS + int(rng.expovariate(1 / 20_000)),
+                last + self._lognorm_ms(rng, 4000, 0.8, 1000, 120_000),
+            )
         return out
 
     def _human_request(self, a, sid, t):
@@ -520,15 +638,24 @@ class _Sim:
         tt = t
         for i in range(kk):
             tt += int(rnd() * 7)
-            out.append((tt, IMPRESSION, sid, rid, ids[items[i]],
-                        {"position": i + 1, "propensity": props[i], "policy": policy}, ctx))
+            out.append(
+                (
+                    tt,
+                    IMPRESSION,
+                    sid,
+                    rid,
+                    ids[items[i]],
+                    {"position": i + 1, "propensity": props[i], "policy": policy},
+                    ctx,
+                )
+            )
             imp_t.append(tt)
         if rnd() < 0.5:
-            out.append((t + self._lognorm_ms(rng, 2500, 0.6, 500, 20_000), SCROLL, sid, rid,
-                        ids[items[-1]], None, ctx))
+            out.append((t + self._lognorm_ms(rng, 2500, 0.6, 500, 20_000), SCROLL, sid, rid, ids[items[-1]], None, ctx))
         q, g, exam = self.quality, a.genre, self.exam
-        clicked = [i for i in range(kk)
-                   if rnd() < q[items[i]] * (3.0 if self.genre[items[i]] == g else 0.8) * exam[i]][:3]
+        clicked = [i for i in range(kk) if rnd() < q[items[i]] * (3.0 if self.genre[items[i]] == g else 0.8) * exam[i]][
+            :3
+        ]
         cur = t
         for i in clicked:
             item = ids[items[i]]
@@ -545,18 +672,26 @@ class _Sim:
                 if rnd() < 0.35:
                     cur = leave + self._lognorm_ms(rng, 40_000, 0.7, 3000, 600_000)
                     qty = 1 if rnd() < 0.85 else 2
-                    out.append((cur, PURCHASE, sid, rid, item,
-                                {"value": round(self.price[items[i]] * qty, 2)}, ctx))
+                    out.append((cur, PURCHASE, sid, rid, item, {"value": round(self.price[items[i]] * qty, 2)}, ctx))
             else:
                 out.append((leave, DWELL, sid, rid, item, {"dwell_ms": dwell}, ctx))
         acted = list(clicked)
         if not clicked and rnd() < 0.35:
             i = rng.randrange(min(3, kk))
             acted.append(i)
-            out.append((imp_t[i] + self._lognorm_ms(rng, 1500, 0.5, HUMAN_MIN_CLICK_LATENCY_MS, 20_000),
-                        SKIP, sid, rid, ids[items[i]], None, ctx))
+            out.append(
+                (
+                    imp_t[i] + self._lognorm_ms(rng, 1500, 0.5, HUMAN_MIN_CLICK_LATENCY_MS, 20_000),
+                    SKIP,
+                    sid,
+                    rid,
+                    ids[items[i]],
+                    None,
+                    ctx,
+                )
+            )
         lost = [ids[items[i]] for i in acted if rnd() < self.p_lost_imp]
-        if lost:   # the impression was lost upstream: its outcomes arrive without it
+        if lost:  # the impression was lost upstream: its outcomes arrive without it
             out = [e for e in out if not (e[1] is IMPRESSION and e[4] in lost)]
         out.sort(key=itemgetter(0))
         return out
@@ -576,14 +711,26 @@ class _Sim:
             items = self._items(kk)
             ti = int(t)
             for i in range(kk):
-                yield (ti, IMPRESSION, sid, rid, ids[items[i]],
-                       {"position": i + 1, "propensity": props[i], "policy": policy}, None)
+                yield (
+                    ti,
+                    IMPRESSION,
+                    sid,
+                    rid,
+                    ids[items[i]],
+                    {"position": i + 1, "propensity": props[i], "policy": policy},
+                    None,
+                )
             t += max(1000.0, kk * step)
             for _ in range(rng.randint(2, 6)):
                 i = rng.randrange(kk)
                 kind = rng.choice((CLICK, CLICK, VIEW, VIEW, SCROLL, DWELL))
-                extra = ({"position": i + 1} if kind is CLICK else
-                         {"dwell_ms": rng.randint(200, 3000)} if kind is DWELL else None)
+                extra = (
+                    {"position": i + 1}
+                    if kind is CLICK
+                    else {"dwell_ms": rng.randint(200, 3000)}
+                    if kind is DWELL
+                    else None
+                )
                 yield (int(t), kind, sid, rid, ids[items[i]], extra, None)
                 t += step * (0.5 + rnd())
 
@@ -603,8 +750,17 @@ class _Sim:
                 out, tt = [], t
                 for i in range(kk):
                     tt += rng.randint(0, 3)
-                    out.append((tt, IMPRESSION, sid, rid, ids[items[i]],
-                                {"position": i + 1, "propensity": props[i], "policy": policy}, ctx))
+                    out.append(
+                        (
+                            tt,
+                            IMPRESSION,
+                            sid,
+                            rid,
+                            ids[items[i]],
+                            {"position": i + 1, "propensity": props[i], "policy": policy},
+                            ctx,
+                        )
+                    )
                 for i in sorted(rng.sample(range(min(kk, 4)), rng.randint(1, 2))):
                     ct = out[i][0] + rng.randint(10, 150)
                     out.append((ct, CLICK, sid, rid, ids[items[i]], {"position": i + 1}, ctx))
@@ -629,8 +785,15 @@ class _Sim:
                 props = self.props[a.policy, kk]
                 items = self._items(kk)
                 for i in range(kk):
-                    yield (tt, IMPRESSION, None, rid, ids[items[i]],
-                           {"position": i + 1, "propensity": props[i], "policy": a.policy}, None)
+                    yield (
+                        tt,
+                        IMPRESSION,
+                        None,
+                        rid,
+                        ids[items[i]],
+                        {"position": i + 1, "propensity": props[i], "policy": a.policy},
+                        None,
+                    )
                 count += kk
                 if rnd() < 0.3:
                     yield (tt + rng.randint(500, 3000), SCROLL, None, rid, ids[items[-1]], None, None)
@@ -654,7 +817,7 @@ class _Sim:
         lo, hi = self.start_ms + 0.03 * d_ms, self.start_ms + 0.6 * d_ms
         plans = []
         rem = budget * split.get(C.BOT_RULE_SUSTAINED_RATE, 0)
-        while rem >= 270:   # nominal 3.3-7.5/s keeps the measured rate within 3-8/s
+        while rem >= 270:  # nominal 3.3-7.5/s keeps the measured rate within 3-8/s
             rate, minutes = rng.uniform(3.3, 7.5), rng.uniform(3.05, 19.9)
             if rate * minutes * 60 > rem:
                 minutes = max(3.05, rem / (rate * 60))
@@ -668,7 +831,7 @@ class _Sim:
         while first or cad >= 180:
             period, minutes = rng.uniform(700, 1600), rng.uniform(3.05, 10.0)
             if first and cad < 120:
-                period = rng.uniform(1500, 1600)     # the smallest steady crawler: ~115 events
+                period = rng.uniform(1500, 1600)  # the smallest steady crawler: ~115 events
             first = False
             minutes = max(3.05, min(minutes, cad * period / 60_000))
             cad -= minutes * 60_000 / period
@@ -694,9 +857,9 @@ class _Sim:
             t0 = int(rng.uniform(lo, hi))
             if rule not in straddled and rule != C.BOT_RULE_CRAWLER_UA:
                 straddled.add(rule)
-                if rule == C.BOT_RULE_MACHINE_CADENCE:       # across the first midnight (and its hour)
+                if rule == C.BOT_RULE_MACHINE_CADENCE:  # across the first midnight (and its hour)
                     boundary, span = midnight, args[0]
-                else:                                         # across an hour boundary in the bot window
+                else:  # across an hour boundary in the bot window
                     boundary = -(-int(rng.uniform(lo, hi)) // 3_600_000) * 3_600_000
                     span = args[0] if rule == C.BOT_RULE_SUSTAINED_RATE else 5 * 62_000
                 t0 = max(self.start_ms, boundary - int(rng.uniform(0.2, 0.8) * span))
@@ -789,8 +952,11 @@ class _Sim:
                 self.pending_reason = None
                 if etype is IMPRESSION:
                     a.imps[rid, item] = (CAUSE_DEAD_LETTER, ms)
-                self._push(ms + self._lognorm_ms(self.rng, 1000, 0.8, 0, 60_000), payload,
-                           reason not in (C.MALFORMED_JSON, C.NOT_AN_OBJECT))
+                self._push(
+                    ms + self._lognorm_ms(self.rng, 1000, 0.8, 0, 60_000),
+                    payload,
+                    reason not in (C.MALFORMED_JSON, C.NOT_AN_OBJECT),
+                )
                 return
 
         if not self.avro and rnd() < self.p_iso:
@@ -809,7 +975,7 @@ class _Sim:
         if a.imps is not None and etype in LABEL_OUTCOME_TYPES and rnd() < self.p_stall:
             shown = a.imps.get((rid, item))
             u = rnd()
-            if shown is not None:   # stuck in the client's upload queue until about the label deadline
+            if shown is not None:  # stuck in the client's upload queue until about the label deadline
                 gap = max(1000, ms - shown[1])
                 lo = shown[1] + self.label_span_ms - gap
                 hi = max(lo, ms + self.lateness_ms + gap)
@@ -851,8 +1017,16 @@ class _Sim:
                     cause = False
                 if cause is not False:
                     a.lab.setdefault(item, []).append(
-                        (ms, eid, etype, d.get("request_id"), arrival if with_arrival else None,
-                         d.get("dwell_ms"), cause))
+                        (
+                            ms,
+                            eid,
+                            etype,
+                            d.get("request_id"),
+                            arrival if with_arrival else None,
+                            d.get("dwell_ms"),
+                            cause,
+                        )
+                    )
         if rnd() < self.p_dup:
             r = rnd()
             extra_copies = min(1 if r < 0.6 else 2 if r < 0.9 else 3, self.n - self.lines)
@@ -881,8 +1055,15 @@ class _Sim:
     # -- labels --
     @staticmethod
     def _label_acc():
-        return {"exposures": 0, "positives": 0, "negatives": 0, "positive_label_ids": [],
-                "by_outcome": dict.fromkeys(BY_OUTCOME, 0), "orphan_outcomes": 0, "late_outcomes": 0}
+        return {
+            "exposures": 0,
+            "positives": 0,
+            "negatives": 0,
+            "positive_label_ids": [],
+            "by_outcome": dict.fromkeys(BY_OUTCOME, 0),
+            "orphan_outcomes": 0,
+            "late_outcomes": 0,
+        }
 
     @staticmethod
     def _label_of(outcomes):
@@ -910,7 +1091,7 @@ class _Sim:
                 if o[2] is IMPRESSION:
                     continue
                 t, rid, arr, cause = o[0], o[3], o[4], o[6]
-                match = None                     # transforms.labels.attribute
+                match = None  # transforms.labels.attribute
                 if rid is not None:
                     for x in reversed(exps):
                         if x[3] == rid and x[0] - skew <= t <= x[0] + window:
@@ -984,16 +1165,16 @@ class _Sim:
             d["event_time"] = _iso(ms, a.tz[1], a.tz[0]) if rng.random() < 0.6 else ms
         if reason == C.BAD_TIMESTAMP:
             v = rng.randrange(2 if self.avro else 5)
-            if v == 0:      # epoch seconds by mistake (January 1970 as milliseconds)
+            if v == 0:  # epoch seconds by mistake (January 1970 as milliseconds)
                 d["event_time"] = ms // 1000
-            elif v == 1:    # far future
+            elif v == 1:  # far future
                 future = ms + 73 * 365 * 86_400_000
                 d["event_time"] = future if (self.avro or rng.random() < 0.5) else _iso(future)
             elif v == 2:
                 d["event_time"] = "yesterday"
             elif v == 3:
                 d["event_time"] = rng.choice(("2026-13-45T99:00:00Z", "2026-02-30T10:00:00Z", "01/11/2026 10:00"))
-            else:           # ISO without an offset
+            else:  # ISO without an offset
                 d["event_time"] = _iso(ms, 0, "")
         elif reason == C.UNKNOWN_EVENT_TYPE:
             d["event_type"] = rng.choice(("hover", "CLICK ", "like", "Click", "share"))
@@ -1060,16 +1241,20 @@ class _Sim:
                 return str(rng.randint(1, 10**6)).encode()
             return orjson.dumps([d["event_type"], ms, d["user_id"]])
         if reason in (C.BAD_ENCODING, C.OVERSIZE_PAYLOAD):
-            if d.get("schema_version") == 1:   # context exists only in v2
+            if d.get("schema_version") == 1:  # context exists only in v2
                 d["schema_version"] = 2
             ctx = dict(d.get("context") or {"page": "search"})
             if reason == C.BAD_ENCODING:
                 ctx["search_query"] = rng.choice(("café", "crème", "résumé template"))
                 d["context"] = ctx
-                return orjson.dumps(d).replace("é".encode(), "é".encode("latin-1")).replace(
-                    "è".encode(), "è".encode("latin-1"))
+                return (
+                    orjson.dumps(d)
+                    .replace("é".encode(), "é".encode("latin-1"))
+                    .replace("è".encode(), "è".encode("latin-1"))
+                )
             ctx["dom_snapshot"] = ("<div class=card>lorem ipsum dolor sit amet</div>" * 1000)[
-                :rng.randint(OVERSIZE_BYTES + 500, OVERSIZE_BYTES + 20_000)]
+                : rng.randint(OVERSIZE_BYTES + 500, OVERSIZE_BYTES + 20_000)
+            ]
             d["context"] = ctx
             return orjson.dumps(d)
         if reason == C.MALFORMED_JSON:
@@ -1082,10 +1267,10 @@ class _Sim:
             elif v == 2:
                 s = "{" + s[1:].replace('"', "'")
             else:
-                s = s[:rng.randint(len(s) // 3, len(s) - 2)]
+                s = s[: rng.randint(len(s) // 3, len(s) - 2)]
             try:
                 orjson.loads(s)
-                s = s[:len(s) // 2]          # still parsed somehow: truncate instead
+                s = s[: len(s) // 2]  # still parsed somehow: truncate instead
             except orjson.JSONDecodeError:
                 pass
             return s.encode()
@@ -1096,7 +1281,7 @@ class _Sim:
         """Yield the records (bytes or Avro dicts) in arrival order."""
         k, rng = self.k, self.rng
         n = self.n
-        sched = []          # (event_ms, seq, event, actor, generator)
+        sched = []  # (event_ms, seq, event, actor, generator)
         sseq = 0
         for a, gen in self._plan_bots() + self._plan_boundary_humans():
             ev = next(gen, None)
@@ -1119,7 +1304,7 @@ class _Sim:
                     sseq += 1
                     push(sched, (nxt[0], sseq, nxt, a, gen))
                 elif a.lab:
-                    self._settle_labels(a)      # a finished user: nothing of theirs can change
+                    self._settle_labels(a)  # a finished user: nothing of theirs can change
             else:
                 t = int(next_user)
                 next_user += rng.expovariate(1 / mean_gap)
@@ -1135,11 +1320,14 @@ class _Sim:
             yield pop(arrivals)[2]
         for _, _, _, a, _ in sorted(sched, key=itemgetter(0, 1)):
             if a.lab:
-                self._settle_labels(a)          # users cut off by the record budget
+                self._settle_labels(a)  # users cut off by the record budget
         cut = sorted({a.uid_str for _, _, _, a, _ in sched if a.rule not in (None, C.BOT_RULE_CRAWLER_UA)})
-        if cut:   # the record budget ran out mid-run: a detector may not see these as bots
-            print(f"warning: bot users {cut} were cut off by the end of the stream "
-                  f"(raise duration_hours or lower --events)", file=sys.stderr)
+        if cut:  # the record budget ran out mid-run: a detector may not see these as bots
+            print(
+                f"warning: bot users {cut} were cut off by the end of the stream "
+                f"(raise duration_hours or lower --events)",
+                file=sys.stderr,
+            )
 
     def truth(self):
         c = self.counts
@@ -1184,8 +1372,17 @@ def _pace_ok(rec_all, rec_non, req, shift):
 
 # --- public API ----------------------------------------------------------------------------------
 
-def generate(n_events, output_path, seed=42, start=DEFAULT_START, fmt=None, arrival_field=None,
-             lateness_s=DEFAULT_LATENESS_S, **knobs) -> dict:
+
+def generate(
+    n_events,
+    output_path,
+    seed=42,
+    start=DEFAULT_START,
+    fmt=None,
+    arrival_field=None,
+    lateness_s=DEFAULT_LATENESS_S,
+    **knobs,
+) -> dict:
     """Write ``n_events`` records to ``output_path`` and ``<output_path>.truth.json``; return the truth.
 
     ``n_events`` is exact: the file holds that many records (lines / Avro records).
@@ -1215,14 +1412,18 @@ def generate(n_events, output_path, seed=42, start=DEFAULT_START, fmt=None, arri
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     if fmt == "avro":
         import fastavro
+
         schema = _load_avro_schema()
         marker = random.Random(f"{seed}-sync").getrandbits(128).to_bytes(16, "big")
         with open(output_path, "wb") as f:
             fastavro.writer(f, schema, sim.run(), codec="deflate", sync_marker=marker)
     else:
         with open(output_path, "wb", buffering=1 << 20) as raw:
-            out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5) \
-                if fmt == "jsonl.gz" else raw
+            out = (
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5)
+                if fmt == "jsonl.gz"
+                else raw
+            )
             try:
                 write, buf = out.write, []
                 for line in sim.run():
@@ -1257,13 +1458,27 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--start", default=DEFAULT_START, help="ISO-8601 start of the traffic")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from the extension")
-    p.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
-                   help=f"override a proportion (JSON value); known: {', '.join(DEFAULT_KNOBS)}")
-    p.add_argument("--arrival-field", default=None, metavar="NAME",
-                   help="stamp each JSON record with its arrival time (epoch ms) in this top-level field "
-                        "(ignored for Avro); events later than --lateness are then too_late")
-    p.add_argument("--lateness", type=float, default=DEFAULT_LATENESS_S, metavar="SECONDS",
-                   help="too-late limit (and label lateness) assumed by the truth; match the job's time.lateness")
+    p.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"override a proportion (JSON value); known: {', '.join(DEFAULT_KNOBS)}",
+    )
+    p.add_argument(
+        "--arrival-field",
+        default=None,
+        metavar="NAME",
+        help="stamp each JSON record with its arrival time (epoch ms) in this top-level field "
+        "(ignored for Avro); events later than --lateness are then too_late",
+    )
+    p.add_argument(
+        "--lateness",
+        type=float,
+        default=DEFAULT_LATENESS_S,
+        metavar="SECONDS",
+        help="too-late limit (and label lateness) assumed by the truth; match the job's time.lateness",
+    )
     args = p.parse_args(argv)
     knobs = {}
     for kv in args.knob:
@@ -1273,16 +1488,27 @@ def main(argv=None):
         knobs[name.strip()] = _knob_value(value)
     t0 = time.perf_counter()
     try:
-        truth = generate(args.events, args.output, seed=args.seed, start=args.start, fmt=args.format,
-                         arrival_field=args.arrival_field, lateness_s=args.lateness, **knobs)
+        truth = generate(
+            args.events,
+            args.output,
+            seed=args.seed,
+            start=args.start,
+            fmt=args.format,
+            arrival_field=args.arrival_field,
+            lateness_s=args.lateness,
+            **knobs,
+        )
     except (TypeError, ValueError) as e:
         p.error(str(e))
     dt = time.perf_counter() - t0
     c = truth["counts"]
-    print(f"wrote {truth['input_records']} records to {args.output} in {dt:.1f}s "
-          f"({truth['input_records'] / max(dt, 1e-9):,.0f}/s); " +
-          ", ".join(f"{k} {v}" for k, v in c.items()) + f"; truth: {args.output}.truth.json",
-          file=sys.stderr)
+    print(
+        f"wrote {truth['input_records']} records to {args.output} in {dt:.1f}s "
+        f"({truth['input_records'] / max(dt, 1e-9):,.0f}/s); "
+        + ", ".join(f"{k} {v}" for k, v in c.items())
+        + f"; truth: {args.output}.truth.json",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ their bucket edges) and categorical counts, the mean exposure/positive entropy p
 by position, plus where it came from. Paths go through Beam's FileSystems (local, gs://, ...).
 Exit 0 written, 2 unreadable or malformed quality stats / baseline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ def _read_json(path: str) -> dict:
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
             raw = f.read()
-    except (OSError, BeamIOError, ValueError) as e:   # ValueError: a scheme no filesystem handles
+    except (OSError, BeamIOError, ValueError) as e:  # ValueError: a scheme no filesystem handles
         raise BaselineError(f"cannot read {path}: {e}") from None
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -42,14 +43,18 @@ def _read_json(path: str) -> dict:
 
 
 def _check_distributions(dist, source: str) -> None:
-    if not isinstance(dist, dict) or not isinstance(dist.get("numeric", {}), dict) \
-            or not isinstance(dist.get("categorical", {}), dict):
+    if (
+        not isinstance(dist, dict)
+        or not isinstance(dist.get("numeric", {}), dict)
+        or not isinstance(dist.get("categorical", {}), dict)
+    ):
         raise BaselineError(f"{source}: 'distributions' must be {{'numeric': {{...}}, 'categorical': {{...}}}}")
     for name, h in (dist.get("numeric") or {}).items():
         edges, counts = h.get("edges"), h.get("counts")
         if not isinstance(edges, list) or not isinstance(counts, list) or len(counts) != len(edges) + 1:
-            raise BaselineError(f"{source}: numeric feature {name!r} needs edges and counts with "
-                                f"len(counts) == len(edges) + 1")
+            raise BaselineError(
+                f"{source}: numeric feature {name!r} needs edges and counts with len(counts) == len(edges) + 1"
+            )
 
 
 def snapshot(stats: dict, source: str = "") -> dict:
@@ -63,8 +68,10 @@ def snapshot(stats: dict, source: str = "") -> dict:
         "source": source,
         "run_end_ms": stats.get("run_end_ms"),
         "input_records": stats.get("input_records"),
-        "distributions": {"numeric": dict(sorted((dist.get("numeric") or {}).items())),
-                          "categorical": dict(sorted((dist.get("categorical") or {}).items()))},
+        "distributions": {
+            "numeric": dict(sorted((dist.get("numeric") or {}).items())),
+            "categorical": dict(sorted((dist.get("categorical") or {}).items())),
+        },
         "entropy": entropy_snapshot(stats),
         "ctr_by_position": dict(stats.get("ctr_by_position") or {}),
     }
@@ -83,8 +90,7 @@ def load_baseline(path: str) -> dict:
 
 
 def write_baseline(path: str, baseline: dict) -> None:
-    with FileSystems.create(path, mime_type="application/json",
-                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    with FileSystems.create(path, mime_type="application/json", compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write((json.dumps(baseline, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
@@ -105,8 +111,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     d = base["distributions"]
-    print(f"baseline: {len(d['numeric'])} numeric, {len(d['categorical'])} categorical features, "
-          f"{base['entropy']['windows']} entropy windows, {len(base['ctr_by_position'])} positions")
+    print(
+        f"baseline: {len(d['numeric'])} numeric, {len(d['categorical'])} categorical features, "
+        f"{base['entropy']['windows']} entropy windows, {len(base['ctr_by_position'])} positions"
+    )
     return 0
 
 

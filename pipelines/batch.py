@@ -6,6 +6,7 @@ Any Beam pipeline option may follow (e.g. --runner=PrismRunner --prism_location=
 --runner the job runs on FnApiRunner, named explicitly: a bare DirectRunner first tries to download
 Prism and, for stateful pipelines, silently switches runners (see shared/BEAM-NOTES.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ from transforms.io import DAMAGE_FIELDS, ReadRawRecords, counter_line
 from transforms.quality import breaches, drift_report, evaluate_slos, privacy_stats, quality_summary, slo_exit_code
 from transforms.signals import QualitySignals, stats_from_parts
 
-DAMAGED_FILES = "damaged_files"   # report.json key: files read only up to a damage (see README, Dead letters)
+DAMAGED_FILES = "damaged_files"  # report.json key: files read only up to a damage (see README, Dead letters)
 _log = logging.getLogger("pipelines.batch")
 
 
@@ -52,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     Template metadata test, which checks templates/*/metadata.json against it."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML job config, e.g. config/batch.yaml")
-    parser.add_argument("--input", required=True,
-                        help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives")
+    parser.add_argument(
+        "--input", required=True, help="File glob of JSONL (.jsonl, .jsonl.gz) and/or Avro (.avro) archives"
+    )
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
-    parser.add_argument("--baseline", help="baseline.json (python -m pipelines.baseline) to measure drift against; "
-                                           "default: quality.baseline in the config")
+    parser.add_argument(
+        "--baseline",
+        help="baseline.json (python -m pipelines.baseline) to measure drift against; "
+        "default: quality.baseline in the config",
+    )
     parser.add_argument("--warn-only", action="store_true", help="Report SLO breaches without failing (exit 0)")
     add_overwrite_flag(parser)
     return parser
@@ -71,31 +76,39 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
     read = p | "ReadArchives" >> ReadRawRecords(input_glob, settings.validation.registry)
     out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
     build_outputs(out, settings, paths)
-    _ = (read[ReadRawRecords.CORRUPT]
-         | "DamagedFilesToJson" >> beam.Map(lambda d: json.dumps({k: d[k] for k in DAMAGE_FIELDS}))
-         | "WriteDamagedFiles" >> beam.io.WriteToText(paths.quality_part(DAMAGED_FILES), file_name_suffix=".jsonl",
-                                                      num_shards=1))
+    _ = (
+        read[ReadRawRecords.CORRUPT]
+        | "DamagedFilesToJson" >> beam.Map(lambda d: json.dumps({k: d[k] for k in DAMAGE_FIELDS}))
+        | "WriteDamagedFiles"
+        >> beam.io.WriteToText(paths.quality_part(DAMAGED_FILES), file_name_suffix=".jsonl", num_shards=1)
+    )
     write_quality_signals(p, out, paths)
     return out
 
 
 def write_quality_signals(p: beam.Pipeline, out: GraphOutputs, paths: OutputPaths) -> None:
     signals = p | "QualitySignals" >> QualitySignals(out)
-    _ = (signals["counters"]
-         | "SignalsToJson" >> beam.MapTuple(counter_line)
-         | "WriteSignals" >> beam.io.WriteToText(paths.quality_part("counters"), file_name_suffix=".jsonl",
-                                                 num_shards=1))
+    _ = (
+        signals["counters"]
+        | "SignalsToJson" >> beam.MapTuple(counter_line)
+        | "WriteSignals" >> beam.io.WriteToText(paths.quality_part("counters"), file_name_suffix=".jsonl", num_shards=1)
+    )
     for name in ("diversity", "freshness"):
-        _ = (signals[name]
-             | f"{name.title()}ToJson" >> beam.Map(json.dumps)
-             | f"Write{name.title()}" >> beam.io.WriteToText(paths.quality_part(name), file_name_suffix=".jsonl",
-                                                            num_shards=1))
+        _ = (
+            signals[name]
+            | f"{name.title()}ToJson" >> beam.Map(json.dumps)
+            | f"Write{name.title()}"
+            >> beam.io.WriteToText(paths.quality_part(name), file_name_suffix=".jsonl", num_shards=1)
+        )
 
 
 def quality_stats(paths: OutputPaths, summary: dict) -> dict:
-    return stats_from_parts(summary, read_counters(paths.quality_part("counters")),
-                            read_jsonl_glob(paths.quality_part("diversity") + "*"),
-                            read_jsonl_glob(paths.quality_part("freshness") + "*"))
+    return stats_from_parts(
+        summary,
+        read_counters(paths.quality_part("counters")),
+        read_jsonl_glob(paths.quality_part("diversity") + "*"),
+        read_jsonl_glob(paths.quality_part("freshness") + "*"),
+    )
 
 
 def run(argv=None) -> dict:
@@ -108,7 +121,7 @@ def run(argv=None) -> dict:
     options = pipeline_options(beam_args)
     # Preflight before the pipeline is built: a used, foreign or unwritable --output stops here (exit 2).
     folder = runfolder.prepare(args.output, "batch", args.overwrite)
-    paths = OutputPaths(folder.staging)       # everything is written to staging, published at the end
+    paths = OutputPaths(folder.staging)  # everything is written to staging, published at the end
     final = OutputPaths(args.output)
     finished = run_pipeline(options, lambda p: build(p, settings, args.input, paths))
     summary = summarise(read_counters(paths.counts))
@@ -129,26 +142,44 @@ def run(argv=None) -> dict:
     }
     stats = quality_stats(paths, summary)
     stats["privacy"] = privacy_stats(report["metrics"]) if report["metrics"] else None  # None: runner has no metrics
-    report["quality"] = assess_quality(cfg, paths, stats, args.baseline, args.warn_only,
-                                       title=f"Batch run over {args.input}")
+    report["quality"] = assess_quality(
+        cfg, paths, stats, args.baseline, args.warn_only, title=f"Batch run over {args.input}"
+    )
     report["quality"]["html"] = final.report_html
     write_json(paths.report, report)
     acc, labels = summary["accounting"], summary["labels"]
     # A run whose accounting fails is not published: its outputs stay in staging (no _SUCCESS).
-    refuse_unless(acc["holds"], f"accounting identity broken: {acc['input_records']} input records but "
-                  f"{acc['sum_of_outcomes']} outcomes ({acc['difference']:+d})", paths.report, report)
-    refuse_unless(labels["one_label_per_exposure"], f"{labels['exposures']} exposures but {labels['labels']} labels",
-                  paths.report, report)
+    refuse_unless(
+        acc["holds"],
+        f"accounting identity broken: {acc['input_records']} input records but "
+        f"{acc['sum_of_outcomes']} outcomes ({acc['difference']:+d})",
+        paths.report,
+        report,
+    )
+    refuse_unless(
+        labels["one_label_per_exposure"],
+        f"{labels['exposures']} exposures but {labels['labels']} labels",
+        paths.report,
+        report,
+    )
     # A failed quality gate (exit 4) still publishes: the outputs are complete and accounted for; the
     # verdict travels in the manifest so a consumer can refuse a run that breached its SLOs.
-    runfolder.publish(folder, runfolder.config_digest(cfg.model_dump_json()), {
-        "input": args.input, "counts": summary["counts"], "accounting": acc,
-        "quality": {"exit_code": report["quality"]["exit_code"], "breaches": report["quality"]["breaches"]}})
+    runfolder.publish(
+        folder,
+        runfolder.config_digest(cfg.model_dump_json()),
+        {
+            "input": args.input,
+            "counts": summary["counts"],
+            "accounting": acc,
+            "quality": {"exit_code": report["quality"]["exit_code"], "breaches": report["quality"]["breaches"]},
+        },
+    )
     return report
 
 
-def assess_quality(cfg, paths: OutputPaths, stats: dict, baseline_path: str | None, warn_only: bool,
-                   title: str) -> dict:
+def assess_quality(
+    cfg, paths: OutputPaths, stats: dict, baseline_path: str | None, warn_only: bool, title: str
+) -> dict:
     """quality.json, report.html and the SLO verdicts for a finished run."""
     qcfg = cfg.quality
     if warn_only:
@@ -161,9 +192,16 @@ def assess_quality(cfg, paths: OutputPaths, stats: dict, baseline_path: str | No
     slos = evaluate_slos(stats, qcfg, drift, summary)
     write_report_html(paths.report_html, render_report(stats, summary, slos, drift, title=title, mode=qcfg.mode))
     failed = breaches(slos)
-    return {"mode": qcfg.mode, "baseline": baseline_path, "slos": slos, "breaches": [b["slo"] for b in failed],
-            "drifted": drift["drifted"] if drift else None, "summary": summary,
-            "exit_code": slo_exit_code(slos, qcfg), "html": paths.report_html}
+    return {
+        "mode": qcfg.mode,
+        "baseline": baseline_path,
+        "slos": slos,
+        "breaches": [b["slo"] for b in failed],
+        "drifted": drift["drifted"] if drift else None,
+        "summary": summary,
+        "exit_code": slo_exit_code(slos, qcfg),
+        "html": paths.report_html,
+    }
 
 
 def main(argv=None) -> int:
@@ -177,19 +215,26 @@ def format_summary(report: dict) -> str:
         lines.append(f"  {name:<14}{n:>10}")
     lines.append(f"accounting identity holds: {acc['holds']}  ({report['elapsed_seconds']} s)")
     lab = report["labels"]
-    lines.append(f"labels {lab['labels']} for {lab['exposures']} exposures ({lab['positives']} positive), "
-                 f"orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}")
+    lines.append(
+        f"labels {lab['labels']} for {lab['exposures']} exposures ({lab['positives']} positive), "
+        f"orphan outcomes {lab['orphan_outcomes']}, late outcomes {lab['late_outcomes']}"
+    )
     if report["dead_letter_by_reason"]:
-        lines.append("dead letters by reason: "
-                     + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items()))
+        lines.append(
+            "dead letters by reason: " + ", ".join(f"{k}={v}" for k, v in report["dead_letter_by_reason"].items())
+        )
     if report.get(DAMAGED_FILES):
-        lines.append(f"damaged files (read up to the damage, rest dead-lettered as corrupt_file): "
-                     f"{', '.join(d['stopped_at'] for d in report[DAMAGED_FILES])}")
+        lines.append(
+            f"damaged files (read up to the damage, rest dead-lettered as corrupt_file): "
+            f"{', '.join(d['stopped_at'] for d in report[DAMAGED_FILES])}"
+        )
     if report["bots_by_rule"]:
         lines.append("bots by rule: " + ", ".join(f"{k}={v}" for k, v in report["bots_by_rule"].items()))
     q = report["quality"]
-    lines.append(f"quality: {len(q['slos']) - len(q['breaches'])}/{len(q['slos'])} SLOs met"
-                 + (f", breached: {', '.join(q['breaches'])} ({q['mode']} mode)" if q["breaches"] else ""))
+    lines.append(
+        f"quality: {len(q['slos']) - len(q['breaches'])}/{len(q['slos'])} SLOs met"
+        + (f", breached: {', '.join(q['breaches'])} ({q['mode']} mode)" if q["breaches"] else "")
+    )
     lines.append(f"report: {report['output'].rstrip('/')}/report.json, report.html")
     return "\n".join(lines)
 

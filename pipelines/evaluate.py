@@ -19,6 +19,7 @@ pure functions of transforms/evaluation.py on one worker. The per-request rows (
 largest of these: about 80 bytes a request. Without --runner the job runs on FnApiRunner, named
 explicitly (see pipelines/batch.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ EXCLUDED_NO_PROPENSITY = "no_propensity"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True,
-                        help="YAML job config (its evaluation: section), e.g. config/batch.yaml")
+    parser.add_argument(
+        "--config", required=True, help="YAML job config (its evaluation: section), e.g. config/batch.yaml"
+    )
     parser.add_argument("--labels", required=True, help="File glob of label Avro files (batch job output labels/)")
     parser.add_argument("--slates", required=True, help="File glob of slate Avro files (batch job output slates/)")
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
@@ -79,6 +81,7 @@ def is_click(label: dict) -> bool:
 
 # --- off-policy estimates ------------------------------------------------------------------
 
+
 class _OpeTermsFn(beam.DoFn):
     EXCLUDED = "excluded"
 
@@ -101,8 +104,14 @@ class _OpeTermsFn(beam.DoFn):
 def _finish_ope(rows: list, excluded: list, cfg: E.OpeConfig, has_reward_model: bool) -> dict:
     ordered = [r for _, r in sorted(rows)]
     out = E.ope_estimates(ordered, cfg.bootstrap_samples, cfg.confidence, cfg.seed, has_reward_model)
-    out.update(section="ope", target_policy=cfg.target_policy, reward=cfg.reward, clip=cfg.clip,
-               reward_model=cfg.reward_model, excluded=dict(sorted(excluded)))
+    out.update(
+        section="ope",
+        target_policy=cfg.target_policy,
+        reward=cfg.reward,
+        clip=cfg.clip,
+        reward_model=cfg.reward_model,
+        excluded=dict(sorted(excluded)),
+    )
     return out
 
 
@@ -119,30 +128,42 @@ class OffPolicyEstimates(beam.PTransform):
         self._tables, self._cfg = tables, cfg
 
     def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
-        terms = labels | "Terms" >> beam.ParDo(_OpeTermsFn(self._tables, self._cfg.reward, self._cfg.clip)
-                                               ).with_output_types(tuple[str, dict]).with_outputs(
-                                                   _OpeTermsFn.EXCLUDED, main="terms")
-        rows = (terms.terms
-                | "GroupRequest" >> beam.GroupByKey()
-                | "RequestSums" >> beam.MapTuple(lambda rid, ts: (rid, E.request_sums(ts)))
-                | "AllRequests" >> beam.combiners.ToList())
-        excluded = (terms[_OpeTermsFn.EXCLUDED]
-                    | "CountExcluded" >> beam.combiners.Count.PerElement()
-                    | "AllExcluded" >> beam.combiners.ToList())
-        return rows | "Estimate" >> beam.Map(_finish_ope, beam.pvalue.AsSingleton(excluded), self._cfg,
-                                             self._tables.rewards is not None)
+        terms = labels | "Terms" >> beam.ParDo(
+            _OpeTermsFn(self._tables, self._cfg.reward, self._cfg.clip)
+        ).with_output_types(tuple[str, dict]).with_outputs(_OpeTermsFn.EXCLUDED, main="terms")
+        rows = (
+            terms.terms
+            | "GroupRequest" >> beam.GroupByKey()
+            | "RequestSums" >> beam.MapTuple(lambda rid, ts: (rid, E.request_sums(ts)))
+            | "AllRequests" >> beam.combiners.ToList()
+        )
+        excluded = (
+            terms[_OpeTermsFn.EXCLUDED]
+            | "CountExcluded" >> beam.combiners.Count.PerElement()
+            | "AllExcluded" >> beam.combiners.ToList()
+        )
+        return rows | "Estimate" >> beam.Map(
+            _finish_ope, beam.pvalue.AsSingleton(excluded), self._cfg, self._tables.rewards is not None
+        )
 
 
 # --- experiments ---------------------------------------------------------------------------
+
 
 def unit_contribution(label: dict, cfg: E.ExperimentsConfig) -> tuple:
     """A label in an experiment -> ((experiment, variant, unit), (exposures, clicks, conversions, value))."""
     unit = label.get("user_id") if cfg.unit == "user" else label.get("request_id")
     unit = unit or f"label:{label['label_id']}"
     types = set(label.get("outcome_types") or ())
-    return ((label["experiment_id"], label["variant"], unit),
-            (1, int(E.CLICK in types), int(bool(types & set(cfg.conversion_types))),
-             float(label["label"]) * float(label["weight"])))
+    return (
+        (label["experiment_id"], label["variant"], unit),
+        (
+            1,
+            int(E.CLICK in types),
+            int(bool(types & set(cfg.conversion_types))),
+            float(label["label"]) * float(label["weight"]),
+        ),
+    )
 
 
 def _sum_tuples(rows):
@@ -169,10 +190,12 @@ def _finish_experiments(cells: list, cfg: E.ExperimentsConfig) -> dict:
     by_exp: dict = {}
     for (exp, variant), acc in cells:
         by_exp.setdefault(exp, {})[variant] = acc
-    for exp in cfg.experiments:   # a configured experiment with no traffic is reported too (SRM n/a)
+    for exp in cfg.experiments:  # a configured experiment with no traffic is reported too (SRM n/a)
         by_exp.setdefault(exp, {})
-    return {"section": "experiments",
-            "experiments": {exp: E.experiment_readout(exp, v, cfg) for exp, v in sorted(by_exp.items())}}
+    return {
+        "section": "experiments",
+        "experiments": {exp: E.experiment_readout(exp, v, cfg) for exp, v in sorted(by_exp.items())},
+    }
 
 
 class ExperimentReadout(beam.PTransform):
@@ -188,18 +211,21 @@ class ExperimentReadout(beam.PTransform):
 
     def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         cfg = self._cfg
-        return (labels
-                | "InExperiment" >> beam.Filter(lambda l: l.get("experiment_id") is not None
-                                                and l.get("variant") is not None)
-                | "UnitContribution" >> beam.Map(unit_contribution, cfg)
-                | "SumPerUnit" >> beam.CombinePerKey(_sum_tuples)
-                | "KeyByVariant" >> beam.MapTuple(lambda k, v: ((k[0], k[1]), v))
-                | "UnitStats" >> beam.CombinePerKey(_UnitStatsFn())
-                | "AllVariants" >> beam.combiners.ToList()
-                | "Readout" >> beam.Map(_finish_experiments, cfg))
+        return (
+            labels
+            | "InExperiment"
+            >> beam.Filter(lambda l: l.get("experiment_id") is not None and l.get("variant") is not None)
+            | "UnitContribution" >> beam.Map(unit_contribution, cfg)
+            | "SumPerUnit" >> beam.CombinePerKey(_sum_tuples)
+            | "KeyByVariant" >> beam.MapTuple(lambda k, v: ((k[0], k[1]), v))
+            | "UnitStats" >> beam.CombinePerKey(_UnitStatsFn())
+            | "AllVariants" >> beam.combiners.ToList()
+            | "Readout" >> beam.Map(_finish_experiments, cfg)
+        )
 
 
 # --- cold start and concentration ------------------------------------------------------------
+
 
 def cold_start_cell(label: dict, first_seen: dict, data_start: int, cfg: E.ColdStartConfig) -> tuple:
     """A label -> ((bucket, item), (exposures, clicks, new_exposures, new_clicks, judged_exposures, judged_clicks))."""
@@ -208,8 +234,10 @@ def cold_start_cell(label: dict, first_seen: dict, data_start: int, cfg: E.ColdS
     click = int(is_click(label))
     judged = int(t - age_ms >= data_start)
     new = judged * int(first_seen[label["item_id"]] > t - age_ms)
-    return ((E.bucket_of(t, int(cfg.bucket * 1000)), label["item_id"]),
-            (1, click, new, new * click, judged, judged * click))
+    return (
+        (E.bucket_of(t, int(cfg.bucket * 1000)), label["item_id"]),
+        (1, click, new, new * click, judged, judged * click),
+    )
 
 
 class ColdStartAndConcentration(beam.PTransform):
@@ -227,26 +255,35 @@ class ColdStartAndConcentration(beam.PTransform):
         cfg = self._cfg
         times = labels | "ItemTime" >> beam.Map(lambda l: (l["item_id"], _ms(l["impression_time"])))
         first_seen = times | "FirstSeen" >> beam.CombinePerKey(min)
-        data_start = (times | "Times" >> beam.Values()
-                      | "DataStart" >> beam.CombineGlobally(lambda ts: min(ts, default=0)))
-        return (labels
-                | "Classify" >> beam.Map(cold_start_cell, beam.pvalue.AsDict(first_seen),
-                                         beam.pvalue.AsSingleton(data_start), cfg)
-                | "SumPerBucketItem" >> beam.CombinePerKey(_sum_tuples)
-                | "Flatten" >> beam.MapTuple(lambda k, v: (k[0], k[1], *v))
-                | "AllCells" >> beam.combiners.ToList()
-                | "Trend" >> beam.Map(lambda cells, start: {"section": "cold_start",
-                                                            **E.cold_start_buckets(cells, start, cfg)},
-                                      beam.pvalue.AsSingleton(data_start)))
+        data_start = (
+            times | "Times" >> beam.Values() | "DataStart" >> beam.CombineGlobally(lambda ts: min(ts, default=0))
+        )
+        return (
+            labels
+            | "Classify"
+            >> beam.Map(cold_start_cell, beam.pvalue.AsDict(first_seen), beam.pvalue.AsSingleton(data_start), cfg)
+            | "SumPerBucketItem" >> beam.CombinePerKey(_sum_tuples)
+            | "Flatten" >> beam.MapTuple(lambda k, v: (k[0], k[1], *v))
+            | "AllCells" >> beam.combiners.ToList()
+            | "Trend"
+            >> beam.Map(
+                lambda cells, start: {"section": "cold_start", **E.cold_start_buckets(cells, start, cfg)},
+                beam.pvalue.AsSingleton(data_start),
+            )
+        )
 
 
 # --- position bias -------------------------------------------------------------------------
 
+
 def slate_cells(slate: dict, randomised_policies) -> list:
     """A slate -> ((kind, item, position), (exposures, clicks)); kind 'randomised' or 'logged'."""
     kind = "randomised" if E.is_randomised_slate(slate, randomised_policies) else "logged"
-    return [((kind, it["item_id"], it["position"]), (1, int(it["label"])))
-            for it in slate.get("items") or () if it.get("position") is not None and it["position"] >= 1]
+    return [
+        ((kind, it["item_id"], it["position"]), (1, int(it["label"])))
+        for it in slate.get("items") or ()
+        if it.get("position") is not None and it["position"] >= 1
+    ]
 
 
 def _finish_position_bias(cells: list, cfg: E.PositionBiasConfig) -> dict:
@@ -255,14 +292,22 @@ def _finish_position_bias(cells: list, cfg: E.PositionBiasConfig) -> dict:
     method = cfg.method
     if method == "auto":
         method = "randomised" if n_random >= cfg.min_randomised_exposures else "em"
-    out = {"section": "position_bias", "method": method, "randomised_exposures": n_random,
-           "exposures": sum(n for _, (n, _) in cells)}
+    out = {
+        "section": "position_bias",
+        "method": method,
+        "randomised_exposures": n_random,
+        "exposures": sum(n for _, (n, _) in cells),
+    }
     try:
         if method == "randomised":
             curve = E.position_curve_randomised(randomised, cfg.max_position)
         else:
-            curve = E.position_curve_em([(item, pos, n, c) for (_, item, pos), (n, c) in cells], cfg.max_position,
-                                        cfg.em_iterations, cfg.em_tolerance)
+            curve = E.position_curve_em(
+                [(item, pos, n, c) for (_, item, pos), (n, c) in cells],
+                cfg.max_position,
+                cfg.em_iterations,
+                cfg.em_tolerance,
+            )
     except ValueError as e:
         out.update(curve=None, weights=None, error=str(e))
         return out
@@ -283,32 +328,40 @@ class EstimatePositionBias(beam.PTransform):
 
     def expand(self, slates: beam.PCollection[dict]) -> beam.PCollection[dict]:
         cfg = self._cfg
-        return (slates
-                | "SlateCells" >> beam.FlatMap(slate_cells, tuple(cfg.randomised_policies))
-                | "SumPerCell" >> beam.CombinePerKey(_sum_tuples)
-                | "AllCells" >> beam.combiners.ToList()
-                | "Curve" >> beam.Map(_finish_position_bias, cfg))
+        return (
+            slates
+            | "SlateCells" >> beam.FlatMap(slate_cells, tuple(cfg.randomised_policies))
+            | "SumPerCell" >> beam.CombinePerKey(_sum_tuples)
+            | "AllCells" >> beam.combiners.ToList()
+            | "Curve" >> beam.Map(_finish_position_bias, cfg)
+        )
 
 
 # --- job -----------------------------------------------------------------------------------
+
 
 def sections_prefix(output: str) -> str:
     return "/".join([output.rstrip("/"), "_evaluation", "sections"])
 
 
-def build(p: beam.Pipeline, cfg: E.EvaluationConfig, tables: E.PolicyTables, labels_glob: str,
-          slates_glob: str, output: str) -> beam.PCollection:
+def build(
+    p: beam.Pipeline, cfg: E.EvaluationConfig, tables: E.PolicyTables, labels_glob: str, slates_glob: str, output: str
+) -> beam.PCollection:
     """Reads, evaluates, writes one JSON line per section; returns the sections (for tests)."""
     labels = p | "ReadLabels" >> beam.io.ReadFromAvro(labels_glob)
     slates = p | "ReadSlates" >> beam.io.ReadFromAvro(slates_glob)
-    parts = (labels | "OffPolicy" >> OffPolicyEstimates(tables, cfg.ope),
-             slates | "PositionBias" >> EstimatePositionBias(cfg.position_bias),
-             labels | "Experiments" >> ExperimentReadout(cfg.experiments),
-             labels | "ColdStart" >> ColdStartAndConcentration(cfg.cold_start))
+    parts = (
+        labels | "OffPolicy" >> OffPolicyEstimates(tables, cfg.ope),
+        slates | "PositionBias" >> EstimatePositionBias(cfg.position_bias),
+        labels | "Experiments" >> ExperimentReadout(cfg.experiments),
+        labels | "ColdStart" >> ColdStartAndConcentration(cfg.cold_start),
+    )
     sections = parts | "Sections" >> beam.Flatten()
-    _ = (sections
-         | "ToJson" >> beam.Map(lambda s: json.dumps(s, sort_keys=True, allow_nan=True))
-         | "WriteSections" >> beam.io.WriteToText(sections_prefix(output), file_name_suffix=".jsonl", num_shards=1))
+    _ = (
+        sections
+        | "ToJson" >> beam.Map(lambda s: json.dumps(s, sort_keys=True, allow_nan=True))
+        | "WriteSections" >> beam.io.WriteToText(sections_prefix(output), file_name_suffix=".jsonl", num_shards=1)
+    )
     return sections
 
 
@@ -330,10 +383,18 @@ def run(argv=None) -> dict:
         raise RuntimeError(f"the job wrote no {missing} section(s)")
     mode = "warn" if args.warn_only else cfg.quality.mode
     out = args.output.rstrip("/")
-    evaluation = {"job": "evaluate", "labels": args.labels, "slates": args.slates, "output": args.output,
-                  "config": args.config, "runner": runner_name(options),
-                  "beam_version": beam.__version__, "elapsed_seconds": finished.elapsed_seconds,
-                  **{s: found[s] for s in SECTIONS}, "metrics": beam_counters(finished.result)}
+    evaluation = {
+        "job": "evaluate",
+        "labels": args.labels,
+        "slates": args.slates,
+        "output": args.output,
+        "config": args.config,
+        "runner": runner_name(options),
+        "beam_version": beam.__version__,
+        "elapsed_seconds": finished.elapsed_seconds,
+        **{s: found[s] for s in SECTIONS},
+        "metrics": beam_counters(finished.result),
+    }
     weights = found["position_bias"].get("weights")
     if weights:
         weights["positions"] = dict(sorted(weights["positions"].items(), key=lambda kv: int(kv[0])))
@@ -341,11 +402,18 @@ def run(argv=None) -> dict:
         evaluation["position_weights"] = f"{out}/position_weights.json"
     slos = E.evaluation_slos(evaluation, ev, mode)
     qcfg = cfg.quality.model_copy(update={"mode": mode})
-    evaluation["quality"] = {"mode": mode, "slos": slos, "breaches": [b["slo"] for b in breaches(slos)],
-                             "exit_code": slo_exit_code(slos, qcfg), "html": f"{out}/report.html"}
+    evaluation["quality"] = {
+        "mode": mode,
+        "slos": slos,
+        "breaches": [b["slo"] for b in breaches(slos)],
+        "exit_code": slo_exit_code(slos, qcfg),
+        "html": f"{out}/report.html",
+    }
     write_json(f"{out}/evaluation.json", evaluation)
-    write_report_html(f"{out}/report.html", render_evaluation_report(
-        evaluation, slos, title=f"Evaluation of {args.labels}", mode=mode))
+    write_report_html(
+        f"{out}/report.html",
+        render_evaluation_report(evaluation, slos, title=f"Evaluation of {args.labels}", mode=mode),
+    )
     return evaluation
 
 
@@ -363,15 +431,19 @@ def format_summary(ev: dict) -> str:
         lines.append(f"position bias ({pb['method']}): {props}")
     for exp_id, exp in ev["experiments"]["experiments"].items():
         srm = exp.get("srm") or {}
-        lines.append(f"experiment {exp_id}: " + ", ".join(
-            f"{v} {r['units']} units / {r['exposures']:.0f} exposures" for v, r in exp["variants"].items())
-            + (f"; SRM p = {srm['p_value']:.3g}" if srm.get("p_value") is not None else ""))
+        lines.append(
+            f"experiment {exp_id}: "
+            + ", ".join(f"{v} {r['units']} units / {r['exposures']:.0f} exposures" for v, r in exp["variants"].items())
+            + (f"; SRM p = {srm['p_value']:.3g}" if srm.get("p_value") is not None else "")
+        )
     cs = ev["cold_start"]
     if cs.get("new_exposure_share") is not None:
         lines.append(f"new-item exposure share {100 * cs['new_exposure_share']:.3g}%")
     q = ev["quality"]
-    lines.append(f"gates: {len(q['slos']) - len(q['breaches'])}/{len(q['slos'])} met"
-                 + (f", breached: {', '.join(q['breaches'])} ({q['mode']} mode)" if q["breaches"] else ""))
+    lines.append(
+        f"gates: {len(q['slos']) - len(q['breaches'])}/{len(q['slos'])} met"
+        + (f", breached: {', '.join(q['breaches'])} ({q['mode']} mode)" if q["breaches"] else "")
+    )
     lines.append(f"report: {ev['output'].rstrip('/')}/evaluation.json, report.html")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ Sources and sinks differ per job (files for batch, Pub/Sub for streaming); the t
 them do not. `build_event_graph` returns every output as a PCollection so jobs and tests can attach
 their own sinks and assertions.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ from transforms.schemas import SchemaRegistry
 @dataclasses.dataclass(frozen=True)
 class GraphSettings:
     """Everything the graph needs, resolved once on the launcher from the YAML config."""
+
     validation: ValidationRules
     privacy: PrivacyRules
     key_source: KeySource
@@ -42,7 +44,7 @@ class GraphSettings:
     labels: LabelRules
     session_gap_s: float
     lateness_s: float
-    features: Optional[object] = None        # FeaturesConfig, or None: no features
+    features: Optional[object] = None  # FeaturesConfig, or None: no features
 
     @property
     def archive_schema(self) -> dict:
@@ -69,8 +71,11 @@ class GraphSettings:
         key_source = KeySource.from_config(cfg.privacy, cfg.resolve)
         key_source.load()  # fail at start-up, not on a worker, when no key is configured
         lookups = {}
-        for name, table in (("item", cfg.enrichment.items), ("user", cfg.enrichment.users),
-                            ("experiment", cfg.enrichment.experiments)):
+        for name, table in (
+            ("item", cfg.enrichment.items),
+            ("user", cfg.enrichment.users),
+            ("experiment", cfg.enrichment.experiments),
+        ):
             if table.path:
                 _require_files(cfg.resolve(table.path), f"enrichment.{name}s.path")
                 field = f"{name}_id"
@@ -95,9 +100,12 @@ class GraphSettings:
 def _require_files(pattern: str, key: str) -> None:
     from apache_beam.io.filesystems import FileSystems
     from transforms.config import ConfigError
+
     if not FileSystems.match([pattern])[0].metadata_list:
-        raise ConfigError(f"{key}: no file matches {pattern!r}; fix the path (relative to the config file) "
-                          f"or set it to null to run without this table")
+        raise ConfigError(
+            f"{key}: no file matches {pattern!r}; fix the path (relative to the config file) "
+            f"or set it to null to run without this table"
+        )
 
 
 @dataclasses.dataclass
@@ -107,21 +115,22 @@ class GraphOutputs:
     duplicates: beam.PCollection
     dead_letter: beam.PCollection
     consent_dropped: beam.PCollection
-    too_late: beam.PCollection      # dead-letter records with reason too_late
+    too_late: beam.PCollection  # dead-letter records with reason too_late
     labels: beam.PCollection
     slates: beam.PCollection
     orphan_outcomes: beam.PCollection
     late_outcomes: beam.PCollection
-    features: Optional[beam.PCollection] = None    # feature rows (None when features are off)
-    counts: Optional[beam.PCollection] = None      # (counter name, count)
+    features: Optional[beam.PCollection] = None  # feature rows (None when features are off)
+    counts: Optional[beam.PCollection] = None  # (counter name, count)
 
 
 def _input_marker(_record) -> int:
     return 1
 
 
-def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letters=(),
-                      streaming: bool = False, count_windowing=None) -> GraphOutputs:
+def build_event_graph(
+    raw_records, settings: GraphSettings, upstream_dead_letters=(), streaming: bool = False, count_windowing=None
+) -> GraphOutputs:
     """RawRecord PCollection -> every outcome. `upstream_dead_letters`: dead letters made by the source
     (e.g. unreadable files), each standing for one input record. `streaming` picks the streaming
     implementation where one exists (same decisions, see DedupeEvents). `count_windowing`: a
@@ -129,30 +138,45 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
     p = raw_records.pipeline
     parsed = raw_records | "Parse" >> ParseEvents(settings.validation, settings.key_source)
     protected = parsed[ParseEvents.VALID] | "Privacy" >> ProtectPrivacy(settings.privacy, settings.key_source)
-    tables = {name: p | f"Read{name.title()}Metadata" >> ReadMetadataTable(path, key, domain, settings.key_source)
-              for name, (path, key, domain) in sorted(settings.lookups.items())}
+    tables = {
+        name: p | f"Read{name.title()}Metadata" >> ReadMetadataTable(path, key, domain, settings.key_source)
+        for name, (path, key, domain) in sorted(settings.lookups.items())
+    }
     enriched = protected | "Enrich" >> EnrichEvents(tables)
     deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, settings.lateness_s, streaming=streaming)
     judged = deduped.events | "Bots" >> FilterBots(
-        settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s, lateness_s=settings.lateness_s)
+        settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s, lateness_s=settings.lateness_s
+    )
     humans = judged[contract.TAG_HUMANS]
-    joined = humans | "Labels" >> JoinLabels(settings.labels, streaming=streaming,
-                                             upstream_delay_s=settings.bots_delay_s)
-    slates = joined.labels | "Slates" >> BuildSlates(streaming=streaming, allowed_lateness_s=settings.max_output_delay_s)
-    dead = ([parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters]
-            | "AllDeadLetters" >> beam.Flatten())
+    joined = humans | "Labels" >> JoinLabels(
+        settings.labels, streaming=streaming, upstream_delay_s=settings.bots_delay_s
+    )
+    slates = joined.labels | "Slates" >> BuildSlates(
+        streaming=streaming, allowed_lateness_s=settings.max_output_delay_s
+    )
+    dead = [parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters] | "AllDeadLetters" >> beam.Flatten()
     # Only the number of inputs matters here, so each side is reduced to a marker in an SDK step before
     # the Flatten. Flink's fuser (Beam Java's GreedyPipelineFuser) rejects a Flatten that takes a
     # runner-executed transform's output (the source's Reshuffle) beside SDK-stage outputs: "PCollectionNodes
     # [...] were consumed but never produced".
     upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(_input_marker) for i, d in enumerate(upstream_dead_letters)]
-    inputs = (([raw_records | "InputRecords" >> beam.Map(_input_marker), *upstream_inputs] | "AllInputs" >> beam.Flatten())
-              if upstream_inputs else raw_records)
+    inputs = (
+        ([raw_records | "InputRecords" >> beam.Map(_input_marker), *upstream_inputs] | "AllInputs" >> beam.Flatten())
+        if upstream_inputs
+        else raw_records
+    )
     outputs = GraphOutputs(
-        valid=humans, bots=judged[FilterBots.BOTS], duplicates=deduped[DedupeEvents.DUPLICATES],
-        dead_letter=dead, consent_dropped=parsed[ParseEvents.CONSENT_DROPPED], too_late=parsed[ParseEvents.TOO_LATE],
-        labels=joined.labels, slates=slates, orphan_outcomes=joined[JoinLabels.ORPHANS],
-        late_outcomes=joined[JoinLabels.LATE_OUTCOMES])
+        valid=humans,
+        bots=judged[FilterBots.BOTS],
+        duplicates=deduped[DedupeEvents.DUPLICATES],
+        dead_letter=dead,
+        consent_dropped=parsed[ParseEvents.CONSENT_DROPPED],
+        too_late=parsed[ParseEvents.TOO_LATE],
+        labels=joined.labels,
+        slates=slates,
+        orphan_outcomes=joined[JoinLabels.ORPHANS],
+        late_outcomes=joined[JoinLabels.LATE_OUTCOMES],
+    )
     if settings.features is not None:
         if streaming:
             # Accumulating panes: each firing is a complete row for its window (later panes replace
@@ -160,22 +184,30 @@ def build_event_graph(raw_records, settings: GraphSettings, upstream_dead_letter
             # Events reach this point behind the watermark by up to bots_delay_s (a user's run closes at
             # most max_run_duration + lateness after its first event): windows allow max_output_delay_s,
             # more than that, or Beam would drop them silently.
-            features_cfg = settings.features.model_copy(update={"allowed_lateness": max(
-                settings.features.allowed_lateness, settings.max_output_delay_s)})
+            features_cfg = settings.features.model_copy(
+                update={"allowed_lateness": max(settings.features.allowed_lateness, settings.max_output_delay_s)}
+            )
             outputs.features = humans | "Features" >> ComputeFeatures(
-                features_cfg, trigger=AfterWatermark(late=AfterCount(1)),
-                accumulation_mode=AccumulationMode.ACCUMULATING)
+                features_cfg,
+                trigger=AfterWatermark(late=AfterCount(1)),
+                accumulation_mode=AccumulationMode.ACCUMULATING,
+            )
         else:
             outputs.features = humans | "Features" >> ComputeFeatures(settings.features, keyed_windows=True)
     exposures = humans | "Exposures" >> beam.Filter(is_exposure)
     # The outcome and label counters are the ones the outputs table declares (outputs.counted).
-    counted = {contract.COUNTER_INPUT: inputs, contract.COUNTER_EXPOSURES: exposures,
-               **output_table.counted(outputs, output_table.BATCH_OUTPUTS)}
-    outputs.counts = (counted
-                      | "Accounting" >> CountOutcomes(windowing=count_windowing, breakdowns={
-        contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
-        contract.OUTCOME_BOT: lambda r: r["bot_rule"],
-        contract.OUTCOME_VALID: lambda r: r["event_type"],
-        contract.COUNTER_LABELS: label_polarity,
-    }))
+    counted = {
+        contract.COUNTER_INPUT: inputs,
+        contract.COUNTER_EXPOSURES: exposures,
+        **output_table.counted(outputs, output_table.BATCH_OUTPUTS),
+    }
+    outputs.counts = counted | "Accounting" >> CountOutcomes(
+        windowing=count_windowing,
+        breakdowns={
+            contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
+            contract.OUTCOME_BOT: lambda r: r["bot_rule"],
+            contract.OUTCOME_VALID: lambda r: r["event_type"],
+            contract.COUNTER_LABELS: label_polarity,
+        },
+    )
     return outputs

@@ -5,6 +5,7 @@ A job module keeps only its own parts, like Beam's `examples/wordcount.py`: `bui
 `build(p, ...)` returning its PCollections (for tests), `run(argv)` wiring the pieces below, and
 `main(argv)` = `run_main(run, argv, ...)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,9 @@ from transforms.privacy import MissingKeyError
 from transforms.schemas import SchemaError
 
 EXIT_OK = 0
-EXIT_CONFIG = 2       # bad configuration, missing key, bad schema folder, no input, used or unwritable
-                      # --output: nothing ran
-EXIT_ACCOUNTING = 3   # the run finished but its outputs do not account for every input record
+EXIT_CONFIG = 2  # bad configuration, missing key, bad schema folder, no input, used or unwritable
+# --output: nothing ran
+EXIT_ACCOUNTING = 3  # the run finished but its outputs do not account for every input record
 # Without --runner, batch jobs run on FnApiRunner, named explicitly: a bare DirectRunner first tries to
 # download Prism and, for stateful pipelines, silently switches runners (see shared/BEAM-NOTES.md).
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
@@ -34,17 +35,22 @@ DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
 # --- options ------------------------------------------------------------------------------------
 
+
 def add_overwrite_flag(parser) -> None:
     """--overwrite, shared by every job that owns an output folder (see pipelines/runfolder.py)."""
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Replace the previous run in --output (only files its manifest lists); without it a "
-                             "used output folder is refused with exit 2")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the previous run in --output (only files its manifest lists); without it a "
+        "used output folder is refused with exit 2",
+    )
 
 
 def pipeline_options(beam_args, default_runner: str = DEFAULT_RUNNER, streaming: bool = False):
     """Beam options from the arguments the job did not consume, with the default runner named
     explicitly when none was given (a bare DirectRunner may silently pick another runner)."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
     options = PipelineOptions(beam_args)
     standard = options.view_as(StandardOptions)
     if streaming:
@@ -56,6 +62,7 @@ def pipeline_options(beam_args, default_runner: str = DEFAULT_RUNNER, streaming:
 
 def runner_name(options) -> str:
     from apache_beam.options.pipeline_options import StandardOptions
+
     return str(options.view_as(StandardOptions).runner)
 
 
@@ -67,9 +74,11 @@ def require_match(flag: str, pattern: str) -> None:
 
 # --- running ------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Finished:
     """A pipeline run to completion: the runner's result and the seconds from build to finish."""
+
     result: object
     elapsed_seconds: float
 
@@ -77,6 +86,7 @@ class Finished:
 def run_pipeline(options, build: Callable) -> Finished:
     """Builds a pipeline with `build(p)` and runs it to completion (batch jobs)."""
     import apache_beam as beam
+
     started = time.monotonic()
     p = beam.Pipeline(options=options)
     build(p)
@@ -87,6 +97,7 @@ def run_pipeline(options, build: Callable) -> Finished:
 
 # --- read-back ----------------------------------------------------------------------------------
 
+
 def beam_counters(result, namespace: str = METRICS_PREFIX, qualified: bool = True) -> dict:
     """The job's own Beam counters (namespaces starting with `namespace`) as the runner reports them
     (committed, else attempted). `qualified`: keys are `<namespace>.<name>`, else the bare name."""
@@ -94,9 +105,14 @@ def beam_counters(result, namespace: str = METRICS_PREFIX, qualified: bool = Tru
         counters = result.metrics().query()["counters"]
     except (NotImplementedError, KeyError, AttributeError):  # a runner without metrics support
         return {}
-    rows = [{"counter": f"{c.key.metric.namespace}.{c.key.metric.name}" if qualified else c.key.metric.name,
-             "count": c.committed if c.committed is not None else c.attempted}
-            for c in counters if c.key.metric.namespace.startswith(namespace)]
+    rows = [
+        {
+            "counter": f"{c.key.metric.namespace}.{c.key.metric.name}" if qualified else c.key.metric.name,
+            "count": c.committed if c.committed is not None else c.attempted,
+        }
+        for c in counters
+        if c.key.metric.namespace.startswith(namespace)
+    ]
     return dict(sorted(sum_counters(rows).items()))
 
 
@@ -114,6 +130,7 @@ def read_counters(prefix: str) -> dict:
 
 
 # --- reports ------------------------------------------------------------------------------------
+
 
 def write_json(path: str, data: dict) -> None:
     with FileSystems.create(path) as f:
@@ -141,8 +158,7 @@ def quality_exit_code(report: dict, check: str = "SLO") -> int:
     return code
 
 
-def run_main(run: Callable, argv=None, summary: Callable | None = None,
-             exit_code: Callable | None = None) -> int:
+def run_main(run: Callable, argv=None, summary: Callable | None = None, exit_code: Callable | None = None) -> int:
     """Runs `run(argv)`; prints `summary(result)`; returns `exit_code(result)` (default 0) or the
     failure's exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,6 +7,7 @@ write, in step order; `STREAMING_OUTPUTS` what the streaming job writes (its ord
 which Dataflow's --update matches on); `REPLAY_ARCHIVE_OUTPUTS` what an archive replay rewrites.
 Folder and file names are on-disk contracts (README, Outputs): change them on purpose only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ class Output:
       label: batch step label suffix, `"Write" + label` (default: `name` in CamelCase).
       time_field: the event-time field of a record (hourly replay partitions, output latency).
     """
+
     name: str
     fmt: str
     schema: dict | str | None
@@ -79,22 +81,43 @@ EVENTS = Output("events", AVRO, CLEAN_EVENT_SCHEMA, ("valid",), (contract.OUTCOM
 # Streaming's name for the valid events: the archive replays read.
 ARCHIVE = dataclasses.replace(EVENTS, name="archive")
 BOTS = Output("bots", AVRO, CLEAN_EVENT_SCHEMA, ("bots",), (contract.OUTCOME_BOT,))
-DEAD_LETTER = Output("dead_letter", JSONL, None, ("dead_letter", "too_late"),
-                     (contract.OUTCOME_DEAD_LETTER, contract.OUTCOME_TOO_LATE), label="DeadLetters")
+DEAD_LETTER = Output(
+    "dead_letter",
+    JSONL,
+    None,
+    ("dead_letter", "too_late"),
+    (contract.OUTCOME_DEAD_LETTER, contract.OUTCOME_TOO_LATE),
+    label="DeadLetters",
+)
 LABELS = Output("labels", AVRO, LABEL_SCHEMA, ("labels",), (contract.COUNTER_LABELS,), time_field="impression_time")
 SLATES = Output("slates", AVRO, SLATE_SCHEMA, ("slates",), time_field="impression_time")
-ORPHAN_OUTCOMES = Output("orphan_outcomes", JSONL, None, ("orphan_outcomes",), (contract.COUNTER_ORPHANS,),
-                         file_prefix="orphans", label="Orphans")
+ORPHAN_OUTCOMES = Output(
+    "orphan_outcomes",
+    JSONL,
+    None,
+    ("orphan_outcomes",),
+    (contract.COUNTER_ORPHANS,),
+    file_prefix="orphans",
+    label="Orphans",
+)
 LATE_OUTCOMES = Output("late_outcomes", JSONL, None, ("late_outcomes",), (contract.COUNTER_LATE_OUTCOMES,))
 DUPLICATES = Output("duplicates", JSONL, None, ("duplicates",), (contract.OUTCOME_DUPLICATE,))
 CONSENT_DROPPED = Output("consent_dropped", JSONL, None, ("consent_dropped",), (contract.OUTCOME_CONSENT_DROPPED,))
 FEATURES = Output("features", PARQUET, None, ("features",))
 COUNTS = Output("_counts", JSONL, None, ("counts",), file_prefix="counts", label="Counts")
 
-BATCH_OUTPUTS = (EVENTS, BOTS, DEAD_LETTER, LABELS, SLATES, ORPHAN_OUTCOMES, LATE_OUTCOMES, DUPLICATES,
-                 CONSENT_DROPPED)
-STREAMING_OUTPUTS = (ARCHIVE, BOTS, LABELS, SLATES, DEAD_LETTER, ORPHAN_OUTCOMES, LATE_OUTCOMES, DUPLICATES,
-                     CONSENT_DROPPED)
+BATCH_OUTPUTS = (EVENTS, BOTS, DEAD_LETTER, LABELS, SLATES, ORPHAN_OUTCOMES, LATE_OUTCOMES, DUPLICATES, CONSENT_DROPPED)
+STREAMING_OUTPUTS = (
+    ARCHIVE,
+    BOTS,
+    LABELS,
+    SLATES,
+    DEAD_LETTER,
+    ORPHAN_OUTCOMES,
+    LATE_OUTCOMES,
+    DUPLICATES,
+    CONSENT_DROPPED,
+)
 REPLAY_ARCHIVE_OUTPUTS = (LABELS, SLATES, ORPHAN_OUTCOMES, LATE_OUTCOMES)
 # Label-join outputs whose counters are read back as the `labels` summary, besides the outcomes.
 LABEL_OUTPUTS = (LABELS, ORPHAN_OUTCOMES, LATE_OUTCOMES)
@@ -118,6 +141,7 @@ def output_collections(out, outputs=BATCH_OUTPUTS, merged_label: str = "DeadAndT
 @dataclasses.dataclass(frozen=True)
 class OutputPaths:
     """File prefixes of a batch run folder (local path or gs://...)."""
+
     root: str
 
     def _join(self, *parts):
@@ -128,20 +152,31 @@ class OutputPaths:
         return self._join(output.name) if output.fmt == PARQUET else self._join(output.name, output.prefix)
 
     @property
-    def features(self): return self.of(FEATURES)
-    @property
-    def counts(self): return self.of(COUNTS)
-    @property
-    def report(self): return self._join("report.json")
-    @property
-    def quality(self): return self._join("quality.json")
-    @property
-    def report_html(self): return self._join("report.html")
+    def features(self):
+        return self.of(FEATURES)
 
-    def quality_part(self, name): return self._join("_quality", name)
+    @property
+    def counts(self):
+        return self.of(COUNTS)
+
+    @property
+    def report(self):
+        return self._join("report.json")
+
+    @property
+    def quality(self):
+        return self._join("quality.json")
+
+    @property
+    def report_html(self):
+        return self._join("report.html")
+
+    def quality_part(self, name):
+        return self._join("_quality", name)
 
 
 # --- batch sinks ----------------------------------------------------------------------------------
+
 
 def _sink(output: Output, prefix: str, schema, shards: int, deterministic: bool) -> beam.PTransform:
     if deterministic:
@@ -157,10 +192,13 @@ def build_outputs(out, settings, paths: OutputPaths, deterministic: bool = False
     files (replays rewrite the same bytes) instead of runner-sharded writes."""
     pcolls = output_collections(out, BATCH_OUTPUTS)
     for o in BATCH_OUTPUTS:
-        _ = pcolls[o.name] | o.write_label >> _sink(o, paths.of(o), o.schema_for(settings.clean_schema),
-                                                     settings.num_shards, deterministic)
+        _ = pcolls[o.name] | o.write_label >> _sink(
+            o, paths.of(o), o.schema_for(settings.clean_schema), settings.num_shards, deterministic
+        )
     if out.features is not None:
         _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(paths.features)
-    _ = (out.counts
-         | "CountsToJson" >> beam.MapTuple(counter_line)
-         | "WriteCounts" >> beam.io.WriteToText(paths.counts, file_name_suffix=".jsonl", num_shards=1))
+    _ = (
+        out.counts
+        | "CountsToJson" >> beam.MapTuple(counter_line)
+        | "WriteCounts" >> beam.io.WriteToText(paths.counts, file_name_suffix=".jsonl", num_shards=1)
+    )

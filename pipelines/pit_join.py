@@ -15,6 +15,7 @@ entity; a second CoGroupByKey by label puts each label's three entity parts toge
 field of their Avro schema (read from the first matching file on the launcher). Without --runner the job
 runs on FnApiRunner, named explicitly (see pipelines/batch.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ class PitJoinError(ConfigError):
 
 # --- pure functions --------------------------------------------------------------------------
 
+
 def window_slug(window_label: str) -> str:
     return window_label.replace("/", "_")
 
@@ -99,8 +101,9 @@ def _pane_order(row: dict):
     return row["window_end"], row.get("n_events") or 0, repr(sorted(row.items()))
 
 
-def asof_features(entity_type: str, rows: Iterable[dict], requests: Iterable[tuple[str, int]],
-                  windows: Sequence[str]) -> Iterator[tuple[str, dict]]:
+def asof_features(
+    entity_type: str, rows: Iterable[dict], requests: Iterable[tuple[str, int]], windows: Sequence[str]
+) -> Iterator[tuple[str, dict]]:
     """One entity's feature rows and (label_key, impression_time) requests -> (label_key, columns).
 
     Per window spec, the attached row is the latest with window_end <= impression_time; none -> nulls.
@@ -144,6 +147,7 @@ def training_rows(labels: Iterable[dict], parts: Iterable[dict], columns: Sequen
 
 # --- Beam pieces -----------------------------------------------------------------------------
 
+
 class _ReadFeatureRowsFn(beam.DoFn):
     def __init__(self, columns: Sequence[str], windows: Sequence[str], entities: Sequence[str]):
         self._columns = list(columns)
@@ -154,6 +158,7 @@ class _ReadFeatureRowsFn(beam.DoFn):
 
     def process(self, readable_file: fileio.ReadableFile):
         import pyarrow.parquet as pq
+
         with readable_file.open() as f:
             pf = pq.ParquetFile(f)
             names = set(pf.schema_arrow.names)
@@ -227,14 +232,26 @@ def output_schema(label_schema: dict, columns: Sequence[tuple[str, str]]) -> dic
     clash = sorted(names & {c for c, _ in columns})
     if clash:
         raise PitJoinError(f"label fields clash with feature columns: {clash}")
-    return {"type": "record", "name": "TrainingRow", "namespace": "feedback.training",
-            "fields": list(label_schema["fields"]) + [
-                {"name": c, "type": ["null", t], "default": None} for c, t in columns]}
+    return {
+        "type": "record",
+        "name": "TrainingRow",
+        "namespace": "feedback.training",
+        "fields": list(label_schema["fields"])
+        + [{"name": c, "type": ["null", t], "default": None} for c, t in columns],
+    }
 
 
-def build(p: beam.Pipeline, labels_glob: str, features_dir: str, output: str, *,
-          windows: Sequence[str] | None = None, entities: Sequence[str] | None = None,
-          label_schema: dict | None = None, num_shards: int = 0) -> beam.PCollection:
+def build(
+    p: beam.Pipeline,
+    labels_glob: str,
+    features_dir: str,
+    output: str,
+    *,
+    windows: Sequence[str] | None = None,
+    entities: Sequence[str] | None = None,
+    label_schema: dict | None = None,
+    num_shards: int = 0,
+) -> beam.PCollection:
     """Labels + features -> training rows written as Avro to `<output>/training-*.avro`; returns the rows."""
     windows = tuple(windows or (w.label for w in FeaturesConfig().windows))
     entities = tuple(entities or ENTITY_TYPES)
@@ -246,38 +263,57 @@ def build(p: beam.Pipeline, labels_glob: str, features_dir: str, output: str, *,
     schema = output_schema(label_schema, columns)
     read_columns = ["entity_type", "entity_id", "window", "window_end"] + [n for n, _ in FEATURE_COLUMNS]
 
-    labels = (p
-              | "ReadLabels" >> beam.io.ReadFromAvro(labels_glob)
-              | "KeyLabels" >> beam.Map(lambda r: (label_key(r), r)).with_output_types(tuple[str, dict]))
+    labels = (
+        p
+        | "ReadLabels" >> beam.io.ReadFromAvro(labels_glob)
+        | "KeyLabels" >> beam.Map(lambda r: (label_key(r), r)).with_output_types(tuple[str, dict])
+    )
     requests = labels | "LabelEntities" >> beam.ParDo(_LabelRequestsFn(entities)).with_output_types(
-        tuple[tuple[str, str], tuple[str, int]])
-    rows = (p
-            | "MatchFeatures" >> fileio.MatchFiles(FileSystems.join(features_dir, FEATURE_GLOB),
-                                                   empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-            | "OpenFeatures" >> fileio.ReadMatches()
-            | "ReadFeatureRows" >> beam.ParDo(_ReadFeatureRowsFn(read_columns, windows, entities)).with_output_types(
-                tuple[tuple[str, str], dict]))
-    parts = ({"rows": rows, "requests": requests}
-             | "GroupByEntity" >> beam.CoGroupByKey()
-             | "AsOfLookup" >> beam.ParDo(_AsOfFn(windows)).with_output_types(tuple[str, dict]))
-    training = ({"labels": labels, "parts": parts}
-                | "GroupByLabel" >> beam.CoGroupByKey()
-                | "MergeParts" >> beam.ParDo(_MergeFn([c for c, _ in columns])))
+        tuple[tuple[str, str], tuple[str, int]]
+    )
+    rows = (
+        p
+        | "MatchFeatures"
+        >> fileio.MatchFiles(
+            FileSystems.join(features_dir, FEATURE_GLOB), empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW
+        )
+        | "OpenFeatures" >> fileio.ReadMatches()
+        | "ReadFeatureRows"
+        >> beam.ParDo(_ReadFeatureRowsFn(read_columns, windows, entities)).with_output_types(
+            tuple[tuple[str, str], dict]
+        )
+    )
+    parts = (
+        {"rows": rows, "requests": requests}
+        | "GroupByEntity" >> beam.CoGroupByKey()
+        | "AsOfLookup" >> beam.ParDo(_AsOfFn(windows)).with_output_types(tuple[str, dict])
+    )
+    training = (
+        {"labels": labels, "parts": parts}
+        | "GroupByLabel" >> beam.CoGroupByKey()
+        | "MergeParts" >> beam.ParDo(_MergeFn([c for c, _ in columns]))
+    )
     _ = training | "WriteTraining" >> beam.io.WriteToAvro(
-        FileSystems.join(output, "training"), schema=schema, file_name_suffix=".avro", num_shards=num_shards)
+        FileSystems.join(output, "training"), schema=schema, file_name_suffix=".avro", num_shards=num_shards
+    )
     return training
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.pit_join", description=__doc__.split("\n\n")[0])
     parser.add_argument("--labels", required=True, help="File glob of label Avro files")
-    parser.add_argument("--features", required=True,
-                        help=f"Feature folder written by WriteOfflineFeatures ({FEATURE_GLOB})")
+    parser.add_argument(
+        "--features", required=True, help=f"Feature folder written by WriteOfflineFeatures ({FEATURE_GLOB})"
+    )
     parser.add_argument("--output", required=True, help="Output folder for training-*.avro")
-    parser.add_argument("--windows", default=",".join(w.label for w in FeaturesConfig().windows),
-                        help="Comma-separated window labels to attach (default: %(default)s)")
-    parser.add_argument("--entities", default=",".join(ENTITY_TYPES),
-                        help="Comma-separated entities (default: %(default)s)")
+    parser.add_argument(
+        "--windows",
+        default=",".join(w.label for w in FeaturesConfig().windows),
+        help="Comma-separated window labels to attach (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--entities", default=",".join(ENTITY_TYPES), help="Comma-separated entities (default: %(default)s)"
+    )
     parser.add_argument("--num_shards", type=int, default=0, help="Output files; 0 lets the runner choose")
     add_overwrite_flag(parser)
     return parser
@@ -298,15 +334,34 @@ def run(argv=None) -> dict:
     runfolder.check_published(FileSystems.join(args.features, FEATURE_GLOB), "--features")
     label_schema = read_label_schema(args.labels)
     folder = runfolder.prepare(args.output, "pit_join", args.overwrite)
-    finished = run_pipeline(options, lambda p: build(p, args.labels, args.features, folder.staging, windows=windows,
-                                                     entities=entities, label_schema=label_schema,
-                                                     num_shards=args.num_shards))
-    report = {"job": "pit_join", "labels": args.labels, "features": args.features, "output": args.output,
-              "run_id": folder.run_id, "windows": windows, "entities": entities,
-              "metrics": beam_counters(finished.result, METRICS_NS, qualified=False)}
-    runfolder.publish(folder, runfolder.config_digest({k: report[k] for k in ("windows", "entities")}),
-                      {"labels": args.labels, "features": args.features,
-                       "training_rows": report["metrics"].get("training_rows")})
+    finished = run_pipeline(
+        options,
+        lambda p: build(
+            p,
+            args.labels,
+            args.features,
+            folder.staging,
+            windows=windows,
+            entities=entities,
+            label_schema=label_schema,
+            num_shards=args.num_shards,
+        ),
+    )
+    report = {
+        "job": "pit_join",
+        "labels": args.labels,
+        "features": args.features,
+        "output": args.output,
+        "run_id": folder.run_id,
+        "windows": windows,
+        "entities": entities,
+        "metrics": beam_counters(finished.result, METRICS_NS, qualified=False),
+    }
+    runfolder.publish(
+        folder,
+        runfolder.config_digest({k: report[k] for k in ("windows", "entities")}),
+        {"labels": args.labels, "features": args.features, "training_rows": report["metrics"].get("training_rows")},
+    )
     return report
 
 

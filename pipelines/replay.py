@@ -29,6 +29,7 @@ record that now parses is counted once; outputs are deterministic, so replaying 
 again replaces, not duplicates. Payloads were redacted when dead-lettered (no raw PII is kept), so
 replayed events carry tokens where an e-mail or IP was, and no IP network.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("archive", help="labels from the streaming archive for a time range")
     a.add_argument("--config", required=True)
     a.add_argument("--archive", required=True, help="Glob of archive Avro files (streaming output archive/)")
-    a.add_argument("--from", dest="start", required=True,
-                   help="Start of the impression-time range (whole hour, ISO-8601)")
+    a.add_argument(
+        "--from", dest="start", required=True, help="Start of the impression-time range (whole hour, ISO-8601)"
+    )
     a.add_argument("--to", dest="end", required=True, help="End of the range, exclusive (whole hour, ISO-8601)")
     a.add_argument("--output", required=True)
     add_overwrite_flag(a)
@@ -109,12 +111,15 @@ def _hour_ms(text: str, flag: str) -> int:
     except ValueError as e:
         raise ConfigError(f"{flag}: {e}") from None
     if ms % (PARTITION_S * 1000):
-        raise ConfigError(f"{flag}: {text!r} is not a whole hour; replay ranges are whole hours so that a "
-                          f"replayed hour is always complete (use e.g. 2026-11-01T10:00:00Z)")
+        raise ConfigError(
+            f"{flag}: {text!r} is not a whole hour; replay ranges are whole hours so that a "
+            f"replayed hour is always complete (use e.g. 2026-11-01T10:00:00Z)"
+        )
     return ms
 
 
 # --- archive replay ------------------------------------------------------------------------------
+
 
 def archived_event(record: dict) -> dict:
     """An archive Avro record -> the event dict the graph uses (epoch-ms times)."""
@@ -162,18 +167,22 @@ class WriteHourly(beam.PTransform):
 
     def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         field = self._field
-        return (records
-                | "StampPartition" >> beam.Map(lambda r: window.TimestampedValue(r, r[field] / 1000.0))
-                | "Hours" >> beam.WindowInto(window.FixedWindows(PARTITION_S))
-                | "Write" >> WriteWindowedFiles(*self._args))
+        return (
+            records
+            | "StampPartition" >> beam.Map(lambda r: window.TimestampedValue(r, r[field] / 1000.0))
+            | "Hours" >> beam.WindowInto(window.FixedWindows(PARTITION_S))
+            | "Write" >> WriteWindowedFiles(*self._args)
+        )
 
 
 def build_archive_replay(p, settings: GraphSettings, archive_glob: str, start: int, end: int, output: str):
     margin = label_margin_ms(settings.labels)
-    events = (p
-              | "MatchArchive" >> fileio.MatchFiles(archive_glob)
-              | "OpenArchive" >> fileio.ReadMatches()
-              | "ReadArchive" >> beam.ParDo(_ReadArchiveFn(start - margin, end + margin)))
+    events = (
+        p
+        | "MatchArchive" >> fileio.MatchFiles(archive_glob)
+        | "OpenArchive" >> fileio.ReadMatches()
+        | "ReadArchive" >> beam.ParDo(_ReadArchiveFn(start - margin, end + margin))
+    )
     joined = events | "Labels" >> JoinLabels(settings.labels)
     labels = joined.labels | "LabelsInRange" >> beam.Filter(in_range("impression_time", start, end))
     slates = labels | "Slates" >> BuildSlates()
@@ -182,22 +191,31 @@ def build_archive_replay(p, settings: GraphSettings, archive_glob: str, start: i
         in_range_outputs[o.name] = joined[tag] | f"{o.title}InRange" >> beam.Filter(in_range(o.time_field, start, end))
     root = output.rstrip("/")
     for o in REPLAY_ARCHIVE_OUTPUTS:
-        _ = in_range_outputs[o.name] | f"Write{o.title}" >> WriteHourly(f"{root}/{o.name}", o.name, o.fmt, o.schema,
-                                                                        o.time_field)
-    exposures = (events
-                 | "Exposures" >> beam.Filter(is_exposure)
-                 | "ExposuresInRange" >> beam.Filter(in_range("event_time", start, end)))
-    counted = {contract.COUNTER_EXPOSURES: exposures, contract.COUNTER_LABELS: labels,
-               contract.COUNTER_ORPHANS: in_range_outputs[ORPHAN_OUTCOMES.name],
-               contract.COUNTER_LATE_OUTCOMES: in_range_outputs[LATE_OUTCOMES.name]}
-    _ = (counted
-         | "Accounting" >> CountOutcomes({contract.COUNTER_LABELS: label_polarity})
-         | "CountsToJson" >> beam.MapTuple(counter_record)
-         | "WriteCounts" >> WriteWindowedFiles(f"{root}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt))
+        _ = in_range_outputs[o.name] | f"Write{o.title}" >> WriteHourly(
+            f"{root}/{o.name}", o.name, o.fmt, o.schema, o.time_field
+        )
+    exposures = (
+        events
+        | "Exposures" >> beam.Filter(is_exposure)
+        | "ExposuresInRange" >> beam.Filter(in_range("event_time", start, end))
+    )
+    counted = {
+        contract.COUNTER_EXPOSURES: exposures,
+        contract.COUNTER_LABELS: labels,
+        contract.COUNTER_ORPHANS: in_range_outputs[ORPHAN_OUTCOMES.name],
+        contract.COUNTER_LATE_OUTCOMES: in_range_outputs[LATE_OUTCOMES.name],
+    }
+    _ = (
+        counted
+        | "Accounting" >> CountOutcomes({contract.COUNTER_LABELS: label_polarity})
+        | "CountsToJson" >> beam.MapTuple(counter_record)
+        | "WriteCounts" >> WriteWindowedFiles(f"{root}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt)
+    )
     return labels
 
 
 # --- dead-letter replay --------------------------------------------------------------------------
+
 
 def dead_letter_payload(record: dict) -> bytes:
     """The (redacted) payload a dead letter kept, as bytes to parse again."""
@@ -221,10 +239,12 @@ class _ReadDeadLettersFn(beam.DoFn):
 
 
 def build_dead_letter_replay(p, settings: GraphSettings, dead_glob: str, output: str):
-    raw = (p
-           | "MatchDeadLetters" >> fileio.MatchFiles(dead_glob)
-           | "OpenDeadLetters" >> fileio.ReadMatches()
-           | "ReadDeadLetters" >> beam.ParDo(_ReadDeadLettersFn()))
+    raw = (
+        p
+        | "MatchDeadLetters" >> fileio.MatchFiles(dead_glob)
+        | "OpenDeadLetters" >> fileio.ReadMatches()
+        | "ReadDeadLetters" >> beam.ParDo(_ReadDeadLettersFn())
+    )
     out = build_event_graph(raw, settings)
     build_outputs(out, settings, OutputPaths(output), deterministic=True)
     return out
@@ -233,6 +253,7 @@ def build_dead_letter_replay(p, settings: GraphSettings, dead_glob: str, output:
 def _digest_files(root: str, start: int, end: int) -> dict:
     """sha256 of every output file of the hours in [start, end) under `root`."""
     import hashlib
+
     hours = set()
     t = start
     while t < end:
@@ -254,10 +275,16 @@ def record_replay(staging: str, start: int, end: int, previous_manifest) -> dict
     {"previous_run", "identical", "files", "differing"}."""
     current = _digest_files(staging, start, end)
     previous = None
-    if previous_manifest and previous_manifest.get("job") == "replay-archive" \
-            and previous_manifest.get("range_ms") == [start, end]:
-        previous = {e["path"]: e["sha256"] for e in previous_manifest.get("files", [])
-                    if e["path"].split("/", 1)[0] in _REPLAYED}
+    if (
+        previous_manifest
+        and previous_manifest.get("job") == "replay-archive"
+        and previous_manifest.get("range_ms") == [start, end]
+    ):
+        previous = {
+            e["path"]: e["sha256"]
+            for e in previous_manifest.get("files", [])
+            if e["path"].split("/", 1)[0] in _REPLAYED
+        }
     if previous is None:
         return {"previous_run": False, "identical": None, "files": len(current), "differing": []}
     differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
@@ -279,28 +306,48 @@ def run(argv=None) -> dict:
     folder = runfolder.prepare(args.output, f"replay-{args.mode}", args.overwrite)
     paths = OutputPaths(folder.staging)
     if args.mode == "archive":
-        finished = run_pipeline(options, lambda p: build_archive_replay(p, settings, args.archive, start, end,
-                                                                        folder.staging))
+        finished = run_pipeline(
+            options, lambda p: build_archive_replay(p, settings, args.archive, start, end, folder.staging)
+        )
     else:
-        finished = run_pipeline(options, lambda p: build_dead_letter_replay(p, settings, args.dead_letters,
-                                                                            folder.staging))
-    report = {"job": f"replay-{args.mode}", "config": args.config, "output": args.output, "run_id": folder.run_id,
-              "runner": runner_name(options), "beam_version": beam.__version__,
-              "elapsed_seconds": finished.elapsed_seconds, "metrics": beam_counters(finished.result)}
+        finished = run_pipeline(
+            options, lambda p: build_dead_letter_replay(p, settings, args.dead_letters, folder.staging)
+        )
+    report = {
+        "job": f"replay-{args.mode}",
+        "config": args.config,
+        "output": args.output,
+        "run_id": folder.run_id,
+        "runner": runner_name(options),
+        "beam_version": beam.__version__,
+        "elapsed_seconds": finished.elapsed_seconds,
+        "metrics": beam_counters(finished.result),
+    }
     if args.mode == "archive":
         labels = label_summary(read_counters(paths.counts))
-        report.update(range={"from": args.start, "to": args.end}, archive=args.archive, labels=labels,
-                      replayability=record_replay(folder.staging, start, end, folder.previous_manifest))
+        report.update(
+            range={"from": args.start, "to": args.end},
+            archive=args.archive,
+            labels=labels,
+            replayability=record_replay(folder.staging, start, end, folder.previous_manifest),
+        )
         published = {"range_ms": [start, end], "labels": labels}
-        refuse_unless(labels["one_label_per_exposure"],
-                      f"{labels['exposures']} exposures in range but {labels['labels']} labels", paths.report, report)
+        refuse_unless(
+            labels["one_label_per_exposure"],
+            f"{labels['exposures']} exposures in range but {labels['labels']} labels",
+            paths.report,
+            report,
+        )
     else:
         summary = summarise(read_counters(paths.counts))
         report.update(dead_letters=args.dead_letters, **summary)
         published = {"counts": summary["counts"], "accounting": summary["accounting"]}
-        refuse_unless(summary["accounting"]["holds"],
-                      f"replayed dead letters not accounted for exactly once: {summary['accounting']}",
-                      paths.report, report)
+        refuse_unless(
+            summary["accounting"]["holds"],
+            f"replayed dead letters not accounted for exactly once: {summary['accounting']}",
+            paths.report,
+            report,
+        )
     write_json(paths.report, report)
     runfolder.publish(folder, runfolder.config_digest(cfg.model_dump_json()), published)
     return report

@@ -21,6 +21,7 @@ even with `--overwrite`: we never delete files we did not write.
 Streaming (continuous windowed files, no end, so no staging) uses `prepare_streaming`: the same
 refusal of a used folder unless `--overwrite`, and a `_STREAMING.json` marker instead of `_SUCCESS`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,7 +66,7 @@ def _local(path: str) -> bool:
 
 
 def _rel(root: str, path: str) -> str:
-    return path[len(root.rstrip("/")) + 1:]
+    return path[len(root.rstrip("/")) + 1 :]
 
 
 def list_files(root: str) -> list[str]:
@@ -102,6 +103,7 @@ def _remove_empty_dirs(root: str) -> None:
 
 # --- prepare: refuse a used folder, or remove the previous run -----------------------------------
 
+
 def _staging_names(files: Iterable[str]) -> set[str]:
     return {f.split("/", 1)[0] for f in files if f.startswith(STAGING_PREFIX) and "/" in f}
 
@@ -109,8 +111,10 @@ def _staging_names(files: Iterable[str]) -> set[str]:
 def describe_previous(root: str, files: list[str]) -> str:
     manifest = _read_json(_join(root, MANIFEST)) if MANIFEST in files else None
     if manifest and SUCCESS in files:
-        return (f"a published {manifest.get('job')} run ({manifest.get('run_id')}, "
-                f"{len(manifest.get('files', []))} files, {manifest.get('published_at')})")
+        return (
+            f"a published {manifest.get('job')} run ({manifest.get('run_id')}, "
+            f"{len(manifest.get('files', []))} files, {manifest.get('published_at')})"
+        )
     if STREAMING in files:
         return "a streaming run's output"
     return "an unfinished run (killed, failed or still running: no _SUCCESS)"
@@ -142,13 +146,15 @@ def remove_previous_run(root: str, files: list[str]) -> int:
         raise OutputFolderError(
             f"--output {root}: the folder is not empty and does not hold a run of this project "
             f"(no {SUCCESS}, {MANIFEST}, {RUNNING} or {STAGING_PREFIX}* found); --overwrite only deletes our own "
-            f"runs. Choose an empty folder or remove its contents yourself.")
+            f"runs. Choose an empty folder or remove its contents yourself."
+        )
     foreign = sorted(set(files) - owned)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputFolderError(
             f"--output {root}: holds files no manifest of ours lists ({shown}); --overwrite refuses to delete "
-            f"them. Move them away or choose another folder.")
+            f"them. Move them away or choose another folder."
+        )
     # _SUCCESS first: from here on no reader takes the folder for a complete run.
     order = sorted(owned, key=lambda f: (f != SUCCESS, f == MANIFEST, f))
     for f in order:
@@ -167,18 +173,23 @@ def _check_usable(root: str, overwrite: bool, previous_manifest_out: list) -> No
         try:
             os.makedirs(root, exist_ok=True)
         except OSError as e:
-            raise OutputFolderError(f"--output {root}: cannot create the folder ({e.strerror}); "
-                                    f"pass a writable folder") from None
+            raise OutputFolderError(
+                f"--output {root}: cannot create the folder ({e.strerror}); pass a writable folder"
+            ) from None
     files = list_files(root)
     if not files:
         _remove_empty_dirs(root)
         return
     if not overwrite:
-        what = describe_previous(root, files) if _owned(root, files) is not None else \
-            f"{len(files)} files that are not a run of this project"
+        what = (
+            describe_previous(root, files)
+            if _owned(root, files) is not None
+            else f"{len(files)} files that are not a run of this project"
+        )
         raise OutputFolderError(
             f"--output {root}: the folder already holds {what}. A run never mixes with an earlier one: pass "
-            f"--overwrite to replace it, or choose an empty folder.")
+            f"--overwrite to replace it, or choose an empty folder."
+        )
     if SUCCESS in files and MANIFEST in files:
         previous_manifest_out.append(_read_json(_join(root, MANIFEST)))
     n = remove_previous_run(root, files)
@@ -188,6 +199,7 @@ def _check_usable(root: str, overwrite: bool, previous_manifest_out: list) -> No
 @dataclasses.dataclass
 class RunFolder:
     """An output folder taken by one run. Outputs go to `.staging`; `publish` moves them into `.root`."""
+
     root: str
     job: str
     run_id: str
@@ -222,8 +234,10 @@ def prepare_streaming(root: str, overwrite: bool, outputs: Iterable[str]) -> str
     _check_usable(root, overwrite, [])
     run_id = new_run_id()
     try:
-        _write_bytes(_join(root, STREAMING), json.dumps(
-            {"job": "streaming", "run_id": run_id, "outputs": sorted(outputs)}, indent=1).encode())
+        _write_bytes(
+            _join(root, STREAMING),
+            json.dumps({"job": "streaming", "run_id": run_id, "outputs": sorted(outputs)}, indent=1).encode(),
+        )
     except OSError as e:
         raise OutputFolderError(f"--output {root}: not writable ({e}); pass a writable folder") from None
     return run_id
@@ -231,17 +245,20 @@ def prepare_streaming(root: str, overwrite: bool, outputs: Iterable[str]) -> str
 
 # --- publish -------------------------------------------------------------------------------------
 
+
 def count_records(path: str) -> int | None:
     """Records in one output file (Avro blocks, Parquet metadata, JSON lines); None for other files."""
     name = path.lower()
     with FileSystems.open(path, compression_type="uncompressed") as f:
         if name.endswith(".avro"):
             import fastavro
+
             return sum(block.num_records for block in fastavro.block_reader(f))
         if name.endswith(".parquet"):
             import io
 
             import pyarrow.parquet as pq
+
             return pq.ParquetFile(io.BytesIO(read_all(f, _CHUNK))).metadata.num_rows
         if name.endswith(".jsonl"):
             data = read_all(f, _CHUNK)
@@ -283,10 +300,16 @@ def publish(folder: RunFolder, config_sha256: str, summary: dict) -> dict:
     """Moves the staged outputs into the folder, manifest next, `_SUCCESS` last. Returns the manifest."""
     staged = [f for f in list_files(folder.staging) if f not in MARKERS and not _is_temp(f)]
     entries = [file_entry(folder.staging, f) for f in staged]
-    manifest = {"manifest_version": MANIFEST_VERSION, "job": folder.job, "run_id": folder.run_id,
-                "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "config_sha256": config_sha256, **summary,
-                "records_by_output": records_by_output(entries), "files": entries}
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "job": folder.job,
+        "run_id": folder.run_id,
+        "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config_sha256": config_sha256,
+        **summary,
+        "records_by_output": records_by_output(entries),
+        "files": entries,
+    }
     # The manifest goes into staging first: a run killed while moving files leaves it there, and the
     # next --overwrite knows which moved files were ours.
     _write_bytes(_join(folder.staging, MANIFEST), json.dumps(manifest, indent=1).encode() + b"\n")
@@ -308,6 +331,7 @@ def publish(folder: RunFolder, config_sha256: str, summary: dict) -> dict:
 
 
 # --- readers -------------------------------------------------------------------------------------
+
 
 def _run_root_of(path: str, cache: dict, levels: int = 4) -> str | None:
     """The nearest folder (up to `levels` up) holding a run marker of ours, or None."""
@@ -335,8 +359,10 @@ def check_published(pattern: str, flag: str) -> list[str]:
     marked: dict = {}
     for m in matches:
         if f"/{STAGING_PREFIX}" in m.path:
-            raise UnpublishedInputError(f"{flag}: {m.path} is inside an unpublished staging folder "
-                                        f"({STAGING_PREFIX}*); name the published outputs instead")
+            raise UnpublishedInputError(
+                f"{flag}: {m.path} is inside an unpublished staging folder "
+                f"({STAGING_PREFIX}*); name the published outputs instead"
+            )
         root = _run_root_of(m.path, marked)
         if root is None:
             continue
@@ -344,7 +370,8 @@ def check_published(pattern: str, flag: str) -> list[str]:
             if not FileSystems.exists(_join(root, SUCCESS)) or FileSystems.exists(_join(root, RUNNING)):
                 raise UnpublishedInputError(
                     f"{flag}: {root} holds an unpublished run (no {SUCCESS}: killed, failed or still running); "
-                    f"its files may be incomplete. Re-run that job (with --overwrite) first.")
+                    f"its files may be incomplete. Re-run that job (with --overwrite) first."
+                )
             manifest = _read_json(_join(root, MANIFEST))
             if manifest is None:
                 raise UnpublishedInputError(f"{flag}: {root} has {SUCCESS} but no readable {MANIFEST}")
@@ -353,7 +380,8 @@ def check_published(pattern: str, flag: str) -> list[str]:
         if entry is None or entry["bytes"] != m.size_in_bytes:
             raise UnpublishedInputError(
                 f"{flag}: {m.path} is {'not listed in' if entry is None else 'a different size than in'} "
-                f"{_join(root, MANIFEST)}; the folder was changed after its run was published")
+                f"{_join(root, MANIFEST)}; the folder was changed after its run was published"
+            )
     return sorted(roots)
 
 
@@ -373,7 +401,7 @@ def verify_run(root: str) -> list[str]:
             continue
         try:
             got = file_entry(root, path)
-        except (OSError, ValueError, EOFError) as e:   # a damaged file no longer parses
+        except (OSError, ValueError, EOFError) as e:  # a damaged file no longer parses
             problems.append(f"{path}: unreadable ({type(e).__name__})")
             continue
         if (got["sha256"], got["records"]) != (want["sha256"], want["records"]):

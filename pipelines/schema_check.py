@@ -7,6 +7,7 @@
 may be removed while producers may still send it, and fastavro must read random records written with
 the old version using the new one as reader schema. Exit 0 when all pass, 1 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse

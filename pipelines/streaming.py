@@ -11,6 +11,7 @@ the `time.event_time_attribute` attribute). Outputs under DIR are windowed files
 Without --runner the job runs on the Python BundleBasedDirectRunner (named explicitly; see
 shared/BEAM-NOTES.md for its Pub/Sub delivery guarantee: at-most-once, acked before processing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="Folder for windowed output files (local or gs://)")
     parser.add_argument("--labels-topic", help="projects/<p>/topics/<t> to publish labels to (JSON)")
     parser.add_argument("--dead-letter-topic", help="projects/<p>/topics/<t> to publish dead letters to (JSON)")
-    parser.add_argument("--message-format", choices=["json", "avro"], default="json",
-                        help="Message bodies: JSON events, or Avro binary (schemaless) of the schema version in "
-                             "the message's schema_version attribute (default: the latest)")
+    parser.add_argument(
+        "--message-format",
+        choices=["json", "avro"],
+        default="json",
+        help="Message bodies: JSON events, or Avro binary (schemaless) of the schema version in "
+        "the message's schema_version attribute (default: the latest)",
+    )
     add_overwrite_flag(parser)
     return parser
 
@@ -72,6 +77,7 @@ def parse_args(argv=None):
 
 # --- source ------------------------------------------------------------------------------------
 
+
 def _publish_ms(message) -> Optional[int]:
     t = getattr(message, "publish_time", None)
     if t is None:
@@ -81,6 +87,7 @@ def _publish_ms(message) -> Optional[int]:
 
 class _MessageToRawFn(beam.DoFn):
     """PubsubMessage -> RawRecord (source, payload, arrival_ms); undecodable Avro -> dead letter."""
+
     UNDECODABLE = "undecodable"
 
     def __init__(self, fmt: str, registry: SchemaRegistry):
@@ -102,9 +109,18 @@ class _MessageToRawFn(beam.DoFn):
                 raise ValueError(f"schema_version attribute {version!r} is not registered")
             record = fastavro.schemaless_reader(io.BytesIO(message.data), sv.parsed)
         except Exception as e:  # noqa: BLE001 - any decoding failure is this record's dead letter
-            yield beam.pvalue.TaggedOutput(self.UNDECODABLE, dead_letter(
-                contract.SCHEMA_VIOLATION, None, f"Avro body does not decode with schema v{version}: {e}",
-                "read", message.data, source, _NoPII()))
+            yield beam.pvalue.TaggedOutput(
+                self.UNDECODABLE,
+                dead_letter(
+                    contract.SCHEMA_VIOLATION,
+                    None,
+                    f"Avro body does not decode with schema v{version}: {e}",
+                    "read",
+                    message.data,
+                    source,
+                    _NoPII(),
+                ),
+            )
             return
         record.setdefault("schema_version", sv.version)
         yield source, record, arrival
@@ -117,20 +133,29 @@ class _NoPII:
 
 
 class ReadEvents(beam.PTransform):
-    def __init__(self, subscription: Optional[str], topic: Optional[str], fmt: str, registry: SchemaRegistry,
-                 timestamp_attribute: Optional[str]):
+    def __init__(
+        self,
+        subscription: Optional[str],
+        topic: Optional[str],
+        fmt: str,
+        registry: SchemaRegistry,
+        timestamp_attribute: Optional[str],
+    ):
         super().__init__()
         self._sub, self._topic, self._fmt, self._registry = subscription, topic, fmt, registry
         self._ts_attr = timestamp_attribute
 
     def expand(self, pbegin):
         messages = pbegin | "ReadPubSub" >> beam.io.ReadFromPubSub(
-            subscription=self._sub, topic=self._topic, with_attributes=True, timestamp_attribute=self._ts_attr)
+            subscription=self._sub, topic=self._topic, with_attributes=True, timestamp_attribute=self._ts_attr
+        )
         return messages | "ToRawRecords" >> beam.ParDo(_MessageToRawFn(self._fmt, self._registry)).with_outputs(
-            _MessageToRawFn.UNDECODABLE, main="records")
+            _MessageToRawFn.UNDECODABLE, main="records"
+        )
 
 
 # --- windowed outputs --------------------------------------------------------------------------
+
 
 def window_fn(spec: WindowSpec):
     if spec.type == "fixed":
@@ -152,11 +177,17 @@ def output_windowing(cfg: JobConfig, settings: GraphSettings, label: str, accumu
     # AfterProcessingTime takes whole seconds (a float fails when the trigger is translated).
     early = trigger.AfterProcessingTime(max(1, round(t.early_firing))) if t.early_firing else None
     late = trigger.AfterCount(1) if t.late_firings else None
-    mode = (trigger.AccumulationMode.ACCUMULATING if accumulate and t.accumulation == "accumulating"
-            else trigger.AccumulationMode.DISCARDING)
+    mode = (
+        trigger.AccumulationMode.ACCUMULATING
+        if accumulate and t.accumulation == "accumulating"
+        else trigger.AccumulationMode.DISCARDING
+    )
     return label >> beam.WindowInto(
-        window_fn(t.output_window), trigger=trigger.AfterWatermark(early=early, late=late),
-        allowed_lateness=settings.max_output_delay_s, accumulation_mode=mode)
+        window_fn(t.output_window),
+        trigger=trigger.AfterWatermark(early=early, late=late),
+        allowed_lateness=settings.max_output_delay_s,
+        accumulation_mode=mode,
+    )
 
 
 class _OutputLatencyFn(beam.DoFn):
@@ -214,46 +245,78 @@ class _QualityRecordFn(beam.DoFn):
         self._windows.inc()
         if failed:
             self._breaches.inc(len(failed))
-        yield {"window_start": win.start.micros // 1000, "window_end": win.end.micros // 1000,
-               "pane": pane.index if pane else 0, "timing": str(pane.timing) if pane else None,
-               **summary, "slos": slos, "breaches": failed}
+        yield {
+            "window_start": win.start.micros // 1000,
+            "window_end": win.end.micros // 1000,
+            "pane": pane.index if pane else 0,
+            "timing": str(pane.timing) if pane else None,
+            **summary,
+            "slos": slos,
+            "breaches": failed,
+        }
 
 
-def build(p: beam.Pipeline, cfg: JobConfig, settings: GraphSettings, raw, output: str,
-          upstream_dead_letters=(), labels_topic: Optional[str] = None,
-          dead_letter_topic: Optional[str] = None) -> GraphOutputs:
+def build(
+    p: beam.Pipeline,
+    cfg: JobConfig,
+    settings: GraphSettings,
+    raw,
+    output: str,
+    upstream_dead_letters=(),
+    labels_topic: Optional[str] = None,
+    dead_letter_topic: Optional[str] = None,
+) -> GraphOutputs:
     """Raw records -> shared graph (streaming implementations) -> windowed sinks. Returns the outputs."""
-    out = build_event_graph(raw, settings, upstream_dead_letters=list(upstream_dead_letters), streaming=True,
-                            count_windowing=output_windowing(cfg, settings, "WindowCounters"))
+    out = build_event_graph(
+        raw,
+        settings,
+        upstream_dead_letters=list(upstream_dead_letters),
+        streaming=True,
+        count_windowing=output_windowing(cfg, settings, "WindowCounters"),
+    )
     pcolls = output_collections(out, STREAMING_FILES)
     dead = pcolls[DEAD_LETTER.name]
     for o in STREAMING_FILES:
         pcoll = pcolls[o.name]
         if o in (ARCHIVE, LABELS):
             pcoll = pcoll | f"OutputLatency{o.title}" >> beam.ParDo(_OutputLatencyFn(o.name))
-        _ = (pcoll
-             | output_windowing(cfg, settings, f"Window{o.title}")
-             | f"Write{o.title}" >> WriteWindowedFiles(f"{output.rstrip('/')}/{o.name}", o.name, o.fmt,
-                                                       o.schema_for(settings.clean_schema)))
-    _ = (out.counts
-         | "CountsToJson" >> beam.MapTuple(counter_record)
-         | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt))
-    _ = (out.counts
-         | "QualityPerWindow" >> beam.CombineGlobally(_CountersToDict()).without_defaults()
-         | "QualityRecord" >> beam.ParDo(_QualityRecordFn(cfg.quality))
-         | "WriteQuality" >> WriteWindowedFiles(f"{output.rstrip('/')}/quality", "quality", "jsonl"))
+        _ = (
+            pcoll
+            | output_windowing(cfg, settings, f"Window{o.title}")
+            | f"Write{o.title}"
+            >> WriteWindowedFiles(f"{output.rstrip('/')}/{o.name}", o.name, o.fmt, o.schema_for(settings.clean_schema))
+        )
+    _ = (
+        out.counts
+        | "CountsToJson" >> beam.MapTuple(counter_record)
+        | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt)
+    )
+    _ = (
+        out.counts
+        | "QualityPerWindow" >> beam.CombineGlobally(_CountersToDict()).without_defaults()
+        | "QualityRecord" >> beam.ParDo(_QualityRecordFn(cfg.quality))
+        | "WriteQuality" >> WriteWindowedFiles(f"{output.rstrip('/')}/quality", "quality", "jsonl")
+    )
     if out.features is not None:
         _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(
-            f"{output.rstrip('/')}/{FEATURES.name}", streaming_window=cfg.time.output_window.size,
-            allowed_lateness=2 * settings.max_output_delay_s)
+            f"{output.rstrip('/')}/{FEATURES.name}",
+            streaming_window=cfg.time.output_window.size,
+            allowed_lateness=2 * settings.max_output_delay_s,
+        )
         if cfg.online_store is not None:
             _ = out.features | "OnlineFeatures" >> WriteOnlineFeatures(cfg.online_store)
     if labels_topic:
-        _ = (out.labels | "LabelsToJson" >> beam.Map(lambda l: to_json_line(l).encode())
-             | "PublishLabels" >> beam.io.WriteToPubSub(labels_topic))
+        _ = (
+            out.labels
+            | "LabelsToJson" >> beam.Map(lambda l: to_json_line(l).encode())
+            | "PublishLabels" >> beam.io.WriteToPubSub(labels_topic)
+        )
     if dead_letter_topic:
-        _ = (dead | "DeadLettersToJson" >> beam.Map(lambda d: to_json_line(d).encode())
-             | "PublishDeadLetters" >> beam.io.WriteToPubSub(dead_letter_topic))
+        _ = (
+            dead
+            | "DeadLettersToJson" >> beam.Map(lambda d: to_json_line(d).encode())
+            | "PublishDeadLetters" >> beam.io.WriteToPubSub(dead_letter_topic)
+        )
     return out
 
 
@@ -269,10 +332,19 @@ def run(argv=None):
     # would rewrite the same window file names), and --overwrite replaces a previous run's folder.
     runfolder.prepare_streaming(args.output, args.overwrite, STREAMING_OUTPUTS)
     p = beam.Pipeline(options=options)
-    read = p | "ReadEvents" >> ReadEvents(args.subscription, args.topic, args.message_format,
-                                          settings.validation.registry, cfg.time.event_time_attribute)
-    build(p, cfg, settings, read.records, args.output, [read[_MessageToRawFn.UNDECODABLE]],
-          args.labels_topic, args.dead_letter_topic)
+    read = p | "ReadEvents" >> ReadEvents(
+        args.subscription, args.topic, args.message_format, settings.validation.registry, cfg.time.event_time_attribute
+    )
+    build(
+        p,
+        cfg,
+        settings,
+        read.records,
+        args.output,
+        [read[_MessageToRawFn.UNDECODABLE]],
+        args.labels_topic,
+        args.dead_letter_topic,
+    )
     stop = _StopOnSignal()
     result = p.run()
     # Wait in a thread (the DirectRunner's wait_until_finish takes no timeout), so SIGTERM/SIGINT can

@@ -19,6 +19,7 @@ Dataflow fills in. This module, shared by those entry points, does only launcher
 Nothing here is pickled into the pipeline (it runs as `__main__`'s helper on the launcher only).
 Stdlib only, apart from google-cloud-secret-manager (installed with apache-beam[gcp]), imported lazily.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ SETUP_FILE_ENV = "FLEX_TEMPLATE_PYTHON_SETUP_FILE"
 
 def job_option_strings(parser: argparse.ArgumentParser) -> list:
     """The long option strings of a parser's own flags (no -h/--help), e.g. ['--config', '--labels-topic']."""
-    return [s for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
-            for s in a.option_strings if s.startswith("--")]
+    return [
+        s
+        for a in parser._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+        for s in a.option_strings
+        if s.startswith("--")
+    ]
 
 
 def normalise_job_flags(argv: Iterable[str], option_strings: Iterable[str]) -> list:
@@ -53,8 +59,13 @@ def normalise_job_flags(argv: Iterable[str], option_strings: Iterable[str]) -> l
 
 def boolean_flags(parser: argparse.ArgumentParser) -> set:
     """Long options that take no value (store_true), e.g. {'--warn-only'}."""
-    return {s for a in parser._actions if isinstance(a, argparse._StoreTrueAction)
-            for s in a.option_strings if s.startswith("--")}
+    return {
+        s
+        for a in parser._actions
+        if isinstance(a, argparse._StoreTrueAction)
+        for s in a.option_strings
+        if s.startswith("--")
+    }
 
 
 def normalise_boolean_flags(argv: Iterable[str], flags: set) -> list:
@@ -90,6 +101,7 @@ def with_flex_defaults(argv: Iterable[str], environ: MutableMapping[str, str]) -
 
 def _secret_manager_client():
     from google.cloud import secretmanager  # apache-beam[gcp] installs it
+
     return secretmanager.SecretManagerServiceClient()
 
 

@@ -15,6 +15,7 @@ os.environ.setdefault("FEEDBACK_HMAC_KEY", TEST_KEY.decode())
 @pytest.fixture(scope="session")
 def registry():
     from transforms.schemas import SchemaRegistry
+
     return SchemaRegistry.from_directory(str(SCHEMA_DIR))
 
 
@@ -22,6 +23,7 @@ def registry():
 def rules(registry):
     from transforms.config import config_from_dict
     from transforms.parse import ValidationRules
+
     cfg = config_from_dict({})
     return ValidationRules.from_config(cfg, registry, dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc))
 

@@ -15,6 +15,7 @@ TaskManagers and stops every process at session end (``FlinkCluster`` also serve
 
 Use from a test module with ``from tests.engines import *  # noqa: F401,F403`` (pytest fixtures).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,22 @@ import yaml
 from tests.conftest import ROOT
 from tests.processes import DIE_WITH_PARENT, free_port, stop
 
-__all__ = ["prism_binary", "flink_install", "flink_home", "flink_job_server_jar", "flink_cluster", "FlinkCluster",
-           "FlinkClusterError", "prism_options", "flink_options", "flink_cluster_job_server", "portable_options"]
+__all__ = [
+    "prism_binary",
+    "flink_install",
+    "flink_home",
+    "flink_job_server_jar",
+    "flink_cluster",
+    "FlinkCluster",
+    "FlinkClusterError",
+    "prism_options",
+    "flink_options",
+    "flink_cluster_job_server",
+    "portable_options",
+]
 
-INSTALL_TIMEOUT_S = 30 * 60      # a cold Prism build took ~7 min on 2 cores
-CLUSTER_START_TIMEOUT_S = 120    # ~30 s seen for JobManager + TaskManager to register
+INSTALL_TIMEOUT_S = 30 * 60  # a cold Prism build took ~7 min on 2 cores
+CLUSTER_START_TIMEOUT_S = 120  # ~30 s seen for JobManager + TaskManager to register
 
 
 def _run_install(script: str, *args: str) -> str:
@@ -47,11 +59,15 @@ def _run_install(script: str, *args: str) -> str:
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {INSTALL_TIMEOUT_S} s:\n{(e.stderr or '')[-3000:]}",
-                    pytrace=False)
+        pytest.fail(
+            f"{' '.join(cmd)} did not finish in {INSTALL_TIMEOUT_S} s:\n{(e.stderr or '')[-3000:]}", pytrace=False
+        )
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed (exit {proc.returncode}, {time.monotonic() - started:.0f} s):\n"
-                    f"{proc.stderr[-3000:]}", pytrace=False)
+        pytest.fail(
+            f"{' '.join(cmd)} failed (exit {proc.returncode}, {time.monotonic() - started:.0f} s):\n"
+            f"{proc.stderr[-3000:]}",
+            pytrace=False,
+        )
     return proc.stdout
 
 
@@ -75,6 +91,7 @@ def prism_options(prism: str, *extra: str) -> list:
 
 
 # --- Flink ------------------------------------------------------------------------------------------
+
 
 class FlinkClusterError(RuntimeError):
     pass
@@ -108,8 +125,13 @@ def flink_install(flink_home, flink_job_server_jar) -> dict:
 def flink_options(jar: str, master: str = "[local]", *extra: str) -> list:
     """Beam options for the portable FlinkRunner (the standard flags). LOOPBACK: the Python SDK harness
     runs in this process and the Flink tasks (embedded or on the loopback cluster) connect back to it."""
-    return ["--runner=FlinkRunner", f"--flink_master={master}", f"--flink_job_server_jar={jar}",
-            "--environment_type=LOOPBACK", *extra]
+    return [
+        "--runner=FlinkRunner",
+        f"--flink_master={master}",
+        f"--flink_job_server_jar={jar}",
+        "--environment_type=LOOPBACK",
+        *extra,
+    ]
 
 
 JOBMANAGER = "jobmanager"
@@ -121,6 +143,7 @@ class FlinkCluster:
     each its own `bin/<role>.sh start-foreground` process (a JVM), with a private config, log folder and
     free ports. A fixed-delay restart strategy and short heartbeats let a job survive a lost TaskManager.
     Usable outside pytest (benchmarks/flink_scale.py): start() / stop() raise FlinkClusterError."""
+
     home: str
     workdir: Path
     taskmanagers: int = 2
@@ -130,7 +153,7 @@ class FlinkCluster:
     parallelism: int = 2
     extra_conf: dict = dataclasses.field(default_factory=dict)
     rest_port: int = 0
-    processes: dict = dataclasses.field(default_factory=dict)   # name -> Popen
+    processes: dict = dataclasses.field(default_factory=dict)  # name -> Popen
     _started_tms: int = 0
 
     @property
@@ -174,11 +197,17 @@ class FlinkCluster:
         shutil.copytree(os.path.join(self.home, "conf"), conf_dir)
         cfg = yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}
         settings = {
-            "jobmanager.bind-host": "localhost", "jobmanager.rpc.address": "localhost", "jobmanager.rpc.port": rpc_port,
+            "jobmanager.bind-host": "localhost",
+            "jobmanager.rpc.address": "localhost",
+            "jobmanager.rpc.port": rpc_port,
             "jobmanager.memory.process.size": self.jm_memory,
-            "taskmanager.bind-host": "localhost", "taskmanager.host": "localhost",
-            "taskmanager.numberOfTaskSlots": self.slots, "taskmanager.memory.process.size": self.tm_memory,
-            "rest.address": "localhost", "rest.bind-address": "localhost", "rest.port": self.rest_port,
+            "taskmanager.bind-host": "localhost",
+            "taskmanager.host": "localhost",
+            "taskmanager.numberOfTaskSlots": self.slots,
+            "taskmanager.memory.process.size": self.tm_memory,
+            "rest.address": "localhost",
+            "rest.bind-address": "localhost",
+            "rest.port": self.rest_port,
             "parallelism.default": self.parallelism,
             # Work lands on every TaskManager, so losing one really interrupts the job.
             "cluster.evenly-spread-out-slots": True,
@@ -186,17 +215,20 @@ class FlinkCluster:
             # failover counts one attempt per failed region, and a lost TaskManager fails ~10 regions of
             # Beam's batch job at once (5 attempts were used up by one kill), hence the generous count.
             "jobmanager.execution.failover-strategy": "region",
-            "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": 100,
+            "restart-strategy.type": "fixed-delay",
+            "restart-strategy.fixed-delay.attempts": 100,
             "restart-strategy.fixed-delay.delay": "2 s",
-            "heartbeat.interval": 2000, "heartbeat.timeout": 15000,
+            "heartbeat.interval": 2000,
+            "heartbeat.timeout": 15000,
             # Beam's batch translation has many blocking exchanges; Flink's sort-merge shuffle reserves
             # 512 buffers for each by default, which ran out at parallelism 2 (14k buffers of 16 kb).
             "taskmanager.network.sort-shuffle.min-buffers": 64,
-            "taskmanager.memory.segment-size": "16kb", "taskmanager.memory.network.fraction": 0.2,
+            "taskmanager.memory.segment-size": "16kb",
+            "taskmanager.memory.network.fraction": 0.2,
             "taskmanager.memory.managed.fraction": 0.3,
             **self.extra_conf,
         }
-        for path, value in settings.items():   # config.yaml nests keys by their dots
+        for path, value in settings.items():  # config.yaml nests keys by their dots
             node = cfg
             *parents, leaf = path.split(".")
             for p in parents:
@@ -207,14 +239,25 @@ class FlinkCluster:
     def _spawn(self, role: str, name: str) -> None:
         log_dir = self.workdir / "log" / name
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "FLINK_HOME": self.home, "FLINK_CONF_DIR": str(self.workdir / "conf"),
-               "FLINK_LOG_DIR": str(log_dir), "FLINK_PID_DIR": str(self.workdir / "pid")}
+        env = {
+            **os.environ,
+            "FLINK_HOME": self.home,
+            "FLINK_CONF_DIR": str(self.workdir / "conf"),
+            "FLINK_LOG_DIR": str(log_dir),
+            "FLINK_PID_DIR": str(self.workdir / "pid"),
+        }
         env.pop("HADOOP_CLASSPATH", None)
         out = open(log_dir / "console.log", "wb")
         # start-foreground execs the JVM: this Popen's pid is the JobManager / TaskManager itself.
         self.processes[name] = subprocess.Popen(
-            [os.path.join(self.home, "bin", f"{role}.sh"), "start-foreground"], env=env, cwd=self.workdir,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=DIE_WITH_PARENT)
+            [os.path.join(self.home, "bin", f"{role}.sh"), "start-foreground"],
+            env=env,
+            cwd=self.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=DIE_WITH_PARENT,
+        )
 
     def _wait_for(self, what: str, ready, timeout: float = CLUSTER_START_TIMEOUT_S):
         deadline = time.monotonic() + timeout
@@ -243,8 +286,10 @@ class FlinkCluster:
         for _ in range(self.taskmanagers):
             self.start_taskmanager(wait=False)
         want = self.taskmanagers
-        self._wait_for(f"{want} TaskManagers", lambda o: o.get("taskmanagers", 0) >= want
-                       and o.get("slots-total", 0) >= want * self.slots)
+        self._wait_for(
+            f"{want} TaskManagers",
+            lambda o: o.get("taskmanagers", 0) >= want and o.get("slots-total", 0) >= want * self.slots,
+        )
         return self
 
     def start_taskmanager(self, wait: bool = True) -> str:
@@ -265,7 +310,7 @@ class FlinkCluster:
 
     def stop(self) -> None:
         self._expected = set()
-        for name in [n for n in self.processes if n != JOBMANAGER] + [JOBMANAGER]:   # TaskManagers first
+        for name in [n for n in self.processes if n != JOBMANAGER] + [JOBMANAGER]:  # TaskManagers first
             stop(self.processes[name], timeout=20)
 
 
@@ -295,11 +340,27 @@ def flink_cluster_job_server(flink_job_server_jar, flink_cluster, tmp_path_facto
     FlinkRunner starts a new job server JVM (~600 MB) per pipeline and stops it only when Python exits,
     so all but the tests of the FlinkRunner flags themselves share this one."""
     import socket
+
     port = free_port()
     log = open(tmp_path_factory.mktemp("flink-job-server") / "job-server.log", "wb")
-    proc = subprocess.Popen(["java", "-jar", flink_job_server_jar, "--flink-master", flink_cluster.master,
-                             "--job-port", str(port), "--artifact-port", "0", "--expansion-port", "0"],
-                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=DIE_WITH_PARENT)
+    proc = subprocess.Popen(
+        [
+            "java",
+            "-jar",
+            flink_job_server_jar,
+            "--flink-master",
+            flink_cluster.master,
+            "--job-port",
+            str(port),
+            "--artifact-port",
+            "0",
+            "--expansion-port",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=DIE_WITH_PARENT,
+    )
     try:
         deadline = time.monotonic() + CLUSTER_START_TIMEOUT_S
         while True:

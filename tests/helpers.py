@@ -2,6 +2,7 @@
 parity assertions (like TFDV's utils/test_util.py). Tests import these; they never call another
 module's test functions.
 """
+
 from __future__ import annotations
 
 import glob
@@ -22,8 +23,9 @@ from transforms.io import sum_counters
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
 S, M, H = 1000, 60_000, 3_600_000
-CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
-          "Chrome/120.0.0.0 Safari/537.36")
+CHROME = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+)
 BUNDLE_DIRECT = ("--runner=BundleBasedDirectRunner",)
 
 
@@ -38,30 +40,34 @@ def ev(eid, etype, t, user, item=None, request=None, **kw):
 
 
 # One case of every rule, as (event, arrival time) in arrival order.
-SCENARIO = sorted([
-    (ev("imp1", "impression", T0, "u1", "i1", "r1", position=1, propensity=0.5, policy="p"), T0 + 1 * S),
-    (ev("imp2", "impression", T0, "u1", "i2", "r1", position=2, propensity=0.3, policy="p"), T0 + 1 * S),
-    (ev("c1", "click", T0 + 10 * S, "u1", "i1", "r1"), T0 + 11 * S),
-    (ev("c1", "click", T0 + 10 * S, "u1", "i1", "r1"), T0 + 30 * S),                    # retried duplicate
-    (ev("p1", "purchase", T0 + 20 * M, "u1", "i2", value=12.5), T0 + 20 * M + 1 * S),  # no request_id
-    (ev("c2", "click", T0 + 5 * M + 3 * S, "u2", "i3", "r2"), T0 + 5 * M + 4 * S),     # before its impression
-    (ev("imp3", "impression", T0 + 5 * M, "u2", "i3", "r2", position=1), T0 + 5 * M + 10 * S),
-    (ev("c3", "click", T0 + 1 * M, "u3", "i9", "r9"), T0 + 1 * M + 1 * S),              # orphan
-    (ev("imp4", "impression", T0, "u4", "i4", "r4", position=3), T0 + 2 * S),
-    (ev("a4", "add_to_cart", T0 + 25 * M, "u4", "i4", "r4"), T0 + 75 * M),               # late outcome
-    (ev("v5", "view", T0 + 2 * M, "u5", "i5"), T0 + 2 * M + 2 * H),                      # too late
-    (ev("imp6", "impression", T0 + 3 * M, "u6", "i6", "r6", position=1), T0 + 3 * M + 1 * S),
-    (ev("s6", "skip", T0 + 3 * M + 5 * S, "u6", "i6", "r6"), T0 + 3 * M + 6 * S),
-    (ev("imp7", "impression", T0 + 90 * M, "u7", "i7", "r7", position=1), T0 + 90 * M + 1 * S),
-    (ev("c7", "click", T0 + 91 * M, "u7", "i7", "r7", dwell_ms=4000), T0 + 91 * M + 1 * S),
-    # impression and click on either side of a per-user bucket boundary (sessions.split_every = 1 h)
-    (ev("imp8", "impression", T0 + 59 * M + 50 * S, "u8", "i8", "r8", position=1), T0 + 59 * M + 51 * S),
-    (ev("c8", "click", T0 + 60 * M + 10 * S, "u8", "i8", "r8"), T0 + 60 * M + 11 * S),
-], key=lambda pair: pair[1])
+SCENARIO = sorted(
+    [
+        (ev("imp1", "impression", T0, "u1", "i1", "r1", position=1, propensity=0.5, policy="p"), T0 + 1 * S),
+        (ev("imp2", "impression", T0, "u1", "i2", "r1", position=2, propensity=0.3, policy="p"), T0 + 1 * S),
+        (ev("c1", "click", T0 + 10 * S, "u1", "i1", "r1"), T0 + 11 * S),
+        (ev("c1", "click", T0 + 10 * S, "u1", "i1", "r1"), T0 + 30 * S),  # retried duplicate
+        (ev("p1", "purchase", T0 + 20 * M, "u1", "i2", value=12.5), T0 + 20 * M + 1 * S),  # no request_id
+        (ev("c2", "click", T0 + 5 * M + 3 * S, "u2", "i3", "r2"), T0 + 5 * M + 4 * S),  # before its impression
+        (ev("imp3", "impression", T0 + 5 * M, "u2", "i3", "r2", position=1), T0 + 5 * M + 10 * S),
+        (ev("c3", "click", T0 + 1 * M, "u3", "i9", "r9"), T0 + 1 * M + 1 * S),  # orphan
+        (ev("imp4", "impression", T0, "u4", "i4", "r4", position=3), T0 + 2 * S),
+        (ev("a4", "add_to_cart", T0 + 25 * M, "u4", "i4", "r4"), T0 + 75 * M),  # late outcome
+        (ev("v5", "view", T0 + 2 * M, "u5", "i5"), T0 + 2 * M + 2 * H),  # too late
+        (ev("imp6", "impression", T0 + 3 * M, "u6", "i6", "r6", position=1), T0 + 3 * M + 1 * S),
+        (ev("s6", "skip", T0 + 3 * M + 5 * S, "u6", "i6", "r6"), T0 + 3 * M + 6 * S),
+        (ev("imp7", "impression", T0 + 90 * M, "u7", "i7", "r7", position=1), T0 + 90 * M + 1 * S),
+        (ev("c7", "click", T0 + 91 * M, "u7", "i7", "r7", dwell_ms=4000), T0 + 91 * M + 1 * S),
+        # impression and click on either side of a per-user bucket boundary (sessions.split_every = 1 h)
+        (ev("imp8", "impression", T0 + 59 * M + 50 * S, "u8", "i8", "r8", position=1), T0 + 59 * M + 51 * S),
+        (ev("c8", "click", T0 + 60 * M + 10 * S, "u8", "i8", "r8"), T0 + 60 * M + 11 * S),
+    ],
+    key=lambda pair: pair[1],
+)
 SCENARIO_EXPOSURES = 7
 
 
 # --- running the jobs -----------------------------------------------------------------------------
+
 
 def scenario_stream(settings, events_with_arrival, slack_ms=5 * S, step_watermark=True) -> TestStream:
     """(event, arrival) pairs as a TestStream with the watermark at arrival - slack; elements are
@@ -96,9 +102,11 @@ def run_streaming_on(beam_args, settings, cfg, events_with_arrival, out_dir, ste
     """The streaming graph (pipelines.streaming.build) over scenario_stream on the runner `beam_args` name."""
     options = PipelineOptions(list(beam_args), streaming=True)
     with beam.Pipeline(options=options) as p:
-        raw = (p
-               | "Events" >> scenario_stream(settings, events_with_arrival, slack_ms, step_watermark)
-               | "RawRecords" >> beam.Map(raw_record))
+        raw = (
+            p
+            | "Events" >> scenario_stream(settings, events_with_arrival, slack_ms, step_watermark)
+            | "RawRecords" >> beam.Map(raw_record)
+        )
         streaming.build(p, cfg, settings, raw, str(out_dir))
 
 
@@ -119,9 +127,14 @@ def run_batch(tmp_path, events_with_arrival, cfg_path):
 
 # --- reading outputs --------------------------------------------------------------------------------
 
+
 def avro_rows(pattern):
-    return [r for f in sorted(glob.glob(pattern, recursive=True)) if os.path.getsize(f)
-            for r in fastavro.reader(open(f, "rb"))]
+    return [
+        r
+        for f in sorted(glob.glob(pattern, recursive=True))
+        if os.path.getsize(f)
+        for r in fastavro.reader(open(f, "rb"))
+    ]
 
 
 def jsonl_rows(pattern):
@@ -141,6 +154,7 @@ def canonical_labels(rows):
 
 
 # --- parity assertions -------------------------------------------------------------------------------
+
 
 def assert_streaming_equals_batch(batch_out, stream_out):
     """Same labels, orphan and late outcomes, dead letters and valid events in a streaming output folder

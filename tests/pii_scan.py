@@ -5,6 +5,7 @@ and JSON files (decoded, so `\\u0040` escapes are searched as the characters the
 values and keys included), base64 dead-letter payloads, and anything else as text. It searches each
 corpus value as written and, for phone numbers, its digits-only form too.
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,26 +22,55 @@ import pyarrow.parquet as pq
 # (kind, value): at least 40 formats across countries.
 PII_CORPUS = (
     # phones: E.164, national (trunk 0), international with 00, dots/dashes/parentheses/spaces
-    ("phone", "+1 415 555 0134"), ("phone", "+14155550134"), ("phone", "(415) 555-0134"),
-    ("phone", "415.555.0134"), ("phone", "+1-415-555-0134"), ("phone", "+44 20 7946 0958"),
-    ("phone", "020 7946 0958"), ("phone", "0044 20 7946 0958"), ("phone", "+44 (0)20 7946 0958"),
-    ("phone", "+49 30 901820"), ("phone", "0049 30 901820"), ("phone", "+49 (0)30 901820"),
-    ("phone", "+33 1 99 00 12 34"), ("phone", "01 99 00 12 34"), ("phone", "0033 1 99 00 12 34"),
-    ("phone", "+33.1.99.00.12.34"), ("phone", "+81 3-1234-5678"), ("phone", "03-1234-5678"),
-    ("phone", "+91 98765 43210"), ("phone", "+55 11 91234-5678"), ("phone", "+86 138 0013 8000"),
-    ("phone", "+61 2 9876 5432"), ("phone", "+7 495 123-45-67"), ("phone", "+27 21 123 4567"),
-    ("phone", "+234 803 123 4567"), ("phone", "+82 2-123-4567"), ("phone", "+34 912 34 56 78"),
-    ("phone", "+39 06 1234 5678"), ("phone", "+31 20 123 4567"), ("phone", "+52 55 1234 5678"),
-    ("phone", "+46 8 123 456 78"), ("phone", "+1 (212) 555-0187"),
+    ("phone", "+1 415 555 0134"),
+    ("phone", "+14155550134"),
+    ("phone", "(415) 555-0134"),
+    ("phone", "415.555.0134"),
+    ("phone", "+1-415-555-0134"),
+    ("phone", "+44 20 7946 0958"),
+    ("phone", "020 7946 0958"),
+    ("phone", "0044 20 7946 0958"),
+    ("phone", "+44 (0)20 7946 0958"),
+    ("phone", "+49 30 901820"),
+    ("phone", "0049 30 901820"),
+    ("phone", "+49 (0)30 901820"),
+    ("phone", "+33 1 99 00 12 34"),
+    ("phone", "01 99 00 12 34"),
+    ("phone", "0033 1 99 00 12 34"),
+    ("phone", "+33.1.99.00.12.34"),
+    ("phone", "+81 3-1234-5678"),
+    ("phone", "03-1234-5678"),
+    ("phone", "+91 98765 43210"),
+    ("phone", "+55 11 91234-5678"),
+    ("phone", "+86 138 0013 8000"),
+    ("phone", "+61 2 9876 5432"),
+    ("phone", "+7 495 123-45-67"),
+    ("phone", "+27 21 123 4567"),
+    ("phone", "+234 803 123 4567"),
+    ("phone", "+82 2-123-4567"),
+    ("phone", "+34 912 34 56 78"),
+    ("phone", "+39 06 1234 5678"),
+    ("phone", "+31 20 123 4567"),
+    ("phone", "+52 55 1234 5678"),
+    ("phone", "+46 8 123 456 78"),
+    ("phone", "+1 (212) 555-0187"),
     # e-mail: plain, plus-addressing, quoted, internationalised local parts and IDN domains
-    ("email", "jane.doe@example.com"), ("email", "jane.doe+promo@example.com"),
-    ("email", '"john doe"@example.org'), ("email", "josé.garcía@correo.example"),
-    ("email", "用户@例子.广告"), ("email", "user@xn--bcher-kva.example"), ("email", "müller@bücher.de"),
+    ("email", "jane.doe@example.com"),
+    ("email", "jane.doe+promo@example.com"),
+    ("email", '"john doe"@example.org'),
+    ("email", "josé.garcía@correo.example"),
+    ("email", "用户@例子.广告"),
+    ("email", "user@xn--bcher-kva.example"),
+    ("email", "müller@bücher.de"),
     ("email", "o'connor@example.co.uk"),
     # IP: v4 (leading zeros too), v6 compressed / full / IPv4-mapped / link-local with zone
-    ("ip", "203.0.113.77"), ("ip", "192.168.001.010"), ("ip", "2001:db8::1"),
-    ("ip", "2001:0db8:85a3:0000:0000:8a2e:0370:7334"), ("ip", "::ffff:198.51.100.23"),
-    ("ip", "fe80::1%eth0"), ("ip", "fe80::a00:27ff:fe4e:66a1"),
+    ("ip", "203.0.113.77"),
+    ("ip", "192.168.001.010"),
+    ("ip", "2001:db8::1"),
+    ("ip", "2001:0db8:85a3:0000:0000:8a2e:0370:7334"),
+    ("ip", "::ffff:198.51.100.23"),
+    ("ip", "fe80::1%eth0"),
+    ("ip", "fe80::a00:27ff:fe4e:66a1"),
 )
 
 _MIN_DIGITS_ONLY = 9  # shorter digit strings occur by chance in timestamps and counts
@@ -133,16 +163,30 @@ def scan_outputs(folder: str, corpus: Iterable = PII_CORPUS) -> dict:
 
 # --- PII placed in every field and key -------------------------------------------------------------
 
-T0_MS = 1_793_527_200_000   # 2026-11-01T08:00:00Z: a fixed time, well before any job start
+T0_MS = 1_793_527_200_000  # 2026-11-01T08:00:00Z: a fixed time, well before any job start
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120.0.6099.109 Safari/537.36"
 ID_FIELDS = ("event_id", "item_id", "request_id", "policy", "experiment_id", "variant", "session_id", "user_id")
 
 
 def base_event(event_id: str, user: str, ms: int, **extra) -> dict:
-    e = {"event_id": event_id, "event_type": "impression", "event_time": ms, "user_id": user, "item_id": "i1",
-         "request_id": f"r-{event_id}", "session_id": f"s-{user}", "position": 1, "propensity": 0.5,
-         "policy": "pol", "user_agent": BROWSER, "ip": "198.51.100.9", "schema_version": 2,
-         "experiment_id": "exp1", "variant": "A", "context": {"page": "home"}}
+    e = {
+        "event_id": event_id,
+        "event_type": "impression",
+        "event_time": ms,
+        "user_id": user,
+        "item_id": "i1",
+        "request_id": f"r-{event_id}",
+        "session_id": f"s-{user}",
+        "position": 1,
+        "propensity": 0.5,
+        "policy": "pol",
+        "user_agent": BROWSER,
+        "ip": "198.51.100.9",
+        "schema_version": 2,
+        "experiment_id": "exp1",
+        "variant": "A",
+        "context": {"page": "home"},
+    }
     e.update(extra)
     return e
 
@@ -155,7 +199,7 @@ def json_escaped(value: str) -> str:
             out.append(ch)
         else:
             for unit in range(0, len(ch.encode("utf-16-be")), 2):
-                out.append("\\u%04x" % int.from_bytes(ch.encode("utf-16-be")[unit:unit + 2], "big"))
+                out.append("\\u%04x" % int.from_bytes(ch.encode("utf-16-be")[unit : unit + 2], "big"))
     return "".join(out)
 
 
@@ -167,35 +211,46 @@ def pii_placements(value: str, n: int, ms: int) -> list:
     """Input lines (bytes) putting one PII value in every field and key, as valid events, bots, duplicates,
     labels, orphans, consent opt-outs and every kind of rejected record. `n` makes ids unique."""
     user, lines = f"u{n}", []
+
     def eid(tag):
         return f"e{n}-{tag}"
+
     ctx_value = base_event(eid("ctxv"), user, ms, context={"note": f"call {value} now"})
-    lines += [dumps(ctx_value),
-              dumps(base_event(eid("ctxk"), user, ms + 1, context={f"k {value}": "x"})),
-              dumps(base_event(eid("ua"), user, ms + 2, user_agent=f"Mozilla/5.0 ({value}) Gecko/20100101")),
-              dumps(base_event(eid("unknown"), user, ms + 3, **{value: "x"})),
-              dumps(base_event(eid("type"), user, ms + 4, event_type=f"hover {value}")),
-              dumps(base_event(eid("pos"), user, ms + 5, position=value)),
-              dumps(base_event(f"c {value}", user, ms + 6, consent=False)),
-              dumps(base_event(eid("bot"), user + "b", ms + 7,
-                               user_agent=f"Googlebot/2.1 (+http://www.google.com/bot.html) {value}")),
-              dumps(base_event(eid("orphan"), user, ms + 8, event_type="click", request_id=f"orphan {value}")),
-              b'{"event_id": "' + eid("malformed").encode() + b'", "note": ' + dumps(value) + b",",
-              b'{"event_id": "' + eid("latin1").encode() + b'", "bad": "\xff", "note": ' + dumps(value) + b"}"]
+    lines += [
+        dumps(ctx_value),
+        dumps(base_event(eid("ctxk"), user, ms + 1, context={f"k {value}": "x"})),
+        dumps(base_event(eid("ua"), user, ms + 2, user_agent=f"Mozilla/5.0 ({value}) Gecko/20100101")),
+        dumps(base_event(eid("unknown"), user, ms + 3, **{value: "x"})),
+        dumps(base_event(eid("type"), user, ms + 4, event_type=f"hover {value}")),
+        dumps(base_event(eid("pos"), user, ms + 5, position=value)),
+        dumps(base_event(f"c {value}", user, ms + 6, consent=False)),
+        dumps(
+            base_event(
+                eid("bot"), user + "b", ms + 7, user_agent=f"Googlebot/2.1 (+http://www.google.com/bot.html) {value}"
+            )
+        ),
+        dumps(base_event(eid("orphan"), user, ms + 8, event_type="click", request_id=f"orphan {value}")),
+        b'{"event_id": "' + eid("malformed").encode() + b'", "note": ' + dumps(value) + b",",
+        b'{"event_id": "' + eid("latin1").encode() + b'", "bad": "\xff", "note": ' + dumps(value) + b"}",
+    ]
     for i, field in enumerate(ID_FIELDS):
         e = base_event(eid(f"id{i}"), user, ms + 10 + i)
         e[field] = value
         lines.append(dumps(e))
     # an impression and its click sharing a PII request id: labels and slates carry it
     imp = base_event(eid("imp"), user, ms + 20, request_id=f"req {value}", item_id=f"item {value}")
-    click = base_event(eid("click"), user, ms + 21_000, event_type="click", request_id=f"req {value}",
-                       item_id=f"item {value}")
+    click = base_event(
+        eid("click"), user, ms + 21_000, event_type="click", request_id=f"req {value}", item_id=f"item {value}"
+    )
     lines += [dumps(imp), dumps(click), dumps(imp)]  # the second impression copy is a duplicate
     # JSON-escaped: valid, rejected (unknown type), malformed
     esc = json_escaped(value)
     good = dumps(base_event(eid("esc"), user, ms + 30, context={"note": "ESC"})).replace(b"ESC", esc.encode())
     bad = dumps(base_event(eid("escbad"), user, ms + 31, event_type="hover ESC")).replace(b"ESC", esc.encode())
-    lines += [good, bad, bad.replace(eid("escbad").encode(), eid("escmal").encode())[:-1],
-              dumps(base_event(eid("esckey"), user, ms + 32, context={"k": "v"})).replace(
-                  b'"k"', b'"' + esc.encode() + b'"')]
+    lines += [
+        good,
+        bad,
+        bad.replace(eid("escbad").encode(), eid("escmal").encode())[:-1],
+        dumps(base_event(eid("esckey"), user, ms + 32, context={"k": "v"})).replace(b'"k"', b'"' + esc.encode() + b'"'),
+    ]
     return lines

@@ -1,5 +1,6 @@
 """What every test fixture that starts a real server needs: a free loopback port, a child that dies
 with the test process, and a polite-then-firm stop."""
+
 from __future__ import annotations
 
 import signal
@@ -14,10 +15,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent():   # Linux: the child gets SIGTERM if the test process dies without cleaning up
+def _die_with_parent():  # Linux: the child gets SIGTERM if the test process dies without cleaning up
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # best effort: without it, the fixture's own stop() still ends the child
 

@@ -18,6 +18,7 @@ reused while those files are unchanged. The first build downloads the modules pi
 No Go toolchain, or a failing build, is a test FAILURE with the reason, not a skip: Go is on the
 project's machines (/usr/local/go/bin/go); point $GO at another binary if needed.
 """
+
 from __future__ import annotations
 
 from tests.processes import DIE_WITH_PARENT, free_port, stop
@@ -51,7 +52,8 @@ def go_binary() -> str:
     if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
         raise EmulatorUnavailable(
             f"the Go toolchain was not found (looked for $GO, go on PATH, {_DEFAULT_GO}); it is needed to build "
-            f"the Pub/Sub emulator in {SOURCE_DIR}. Install Go (https://go.dev/dl) or set $GO.")
+            f"the Pub/Sub emulator in {SOURCE_DIR}. Install Go (https://go.dev/dl) or set $GO."
+        )
     return candidate
 
 
@@ -77,34 +79,42 @@ def build_emulator() -> Path:
     tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly", "GOTOOLCHAIN": "local"}
     cmd = [go, "build", "-trimpath", "-o", str(tmp), "."]
-    print(f"\nbuilding the Pub/Sub emulator ({' '.join(cmd)} in {SOURCE_DIR}); the first build downloads "
-          f"its Go modules and takes a few minutes", file=sys.stderr, flush=True)
+    print(
+        f"\nbuilding the Pub/Sub emulator ({' '.join(cmd)} in {SOURCE_DIR}); the first build downloads "
+        f"its Go modules and takes a few minutes",
+        file=sys.stderr,
+        flush=True,
+    )
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=SOURCE_DIR, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=_BUILD_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd,
+            cwd=SOURCE_DIR,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired as e:
         tmp.unlink(missing_ok=True)
-        raise EmulatorUnavailable(f"`go build` of the Pub/Sub emulator did not finish in {_BUILD_TIMEOUT_S:.0f}s; "
-                                  f"output:\n{_tail((e.stderr or b'').decode(errors='replace'))}") from None
+        raise EmulatorUnavailable(
+            f"`go build` of the Pub/Sub emulator did not finish in {_BUILD_TIMEOUT_S:.0f}s; "
+            f"output:\n{_tail((e.stderr or b'').decode(errors='replace'))}"
+        ) from None
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise EmulatorUnavailable(
             f"`go build` of the Pub/Sub emulator failed (exit code {proc.returncode}) in {SOURCE_DIR}; "
-            f"the Go module proxy must be reachable for the first build. Output:\n{_tail(proc.stdout + proc.stderr)}")
-    os.replace(tmp, target)   # atomic: a concurrent session sees the old state or a whole binary
+            f"the Go module proxy must be reachable for the first build. Output:\n{_tail(proc.stdout + proc.stderr)}"
+        )
+    os.replace(tmp, target)  # atomic: a concurrent session sees the old state or a whole binary
     print(f"built {target} in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
     return target
 
 
 def _tail(text: str, limit: int = 4000) -> str:
     return text[-limit:] if text else "(no output)"
-
-
-
-
-
-
 
 
 def _read(path: str) -> str:
@@ -143,8 +153,10 @@ def _wait_until_ready(proc: subprocess.Popen, host_port: str, log_path: str) -> 
             return True
         time.sleep(0.1)
     stop(proc)
-    raise EmulatorUnavailable(f"the Pub/Sub emulator on {host_port} did not answer a client call within "
-                              f"{_START_TIMEOUT_S:.0f}s; log:\n{_read(log_path)}")
+    raise EmulatorUnavailable(
+        f"the Pub/Sub emulator on {host_port} did not answer a client call within "
+        f"{_START_TIMEOUT_S:.0f}s; log:\n{_read(log_path)}"
+    )
 
 
 @contextlib.contextmanager
@@ -156,9 +168,13 @@ def run_pubsub_emulator() -> Iterator[str]:
             host_port = f"127.0.0.1:{free_port()}"
             log_path = os.path.join(workdir, f"emulator-{attempt}.log")
             with open(log_path, "wb") as log:
-                proc = subprocess.Popen([str(binary), "--host-port", host_port], stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        preexec_fn=DIE_WITH_PARENT)
+                proc = subprocess.Popen(
+                    [str(binary), "--host-port", host_port],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=DIE_WITH_PARENT,
+                )
             try:
                 if _wait_until_ready(proc, host_port, log_path):
                     yield host_port
@@ -167,13 +183,14 @@ def run_pubsub_emulator() -> Iterator[str]:
                 stop(proc)
             if "address already in use" not in _read(log_path):
                 break
-        raise EmulatorUnavailable(f"the Pub/Sub emulator did not start (exit code {proc.returncode}); "
-                                  f"log:\n{_read(log_path)}")
+        raise EmulatorUnavailable(
+            f"the Pub/Sub emulator did not start (exit code {proc.returncode}); log:\n{_read(log_path)}"
+        )
 
 
 @pytest.fixture(scope="session")
 def pubsub_emulator() -> Iterator[str]:
-    """"host:port" of a Pub/Sub emulator shared by the test session. Tests sharing it should use their
+    """ "host:port" of a Pub/Sub emulator shared by the test session. Tests sharing it should use their
     own project id (topics and subscriptions live under projects/<id>/...)."""
     stack = contextlib.ExitStack()
     try:

@@ -8,6 +8,7 @@ The server listens on a free loopback port, keeps nothing on disk (`--save "" --
 dir in a temp folder) and is killed when the context exits. A missing binary is a test FAILURE, not a
 skip: install it with `apt-get install redis-server` (or point $REDIS_SERVER at a binary).
 """
+
 from __future__ import annotations
 
 from tests.processes import DIE_WITH_PARENT, free_port, stop
@@ -38,20 +39,16 @@ def redis_server_binary() -> str:
     if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
         raise RedisServerMissing(
             f"redis-server not found (looked for $REDIS_SERVER, redis-server on PATH, {_DEFAULT_BINARY}). "
-            f"These tests need a real Redis: run `apt-get install redis-server` (Debian/Ubuntu).")
+            f"These tests need a real Redis: run `apt-get install redis-server` (Debian/Ubuntu)."
+        )
     return candidate
-
-
-
-
-
-
 
 
 def _wait_for_ping(proc: subprocess.Popen, port: int, log_path: str) -> bool:
     """True once the server answers PING; False if it exited (e.g. the port was taken meanwhile)."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1,
-                         retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
     deadline = time.monotonic() + _START_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
@@ -61,7 +58,7 @@ def _wait_for_ping(proc: subprocess.Popen, port: int, log_path: str) -> bool:
                 if client.ping():
                     return True
             except redis.AuthenticationError:
-                return True          # up, and asking for a password (--requirepass)
+                return True  # up, and asking for a password (--requirepass)
             except redis.ResponseError as e:
                 if "NOAUTH" in str(e):
                     return True
@@ -71,8 +68,9 @@ def _wait_for_ping(proc: subprocess.Popen, port: int, log_path: str) -> bool:
     finally:
         client.close()
     stop(proc)
-    raise RuntimeError(f"redis-server on port {port} did not answer PING within {_START_TIMEOUT_S}s; "
-                       f"log:\n{_read(log_path)}")
+    raise RuntimeError(
+        f"redis-server on port {port} did not answer PING within {_START_TIMEOUT_S}s; log:\n{_read(log_path)}"
+    )
 
 
 def _read(path: str) -> str:
@@ -94,11 +92,31 @@ def run_redis_server(*extra_args: str) -> Iterator[tuple[str, int]]:
         for attempt in range(_PORT_ATTEMPTS):
             port = free_port()
             log_path = os.path.join(workdir, f"redis-{attempt}.log")
-            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                    "--dir", workdir, "--daemonize", "no", "--logfile", log_path, *extra_args]
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL,
-                                    preexec_fn=DIE_WITH_PARENT)
+            args = [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+                "--daemonize",
+                "no",
+                "--logfile",
+                log_path,
+                *extra_args,
+            ]
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=DIE_WITH_PARENT,
+            )
             try:
                 if _wait_for_ping(proc, port, log_path):
                     yield "127.0.0.1", port

@@ -1,5 +1,6 @@
 """Every script in benchmarks/ runs once on a tiny input, so none can rot. No timing assertions:
 the figures belong in benchmarks/RESULTS.md."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,11 @@ TINY_ARGS = {
 
 
 def _env() -> dict:
-    return {**os.environ, "FEEDBACK_HMAC_KEY": "test-benchmark-key",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "FEEDBACK_HMAC_KEY": "test-benchmark-key",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def test_every_benchmark_script_has_a_tiny_run():
@@ -38,25 +42,36 @@ def test_every_benchmark_script_has_a_tiny_run():
 @pytest.fixture(scope="module")
 def tiny_input(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("bench-input") / "events.jsonl"
-    subprocess.run([sys.executable, "-m", "feedback_tools.generate", "--events", "150", "--output", str(data)],
-                   cwd=ROOT, env=_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "feedback_tools.generate", "--events", "150", "--output", str(data)],
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
     return data
 
 
 @pytest.mark.parametrize("script", sorted(TINY_ARGS))
 def test_benchmark_script_runs_on_a_tiny_input(script, tmp_path, tiny_input):
     args = [a.format(work=tmp_path, data=tiny_input) for a in TINY_ARGS[script]]
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if script == "batch_throughput.py":
         result = json.loads(proc.stdout)
         for run in result["runs"]:
             job = run["job_fnapi"]
             assert job["accounting_holds"] and job["same_counts_as_reference"], run
-        assert set(result["job_fnapi"]) >= {"cpu_us_per_event", "fixed_cpu_s", "rss_kib_per_event", "ratio_to_reference"}
+        assert set(result["job_fnapi"]) >= {
+            "cpu_us_per_event",
+            "fixed_cpu_s",
+            "rss_kib_per_event",
+            "ratio_to_reference",
+        }
     if script == "flink_scale.py":
-        result = json.loads(proc.stdout[proc.stdout.index("{"):])
+        result = json.loads(proc.stdout[proc.stdout.index("{") :])
         assert result["accounting_exact"] and sum(result["counts"].values()) == 1500, result
     if script == "reference.py":
         summary = json.loads((tmp_path / "reference" / "summary.json").read_text())

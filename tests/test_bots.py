@@ -17,6 +17,7 @@ def ev(t, etype="view", item=None, request=None, n=[0]):
 
 def real_browser_agents():
     import fake_useragent
+
     path = Path(fake_useragent.__file__).parent / "data" / "browsers.jsonl"
     return [json.loads(line)["useragent"] for line in path.read_text().splitlines()]
 
@@ -32,6 +33,7 @@ def test_crawler_false_positives_on_real_browsers_under_budget():
 
 def test_crawler_recall_on_known_crawler_instances():
     import crawleruseragents
+
     instances = [i for d in crawleruseragents.CRAWLER_USER_AGENTS_DATA for i in d.get("instances", [])]
     matcher = CrawlerMatcher()
     recall = sum(bool(matcher.match(ua)) for ua in instances) / len(instances)
@@ -74,19 +76,25 @@ def test_superhuman_clicks_matched_by_request_and_item():
 
 
 def test_human_click_latency_is_fine_and_click_before_impression_ignored():
-    events = [ev(T0, "impression", "i1", "r1"), ev(T0 + 1500, "click", "i1", "r1"),
-              ev(T0 + 10_000, "click", "i2", None), ev(T0 + 10_050, "impression", "i2", "r2")]
+    events = [
+        ev(T0, "impression", "i1", "r1"),
+        ev(T0 + 1500, "click", "i1", "r1"),
+        ev(T0 + 10_000, "click", "i2", None),
+        ev(T0 + 10_050, "impression", "i2", "r2"),
+    ]
     assert superhuman_clicks(events, 200) == (0, None)
     assert judge_run(events, RULES) is None
 
 
 # --- machine cadence, continuous runs, huge users ---------------------------------------------------
 
+
 def test_steady_one_per_second_is_machine_cadence():
     import random
+
     rng = random.Random(1)
     t, times = T0 + 17_345, []
-    for _ in range(240):            # 4 minutes at ~1/s, 3% timing jitter
+    for _ in range(240):  # 4 minutes at ~1/s, 3% timing jitter
         times.append(int(t))
         t += 1000 * (1 + rng.gauss(0, 0.03))
     detail = machine_cadence(times, 0.2, 60, 0.5, 120_000)
@@ -98,6 +106,7 @@ def test_steady_one_per_second_is_machine_cadence():
 def test_human_bursts_are_not_machine_cadence():
     # 30 events a minute, bursts of 10 in a second, irregular pauses: over 10 minutes.
     import random
+
     rng = random.Random(2)
     times, t = [], T0
     while t < T0 + 600_000:
@@ -108,10 +117,10 @@ def test_human_bursts_are_not_machine_cadence():
 
 def test_cadence_needs_rate_duration_and_count():
     steady = [T0 + i * 1000 for i in range(100)]
-    assert machine_cadence(steady, 0.2, 60, 0.5, 120_000) is None        # 99 s < 2 min
+    assert machine_cadence(steady, 0.2, 60, 0.5, 120_000) is None  # 99 s < 2 min
     slow = [T0 + i * 3000 for i in range(100)]
-    assert machine_cadence(slow, 0.2, 60, 0.5, 120_000) is None          # 0.33/s
-    assert machine_cadence(steady[:50], 0.2, 60, 0.5, 10_000) is None     # 50 < 60 events
+    assert machine_cadence(slow, 0.2, 60, 0.5, 120_000) is None  # 0.33/s
+    assert machine_cadence(steady[:50], 0.2, 60, 0.5, 10_000) is None  # 50 < 60 events
 
 
 def test_sustained_rate_minutes_count_from_the_run_not_the_clock():
@@ -122,10 +131,11 @@ def test_sustained_rate_minutes_count_from_the_run_not_the_clock():
 
 def test_split_runs_by_gap_and_cap_from_run_start():
     from transforms.sessions import split_runs
+
     events = [ev(T0 + m * 60_000, "view") for m in (0, 5, 10, 50, 55, 100, 101)]
     assert [len(r) for r in split_runs(events, 30 * 60_000, 7200_000)] == [3, 2, 2]
     assert [len(r) for r in split_runs(events, 30 * 60_000, 50 * 60_000)] == [3, 2, 2]
-    assert [len(r) for r in split_runs(events, 60 * 60_000, 50 * 60_000)] == [3, 2, 2]   # by the cap alone
+    assert [len(r) for r in split_runs(events, 60 * 60_000, 50 * 60_000)] == [3, 2, 2]  # by the cap alone
     # the cap counts from each run's first event, not from a clock grid
     assert [len(r) for r in split_runs(events, 60 * 60_000, 10 * 60_000)] == [2, 1, 2, 2]
 
@@ -133,9 +143,10 @@ def test_split_runs_by_gap_and_cap_from_run_start():
 def test_huge_user_is_judged_by_volume_without_sorting(monkeypatch):
     import apache_beam as beam
     from transforms.bots import FilterBots, _UserRunsBatchFn
+
     rules = BotRules(True, (), 600.0, 120, 2, 200, 3, max_user_events=1000)
     fn = _UserRunsBatchFn(rules, 1800.0)
-    events = [{**ev(T0 + i * 30_000, "view"), "user_id": "u1"} for i in range(1001)]   # human pace, too many
+    events = [{**ev(T0 + i * 30_000, "view"), "user_id": "u1"} for i in range(1001)]  # human pace, too many
     monkeypatch.setattr("builtins.sorted", lambda *a, **k: pytest.fail("a huge user must not be sorted"))
     out = list(fn.process(("u1", events)))
     monkeypatch.undo()

@@ -1,4 +1,5 @@
 """The commands a user types, run as a user runs them (subprocesses, exit codes, messages)."""
+
 import json
 import os
 import subprocess
@@ -14,16 +15,28 @@ def run(*args, env_extra=None):
 
 def test_demo_command(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FEEDBACK_HMAC_KEY"}
-    r = subprocess.run([sys.executable, "-m", "feedback_tools.demo", "--events", "3000", "--workdir", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "feedback_tools.demo", "--events", "3000", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accounting identity holds: True" in r.stdout
     assert "counts equal the generator's ground truth: True" in r.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["metrics"]["feedback.read.records"] == 3000
     # Run twice in a row: the demo replaces its previous run in sample/out (--overwrite), never mixes.
-    r = subprocess.run([sys.executable, "-m", "feedback_tools.demo", "--events", "1000", "--workdir", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "feedback_tools.demo", "--events", "1000", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     manifest = json.loads((tmp_path / "out" / "_MANIFEST.json").read_text())
@@ -35,7 +48,9 @@ def test_batch_refuses_bad_config_with_key_path(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("bots:\n  max_events_per_minute: -3\n  sesion_gap: 5m\n")
     (tmp_path / "x.jsonl").write_text("{}\n")
-    r = run("pipelines.batch", "--config", str(cfg), "--input", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "o"))
+    r = run(
+        "pipelines.batch", "--config", str(cfg), "--input", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "o")
+    )
     assert r.returncode == 2
     assert "bots.max_events_per_minute" in r.stderr and "bots.sesion_gap: unknown key" in r.stderr
     assert "session_gap" in r.stderr  # the allowed keys are listed
@@ -44,8 +59,16 @@ def test_batch_refuses_bad_config_with_key_path(tmp_path):
 def test_batch_refuses_to_start_without_hmac_key(tmp_path):
     (tmp_path / "x.jsonl").write_text("{}\n")
     env = {"FEEDBACK_HMAC_KEY": ""}
-    r = run("pipelines.batch", "--config", "config/batch.yaml", "--input", str(tmp_path / "x.jsonl"),
-            "--output", str(tmp_path / "o"), env_extra=env)
+    r = run(
+        "pipelines.batch",
+        "--config",
+        "config/batch.yaml",
+        "--input",
+        str(tmp_path / "x.jsonl"),
+        "--output",
+        str(tmp_path / "o"),
+        env_extra=env,
+    )
     assert r.returncode == 2 and "no HMAC key" in r.stderr
 
 

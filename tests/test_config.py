@@ -14,14 +14,14 @@ def _documented_keys() -> list[str]:
     for row in table.splitlines()[2:]:
         section = None
         for token in re.findall(r"`([^`]+)`", row.split("|")[1]):
-            if "." in token:                 # `time.early_firing`
+            if "." in token:  # `time.early_firing`
                 section, names = token.split(".", 1)
-            elif section:                    # ... / `late_firings`: same section as the one before
+            elif section:  # ... / `late_firings`: same section as the one before
                 names = token
-            else:                            # `online_store`: a whole section
+            else:  # `online_store`: a whole section
                 keys.append(token)
                 continue
-            keys += [f"{section}.{n}" for n in names.split("/")]   # `enrichment.items/users/experiments`
+            keys += [f"{section}.{n}" for n in names.split("/")]  # `enrichment.items/users/experiments`
     return keys
 
 
@@ -35,13 +35,16 @@ def _resolve(model, dotted: str):
 
 def test_shipped_configs_load():
     defaults = config_from_dict({})
-    shipped = {name: load_config(str(ROOT / "config" / name))
-               for name in ("batch.yaml", "local.yaml", "streaming.yaml")}
+    shipped = {
+        name: load_config(str(ROOT / "config" / name)) for name in ("batch.yaml", "local.yaml", "streaming.yaml")
+    }
     # batch.yaml shows the defaults of every section, and turns features on with windows of its own.
     batch = shipped["batch.yaml"]
     assert batch.model_dump(exclude={"features"}) == defaults.model_dump(exclude={"features"})
     assert defaults.features is None and [(w.size, w.period) for w in batch.features.windows] == [
-        (3600, 900), (86400, 21600)]
+        (3600, 900),
+        (86400, 21600),
+    ]
     # local.yaml: the demo key and sample tables, quality in warn mode (the demo data is dirty on purpose).
     local = shipped["local.yaml"]
     assert local.privacy.allow_demo_key and local.quality.mode == "warn" and local.output.num_shards == 1
@@ -49,11 +52,18 @@ def test_shipped_configs_load():
     # streaming.yaml: the keys it sets differ from the defaults as written.
     st = shipped["streaming.yaml"]
     assert (st.time.lateness, st.time.early_firing, st.time.late_firings, st.time.accumulation) == (
-        3600, 30, True, "accumulating")
+        3600,
+        30,
+        True,
+        "accumulating",
+    )
     assert (st.time.output_window.type, st.time.output_window.size) == ("fixed", 300)
     assert (st.sessions.gap, st.sessions.split_every, st.labels.window) == (1800, 3600, 1800)
     assert st.online_store is not None and (st.online_store.host, st.online_store.port, st.online_store.ttl) == (
-        "localhost", 6379, 7 * 86400)
+        "localhost",
+        6379,
+        7 * 86400,
+    )
     assert not st.privacy.allow_demo_key
     # Every key README's table documents exists in every shipped config.
     keys = _documented_keys()
@@ -63,15 +73,18 @@ def test_shipped_configs_load():
             _resolve(cfg, key)
 
 
-@pytest.mark.parametrize("data,expected", [
-    ({"bots": {"max_events_per_minut": 3}}, "bots.max_events_per_minut: unknown key. Allowed here:"),
-    ({"dedupe": {"horizon": "soon"}}, "dedupe.horizon"),
-    ({"privacy": {"ipv4_prefix": 40}}, "privacy.ipv4_prefix: Input should be less than or equal to 32"),
-    ({"schema": {"unknown_fields": "drop"}}, "schema.unknown_fields: Input should be 'reject' or 'ignore'"),
-    ({"bots": {"extra_crawler_patterns": ["("]}}, "bots.extra_crawler_patterns"),
-    ({"validation": {"event_types": []}}, "validation.event_types"),
-    ([1, 2], "top level must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        ({"bots": {"max_events_per_minut": 3}}, "bots.max_events_per_minut: unknown key. Allowed here:"),
+        ({"dedupe": {"horizon": "soon"}}, "dedupe.horizon"),
+        ({"privacy": {"ipv4_prefix": 40}}, "privacy.ipv4_prefix: Input should be less than or equal to 32"),
+        ({"schema": {"unknown_fields": "drop"}}, "schema.unknown_fields: Input should be 'reject' or 'ignore'"),
+        ({"bots": {"extra_crawler_patterns": ["("]}}, "bots.extra_crawler_patterns"),
+        ({"validation": {"event_types": []}}, "validation.event_types"),
+        ([1, 2], "top level must be a mapping"),
+    ],
+)
 def test_bad_config_names_the_key(data, expected):
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
@@ -92,22 +105,27 @@ def test_durations():
 
 # --- preflight: every bad value stops the job with exit 2 and the key path, before anything runs ------
 
-@pytest.mark.parametrize("yaml_text,expected", [
-    ("dedupe: {horizon: .nan}\n", "dedupe.horizon: Value error, a duration must be a finite number"),
-    ("labels: {window: .inf}\n", "labels.window: Value error, a duration must be a finite number"),
-    ("time: {lateness: -.inf}\n", "time.lateness: Value error, a duration must be a finite number"),
-    ("validation: {min_event_time: yesterday}\n", "validation.min_event_time: Value error, not an ISO-8601 time"),
-    ("sessions: {split_every: 0}\n", "sessions.split_every: Value error, must be a positive duration"),
-    ("sessions: {gap: 0s}\n", "sessions.gap: Value error, must be a positive duration"),
-    ("time: {output_window: {size: 0}}\n", "time.output_window.size: Value error, must be a positive duration"),
-    ("privacy: {allow_demo_key: 'yes'}\n", "privacy.allow_demo_key: must be true or false"),
-    ("privacy: {allow_demo_key: 1}\n", "privacy.allow_demo_key: must be true or false"),
-    ("bots: {crawler_user_agents: 'false'}\n", "bots.crawler_user_agents: must be true or false"),
-    ("time: {late_firings: on_time}\n", "time.late_firings: must be true or false"),
-])
+
+@pytest.mark.parametrize(
+    "yaml_text,expected",
+    [
+        ("dedupe: {horizon: .nan}\n", "dedupe.horizon: Value error, a duration must be a finite number"),
+        ("labels: {window: .inf}\n", "labels.window: Value error, a duration must be a finite number"),
+        ("time: {lateness: -.inf}\n", "time.lateness: Value error, a duration must be a finite number"),
+        ("validation: {min_event_time: yesterday}\n", "validation.min_event_time: Value error, not an ISO-8601 time"),
+        ("sessions: {split_every: 0}\n", "sessions.split_every: Value error, must be a positive duration"),
+        ("sessions: {gap: 0s}\n", "sessions.gap: Value error, must be a positive duration"),
+        ("time: {output_window: {size: 0}}\n", "time.output_window.size: Value error, must be a positive duration"),
+        ("privacy: {allow_demo_key: 'yes'}\n", "privacy.allow_demo_key: must be true or false"),
+        ("privacy: {allow_demo_key: 1}\n", "privacy.allow_demo_key: must be true or false"),
+        ("bots: {crawler_user_agents: 'false'}\n", "bots.crawler_user_agents: must be true or false"),
+        ("time: {late_firings: on_time}\n", "time.late_firings: must be true or false"),
+    ],
+)
 def test_bad_values_exit_2_with_key_path_before_anything_runs(tmp_path, capsys, yaml_text, expected):
     from pipelines import batch
     from tests.conftest import write_config
+
     cfg = write_config(tmp_path, yaml_text)
     (tmp_path / "x.jsonl").write_text("{}\n")
     out = tmp_path / "out"
@@ -131,6 +149,7 @@ def test_every_boolean_key_is_strict():
     from pydantic import BaseModel
 
     from transforms.config import JobConfig
+
     seen = []
 
     def walk(model, path):
@@ -149,6 +168,7 @@ def test_every_boolean_key_is_strict():
             for sub in args:
                 if isinstance(sub, type) and issubclass(sub, BaseModel):
                     walk(sub, f"{path}{key}.")
+
     walk(JobConfig, "")
     assert {"privacy.allow_demo_key", "bots.crawler_user_agents", "time.late_firings"} <= set(seen)
 

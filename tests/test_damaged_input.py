@@ -5,6 +5,7 @@ letter naming the file, where reading stopped and the error; report.json lists t
 the accounting identity stays exact. The readers are checked alone for every codec, then the batch
 job runs, as a user runs it, over damaged files of every kind beside good files.
 """
+
 import bz2
 import glob
 import gzip
@@ -31,9 +32,16 @@ SCHEMA = json.loads((SCHEMA_DIR / "event.v2.avsc").read_text())
 
 def event(i: int) -> dict:
     # Impressions of 500 users, one per second overall (far below every bot rule); 10 per request.
-    return {"event_id": f"e{i}", "event_type": "impression", "event_time": T0 + i * 1000, "user_id": f"u{i % 500}",
-            "item_id": f"i{i % 97}", "request_id": f"r{i // 10}", "position": i % 10,
-            "context": {"pad": "x" * (i % 40)}}
+    return {
+        "event_id": f"e{i}",
+        "event_type": "impression",
+        "event_time": T0 + i * 1000,
+        "user_id": f"u{i % 500}",
+        "item_id": f"i{i % 97}",
+        "request_id": f"r{i // 10}",
+        "position": i % 10,
+        "context": {"pad": "x" * (i % 40)},
+    }
 
 
 def jsonl(first: int, n: int) -> bytes:
@@ -45,7 +53,10 @@ CODECS = {
     "gz": (lambda d: gzip.compress(d), lambda c: zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(c)),
     "bz2": (lambda d: bz2.compress(d, compresslevel=1), lambda c: bz2.BZ2Decompressor().decompress(c)),
     "xz": (lambda d: lzma.compress(d, preset=1), lambda c: lzma.LZMADecompressor().decompress(c)),
-    "zst": (lambda d: zstandard.ZstdCompressor().compress(d), lambda c: zstandard.ZstdDecompressor().decompressobj().decompress(c)),
+    "zst": (
+        lambda d: zstandard.ZstdCompressor().compress(d),
+        lambda c: zstandard.ZstdDecompressor().decompressobj().decompress(c),
+    ),
     "deflate": (lambda d: zlib.compress(d), lambda c: zlib.decompressobj().decompress(c)),
 }
 
@@ -85,7 +96,7 @@ def damage_block(data: bytes) -> tuple:
     """Garbage written over part of a block past the middle of an Avro file, at the first place where
     fastavro fails on it (a few bytes of damage can decode by chance). -> (bytes, records readable)."""
     for start in range(len(data) // 2, len(data) - 64, 37):
-        damaged = data[:start] + bytes(range(200, 232)) + data[start + 32:]
+        damaged = data[:start] + bytes(range(200, 232)) + data[start + 32 :]
         n, failed = readable_prefix(damaged)
         if failed:
             return damaged, n
@@ -93,6 +104,7 @@ def damage_block(data: bytes) -> tuple:
 
 
 # --- the readers alone -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("suffix", sorted(CODECS))
 def test_truncated_compressed_file_keeps_the_readable_lines_and_says_where_it_stopped(suffix):
@@ -130,16 +142,16 @@ def test_empty_compressed_file_has_no_records_and_no_damage():
 
 def test_gzip_with_a_damaged_block_stops_there():
     data = bytearray(gzip.compress(jsonl(0, 20_000)))
-    data[len(data) // 2: len(data) // 2 + 32] = bytes(32)
+    data[len(data) // 2 : len(data) // 2 + 32] = bytes(32)
     items, damage = read_lines("/in/bad.jsonl.gz", bytes(data))
     assert damage is not None and damage.records_read == len(items) and damage.error
 
 
 def test_counting_stream_never_reads_more_than_asked_and_refuses_damaged_lengths():
-    data = bytes(range(256)) * (1 << 16)                       # 16 MiB, more than one read chunk
+    data = bytes(range(256)) * (1 << 16)  # 16 MiB, more than one read chunk
     raw = _CountingStream(io.BytesIO(data), len(data))
     assert raw.read(10 << 20) == data[: 10 << 20] and raw.offset == 10 << 20
-    assert raw.read(1 << 62) == data[10 << 20:] and raw.read(5) == b""   # a huge length: capped, no allocation
+    assert raw.read(1 << 62) == data[10 << 20 :] and raw.read(5) == b""  # a huge length: capped, no allocation
     with pytest.raises(ValueError):
         raw.read(-57854006)
 
@@ -148,6 +160,7 @@ def test_storage_errors_are_not_taken_for_damage():
     class Failing(io.BytesIO):
         def read(self, size=-1):
             raise ConnectionResetError("peer went away")
+
     with pytest.raises(StorageError):
         collect(read_json_lines("/in/a.jsonl.gz", _CountingStream(Failing())))
     with pytest.raises(StorageError):
@@ -228,12 +241,31 @@ def damaged_run(tmp_path_factory):
     (inputs / "cut-deflate.avro").write_bytes(cut[: len(cut) // 2])
     expected["cut-deflate.avro"] = readable_prefix(cut[: len(cut) // 2])[0]
     out = tmp / "out"
-    r = subprocess.run([sys.executable, "-m", "pipelines.batch", "--config", write_config(tmp),
-                        "--input", str(inputs / "*"), "--output", str(out)],
-                       cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.batch",
+            "--config",
+            write_config(tmp),
+            "--input",
+            str(inputs / "*"),
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
-    dead = [json.loads(line) for f in sorted(glob.glob(str(out / "dead_letter" / "*.jsonl"))) for line in open(f)
-            if line.strip()]
+    dead = [
+        json.loads(line)
+        for f in sorted(glob.glob(str(out / "dead_letter" / "*.jsonl")))
+        for line in open(f)
+        if line.strip()
+    ]
     return r, report, dead, expected, inputs
 
 
@@ -270,6 +302,7 @@ def test_report_lists_the_damaged_files(damaged_run):
     listed = report["damaged_files"]
     assert [os.path.basename(d["file"]) for d in listed] == sorted(expected)
     assert all(set(d) == set(DAMAGE_FIELDS) for d in listed)
-    assert sorted(listed, key=lambda d: d["file"]) == sorted(({k: d[k] for k in DAMAGE_FIELDS} for d in dead),
-                                                            key=lambda d: d["file"])
+    assert sorted(listed, key=lambda d: d["file"]) == sorted(
+        ({k: d[k] for k in DAMAGE_FIELDS} for d in dead), key=lambda d: d["file"]
+    )
     assert "damaged files" in r.stdout and "not-gzip.jsonl.gz:1" in r.stdout

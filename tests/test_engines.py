@@ -20,6 +20,7 @@
 Engines come from ``.ci/install-prism`` / ``.ci/install-flink`` (``tests/engines.py``); a missing
 tool or download fails these tests, it never skips them. SDK harness: LOOPBACK (this process).
 """
+
 import collections
 import datetime as dt
 import glob
@@ -36,8 +37,16 @@ from pipelines.graph import GraphSettings
 from tests.conftest import FN_API_RUNNER, write_config
 from tests.engines import *  # noqa: F401,F403 - pytest fixtures
 from tests.engines import flink_options, portable_options, prism_options
-from tests.helpers import (SCENARIO, SCENARIO_EXPOSURES, assert_counts_balance, assert_streaming_equals_batch,
-                           avro_rows, canonical_labels, run_batch, run_streaming_on)
+from tests.helpers import (
+    SCENARIO,
+    SCENARIO_EXPOSURES,
+    assert_counts_balance,
+    assert_streaming_equals_batch,
+    avro_rows,
+    canonical_labels,
+    run_batch,
+    run_streaming_on,
+)
 from transforms.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -52,6 +61,7 @@ ARCHIVE_FROM, ARCHIVE_TO = "2026-11-01T00:00:00Z", "2026-11-01T06:00:00Z"
 
 
 # --- canonical records ---------------------------------------------------------------------
+
 
 def _canonical(value):
     if isinstance(value, dt.datetime):
@@ -81,9 +91,11 @@ def assert_same_outputs(reference_dir, engine_dir):
         want, got = output_records(reference_dir, name), output_records(engine_dir, name)
         if want != got:
             missing, extra = want - got, got - want
-            problems.append(f"{name}: {sum(want.values())} records expected, {sum(got.values())} found; "
-                            f"{sum(missing.values())} missing (e.g. {next(iter(missing), None)}), "
-                            f"{sum(extra.values())} unexpected (e.g. {next(iter(extra), None)})")
+            problems.append(
+                f"{name}: {sum(want.values())} records expected, {sum(got.values())} found; "
+                f"{sum(missing.values())} missing (e.g. {next(iter(missing), None)}), "
+                f"{sum(extra.values())} unexpected (e.g. {next(iter(extra), None)})"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -93,12 +105,14 @@ def assert_same_report(reference: dict, engine: dict, metrics_required: bool):
         if "quality" in out:  # the report.html path names the run's own output folder
             out["quality"] = {k: v for k, v in out["quality"].items() if k != "html"}
         return out
+
     assert strip(engine) == strip(reference)
     if metrics_required or engine["metrics"]:
         assert engine["metrics"] == reference["metrics"]
 
 
 # --- batch ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
@@ -137,8 +151,9 @@ def test_standalone_flink_cluster_runs(flink_cluster):
 
 
 def test_batch_on_embedded_flink_equals_fnapi(generated, flink_job_server_jar):
-    report, out = run_batch_on(generated, "flink-local",
-                               flink_options(flink_job_server_jar, "[local]", "--parallelism=2"))
+    report, out = run_batch_on(
+        generated, "flink-local", flink_options(flink_job_server_jar, "[local]", "--parallelism=2")
+    )
     assert report["runner"] == "FlinkRunner"
     assert_same_report(generated["reference"], report, metrics_required=False)
     assert_same_outputs(generated["reference_dir"], out)
@@ -159,8 +174,9 @@ def assert_ran_on_cluster(cluster, before: set, parallelism: int = 2) -> dict:
 
 def test_batch_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, flink_cluster):
     before = {j["jid"] for j in flink_cluster.jobs()}
-    report, out = run_batch_on(generated, "flink-cluster",
-                               flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2"))
+    report, out = run_batch_on(
+        generated, "flink-cluster", flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2")
+    )
     assert_ran_on_cluster(flink_cluster, before)
     assert_same_report(generated["reference"], report, metrics_required=False)
     assert_same_outputs(generated["reference_dir"], out)
@@ -177,36 +193,56 @@ def tree_digests(root) -> dict:
         if "/_counts/" in path:
             data = b"\n".join(sorted(data.splitlines()))
         return hashlib.sha256(data).hexdigest()
-    return {os.path.relpath(f, root): digest(f)
-            for f in glob.glob(os.path.join(str(root), "**", "*"), recursive=True)
-            if os.path.isfile(f) and not f.endswith(("report.json", "_MANIFEST.json", "_SUCCESS"))
-            and "/_replay/" not in f}
+
+    return {
+        os.path.relpath(f, root): digest(f)
+        for f in glob.glob(os.path.join(str(root), "**", "*"), recursive=True)
+        if os.path.isfile(f) and not f.endswith(("report.json", "_MANIFEST.json", "_SUCCESS")) and "/_replay/" not in f
+    }
 
 
 @pytest.mark.parametrize("mode", ["archive", "dead-letters"])
 def test_replay_on_flink_cluster_equals_fnapi(generated, flink_cluster_job_server, flink_cluster, mode):
     """Replays write deterministic files: the cluster's must be byte-identical to FnApiRunner's."""
     from pipelines import replay
+
     ref = generated["reference_dir"]
     cfg = generated["argv"][1]
     if mode == "archive":
-        args = ["archive", "--config", cfg, "--archive", str(ref / "events" / "*.avro"),
-                "--from", ARCHIVE_FROM, "--to", ARCHIVE_TO]
+        args = [
+            "archive",
+            "--config",
+            cfg,
+            "--archive",
+            str(ref / "events" / "*.avro"),
+            "--from",
+            ARCHIVE_FROM,
+            "--to",
+            ARCHIVE_TO,
+        ]
     else:
         args = ["dead-letters", "--config", cfg, "--dead-letters", str(ref / "dead_letter" / "*")]
     tmp = generated["tmp"]
     want = replay.run(args + ["--output", str(tmp / f"replay-{mode}-fnapi"), f"--runner={FN_API_RUNNER}"])
     before = {j["jid"] for j in flink_cluster.jobs()}
-    got = replay.run(args + ["--output", str(tmp / f"replay-{mode}-flink"),
-                             *portable_options(flink_cluster_job_server, "--parallelism=2")])
+    got = replay.run(
+        args
+        + [
+            "--output",
+            str(tmp / f"replay-{mode}-flink"),
+            *portable_options(flink_cluster_job_server, "--parallelism=2"),
+        ]
+    )
     assert_ran_on_cluster(flink_cluster, before)
     drop = {"output", "run_id", "runner", "elapsed_seconds", "metrics", "replayability"}
     assert {k: v for k, v in got.items() if k not in drop} == {k: v for k, v in want.items() if k not in drop}
     if mode == "archive":
         assert want["labels"]["labels"] > 0
     else:
-        assert want["accounting"]["input_records"] == generated["reference"]["counts"]["dead_letter"] \
-            + generated["reference"]["counts"]["too_late"]
+        assert (
+            want["accounting"]["input_records"]
+            == generated["reference"]["counts"]["dead_letter"] + generated["reference"]["counts"]["too_late"]
+        )
     digests = tree_digests(tmp / f"replay-{mode}-fnapi")
     assert digests and tree_digests(tmp / f"replay-{mode}-flink") == digests
 
@@ -229,6 +265,7 @@ def test_batch_survives_a_killed_taskmanager(generated, flink_cluster_job_server
     The job runs in this (main) thread -- Beam's job server launcher installs a signal handler -- and a
     watcher thread does the killing."""
     import threading
+
     before = {j["jid"] for j in flink_cluster.jobs()}
     killed, done = [], threading.Event()
 
@@ -242,20 +279,25 @@ def test_batch_survives_a_killed_taskmanager(generated, flink_cluster_job_server
                     flink_cluster.kill_taskmanager(victim)
                     killed.append(victim)
                     return
-            except (OSError, KeyError):   # REST briefly unavailable, or a vertex not yet deployed
+            except (OSError, KeyError):  # REST briefly unavailable, or a vertex not yet deployed
                 pass
             done.wait(0.2)
 
     watcher = threading.Thread(target=kill_when_both_busy, daemon=True)
     watcher.start()
     try:
-        report = batch.run(generated["argv"] + [
-            "--output", str(generated["tmp"] / "flink-recovery"),
-            *portable_options(flink_cluster_job_server, "--parallelism=2")])
+        report = batch.run(
+            generated["argv"]
+            + [
+                "--output",
+                str(generated["tmp"] / "flink-recovery"),
+                *portable_options(flink_cluster_job_server, "--parallelism=2"),
+            ]
+        )
     finally:
         done.set()
         watcher.join(30)
-        if killed:   # back to two TaskManagers for the tests that follow
+        if killed:  # back to two TaskManagers for the tests that follow
             flink_cluster.start_taskmanager()
     assert killed, "the job finished before it ran on both TaskManagers at once: nothing was killed"
     ran = new_jobs(flink_cluster, before)
@@ -267,6 +309,7 @@ def test_batch_survives_a_killed_taskmanager(generated, flink_cluster_job_server
 
 
 # --- streaming graph under TestStream --------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
@@ -289,13 +332,19 @@ def assert_stream_equals_batch(scenario, stream_out):
 @pytest.mark.parametrize("step_watermark", [True, False], ids=["stepped-watermark", "straight-to-infinity"])
 def test_streaming_on_prism_equals_batch(scenario, prism_binary, step_watermark):
     out = scenario["tmp"] / f"prism-{step_watermark}"
-    run_streaming_on(prism_options(prism_binary), scenario["settings"], scenario["cfg"], SCENARIO, out,
-                     step_watermark=step_watermark)
+    run_streaming_on(
+        prism_options(prism_binary), scenario["settings"], scenario["cfg"], SCENARIO, out, step_watermark=step_watermark
+    )
     assert_stream_equals_batch(scenario, out)
 
 
 def test_streaming_on_flink_equals_batch(scenario, flink_cluster_job_server):
     out = scenario["tmp"] / "flink"
-    run_streaming_on(portable_options(flink_cluster_job_server, "--parallelism=2"), scenario["settings"],
-                     scenario["cfg"], SCENARIO, out)
+    run_streaming_on(
+        portable_options(flink_cluster_job_server, "--parallelism=2"),
+        scenario["settings"],
+        scenario["cfg"],
+        SCENARIO,
+        out,
+    )
     assert_stream_equals_batch(scenario, out)

@@ -26,7 +26,11 @@ def test_device_class_on_real_browser_corpus():
     """fake-useragent ships UAs collected from real traffic, labelled desktop/mobile/tablet."""
     from pathlib import Path
     import fake_useragent
-    rows = [json.loads(l) for l in (Path(fake_useragent.__file__).parent / "data" / "browsers.jsonl").read_text().splitlines()]
+
+    rows = [
+        json.loads(l)
+        for l in (Path(fake_useragent.__file__).parent / "data" / "browsers.jsonl").read_text().splitlines()
+    ]
     agree = sum(classify_device(r["useragent"]).device_class == r["type"] for r in rows)
     assert agree / len(rows) > 0.95, agree / len(rows)
 

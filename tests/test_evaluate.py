@@ -4,6 +4,7 @@ The generated traffic (`make_traffic`) knows everything the estimators try to re
 probabilities (so a target policy's true value), the examination curve (feedback_tools.generate's own),
 the traffic split and the day each item enters the catalogue.
 """
+
 import json
 import math
 import random
@@ -37,8 +38,10 @@ def generator_exam_curve(k: int) -> list:
 
 # --- generated traffic -----------------------------------------------------------------------
 
-def make_traffic(n_requests=2000, k=5, n_items=60, seed=1, randomised_share=0.5, split=(0.5, 0.5),
-                 days=4, experiment="exp-1"):
+
+def make_traffic(
+    n_requests=2000, k=5, n_items=60, seed=1, randomised_share=0.5, split=(0.5, 0.5), days=4, experiment="exp-1"
+):
     """Labels and slates in the project's contract, with their truth.
 
     Items enter the catalogue at a known time (item j >= k at T0 + (j - k) * days * DAY / n_items / 2) and have a
@@ -64,7 +67,7 @@ def make_traffic(n_requests=2000, k=5, n_items=60, seed=1, randomised_share=0.5,
             policy, props = "uniform", [1.0 / len(items)] * len(items)
         else:
             items.sort(key=lambda j: -(rel[j] + rng.gauss(0, 0.15)))
-            policy, props = "ranker", ranker_props[:len(items)]
+            policy, props = "ranker", ranker_props[: len(items)]
             props = [p / sum(props) for p in props]
         variant = variant_of[user]
         lift = 1.25 if variant == "treatment" else 1.0
@@ -73,10 +76,22 @@ def make_traffic(n_requests=2000, k=5, n_items=60, seed=1, randomised_share=0.5,
             click = rng.random() < min(1.0, rel[j] * exam[pos - 1] * lift)
             buy = click and rng.random() < 0.2
             types = (["click"] if click else []) + (["purchase"] if buy else [])
-            label = {"label_id": f"x{r}-{pos}", "request_id": f"r{r:06d}", "user_id": user, "item_id": f"i{j:03d}",
-                     "position": pos, "propensity": props[pos - 1], "policy": policy, "experiment_id": experiment,
-                     "variant": variant, "impression_time": t + pos, "label": int(click),
-                     "weight": 5.0 if buy else 1.0, "outcome_types": types, "label_time": t + HOUR}
+            label = {
+                "label_id": f"x{r}-{pos}",
+                "request_id": f"r{r:06d}",
+                "user_id": user,
+                "item_id": f"i{j:03d}",
+                "position": pos,
+                "propensity": props[pos - 1],
+                "policy": policy,
+                "experiment_id": experiment,
+                "variant": variant,
+                "impression_time": t + pos,
+                "label": int(click),
+                "weight": 5.0 if buy else 1.0,
+                "outcome_types": types,
+                "label_time": t + HOUR,
+            }
             labels.append(label)
             req.append(label)
         slates.append(make_slate(f"r{r:06d}", req))
@@ -99,6 +114,7 @@ def write_config(tmp_path, evaluation: str, name="eval.yaml") -> str:
 
 
 # --- chi-square ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("x", [0.01, 0.5, 1.0, 3.841458820694124, 7.5, 20.0, 80.0])
 def test_chi2_sf_matches_closed_forms(x):
@@ -125,6 +141,7 @@ def test_srm_flags_a_skewed_split_and_passes_a_fair_one():
 
 
 # --- off-policy estimates --------------------------------------------------------------------
+
 
 def test_ope_matches_plain_numpy_with_clipping_and_request_bootstrap():
     labels, _, _ = make_traffic(n_requests=600, seed=3)
@@ -154,7 +171,7 @@ def test_ope_matches_plain_numpy_with_clipping_and_request_bootstrap():
     assert e["snips"]["value"] == pytest.approx(np.sum(w * r) / np.sum(w), rel=1e-12)
     assert e["dm"]["value"] == pytest.approx(q_pi, rel=1e-12)
     assert e["dr"]["value"] == pytest.approx(np.mean(dr_i), rel=1e-12)
-    assert got["diagnostics"]["ess"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum(), rel=1e-12)
+    assert got["diagnostics"]["ess"] == pytest.approx(w.sum() ** 2 / (w**2).sum(), rel=1e-12)
     assert got["diagnostics"]["max_weight"] == pytest.approx(np.max(pi / p))
     assert got["diagnostics"]["clipped_exposures"] == int(np.sum(pi / p > clip))
 
@@ -170,7 +187,7 @@ def test_ope_matches_plain_numpy_with_clipping_and_request_bootstrap():
     lo, hi = np.percentile(reps, [5, 95])
     assert e["ips"]["ci_low"] == pytest.approx(lo, rel=1e-12) and e["ips"]["ci_high"] == pytest.approx(hi, rel=1e-12)
     again = E.ope_estimates(rows, bootstrap_samples=150, confidence=0.9, seed=7, has_reward_model=True)
-    assert again == got   # seeded: deterministic
+    assert again == got  # seeded: deterministic
 
 
 def test_ips_recovers_the_true_value_of_a_target_policy():
@@ -184,15 +201,30 @@ def test_ips_recovers_the_true_value_of_a_target_policy():
     labels = []
     for i in range(20_000):
         j = rng.randrange(n_items)
-        labels.append({"label_id": f"x{i}", "request_id": f"r{i:06d}", "item_id": f"i{j}", "position": 1,
-                       "propensity": 1 / n_items, "label": int(rng.random() < mu[j]), "weight": 1.0})
-    tables = E.PolicyTables("file", {("all", None, None): target},
-                            {("all", None, None): {f"i{j}": mu[j] for j in range(n_items)}}, (), None, 0.0)
+        labels.append(
+            {
+                "label_id": f"x{i}",
+                "request_id": f"r{i:06d}",
+                "item_id": f"i{j}",
+                "position": 1,
+                "propensity": 1 / n_items,
+                "label": int(rng.random() < mu[j]),
+                "weight": 1.0,
+            }
+        )
+    tables = E.PolicyTables(
+        "file",
+        {("all", None, None): target},
+        {("all", None, None): {f"i{j}": mu[j] for j in range(n_items)}},
+        (),
+        None,
+        0.0,
+    )
     rows = [E.request_sums([E.exposure_terms(l, tables, "click", None)]) for l in labels]
     got = E.ope_estimates(rows, bootstrap_samples=300, seed=1, has_reward_model=True)["estimates"]
     for m in ("ips", "snips", "dr"):
         assert got[m]["ci_low"] <= truth <= got[m]["ci_high"], (m, got[m], truth)
-    assert got["dm"]["value"] == pytest.approx(truth, rel=1e-12)   # a perfect reward model
+    assert got["dm"]["value"] == pytest.approx(truth, rel=1e-12)  # a perfect reward model
     logged = E.PolicyTables("logged", None, None, (), None, 0.0)
     rows = [E.request_sums([E.exposure_terms(l, logged, "click", None)]) for l in labels]
     res = E.ope_estimates(rows, bootstrap_samples=0)
@@ -208,6 +240,7 @@ def test_exposures_without_propensity_are_counted_not_used():
 
 
 # --- experiments: delta method ----------------------------------------------------------------
+
 
 def plain_ratio(units, field):
     x = np.array([u[field] for u in units], dtype=float)
@@ -253,6 +286,7 @@ def test_delta_method_readout_matches_numpy_and_covers_the_true_lift():
 
 # --- cold start and concentration ------------------------------------------------------------
 
+
 def test_gini_and_top_share_match_their_definitions():
     rng = random.Random(2)
     counts = [rng.randint(0, 50) ** 2 for _ in range(300)]
@@ -261,7 +295,7 @@ def test_gini_and_top_share_match_their_definitions():
     assert E.gini(counts) == pytest.approx(mad / (2 * n * n * mean), rel=1e-12)
     assert E.gini([5, 5, 5]) == pytest.approx(0.0)
     assert E.gini([0, 0, 9]) == pytest.approx(2 / 3)
-    top = sorted(counts, reverse=True)[:3]   # ceil(1% of 300)
+    top = sorted(counts, reverse=True)[:3]  # ceil(1% of 300)
     assert E.top_share(counts) == pytest.approx(sum(top) / sum(counts))
 
 
@@ -284,6 +318,7 @@ def plain_cold_start(labels, age_ms, bucket_ms):
 
 # --- position bias ---------------------------------------------------------------------------
 
+
 def test_randomised_traffic_recovers_the_generator_examination_curve():
     _, slates, truth = make_traffic(n_requests=30_000, seed=8, randomised_share=1.0, days=1)
     cells = {}
@@ -295,9 +330,9 @@ def test_randomised_traffic_recovers_the_generator_examination_curve():
             c[1] += it["label"]
     curve = E.position_curve_randomised([(p, n, c) for p, (n, c) in cells.items()], 5)
     ctr = [cells[p][1] / cells[p][0] for p in range(1, 6)]
-    assert curve["propensity"] == pytest.approx([c / ctr[0] for c in ctr], rel=1e-12)   # plain recomputation
+    assert curve["propensity"] == pytest.approx([c / ctr[0] for c in ctr], rel=1e-12)  # plain recomputation
     want = [e / truth["exam"][0] for e in truth["exam"]]
-    assert curve["propensity"] == pytest.approx(want, abs=0.04)   # known truth, sampling error ~0.015
+    assert curve["propensity"] == pytest.approx(want, abs=0.04)  # known truth, sampling error ~0.015
 
 
 def test_em_click_model_recovers_the_curve_where_naive_ctr_is_biased():
@@ -345,10 +380,16 @@ def _tables(tmp_path, labels):
     items = sorted({l["item_id"] for l in labels})
     rng = np.random.RandomState(4)
     probs = rng.dirichlet(np.ones(len(items)))
-    (tmp_path / "policy.jsonl").write_text("".join(
-        json.dumps({"item_id": a, "probability": float(p)}) + "\n" for a, p in zip(items, probs)))
-    (tmp_path / "rewards.jsonl").write_text("".join(
-        json.dumps({"item_id": a, "position": pos, "reward": 0.4 / pos}) + "\n" for a in items for pos in range(1, 6)))
+    (tmp_path / "policy.jsonl").write_text(
+        "".join(json.dumps({"item_id": a, "probability": float(p)}) + "\n" for a, p in zip(items, probs))
+    )
+    (tmp_path / "rewards.jsonl").write_text(
+        "".join(
+            json.dumps({"item_id": a, "position": pos, "reward": 0.4 / pos}) + "\n"
+            for a in items
+            for pos in range(1, 6)
+        )
+    )
     return str(tmp_path / "policy.jsonl"), str(tmp_path / "rewards.jsonl")
 
 
@@ -369,9 +410,22 @@ def test_job_figures_equal_plain_recomputations(tmp_path, capsys):
     assert (out / "report.html").exists() and (out / "position_weights.json").exists()
 
     # OPE: the same pure functions over the records, grouped by request in Python
-    cfg = config_from_dict(json.loads(json.dumps({"evaluation": {"ope": {
-        "target_policy": str(tmp_path / "policy.jsonl"), "reward_model": str(tmp_path / "rewards.jsonl"),
-        "clip": 25, "bootstrap_samples": 100}}})))
+    cfg = config_from_dict(
+        json.loads(
+            json.dumps(
+                {
+                    "evaluation": {
+                        "ope": {
+                            "target_policy": str(tmp_path / "policy.jsonl"),
+                            "reward_model": str(tmp_path / "rewards.jsonl"),
+                            "clip": 25,
+                            "bootstrap_samples": 100,
+                        }
+                    }
+                }
+            )
+        )
+    )
     tables = E.load_policy_tables(cfg.evaluation.ope)
     by_req = {}
     for l in labels:
@@ -389,14 +443,15 @@ def test_job_figures_equal_plain_recomputations(tmp_path, capsys):
         assert exp["variants"][v]["units"] == len(units)
         assert exp["variants"][v]["exposures"] == sum(u["exposures"] for u in units)
         assert exp["variants"][v]["ctr"]["value"] == pytest.approx(
-            sum(u["clicks"] for u in units) / sum(u["exposures"] for u in units), rel=1e-12)
+            sum(u["clicks"] for u in units) / sum(u["exposures"] for u in units), rel=1e-12
+        )
     assert exp["srm"]["ok"] is True
 
     # cold start: new-item shares and per-bucket Gini by plain loops
     share, click_share, per_bucket = plain_cold_start(labels, DAY, 12 * HOUR)
     assert ev["cold_start"]["new_exposure_share"] == pytest.approx(share, rel=1e-12)
     assert ev["cold_start"]["new_click_share"] == pytest.approx(click_share, rel=1e-12)
-    assert share > 0.05   # items keep entering the catalogue during the first half
+    assert share > 0.05  # items keep entering the catalogue during the first half
     for b in ev["cold_start"]["buckets"]:
         counts = list(per_bucket[b["bucket_start_ms"]].values())
         assert b["gini"] == pytest.approx(E.gini(counts), rel=1e-12) and b["items"] == len(counts)
@@ -420,7 +475,10 @@ def test_skewed_traffic_fails_the_gate_unless_warn_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "srm.exp-1" in err
     ev = json.loads((out / "evaluation.json").read_text())
-    assert ev["quality"]["breaches"] == ["srm.exp-1"] and ev["experiments"]["experiments"]["exp-1"]["srm"]["p_value"] < 1e-6
+    assert (
+        ev["quality"]["breaches"] == ["srm.exp-1"]
+        and ev["experiments"]["experiments"]["exp-1"]["srm"]["p_value"] < 1e-6
+    )
     again = tmp_path / "warn"
     again.mkdir()
     code, out = run_job(again, labels, slates, warn_only=True)
@@ -431,8 +489,11 @@ def test_skewed_traffic_fails_the_gate_unless_warn_only(tmp_path, capsys):
 def test_concentration_and_cold_start_gates(tmp_path):
     labels, slates, _ = make_traffic(n_requests=800, seed=23)
     policy, rewards = _tables(tmp_path, labels)
-    strict = EVAL_CFG.format(policy=policy, rewards=rewards).replace("gini_max: 0.99", "gini_max: 0.01").replace(
-        "new_exposure_share_min: 0.0", "new_exposure_share_min: 0.99")
+    strict = (
+        EVAL_CFG.format(policy=policy, rewards=rewards)
+        .replace("gini_max: 0.99", "gini_max: 0.01")
+        .replace("new_exposure_share_min: 0.0", "new_exposure_share_min: 0.99")
+    )
     code, out = run_job(tmp_path, labels, slates, cfg_text=strict)
     assert code == 4
     ev = json.loads((out / "evaluation.json").read_text())
@@ -445,37 +506,75 @@ def test_position_weights_file_feeds_labels(tmp_path):
     assert code == 0
     weights = json.loads((out / "position_weights.json").read_text())["positions"]
     cfg_path = tmp_path / "labels.yaml"
-    cfg_path.write_text("labels:\n  position_weights: out/position_weights.json\n")   # relative to the config
+    cfg_path.write_text("labels:\n  position_weights: out/position_weights.json\n")  # relative to the config
     from transforms.config import load_config
+
     cfg = load_config(str(cfg_path))
     rules = LabelRules.from_config(cfg.labels, cfg.time.lateness)
-    x = {"event_id": "x", "event_type": "impression", "event_time": 0, "user_id": "u", "item_id": "i",
-         "request_id": "r", "position": 3}
+    x = {
+        "event_id": "x",
+        "event_type": "impression",
+        "event_time": 0,
+        "user_id": "u",
+        "item_id": "i",
+        "request_id": "r",
+        "position": 3,
+    }
     click = {"event_id": "c", "event_type": "click", "event_time": 1000, "user_id": "u", "item_id": "i"}
     assert make_label(x, [click], rules)["weight"] == pytest.approx(weights["3"]["weight"])
     assert make_label({**x, "position": 40}, [click], rules)["weight"] == pytest.approx(weights["5"]["weight"])
-    assert make_label(x, [], rules)["weight"] == 1.0   # negatives are not re-weighted
+    assert make_label(x, [], rules)["weight"] == 1.0  # negatives are not re-weighted
     plain = LabelRules.from_config(LabelsConfig(), 3600)
     assert make_label(x, [click], plain)["weight"] == 1.0
 
 
 def test_bad_position_weights_file_is_a_config_error(tmp_path):
     (tmp_path / "w.json").write_text('{"positions": {"1": {"weight": -2}}}')
-    r = subprocess.run([sys.executable, "-m", "pipelines.evaluate", "--config", write_config(
-        tmp_path, "  ope: {target_policy: uniform}\n"), "--labels", "x", "--slates", "y", "--output", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.evaluate",
+            "--config",
+            write_config(tmp_path, "  ope: {target_policy: uniform}\n"),
+            "--labels",
+            "x",
+            "--slates",
+            "y",
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "evaluation.ope.n_actions" not in r.stderr and "n_actions" in r.stderr
     cfg = tmp_path / "l.yaml"
     cfg.write_text("labels: {position_weights: w.json}\n")
     from transforms.config import ConfigError, load_config
+
     with pytest.raises(ConfigError, match=r"labels\.position_weights.*weight > 0"):
         load_config(str(cfg))
 
 
 def test_missing_inputs_and_unreadable_tables_exit_2(tmp_path, capsys):
     cfg = write_config(tmp_path, "  ope: {target_policy: logged}\n")
-    assert evaluate.main(["--config", cfg, "--labels", str(tmp_path / "none*.avro"), "--slates", "x",
-                          "--output", str(tmp_path / "o")]) == 2
+    assert (
+        evaluate.main(
+            [
+                "--config",
+                cfg,
+                "--labels",
+                str(tmp_path / "none*.avro"),
+                "--slates",
+                "x",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--labels: no file matches" in capsys.readouterr().err
     cfg = write_config(tmp_path, "  ope: {target_policy: nowhere.jsonl}\n", name="b.yaml")
     assert evaluate.main(["--config", cfg, "--labels", "x", "--slates", "x", "--output", str(tmp_path / "o")]) == 2
@@ -487,11 +586,13 @@ def test_missing_inputs_and_unreadable_tables_exit_2(tmp_path, capsys):
 
 
 def test_target_policy_scopes_most_specific_first(tmp_path):
-    rows = [{"item_id": "a", "probability": 1.0},                                   # everything else
-            {"item_id": "b", "probability": 1.0, "position": 2},                    # position 2
-            {"item_id": "c", "probability": 0.5, "context": {"device_class": "mobile"}},
-            {"item_id": "d", "probability": 0.5, "context": {"device_class": "mobile"}},
-            {"item_id": "e", "probability": 1.0, "request_id": "r1"}]
+    rows = [
+        {"item_id": "a", "probability": 1.0},  # everything else
+        {"item_id": "b", "probability": 1.0, "position": 2},  # position 2
+        {"item_id": "c", "probability": 0.5, "context": {"device_class": "mobile"}},
+        {"item_id": "d", "probability": 0.5, "context": {"device_class": "mobile"}},
+        {"item_id": "e", "probability": 1.0, "request_id": "r1"},
+    ]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = E.OpeConfig(target_policy=str(tmp_path / "p.jsonl"), context_fields=("device_class",))
     t = E.load_policy_tables(cfg)
@@ -499,8 +600,15 @@ def test_target_policy_scopes_most_specific_first(tmp_path):
     assert t.distribution({"request_id": "r2", "position": 2, "device_class": "mobile"}) == {"c": 0.5, "d": 0.5}
     assert t.distribution({"request_id": "r2", "position": 2, "device_class": "desktop"}) == {"b": 1.0}
     assert t.distribution({"request_id": "r2", "position": 1, "device_class": None}) == {"a": 1.0}
-    label = {"request_id": "r2", "position": 1, "device_class": "mobile", "item_id": "c", "propensity": 0.25,
-             "label": 1, "weight": 1.0}
+    label = {
+        "request_id": "r2",
+        "position": 1,
+        "device_class": "mobile",
+        "item_id": "c",
+        "propensity": 0.25,
+        "label": 1,
+        "weight": 1.0,
+    }
     assert E.exposure_terms(label, t, "click", None)["w"] == pytest.approx(2.0)
     assert E.exposure_terms({**label, "item_id": "a"}, t, "click", None)["w"] == 0.0
 
@@ -519,7 +627,7 @@ def test_job_without_randomised_traffic_fits_the_click_model(tmp_path):
             c[1] += it["label"]
     want = E.position_curve_em([(i, p, n, c) for (i, p), (n, c) in cells.items()], 20)
     assert pb["curve"]["propensity"][:5] == pytest.approx(want["propensity"][:5], rel=1e-9)
-    assert pb["curve"]["propensity"][5:] == want["propensity"][5:] == [None] * 15   # no data past position 5
+    assert pb["curve"]["propensity"][5:] == want["propensity"][5:] == [None] * 15  # no data past position 5
     assert list(json.loads((out / "position_weights.json").read_text())["positions"]) == ["1", "2", "3", "4", "5"]
 
 
@@ -543,7 +651,8 @@ def test_cold_start_does_not_depend_on_the_calendar(shift_buckets):
         return out, [(b["new_exposure_share"], b["gini"], b["top1pct_share"], b["censored"]) for b in out["buckets"]]
 
     base, base_rows = figures(labels)
-    moved, moved_rows = figures([{**l, "impression_time": l["impression_time"] + shift_buckets * bucket_ms}
-                                 for l in labels])
+    moved, moved_rows = figures(
+        [{**l, "impression_time": l["impression_time"] + shift_buckets * bucket_ms} for l in labels]
+    )
     assert moved_rows == base_rows
     assert moved["new_exposure_share"] == base["new_exposure_share"]

@@ -3,6 +3,7 @@
 The reference figures were computed once with obp (tests/fixtures/ope_reference.py, run by hand in a
 throwaway venv: obp imports torch) and committed with the converted sample; this test needs neither.
 """
+
 import gzip
 import json
 from collections import defaultdict
@@ -50,7 +51,8 @@ def obd_config(tmp_path, target):
         f"    n_actions: {REFERENCE['n_actions']}\n"
         f"    bootstrap_samples: {REFERENCE['bootstrap_samples']}\n"
         f"    seed: {REFERENCE['seed']}\n"
-        f"    confidence: {1 - REFERENCE['alpha']}\n")
+        f"    confidence: {1 - REFERENCE['alpha']}\n"
+    )
     return str(cfg)
 
 
@@ -58,8 +60,20 @@ def obd_config(tmp_path, target):
 def test_estimates_equal_obp(tmp_path, name, target):
     labels, slates = write_obd_inputs(tmp_path, name)
     out = tmp_path / "out"
-    ev = evaluate.run(["--config", obd_config(tmp_path, target), "--labels", labels, "--slates", slates,
-                       "--output", str(out), f"--runner={FN_API_RUNNER}", "--warn-only"])
+    ev = evaluate.run(
+        [
+            "--config",
+            obd_config(tmp_path, target),
+            "--labels",
+            labels,
+            "--slates",
+            slates,
+            "--output",
+            str(out),
+            f"--runner={FN_API_RUNNER}",
+            "--warn-only",
+        ]
+    )
     ref = REFERENCE["sets"][name]
     ope = ev["ope"]
     assert ope["exposures"] == ref["n_rounds"] == ope["requests"]
@@ -68,7 +82,7 @@ def test_estimates_equal_obp(tmp_path, name, target):
         want = ref["targets"][target][theirs]
         got = ope["estimates"][ours]
         assert abs(got["value"] - want["value"]) <= TOL, (ours, got["value"], want["value"])
-        if ours != "snips":   # obp bootstraps SNIPS' fixed round rewards; we re-take the ratio per replicate
+        if ours != "snips":  # obp bootstraps SNIPS' fixed round rewards; we re-take the ratio per replicate
             # One exposure per request and the same RandomState stream: the same replicates as obp's.
             for k in ("ci_low", "ci_high", "bootstrap_mean"):
                 assert abs(got[k] - want[k]) <= TOL, (ours, k, got[k], want[k])

@@ -1,4 +1,5 @@
 """Feature engineering: hand-computed values, sliding-window membership, Parquet output, late panes."""
+
 import glob
 import os
 
@@ -13,9 +14,21 @@ from apache_beam.transforms import trigger, window
 from apache_beam.utils.timestamp import Timestamp
 
 from tests.conftest import FN_API_RUNNER
-from transforms.features import (FEATURE_COLUMNS, ROW_COLUMNS, ComputeFeatures, FeatureParams, FeaturesConfig,
-                                 SlidingWindowSpec, WriteOfflineFeatures, _EntityWindowCombineFn, arrow_schema,
-                                 compute_all, compute_features, entity_inputs, window_bounds)
+from transforms.features import (
+    FEATURE_COLUMNS,
+    ROW_COLUMNS,
+    ComputeFeatures,
+    FeatureParams,
+    FeaturesConfig,
+    SlidingWindowSpec,
+    WriteOfflineFeatures,
+    _EntityWindowCombineFn,
+    arrow_schema,
+    compute_all,
+    compute_features,
+    entity_inputs,
+    window_bounds,
+)
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z, a whole hour
 MIN = 60_000
@@ -24,8 +37,16 @@ END = T0 + HOUR
 
 
 def ev(eid, t, etype, user="u1", item=None, category=None, dwell=None):
-    return {"event_id": eid, "event_type": etype, "event_time": t, "user_id": user, "item_id": item,
-            "dwell_ms": dwell, "value": None, "item_meta": {"category": category} if category else None}
+    return {
+        "event_id": eid,
+        "event_type": etype,
+        "event_time": t,
+        "user_id": user,
+        "item_id": item,
+        "dwell_ms": dwell,
+        "value": None,
+        "item_meta": {"category": category} if category else None,
+    }
 
 
 # u1's hour [T0, T0 + 1h): 11 events; u2 and u3 touch i1 / an item without category.
@@ -57,8 +78,9 @@ def test_config_defaults_and_labels():
     assert SlidingWindowSpec(size="90s", period="30s").label == "90s/30s"
 
 
-@pytest.mark.parametrize("spec", [{"size": "1h", "period": 0}, {"size": "1h", "period": "7m"},
-                                  {"size": 0, "period": "5m"}])
+@pytest.mark.parametrize(
+    "spec", [{"size": "1h", "period": 0}, {"size": "1h", "period": "7m"}, {"size": 0, "period": "5m"}]
+)
 def test_bad_window_specs(spec):
     with pytest.raises(ValueError):
         SlidingWindowSpec(**spec)
@@ -78,25 +100,55 @@ def test_bad_features_config():
 def test_feature_columns_constant_matches_schema():
     assert [f.name for f in arrow_schema()] == [n for n, _ in ROW_COLUMNS]
     names = [n for n, _ in FEATURE_COLUMNS]
-    assert names[:8] == ["n_impression", "n_click", "n_view", "n_dwell", "n_scroll", "n_skip", "n_add_to_cart",
-                         "n_purchase"]
-    assert set(names[8:]) == {"n_events", "ctr", "dwell_mean_ms", "dwell_p50_ms", "dwell_p90_ms", "distinct_items",
-                              "distinct_users", "recency_s", "decayed_engagement"}
+    assert names[:8] == [
+        "n_impression",
+        "n_click",
+        "n_view",
+        "n_dwell",
+        "n_scroll",
+        "n_skip",
+        "n_add_to_cart",
+        "n_purchase",
+    ]
+    assert set(names[8:]) == {
+        "n_events",
+        "ctr",
+        "dwell_mean_ms",
+        "dwell_p50_ms",
+        "dwell_p90_ms",
+        "distinct_items",
+        "distinct_users",
+        "recency_s",
+        "decayed_engagement",
+    }
 
 
 def test_user_features_by_hand():
     row = compute_features("user", "u1", EVENTS, T0, END, CFG, "1h/30m")
     assert (row["entity_type"], row["entity_id"], row["window"], row["window_start"], row["window_end"]) == (
-        "user", "u1", "1h/30m", T0, END)
+        "user",
+        "u1",
+        "1h/30m",
+        T0,
+        END,
+    )
     assert {k: v for k, v in row.items() if k.startswith("n_")} == {
-        "n_impression": 4, "n_click": 1, "n_view": 1, "n_dwell": 3, "n_scroll": 1, "n_skip": 0,
-        "n_add_to_cart": 0, "n_purchase": 1, "n_events": 11}
+        "n_impression": 4,
+        "n_click": 1,
+        "n_view": 1,
+        "n_dwell": 3,
+        "n_scroll": 1,
+        "n_skip": 0,
+        "n_add_to_cart": 0,
+        "n_purchase": 1,
+        "n_events": 11,
+    }
     assert row["ctr"] == pytest.approx((1 + 1) / (4 + 1 + 20))  # 0.08
-    assert row["dwell_mean_ms"] == 4000.0          # [1000, 2000, 3000, 10000]
-    assert row["dwell_p50_ms"] == 2500.0           # halfway between 2000 and 3000
+    assert row["dwell_mean_ms"] == 4000.0  # [1000, 2000, 3000, 10000]
+    assert row["dwell_p50_ms"] == 2500.0  # halfway between 2000 and 3000
     assert row["dwell_p90_ms"] == pytest.approx(7900.0)  # rank 2.7: 3000 + 0.7 * 7000
     assert row["distinct_items"] == 3 and row["distinct_users"] is None
-    assert row["recency_s"] == 600.0               # last event (scroll) 10 min before the end
+    assert row["recency_s"] == 600.0  # last event (scroll) 10 min before the end
     # half-life 30 min: click and dwell 30 min before the end (x0.5), purchase 60 min (x0.25),
     # dwells 20 and 15 min before the end; impressions, views and scrolls weigh 0.
     expected = 1 * 0.5 + 0.5 * 0.5 + 5 * 0.25 + 0.5 * 2 ** (-20 / 30) + 0.5 * 2 ** (-15 / 30)
@@ -140,7 +192,8 @@ def test_sliding_window_membership():
     assert len(window_bounds(T0, 86_400_000, 3_600_000)) == 24
     # Same windows as Beam's SlidingWindows.
     beam_windows = window.SlidingWindows(spec.size, spec.period).assign(
-        window.WindowFn.AssignContext(Timestamp(micros=t * 1000)))
+        window.WindowFn.AssignContext(Timestamp(micros=t * 1000))
+    )
     assert sorted((w.start.micros // 1000, w.end.micros // 1000) for w in beam_windows) == sorted(bounds)
 
 
@@ -163,7 +216,10 @@ def test_accumulators_merge_like_a_single_pass():
 
 def test_entity_inputs():
     assert [k for k, _ in entity_inputs(EVENTS[0], ("user", "item", "user_category"))] == [
-        ("user", "u1"), ("item", "i1"), ("user_category", "u1|shoes")]
+        ("user", "u1"),
+        ("item", "i1"),
+        ("user_category", "u1|shoes"),
+    ]
     assert [k for k, _ in entity_inputs(EVENTS[10], ("user", "item", "user_category"))] == [("user", "u1")]
     assert entity_inputs(EVENTS[0], ("item",)) == [(("item", "i1"), ("impression", T0, None, "u1"))]
 
@@ -201,11 +257,19 @@ def test_pipeline_writes_partitioned_parquet(tmp_path, keyed_windows):
         files = rows | WriteOfflineFeatures(out)
         stamps = rows | "Stamps" >> beam.Map(
             lambda r, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam: (
-                ts.micros == (r["window_end"] - 1) * 1000, w == window.GlobalWindow()))
-        assert_that(stamps | "DistinctStamps" >> beam.Distinct(), equal_to([(True, True)]), label="MaxTimestampGlobalWindow")
+                ts.micros == (r["window_end"] - 1) * 1000,
+                w == window.GlobalWindow(),
+            )
+        )
+        assert_that(
+            stamps | "DistinctStamps" >> beam.Distinct(), equal_to([(True, True)]), label="MaxTimestampGlobalWindow"
+        )
         partitions = files | "Partition" >> beam.Map(lambda path: os.path.basename(os.path.dirname(path)))
-        assert_that(partitions | "DistinctPartitions" >> beam.Distinct(),
-                    equal_to(["date=2026-11-01", "date=2026-11-02"]), label="Partitions")
+        assert_that(
+            partitions | "DistinctPartitions" >> beam.Distinct(),
+            equal_to(["date=2026-11-01", "date=2026-11-02"]),
+            label="Partitions",
+        )
     paths = sorted(glob.glob(os.path.join(out, "date=*", "*.parquet")))
     assert {os.path.basename(os.path.dirname(f)) for f in paths} == {"date=2026-11-01", "date=2026-11-02"}
     read = []
@@ -229,26 +293,41 @@ def test_late_but_allowed_event_updates_the_pane(tmp_path):
     the watermark by more than the lateness is dropped (Beam gives no signal for that)."""
     cfg = FeaturesConfig(windows=[{"size": "2m", "period": "1m"}], entities=["user"], allowed_lateness="5m")
     b = T0 / 1000
-    stream = (TestStream()
-              .advance_watermark_to(b)
-              .add_elements(_stamped([ev("a", T0 + 10_000, "click")]))
-              .advance_watermark_to(b + 200)              # both windows of "a" close: on-time panes
-              .add_elements(_stamped([ev("late", T0 + 20_000, "impression")]))  # 180 s late, allowed
-              .advance_watermark_to(b + 1000)
-              .add_elements(_stamped([ev("too_late", T0 + 30_000, "impression")]))  # beyond lateness
-              .advance_watermark_to(b + 2000)
-              .advance_watermark_to_infinity())
+    stream = (
+        TestStream()
+        .advance_watermark_to(b)
+        .add_elements(_stamped([ev("a", T0 + 10_000, "click")]))
+        .advance_watermark_to(b + 200)  # both windows of "a" close: on-time panes
+        .add_elements(_stamped([ev("late", T0 + 20_000, "impression")]))  # 180 s late, allowed
+        .advance_watermark_to(b + 1000)
+        .add_elements(_stamped([ev("too_late", T0 + 30_000, "impression")]))  # beyond lateness
+        .advance_watermark_to(b + 2000)
+        .advance_watermark_to_infinity()
+    )
     options = PipelineOptions(streaming=True)
     options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
     with TestPipeline(options=options) as p:
-        rows = p | stream | ComputeFeatures(
-            cfg, trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)))
-        panes = rows | beam.Map(lambda r: ((r["window_start"] - T0) // 1000, r["window_end"] - r["window_start"],
-                                           r["n_events"], r["n_click"], r["n_impression"]))
-        assert_that(panes, equal_to([
-            (-60, 120_000, 1, 1, 0), (0, 120_000, 1, 1, 0),   # on time
-            (-60, 120_000, 2, 1, 1), (0, 120_000, 2, 1, 1),   # late panes, accumulated
-        ]))
+        rows = p | stream | ComputeFeatures(cfg, trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)))
+        panes = rows | beam.Map(
+            lambda r: (
+                (r["window_start"] - T0) // 1000,
+                r["window_end"] - r["window_start"],
+                r["n_events"],
+                r["n_click"],
+                r["n_impression"],
+            )
+        )
+        assert_that(
+            panes,
+            equal_to(
+                [
+                    (-60, 120_000, 1, 1, 0),
+                    (0, 120_000, 1, 1, 0),  # on time
+                    (-60, 120_000, 2, 1, 1),
+                    (0, 120_000, 2, 1, 1),  # late panes, accumulated
+                ]
+            ),
+        )
         _ = rows | WriteOfflineFeatures(str(tmp_path), streaming_window=60, allowed_lateness=300)
     # Windowed writes: the late pane gets its own file next to the on-time one (no overwrite).
     files = glob.glob(str(tmp_path / "date=2026-11-01" / "*.parquet"))

@@ -3,6 +3,7 @@
 The truth is checked against an independent, minimal re-implementation of the contract
 (`_classify`), not against the pipeline, so these tests stay meaningful while it changes.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,11 +28,25 @@ assert IMPRESSION in C.DEFAULT_EVENT_TYPES and CLICK in C.DEFAULT_EVENT_TYPES
 _V2_FIELDS = set(C.REQUIRED_FIELDS) | set(C.OPTIONAL_FIELDS)
 _V1_FIELDS = _V2_FIELDS - {"experiment_id", "variant", "context"}
 _STR = (str,)
-_TYPES = {"event_id": _STR, "event_type": _STR, "item_id": _STR, "request_id": _STR,
-          "session_id": _STR, "policy": _STR, "user_agent": _STR, "ip": _STR,
-          "experiment_id": _STR, "variant": _STR, "position": (int,), "dwell_ms": (int,),
-          "schema_version": (int,), "propensity": (int, float), "value": (int, float),
-          "consent": (bool,), "user_id": (str, int)}
+_TYPES = {
+    "event_id": _STR,
+    "event_type": _STR,
+    "item_id": _STR,
+    "request_id": _STR,
+    "session_id": _STR,
+    "policy": _STR,
+    "user_agent": _STR,
+    "ip": _STR,
+    "experiment_id": _STR,
+    "variant": _STR,
+    "position": (int,),
+    "dwell_ms": (int,),
+    "schema_version": (int,),
+    "propensity": (int, float),
+    "value": (int, float),
+    "consent": (bool,),
+    "user_id": (str, int),
+}
 _MIN_MS = 946_684_800_000  # 2000-01-01
 
 
@@ -110,7 +125,7 @@ def _analyse(payloads, truth):
     """Re-derive the truth from the records, in arrival order."""
     max_ms = _time_ms(truth["event_time_range"][1]) + 86_400_000
     reasons, consent_ids, dups, first = collections.Counter(), [], collections.Counter(), {}
-    events = []                           # first copies of ok events, arrival order
+    events = []  # first copies of ok events, arrival order
     for p in payloads:
         outcome, obj, ms = _classify(p, max_ms)
         if outcome == C.OUTCOME_CONSENT_DROPPED:
@@ -159,8 +174,11 @@ def _click_latencies(events):
     for e in events:
         if e["event_type"] == IMPRESSION:
             shown[e.get("request_id"), e["item_id"]] = e["event_time"]
-    return [e["event_time"] - shown[e["request_id"], e["item_id"]] for e in events
-            if e["event_type"] == CLICK and e.get("request_id") and (e["request_id"], e["item_id"]) in shown]
+    return [
+        e["event_time"] - shown[e["request_id"], e["item_id"]]
+        for e in events
+        if e["event_type"] == CLICK and e.get("request_id") and (e["request_id"], e["item_id"]) in shown
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +190,7 @@ def run20k(tmp_path_factory):
 
 
 # --- tests ---------------------------------------------------------------------------------------
+
 
 def test_same_seed_same_bytes(tmp_path):
     for ext in ("jsonl", "jsonl.gz", "avro"):
@@ -260,7 +279,7 @@ def test_user_agents_and_bot_rules(run20k):
         assert evs[0]["user_agent"] in sample_agents.HUMAN_AGENTS
         lat = _click_latencies(evs)
         if lat and max(lat) <= 150:
-            for run in user_runs:       # every session: >= 5 clicks, 10-150 ms, <= 20 events/min
+            for run in user_runs:  # every session: >= 5 clicks, 10-150 ms, <= 20 events/min
                 run_lat = _click_latencies(run)
                 assert len(run_lat) >= 5 and all(10 <= x <= 150 for x in run_lat)
                 assert _max_in_window([e["event_time"] for e in run]) <= 20
@@ -294,7 +313,7 @@ def test_human_pacing_and_click_latency(run20k):
         assert _max_in_window([e["event_time"] for e in evs]) <= 60, user
         assert _max_in_window([e["event_time"] for e in evs if e["event_type"] != IMPRESSION]) <= 30, user
         assert all(x >= 400 for x in _click_latencies(evs)), user
-        for run in _runs(evs, gap_ms=40 * 60_000)[user]:     # requests >= 15 s apart in a session
+        for run in _runs(evs, gap_ms=40 * 60_000)[user]:  # requests >= 15 s apart in a session
             starts = sorted({e["event_time"] for e in run if e["event_type"] == IMPRESSION and e["position"] == 1})
             assert all(b - a >= 15_000 for a, b in zip(starts, starts[1:])), user
     imps = [e for e in humans if e["event_type"] == IMPRESSION]
@@ -343,8 +362,23 @@ def test_avro_round_trip(tmp_path):
 
 def test_cli(tmp_path, capsys):
     path = tmp_path / "cli.jsonl"
-    assert gen.main(["--events", "500", "--output", str(path), "--seed", "1",
-                     "--start", "2026-11-02T00:00:00Z", "--knob", "bot_fraction=0.04"]) == 0
+    assert (
+        gen.main(
+            [
+                "--events",
+                "500",
+                "--output",
+                str(path),
+                "--seed",
+                "1",
+                "--start",
+                "2026-11-02T00:00:00Z",
+                "--knob",
+                "bot_fraction=0.04",
+            ]
+        )
+        == 0
+    )
     truth = json.loads((tmp_path / "cli.jsonl.truth.json").read_text())
     assert truth["input_records"] == 500 and truth["seed"] == 1
     assert truth["event_time_range"][0] >= "2026-11-02T00:00:00"
@@ -357,18 +391,43 @@ def test_cli(tmp_path, capsys):
 
 def test_cli_arrival_field(tmp_path):
     path = tmp_path / "stamped.jsonl"
-    assert gen.main(["--events", "3000", "--output", str(path), "--seed", "2",
-                     "--arrival-field", "received_at", "--lateness", "1800"]) == 0
+    assert (
+        gen.main(
+            [
+                "--events",
+                "3000",
+                "--output",
+                str(path),
+                "--seed",
+                "2",
+                "--arrival-field",
+                "received_at",
+                "--lateness",
+                "1800",
+            ]
+        )
+        == 0
+    )
     truth = json.loads((tmp_path / "stamped.jsonl.truth.json").read_text())
     assert truth["arrival_field"] == "received_at" and truth["lateness_s"] == 1800
-    assert sum(truth["counts"].values()) == 3000 == len(truth["too_late_event_ids"]) + sum(
-        v for k, v in truth["counts"].items() if k != C.OUTCOME_TOO_LATE)
+    assert (
+        sum(truth["counts"].values())
+        == 3000
+        == len(truth["too_late_event_ids"]) + sum(v for k, v in truth["counts"].items() if k != C.OUTCOME_TOO_LATE)
+    )
     stamped = [p for p in _read_jsonl(path) if p.startswith(b'{"received_at":')]
     assert len(stamped) > 0.98 * 3000
     arrivals = [int(p.split(b":", 1)[1].split(b",", 1)[0]) for p in stamped]
     assert arrivals == sorted(arrivals)
-    assert set(truth["labels"]) == {"exposures", "positives", "negatives", "positive_label_ids", "by_outcome",
-                                    "orphan_outcomes", "late_outcomes"}
+    assert set(truth["labels"]) == {
+        "exposures",
+        "positives",
+        "negatives",
+        "positive_label_ids",
+        "by_outcome",
+        "orphan_outcomes",
+        "late_outcomes",
+    }
     assert set(truth["labels_intended"]) >= set(truth["labels"])
 
 
@@ -380,8 +439,9 @@ def test_speed_smoke(tmp_path):
     print(f"\ngenerate: 200000 records in {dt_s:.2f}s = {200_000 / dt_s:,.0f} records/s")
 
 
-@pytest.mark.parametrize("seed,start", [(1, "2026-11-01T00:00:00Z"), (2, "2026-12-31T23:59:30Z"),
-                                        (3, "2027-06-15T13:47:11Z")])
+@pytest.mark.parametrize(
+    "seed,start", [(1, "2026-11-01T00:00:00Z"), (2, "2026-12-31T23:59:30Z"), (3, "2027-06-15T13:47:11Z")]
+)
 def test_every_seed_and_start_has_steady_crawlers_and_boundary_runs(tmp_path, seed, start):
     """Steady unknown-UA crawlers and bot runs / human sessions across an hour and a UTC midnight are
     in every sample, so the demo and the tests always meet them."""
@@ -393,7 +453,7 @@ def test_every_seed_and_start_has_steady_crawlers_and_boundary_runs(tmp_path, se
         try:
             e = orjson.loads(line)
             e["event_time"] = _time_ms(e["event_time"])
-        except Exception:       # the deliberate dead letters
+        except Exception:  # the deliberate dead letters
             continue
         if isinstance(e.get("user_id"), (str, int)) and isinstance(e["event_time"], int):
             events.append(e)

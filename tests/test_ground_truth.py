@@ -4,6 +4,7 @@ The generator knows what every line is (valid, duplicate copy, bot and which rul
 which reason, consent opt-out). The job must reproduce it exactly, and its bot filter must meet the
 budget: precision and recall reported, false positives under 0.5% of human events.
 """
+
 import collections
 import glob
 import json
@@ -31,8 +32,16 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("truth")
     # With an arrival-time envelope, so the too-late rule and late outcomes are exercised too.
     truth = generate(N_EVENTS, str(tmp / "events.jsonl.gz"), seed=7, arrival_field="arrival_time")
-    report = batch.run(["--config", write_config(tmp, "time: {arrival_field: arrival_time, lateness: 1h}\n"),
-                        "--input", str(tmp / "events.jsonl.gz"), "--output", str(tmp / "out")])
+    report = batch.run(
+        [
+            "--config",
+            write_config(tmp, "time: {arrival_field: arrival_time, lateness: 1h}\n"),
+            "--input",
+            str(tmp / "events.jsonl.gz"),
+            "--output",
+            str(tmp / "out"),
+        ]
+    )
     return truth, report, tmp / "out"
 
 
@@ -41,9 +50,18 @@ def test_counts_equal_ground_truth(run):
     assert report["accounting"]["holds"] and report["accounting"]["input_records"] == truth["input_records"]
     assert report["counts"] == truth["counts"]
     assert report["dead_letter_by_reason"] == {k: v for k, v in truth["dead_letter_by_reason"].items() if v}
-    assert set(report["dead_letter_by_reason"]) >= {"malformed_json", "bad_encoding", "not_an_object", "missing_field",
-                                                   "wrong_type", "bad_timestamp", "unknown_event_type", "out_of_range",
-                                                   "oversize_payload", "schema_violation"}
+    assert set(report["dead_letter_by_reason"]) >= {
+        "malformed_json",
+        "bad_encoding",
+        "not_an_object",
+        "missing_field",
+        "wrong_type",
+        "bad_timestamp",
+        "unknown_event_type",
+        "out_of_range",
+        "oversize_payload",
+        "schema_violation",
+    }
 
 
 def test_labels_equal_ground_truth(run):
@@ -54,8 +72,12 @@ def test_labels_equal_ground_truth(run):
     assert (r["positives"], r["negatives"]) == (t["positives"], t["negatives"])
     assert (r["orphan_outcomes"], r["late_outcomes"]) == (t["orphan_outcomes"], t["late_outcomes"])
     assert t["late_outcomes"] > 0 and t["orphan_outcomes"] > 0 and truth["counts"]["too_late"] > 0
-    positives = sorted(l["label_id"] for f in glob.glob(str(out / "labels" / "*.avro"))
-                       for l in fastavro.reader(open(f, "rb")) if l["label"])
+    positives = sorted(
+        l["label_id"]
+        for f in glob.glob(str(out / "labels" / "*.avro"))
+        for l in fastavro.reader(open(f, "rb"))
+        if l["label"]
+    )
     assert positives == t["positive_label_ids"]
 
 
@@ -91,6 +113,7 @@ def test_no_raw_pii_in_any_output(run):
     truth, _, out = run
     text = "".join(open(f, "rb").read().decode("latin-1") for f in glob.glob(str(out / "**" / "*.*"), recursive=True))
     import re
+
     assert not re.search(r"[A-Za-z0-9._%+-]+@example\.(com|org|net)", text)
     assert "+1 415 555" not in text
 
@@ -100,6 +123,7 @@ def test_machine_cadence_false_positives_on_generated_humans(run):
     from transforms.bots import machine_cadence
     from transforms.config import BotConfig
     from transforms.sessions import split_by_gap
+
     _, _, out = run
     b = BotConfig()
     by_user = collections.defaultdict(list)
@@ -113,8 +137,13 @@ def test_machine_cadence_false_positives_on_generated_humans(run):
         for run_ in split_by_gap(events, int(b.session_gap * 1000)):
             runs += 1
             total += len(run_)
-            if machine_cadence((e["event_time"] for e in run_), b.cadence_max_cv, b.cadence_min_events,
-                               b.cadence_min_rate_per_s, b.cadence_min_duration * 1000):
+            if machine_cadence(
+                (e["event_time"] for e in run_),
+                b.cadence_max_cv,
+                b.cadence_min_events,
+                b.cadence_min_rate_per_s,
+                b.cadence_min_duration * 1000,
+            ):
                 flagged += len(run_)
     rate = flagged / total
     print(f"\nmachine_cadence on {total} human events in {runs} runs: false-positive rate {rate:.4%}")
@@ -124,6 +153,7 @@ def test_machine_cadence_false_positives_on_generated_humans(run):
 def test_bot_precision_recall_per_rule(run):
     """Each rule against the generator's intent (truth names the rule each bot user was built to trip)."""
     from feedback_tools.demo import flagged_rules, precision_recall_by_rule
+
     truth, _, out = run
     rows = precision_recall_by_rule(flagged_rules(out), truth["bot_event_ids_by_rule"])
     for rule, (tp, n_flagged, n_meant, precision, recall) in rows.items():

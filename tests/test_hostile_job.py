@@ -12,6 +12,7 @@ line is found by its event id (as the job writes it: an id holding PII becomes i
 valid events, bots, duplicates and consent-dropped stubs, and the two together account for each line
 exactly once.
 """
+
 import collections
 import glob
 import json
@@ -32,10 +33,14 @@ N_LINES = 2_200
 ID_FIELDS = ("item_id", "request_id", "policy", "experiment_id", "variant", "session_id", "user_id")
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**31, 2**31 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**31), 2**31 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 def _pii(rng) -> str:
@@ -44,10 +49,15 @@ def _pii(rng) -> str:
 
 def _event(rng, n: int) -> dict:
     user = f"u{rng.randrange(300)}"
-    return base_event(f"h{n}", user, T0_MS + rng.randrange(6 * 3_600_000),
-                      event_type=rng.choice(["impression", "click", "view", "dwell", "purchase"]),
-                      item_id=f"i{rng.randrange(50)}", request_id=f"r{rng.randrange(400)}",
-                      context={"page": rng.choice(["home", "search", "cart"])})
+    return base_event(
+        f"h{n}",
+        user,
+        T0_MS + rng.randrange(6 * 3_600_000),
+        event_type=rng.choice(["impression", "click", "view", "dwell", "purchase"]),
+        item_id=f"i{rng.randrange(50)}",
+        request_id=f"r{rng.randrange(400)}",
+        context={"page": rng.choice(["home", "search", "cart"])},
+    )
 
 
 def _place_pii(rng, e: dict, n: int) -> dict:
@@ -61,15 +71,15 @@ def _place_pii(rng, e: dict, n: int) -> dict:
     elif where == 2:
         e["user_agent"] = f"{BROWSER} ({value})"
     elif where == 3:
-        e[text] = rng.choice(["x", 1, None])            # unknown top-level key: schema_violation
+        e[text] = rng.choice(["x", 1, None])  # unknown top-level key: schema_violation
     elif where == 4:
         e["event_id"] = f"{value} #{n}"
     elif where == 5:
         e[rng.choice(ID_FIELDS)] = value
     elif where == 6:
-        e["event_type"] = text                          # unknown_event_type, the value in the message
+        e["event_type"] = text  # unknown_event_type, the value in the message
     elif where == 7:
-        e[rng.choice(["position", "dwell_ms", "propensity"])] = value   # wrong_type
+        e[rng.choice(["position", "dwell_ms", "propensity"])] = value  # wrong_type
     else:
         e["consent"] = False
         e["context"]["q"] = text
@@ -84,8 +94,9 @@ def _mutate(rng, e: dict, extras: list) -> dict:
     elif op == 1:
         e[name] = rng.choice(extras) if extras else None
     elif op == 2:
-        e[name] = rng.choice([None, "", 0, -1, 1.5, True, [], {}, "null", 2**31 - 1, 2**31, 2**63, -2**63 - 1,
-                              2**70, 1e308, -0.0])
+        e[name] = rng.choice(
+            [None, "", 0, -1, 1.5, True, [], {}, "null", 2**31 - 1, 2**31, 2**63, -(2**63) - 1, 2**70, 1e308, -0.0]
+        )
     elif op == 3:
         e["context"] = {str(i): rng.choice(extras) if extras else "x" for i in range(rng.randrange(1, 4))}
     elif op == 4:
@@ -104,42 +115,56 @@ def hostile_line(rng: random.Random, i: int, kind: int, extras: list, valid_line
         line = dumps(_mutate(rng, e, extras))
     elif kind < 50:
         line = dumps(e)
-    elif kind < 53:                                    # a crawler: a bot, PII in its user agent
+    elif kind < 53:  # a crawler: a bot, PII in its user agent
         e["user_agent"] = f"Googlebot/2.1 (+http://www.google.com/bot.html) {_pii(rng)}"
         line = dumps(e)
     elif kind < 58 and valid_lines:
-        line = rng.choice(valid_lines)                 # an exact re-delivery: a duplicate
-    elif kind < 64:                                    # PII hidden behind JSON escapes
+        line = rng.choice(valid_lines)  # an exact re-delivery: a duplicate
+    elif kind < 64:  # PII hidden behind JSON escapes
         e["context"]["q"] = "ESC"
         line = dumps(e).replace(b"ESC", json_escaped(_pii(rng)).encode())
         if rng.random() < 0.5:
-            line = line[:rng.randrange(1, len(line))]  # and cut short: malformed
-    elif kind < 70:                                    # invalid JSON around PII
+            line = line[: rng.randrange(1, len(line))]  # and cut short: malformed
+    elif kind < 70:  # invalid JSON around PII
         body = dumps(_place_pii(rng, e, i))
-        line = rng.choice([body[:rng.randrange(1, len(body))], body.replace(b'"', b"'"),
-                           body.replace(b"}", b",}", 1), b"NaN", b"{" + _pii(rng).encode() + b"}"])
-    elif kind < 76:                                    # bad encodings
+        line = rng.choice(
+            [
+                body[: rng.randrange(1, len(body))],
+                body.replace(b'"', b"'"),
+                body.replace(b"}", b",}", 1),
+                b"NaN",
+                b"{" + _pii(rng).encode() + b"}",
+            ]
+        )
+    elif kind < 76:  # bad encodings
         body = dumps(_place_pii(rng, e, i))
-        line = rng.choice([body.replace(b'"home"', b'"h\xe9me"'), body.decode().encode("utf-16"),
-                           body.replace(b'"home"', b'"\\ud800"'), body + b"\x00",
-                           body.replace(b'"home"', b'"\xc0\xaf"'), b"\xff\xfe" + body])
-    elif kind < 80:                                    # huge: over max_event_bytes
+        line = rng.choice(
+            [
+                body.replace(b'"home"', b'"h\xe9me"'),
+                body.decode().encode("utf-16"),
+                body.replace(b'"home"', b'"\\ud800"'),
+                body + b"\x00",
+                body.replace(b'"home"', b'"\xc0\xaf"'),
+                b"\xff\xfe" + body,
+            ]
+        )
+    elif kind < 80:  # huge: over max_event_bytes
         e["context"]["q"] = "x" * rng.randrange(33_000, 40_000) + " " + _pii(rng)
         line = dumps(e)
-    elif kind < 84:                                    # deep
+    elif kind < 84:  # deep
         depth = rng.choice([50, 500, 2_000])
         if depth < 1000:
             e["context"] = json.loads("[" * depth + "]" * depth)
             line = dumps(e)
         else:
             line = b"[" * depth + dumps(_pii(rng)) + b"]" * depth
-    elif kind < 88:                                    # not an object, or empty
+    elif kind < 88:  # not an object, or empty
         line = rng.choice([dumps([e]), dumps(_pii(rng)), b"42", b"", b"   ", b"null", b"true"])
-    elif kind < 94:                                    # a random JSON value in a random field or as a key
+    elif kind < 94:  # a random JSON value in a random field or as a key
         key = rng.choice(extras) if extras else "x"
         e[str(key)[:40] or "k"] = rng.choice(extras) if extras else None
         line = dumps(e)
-    else:                                              # consent withdrawn, PII everywhere
+    else:  # consent withdrawn, PII everywhere
         e.update(consent=False, user_agent=_pii(rng), event_id=f"c{i} {_pii(rng)}")
         line = dumps(e)
     line = line.replace(b"\n", b" ").replace(b"\r", b" ")
@@ -156,13 +181,20 @@ recipes = st.tuples(st.integers(0, 99), st.integers(0, 2**32 - 1), json_values)
 def gather_recipes(seed_value=None) -> list:
     """N_LINES recipes from hypothesis: derandomised (fixed) without a seed, else from that seed."""
     out = []
-    cfg = settings(max_examples=N_LINES, phases=[Phase.generate], database=None, deadline=None,
-                   derandomize=seed_value is None, suppress_health_check=list(HealthCheck))
+    cfg = settings(
+        max_examples=N_LINES,
+        phases=[Phase.generate],
+        database=None,
+        deadline=None,
+        derandomize=seed_value is None,
+        suppress_health_check=list(HealthCheck),
+    )
 
     @cfg
     @given(recipes)
     def draw(recipe):
         out.append(recipe)
+
     if seed_value is not None:
         draw = seed(seed_value)(draw)
     draw()
@@ -175,8 +207,9 @@ def hostile_lines(recipes_: list, n: int) -> list:
     for i in range(n):
         kind, line_seed, _ = recipes_[i % len(recipes_)]
         # hypothesis favours small integers: mixing in the line seed spreads the kinds evenly
-        lines.append(hostile_line(random.Random(line_seed * 7919 + i), i, (kind + line_seed) % 100, extras,
-                                  valid_lines))
+        lines.append(
+            hostile_line(random.Random(line_seed * 7919 + i), i, (kind + line_seed) % 100, extras, valid_lines)
+        )
     return lines
 
 
@@ -208,10 +241,14 @@ def run_and_check(seed_value) -> None:
         with open(src, "wb") as f:
             f.write(b"\n".join(lines) + b"\n")
         out = os.path.join(tmp, "out")
-        report = batch.run(["--config", write_config(_Tmp(tmp), "quality: {mode: warn}\n"),
-                            "--input", src, "--output", out])
-        msg = ("hostile run with the fixed (derandomised) recipes" if seed_value is None else
-               f"hostile run with seed {seed_value} (re-run: HOSTILE_SEED={seed_value})")
+        report = batch.run(
+            ["--config", write_config(_Tmp(tmp), "quality: {mode: warn}\n"), "--input", src, "--output", out]
+        )
+        msg = (
+            "hostile run with the fixed (derandomised) recipes"
+            if seed_value is None
+            else f"hostile run with seed {seed_value} (re-run: HOSTILE_SEED={seed_value})"
+        )
         acc = report["accounting"]
         assert acc["holds"] and acc["input_records"] == len(lines), (msg, acc)
 
@@ -220,12 +257,16 @@ def run_and_check(seed_value) -> None:
         assert all(d["source"].rsplit(":", 1)[0] == src for d in dead), msg
         assert max(dead_lines.values(), default=1) == 1, (msg, "a line dead-lettered twice")
         redactor = Redactor(TEST_KEY)
-        expected = collections.Counter(expected_id(line, redactor) for n, line in enumerate(lines, 1)
-                                       if n not in dead_lines)
-        got = collections.Counter(r["event_id"] for r in
-                                  _read(f"{out}/events/*.avro", True) + _read(f"{out}/bots/*.avro", True)
-                                  + _read(f"{out}/duplicates/*.jsonl", False)
-                                  + _read(f"{out}/consent_dropped/*.jsonl", False))
+        expected = collections.Counter(
+            expected_id(line, redactor) for n, line in enumerate(lines, 1) if n not in dead_lines
+        )
+        got = collections.Counter(
+            r["event_id"]
+            for r in _read(f"{out}/events/*.avro", True)
+            + _read(f"{out}/bots/*.avro", True)
+            + _read(f"{out}/duplicates/*.jsonl", False)
+            + _read(f"{out}/consent_dropped/*.jsonl", False)
+        )
         assert got == expected, (msg, "lost", expected - got, "extra", got - expected)
         counts = report["counts"]
         assert counts["dead_letter"] == len(dead_lines) and counts["dead_letter"] > N_LINES // 4, (msg, counts)
@@ -240,11 +281,13 @@ def run_and_check(seed_value) -> None:
 
 class _Tmp:
     """write_config takes a pathlib-like folder."""
+
     def __init__(self, path):
         self._path = path
 
     def __truediv__(self, name):
         import pathlib
+
         return pathlib.Path(self._path) / name
 
 

@@ -8,6 +8,7 @@ is recomputed with `transforms.labels.settle` over the valid human events groupe
 it emitted; `labels_intended` comes from what caused each outcome, and differs from the rule only
 in the ambiguous cases it counts.
 """
+
 from __future__ import annotations
 
 import collections
@@ -92,23 +93,33 @@ def _settle_summary(humans, lateness_s):
         orphans += len(s.orphans)
         late += len(s.late_outcomes)
     positive = sorted(l["label_id"] for l in labels if l["label"])
-    return {"exposures": len(labels), "positives": len(positive), "negatives": len(labels) - len(positive),
-            "positive_label_ids": positive,
-            "by_outcome": {t: sum(t in l["outcome_types"] for l in labels) for t in ("click", "add_to_cart", "purchase")},
-            "orphan_outcomes": orphans, "late_outcomes": late}
+    return {
+        "exposures": len(labels),
+        "positives": len(positive),
+        "negatives": len(labels) - len(positive),
+        "positive_label_ids": positive,
+        "by_outcome": {t: sum(t in l["outcome_types"] for l in labels) for t in ("click", "add_to_cart", "purchase")},
+        "orphan_outcomes": orphans,
+        "late_outcomes": late,
+    }
 
 
 @pytest.fixture(scope="module")
 def replayed(runs, rules):
-    return {name: _replay(lines, truth, rules, FIELD if name == "arrival" else None)
-            for name, (truth, lines) in runs.items()}
+    return {
+        name: _replay(lines, truth, rules, FIELD if name == "arrival" else None)
+        for name, (truth, lines) in runs.items()
+    }
 
 
 def test_generator_label_rules_are_the_pipeline_defaults():
     cfg = LabelsConfig()
     r = LabelRules.from_config(cfg, LATENESS_S)
     assert (gen.LABEL_WINDOW_MS, gen.LABEL_CLOCK_SKEW_MS, gen.LABEL_MIN_CLICK_DWELL_MS) == (
-        r.window_ms, r.clock_skew_ms, r.min_click_dwell_ms)
+        r.window_ms,
+        r.clock_skew_ms,
+        r.min_click_dwell_ms,
+    )
     assert gen.LABEL_OUTCOME_TYPES == r.outcome_types
     assert gen.LABEL_POSITIVE == dict(r.positive_weights) and gen.LABEL_NEGATIVE == dict(r.negative_weights)
     assert set(gen.BY_OUTCOME) == set(cfg.positive)
@@ -142,19 +153,21 @@ def test_envelope_is_the_only_difference(runs):
     last, bare = 0, 0
     for p, s in zip(plain, stamped):
         if s.startswith(prefix):
-            head, rest = s[len(prefix):].split(b",", 1)
+            head, rest = s[len(prefix) :].split(b",", 1)
             arrival = int(head)
             assert arrival >= last, "records are not in arrival order"
             last = arrival
             assert b"{" + rest == p
-        else:   # only malformed JSON and non-objects go unstamped
+        else:  # only malformed JSON and non-objects go unstamped
             bare += 1
             assert s == p
             try:
                 assert not isinstance(orjson.loads(s), dict)
             except orjson.JSONDecodeError:
                 pass
-    assert bare == truth["dead_letter_by_reason"][C.MALFORMED_JSON] + truth["dead_letter_by_reason"][C.NOT_AN_OBJECT] > 0
+    assert (
+        bare == truth["dead_letter_by_reason"][C.MALFORMED_JSON] + truth["dead_letter_by_reason"][C.NOT_AN_OBJECT] > 0
+    )
 
 
 def _check_copies(lines, truth, rules):
@@ -217,8 +230,9 @@ def test_intended_labels_agree_but_for_the_counted_ambiguities(runs, replayed, n
     assert set(rule["positive_label_ids"]) ^ set(intent["positive_label_ids"]) <= differing
     for k in gen.BY_OUTCOME:
         assert abs(rule["by_outcome"][k] - intent["by_outcome"][k]) <= len(differing)
-    assert rule["orphan_outcomes"] == (intent["orphan_outcomes"] + amb["outcome_beyond_window"]
-                                       - amb["attributed_to_other_exposure"])
+    assert rule["orphan_outcomes"] == (
+        intent["orphan_outcomes"] + amb["outcome_beyond_window"] - amb["attributed_to_other_exposure"]
+    )
     assert abs(rule["late_outcomes"] - intent["late_outcomes"]) <= sum(amb.values())
     assert sum(intent["orphans_by_cause"].values()) == intent["orphan_outcomes"]
     # the ambiguous cases are rare
@@ -230,7 +244,7 @@ def test_orphans_and_late_outcomes_are_there(runs, replayed):
     plain, stamped = runs["plain"][0], runs["arrival"][0]
     outcomes = sum(1 for e in replayed["plain"][3] if e["event_type"] in gen.LABEL_OUTCOME_TYPES and e.get("item_id"))
     lost = plain["labels_intended"]["orphans_by_cause"][gen.CAUSE_LOST]
-    assert 0.001 * outcomes < lost < 0.015 * outcomes          # ~0.5% deliberately orphaned
+    assert 0.001 * outcomes < lost < 0.015 * outcomes  # ~0.5% deliberately orphaned
     assert plain["labels_intended"]["orphans_by_cause"][gen.CAUSE_DEAD_LETTER] > 0
     assert plain["labels_intended"]["orphans_by_cause"][gen.CAUSE_TOO_LATE] == 0
     assert stamped["labels_intended"]["orphans_by_cause"][gen.CAUSE_TOO_LATE] > 0
@@ -238,11 +252,13 @@ def test_orphans_and_late_outcomes_are_there(runs, replayed):
     assert 0 < plain["labels"]["positives"] < plain["labels"]["exposures"]
     # same events: the arrival field only moves too-late impressions out of the exposures
     assert plain["labels"]["exposures"] - stamped["labels"]["exposures"] == (
-        plain["valid_event_count_by_type"]["impression"] - stamped["valid_event_count_by_type"]["impression"])
+        plain["valid_event_count_by_type"]["impression"] - stamped["valid_event_count_by_type"]["impression"]
+    )
 
 
 def test_avro_ignores_the_arrival_field(tmp_path):
     import fastavro
+
     path = tmp_path / "events.avro"
     truth = gen.generate(2000, path, seed=5, arrival_field=FIELD)
     with open(path, "rb") as f:

@@ -1,17 +1,32 @@
 """Pure label logic: attribution, label rules, settlement (batch and streaming share it), sessions."""
+
 from transforms.labels import LabelRules, attribute, make_label, make_slate, settle
 from transforms.sessions import assign_sessions, session_id_for, split_by_bucket, split_by_gap
 
 M = 60_000
-RULES = LabelRules(window_ms=30 * M, lateness_ms=60 * M, clock_skew_ms=5_000,
-                   positive_weights=(("purchase", 5.0), ("add_to_cart", 3.0), ("click", 1.0)),
-                   negative_weights=(("skip", 1.0),), default_negative_weight=1.0, min_click_dwell_ms=0,
-                   outcome_types=frozenset({"click", "view", "dwell", "add_to_cart", "purchase", "skip"}))
+RULES = LabelRules(
+    window_ms=30 * M,
+    lateness_ms=60 * M,
+    clock_skew_ms=5_000,
+    positive_weights=(("purchase", 5.0), ("add_to_cart", 3.0), ("click", 1.0)),
+    negative_weights=(("skip", 1.0),),
+    default_negative_weight=1.0,
+    min_click_dwell_ms=0,
+    outcome_types=frozenset({"click", "view", "dwell", "add_to_cart", "purchase", "skip"}),
+)
 
 
 def ev(eid, etype, t, request=None, item="i1", arrival=None, **kw):
-    return {"event_id": eid, "event_type": etype, "event_time": t, "user_id": "u", "item_id": item,
-            "request_id": request, "arrival_time": arrival, **kw}
+    return {
+        "event_id": eid,
+        "event_type": etype,
+        "event_time": t,
+        "user_id": "u",
+        "item_id": item,
+        "request_id": request,
+        "arrival_time": arrival,
+        **kw,
+    }
 
 
 def test_request_id_joins_its_own_exposure_even_if_another_is_later():
@@ -22,7 +37,7 @@ def test_request_id_joins_its_own_exposure_even_if_another_is_later():
 def test_without_request_id_the_latest_exposure_before_wins():
     x1, x2 = ev("x1", "impression", 0, "r1"), ev("x2", "impression", 5 * M, "r2")
     assert attribute([x1, x2], [ev("c", "click", 6 * M)], RULES) == {"c": "x2"}
-    assert attribute([x1, x2], [ev("c", "click", 40 * M)], RULES) == {"c": None}      # outside the window
+    assert attribute([x1, x2], [ev("c", "click", 40 * M)], RULES) == {"c": None}  # outside the window
 
 
 def test_clock_skew_tolerance_for_same_request():
@@ -45,17 +60,23 @@ def test_label_weights_and_min_dwell():
 def test_settle_is_incremental_and_emits_each_label_once():
     x = ev("x", "impression", 0, "r1", arrival=1_000)
     on_time = ev("c", "click", M, "r1", arrival=M + 1_000)
-    late = ev("a", "add_to_cart", 20 * M, "r1", arrival=70 * M)       # after the deadline (60 min)
+    late = ev("a", "add_to_cart", 20 * M, "r1", arrival=70 * M)  # after the deadline (60 min)
     orphan = ev("o", "click", 0, "r9", item="i1")
     early = settle([x], [on_time, late, orphan], RULES, now=30 * M)
-    assert early.labels == [] and early.orphans == []                 # nothing due yet
+    assert early.labels == [] and early.orphans == []  # nothing due yet
     due = settle([x], [on_time, late, orphan], RULES, now=60 * M + 5_000)
     assert [l["label_id"] for l in due.labels] == ["x"] and due.labels[0]["outcome_types"] == ["click"]
     assert [o["event_id"] for o in due.late_outcomes] == ["a"] and [o["event_id"] for o in due.orphans] == ["o"]
-    again = settle([x], [on_time, late, orphan], RULES, now=10**13, emitted=frozenset({"x"}),
-                   reported=frozenset({"a", "o"}) | due.consumed)
+    again = settle(
+        [x],
+        [on_time, late, orphan],
+        RULES,
+        now=10**13,
+        emitted=frozenset({"x"}),
+        reported=frozenset({"a", "o"}) | due.consumed,
+    )
     assert (again.labels, again.late_outcomes, again.orphans) == ([], [], [])
-    assert settle([x], [on_time, late, orphan], RULES).labels == due.labels   # batch: everything at once
+    assert settle([x], [on_time, late, orphan], RULES).labels == due.labels  # batch: everything at once
 
 
 def test_slate_orders_by_position():

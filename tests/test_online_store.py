@@ -14,19 +14,39 @@ from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
 
 from tests.conftest import FN_API_RUNNER
-from tests.redis_server import (REDIS_TEST_PASSWORD, redis_server,  # noqa: F401  (fixtures)
-                                redis_server_with_password)
-from transforms.online_store import (METRICS_NS, MissingPasswordError, OnlineStoreConfig, WriteOnlineFeatures,
-                                     _WriteFeaturesFn, feature_key, make_client, parse_number, read_features,
-                                     redis_key, row_to_mapping, script_args)
+from tests.redis_server import (
+    REDIS_TEST_PASSWORD,
+    redis_server,  # noqa: F401  (fixtures)
+    redis_server_with_password,
+)
+from transforms.online_store import (
+    METRICS_NS,
+    MissingPasswordError,
+    OnlineStoreConfig,
+    WriteOnlineFeatures,
+    _WriteFeaturesFn,
+    feature_key,
+    make_client,
+    parse_number,
+    read_features,
+    redis_key,
+    row_to_mapping,
+    script_args,
+)
 
 HOUR_MS = 3_600_000
 
 
 def row(entity_id="u1", window_end=10 * HOUR_MS, entity_type="user", window="1h/5m", **features):
     features = features or {"clicks": 3, "ctr": 0.25, "dwell_p50": None}
-    return {"entity_type": entity_type, "entity_id": entity_id, "window": window,
-            "window_start": window_end - HOUR_MS, "window_end": window_end, **features}
+    return {
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "window": window,
+        "window_start": window_end - HOUR_MS,
+        "window_end": window_end,
+        **features,
+    }
 
 
 def stored(r):
@@ -36,10 +56,13 @@ def stored(r):
 
 # --- pure helpers ------------------------------------------------------------------------------
 
+
 def test_key_layout():
     assert redis_key(row(), "feat") == "feat:user:1h/5m:u1"
-    assert redis_key(row(entity_type="user_category", entity_id="u1|shoes:red"), "p:q") == \
-        "p:q:user_category:1h/5m:u1|shoes:red"
+    assert (
+        redis_key(row(entity_type="user_category", entity_id="u1|shoes:red"), "p:q")
+        == "p:q:user_category:1h/5m:u1|shoes:red"
+    )
     with pytest.raises(ValueError, match="must not contain ':'"):
         feature_key("user", "1h:5m", "u1")
     with pytest.raises(ValueError, match="non-empty"):
@@ -50,23 +73,39 @@ def test_key_layout():
 
 def test_row_to_mapping_decimal_text_none_omitted():
     m = row_to_mapping(row(clicks=3, ctr=0.1, big=1e20, flag=True, missing=None, neg=-7))
-    assert m == {"clicks": "3", "ctr": "0.1", "big": "1e+20", "flag": "1", "neg": "-7",
-                 "_window_start": str(9 * HOUR_MS), "_window_end": str(10 * HOUR_MS)}
+    assert m == {
+        "clicks": "3",
+        "ctr": "0.1",
+        "big": "1e+20",
+        "flag": "1",
+        "neg": "-7",
+        "_window_start": str(9 * HOUR_MS),
+        "_window_end": str(10 * HOUR_MS),
+    }
     assert {k: parse_number(v) for k, v in m.items()} == {
-        "clicks": 3, "ctr": 0.1, "big": 1e20, "flag": 1, "neg": -7, "_window_start": 9 * HOUR_MS,
-        "_window_end": 10 * HOUR_MS}
+        "clicks": 3,
+        "ctr": 0.1,
+        "big": 1e20,
+        "flag": 1,
+        "neg": -7,
+        "_window_start": 9 * HOUR_MS,
+        "_window_end": 10 * HOUR_MS,
+    }
     assert isinstance(parse_number("3"), int) and isinstance(parse_number("3.0"), float)
     args = script_args(row(), ttl_ms=5000)
     assert args[:2] == [str(10 * HOUR_MS), "5000"] and len(args) % 2 == 0
 
 
-@pytest.mark.parametrize("bad,error", [
-    ({"ctr": "0.5"}, TypeError),                      # text is not a feature value
-    ({"_window_end": 1}, ValueError),                 # reserved field names
-    ({"window_end": "123"}, ValueError),
-    ({"window_end": None}, ValueError),
-    ({"window_start": 11 * HOUR_MS}, ValueError),     # ends before it starts
-])
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        ({"ctr": "0.5"}, TypeError),  # text is not a feature value
+        ({"_window_end": 1}, ValueError),  # reserved field names
+        ({"window_end": "123"}, ValueError),
+        ({"window_end": None}, ValueError),
+        ({"window_start": 11 * HOUR_MS}, ValueError),  # ends before it starts
+    ],
+)
 def test_row_to_mapping_rejects(bad, error):
     with pytest.raises(error):
         row_to_mapping({**row(), **bad})
@@ -74,12 +113,27 @@ def test_row_to_mapping_rejects(bad, error):
 
 def test_config():
     cfg = OnlineStoreConfig()
-    assert (cfg.host, cfg.port, cfg.db, cfg.key_prefix, cfg.ttl, cfg.password_env, cfg.batch_size) == \
-        ("localhost", 6379, 0, "feat", 7 * 86400.0, None, 500)
+    assert (cfg.host, cfg.port, cfg.db, cfg.key_prefix, cfg.ttl, cfg.password_env, cfg.batch_size) == (
+        "localhost",
+        6379,
+        0,
+        "feat",
+        7 * 86400.0,
+        None,
+        500,
+    )
     assert OnlineStoreConfig(ttl="36h").ttl_ms == 36 * 3600 * 1000
     assert OnlineStoreConfig(ttl=0.0001).ttl_ms == 1
-    for bad in ({"ttl": 0}, {"ttl": "0s"}, {"port": 0}, {"port": 70000}, {"batch_size": 0}, {"key_prefix": ""},
-                {"db": -1}, {"hots": "x"}):
+    for bad in (
+        {"ttl": 0},
+        {"ttl": "0s"},
+        {"port": 0},
+        {"port": 70000},
+        {"batch_size": 0},
+        {"key_prefix": ""},
+        {"db": -1},
+        {"hots": "x"},
+    ):
         with pytest.raises(pydantic.ValidationError):
             OnlineStoreConfig(**bad)
     with pytest.raises(pydantic.ValidationError):
@@ -89,6 +143,7 @@ def test_config():
 
 
 # --- against a real redis-server ---------------------------------------------------------------
+
 
 @pytest.fixture
 def cfg(redis_server):
@@ -132,10 +187,10 @@ def test_newer_then_older_window_is_skipped(cfg, client):
 
 def test_equal_window_overwrites_and_replaces_the_whole_hash(cfg, client):
     first = row(clicks=5, ctr=0.5, dwell_p50=1200)
-    update = row(clicks=6, ctr=0.4, dwell_p50=None)    # a later pane of the same window
+    update = row(clicks=6, ctr=0.4, dwell_p50=None)  # a later pane of the same window
     assert write(cfg, [first, update]) == [(redis_key(first, cfg.key_prefix), True)] * 2
     got = read_features(client, "user", "1h/5m", "u1", cfg.key_prefix)
-    assert got == stored(update) and "dwell_p50" not in got     # no value left over from the first pane
+    assert got == stored(update) and "dwell_p50" not in got  # no value left over from the first pane
     # a newer window replaces every field too
     newer = row(window_end=11 * HOUR_MS, clicks=1, ctr=None)
     write(cfg, [newer])
@@ -148,10 +203,10 @@ def test_ttl_set_on_every_write(cfg, client):
     write(cfg, [row()])
     assert 3590_000 < client.pttl(key) <= 3600_000
     client.pexpire(key, 1000)
-    write(cfg, [row(clicks=9)])                            # equal window: written, TTL renewed
+    write(cfg, [row(clicks=9)])  # equal window: written, TTL renewed
     assert client.pttl(key) > 3590_000
     client.pexpire(key, 1000)
-    write(cfg, [row(window_end=HOUR_MS)])                  # older: skipped, TTL untouched
+    write(cfg, [row(window_end=HOUR_MS)])  # older: skipped, TTL untouched
     assert 0 < client.pttl(key) <= 1000
 
 
@@ -171,7 +226,11 @@ def test_reader(cfg, redis_server):
     assert got == stored(r) and isinstance(got["clicks"], int) and isinstance(got["window_end"], int)
     # the layout, as other readers (e.g. a serving API) see it
     assert decoding.hgetall(f"{cfg.key_prefix}:user_category:1h/5m:u1|shoes") == {
-        "clicks": "2", "ctr": "0.125", "_window_start": str(9 * HOUR_MS), "_window_end": str(10 * HOUR_MS)}
+        "clicks": "2",
+        "ctr": "0.125",
+        "_window_start": str(9 * HOUR_MS),
+        "_window_end": str(10 * HOUR_MS),
+    }
 
 
 def test_malformed_row_fails_the_bundle(cfg):
@@ -181,9 +240,10 @@ def test_malformed_row_fails_the_bundle(cfg):
 
 def test_connection_error_raises(cfg):
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]                          # nothing listens here
+        port = s.getsockname()[1]  # nothing listens here
     with pytest.raises(redis.ConnectionError):
         write(cfg.model_copy(update={"port": port}), [row()])
 
@@ -217,7 +277,7 @@ def test_concurrent_writers_end_with_the_newest(cfg):
         try:
             start.wait()
             write(cfg, rows, batch_size=1)
-        except BaseException as e:   # surfaced by the assertion below
+        except BaseException as e:  # surfaced by the assertion below
             errors.append(e)
 
     def reader():
@@ -246,8 +306,9 @@ def test_concurrent_writers_end_with_the_newest(cfg):
     assert seen and all(consistent and monotonic for consistent, monotonic in seen)
     c = make_client(cfg)
     for k in range(keys):
-        assert read_features(c, "user", "1h/5m", f"u{k}", cfg.key_prefix) == \
-            row(entity_id=f"u{k}", window_end=n * HOUR_MS, a=n, b=-n)
+        assert read_features(c, "user", "1h/5m", f"u{k}", cfg.key_prefix) == row(
+            entity_id=f"u{k}", window_end=n * HOUR_MS, a=n, b=-n
+        )
 
 
 def test_pipeline_writes_2000_rows(cfg, client):
@@ -257,11 +318,21 @@ def test_pipeline_writes_2000_rows(cfg, client):
     rows = []
     for i in range(2000):
         entity_type = ("user", "item", "user_category")[i % 3]
-        rows.append(row(entity_id=f"e{i}", entity_type=entity_type, window_end=rng.randint(1, 48) * HOUR_MS,
-                        window=("1h/5m", "24h/1h")[i % 2], clicks=rng.randint(0, 100),
-                        ctr=rng.random(), dwell=rng.choice([None, rng.random() * 1e4])))
-    pre_newer = {i: {**rows[i], "window_end": 100 * HOUR_MS, "window_start": 99 * HOUR_MS, "clicks": -1}
-                 for i in rng.sample(range(2000), 150)}
+        rows.append(
+            row(
+                entity_id=f"e{i}",
+                entity_type=entity_type,
+                window_end=rng.randint(1, 48) * HOUR_MS,
+                window=("1h/5m", "24h/1h")[i % 2],
+                clicks=rng.randint(0, 100),
+                ctr=rng.random(),
+                dwell=rng.choice([None, rng.random() * 1e4]),
+            )
+        )
+    pre_newer = {
+        i: {**rows[i], "window_end": 100 * HOUR_MS, "window_start": 99 * HOUR_MS, "clicks": -1}
+        for i in rng.sample(range(2000), 150)
+    }
     write(cfg, pre_newer.values())
     cfg = cfg.model_copy(update={"batch_size": 64})
 
@@ -269,14 +340,18 @@ def test_pipeline_writes_2000_rows(cfg, client):
         return kv[0], kv[1], int(w.start.micros // 1000)
 
     p = beam.Pipeline(options=PipelineOptions(runner=FN_API_RUNNER))
-    out = (p
-           | beam.Create(rows)
-           | "Stamp" >> beam.Map(lambda r: window.TimestampedValue(r, r["window_end"] / 1000 - 1))
-           | "Hourly" >> beam.WindowInto(window.FixedWindows(3600))
-           | WriteOnlineFeatures(cfg)
-           | "WithWindow" >> beam.Map(key_wrote_window))
-    assert_that(out, equal_to([(redis_key(r, cfg.key_prefix), i not in pre_newer, r["window_start"])
-                               for i, r in enumerate(rows)]))
+    out = (
+        p
+        | beam.Create(rows)
+        | "Stamp" >> beam.Map(lambda r: window.TimestampedValue(r, r["window_end"] / 1000 - 1))
+        | "Hourly" >> beam.WindowInto(window.FixedWindows(3600))
+        | WriteOnlineFeatures(cfg)
+        | "WithWindow" >> beam.Map(key_wrote_window)
+    )
+    assert_that(
+        out,
+        equal_to([(redis_key(r, cfg.key_prefix), i not in pre_newer, r["window_start"]) for i, r in enumerate(rows)]),
+    )
     result = p.run()
     result.wait_until_finish()
 

@@ -1,4 +1,5 @@
 """Parse and validate: one test per reason code, plus the accepted shapes."""
+
 import orjson
 import pytest
 
@@ -26,11 +27,14 @@ def test_valid_event_is_canonical(rules):
     assert e["context"] == {"page": "home"} and e["variant"] is None
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("2026-11-01T11:00:00+01:00", 1793527200000),
-    (1793527200000, 1793527200000),
-    ("1793527200000", 1793527200000),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("2026-11-01T11:00:00+01:00", 1793527200000),
+        (1793527200000, 1793527200000),
+        ("1793527200000", 1793527200000),
+    ],
+)
 def test_event_time_formats(value, expected):
     assert parse_event_time(value, naive_as_utc=False) == expected
 
@@ -44,38 +48,41 @@ def test_v1_event_without_v2_fields(rules):
     assert e["schema_version"] == 1 and e["context"] is None
 
 
-@pytest.mark.parametrize("payload,reason,field", [
-    (b'{"event_id": "e1", ', contract.MALFORMED_JSON, None),
-    (b"", contract.MALFORMED_JSON, None),
-    (b'{"event_id": "caf\xe9"}', contract.BAD_ENCODING, None),
-    (b"[1, 2]", contract.NOT_AN_OBJECT, None),
-    (b'"hello"', contract.NOT_AN_OBJECT, None),
-    (raw(user_id=...), contract.MISSING_FIELD, "user_id"),
-    (raw(event_id=""), contract.MISSING_FIELD, "event_id"),
-    (raw(position="third"), contract.WRONG_TYPE, "position"),
-    (raw(consent="yes"), contract.WRONG_TYPE, "consent"),
-    (raw(user_id=True), contract.WRONG_TYPE, "user_id"),
-    (raw(user_id={"id": 1}), contract.WRONG_TYPE, "user_id"),
-    (raw(context=["a"]), contract.WRONG_TYPE, "context"),
-    (raw(context={"n": 1}), contract.WRONG_TYPE, "context.n"),
-    (raw(propensity="high"), contract.WRONG_TYPE, "propensity"),
-    (raw(event_time="yesterday"), contract.BAD_TIMESTAMP, "event_time"),
-    (raw(event_time="2026-13-45T99:00:00Z"), contract.BAD_TIMESTAMP, "event_time"),
-    (raw(event_time="2026-11-01T10:00:00"), contract.BAD_TIMESTAMP, "event_time"),
-    (raw(event_time=1761990000), contract.BAD_TIMESTAMP, "event_time"),
-    (raw(event_time="2099-01-01T00:00:00Z"), contract.BAD_TIMESTAMP, "event_time"),
-    (raw(event_type="hover"), contract.UNKNOWN_EVENT_TYPE, "event_type"),
-    (raw(event_type="CLICK "), contract.UNKNOWN_EVENT_TYPE, "event_type"),
-    (raw(propensity=0), contract.OUT_OF_RANGE, "propensity"),
-    (raw(propensity=1.5), contract.OUT_OF_RANGE, "propensity"),
-    (raw(position=-1), contract.OUT_OF_RANGE, "position"),
-    (raw(dwell_ms=-5), contract.OUT_OF_RANGE, "dwell_ms"),
-    (raw(value=-1.0), contract.OUT_OF_RANGE, "value"),
-    (raw(context={"q": "x" * 40000}), contract.OVERSIZE_PAYLOAD, None),
-    (raw(foo=1), contract.SCHEMA_VIOLATION, "foo"),
-    (raw(schema_version=1, context={"a": "b"}), contract.SCHEMA_VIOLATION, "context"),
-    (raw(schema_version=99), contract.SCHEMA_VIOLATION, "schema_version"),
-])
+@pytest.mark.parametrize(
+    "payload,reason,field",
+    [
+        (b'{"event_id": "e1", ', contract.MALFORMED_JSON, None),
+        (b"", contract.MALFORMED_JSON, None),
+        (b'{"event_id": "caf\xe9"}', contract.BAD_ENCODING, None),
+        (b"[1, 2]", contract.NOT_AN_OBJECT, None),
+        (b'"hello"', contract.NOT_AN_OBJECT, None),
+        (raw(user_id=...), contract.MISSING_FIELD, "user_id"),
+        (raw(event_id=""), contract.MISSING_FIELD, "event_id"),
+        (raw(position="third"), contract.WRONG_TYPE, "position"),
+        (raw(consent="yes"), contract.WRONG_TYPE, "consent"),
+        (raw(user_id=True), contract.WRONG_TYPE, "user_id"),
+        (raw(user_id={"id": 1}), contract.WRONG_TYPE, "user_id"),
+        (raw(context=["a"]), contract.WRONG_TYPE, "context"),
+        (raw(context={"n": 1}), contract.WRONG_TYPE, "context.n"),
+        (raw(propensity="high"), contract.WRONG_TYPE, "propensity"),
+        (raw(event_time="yesterday"), contract.BAD_TIMESTAMP, "event_time"),
+        (raw(event_time="2026-13-45T99:00:00Z"), contract.BAD_TIMESTAMP, "event_time"),
+        (raw(event_time="2026-11-01T10:00:00"), contract.BAD_TIMESTAMP, "event_time"),
+        (raw(event_time=1761990000), contract.BAD_TIMESTAMP, "event_time"),
+        (raw(event_time="2099-01-01T00:00:00Z"), contract.BAD_TIMESTAMP, "event_time"),
+        (raw(event_type="hover"), contract.UNKNOWN_EVENT_TYPE, "event_type"),
+        (raw(event_type="CLICK "), contract.UNKNOWN_EVENT_TYPE, "event_type"),
+        (raw(propensity=0), contract.OUT_OF_RANGE, "propensity"),
+        (raw(propensity=1.5), contract.OUT_OF_RANGE, "propensity"),
+        (raw(position=-1), contract.OUT_OF_RANGE, "position"),
+        (raw(dwell_ms=-5), contract.OUT_OF_RANGE, "dwell_ms"),
+        (raw(value=-1.0), contract.OUT_OF_RANGE, "value"),
+        (raw(context={"q": "x" * 40000}), contract.OVERSIZE_PAYLOAD, None),
+        (raw(foo=1), contract.SCHEMA_VIOLATION, "foo"),
+        (raw(schema_version=1, context={"a": "b"}), contract.SCHEMA_VIOLATION, "context"),
+        (raw(schema_version=99), contract.SCHEMA_VIOLATION, "schema_version"),
+    ],
+)
 def test_every_reason_code(payload, reason, field, rules):
     r = reject(payload, rules)
     assert (r.reason, r.field) == (reason, field), r.message
@@ -94,6 +101,7 @@ def test_consent_false_wins_over_other_defects(rules):
 
 def test_avro_record_dict_is_validated_too(rules):
     import datetime as dt
+
     rec = {**BASE, "event_time": dt.datetime(2026, 11, 1, 10, tzinfo=dt.timezone.utc), "schema_version": 2}
     assert parse_record(rec, rules)["event_time"] == 1793527200000
     assert reject({**rec, "propensity": 2.0}, rules).reason == contract.OUT_OF_RANGE

@@ -1,5 +1,6 @@
 """Every value of a 47-format PII corpus, placed in every field and key of every kind of record, is
 absent from every output of a real batch job (decoded: Avro, Parquet, JSON lines, JSON)."""
+
 import json
 
 import pytest
@@ -16,8 +17,16 @@ def corpus_run(tmp_path_factory):
     for n, (_, value) in enumerate(PII_CORPUS):
         lines += pii_placements(value, n, T0_MS + n * 600_000)
     (tmp / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    report = batch.run(["--config", write_config(tmp, "quality: {mode: warn}\n"),
-                        "--input", str(tmp / "in.jsonl"), "--output", str(tmp / "out")])
+    report = batch.run(
+        [
+            "--config",
+            write_config(tmp, "quality: {mode: warn}\n"),
+            "--input",
+            str(tmp / "in.jsonl"),
+            "--output",
+            str(tmp / "out"),
+        ]
+    )
     return report, tmp / "out", len(lines)
 
 
@@ -45,8 +54,22 @@ def test_no_corpus_value_in_any_output(corpus_run):
 def test_pii_counted_and_compliance_reported(corpus_run):
     report, out, _ = corpus_run
     metrics = report["metrics"]
-    for field in ("context", "context_key", "user_agent", "event_id", "item_id", "request_id", "policy",
-                  "experiment_id", "variant", "user_id", "session_id", "unknown_field", "field_name", "raw"):
+    for field in (
+        "context",
+        "context_key",
+        "user_agent",
+        "event_id",
+        "item_id",
+        "request_id",
+        "policy",
+        "experiment_id",
+        "variant",
+        "user_id",
+        "session_id",
+        "unknown_field",
+        "field_name",
+        "raw",
+    ):
         assert any(k.startswith(f"feedback.privacy.pii_found.{field}.") for k in metrics), field
     privacy = json.loads((out / "quality.json").read_text())["privacy"]
     assert privacy["found"] > 0 and privacy["redacted"] == privacy["found"]

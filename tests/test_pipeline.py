@@ -1,4 +1,5 @@
 """Pipeline tests on real runners: the transforms in a graph, and the batch job end to end."""
+
 import glob
 import gzip
 import json
@@ -21,7 +22,9 @@ from transforms.bots import BotRules, FilterBots
 from transforms.dedupe import DedupeEvents
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
-CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+CHROME = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+)
 
 
 def event(eid, t, user="u1", etype="view", **kw):
@@ -32,8 +35,14 @@ def stamped(events):
     return [window.TimestampedValue(e, e["event_time"] / 1000) for e in events]
 
 
-DEDUPE_INPUT = [event("a", T0), event("a", T0), event("b", T0 + 1000), event("a", T0 + 5000),
-                event("c", T0), event("c", T0 + 7_200_000)]  # c's second copy is beyond a 1 h horizon
+DEDUPE_INPUT = [
+    event("a", T0),
+    event("a", T0),
+    event("b", T0 + 1000),
+    event("a", T0 + 5000),
+    event("c", T0),
+    event("c", T0 + 7_200_000),
+]  # c's second copy is beyond a 1 h horizon
 DEDUPE_KEPT = ["a", "b", "c", "c"]
 DEDUPE_DUPS = ["a", "a"]
 
@@ -42,8 +51,11 @@ def test_dedupe_batch():
     with TestPipeline(runner=FN_API_RUNNER) as p:
         out = p | beam.Create(stamped(DEDUPE_INPUT)) | DedupeEvents(horizon_s=3600)
         assert_that(out.events | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
-        assert_that(out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
-                    equal_to(DEDUPE_DUPS), label="Dups")
+        assert_that(
+            out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
+            equal_to(DEDUPE_DUPS),
+            label="Dups",
+        )
 
 
 def test_dedupe_streaming_matches_batch():
@@ -52,20 +64,27 @@ def test_dedupe_streaming_matches_batch():
     stream = TestStream().advance_watermark_to(T0 / 1000)
     for e in DEDUPE_INPUT[:5]:
         stream = stream.add_elements([window.TimestampedValue(e, e["event_time"] / 1000)])
-    stream = (stream.advance_watermark_to(T0 / 1000 + 7000)
-              .add_elements([window.TimestampedValue(DEDUPE_INPUT[5], DEDUPE_INPUT[5]["event_time"] / 1000)])
-              .advance_watermark_to(T0 / 1000 + 20000).advance_watermark_to_infinity())
+    stream = (
+        stream.advance_watermark_to(T0 / 1000 + 7000)
+        .add_elements([window.TimestampedValue(DEDUPE_INPUT[5], DEDUPE_INPUT[5]["event_time"] / 1000)])
+        .advance_watermark_to(T0 / 1000 + 20000)
+        .advance_watermark_to_infinity()
+    )
     options = PipelineOptions(streaming=True)
     options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
     with TestPipeline(options=options) as p:
         out = p | stream | DedupeEvents(horizon_s=3600, streaming=True)
         assert_that(out.events | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
-        assert_that(out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
-                    equal_to(DEDUPE_DUPS), label="Dups")
+        assert_that(
+            out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
+            equal_to(DEDUPE_DUPS),
+            label="Dups",
+        )
 
 
 def test_split_copies_is_the_stateful_decision():
     from transforms.dedupe import split_copies
+
     kept, dups = split_copies([e for e in DEDUPE_INPUT if e["event_id"] == "c"] * 2, 3_600_000)
     assert [e["event_time"] for e in kept] == [T0, T0 + 7_200_000] and len(dups) == 2
 
@@ -74,13 +93,26 @@ def test_filter_bots_in_a_pipeline():
     rules = BotRules(True, (), 600.0, 120, 2, 200, 3)
     machine = [event(f"m{i}", T0 + i * 200, user="machine", user_agent=CHROME) for i in range(5 * 180)]
     human = [event(f"h{i}", T0 + i * 2000, user="human", user_agent=CHROME) for i in range(30)]
-    crawler = [event("c1", T0, user="crawler", user_agent="Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)")]
+    crawler = [
+        event(
+            "c1",
+            T0,
+            user="crawler",
+            user_agent="Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+        )
+    ]
     with TestPipeline(runner=FN_API_RUNNER) as p:
         out = p | beam.Create(stamped(machine + human + crawler)) | FilterBots(rules)
-        assert_that(out["humans"] | "HumanIds" >> beam.Map(lambda e: e["event_id"]),
-                    equal_to([e["event_id"] for e in human]), label="Humans")
-        assert_that(out[FilterBots.BOTS] | "Rules" >> beam.Map(lambda e: e["bot_rule"]) | beam.combiners.Count.PerElement(),
-                    equal_to([(contract.BOT_RULE_SUSTAINED_RATE, 900), (contract.BOT_RULE_CRAWLER_UA, 1)]), label="Bots")
+        assert_that(
+            out["humans"] | "HumanIds" >> beam.Map(lambda e: e["event_id"]),
+            equal_to([e["event_id"] for e in human]),
+            label="Humans",
+        )
+        assert_that(
+            out[FilterBots.BOTS] | "Rules" >> beam.Map(lambda e: e["bot_rule"]) | beam.combiners.Count.PerElement(),
+            equal_to([(contract.BOT_RULE_SUSTAINED_RATE, 900), (contract.BOT_RULE_CRAWLER_UA, 1)]),
+            label="Bots",
+        )
 
 
 def write_lines(path, records, gz=False):
@@ -100,24 +132,46 @@ def test_batch_job_end_to_end(tmp_path):
     iso = "2026-11-01T10:00:00Z"
     inputs = tmp_path / "in"
     inputs.mkdir()
-    write_lines(inputs / "a.jsonl", [
-        event("e1", iso, etype="impression", item_id="i1", request_id="r1", position=1, propensity=0.5,
-              ip="203.0.113.7", user_agent=CHROME, context={"q": "mail bob@example.com"}),
-        event("e2", T0 + 5000, user=48213, etype="click", item_id="i1", request_id="r1"),
-        event("e2", T0 + 5000, user=48213, etype="click", item_id="i1", request_id="r1"),
-        b"[1,2]",
-        b'{"event_id": "e6"',
-    ])
-    write_lines(inputs / "b.jsonl.gz", [
-        event("e3", iso, user="g", user_agent="Googlebot/2.1 (+http://www.google.com/bot.html)"),
-        event("e4", iso, user="n", consent=False, ip="198.51.100.1"),
-        event("e5", iso, etype="hover", ip="198.51.100.4"),
-    ], gz=True)
+    write_lines(
+        inputs / "a.jsonl",
+        [
+            event(
+                "e1",
+                iso,
+                etype="impression",
+                item_id="i1",
+                request_id="r1",
+                position=1,
+                propensity=0.5,
+                ip="203.0.113.7",
+                user_agent=CHROME,
+                context={"q": "mail bob@example.com"},
+            ),
+            event("e2", T0 + 5000, user=48213, etype="click", item_id="i1", request_id="r1"),
+            event("e2", T0 + 5000, user=48213, etype="click", item_id="i1", request_id="r1"),
+            b"[1,2]",
+            b'{"event_id": "e6"',
+        ],
+    )
+    write_lines(
+        inputs / "b.jsonl.gz",
+        [
+            event("e3", iso, user="g", user_agent="Googlebot/2.1 (+http://www.google.com/bot.html)"),
+            event("e4", iso, user="n", consent=False, ip="198.51.100.1"),
+            event("e5", iso, etype="hover", ip="198.51.100.4"),
+        ],
+        gz=True,
+    )
     schema = json.load(open("config/schemas/event.v1.avsc"))
     with open(inputs / "c.avro", "wb") as f:
-        fastavro.writer(f, schema, [{"event_id": "e7", "event_type": "purchase", "event_time": T0, "user_id": "u7",
-                                     "value": 12.5}, {"event_id": "e8", "event_type": "view", "event_time": T0,
-                                                      "user_id": "u8", "propensity": 3.0}])
+        fastavro.writer(
+            f,
+            schema,
+            [
+                {"event_id": "e7", "event_type": "purchase", "event_time": T0, "user_id": "u7", "value": 12.5},
+                {"event_id": "e8", "event_type": "view", "event_time": T0, "user_id": "u8", "propensity": 3.0},
+            ],
+        )
     items = tmp_path / "items.csv"
     items.write_text("item_id,category\ni1,shoes\n")
     cfg = write_config(tmp_path, f"enrichment: {{items: {{path: {items}, key: item_id}}}}\n")
@@ -125,10 +179,20 @@ def test_batch_job_end_to_end(tmp_path):
     report = batch.run(["--config", cfg, "--input", str(inputs / "*"), "--output", str(out)])
 
     assert report["accounting"] == {**report["accounting"], "input_records": 10, "holds": True}
-    assert report["counts"] == {"valid": 3, "duplicates": 1, "bots": 1, "dead_letter": 4, "consent_dropped": 1,
-                                "too_late": 0}
-    assert report["dead_letter_by_reason"] == {"malformed_json": 1, "not_an_object": 1, "unknown_event_type": 1,
-                                               "out_of_range": 1}
+    assert report["counts"] == {
+        "valid": 3,
+        "duplicates": 1,
+        "bots": 1,
+        "dead_letter": 4,
+        "consent_dropped": 1,
+        "too_late": 0,
+    }
+    assert report["dead_letter_by_reason"] == {
+        "malformed_json": 1,
+        "not_an_object": 1,
+        "unknown_event_type": 1,
+        "out_of_range": 1,
+    }
     valid = {e["event_id"]: e for e in read_avro(str(out / "events" / "*.avro"))}
     assert sorted(valid) == ["e1", "e2", "e7"]
     assert valid["e1"]["item_meta"] == {"category": "shoes"} and valid["e1"]["device_class"] == "desktop"
@@ -138,29 +202,51 @@ def test_batch_job_end_to_end(tmp_path):
     assert {d["source"].rsplit("/", 1)[1] for d in dead} == {"a.jsonl:4", "a.jsonl:5", "b.jsonl.gz:3", "c.avro#2"}
     assert read_jsonl(str(out / "duplicates" / "*.jsonl"))[0]["event_id"] == "e2"
     assert read_jsonl(str(out / "consent_dropped" / "*.jsonl"))[0]["event_id"] == "e4"
-    everything = "".join(open(f, "rb").read().decode("latin-1") for f in glob.glob(str(out / "**" / "*"), recursive=True)
-                         if os.path.isfile(f))
+    everything = "".join(
+        open(f, "rb").read().decode("latin-1")
+        for f in glob.glob(str(out / "**" / "*"), recursive=True)
+        if os.path.isfile(f)
+    )
     for secret in ("203.0.113.7", "198.51.100", "bob@example.com"):
         assert secret not in everything
     assert json.load(open(out / "report.json"))["counts"] == report["counts"]
 
 
-@pytest.mark.parametrize("extra,expected", [
-    ("bots: {max_events_per_minute: 0}\n", "bots.max_events_per_minute"),
-    ("privacy: {key_env: NO_SUCH_VAR_FOR_TEST}\n", "no HMAC key"),
-    ("enrichment: {items: {path: /nonexistent/items.csv, key: item_id}}\n", "enrichment.items.path"),
-])
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ("bots: {max_events_per_minute: 0}\n", "bots.max_events_per_minute"),
+        ("privacy: {key_env: NO_SUCH_VAR_FOR_TEST}\n", "no HMAC key"),
+        ("enrichment: {items: {path: /nonexistent/items.csv, key: item_id}}\n", "enrichment.items.path"),
+    ],
+)
 def test_batch_job_refuses_bad_config(tmp_path, capsys, extra, expected):
     write_lines(tmp_path / "x.jsonl", [event("e1", T0)])
-    rc = batch.main(["--config", write_config(tmp_path, extra), "--input", str(tmp_path / "*.jsonl"),
-                     "--output", str(tmp_path / "out")])
+    rc = batch.main(
+        [
+            "--config",
+            write_config(tmp_path, extra),
+            "--input",
+            str(tmp_path / "*.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == batch.EXIT_CONFIG
     assert expected in capsys.readouterr().err
 
 
 def test_batch_job_refuses_empty_input(tmp_path, capsys):
-    rc = batch.main(["--config", write_config(tmp_path), "--input", str(tmp_path / "nothing*.jsonl"),
-                     "--output", str(tmp_path / "out")])
+    rc = batch.main(
+        [
+            "--config",
+            write_config(tmp_path),
+            "--input",
+            str(tmp_path / "nothing*.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == batch.EXIT_CONFIG and "--input: no file matches" in capsys.readouterr().err
 
 
@@ -168,23 +254,39 @@ def test_batch_job_refuses_empty_input(tmp_path, capsys):
 def test_iter_lines_reads_to_the_end_in_any_chunking(chunk):
     import io
     from transforms.io import iter_lines
+
     data = b'{"a":1}\n\n{"b":2}\r\nlast-without-newline'
-    assert list(iter_lines(io.BytesIO(data), chunk)) == [(1, b'{"a":1}'), (2, b""), (3, b'{"b":2}'),
-                                                         (4, b"last-without-newline")]
+    assert list(iter_lines(io.BytesIO(data), chunk)) == [
+        (1, b'{"a":1}'),
+        (2, b""),
+        (3, b'{"b":2}'),
+        (4, b"last-without-newline"),
+    ]
     assert list(iter_lines(io.BytesIO(b"x\n"), chunk)) == [(1, b"x")]
 
 
 def test_corrupt_avro_file_keeps_what_was_read_and_dead_letters_the_rest(tmp_path):
     import io
+
     schema = json.load(open("config/schemas/event.v2.avsc"))
     buf = io.BytesIO()
-    records = [{"event_id": f"e{i}", "event_type": "view", "event_time": T0 + i, "user_id": f"u{i}",
-                "context": {"pad": "x" * 200}} for i in range(3000)]
+    records = [
+        {
+            "event_id": f"e{i}",
+            "event_type": "view",
+            "event_time": T0 + i,
+            "user_id": f"u{i}",
+            "context": {"pad": "x" * 200},
+        }
+        for i in range(3000)
+    ]
     fastavro.writer(buf, schema, records, sync_interval=16_000)
     data = buf.getvalue()
     (tmp_path / "bad.avro").write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    report = batch.run(["--config", write_config(tmp_path), "--input", str(tmp_path / "bad.avro"), "--output", str(out)])
+    report = batch.run(
+        ["--config", write_config(tmp_path), "--input", str(tmp_path / "bad.avro"), "--output", str(out)]
+    )
     assert report["accounting"]["holds"]
     assert report["dead_letter_by_reason"] == {"corrupt_file": 1}
     assert 0 < report["counts"]["valid"] < 3000

@@ -1,4 +1,5 @@
 """Point-in-time join: as-of lookup (no leakage), nulls for unknown entities, the job end to end."""
+
 import glob
 import os
 import random
@@ -19,8 +20,15 @@ W = "1h/5m"
 
 
 def frow(entity_type, entity_id, end, n_events=1, window=W, **feats):
-    row = {"entity_type": entity_type, "entity_id": entity_id, "window": window, "window_start": end - 3_600_000,
-           "window_end": end, "n_events": n_events, "ctr": 0.1}
+    row = {
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "window": window,
+        "window_start": end - 3_600_000,
+        "window_end": end,
+        "n_events": n_events,
+        "ctr": 0.1,
+    }
     row.update(feats)
     return row
 
@@ -31,8 +39,11 @@ def lookup(rows, impression_time, entity_type="user", windows=(W,)):
     return cols
 
 
-ROWS = [frow("user", "u1", T0, ctr=0.1), frow("user", "u1", T0 + 5 * MIN, ctr=0.2),
-        frow("user", "u1", T0 + 10 * MIN, ctr=0.3)]
+ROWS = [
+    frow("user", "u1", T0, ctr=0.1),
+    frow("user", "u1", T0 + 5 * MIN, ctr=0.2),
+    frow("user", "u1", T0 + 10 * MIN, ctr=0.3),
+]
 
 
 def test_window_ending_exactly_at_impression_may_be_attached():
@@ -57,8 +68,11 @@ def test_no_prior_window_or_no_features_gives_nulls():
 
 
 def test_latest_pane_of_a_window_wins():
-    panes = [frow("user", "u1", T0, n_events=3, ctr=0.3), frow("user", "u1", T0, n_events=1, ctr=0.1),
-             frow("user", "u1", T0, n_events=2, ctr=0.2)]
+    panes = [
+        frow("user", "u1", T0, n_events=3, ctr=0.3),
+        frow("user", "u1", T0, n_events=1, ctr=0.1),
+        frow("user", "u1", T0, n_events=2, ctr=0.2),
+    ]
     for order in (panes, panes[::-1]):
         assert lookup(order, T0)["user_1h_5m_ctr"] == 0.3
 
@@ -85,10 +99,20 @@ def test_no_leakage_randomised():
 
 
 def test_entity_ids_and_training_rows():
-    label = {"request_id": "r", "user_id": "u1", "item_id": "i1", "item_category": None, "impression_time": T0,
-             "label": 1, "weight": 1.0}
+    label = {
+        "request_id": "r",
+        "user_id": "u1",
+        "item_id": "i1",
+        "item_category": None,
+        "impression_time": T0,
+        "label": 1,
+        "weight": 1.0,
+    }
     assert entity_ids(label, ("user", "item", "user_category")) == [
-        ("user", "u1"), ("item", "i1"), ("user_category", "u1|unknown")]
+        ("user", "u1"),
+        ("item", "i1"),
+        ("user_category", "u1|unknown"),
+    ]
     cols = [c for c, _ in feature_columns(("user", "item"), (W,))]
     assert "user_1h_5m_distinct_items" in cols and "item_1h_5m_distinct_users" in cols
     assert "item_1h_5m_distinct_items" not in cols
@@ -98,48 +122,104 @@ def test_entity_ids_and_training_rows():
 
 
 LABEL_SCHEMA = {
-    "type": "record", "name": "Label", "namespace": "feedback.labels",
-    "fields": [{"name": "request_id", "type": "string"}, {"name": "user_id", "type": "string"},
-               {"name": "item_id", "type": "string"}, {"name": "item_category", "type": ["null", "string"]},
-               {"name": "impression_time", "type": "long"}, {"name": "label", "type": "int"},
-               {"name": "weight", "type": "double"}, {"name": "position", "type": ["null", "int"], "default": None}]}
+    "type": "record",
+    "name": "Label",
+    "namespace": "feedback.labels",
+    "fields": [
+        {"name": "request_id", "type": "string"},
+        {"name": "user_id", "type": "string"},
+        {"name": "item_id", "type": "string"},
+        {"name": "item_category", "type": ["null", "string"]},
+        {"name": "impression_time", "type": "long"},
+        {"name": "label", "type": "int"},
+        {"name": "weight", "type": "double"},
+        {"name": "position", "type": ["null", "int"], "default": None},
+    ],
+}
 
 
 def _ev(eid, t, etype, user, item=None, category=None, dwell=None):
-    return {"event_id": eid, "event_type": etype, "event_time": t, "user_id": user, "item_id": item,
-            "dwell_ms": dwell, "value": None, "item_meta": {"category": category} if category else None}
+    return {
+        "event_id": eid,
+        "event_type": etype,
+        "event_time": t,
+        "user_id": user,
+        "item_id": item,
+        "dwell_ms": dwell,
+        "value": None,
+        "item_meta": {"category": category} if category else None,
+    }
 
 
 def test_pit_join_job_end_to_end(tmp_path):
     """Features (as WriteOfflineFeatures lays them out) + labels -> training Avro on FnApiRunner."""
     cfg = FeaturesConfig()
-    events = [_ev("a", T0 + 1 * MIN, "impression", "u1", "i1", "shoes"),
-              _ev("b", T0 + 2 * MIN, "click", "u1", "i1", "shoes"),
-              _ev("c", T0 + 12 * MIN, "impression", "u1", "i2", "books"),   # at/after the 1st impression below
-              _ev("d", T0 + 3 * MIN, "dwell", "u2", "i1", "shoes", dwell=4000)]
+    events = [
+        _ev("a", T0 + 1 * MIN, "impression", "u1", "i1", "shoes"),
+        _ev("b", T0 + 2 * MIN, "click", "u1", "i1", "shoes"),
+        _ev("c", T0 + 12 * MIN, "impression", "u1", "i2", "books"),  # at/after the 1st impression below
+        _ev("d", T0 + 3 * MIN, "dwell", "u2", "i1", "shoes", dwell=4000),
+    ]
     rows = compute_all(events, cfg)
     features = tmp_path / "features"
     for part in {partition_of(r) for r in rows}:
         os.makedirs(features / part)
-        pq.write_table(pa.Table.from_pylist([r for r in rows if partition_of(r) == part], schema=arrow_schema()),
-                       str(features / part / "features-00000-of-00001.parquet"))
+        pq.write_table(
+            pa.Table.from_pylist([r for r in rows if partition_of(r) == part], schema=arrow_schema()),
+            str(features / part / "features-00000-of-00001.parquet"),
+        )
     labels = [
         # 10:10 exactly: the 1h/5m window [09:10, 10:10) is attached; "c" at 10:12 is not in it.
-        {"request_id": "r1", "user_id": "u1", "item_id": "i1", "item_category": "shoes",
-         "impression_time": T0 + 10 * MIN, "label": 1, "weight": 1.0, "position": 0},
+        {
+            "request_id": "r1",
+            "user_id": "u1",
+            "item_id": "i1",
+            "item_category": "shoes",
+            "impression_time": T0 + 10 * MIN,
+            "label": 1,
+            "weight": 1.0,
+            "position": 0,
+        },
         # 1 ms before 10:05: the window ending 10:05 (holding "a" and "b") must not be used.
-        {"request_id": "r2", "user_id": "u1", "item_id": "i1", "item_category": "shoes",
-         "impression_time": T0 + 5 * MIN - 1, "label": 0, "weight": 1.0, "position": None},
+        {
+            "request_id": "r2",
+            "user_id": "u1",
+            "item_id": "i1",
+            "item_category": "shoes",
+            "impression_time": T0 + 5 * MIN - 1,
+            "label": 0,
+            "weight": 1.0,
+            "position": None,
+        },
         # A user never seen: nulls for user and user_category, the item's features still attach.
-        {"request_id": "r3", "user_id": "new", "item_id": "i1", "item_category": None,
-         "impression_time": T0 + 30 * MIN, "label": 0, "weight": 2.0, "position": 3},
+        {
+            "request_id": "r3",
+            "user_id": "new",
+            "item_id": "i1",
+            "item_category": None,
+            "impression_time": T0 + 30 * MIN,
+            "label": 0,
+            "weight": 2.0,
+            "position": 3,
+        },
     ]
     (tmp_path / "labels").mkdir()
     with open(tmp_path / "labels" / "part-0.avro", "wb") as f:
         fastavro.writer(f, fastavro.parse_schema(LABEL_SCHEMA), labels)
     out = tmp_path / "training"
-    rc = pit_join.main(["--labels", str(tmp_path / "labels" / "*.avro"), "--features", str(features),
-                        "--output", str(out), "--num_shards", "1", f"--runner={FN_API_RUNNER}"])
+    rc = pit_join.main(
+        [
+            "--labels",
+            str(tmp_path / "labels" / "*.avro"),
+            "--features",
+            str(features),
+            "--output",
+            str(out),
+            "--num_shards",
+            "1",
+            f"--runner={FN_API_RUNNER}",
+        ]
+    )
     assert rc == 0
     result = {}
     for path in glob.glob(str(out / "training*.avro")):
@@ -169,10 +249,23 @@ def test_pit_join_job_end_to_end(tmp_path):
 
 def test_pit_join_refuses_bad_labels(tmp_path, capsys):
     with open(tmp_path / "l.avro", "wb") as f:
-        fastavro.writer(f, fastavro.parse_schema({"type": "record", "name": "L", "fields": [
-            {"name": "request_id", "type": "string"}]}), [{"request_id": "r"}])
-    assert pit_join.main(["--labels", str(tmp_path / "l.avro"), "--features", str(tmp_path),
-                          "--output", str(tmp_path / "o")]) == pit_join.EXIT_CONFIG
+        fastavro.writer(
+            f,
+            fastavro.parse_schema(
+                {"type": "record", "name": "L", "fields": [{"name": "request_id", "type": "string"}]}
+            ),
+            [{"request_id": "r"}],
+        )
+    assert (
+        pit_join.main(
+            ["--labels", str(tmp_path / "l.avro"), "--features", str(tmp_path), "--output", str(tmp_path / "o")]
+        )
+        == pit_join.EXIT_CONFIG
+    )
     assert "lacks required fields" in capsys.readouterr().err
-    assert pit_join.main(["--labels", str(tmp_path / "none*.avro"), "--features", str(tmp_path),
-                          "--output", str(tmp_path / "o")]) == pit_join.EXIT_CONFIG
+    assert (
+        pit_join.main(
+            ["--labels", str(tmp_path / "none*.avro"), "--features", str(tmp_path), "--output", str(tmp_path / "o")]
+        )
+        == pit_join.EXIT_CONFIG
+    )

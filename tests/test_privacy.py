@@ -4,20 +4,30 @@ import os
 import pytest
 
 from transforms.deadletter import dead_letter
-from transforms.privacy import (KeySource, MissingKeyError, PrivacyRules, Pseudonymiser, Redactor, protect_event,
-                                truncate_ip)
+from transforms.privacy import (
+    KeySource,
+    MissingKeyError,
+    PrivacyRules,
+    Pseudonymiser,
+    Redactor,
+    protect_event,
+    truncate_ip,
+)
 
 KEY = b"k"
 
 
-@pytest.mark.parametrize("text,kind", [
-    ("gift for jane.doe@example.com", "email"),
-    ("call +1 415 555 0134 now", "phone"),
-    ("(415) 555-0134", "phone"),
-    ("+14155550134", "phone"),
-    ("from 203.0.113.77", "ip"),
-    ("v6 2001:db8::1 here", "ip"),
-])
+@pytest.mark.parametrize(
+    "text,kind",
+    [
+        ("gift for jane.doe@example.com", "email"),
+        ("call +1 415 555 0134 now", "phone"),
+        ("(415) 555-0134", "phone"),
+        ("+14155550134", "phone"),
+        ("from 203.0.113.77", "ip"),
+        ("v6 2001:db8::1 here", "ip"),
+    ],
+)
 def test_redacts_pii(text, kind):
     out = Redactor(KEY).redact(text)
     assert f"[{kind}:" in out
@@ -25,10 +35,17 @@ def test_redacts_pii(text, kind):
         assert secret not in out
 
 
-@pytest.mark.parametrize("text", [
-    "Mozilla/5.0 (Windows NT 10.0) Chrome/120.0.0.0 Safari/537.36", "u000123", "t 1761990000123",
-    "at 12:30:45", "2026-11-01T10:00:00.123Z", "page 3 of 10",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Mozilla/5.0 (Windows NT 10.0) Chrome/120.0.0.0 Safari/537.36",
+        "u000123",
+        "t 1761990000123",
+        "at 12:30:45",
+        "2026-11-01T10:00:00.123Z",
+        "page 3 of 10",
+    ],
+)
 def test_leaves_non_pii_alone(text):
     assert Redactor(KEY).redact(text) == text
 
@@ -42,14 +59,23 @@ def test_truncate_ip():
 
 def test_protect_event_removes_raw_identifiers():
     p = Pseudonymiser(KEY)
-    e = {"user_id": "alice@example.com", "session_id": "s1", "ip": "198.51.100.23",
-         "user_agent": "Bot/1.0 (+mailto:ops@crawler.example)", "context": {"q": "call 415-555-0134"}}
+    e = {
+        "user_id": "alice@example.com",
+        "session_id": "s1",
+        "ip": "198.51.100.23",
+        "user_agent": "Bot/1.0 (+mailto:ops@crawler.example)",
+        "context": {"q": "call 415-555-0134"},
+    }
     out = protect_event(e, PrivacyRules(("user_id", "session_id"), 24, 48), p, Redactor(KEY))
     text = repr(out)
     for secret in ("alice@example.com", "198.51.100.23", "ops@crawler.example", "555-0134"):
         assert secret not in text
     assert "ip" not in out and out["ip_network"] == "198.51.100.0/24"
-    assert out["user_id"] == p.pseudonym("user_id", "alice@example.com") != Pseudonymiser(b"other").pseudonym("user_id", "alice@example.com")
+    assert (
+        out["user_id"]
+        == p.pseudonym("user_id", "alice@example.com")
+        != Pseudonymiser(b"other").pseudonym("user_id", "alice@example.com")
+    )
     assert len(out["user_id"]) == 32
 
 
@@ -79,6 +105,7 @@ def test_dead_letter_keeps_payload_but_not_pii():
 
 def test_dead_letter_non_utf8_is_base64():
     import base64
+
     d = dead_letter("bad_encoding", None, "x", "parse", b'{"a": "caf\xe9"}', "f:1", Redactor(KEY))
     assert d["raw_encoding"] == "base64" and base64.b64decode(d["raw"]) == b'{"a": "caf\xe9"}'
 
@@ -104,21 +131,38 @@ def test_json_escaped_pii_is_found(kind, value):
     assert f"[{kind}:" in out and "\\u" not in out
 
 
-@pytest.mark.parametrize("text", [
-    "ee667e43-735e-4f62-9b47-096155991978", "05051353-c5e2-4b5c-b9fe-3cbcbac64d13", "1761990000123",
-    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_3_2 like Mac OS X) Mobile/22D82 Instagram 375.2.0.33.77 "
-    "(iPhone16,1; iOS 18_3_2; en_US; scale=3.00; 1179x2556; 719346134)", "2026-11-01T10:00:00.123+01:00",
-    "Chrome/120.0.6099.109", "std::vector", "10:00:00", "order 4155550134", "2026-10-31 19:11:05",
-    "31/10/2026 19:11", "2026.10.31 19 11",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ee667e43-735e-4f62-9b47-096155991978",
+        "05051353-c5e2-4b5c-b9fe-3cbcbac64d13",
+        "1761990000123",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 18_3_2 like Mac OS X) Mobile/22D82 Instagram 375.2.0.33.77 "
+        "(iPhone16,1; iOS 18_3_2; en_US; scale=3.00; 1179x2556; 719346134)",
+        "2026-11-01T10:00:00.123+01:00",
+        "Chrome/120.0.6099.109",
+        "std::vector",
+        "10:00:00",
+        "order 4155550134",
+        "2026-10-31 19:11:05",
+        "31/10/2026 19:11",
+        "2026.10.31 19 11",
+    ],
+)
 def test_no_false_positives(text):
     assert PiiScanner().spans(text) == []
 
 
 def test_identifiers_with_pii_get_one_stable_token():
     p, r = Pseudonymiser(KEY), Redactor(KEY)
-    e = {"event_id": "jane@example.com", "request_id": "req +44 20 7946 0958", "item_id": "i1",
-         "policy": "p", "context": {"mail bob@example.com": "x"}, "user_agent": None}
+    e = {
+        "event_id": "jane@example.com",
+        "request_id": "req +44 20 7946 0958",
+        "item_id": "i1",
+        "policy": "p",
+        "context": {"mail bob@example.com": "x"},
+        "user_agent": None,
+    }
     a = protect_event(e, PrivacyRules(("user_id", "session_id"), 24, 48), p, r)
     b = protect_event(dict(e), PrivacyRules(("user_id", "session_id"), 24, 48), p, Redactor(KEY))
     assert a == b and a["event_id"].startswith("pii-") and a["request_id"].startswith("pii-")
@@ -144,8 +188,15 @@ def test_dead_letter_pseudonymises_ids_and_decodes_escapes():
 
 def test_replayed_dead_letter_keeps_the_original_pseudonyms(rules):
     from transforms.parse import parse_record
-    raw = {"event_id": "e1", "event_type": "hover", "event_time": 1793527200000, "user_id": "alice",
-           "session_id": "s1", "schema_version": 2}
+
+    raw = {
+        "event_id": "e1",
+        "event_type": "hover",
+        "event_time": 1793527200000,
+        "user_id": "alice",
+        "session_id": "s1",
+        "schema_version": 2,
+    }
     r = Redactor(KEY)
     d = dead_letter("unknown_event_type", "event_type", "no", "parse", json.dumps(raw).encode(), "f:1", r)
     fixed = json.loads(d["raw"])
@@ -153,14 +204,22 @@ def test_replayed_dead_letter_keeps_the_original_pseudonyms(rules):
     fixed["event_type"] = "click"
     again = dead_letter("x", None, "m", "parse", json.dumps(fixed).encode(), "f:1", r)  # not pseudonymised twice
     assert json.loads(again["raw"])["user_id"] == fixed["user_id"]
-    event = protect_event(parse_record(json.dumps(fixed).encode(), rules),
-                          PrivacyRules(("user_id", "session_id"), 24, 48), Pseudonymiser(KEY), r)
+    event = protect_event(
+        parse_record(json.dumps(fixed).encode(), rules),
+        PrivacyRules(("user_id", "session_id"), 24, 48),
+        Pseudonymiser(KEY),
+        r,
+    )
     assert event["user_id"] == Pseudonymiser(KEY).pseudonym("user_id", "alice")
     assert event["session_id"] == Pseudonymiser(KEY).pseudonym("session_id", "s1")
     assert PSEUDONYMISED_MARK not in event
     forged = dict(fixed, **{PSEUDONYMISED_MARK: "0" * 32})
-    event = protect_event(parse_record(json.dumps(forged).encode(), rules),
-                          PrivacyRules(("user_id", "session_id"), 24, 48), Pseudonymiser(KEY), r)
+    event = protect_event(
+        parse_record(json.dumps(forged).encode(), rules),
+        PrivacyRules(("user_id", "session_id"), 24, 48),
+        Pseudonymiser(KEY),
+        r,
+    )
     assert event["user_id"] == Pseudonymiser(KEY).pseudonym("user_id", fixed["user_id"])
 
 
@@ -173,9 +232,16 @@ def test_hostile_text_is_scanned_in_linear_time():
 
 def test_privacy_stats_and_slos():
     from transforms.quality import QualityConfig, SloConfig, evaluate_slos, privacy_stats
-    p = privacy_stats({"feedback.privacy.pii_found.context.email": 3, "feedback.privacy.pii_redacted.context.email": 3,
-                       "feedback.privacy.pii_found.user_agent.phone": 2,
-                       "feedback.privacy.pii_redacted.user_agent.phone": 1, "feedback.parse.valid": 9})
+
+    p = privacy_stats(
+        {
+            "feedback.privacy.pii_found.context.email": 3,
+            "feedback.privacy.pii_redacted.context.email": 3,
+            "feedback.privacy.pii_found.user_agent.phone": 2,
+            "feedback.privacy.pii_redacted.user_agent.phone": 1,
+            "feedback.parse.valid": 9,
+        }
+    )
     assert (p["found"], p["redacted"], p["not_redacted"]) == (5, 4, 1) and p["compliance_rate"] == 0.8
     assert p["found_by_field"] == {"context": 3, "user_agent": 2}
     cfg = QualityConfig(slos=SloConfig(pii_at_source_max=2))
@@ -190,7 +256,9 @@ def test_dead_letter_without_a_key_masks_pii():
         @staticmethod
         def redact(text):
             return text
+
     import base64
+
     raw = b"\x02\x00\xff avro body jane@example.com +44 20 7946 0958"
     d = dead_letter("schema_violation", None, "x", "read", raw, "m:1", NoRedaction())
     text = base64.b64decode(d["raw"]).decode("latin-1")

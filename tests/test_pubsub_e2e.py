@@ -18,6 +18,7 @@ at-most-once (a job killed with SIGKILL lost the 10 messages of its last pull: a
 output). A clean run delivers each message once, which the exact counts below rely on: a lost or a
 repeated message fails them.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -49,25 +50,37 @@ N_EVENTS = 1500
 SEED = 11
 RUNNER = "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"
 # Event-time rules of the job, in seconds (config/streaming.yaml has 1 h, 1 h, 30 min, 5 min).
-LATENESS = 60           # time.lateness
-SPLIT_EVERY = 60        # sessions.split_every: the job releases a user's events at bucket end + LATENESS
-LABEL_WINDOW = 60       # labels.window: a label is due at impression + max(LABEL_WINDOW, LATENESS)
-OUTPUT_WINDOW = 60      # time.output_window
+LATENESS = 60  # time.lateness
+SPLIT_EVERY = 60  # sessions.split_every: the job releases a user's events at bucket end + LATENESS
+LABEL_WINDOW = 60  # labels.window: a label is due at impression + max(LABEL_WINDOW, LATENESS)
+OUTPUT_WINDOW = 60  # time.output_window
 # The generator's users all arrive within ~7 s, so N_EVENTS span ~40 s of event time (checked).
-GENERATOR_KNOBS = {"duration_hours": 0.002,
-                   # Crawler bots only: a per-event rule. The behavioural rules judge whole activity runs,
-                   # which this short a stream cuts off (the generator warns), so they would not match the truth.
-                   "bot_rule_split": {"crawler_user_agent": 1.0}}
+GENERATOR_KNOBS = {
+    "duration_hours": 0.002,
+    # Crawler bots only: a per-event rule. The behavioural rules judge whole activity runs,
+    # which this short a stream cuts off (the generator warns), so they would not match the truth.
+    "bot_rule_split": {"crawler_user_agent": 1.0},
+}
 # Wall-clock seconds the job gets to start, pull and process every message before its bucket is released
 # (measured 15-25 messages/s on 2 cores, start-up included: 10 messages per pull, each pull one bundle;
 # 1500 messages took 64-74 s).
 PROCESSING_BUDGET = 110
 JOB_STOP_TIMEOUT_S = 60
-OUTPUT_NAMES = ("archive", "bots", "labels", "slates", "dead_letter", "orphan_outcomes", "late_outcomes",
-                "duplicates", "consent_dropped")
+OUTPUT_NAMES = (
+    "archive",
+    "bots",
+    "labels",
+    "slates",
+    "dead_letter",
+    "orphan_outcomes",
+    "late_outcomes",
+    "duplicates",
+    "consent_dropped",
+)
 
 
 # --- the plan: event times just ahead of the wall clock ------------------------------------------
+
 
 def plan_times(now: float) -> tuple[float, float]:
     """(start of the events, release time), both epoch seconds.
@@ -87,7 +100,7 @@ def job_config(path: Path) -> Path:
     """config/streaming.yaml with the short event-time rules above."""
     cfg = yaml.safe_load((ROOT / "config" / "streaming.yaml").read_text())
     cfg["schema"]["directory"] = str(SCHEMA_DIR)
-    cfg.pop("online_store", None)      # no Redis here (tests/test_online_store.py covers it)
+    cfg.pop("online_store", None)  # no Redis here (tests/test_online_store.py covers it)
     # The shipped early firing (every 30 s of processing time) stays on: files get one per pane.
     cfg["time"].update(lateness=f"{LATENESS}s", output_window={"type": "fixed", "size": f"{OUTPUT_WINDOW}s"})
     cfg["sessions"] = {"gap": f"{LATENESS}s", "split_every": f"{SPLIT_EVERY}s"}
@@ -104,6 +117,7 @@ def make_events(path: Path, start: float, monkeypatch) -> dict:
     30 min attribution window (its module constant LABEL_WINDOW_MS); the job here uses LABEL_WINDOW,
     so the truth is computed with that window too."""
     from feedback_tools import generate as gen
+
     monkeypatch.setattr(gen, "LABEL_WINDOW_MS", LABEL_WINDOW * 1000)
     iso = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat().replace("+00:00", "Z")
     truth = gen.generate(N_EVENTS, str(path), seed=SEED, start=iso, lateness_s=LATENESS, **GENERATOR_KNOBS)
@@ -111,7 +125,8 @@ def make_events(path: Path, start: float, monkeypatch) -> dict:
     bucket = start - 1.0
     assert bucket <= lo and hi < bucket + SPLIT_EVERY, (
         f"the events span {truth['event_time_range']}, more than one {SPLIT_EVERY}s bucket from "
-        f"{bucket}: lower N_EVENTS or duration_hours")
+        f"{bucket}: lower N_EVENTS or duration_hours"
+    )
     assert truth["counts"]["too_late"] == 0
     return truth
 
@@ -122,11 +137,13 @@ def _iso_seconds(text: str) -> float:
 
 # --- Pub/Sub through the official client ----------------------------------------------------------
 
+
 class PubSub:
     """Topics and subscriptions of one test, through google-cloud-pubsub and PUBSUB_EMULATOR_HOST."""
 
     def __init__(self):
         from google.cloud import pubsub_v1
+
         self.publisher = pubsub_v1.PublisherClient()
         self.subscriber = pubsub_v1.SubscriberClient()
 
@@ -173,6 +190,7 @@ class PubSub:
 
 # --- the job's files ----------------------------------------------------------------------------------
 
+
 def read_output(out: Path, name: str) -> list[dict]:
     """Every record of one output (files are written whole, then renamed, so none is half-written)."""
     records = []
@@ -203,7 +221,8 @@ def _log_tail(path: Path, limit: int = 6000) -> str:
 
 # --- the test ------------------------------------------------------------------------------------------
 
-@pytest.mark.timeout(900)   # includes a first `go build` of the emulator (~1.5-4 min)
+
+@pytest.mark.timeout(900)  # includes a first `go build` of the emulator (~1.5-4 min)
 def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkeypatch):
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator)
     t_begin = time.monotonic()
@@ -227,11 +246,27 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
     log_path = tmp_path / "job.log"
     config = job_config(tmp_path / "job.yaml")
     # The job's own bound on how far behind the watermark (here: the wall clock) its outputs can be.
-    due = _iso_seconds(truth["event_time_range"][1]) + GraphSettings.from_config(load_config(str(config))).max_output_delay_s
+    due = (
+        _iso_seconds(truth["event_time_range"][1])
+        + GraphSettings.from_config(load_config(str(config))).max_output_delay_s
+    )
     env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_emulator, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pipelines.streaming", "--config", str(config),
-           "--subscription", events_sub, "--output", str(out), "--labels-topic", labels_topic,
-           "--dead-letter-topic", dead_topic, f"--runner={RUNNER}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.streaming",
+        "--config",
+        str(config),
+        "--subscription",
+        events_sub,
+        "--output",
+        str(out),
+        "--labels-topic",
+        labels_topic,
+        "--dead-letter-topic",
+        dead_topic,
+        f"--runner={RUNNER}",
+    ]
     with open(log_path, "wb") as log:
         job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     labels_msgs, dead_msgs = [], []
@@ -253,11 +288,13 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
             if new_state != state:
                 state, changed_at = new_state, now
             file_labels = read_output(out, "labels")
-            complete = (len(labels_msgs) == truth["labels"]["exposures"] == len(file_labels)
-                        and len(dead_msgs) == expected_dead
-                        and len(read_output(out, "archive")) == truth["counts"]["valid"]
-                        and _slate_items(read_output(out, "slates")) == sorted(
-                            (l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None))
+            complete = (
+                len(labels_msgs) == truth["labels"]["exposures"] == len(file_labels)
+                and len(dead_msgs) == expected_dead
+                and len(read_output(out, "archive")) == truth["counts"]["valid"]
+                and _slate_items(read_output(out, "slates"))
+                == sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
+            )
             if (complete and now > release and now - changed_at > 5) or now > due + 30:
                 break
             time.sleep(2)
@@ -279,10 +316,15 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
     # The last dead letter roughly marks the end of processing (dead letters are published at once and
     # spread over the messages); past the release time, events reach closed windows and labels may differ.
     processed_s = (last_dead_at - published_until.timestamp()) if last_dead_at else float("nan")
-    timing = (f"{N_EVENTS} messages; the last dead letter came {processed_s:.0f}s after publishing (budget "
-              f"{PROCESSING_BUDGET}s, release after {release - published_until.timestamp():.0f}s)")
-    print(f"\npubsub e2e: {timing}; job exited {stop_s:.1f}s after SIGTERM; {count_files(out)} output files; "
-          f"test {time.monotonic() - t_begin:.0f}s", file=sys.stderr)
+    timing = (
+        f"{N_EVENTS} messages; the last dead letter came {processed_s:.0f}s after publishing (budget "
+        f"{PROCESSING_BUDGET}s, release after {release - published_until.timestamp():.0f}s)"
+    )
+    print(
+        f"\npubsub e2e: {timing}; job exited {stop_s:.1f}s after SIGTERM; {count_files(out)} output files; "
+        f"test {time.monotonic() - t_begin:.0f}s",
+        file=sys.stderr,
+    )
 
     # The job stops cleanly on SIGTERM.
     assert code == 0, f"the job did not exit 0 within {JOB_STOP_TIMEOUT_S}s of SIGTERM (code {code}); log:\n{job_log}"
@@ -305,19 +347,26 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
     assert len(archive) == counts["valid"], timing
     assert len({e["event_id"] for e in archive}) == len(archive)
     assert Counter(e["event_type"] for e in archive) == Counter(
-        {t: n for t, n in truth["valid_event_count_by_type"].items() if n})
+        {t: n for t, n in truth["valid_event_count_by_type"].items() if n}
+    )
     # Arrival time is the publish time (the emulator's clock is this machine's).
     assert all(published_from <= e["arrival_time"] <= published_until for e in archive)
 
     # The other outcomes, by event id.
     assert sorted(e["event_id"] for e in outputs["bots"]) == sorted(truth["bot_event_ids"])
     assert Counter(e["bot_rule"] for e in outputs["bots"]) == Counter(
-        {r: n for r, n in truth["bots_by_rule"].items() if n})
+        {r: n for r, n in truth["bots_by_rule"].items() if n}
+    )
     assert Counter(d["event_id"] for d in outputs["duplicates"]) == Counter(truth["duplicate_event_ids"])
     assert sorted(c["event_id"] for c in outputs["consent_dropped"]) == sorted(truth["consent_dropped_event_ids"])
     assert counts["too_late"] == 0
-    accounted = (len(archive) + len(outputs["bots"]) + len(outputs["duplicates"]) + len(outputs["dead_letter"])
-                 + len(outputs["consent_dropped"]))
+    accounted = (
+        len(archive)
+        + len(outputs["bots"])
+        + len(outputs["duplicates"])
+        + len(outputs["dead_letter"])
+        + len(outputs["consent_dropped"])
+    )
     assert accounted == N_EVENTS
 
     # Labels: one per exposure, published exactly once and written to the files, positives as the truth.
@@ -342,5 +391,6 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
     expected_items = sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
     assert expected_items and _slate_items(slates) == expected_items, timing
     assert len({s["request_id"] for s in slates}) == len(slates), "a request is split over several slates"
-    assert all(s["n_items"] == len(s["items"]) and s["n_positive"] == sum(i["label"] for i in s["items"])
-               for s in slates)
+    assert all(
+        s["n_items"] == len(s["items"]) and s["n_positive"] == sum(i["label"] for i in s["items"]) for s in slates
+    )

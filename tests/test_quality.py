@@ -1,4 +1,5 @@
 """Quality metrics, SLIs, SLO gates and drift (transforms/quality.py) and the baseline CLI, on hand-computed values."""
+
 import copy
 import json
 import math
@@ -7,11 +8,22 @@ import numpy as np
 import pytest
 
 from pipelines import baseline as baseline_cli
-from transforms.quality import (EXIT_SLO_BREACH, QualityConfig, categorical_align, drift_report, entropy_bits,
-                                evaluate_slos, histogram_percentile, js_divergence, linf, psi, quality_summary,
-                                slo_exit_code)
+from transforms.quality import (
+    EXIT_SLO_BREACH,
+    QualityConfig,
+    categorical_align,
+    drift_report,
+    entropy_bits,
+    evaluate_slos,
+    histogram_percentile,
+    js_divergence,
+    linf,
+    psi,
+    quality_summary,
+    slo_exit_code,
+)
 
-EDGES = list(np.linspace(-4, 5, 19))   # fixed bucket edges for the generated numeric features
+EDGES = list(np.linspace(-4, 5, 19))  # fixed bucket edges for the generated numeric features
 
 
 def hist(values, edges=EDGES) -> list[int]:
@@ -23,26 +35,61 @@ def hist(values, edges=EDGES) -> list[int]:
 def make_stats(**over) -> dict:
     """A healthy run: every SLO met. Keyword arguments replace top-level keys."""
     stats = {
-        "counts": {"valid": 9000, "duplicates": 500, "bots": 450, "dead_letter": 4, "consent_dropped": 45,
-                   "too_late": 1},
+        "counts": {
+            "valid": 9000,
+            "duplicates": 500,
+            "bots": 450,
+            "dead_letter": 4,
+            "consent_dropped": 45,
+            "too_late": 1,
+        },
         "input_records": 10000,
         "dead_letter_by_reason": {"malformed_json": 3, "bad_timestamp": 1},
         "bots_by_rule": {"crawler_user_agent": 300, "sustained_rate": 150},
-        "labels": {"exposures": 4000, "labels": 4000, "positives": 400, "negatives": 3600, "orphan_outcomes": 40,
-                   "late_outcomes": 5, "coverage": 1.0},
-        "hourly": {f"2026-11-01T{h:02d}:00:00Z": {"input": 1000, "valid": 900, "bots": 45, "dead_letter": 0,
-                                                  "too_late": 0, "exposures": 400, "positives": 40}
-                   for h in range(10)},
+        "labels": {
+            "exposures": 4000,
+            "labels": 4000,
+            "positives": 400,
+            "negatives": 3600,
+            "orphan_outcomes": 40,
+            "late_outcomes": 5,
+            "coverage": 1.0,
+        },
+        "hourly": {
+            f"2026-11-01T{h:02d}:00:00Z": {
+                "input": 1000,
+                "valid": 900,
+                "bots": 45,
+                "dead_letter": 0,
+                "too_late": 0,
+                "exposures": 400,
+                "positives": 40,
+            }
+            for h in range(10)
+        },
         "latency_ms": {"arrival_minus_event": {"edges": [100, 1000, 10000], "counts": [5000, 4000, 900, 100]}},
-        "ctr_by_position": {"1": {"exposures": 1000, "positives": 200}, "10": {"exposures": 100, "positives": 1},
-                            "2": {"exposures": 1000, "positives": 100}},
-        "diversity": {f"2026-11-01T{h:02d}:00:00Z": {"exposure_items": 200, "exposure_entropy": 7.0,
-                                                     "positive_items": 30, "positive_entropy": 4.5}
-                      for h in range(10)},
-        "freshness": {"new": {"latest_event_time_ms": 1_000_000, "events": 10},
-                      "returning": {"latest_event_time_ms": 1_090_000, "events": 90}},
-        "distributions": {"numeric": {"x": {"edges": EDGES, "counts": hist(np.random.default_rng(1).normal(0, 1, 20000))}},
-                          "categorical": {"device_class": {"desktop": 500, "mobile": 450, "tablet": 50}}},
+        "ctr_by_position": {
+            "1": {"exposures": 1000, "positives": 200},
+            "10": {"exposures": 100, "positives": 1},
+            "2": {"exposures": 1000, "positives": 100},
+        },
+        "diversity": {
+            f"2026-11-01T{h:02d}:00:00Z": {
+                "exposure_items": 200,
+                "exposure_entropy": 7.0,
+                "positive_items": 30,
+                "positive_entropy": 4.5,
+            }
+            for h in range(10)
+        },
+        "freshness": {
+            "new": {"latest_event_time_ms": 1_000_000, "events": 10},
+            "returning": {"latest_event_time_ms": 1_090_000, "events": 90},
+        },
+        "distributions": {
+            "numeric": {"x": {"edges": EDGES, "counts": hist(np.random.default_rng(1).normal(0, 1, 20000))}},
+            "categorical": {"device_class": {"desktop": 500, "mobile": 450, "tablet": 50}},
+        },
         "run_end_ms": 1_100_000,
     }
     stats.update(over)
@@ -54,6 +101,7 @@ def by_slo(rows):
 
 
 # --- metrics -------------------------------------------------------------------------------
+
 
 def test_entropy_bits():
     assert entropy_bits([1, 1]) == pytest.approx(1.0)
@@ -67,7 +115,7 @@ def test_entropy_bits():
 
 
 def test_histogram_percentile_linear_within_bucket():
-    edges, counts = [10, 20, 30], [0, 10, 10, 0]          # 10 in (10, 20], 10 in (20, 30]
+    edges, counts = [10, 20, 30], [0, 10, 10, 0]  # 10 in (10, 20], 10 in (20, 30]
     assert histogram_percentile(edges, counts, 0.5) == pytest.approx(20.0)
     assert histogram_percentile(edges, counts, 0.25) == pytest.approx(15.0)
     assert histogram_percentile(edges, counts, 0.75) == pytest.approx(25.0)
@@ -83,8 +131,9 @@ def test_histogram_percentile_linear_within_bucket():
     assert histogram_percentile(edges, [0, 0, 0, 0], 0.5) is None
 
 
-@pytest.mark.parametrize("edges,counts,q", [([10, 20], [1, 1], 0.5), ([20, 10], [1, 1, 1], 0.5),
-                                            ([10], [1, 1], 95), ([], [1], 0.5)])
+@pytest.mark.parametrize(
+    "edges,counts,q", [([10, 20], [1, 1], 0.5), ([20, 10], [1, 1, 1], 0.5), ([10], [1, 1], 95), ([], [1], 0.5)]
+)
 def test_histogram_percentile_rejects_bad_input(edges, counts, q):
     with pytest.raises(ValueError):
         histogram_percentile(edges, counts, q)
@@ -95,12 +144,12 @@ def test_psi_hand_computed():
     hand = 0.25 * math.log(2) + 0.25 * math.log(1.5)
     assert hand == pytest.approx(0.274653, abs=1e-6)
     assert psi([50, 50], [25, 75], eps=0) == pytest.approx(hand, rel=1e-12)
-    assert psi([50, 50], [25, 75]) == pytest.approx(hand, rel=1e-3)          # eps smoothing barely moves it
+    assert psi([50, 50], [25, 75]) == pytest.approx(hand, rel=1e-3)  # eps smoothing barely moves it
     # three bins: 0.1 ln 1.5 + 0 + (-0.1) ln 0.8 = 0.062861
     assert psi([20, 30, 50], [30, 30, 40], eps=0) == pytest.approx(0.1 * math.log(1.5) - 0.1 * math.log(0.8))
     assert psi([20, 30, 50], [30, 30, 40], eps=0) == pytest.approx(0.062861, abs=1e-6)
-    assert psi([1, 2, 3], [2, 4, 6]) == pytest.approx(0.0, abs=1e-12)       # proportions, not counts
-    assert psi([1, 3], [3, 1]) == pytest.approx(psi([3, 1], [1, 3]))         # symmetric
+    assert psi([1, 2, 3], [2, 4, 6]) == pytest.approx(0.0, abs=1e-12)  # proportions, not counts
+    assert psi([1, 3], [3, 1]) == pytest.approx(psi([3, 1], [1, 3]))  # symmetric
 
 
 def test_psi_empty_bins():
@@ -129,10 +178,11 @@ def test_linf_and_categorical_align():
     a, b = categorical_align({"b": 2, "a": 1}, {"c": 4, "b": 3})
     assert (a, b) == ([1, 2, 0], [0, 3, 4])
     assert categorical_align({}, {}) == ([], [])
-    assert categorical_align({1: 5, "x": 1}, {}) == ([5, 1], [0, 0])          # sorted by str
+    assert categorical_align({1: 5, "x": 1}, {}) == ([5, 1], [0, 0])  # sorted by str
 
 
 # --- drift ---------------------------------------------------------------------------------
+
 
 def test_psi_detects_a_mean_shift_and_not_a_rerun():
     base = hist(np.random.default_rng(1).normal(0, 1, 20000))
@@ -144,16 +194,21 @@ def test_psi_detects_a_mean_shift_and_not_a_rerun():
 
 
 def _with_x(counts, categorical=None):
-    return make_stats(distributions={"numeric": {"x": {"edges": EDGES, "counts": counts}},
-                                     "categorical": categorical or {"device_class": {"desktop": 500, "mobile": 450,
-                                                                                     "tablet": 50}}})
+    return make_stats(
+        distributions={
+            "numeric": {"x": {"edges": EDGES, "counts": counts}},
+            "categorical": categorical or {"device_class": {"desktop": 500, "mobile": 450, "tablet": 50}},
+        }
+    )
 
 
 def test_drift_report_flags_the_shift_only():
     base = make_stats()
     shifted = _with_x(hist(np.random.default_rng(2).normal(1, 1, 20000)))
-    rerun = _with_x(hist(np.random.default_rng(3).normal(0, 1, 20000)),
-                    {"device_class": {"desktop": 5020, "mobile": 4470, "tablet": 510}})
+    rerun = _with_x(
+        hist(np.random.default_rng(3).normal(0, 1, 20000)),
+        {"device_class": {"desktop": 5020, "mobile": 4470, "tablet": 510}},
+    )
 
     d = drift_report(shifted, base)
     x = d["features"]["x"]
@@ -175,31 +230,41 @@ SMALL = QualityConfig.model_validate({"slos": {"drift_min_count": 1}})
 
 
 def test_too_few_observations_are_not_compared():
-    d = drift_report(make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 3}}}),
-                     make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 1}}}))
+    d = drift_report(
+        make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 3}}}),
+        make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 1}}}),
+    )
     assert d["features"]["c"]["drifted"] is None and "too few observations" in d["features"]["c"]["message"]
 
 
 def test_rare_categories_are_pooled():
     from transforms.quality import pool_rare
+
     a, b = pool_rare({"x": 980, "r1": 5, "r2": 5, "r3": 10}, {"x": 990, "r1": 0, "r4": 10}, 0.02)
     assert a == {"x": 980, "(other)": 20} and b == {"x": 990, "(other)": 10}
 
 
 def test_drift_report_categorical_missing_and_incomparable():
     base = make_stats()
-    cur = make_stats(distributions={
-        "numeric": {"x": {"edges": EDGES[:-1], "counts": [1] * len(EDGES)}},       # edges changed
-        "categorical": {"device_class": {"desktop": 50, "mobile": 20, "console": 30},  # new category
-                        "brand_new": {"a": 1}}})
+    cur = make_stats(
+        distributions={
+            "numeric": {"x": {"edges": EDGES[:-1], "counts": [1] * len(EDGES)}},  # edges changed
+            "categorical": {
+                "device_class": {"desktop": 50, "mobile": 20, "console": 30},  # new category
+                "brand_new": {"a": 1},
+            },
+        }
+    )
     d = drift_report(cur, base, QualityConfig.model_validate({"slos": {"linf_max": 0.25, "drift_min_count": 1}}))
     dev = d["features"]["device_class"]
     assert dev["bins"] == ["console", "desktop", "mobile", "tablet"]
     assert dev["flags"] == {"psi": True, "js": True, "linf": True} and dev["drifted"]
-    assert dev["linf"] == pytest.approx(0.3)                                   # console: 0 -> 30%
+    assert dev["linf"] == pytest.approx(0.3)  # console: 0 -> 30%
     assert d["features"]["x"]["comparable"] is False and d["features"]["x"]["drifted"] is None
     assert "edges differ" in d["features"]["x"]["message"]
-    assert d["features"]["brand_new"]["drifted"] is None and "not in the baseline" in d["features"]["brand_new"]["message"]
+    assert (
+        d["features"]["brand_new"]["drifted"] is None and "not in the baseline" in d["features"]["brand_new"]["message"]
+    )
 
     gone = make_stats(distributions={"numeric": {}, "categorical": base["distributions"]["categorical"]})
     d = drift_report(gone, base, SMALL)
@@ -209,19 +274,23 @@ def test_drift_report_categorical_missing_and_incomparable():
 
 
 def test_linf_of_categorical_drift():
-    d = drift_report(make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 3}}}),
-                     make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 1}}}), SMALL)
+    d = drift_report(
+        make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 3}}}),
+        make_stats(distributions={"numeric": {}, "categorical": {"c": {"a": 1, "b": 1}}}),
+        SMALL,
+    )
     assert d["features"]["c"]["linf"] == pytest.approx(0.25)
 
 
 # --- summary and SLOs ----------------------------------------------------------------------
 
+
 def test_quality_summary_slis():
     s = quality_summary(make_stats())
     assert s["ingestion"]["success_rate"] == pytest.approx((9000 + 500 + 450 + 45) / 10000)
     assert s["ingestion"]["failed"] == {"dead_letter": 4, "too_late": 1} and s["accounting"]["holds"]
-    lat = s["latency_ms"]   # 5000 in [0,100], 4000 in (100,1000], 900 in (1000,10000], 100 overflow
-    assert lat["p50"] == pytest.approx(100.0)                          # exactly the end of bucket 0
+    lat = s["latency_ms"]  # 5000 in [0,100], 4000 in (100,1000], 900 in (1000,10000], 100 overflow
+    assert lat["p50"] == pytest.approx(100.0)  # exactly the end of bucket 0
     assert lat["p95"] == pytest.approx(1000 + (9500 - 9000) / 900 * 9000)
     assert lat["p99"] == pytest.approx(10000.0) and not lat["p99_in_overflow"]
     assert s["labels"]["coverage"] == 1.0 and s["labels"]["orphan_ratio"] == pytest.approx(0.01)
@@ -241,8 +310,16 @@ def test_healthy_run_meets_every_slo():
     cfg = QualityConfig()
     rows = evaluate_slos(stats, cfg, drift=drift_report(stats, make_stats()))
     assert {r["slo"] for r in rows} == {
-        "ingestion_success", "label_coverage", "orphan_ratio", "bot_ratio", "entropy_drop.exposure",
-        "entropy_drop.positive", "drift.psi", "drift.js", "drift.missing_features"}
+        "ingestion_success",
+        "label_coverage",
+        "orphan_ratio",
+        "bot_ratio",
+        "entropy_drop.exposure",
+        "entropy_drop.positive",
+        "drift.psi",
+        "drift.js",
+        "drift.missing_features",
+    }
     assert all(r["ok"] is True for r in rows), [r for r in rows if not r["ok"]]
     assert all(set(r) == {"slo", "value", "threshold", "ok", "message"} for r in rows)
     assert slo_exit_code(rows, cfg) == 0
@@ -268,11 +345,25 @@ def test_breaches_fail_mode_and_warn_mode():
     stats = make_stats(
         counts={"valid": 8000, "duplicates": 0, "bots": 2500, "dead_letter": 100, "consent_dropped": 0, "too_late": 0},
         input_records=10600,
-        labels={"exposures": 1000, "labels": 800, "positives": 80, "negatives": 720, "orphan_outcomes": 100,
-                "late_outcomes": 0, "coverage": 0.8},
-        diversity={f"2026-11-01T{h:02d}:00:00Z": {"exposure_items": 100, "exposure_entropy": 6.0 if h < 9 else 5.0,
-                                                  "positive_items": 10, "positive_entropy": 3.0}
-                   for h in range(10)})
+        labels={
+            "exposures": 1000,
+            "labels": 800,
+            "positives": 80,
+            "negatives": 720,
+            "orphan_outcomes": 100,
+            "late_outcomes": 0,
+            "coverage": 0.8,
+        },
+        diversity={
+            f"2026-11-01T{h:02d}:00:00Z": {
+                "exposure_items": 100,
+                "exposure_entropy": 6.0 if h < 9 else 5.0,
+                "positive_items": 10,
+                "positive_entropy": 3.0,
+            }
+            for h in range(10)
+        },
+    )
     shifted = _with_x(hist(np.random.default_rng(2).normal(1, 1, 20000)))
     stats["distributions"] = shifted["distributions"]
     drift = drift_report(stats, make_stats())
@@ -280,10 +371,19 @@ def test_breaches_fail_mode_and_warn_mode():
         cfg = QualityConfig(mode=mode)
         rows = by_slo(evaluate_slos(stats, cfg, drift=drift))
         failed = {n for n, r in rows.items() if r["ok"] is False}
-        assert failed == {"ingestion_success", "label_coverage", "orphan_ratio", "bot_ratio", "entropy_drop.exposure",
-                          "drift.psi", "drift.js"}
+        assert failed == {
+            "ingestion_success",
+            "label_coverage",
+            "orphan_ratio",
+            "bot_ratio",
+            "entropy_drop.exposure",
+            "drift.psi",
+            "drift.js",
+        }
         assert rows["entropy_drop.exposure"]["value"] == pytest.approx(1.0)
-        assert rows["bot_ratio"]["threshold"] == [0.0, 0.2] and rows["bot_ratio"]["value"] == pytest.approx(2500 / 10500)
+        assert rows["bot_ratio"]["threshold"] == [0.0, 0.2] and rows["bot_ratio"]["value"] == pytest.approx(
+            2500 / 10500
+        )
         assert rows["drift.psi"]["message"].startswith("BREACH") and "x" in rows["drift.psi"]["message"]
         assert all(("warn mode" in r["message"]) == (mode == "warn") for r in rows.values() if r["ok"] is False)
         assert slo_exit_code(rows.values(), cfg) == (EXIT_SLO_BREACH if mode == "fail" else 0)
@@ -298,13 +398,24 @@ def test_bot_ratio_band_has_a_floor():
 
 
 def test_disabled_gates_and_optional_gates():
-    cfg = QualityConfig.model_validate({"slos": {
-        "ingestion_success_min": None, "label_coverage_min": None, "psi_max": None, "js_max": None,
-        "bot_ratio_band": None, "entropy_drop_max": None, "orphan_ratio_max": None,
-        "latency_p99_max": "5s", "freshness_max_age": "60s"}})
+    cfg = QualityConfig.model_validate(
+        {
+            "slos": {
+                "ingestion_success_min": None,
+                "label_coverage_min": None,
+                "psi_max": None,
+                "js_max": None,
+                "bot_ratio_band": None,
+                "entropy_drop_max": None,
+                "orphan_ratio_max": None,
+                "latency_p99_max": "5s",
+                "freshness_max_age": "60s",
+            }
+        }
+    )
     rows = by_slo(evaluate_slos(make_stats(), cfg))
     assert set(rows) == {"latency_p99", "freshness.new", "freshness.returning"}
-    assert rows["latency_p99"]["threshold"] == 5000 and rows["latency_p99"]["ok"] is False   # p99 = 10 s
+    assert rows["latency_p99"]["threshold"] == 5000 and rows["latency_p99"]["ok"] is False  # p99 = 10 s
     assert rows["freshness.new"]["ok"] is False and rows["freshness.returning"]["ok"] is True
     # p99 in the overflow bucket cannot be shown to be under a threshold above the last edge
     stats = make_stats(latency_ms={"arrival_minus_event": {"edges": [100, 1000], "counts": [50, 40, 10]}})
@@ -314,10 +425,25 @@ def test_disabled_gates_and_optional_gates():
 
 
 def test_not_evaluated_without_data_or_baseline():
-    stats = make_stats(labels={"exposures": 0, "labels": 0, "positives": 0, "negatives": 0, "orphan_outcomes": 0,
-                               "late_outcomes": 0, "coverage": None},
-                       diversity={"2026-11-01T00:00:00Z": {"exposure_items": 1, "exposure_entropy": 0.0,
-                                                           "positive_items": 0, "positive_entropy": 0.0}})
+    stats = make_stats(
+        labels={
+            "exposures": 0,
+            "labels": 0,
+            "positives": 0,
+            "negatives": 0,
+            "orphan_outcomes": 0,
+            "late_outcomes": 0,
+            "coverage": None,
+        },
+        diversity={
+            "2026-11-01T00:00:00Z": {
+                "exposure_items": 1,
+                "exposure_entropy": 0.0,
+                "positive_items": 0,
+                "positive_entropy": 0.0,
+            }
+        },
+    )
     rows = by_slo(evaluate_slos(stats, QualityConfig()))
     for name in ("label_coverage", "orphan_ratio", "entropy_drop.exposure", "drift.psi", "drift.js"):
         assert rows[name]["ok"] is None and rows[name]["message"].startswith("not evaluated"), name
@@ -331,13 +457,20 @@ def test_quality_config_validation():
     cfg = QualityConfig.model_validate({"mode": "warn", "slos": {"latency_p99_max": "2m", "psi_max": None}})
     assert cfg.mode == "warn" and cfg.slos.latency_p99_max == 120.0 and cfg.slos.psi_max is None
     assert cfg.slos.entropy_windows == 6 and cfg.slos.bot_ratio_band == (0.0, 0.2)
-    for bad in ({"mode": "panic"}, {"slos": {"psi_max": -1}}, {"slos": {"bot_ratio_band": [0.3, 0.1]}},
-                {"slos": {"ingestion_success_min": 1.5}}, {"slos": {"entropy_windows": 1}}, {"slos": {"typo": 1}}):
+    for bad in (
+        {"mode": "panic"},
+        {"slos": {"psi_max": -1}},
+        {"slos": {"bot_ratio_band": [0.3, 0.1]}},
+        {"slos": {"ingestion_success_min": 1.5}},
+        {"slos": {"entropy_windows": 1}},
+        {"slos": {"typo": 1}},
+    ):
         with pytest.raises(ValueError):
             QualityConfig.model_validate(bad)
 
 
 # --- baseline CLI --------------------------------------------------------------------------
+
 
 def test_baseline_snapshot_round_trip(tmp_path, capsys):
     stats = make_stats()

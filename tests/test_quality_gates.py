@@ -1,4 +1,5 @@
 """Quality end to end: the batch job's report.json/report.html, SLO exit codes, drift vs a baseline."""
+
 import json
 
 import orjson
@@ -37,13 +38,26 @@ def runs(tmp_path_factory):
     shift_dwell(tmp / "same.jsonl", tmp / "shifted.jsonl", 8)
     cfg = write_config(tmp, "quality: {mode: warn}\n")
     batch.run(["--config", cfg, "--input", str(tmp / "base.jsonl"), "--output", str(tmp / "base_out")])
-    assert baseline.main(["--quality", str(tmp / "base_out" / "quality.json"), "--output", str(tmp / "baseline.json")]) == 0
+    assert (
+        baseline.main(["--quality", str(tmp / "base_out" / "quality.json"), "--output", str(tmp / "baseline.json")])
+        == 0
+    )
     return tmp, cfg
 
 
 def drift_of(tmp, cfg, name):
-    report = batch.run(["--config", cfg, "--input", str(tmp / f"{name}.jsonl"), "--output", str(tmp / f"{name}_out"),
-                        "--baseline", str(tmp / "baseline.json")])
+    report = batch.run(
+        [
+            "--config",
+            cfg,
+            "--input",
+            str(tmp / f"{name}.jsonl"),
+            "--output",
+            str(tmp / f"{name}_out"),
+            "--baseline",
+            str(tmp / "baseline.json"),
+        ]
+    )
     return report["quality"]
 
 
@@ -64,7 +78,7 @@ def test_breach_exits_4_unless_warn_only(runs, capsys):
     tmp, _ = runs
     strict = write_config(tmp, "quality: {mode: fail}\n")
     args = ["--config", strict, "--input", str(tmp / "base.jsonl"), "--output", str(tmp / "strict_out")]
-    assert batch.main(args) == 4               # 1.5% of the generated records are malformed on purpose
+    assert batch.main(args) == 4  # 1.5% of the generated records are malformed on purpose
     assert "ingestion_success breached" in capsys.readouterr().err
     assert batch.main(args + ["--warn-only", "--overwrite"]) == 0
     report = json.load(open(tmp / "strict_out" / "report.json"))

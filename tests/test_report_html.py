@@ -1,4 +1,5 @@
 """The HTML quality report: self-contained, one <svg> per chart, and it renders in headless Chromium."""
+
 import math
 import re
 import shutil
@@ -16,9 +17,17 @@ from transforms.quality import QualityConfig, drift_report, evaluate_slos, quali
 HOURS = [f"2026-11-01T{h:02d}:00:00Z" for h in range(24)]
 LATENCY_EDGES = [100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 3600000]
 DWELL_EDGES = [0, 500, 1000, 2000, 5000, 10000, 30000, 60000]
-INSTALL_HINT = "chromium not found: run `bash .ci/install-chromium` (as root: apt-get update && apt-get install -y chromium)"
+INSTALL_HINT = (
+    "chromium not found: run `bash .ci/install-chromium` (as root: apt-get update && apt-get install -y chromium)"
+)
 # colours the report must paint: SLO pass / fail rows, outcome colours, drifted bar
-PASS_RGB, FAIL_RGB, VALID_RGB, BOT_RGB, RED_RGB = (212, 237, 218), (248, 215, 218), (46, 125, 50), (239, 108, 0), (198, 40, 40)
+PASS_RGB, FAIL_RGB, VALID_RGB, BOT_RGB, RED_RGB = (
+    (212, 237, 218),
+    (248, 215, 218),
+    (46, 125, 50),
+    (239, 108, 0),
+    (198, 40, 40),
+)
 
 
 def _hist(values, edges):
@@ -36,11 +45,22 @@ def synthetic_stats(seed: int = 7, dwell_shift: float = 0.0, bot_surge: bool = T
         dead, late = int(n * 0.004), int(n * 0.001)
         valid = n - bots - dead - late - int(n * 0.03)
         exposures = int(valid * 0.4)
-        hourly[h] = {"input": n, "valid": valid, "bots": bots, "dead_letter": dead, "too_late": late,
-                     "exposures": exposures, "positives": int(exposures * (0.08 + 0.02 * math.cos(i / 4)))}
+        hourly[h] = {
+            "input": n,
+            "valid": valid,
+            "bots": bots,
+            "dead_letter": dead,
+            "too_late": late,
+            "exposures": exposures,
+            "positives": int(exposures * (0.08 + 0.02 * math.cos(i / 4))),
+        }
         items = 400 if i < 21 else 60
-        diversity[h] = {"exposure_items": items, "exposure_entropy": math.log2(items) - 0.6,
-                        "positive_items": items // 8, "positive_entropy": math.log2(items // 8) - 0.3}
+        diversity[h] = {
+            "exposure_items": items,
+            "exposure_entropy": math.log2(items) - 0.6,
+            "positive_items": items // 8,
+            "positive_entropy": math.log2(items // 8) - 0.3,
+        }
     valid = sum(v["valid"] for v in hourly.values())
     bots = sum(v["bots"] for v in hourly.values())
     dead = sum(v["dead_letter"] for v in hourly.values())
@@ -54,27 +74,56 @@ def synthetic_stats(seed: int = 7, dwell_shift: float = 0.0, bot_surge: bool = T
     latency = np.exp(rng.normal(7.5, 1.5, 20000))
     dwell = np.exp(rng.normal(8.0 + dwell_shift, 1.0, 20000))
     return {
-        "counts": {"valid": valid, "duplicates": dups, "bots": bots, "dead_letter": dead,
-                   "consent_dropped": consent, "too_late": late},
+        "counts": {
+            "valid": valid,
+            "duplicates": dups,
+            "bots": bots,
+            "dead_letter": dead,
+            "consent_dropped": consent,
+            "too_late": late,
+        },
         "input_records": total,
-        "dead_letter_by_reason": {"malformed_json": dead // 2, "bad_timestamp": dead // 4, "missing_field": dead // 8,
-                                  "out_of_range": dead - dead // 2 - dead // 4 - dead // 8},
-        "bots_by_rule": {"crawler_user_agent": bots // 2, "sustained_rate": bots // 3,
-                         "superhuman_click_latency": bots - bots // 2 - bots // 3},
-        "labels": {"exposures": exposures, "labels": labels, "positives": positives, "negatives": labels - positives,
-                   "orphan_outcomes": int(exposures * 0.01), "late_outcomes": 12, "coverage": labels / exposures},
+        "dead_letter_by_reason": {
+            "malformed_json": dead // 2,
+            "bad_timestamp": dead // 4,
+            "missing_field": dead // 8,
+            "out_of_range": dead - dead // 2 - dead // 4 - dead // 8,
+        },
+        "bots_by_rule": {
+            "crawler_user_agent": bots // 2,
+            "sustained_rate": bots // 3,
+            "superhuman_click_latency": bots - bots // 2 - bots // 3,
+        },
+        "labels": {
+            "exposures": exposures,
+            "labels": labels,
+            "positives": positives,
+            "negatives": labels - positives,
+            "orphan_outcomes": int(exposures * 0.01),
+            "late_outcomes": 12,
+            "coverage": labels / exposures,
+        },
         "hourly": hourly,
         "latency_ms": {"arrival_minus_event": {"edges": LATENCY_EDGES, "counts": _hist(latency, LATENCY_EDGES)}},
-        "ctr_by_position": {str(p): {"exposures": 5000, "positives": int(5000 * 0.25 / p ** 0.8)} for p in range(1, 11)},
+        "ctr_by_position": {str(p): {"exposures": 5000, "positives": int(5000 * 0.25 / p**0.8)} for p in range(1, 11)},
         "diversity": diversity,
-        "freshness": {"new": {"latest_event_time_ms": 1_793_577_000_000, "events": 1200},
-                      "returning": {"latest_event_time_ms": 1_793_579_900_000, "events": 40000}},
+        "freshness": {
+            "new": {"latest_event_time_ms": 1_793_577_000_000, "events": 1200},
+            "returning": {"latest_event_time_ms": 1_793_579_900_000, "events": 40000},
+        },
         "distributions": {
-            "numeric": {"dwell_ms": {"edges": DWELL_EDGES, "counts": _hist(dwell, DWELL_EDGES)},
-                        "propensity": {"edges": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0],
-                                       "counts": _hist(rng.beta(2, 5, 5000), [0.1, 0.2, 0.4, 0.6, 0.8, 1.0])}},
-            "categorical": {"device_class": {"desktop": 5200, "mobile": 4100, "tablet": 600, "tv": 100},
-                            "event_type": {"impression": 30000, "click": 3000, "view": 2500, "skip": 900}}},
+            "numeric": {
+                "dwell_ms": {"edges": DWELL_EDGES, "counts": _hist(dwell, DWELL_EDGES)},
+                "propensity": {
+                    "edges": [0.1, 0.2, 0.4, 0.6, 0.8, 1.0],
+                    "counts": _hist(rng.beta(2, 5, 5000), [0.1, 0.2, 0.4, 0.6, 0.8, 1.0]),
+                },
+            },
+            "categorical": {
+                "device_class": {"desktop": 5200, "mobile": 4100, "tablet": 600, "tv": 100},
+                "event_type": {"impression": 30000, "click": 3000, "view": 2500, "skip": 900},
+            },
+        },
         "run_end_ms": 1_793_580_000_000,
     }
 
@@ -97,7 +146,7 @@ def test_report_has_an_svg_per_chart_and_is_self_contained():
     names = _chart_names(html)
     for chart in CHARTS:
         assert names.count(chart) == 1, chart
-    assert "dist:dwell_ms" in names                                     # the drifted feature gets an overlay
+    assert "dist:dwell_ms" in names  # the drifted feature gets an overlay
     assert html.count("<svg") == len(names) >= len(CHARTS) + 1
     assert html.count("<svg") == html.count("</svg>")
     # no network: nothing to fetch, no script
@@ -112,13 +161,28 @@ def test_report_has_an_svg_per_chart_and_is_self_contained():
 
 
 def test_report_renders_an_empty_run_and_warn_mode():
-    empty = {"counts": dict.fromkeys(("valid", "duplicates", "bots", "dead_letter", "consent_dropped", "too_late"), 0),
-             "input_records": 0, "dead_letter_by_reason": {}, "bots_by_rule": {},
-             "labels": {"exposures": 0, "labels": 0, "positives": 0, "negatives": 0, "orphan_outcomes": 0,
-                        "late_outcomes": 0, "coverage": None},
-             "hourly": {}, "latency_ms": {"arrival_minus_event": {"edges": [100, 1000], "counts": [0, 0, 0]}},
-             "ctr_by_position": {}, "diversity": {}, "freshness": {}, "distributions": {"numeric": {}, "categorical": {}},
-             "run_end_ms": None}
+    empty = {
+        "counts": dict.fromkeys(("valid", "duplicates", "bots", "dead_letter", "consent_dropped", "too_late"), 0),
+        "input_records": 0,
+        "dead_letter_by_reason": {},
+        "bots_by_rule": {},
+        "labels": {
+            "exposures": 0,
+            "labels": 0,
+            "positives": 0,
+            "negatives": 0,
+            "orphan_outcomes": 0,
+            "late_outcomes": 0,
+            "coverage": None,
+        },
+        "hourly": {},
+        "latency_ms": {"arrival_minus_event": {"edges": [100, 1000], "counts": [0, 0, 0]}},
+        "ctr_by_position": {},
+        "diversity": {},
+        "freshness": {},
+        "distributions": {"numeric": {}, "categorical": {}},
+        "run_end_ms": None,
+    }
     html, _ = _render(empty)
     assert sorted(_chart_names(html)) == sorted(CHARTS)
     assert "no data in this run" in html and "no input records" in html
@@ -146,8 +210,8 @@ def _png_rgb_zlib(path: Path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     pos, idat, width = 8, b"", 0
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
             assert depth == 8 and ctype in (2, 6) and not interlace, (depth, ctype, interlace)
@@ -158,7 +222,7 @@ def _png_rgb_zlib(path: Path):
     raw, stride = zlib.decompress(idat), width * bpp
     prev, colours, non_white = bytearray(stride), set(), 0
     for y in range(height):
-        ftype, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        ftype, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             a = line[i - bpp] if i >= bpp else 0
             b, c = prev[i], prev[i - bpp] if i >= bpp else 0
@@ -186,19 +250,40 @@ def test_report_renders_in_headless_chromium(tmp_path):
         pytest.fail(INSTALL_HINT)
     html, _ = _render(synthetic_stats(dwell_shift=1.0), baseline=synthetic_stats(seed=8))
     page, png = tmp_path / "report" / "quality.html", tmp_path / "shot.png"
-    write_report_html(str(page), html)                                   # Beam FileSystems creates the folder
+    write_report_html(str(page), html)  # Beam FileSystems creates the folder
     assert page.read_text(encoding="utf-8") == html
     proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-         "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,3000",
-         f"--screenshot={png}", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=180)
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1400,3000",
+            f"--screenshot={png}",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert png.is_file() and png.stat().st_size > 10_000, (proc.returncode, proc.stderr[-2000:])
     width, height, colours, non_white = _png_rgb(png)
     assert (width, height) == (1400, 3000)
     assert len(colours) > 300, f"only {len(colours)} distinct colours: blank page?"
     assert non_white > 0.15, f"only {non_white:.1%} of the page is painted"
-    for name, rgb in (("SLO pass row", PASS_RGB), ("SLO fail row", FAIL_RGB), ("valid bars", VALID_RGB),
-                      ("bot bars", BOT_RGB), ("dead-letter / drifted bars", RED_RGB)):
+    for name, rgb in (
+        ("SLO pass row", PASS_RGB),
+        ("SLO fail row", FAIL_RGB),
+        ("valid bars", VALID_RGB),
+        ("bot bars", BOT_RGB),
+        ("dead-letter / drifted bars", RED_RGB),
+    ):
         assert rgb in colours, f"{name} colour {rgb} not in the screenshot"

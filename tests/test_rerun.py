@@ -3,6 +3,7 @@
 A second run never mixes with the first (refused, or --overwrite replaces it exactly); a killed run
 leaves nothing that looks complete; readers refuse unpublished runs; no sink temp folders remain.
 """
+
 import glob
 import hashlib
 import json
@@ -53,8 +54,11 @@ def assert_exactly_one_published_run(root, report):
     assert set(files) == set(listed) | {runfolder.MANIFEST, runfolder.SUCCESS}
     assert all(files[p] == e["sha256"] for p, e in listed.items())
     assert manifest["run_id"] == report["run_id"] and manifest["counts"] == report["counts"]
-    assert not [e for e in all_entries(root) if e.split(os.sep)[-1].startswith((".temp", "beam-temp", "_staging-",
-                                                                                 ".tmp", runfolder.RUNNING))]
+    assert not [
+        e
+        for e in all_entries(root)
+        if e.split(os.sep)[-1].startswith((".temp", "beam-temp", "_staging-", ".tmp", runfolder.RUNNING))
+    ]
     counts = report["counts"]
     assert avro_records(root, "events") == counts["valid"] == manifest["records_by_output"]["events"]
     assert avro_records(root, "bots") == counts["bots"]
@@ -95,8 +99,9 @@ def copy_run(published_, dest):
 
 def run_batch(data_, cfg, out, *extra):
     tmp = data_[0]
-    return batch.main(["--config", cfg, "--input", str(tmp / "events.jsonl"), "--output", str(out), "--warn-only",
-                       *extra])
+    return batch.main(
+        ["--config", cfg, "--input", str(tmp / "events.jsonl"), "--output", str(out), "--warn-only", *extra]
+    )
 
 
 def test_rerun_into_used_folder_is_refused_and_overwrite_replaces_it_exactly(data, capsys):
@@ -192,13 +197,24 @@ def test_readers_refuse_unpublished_or_changed_runs(data, published, capsys):
     events = str(out / "events" / "*.avro")
     assert runfolder.check_published(events, "--archive") == [str(out)]
     assert runfolder.verify_run(str(out)) == []
-    (out / "events" / "events-00000-of-00001.avro").open("ab").write(b"x")     # changed after publication
+    (out / "events" / "events-00000-of-00001.avro").open("ab").write(b"x")  # changed after publication
     with pytest.raises(runfolder.UnpublishedInputError, match="different size"):
         runfolder.check_published(events, "--archive")
     assert runfolder.verify_run(str(out)) == ["events/events-00000-of-00001.avro: unreadable (EOFError)"]
     (out / runfolder.SUCCESS).unlink()
-    args = ["archive", "--config", cfg1, "--archive", events, "--from", "2026-11-01T02:00:00Z",
-            "--to", "2026-11-01T03:00:00Z", "--output", str(tmp / "replayed")]
+    args = [
+        "archive",
+        "--config",
+        cfg1,
+        "--archive",
+        events,
+        "--from",
+        "2026-11-01T02:00:00Z",
+        "--to",
+        "2026-11-01T03:00:00Z",
+        "--output",
+        str(tmp / "replayed"),
+    ]
     assert replay.main(args) == 2
     assert "unpublished run (no _SUCCESS" in capsys.readouterr().err
     assert not (tmp / "replayed").exists()
@@ -213,8 +229,18 @@ def test_killed_run_leaves_nothing_complete_and_overwrite_recovers(tmp_path):
     generate(3000, str(tmp_path / "events.jsonl"), seed=5, start="2026-11-01T00:00:00Z")
     cfg = write_config(tmp_path)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.batch", "--config", cfg, "--input", str(tmp_path / "events.jsonl"),
-           "--output", str(out), "--warn-only"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.batch",
+        "--config",
+        cfg,
+        "--input",
+        str(tmp_path / "events.jsonl"),
+        "--output",
+        str(out),
+        "--warn-only",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -245,21 +271,29 @@ def test_killed_run_leaves_nothing_complete_and_overwrite_recovers(tmp_path):
 def test_publish_leaves_out_sink_scratch_files_and_empty_temp_folders(tmp_path):
     folder = runfolder.prepare(str(tmp_path / "out"), "batch", overwrite=False)
     staging = tmp_path / "out" / os.path.basename(folder.staging)
-    for rel, data in (("events/events-00000-of-00001.jsonl", b'{"a": 1}\n{"a": 2}\n'),
-                      ("features/.temp-1234/part", b"x"), ("events/beam-temp-events-99/x", b"y"),
-                      ("labels/.tmp-labels-1.avro-abc", b"z")):
+    for rel, data in (
+        ("events/events-00000-of-00001.jsonl", b'{"a": 1}\n{"a": 2}\n'),
+        ("features/.temp-1234/part", b"x"),
+        ("events/beam-temp-events-99/x", b"y"),
+        ("labels/.tmp-labels-1.avro-abc", b"z"),
+    ):
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
         (staging / rel).write_bytes(data)
     (staging / "features" / ".temp-empty").mkdir()
     manifest = runfolder.publish(folder, "0" * 64, {"counts": {}})
     assert [e["path"] for e in manifest["files"]] == ["events/events-00000-of-00001.jsonl"]
     assert manifest["files"][0]["records"] == 2 and manifest["records_by_output"] == {"events": 2}
-    assert sorted(all_entries(tmp_path / "out")) == ["_MANIFEST.json", "_SUCCESS", "events",
-                                                     os.path.join("events", "events-00000-of-00001.jsonl")]
+    assert sorted(all_entries(tmp_path / "out")) == [
+        "_MANIFEST.json",
+        "_SUCCESS",
+        "events",
+        os.path.join("events", "events-00000-of-00001.jsonl"),
+    ]
 
 
 def test_streaming_folder_refused_when_used_and_replaced_with_overwrite(tmp_path):
     from pipelines.streaming import STREAMING_OUTPUTS
+
     out = tmp_path / "stream"
     runfolder.prepare_streaming(str(out), False, STREAMING_OUTPUTS)
     (out / "labels").mkdir()
@@ -269,6 +303,6 @@ def test_streaming_folder_refused_when_used_and_replaced_with_overwrite(tmp_path
     with pytest.raises(runfolder.OutputFolderError, match="already holds a streaming run's output"):
         runfolder.prepare_streaming(str(out), False, STREAMING_OUTPUTS)
     with pytest.raises(runfolder.OutputFolderError, match="already holds a streaming run's output"):
-        runfolder.prepare(str(out), "batch", overwrite=False)   # batch and streaming refuse alike
+        runfolder.prepare(str(out), "batch", overwrite=False)  # batch and streaming refuse alike
     runfolder.prepare_streaming(str(out), True, STREAMING_OUTPUTS)
     assert all_entries(out) == [runfolder.STREAMING]

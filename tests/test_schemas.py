@@ -33,14 +33,16 @@ def test_incompatible_type_change_is_refused(tmp_path):
         for f in s["fields"]:
             if f["name"] == "position":
                 f["type"] = ["null", "string"]
+
     v = _new_version(tmp_path, change)
     problems = check_registry(SchemaRegistry.from_directory(str(tmp_path)))[v]
     assert any("resolution failed" in p for p in problems)
 
 
 def test_new_optional_field_is_accepted(tmp_path):
-    v = _new_version(tmp_path, lambda s: s["fields"].append(
-        {"name": "tenant", "type": ["null", "string"], "default": None}))
+    v = _new_version(
+        tmp_path, lambda s: s["fields"].append({"name": "tenant", "type": ["null", "string"], "default": None})
+    )
     assert check_registry(SchemaRegistry.from_directory(str(tmp_path)))[v] == []
 
 

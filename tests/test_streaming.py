@@ -4,6 +4,7 @@ Runner: BundleBasedDirectRunner (the only local runner with TestStream that runs
 steps); the watermark follows arrival time minus a few seconds, as a Pub/Sub watermark would, and is
 advanced past every deadline before the end (see shared/BEAM-NOTES.md on timer output).
 """
+
 import glob
 
 import pytest
@@ -36,9 +37,12 @@ from transforms.config import load_config
 def both(tmp_path_factory, redis_server):
     tmp = tmp_path_factory.mktemp("parity")
     host, port = redis_server
-    cfg_path = write_config(tmp, "time: {arrival_field: arrival_time}\n"
-                                 "features: {windows: [{size: 1h, period: 30m}], entities: [user, item]}\n"
-                                 f"online_store: {{host: {host}, port: {port}, key_prefix: parity}}\n")
+    cfg_path = write_config(
+        tmp,
+        "time: {arrival_field: arrival_time}\n"
+        "features: {windows: [{size: 1h, period: 30m}], entities: [user, item]}\n"
+        f"online_store: {{host: {host}, port: {port}, key_prefix: parity}}\n",
+    )
     cfg = load_config(cfg_path)
     settings = GraphSettings.from_config(cfg)
     report, batch_out = run_batch(tmp, SCENARIO, cfg_path)
@@ -51,12 +55,12 @@ def test_batch_labels_follow_the_rules(both):
     report, out, _ = both
     labels = {l["label_id"]: l for l in canonical_labels(avro_rows(str(out / "labels" / "*.avro")))}
     assert set(labels) == {"imp1", "imp2", "imp3", "imp4", "imp6", "imp7", "imp8"}
-    assert labels["imp8"]["label"] == 1                                             # click in the next bucket
+    assert labels["imp8"]["label"] == 1  # click in the next bucket
     assert (labels["imp1"]["label"], labels["imp1"]["weight"], labels["imp1"]["outcome_types"]) == (1, 1.0, ["click"])
     assert labels["imp1"]["first_outcome_delay_ms"] == 10 * S
-    assert (labels["imp2"]["label"], labels["imp2"]["weight"]) == (1, 5.0)          # purchase without request_id
-    assert labels["imp3"]["label"] == 1                                             # outcome arrived first
-    assert (labels["imp4"]["label"], labels["imp4"]["outcome_types"]) == (0, [])    # its add_to_cart came late
+    assert (labels["imp2"]["label"], labels["imp2"]["weight"]) == (1, 5.0)  # purchase without request_id
+    assert labels["imp3"]["label"] == 1  # outcome arrived first
+    assert (labels["imp4"]["label"], labels["imp4"]["outcome_types"]) == (0, [])  # its add_to_cart came late
     assert (labels["imp6"]["label"], labels["imp6"]["outcome_types"]) == (0, ["skip"])
     assert labels["imp7"]["dwell_ms"] == 4000
     assert labels["imp1"]["position"] == 1 and labels["imp1"]["propensity"] == 0.5
@@ -83,6 +87,7 @@ def test_streaming_counts_balance(both):
 
 def feature_rows(root):
     import pyarrow.parquet as pq
+
     rows = {}
     for f in glob.glob(str(root / "features" / "**" / "*.parquet"), recursive=True):
         for r in pq.read_table(f).to_pylist():
@@ -111,6 +116,7 @@ def test_online_store_holds_the_newest_window_per_entity(both, redis_server):
     import redis
 
     from transforms.online_store import read_features
+
     _, batch_out, _ = both
     newest = {}
     for (etype, eid, win, start), row in feature_rows(batch_out).items():
@@ -127,6 +133,7 @@ def test_shipped_streaming_config_triggers_translate(tmp_path):
     """config/streaming.yaml's early firings must survive translation to the runner API (a float delay
     did not: 'float' object cannot be interpreted as an integer)."""
     from apache_beam.transforms import trigger as tr
+
     cfg = load_config("config/streaming.yaml")
     settings = GraphSettings.from_config(cfg)
     windowing = streaming.output_windowing(cfg, settings, "W").transform

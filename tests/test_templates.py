@@ -3,6 +3,7 @@
 No Docker daemon or Google Cloud here: these tests read the files and run the launcher entry points
 locally up to the point where the job rejects its config (which proves the arguments reach the job).
 """
+
 import argparse
 import importlib
 import importlib.util
@@ -60,15 +61,53 @@ LEFT_OUT = {"streaming": {"topic"}}
 # names nested under them): renaming one makes the update incompatible unless mapped with
 # --transform-name-mappings. templates/README.md lists them; change both on purpose, never by accident.
 STREAMING_TOP_LEVEL_LABELS = [
-    "ReadEvents", "Parse", "Privacy", "Enrich", "Dedupe", "Bots", "Labels", "Slates", "AllDeadLetters",
-    "UpstreamInput0", "InputRecords", "AllInputs", "Features", "Exposures", "Accounting", "DeadAndTooLate",
-    "OutputLatencyArchive", "WindowArchive", "WriteArchive", "WindowBots", "WriteBots",
-    "OutputLatencyLabels", "WindowLabels", "WriteLabels",
-    "WindowSlates", "WriteSlates", "WindowDeadLetter", "WriteDeadLetter", "WindowOrphanOutcomes",
-    "WriteOrphanOutcomes", "WindowLateOutcomes", "WriteLateOutcomes", "WindowDuplicates", "WriteDuplicates",
-    "WindowConsentDropped", "WriteConsentDropped", "CountsToJson", "WriteCounts",
-    "QualityPerWindow", "QualityRecord", "WriteQuality", "WriteFeatures", "OnlineFeatures",
-    "LabelsToJson", "PublishLabels", "DeadLettersToJson", "PublishDeadLetters",
+    "ReadEvents",
+    "Parse",
+    "Privacy",
+    "Enrich",
+    "Dedupe",
+    "Bots",
+    "Labels",
+    "Slates",
+    "AllDeadLetters",
+    "UpstreamInput0",
+    "InputRecords",
+    "AllInputs",
+    "Features",
+    "Exposures",
+    "Accounting",
+    "DeadAndTooLate",
+    "OutputLatencyArchive",
+    "WindowArchive",
+    "WriteArchive",
+    "WindowBots",
+    "WriteBots",
+    "OutputLatencyLabels",
+    "WindowLabels",
+    "WriteLabels",
+    "WindowSlates",
+    "WriteSlates",
+    "WindowDeadLetter",
+    "WriteDeadLetter",
+    "WindowOrphanOutcomes",
+    "WriteOrphanOutcomes",
+    "WindowLateOutcomes",
+    "WriteLateOutcomes",
+    "WindowDuplicates",
+    "WriteDuplicates",
+    "WindowConsentDropped",
+    "WriteConsentDropped",
+    "CountsToJson",
+    "WriteCounts",
+    "QualityPerWindow",
+    "QualityRecord",
+    "WriteQuality",
+    "WriteFeatures",
+    "OnlineFeatures",
+    "LabelsToJson",
+    "PublishLabels",
+    "DeadLettersToJson",
+    "PublishDeadLetters",
 ]
 
 sys.path.insert(0, str(TEMPLATES))
@@ -88,8 +127,13 @@ def job_parser(folder: str) -> argparse.ArgumentParser:
 def job_actions(folder: str) -> dict:
     """Parameter name (flag without leading dashes) -> argparse action."""
     parser = job_parser(folder)
-    return {s[2:]: a for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
-            for s in a.option_strings if s.startswith("--")}
+    return {
+        s[2:]: a
+        for a in parser._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+        for s in a.option_strings
+        if s.startswith("--")
+    }
 
 
 def load_launcher(folder: str):
@@ -102,7 +146,7 @@ def load_launcher(folder: str):
 
 def setup_beam_version() -> str:
     m = re.search(r'^BEAM_VERSION\s*=\s*"([^"]+)"', (ROOT / "setup.py").read_text(), re.M)
-    assert m, "setup.py must define BEAM_VERSION = \"x.y.z\""
+    assert m, 'setup.py must define BEAM_VERSION = "x.y.z"'
     return m.group(1)
 
 
@@ -159,25 +203,42 @@ def test_launch_parameters_parse_as_the_job_flags(folder):
         assert getattr(args, actions[n].dest) == expected, n
     # Underscore spellings are normalised to the dashed flags instead of leaking into Beam's options.
     fixed = flex_launch.normalise_job_flags(
-        [f"--{n.replace('-', '_')}={SAMPLES[n]}" for n in names], flex_launch.job_option_strings(parser))
+        [f"--{n.replace('-', '_')}={SAMPLES[n]}" for n in names], flex_launch.job_option_strings(parser)
+    )
     assert fixed == [f"--{n}={SAMPLES[n]}" for n in names]
 
 
 def test_normalise_leaves_beam_options_and_values_alone():
     opts = ["--config", "--labels-topic", "--dead-letter-topic"]
-    argv = ["--labels_topic=projects/p/topics/a_b", "--dead_letter_topic", "t", "--max_num_workers=3",
-            "--labels-topic=x", "--config=c_d.yaml"]
+    argv = [
+        "--labels_topic=projects/p/topics/a_b",
+        "--dead_letter_topic",
+        "t",
+        "--max_num_workers=3",
+        "--labels-topic=x",
+        "--config=c_d.yaml",
+    ]
     assert flex_launch.normalise_job_flags(argv, opts) == [
-        "--labels-topic=projects/p/topics/a_b", "--dead-letter-topic", "t", "--max_num_workers=3",
-        "--labels-topic=x", "--config=c_d.yaml"]
+        "--labels-topic=projects/p/topics/a_b",
+        "--dead-letter-topic",
+        "t",
+        "--max_num_workers=3",
+        "--labels-topic=x",
+        "--config=c_d.yaml",
+    ]
 
 
 def test_flex_defaults():
-    env = {"FEEDBACK_SDK_CONTAINER_IMAGE": "europe-docker.pkg.dev/p/r/feedback-streaming:1",
-           "FLEX_TEMPLATE_PYTHON_SETUP_FILE": "/template/setup.py"}
+    env = {
+        "FEEDBACK_SDK_CONTAINER_IMAGE": "europe-docker.pkg.dev/p/r/feedback-streaming:1",
+        "FLEX_TEMPLATE_PYTHON_SETUP_FILE": "/template/setup.py",
+    }
     assert flex_launch.with_flex_defaults(["--config=c.yaml"], env) == [
-        "--config=c.yaml", "--runner=DataflowRunner",
-        "--sdk_container_image=europe-docker.pkg.dev/p/r/feedback-streaming:1", "--setup_file=/template/setup.py"]
+        "--config=c.yaml",
+        "--runner=DataflowRunner",
+        "--sdk_container_image=europe-docker.pkg.dev/p/r/feedback-streaming:1",
+        "--setup_file=/template/setup.py",
+    ]
     given = ["--runner=DirectRunner", "--sdk_container_image=other", "--setup_file=/x/setup.py"]
     assert flex_launch.with_flex_defaults(given, env) == given
     assert flex_launch.with_flex_defaults([], {}) == ["--runner=DataflowRunner"]
@@ -199,8 +260,12 @@ def test_hmac_key_from_secret_manager():
     assert env["FEEDBACK_HMAC_KEY"] == "s3cret-key"
     assert calls == ["projects/p/secrets/feedback-hmac-key/versions/latest"]
     # An explicit key wins; no secret configured: nothing read.
-    assert flex_launch.load_hmac_key({"FEEDBACK_HMAC_KEY": "k", "FEEDBACK_HMAC_KEY_SECRET": "x"},
-                                     lambda: _FakeSecrets(calls)) is False
+    assert (
+        flex_launch.load_hmac_key(
+            {"FEEDBACK_HMAC_KEY": "k", "FEEDBACK_HMAC_KEY_SECRET": "x"}, lambda: _FakeSecrets(calls)
+        )
+        is False
+    )
     assert flex_launch.load_hmac_key({}, lambda: _FakeSecrets(calls)) is False
     assert len(calls) == 1
 
@@ -233,7 +298,7 @@ def test_dockerfile_beam_version_equals_setup_py():
     assert "ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/templates/${JOB}/main.py" in dockerfile
     assert "ENV FLEX_TEMPLATE_PYTHON_SETUP_FILE=/template/setup.py" in dockerfile
     assert 'ENTRYPOINT ["/bin/sh", "/template/templates/entrypoint.sh"]' in dockerfile
-    assert "exec /opt/apache/beam/boot \"$@\"" in (TEMPLATES / "entrypoint.sh").read_text()
+    assert 'exec /opt/apache/beam/boot "$@"' in (TEMPLATES / "entrypoint.sh").read_text()
     # Same Python minor version as the environment the tests (and the launcher code) run on.
     assert sys.version_info[:2] == (3, 11)
 
@@ -259,15 +324,24 @@ def test_streaming_top_level_labels_are_stable(tmp_path):
     cfg = load_config(str(ROOT / "config" / "streaming.yaml"))
     settings = GraphSettings.from_config(cfg)
     p = beam.Pipeline(options=PipelineOptions(streaming=True))
-    read = p | "ReadEvents" >> streaming.ReadEvents(SAMPLES["subscription"], None, "json",
-                                                   settings.validation.registry, None)
-    streaming.build(p, cfg, settings, read.records, SAMPLES["output"],
-                    [read[streaming._MessageToRawFn.UNDECODABLE]], SAMPLES["labels-topic"],
-                    SAMPLES["dead-letter-topic"])
+    read = p | "ReadEvents" >> streaming.ReadEvents(
+        SAMPLES["subscription"], None, "json", settings.validation.registry, None
+    )
+    streaming.build(
+        p,
+        cfg,
+        settings,
+        read.records,
+        SAMPLES["output"],
+        [read[streaming._MessageToRawFn.UNDECODABLE]],
+        SAMPLES["labels-topic"],
+        SAMPLES["dead-letter-topic"],
+    )
     labels = [t.full_label for t in p.transforms_stack[0].parts]
     assert labels == STREAMING_TOP_LEVEL_LABELS, (
         "top-level step labels of the streaming job changed: this breaks `--update` of a running job "
-        "unless mapped with --transform-name-mappings; update STREAMING_TOP_LEVEL_LABELS and templates/README.md")
+        "unless mapped with --transform-name-mappings; update STREAMING_TOP_LEVEL_LABELS and templates/README.md"
+    )
     readme = (TEMPLATES / "README.md").read_text()
     missing = [label for label in labels if f"`{label}`" not in readme]
     assert not missing, f"templates/README.md does not list {missing}"
@@ -276,6 +350,7 @@ def test_streaming_top_level_labels_are_stable(tmp_path):
 def test_boolean_template_parameters_become_bare_flags():
     flex = flex_launch
     from pipelines.batch import build_parser
+
     flags = flex.boolean_flags(build_parser())
     assert flags == {"--warn-only", "--overwrite"}
     assert flex.normalise_boolean_flags(["--warn-only=true", "--config=c"], flags) == ["--warn-only", "--config=c"]

@@ -14,6 +14,7 @@ Each engine run is compared with the batch job on the unshifted input (the refer
 also checks batch/streaming parity on generated traffic that has bot runs and sessions across hour
 and day boundaries. Example counts are small: every example is a full pipeline run.
 """
+
 import collections
 import datetime as dt
 import glob
@@ -36,15 +37,19 @@ from tests.conftest import write_config
 from transforms.config import load_config
 
 N_EVENTS = 900
-START = "2026-11-01T22:50:00Z"          # the first midnight comes early in the traffic (6 h of it)
+START = "2026-11-01T22:50:00Z"  # the first midnight comes early in the traffic (6 h of it)
 FEATURE_PERIOD_S = 1800
 DAY_S = 86_400
 # Hypothesis tries the simplest draw (0) first; with one or two costly examples per engine, a bijection
 # of 0..DAY_S makes that first draw a real shift while keeping every offset possible.
-OFFSETS = st.one_of(st.integers(0, DAY_S).map(lambda x: (x * 7919 + 12_345) % (DAY_S + 1)),
-                    st.integers(0, DAY_S // FEATURE_PERIOD_S).map(lambda k: (k + 5) % 49 * FEATURE_PERIOD_S))
-CONFIG = ("time: {arrival_field: arrival_time, output_window: {size: 1h}}\n"
-          f"features: {{windows: [{{size: 1h, period: {FEATURE_PERIOD_S}s}}], entities: [user, item]}}\n")
+OFFSETS = st.one_of(
+    st.integers(0, DAY_S).map(lambda x: (x * 7919 + 12_345) % (DAY_S + 1)),
+    st.integers(0, DAY_S // FEATURE_PERIOD_S).map(lambda k: (k + 5) % 49 * FEATURE_PERIOD_S),
+)
+CONFIG = (
+    "time: {arrival_field: arrival_time, output_window: {size: 1h}}\n"
+    f"features: {{windows: [{{size: 1h, period: {FEATURE_PERIOD_S}s}}], entities: [user, item]}}\n"
+)
 # The TestStream watermark follows arrival time minus a slack, rounded down to this step: every
 # watermark advance is a round through the whole graph on BundleBasedDirectRunner, so fewer steps keep
 # the run short. A lower watermark is only more conservative (the too-late rule uses arrival times).
@@ -86,7 +91,9 @@ def run_stream(beam_args, settings_, cfg, events_with_arrival, out_dir):
         wm = (arrival - SLACK_MS) // WATERMARK_STEP_MS * WATERMARK_STEP_MS / 1000.0
         if watermark is None or wm > watermark:
             stream, watermark = stream.advance_watermark_to(wm), wm
-        stream = stream.add_elements([window.TimestampedValue((f"test:{n}", orjson.dumps(e), arrival), arrival / 1000.0)])
+        stream = stream.add_elements(
+            [window.TimestampedValue((f"test:{n}", orjson.dumps(e), arrival), arrival / 1000.0)]
+        )
     last = max(a for _, a in events_with_arrival)
     for step in range(1, 9):
         stream = stream.advance_watermark_to((last + step * settings_.max_output_delay_s * 1000 / 2) / 1000.0)
@@ -117,19 +124,20 @@ def outcomes(out_dir, valid_name: str, offset_s: int) -> dict:
         sessions[e["session_id"]].add(e["event_id"])
     labels = []
     for l in _rows(out_dir, "labels", "avro"):
-        l = {k: v for k, v in l.items() if k != "session_id"}     # a hash of the (shifted) session start
+        l = {k: v for k, v in l.items() if k != "session_id"}  # a hash of the (shifted) session start
         l["impression_time"] = _ms(l["impression_time"]) - back
         l["label_time"] = _ms(l["label_time"]) - back
         labels.append(l)
     features = {}
     import pyarrow.parquet as pq
+
     for f in glob.glob(str(out_dir / "features" / "**" / "*.parquet"), recursive=True):
         for r in pq.read_table(f).to_pylist():
             r = {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
             r["window_start"] -= back
             r["window_end"] -= back
             key = (r["entity_type"], r["entity_id"], r["window"], r["window_start"])
-            if key not in features or r["n_events"] > features[key]["n_events"]:   # streaming: fullest pane
+            if key not in features or r["n_events"] > features[key]["n_events"]:  # streaming: fullest pane
                 features[key] = r
     return {
         "valid": sorted(e["event_id"] for e in valid),
@@ -152,7 +160,8 @@ def assert_invariant(reference: dict, got: dict, offset_s: int, labels: bool = T
     assert got_labels == ref_labels, (
         f"labels differ after a shift by {offset_s} s: missing {sorted(set(ref_labels) - set(got_labels))[:5]}, "
         f"extra {sorted(set(got_labels) - set(ref_labels))[:5]}, changed "
-        f"{[(ref_labels[k], got_labels[k]) for k in set(ref_labels) & set(got_labels) if ref_labels[k] != got_labels[k]][:2]}")
+        f"{[(ref_labels[k], got_labels[k]) for k in set(ref_labels) & set(got_labels) if ref_labels[k] != got_labels[k]][:2]}"
+    )
     _assert_features(reference, got, offset_s)
 
 
@@ -164,15 +173,28 @@ def _assert_features(reference: dict, got: dict, offset_s: int):
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("invariance")
-    truth = generate(N_EVENTS, str(tmp / "events.jsonl"), seed=23, start=START, arrival_field="arrival_time",
-                     malformed_fraction=0.0, duration_hours=6.0)
+    truth = generate(
+        N_EVENTS,
+        str(tmp / "events.jsonl"),
+        seed=23,
+        start=START,
+        arrival_field="arrival_time",
+        malformed_fraction=0.0,
+        duration_hours=6.0,
+    )
     assert truth["bots_by_rule"]["machine_cadence"] > 0 and truth["counts"]["duplicates"] > 0
     cfg_path = write_config(tmp, CONFIG)
     cfg = load_config(cfg_path)
     events = read_input(tmp / "events.jsonl")
     ref_dir = run_batch(tmp, events, 0, cfg_path)
-    return {"tmp": tmp, "cfg_path": cfg_path, "cfg": cfg, "settings": GraphSettings.from_config(cfg),
-            "events": events, "reference": outcomes(ref_dir, "events", 0)}
+    return {
+        "tmp": tmp,
+        "cfg_path": cfg_path,
+        "cfg": cfg,
+        "settings": GraphSettings.from_config(cfg),
+        "events": events,
+        "reference": outcomes(ref_dir, "events", 0),
+    }
 
 
 def run_batch(tmp, events_with_arrival, offset_s, cfg_path):

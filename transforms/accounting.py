@@ -9,6 +9,7 @@ DoFn and only the bundle's partial counts leave it, then summed per key. Emittin
 element per key and record instead (`Count.PerElement`) cost Beam's per-element work ~15 times per
 event between accounting and quality signals (benchmarks/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,6 +29,7 @@ def _keys_for(outcome: str, detail: Optional[Callable[[dict], str]]):
         yield outcome
         if detail is not None:
             yield f"{outcome}.{detail(record)}"
+
     return keys
 
 
@@ -63,19 +65,19 @@ def count_keys(sources: dict, windowing=None):
     in any window but the global one, are counted per element (`Count.PerElement`): one bundle's
     records may belong to different windows and panes.
     """
-    per_bundle = windowing is None and all(isinstance(pc.windowing.windowfn, GlobalWindows)
-                                           for pc, _ in sources.values())
+    per_bundle = windowing is None and all(
+        isinstance(pc.windowing.windowfn, GlobalWindows) for pc, _ in sources.values()
+    )
     if not per_bundle:
         keyed = [pc | f"Key{label}" >> beam.FlatMap(keys) for label, (pc, keys) in sorted(sources.items())]
         counters = keyed | "AllCounters" >> beam.Flatten()
         if windowing is not None:
             counters = counters | windowing
         return counters | "Count" >> beam.combiners.Count.PerElement()
-    partials = [pc | f"Tally{label}" >> beam.ParDo(_CountKeysPerBundleFn(keys))
-                for label, (pc, keys) in sorted(sources.items())]
-    return (partials
-            | "AllPartials" >> beam.Flatten()
-            | "Sum" >> beam.CombinePerKey(sum))
+    partials = [
+        pc | f"Tally{label}" >> beam.ParDo(_CountKeysPerBundleFn(keys)) for label, (pc, keys) in sorted(sources.items())
+    ]
+    return partials | "AllPartials" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
 
 
 class CountKeys(beam.PTransform):
@@ -103,8 +105,13 @@ class CountOutcomes(beam.PTransform):
         self._windowing = windowing
 
     def expand(self, named: dict):
-        return count_keys({name.title().replace('_', ''): (pc, _keys_for(name, self._breakdowns.get(name)))
-                           for name, pc in named.items()}, self._windowing)
+        return count_keys(
+            {
+                name.title().replace("_", ""): (pc, _keys_for(name, self._breakdowns.get(name)))
+                for name, pc in named.items()
+            },
+            self._windowing,
+        )
 
 
 def summarise(counters: dict) -> dict:

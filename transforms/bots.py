@@ -31,6 +31,7 @@ time: shifting every event time by any offset gives the same decisions.
   Judged events keep their event time as timestamp and are at most max_run_duration + lateness
   behind the watermark; downstream windows and label timers allow that (GraphSettings).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,11 +74,21 @@ class BotRules:
 
     @classmethod
     def from_config(cls, bots_cfg) -> "BotRules":
-        return cls(bots_cfg.crawler_user_agents, tuple(bots_cfg.extra_crawler_patterns), bots_cfg.session_gap,
-                   bots_cfg.max_events_per_minute, bots_cfg.sustained_minutes, bots_cfg.min_click_latency_ms,
-                   bots_cfg.min_superhuman_clicks, bots_cfg.cadence_max_cv, bots_cfg.cadence_min_events,
-                   bots_cfg.cadence_min_rate_per_s, bots_cfg.cadence_min_duration, bots_cfg.max_run_duration,
-                   bots_cfg.max_user_events)
+        return cls(
+            bots_cfg.crawler_user_agents,
+            tuple(bots_cfg.extra_crawler_patterns),
+            bots_cfg.session_gap,
+            bots_cfg.max_events_per_minute,
+            bots_cfg.sustained_minutes,
+            bots_cfg.min_click_latency_ms,
+            bots_cfg.min_superhuman_clicks,
+            bots_cfg.cadence_max_cv,
+            bots_cfg.cadence_min_events,
+            bots_cfg.cadence_min_rate_per_s,
+            bots_cfg.cadence_min_duration,
+            bots_cfg.max_run_duration,
+            bots_cfg.max_user_events,
+        )
 
 
 class CrawlerMatcher:
@@ -164,8 +175,9 @@ def superhuman_clicks(events: Iterable[dict], min_latency_ms: int) -> tuple[int,
     return fast, fastest
 
 
-def machine_cadence(times_ms: Iterable[int], max_cv: float, min_events: int, min_rate_per_s: float,
-                    min_duration_ms: float) -> Optional[str]:
+def machine_cadence(
+    times_ms: Iterable[int], max_cv: float, min_events: int, min_rate_per_s: float, min_duration_ms: float
+) -> Optional[str]:
     """Detail text when a run's inter-event intervals are near-constant (CV < max_cv) over at least
     min_events events, min_duration_ms and min_rate_per_s, else None."""
     times = sorted(times_ms)
@@ -181,8 +193,10 @@ def machine_cadence(times_ms: Iterable[int], max_cv: float, min_events: int, min
     cv = statistics.pstdev(intervals) / statistics.fmean(intervals)
     if cv >= max_cv:
         return None
-    return (f"{len(times)} events over {span / 1000.0:.0f} s at {rate:.2f}/s with near-constant intervals "
-            f"(coefficient of variation {cv:.3f} < {max_cv})")
+    return (
+        f"{len(times)} events over {span / 1000.0:.0f} s at {rate:.2f}/s with near-constant intervals "
+        f"(coefficient of variation {cv:.3f} < {max_cv})"
+    )
 
 
 def judge_run(events: list[dict], rules: BotRules) -> Optional[tuple[str, str]]:
@@ -192,18 +206,24 @@ def judge_run(events: list[dict], rules: BotRules) -> Optional[tuple[str, str]]:
         return contract.BOT_RULE_SUSTAINED_RATE, detail
     fast, fastest = superhuman_clicks(events, rules.min_click_latency_ms)
     if fast >= rules.min_superhuman_clicks:
-        return (contract.BOT_RULE_SUPERHUMAN_CLICKS,
-                f"{fast} clicks under {rules.min_click_latency_ms} ms after their impression (fastest {fastest} ms)")
-    detail = machine_cadence((e["event_time"] for e in events), rules.cadence_max_cv, rules.cadence_min_events,
-                             rules.cadence_min_rate_per_s, rules.cadence_min_duration_s * 1000)
+        return (
+            contract.BOT_RULE_SUPERHUMAN_CLICKS,
+            f"{fast} clicks under {rules.min_click_latency_ms} ms after their impression (fastest {fastest} ms)",
+        )
+    detail = machine_cadence(
+        (e["event_time"] for e in events),
+        rules.cadence_max_cv,
+        rules.cadence_min_events,
+        rules.cadence_min_rate_per_s,
+        rules.cadence_min_duration_s * 1000,
+    )
     if detail:
         return contract.BOT_RULE_MACHINE_CADENCE, detail
     return None
 
 
 def volume_detail(n_events: int, rules: BotRules, where: str) -> str:
-    return (f"{n_events} events {where}, more than bots.max_user_events={rules.max_user_events}: "
-            f"judged by volume")
+    return f"{n_events} events {where}, more than bots.max_user_events={rules.max_user_events}: judged by volume"
 
 
 def _order(e: dict):
@@ -232,6 +252,7 @@ def flag(event: dict, rule: Optional[str], detail: Optional[str]) -> dict:
 
 # --- transforms -------------------------------------------------------------------------------
 
+
 class _CrawlerFn(beam.DoFn):
     def __init__(self, rules: BotRules):
         self._rules = rules
@@ -246,8 +267,10 @@ class _CrawlerFn(beam.DoFn):
             yield event
         else:
             self._flagged.inc()
-            yield beam.pvalue.TaggedOutput(FilterBots.BOTS, flag(
-                event, contract.BOT_RULE_CRAWLER_UA, f"user agent matches crawler pattern {pattern!r}"))
+            yield beam.pvalue.TaggedOutput(
+                FilterBots.BOTS,
+                flag(event, contract.BOT_RULE_CRAWLER_UA, f"user agent matches crawler pattern {pattern!r}"),
+            )
 
 
 class _JudgeFn(beam.DoFn):
@@ -286,7 +309,7 @@ class _UserRunsBatchFn(_JudgeFn):
     def process(self, keyed_events):
         _, events = keyed_events
         n = 0
-        for _ in events:      # counting pass: a huge user is never sorted or listed
+        for _ in events:  # counting pass: a huge user is never sorted or listed
             n += 1
         if n > self._rules.max_user_events:
             yield from self._judge_by_volume(events, n, "of one user in the input")
@@ -299,8 +322,9 @@ class _UserRunsStreamingFn(_JudgeFn):
     """(user, event) -> runs judged whole once closed. The user's open events wait in state; an
     event-time timer fires at min(first + max_run_duration, last + gap) + lateness of the earliest
     open run. State and timer names carry a `bots_` prefix (timer names must be unique per pipeline)."""
+
     EVENTS = BagStateSpec("bots_open_events", PickleCoder())
-    SPAN = ReadModifyWriteStateSpec("bots_open_span", PickleCoder())     # (min time, max time, count)
+    SPAN = ReadModifyWriteStateSpec("bots_open_span", PickleCoder())  # (min time, max time, count)
     CLOSE = TimerSpec("bots_run_close", TimeDomain.WATERMARK)
 
     def __init__(self, rules: BotRules, session_gap_s: float, lateness_s: float):
@@ -310,8 +334,13 @@ class _UserRunsStreamingFn(_JudgeFn):
     def _close_at(self, lo: int, hi: int) -> int:
         return run_closes_at(lo, hi, self._unit_gap_ms, self._cap_ms) + self._lateness_ms
 
-    def process(self, keyed, events=beam.DoFn.StateParam(EVENTS), span=beam.DoFn.StateParam(SPAN),
-                close=beam.DoFn.TimerParam(CLOSE)):
+    def process(
+        self,
+        keyed,
+        events=beam.DoFn.StateParam(EVENTS),
+        span=beam.DoFn.StateParam(SPAN),
+        close=beam.DoFn.TimerParam(CLOSE),
+    ):
         _, e = keyed
         t = e["event_time"]
         lo, hi, n = span.read() or (t, t, 0)
@@ -328,9 +357,14 @@ class _UserRunsStreamingFn(_JudgeFn):
         close.set(Timestamp(micros=self._close_at(lo, hi) * 1000))
 
     @on_timer(CLOSE)
-    def _on_close(self, fire=beam.DoFn.TimestampParam, events=beam.DoFn.StateParam(EVENTS),
-                  span=beam.DoFn.StateParam(SPAN), close=beam.DoFn.TimerParam(CLOSE)):
-        horizon = fire.micros // 1000 - self._lateness_ms   # every not-too-late event before this has arrived
+    def _on_close(
+        self,
+        fire=beam.DoFn.TimestampParam,
+        events=beam.DoFn.StateParam(EVENTS),
+        span=beam.DoFn.StateParam(SPAN),
+        close=beam.DoFn.TimerParam(CLOSE),
+    ):
+        horizon = fire.micros // 1000 - self._lateness_ms  # every not-too-late event before this has arrived
         ordered = sorted(events.read(), key=_order)
         if not ordered:
             return
@@ -338,7 +372,7 @@ class _UserRunsStreamingFn(_JudgeFn):
         done = 0
         for unit in units:
             if run_closes_at(unit[0]["event_time"], unit[-1]["event_time"], self._unit_gap_ms, self._cap_ms) > horizon:
-                break       # still open; so is every later run
+                break  # still open; so is every later run
             done += 1
         yield from self._judge_units(units[:done])
         events.clear()
@@ -361,10 +395,12 @@ class FilterBots(beam.PTransform):
     run's first event); see the module docstring. Streaming output is behind the watermark by up to
     max_run_duration + lateness (`output_delay_s`); downstream windows allow that.
     """
+
     BOTS = "bots"
 
-    def __init__(self, rules: BotRules, streaming: bool = False, session_gap_s: float = 1800.0,
-                 lateness_s: float = 3600.0):
+    def __init__(
+        self, rules: BotRules, streaming: bool = False, session_gap_s: float = 1800.0, lateness_s: float = 3600.0
+    ):
         super().__init__()
         if rules.max_events_per_minute <= 0:
             raise ValueError("max_events_per_minute must be > 0")
@@ -381,16 +417,20 @@ class FilterBots(beam.PTransform):
 
     def expand(self, events):
         crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
-            self.BOTS, main="rest")
+            self.BOTS, main="rest"
+        )
         keyed = crawler.rest | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
         if self._streaming:
-            judged = keyed | "JudgeOpenRuns" >> beam.ParDo(_UserRunsStreamingFn(
-                self._rules, self._session_gap_s, self._lateness_s)).with_outputs(self.BOTS, main="humans")
+            judged = keyed | "JudgeOpenRuns" >> beam.ParDo(
+                _UserRunsStreamingFn(self._rules, self._session_gap_s, self._lateness_s)
+            ).with_outputs(self.BOTS, main="humans")
         else:
-            judged = (keyed
-                      | "GroupUser" >> beam.GroupByKey()
-                      | "JudgeRunsAndSessionize" >> beam.ParDo(_UserRunsBatchFn(
-                          self._rules, self._session_gap_s)).with_outputs(self.BOTS, main="humans"))
+            judged = (
+                keyed
+                | "GroupUser" >> beam.GroupByKey()
+                | "JudgeRunsAndSessionize"
+                >> beam.ParDo(_UserRunsBatchFn(self._rules, self._session_gap_s)).with_outputs(self.BOTS, main="humans")
+            )
         humans = judged.humans | "HumansGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         run_bots = judged[self.BOTS] | "RunBotsGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         bots = (crawler[self.BOTS], run_bots) | "AllBots" >> beam.Flatten()

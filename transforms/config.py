@@ -4,6 +4,7 @@ The YAML file maps onto the frozen pydantic models below. Unknown keys, wrong ty
 stop the job at start-up with the key path, what was given and what is allowed. Workers never read
 the file: transforms receive the (picklable) models or plain values taken from them.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,12 +38,14 @@ class ValidationConfig(_Section):
     min_event_time: str = Field("2000-01-01T00:00:00+00:00", description="Earliest plausible event time (ISO-8601).")
     max_clock_skew: Duration = Field(86400.0, description="How far in the future (vs job start) an event may be.")
     naive_timestamps: Literal["reject", "utc"] = Field(
-        "reject", description="An ISO time without offset: reject it, or read it as UTC.")
+        "reject", description="An ISO time without offset: reject it, or read it as UTC."
+    )
 
     @field_validator("min_event_time")
     @classmethod
     def _iso_time(cls, v):
         from transforms.parse import parse_event_time
+
         try:
             parse_event_time(v, naive_as_utc=False)
         except (ValueError, TypeError) as e:
@@ -63,7 +66,10 @@ class PrivacyConfig(_Section):
     key_env: str = Field("FEEDBACK_HMAC_KEY", description="Environment variable holding the HMAC key.")
     key_file: Optional[str] = Field(None, description="File holding the HMAC key (e.g. a mounted secret).")
     allow_demo_key: StrictBool = Field(False, description="Use a built-in key when none is set. Local demos only.")
-    pseudonymise_fields: tuple[Literal["user_id", "session_id", "request_id", "item_id"], ...] = ("user_id", "session_id")
+    pseudonymise_fields: tuple[Literal["user_id", "session_id", "request_id", "item_id"], ...] = (
+        "user_id",
+        "session_id",
+    )
     ipv4_prefix: int = Field(24, ge=0, le=32)
     ipv6_prefix: int = Field(48, ge=0, le=128)
 
@@ -80,7 +86,9 @@ class EnrichmentConfig(_Section):
 
 
 class DedupeConfig(_Section):
-    horizon: PositiveDuration = Field(86400.0, description="Copies of an event_id this close in event time are duplicates.")
+    horizon: PositiveDuration = Field(
+        86400.0, description="Copies of an event_id this close in event time are duplicates."
+    )
 
     @field_validator("horizon")
     @classmethod
@@ -96,21 +104,32 @@ class BotConfig(_Section):
     session_gap: Duration = Field(600.0, description="Inactivity gap that ends a user's activity run.")
     max_events_per_minute: int = Field(120, ge=1)
     sustained_minutes: int = Field(2, ge=1, description="Consecutive minutes above the rate that flag a run.")
-    min_click_latency_ms: int = Field(200, ge=0, description="A click faster than this after its impression is superhuman.")
+    min_click_latency_ms: int = Field(
+        200, ge=0, description="A click faster than this after its impression is superhuman."
+    )
     min_superhuman_clicks: int = Field(3, ge=1, description="Superhuman clicks in one run that flag it.")
-    cadence_max_cv: float = Field(0.2, gt=0, description="machine_cadence: a run whose inter-event intervals have a "
-                                                         "coefficient of variation below this is machine-steady.")
+    cadence_max_cv: float = Field(
+        0.2,
+        gt=0,
+        description="machine_cadence: a run whose inter-event intervals have a "
+        "coefficient of variation below this is machine-steady.",
+    )
     cadence_min_events: int = Field(60, ge=3, description="machine_cadence: events a run needs to be judged.")
     cadence_min_rate_per_s: float = Field(0.5, gt=0, description="machine_cadence: mean events/s a run needs.")
     cadence_min_duration: Duration = Field(120.0, description="machine_cadence: event-time span a run needs.")
     max_run_duration: Duration = Field(
-        7200.0, description="A user's activity run (and session) is cut this long after its first event, so a "
-                            "streaming job holds a bounded run in state; batch cuts the same way. Bounds how far "
-                            "behind the watermark judged events are (max_run_duration + time.lateness).")
+        7200.0,
+        description="A user's activity run (and session) is cut this long after its first event, so a "
+        "streaming job holds a bounded run in state; batch cuts the same way. Bounds how far "
+        "behind the watermark judged events are (max_run_duration + time.lateness).",
+    )
     max_user_events: int = Field(
-        100_000, ge=1000, description="Bound for huge users: a user with more events than this (batch: in the "
-                                      "input; streaming: in one open run) is flagged sustained_rate by volume, "
-                                      "without sorting its events.")
+        100_000,
+        ge=1000,
+        description="Bound for huge users: a user with more events than this (batch: in the "
+        "input; streaming: in one open run) is flagged sustained_rate by volume, "
+        "without sorting its events.",
+    )
 
     @field_validator("extra_crawler_patterns")
     @classmethod
@@ -137,13 +156,20 @@ class BotConfig(_Section):
 
 
 class TimeConfig(_Section):
-    lateness: PositiveDuration = Field(3600.0, description="An event arriving more than this after its event time is too_late.")
+    lateness: PositiveDuration = Field(
+        3600.0, description="An event arriving more than this after its event time is too_late."
+    )
     arrival_field: Optional[str] = Field(
-        None, description="Batch input: top-level field holding the arrival time (an envelope field, removed "
-                          "before validation). Streaming uses the Pub/Sub publish time.")
+        None,
+        description="Batch input: top-level field holding the arrival time (an envelope field, removed "
+        "before validation). Streaming uses the Pub/Sub publish time.",
+    )
     event_time_attribute: Optional[str] = Field(
-        None, description="Streaming: Pub/Sub attribute holding the event time (default: the event_time field).")
-    early_firing: Optional[PositiveDuration] = Field(None, description="Early panes every N seconds of processing time.")
+        None, description="Streaming: Pub/Sub attribute holding the event time (default: the event_time field)."
+    )
+    early_firing: Optional[PositiveDuration] = Field(
+        None, description="Early panes every N seconds of processing time."
+    )
     late_firings: StrictBool = True
     accumulation: Literal["accumulating", "discarding"] = "accumulating"
     output_window: "WindowSpec" = Field(default_factory=lambda: WindowSpec(), description="Windows of file outputs.")
@@ -174,29 +200,37 @@ class WindowSpec(_Section):
 
 
 class SessionConfig(_Section):
-    gap: PositiveDuration = Field(1800.0, description="Inactivity gap that ends a session (session_id assigned where missing).")
+    gap: PositiveDuration = Field(
+        1800.0, description="Inactivity gap that ends a session (session_id assigned where missing)."
+    )
     split_every: PositiveDuration = Field(
-        3600.0, description="Sessions and bot runs are also cut at these fixed event-time boundaries, so a streaming "
-                            "job can close them (like analytics tools' midnight split).")
+        3600.0,
+        description="Sessions and bot runs are also cut at these fixed event-time boundaries, so a streaming "
+        "job can close them (like analytics tools' midnight split).",
+    )
 
 
 class LabelsConfig(_Section):
     window: PositiveDuration = Field(1800.0, description="Attribution window after the impression.")
-    clock_skew: Duration = Field(5.0, description="An outcome with the exposure's request_id may precede it by this much.")
+    clock_skew: Duration = Field(
+        5.0, description="An outcome with the exposure's request_id may precede it by this much."
+    )
     outcome_types: tuple[str, ...] = ("click", "view", "dwell", "add_to_cart", "purchase", "skip")
     positive: dict[str, float] = Field(default_factory=lambda: {"purchase": 5.0, "add_to_cart": 3.0, "click": 1.0})
     negative: dict[str, float] = Field(default_factory=lambda: {"skip": 1.0})
     default_negative_weight: float = Field(1.0, ge=0)
     min_click_dwell_ms: int = Field(0, ge=0, description="A click with less dwell than this is not a positive.")
     position_weights: Optional[str] = Field(
-        None, description="position_weights.json (python -m pipelines.evaluate): positive labels' weight is "
-                          "multiplied by the inverse examination propensity of their position.")
+        None,
+        description="position_weights.json (python -m pipelines.evaluate): positive labels' weight is "
+        "multiplied by the inverse examination propensity of their position.",
+    )
 
     @field_validator("position_weights")
     @classmethod
     def _weights_readable(cls, v):
         if v is not None:
-            load_position_weights(v)   # ValueError names the file and the bad entry
+            load_position_weights(v)  # ValueError names the file and the bad entry
         return v
 
     @model_validator(mode="after")
@@ -228,8 +262,9 @@ class JobConfig(_Section):
     online_store: Optional[OnlineStoreConfig] = Field(None, description="Redis for online features (streaming).")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="SLO gates and drift.")
     output: OutputConfig = OutputConfig()
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig,
-                                         description="pipelines.evaluate: OPE, position bias, experiments, cold start.")
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="pipelines.evaluate: OPE, position bias, experiments, cold start."
+    )
     # Where the file was read from; relative paths inside it resolve against this folder.
     base_dir: str = Field(".", exclude=True)
 
@@ -300,7 +335,9 @@ def config_from_dict(data: dict, source: str = "<dict>", base_dir: str = ".") ->
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"invalid configuration in {source}: the top level must be a mapping, got {type(data).__name__}"
+        )
     try:
         return JobConfig.model_validate({**data, "base_dir": base_dir})
     except pydantic.ValidationError as e:
@@ -317,4 +354,3 @@ def load_config(path: str) -> JobConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     return config_from_dict(data, source=str(path), base_dir=str(p.parent.resolve()))
-

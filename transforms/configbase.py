@@ -3,6 +3,7 @@
 Kept apart from transforms/config.py so that modules defining their own sections (features, online
 store, quality) can import these without importing the whole job config (which imports them back).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,8 @@ def parse_duration(value) -> float:
         if m:
             return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     raise ValueError(
-        f"{value!r} is not a duration: use a number of seconds or a string like '250ms', '90s', '30m', '24h', '7d'")
+        f"{value!r} is not a duration: use a number of seconds or a string like '250ms', '90s', '30m', '24h', '7d'"
+    )
 
 
 def _positive(seconds: float) -> float:
@@ -47,8 +49,7 @@ PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValida
 
 
 def _is_bool_field(annotation) -> bool:
-    return annotation is bool or (typing.get_origin(annotation) is typing.Union
-                                  and bool in typing.get_args(annotation))
+    return annotation is bool or (typing.get_origin(annotation) is typing.Union and bool in typing.get_args(annotation))
 
 
 class _Section(BaseModel):
@@ -63,8 +64,9 @@ class _Section(BaseModel):
         applied here once so that a section added later cannot forget it. A non-boolean is swapped for
         a value no bool validator accepts, so the error still names the key path."""
         if isinstance(data, dict):
-            bool_keys = {k for name, f in cls.model_fields.items() if _is_bool_field(f.annotation)
-                         for k in (name, f.alias) if k}
+            bool_keys = {
+                k for name, f in cls.model_fields.items() if _is_bool_field(f.annotation) for k in (name, f.alias) if k
+            }
             bad = {k for k in bool_keys & data.keys() if data[k] is not None and not isinstance(data[k], bool)}
             if bad:
                 data = {**data, **{k: _NotABool(data[k]) for k in bad}}

@@ -7,13 +7,32 @@ change cannot leave them disagreeing.
 REQUIRED_FIELDS = ("event_id", "event_type", "event_time", "user_id")
 
 OPTIONAL_FIELDS = (
-    "item_id", "request_id", "session_id", "position", "propensity", "policy",
-    "experiment_id", "variant", "dwell_ms", "value", "user_agent", "ip", "consent",
-    "context", "schema_version",
+    "item_id",
+    "request_id",
+    "session_id",
+    "position",
+    "propensity",
+    "policy",
+    "experiment_id",
+    "variant",
+    "dwell_ms",
+    "value",
+    "user_agent",
+    "ip",
+    "consent",
+    "context",
+    "schema_version",
 )
 
 DEFAULT_EVENT_TYPES = (
-    "impression", "click", "view", "dwell", "scroll", "skip", "add_to_cart", "purchase",
+    "impression",
+    "click",
+    "view",
+    "dwell",
+    "scroll",
+    "skip",
+    "add_to_cart",
+    "purchase",
 )
 
 # Dead-letter reason codes. Stable strings: dashboards and replay tooling key on them.
@@ -31,8 +50,18 @@ CORRUPT_FILE = "corrupt_file"
 TOO_LATE = "too_late"
 
 REASON_CODES = (
-    MALFORMED_JSON, BAD_ENCODING, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, BAD_TIMESTAMP,
-    UNKNOWN_EVENT_TYPE, OUT_OF_RANGE, OVERSIZE_PAYLOAD, SCHEMA_VIOLATION, CORRUPT_FILE, TOO_LATE,
+    MALFORMED_JSON,
+    BAD_ENCODING,
+    NOT_AN_OBJECT,
+    MISSING_FIELD,
+    WRONG_TYPE,
+    BAD_TIMESTAMP,
+    UNKNOWN_EVENT_TYPE,
+    OUT_OF_RANGE,
+    OVERSIZE_PAYLOAD,
+    SCHEMA_VIOLATION,
+    CORRUPT_FILE,
+    TOO_LATE,
 )
 
 # Where every input record ends up: exactly one of these per record.
@@ -42,8 +71,14 @@ OUTCOME_BOT = "bots"
 OUTCOME_DEAD_LETTER = "dead_letter"
 OUTCOME_CONSENT_DROPPED = "consent_dropped"
 OUTCOME_TOO_LATE = "too_late"
-OUTCOMES = (OUTCOME_VALID, OUTCOME_DUPLICATE, OUTCOME_BOT, OUTCOME_DEAD_LETTER, OUTCOME_CONSENT_DROPPED,
-            OUTCOME_TOO_LATE)
+OUTCOMES = (
+    OUTCOME_VALID,
+    OUTCOME_DUPLICATE,
+    OUTCOME_BOT,
+    OUTCOME_DEAD_LETTER,
+    OUTCOME_CONSENT_DROPPED,
+    OUTCOME_TOO_LATE,
+)
 
 # Bot rules (the `bot_rule` field of a flagged event).
 BOT_RULE_CRAWLER_UA = "crawler_user_agent"
@@ -59,14 +94,14 @@ COUNTER_EXPOSURES = "exposures"
 COUNTER_LABELS = "labels"
 COUNTER_LABELS_POSITIVE = "labels.positive"
 COUNTER_LABELS_NEGATIVE = "labels.negative"
-COUNTER_ORPHANS = "orphans"            # orphan outcomes (outputs.ORPHAN_OUTCOMES)
+COUNTER_ORPHANS = "orphans"  # orphan outcomes (outputs.ORPHAN_OUTCOMES)
 COUNTER_LATE_OUTCOMES = "late_outcomes"
 
 # Tags of multi-output steps, shared by the steps that emit them and the graph that reads them.
-TAG_EVENTS = "events"                  # DedupeEvents: first sightings
-TAG_HUMANS = "humans"                  # FilterBots: events judged human
-TAG_REST = "rest"                      # FilterBots: events routed on without judging
-TAG_LABELS = "labels"                  # JoinLabels: settled labels
+TAG_EVENTS = "events"  # DedupeEvents: first sightings
+TAG_HUMANS = "humans"  # FilterBots: events judged human
+TAG_REST = "rest"  # FilterBots: events routed on without judging
+TAG_LABELS = "labels"  # JoinLabels: settled labels
 
 # Prefix of every Beam metric namespace of the project (reports list the metrics under it).
 METRICS_PREFIX = "feedback."

@@ -1,4 +1,5 @@
 """The dead-letter record: why a record was rejected, where, and the payload itself (PII redacted)."""
+
 from __future__ import annotations
 
 import base64
@@ -64,6 +65,7 @@ def _pseudonymise_ids_in_text(text: str, redactor) -> str:
             value = literal
         redactor.note(field, str(value))
         return m.group(1) + '"' + redactor.pseudonym(field, str(value)) + '"'
+
     return _ID_IN_TEXT_RE.sub(one, text)
 
 
@@ -83,8 +85,9 @@ def _scrub(text: Optional[str], redactor) -> Optional[str]:
     return redactor.redact(text)
 
 
-def dead_letter(reason: str, field: Optional[str], message: str, stage: str,
-                payload: Union[bytes, dict], source: str, redactor) -> dict:
+def dead_letter(
+    reason: str, field: Optional[str], message: str, stage: str, payload: Union[bytes, dict], source: str, redactor
+) -> dict:
     """A dead-letter record.
 
     The payload is kept so a fixed pipeline can replay it, except that e-mail addresses, phone numbers

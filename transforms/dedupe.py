@@ -7,6 +7,7 @@ decision compares event times, so batch and streaming classify alike; the timer 
 Timer and state names carry a `dedupe_` prefix: timer names must be unique across a pipeline on
 FnApiRunner (see shared/BEAM-NOTES.md), and this DoFn must not clash with other stateful steps.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -56,8 +57,13 @@ class _DedupeFn(beam.DoFn):
         self._gc_delay = Duration(seconds=horizon_s + gc_delay_s)
         self._dups = Metrics.counter(METRICS_NS, "duplicates")
 
-    def process(self, element, kept=beam.DoFn.StateParam(KEPT_TIME), expiry=beam.DoFn.TimerParam(EXPIRY),
-                timestamp=beam.DoFn.TimestampParam):
+    def process(
+        self,
+        element,
+        kept=beam.DoFn.StateParam(KEPT_TIME),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+        timestamp=beam.DoFn.TimestampParam,
+    ):
         _, event = element
         t = event["event_time"]
         if is_duplicate(kept.read(), t, self._horizon_ms):
@@ -98,6 +104,7 @@ class DedupeEvents(beam.PTransform):
     ran at ~300 keys/s against ~10k/s for the grouping (benchmarks/RESULTS.md), and with bounded input
     every copy is known before anything is emitted anyway.
     """
+
     DUPLICATES = "duplicates"
 
     def __init__(self, horizon_s: float, allowed_lateness_s: float = 0.0, streaming: bool = False):
@@ -112,8 +119,10 @@ class DedupeEvents(beam.PTransform):
         keyed = events | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, dict])
         if self._streaming:
             return keyed | "DropRepeats" >> beam.ParDo(_DedupeFn(self._horizon_s, self._lateness_s)).with_outputs(
-                self.DUPLICATES, main="events")
-        return (keyed
-                | "GroupCopies" >> beam.GroupByKey()
-                | "SplitCopies" >> beam.ParDo(_SplitCopiesFn(self._horizon_s)).with_outputs(
-                    self.DUPLICATES, main="events"))
+                self.DUPLICATES, main="events"
+            )
+        return (
+            keyed
+            | "GroupCopies" >> beam.GroupByKey()
+            | "SplitCopies" >> beam.ParDo(_SplitCopiesFn(self._horizon_s)).with_outputs(self.DUPLICATES, main="events")
+        )

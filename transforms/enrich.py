@@ -4,6 +4,7 @@ User agents are parsed by `ua-parser` (the maintained uap-core rules, with its R
 device class is derived from its result. Metadata tables are side inputs read from CSV, JSONL or
 Avro files. A missing lookup is a counted default (None), never an error.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,16 +27,56 @@ from transforms.privacy import KeySource, Pseudonymiser
 
 METRICS_NS = "feedback.enrich"
 
-DESKTOP_OS = frozenset({"Windows", "Mac OS X", "macOS", "Linux", "Ubuntu", "Chrome OS", "Fedora", "Debian",
-                        "FreeBSD", "OpenBSD", "NetBSD", "Solaris", "Mint", "Arch Linux", "Gentoo", "openSUSE",
-                        "Red Hat", "Kubuntu", "Windows NT", "Windows XP", "Windows 7", "Windows 8", "Windows 10"})
-MOBILE_OS = frozenset({"iOS", "Android", "Windows Phone", "BlackBerry OS", "KaiOS", "Firefox OS", "Symbian OS",
-                       "HarmonyOS", "Tizen", "Sailfish"})
-_TV_RE = re.compile(r"smart-?tv|\bTV\b|GoogleTV|AppleTV|Apple TV|CrKey|BRAVIA|HbbTV|Web0S|webOS.TV|Roku|AFT[A-Z]|"
-                    r"NetCast|Viera|AndroidTV|Android TV", re.IGNORECASE)
+DESKTOP_OS = frozenset(
+    {
+        "Windows",
+        "Mac OS X",
+        "macOS",
+        "Linux",
+        "Ubuntu",
+        "Chrome OS",
+        "Fedora",
+        "Debian",
+        "FreeBSD",
+        "OpenBSD",
+        "NetBSD",
+        "Solaris",
+        "Mint",
+        "Arch Linux",
+        "Gentoo",
+        "openSUSE",
+        "Red Hat",
+        "Kubuntu",
+        "Windows NT",
+        "Windows XP",
+        "Windows 7",
+        "Windows 8",
+        "Windows 10",
+    }
+)
+MOBILE_OS = frozenset(
+    {
+        "iOS",
+        "Android",
+        "Windows Phone",
+        "BlackBerry OS",
+        "KaiOS",
+        "Firefox OS",
+        "Symbian OS",
+        "HarmonyOS",
+        "Tizen",
+        "Sailfish",
+    }
+)
+_TV_RE = re.compile(
+    r"smart-?tv|\bTV\b|GoogleTV|AppleTV|Apple TV|CrKey|BRAVIA|HbbTV|Web0S|webOS.TV|Roku|AFT[A-Z]|"
+    r"NetCast|Viera|AndroidTV|Android TV",
+    re.IGNORECASE,
+)
 _CONSOLE_RE = re.compile(r"PlayStation|Xbox|Nintendo|Nintendo Switch", re.IGNORECASE)
-_TABLET_RE = re.compile(r"iPad|Tablet|Kindle|Silk/|PlayBook|Nexus (7|9|10)\b|SM-T\d|SM-X\d|Tab\b|Lenovo TB|MediaPad",
-                        re.IGNORECASE)
+_TABLET_RE = re.compile(
+    r"iPad|Tablet|Kindle|Silk/|PlayBook|Nexus (7|9|10)\b|SM-T\d|SM-X\d|Tab\b|Lenovo TB|MediaPad", re.IGNORECASE
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +85,7 @@ class Device:
     browser_version: str | None
     os: str | None
     os_version: str | None
-    device_class: str      # desktop | mobile | tablet | tv | console | bot | unknown
+    device_class: str  # desktop | mobile | tablet | tv | console | bot | unknown
 
 
 def classify_device(ua: str | None) -> Device:
@@ -84,6 +125,7 @@ def _classify_cached(ua: str) -> Device:
 
 
 # --- metadata tables --------------------------------------------------------------------------
+
 
 def read_table_rows(path: str, data: bytes) -> Iterable[dict]:
     """Rows of one metadata file, by extension: .csv, .jsonl/.json (one object per line), .avro."""
@@ -150,10 +192,12 @@ class ReadMetadataTable(beam.PTransform):
         self._path, self._key, self._domain, self._key_source = path, key, pseudonym_domain, key_source
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[tuple[str, dict]]:
-        return (pbegin
-                | "Match" >> fileio.MatchFiles(self._path)
-                | "Open" >> fileio.ReadMatches()
-                | "Rows" >> beam.ParDo(_TableRowsFn(self._key, self._domain, self._key_source)))
+        return (
+            pbegin
+            | "Match" >> fileio.MatchFiles(self._path)
+            | "Open" >> fileio.ReadMatches()
+            | "Rows" >> beam.ParDo(_TableRowsFn(self._key, self._domain, self._key_source))
+        )
 
 
 # --- the transform ----------------------------------------------------------------------------
@@ -165,8 +209,13 @@ def enrich_event(event: dict, tables: dict) -> tuple[dict, list[str]]:
     """Adds device fields and metadata maps. Returns the new event and the lookups that missed."""
     out = dict(event)
     d = classify_device(event.get("user_agent"))
-    out.update(browser=d.browser, browser_version=d.browser_version, os=d.os, os_version=d.os_version,
-               device_class=d.device_class)
+    out.update(
+        browser=d.browser,
+        browser_version=d.browser_version,
+        os=d.os,
+        os_version=d.os_version,
+        device_class=d.device_class,
+    )
     missed = []
     for name, field in LOOKUPS:
         table = tables.get(name)

@@ -21,6 +21,7 @@ replicate, which obp does not do).
 Chi-square tail probabilities use the regularised upper incomplete gamma function written out below
 (scipy is not a dependency of this project; the series / continued fraction are the textbook ones).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -35,11 +36,29 @@ from pydantic import Field, field_validator, model_validator
 from transforms.configbase import Duration, _Section
 
 __all__ = [
-    "OpeConfig", "ExperimentConfig", "ExperimentsConfig", "ColdStartConfig", "PositionBiasConfig",
-    "EvaluationConfig", "PolicyTables", "load_policy_tables", "exposure_terms", "request_sums",
-    "ope_estimates", "chi2_sf", "srm_check", "ratio_stats", "experiment_readout", "gini", "top_share",
-    "cold_start_buckets", "position_curve_randomised", "position_curve_em", "position_weights_table",
-    "evaluation_slos", "is_randomised_slate",
+    "OpeConfig",
+    "ExperimentConfig",
+    "ExperimentsConfig",
+    "ColdStartConfig",
+    "PositionBiasConfig",
+    "EvaluationConfig",
+    "PolicyTables",
+    "load_policy_tables",
+    "exposure_terms",
+    "request_sums",
+    "ope_estimates",
+    "chi2_sf",
+    "srm_check",
+    "ratio_stats",
+    "experiment_readout",
+    "gini",
+    "top_share",
+    "cold_start_buckets",
+    "position_curve_randomised",
+    "position_curve_em",
+    "position_weights_table",
+    "evaluation_slos",
+    "is_randomised_slate",
 ]
 
 BUILTIN_POLICIES = ("uniform", "logged")
@@ -48,25 +67,33 @@ CLICK = "click"
 
 # --- configuration ---------------------------------------------------------------------------
 
+
 class OpeConfig(_Section):
     target_policy: str = Field(
-        "logged", description="'uniform', 'logged' or a JSON/JSONL file of {item_id, probability[, position]"
-                              "[, request_id | context]} rows (relative to the config file).")
+        "logged",
+        description="'uniform', 'logged' or a JSON/JSONL file of {item_id, probability[, position]"
+        "[, request_id | context]} rows (relative to the config file).",
+    )
     reward: Literal["click", "weighted"] = Field(
-        "click", description="click: the label (0/1); weighted: label x weight (purchase 5, add_to_cart 3, ...).")
+        "click", description="click: the label (0/1); weighted: label x weight (purchase 5, add_to_cart 3, ...)."
+    )
     reward_model: Optional[str] = Field(
-        None, description="JSON/JSONL file of {item_id, reward[, position][, request_id | context]} rows: the "
-                          "reward model table for the direct method and doubly robust.")
+        None,
+        description="JSON/JSONL file of {item_id, reward[, position][, request_id | context]} rows: the "
+        "reward model table for the direct method and doubly robust.",
+    )
     default_reward: float = Field(0.0, description="qhat of an item the reward table does not list.")
     context_fields: tuple[str, ...] = Field(
-        (), description="Label fields whose values form the context key of `context` rows, e.g. [device_class].")
+        (), description="Label fields whose values form the context key of `context` rows, e.g. [device_class]."
+    )
     n_actions: Optional[int] = Field(None, ge=1, description="Size of the action set (catalogue); needed by 'uniform'.")
     clip: Optional[float] = Field(None, gt=0, description="Importance weights are capped at this (null: no clipping).")
     bootstrap_samples: int = Field(1000, ge=0, description="Bootstrap replicates (0: no intervals).")
     confidence: float = Field(0.95, gt=0, lt=1)
     seed: int = Field(12345, description="Bootstrap seed: the same inputs give the same intervals.")
     min_ess_share: Optional[float] = Field(
-        None, ge=0, le=1, description="SLO: effective sample size / exposures at least this (null: off).")
+        None, ge=0, le=1, description="SLO: effective sample size / exposures at least this (null: off)."
+    )
 
     @model_validator(mode="after")
     def _uniform_needs_actions(self):
@@ -94,10 +121,12 @@ class ExperimentConfig(_Section):
 class ExperimentsConfig(_Section):
     control: str = Field("control", description="Name of the control variant (each experiment may override it).")
     unit: Literal["user", "request"] = Field(
-        "user", description="Randomisation unit: the SRM check counts these and the delta method clusters on them.")
+        "user", description="Randomisation unit: the SRM check counts these and the delta method clusters on them."
+    )
     conversion_types: tuple[str, ...] = Field(("purchase",), description="Outcome types that count as a conversion.")
     srm_alpha: Optional[float] = Field(
-        0.001, gt=0, lt=1, description="SLO: the SRM chi-square p-value below this fails the gate (null: off).")
+        0.001, gt=0, lt=1, description="SLO: the SRM chi-square p-value below this fails the gate (null: off)."
+    )
     confidence: float = Field(0.95, gt=0, lt=1)
     experiments: dict[str, ExperimentConfig] = Field(default_factory=dict, description="Per experiment_id.")
 
@@ -106,10 +135,12 @@ class ColdStartConfig(_Section):
     new_item_age: Duration = Field(7 * 86400.0, description="An item first seen this recently is new.")
     bucket: Duration = Field(86400.0, description="Time buckets of the trend (by impression time).")
     new_exposure_share_min: Optional[float] = Field(
-        None, ge=0, le=1, description="SLO: share of exposures going to new items at least this (null: off).")
+        None, ge=0, le=1, description="SLO: share of exposures going to new items at least this (null: off)."
+    )
     gini_max: Optional[float] = Field(None, ge=0, le=1, description="SLO: item-exposure Gini per bucket at most this.")
     top1pct_share_max: Optional[float] = Field(
-        None, ge=0, le=1, description="SLO: exposure share of the top 1% of items per bucket at most this.")
+        None, ge=0, le=1, description="SLO: exposure share of the top 1% of items per bucket at most this."
+    )
 
     @model_validator(mode="after")
     def _positive(self):
@@ -120,10 +151,13 @@ class ColdStartConfig(_Section):
 
 class PositionBiasConfig(_Section):
     method: Literal["auto", "randomised", "em"] = Field(
-        "auto", description="auto: randomised traffic when there is enough of it, else the EM click model.")
+        "auto", description="auto: randomised traffic when there is enough of it, else the EM click model."
+    )
     randomised_policies: tuple[str, ...] = Field(
-        (), description="Policies known to place items uniformly at random (besides slates whose propensities "
-                        "are all 1/n_items).")
+        (),
+        description="Policies known to place items uniformly at random (besides slates whose propensities "
+        "are all 1/n_items).",
+    )
     min_randomised_exposures: int = Field(1000, ge=1)
     max_position: int = Field(20, ge=1, description="Positions beyond this share its estimate.")
     max_weight: float = Field(20.0, ge=1, description="Inverse-propensity weights are capped at this.")
@@ -140,16 +174,18 @@ class EvaluationConfig(_Section):
 
 # --- target policy and reward tables ---------------------------------------------------------
 
+
 def _read_bytes(path: str) -> bytes:
     """A local path or any URL Beam's FileSystems reads (gs://, s3://, ...)."""
     if "://" not in path:
         with open(path, "rb") as f:
             return f.read()
     from apache_beam.io.filesystems import FileSystems
+
     try:
         with FileSystems.open(path) as f:
             return f.read()
-    except Exception as e:   # Beam wraps the filesystem's own errors in several types
+    except Exception as e:  # Beam wraps the filesystem's own errors in several types
         raise OSError(2, str(e)) from None
 
 
@@ -157,8 +193,10 @@ def _read_rows(path: str, what: str) -> list[dict]:
     try:
         text = _read_bytes(path).decode("utf-8")
     except OSError as e:
-        raise ValueError(f"{what} {path}: cannot read it ({e.strerror}); name an existing JSON/JSONL file"
-                         + (" or a built-in (uniform, logged)" if what == "target policy" else "")) from None
+        raise ValueError(
+            f"{what} {path}: cannot read it ({e.strerror}); name an existing JSON/JSONL file"
+            + (" or a built-in (uniform, logged)" if what == "target policy" else "")
+        ) from None
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
@@ -184,8 +222,10 @@ def _scope(row: dict, context_fields: Sequence[str], what: str, i: int) -> tuple
     if row.get("context") is not None:
         ctx = row["context"]
         if not isinstance(ctx, dict) or set(ctx) != set(context_fields):
-            raise ValueError(f"{what} row {i}: context must name exactly the fields {list(context_fields)} "
-                             f"(evaluation.ope.context_fields), got {ctx!r}")
+            raise ValueError(
+                f"{what} row {i}: context must name exactly the fields {list(context_fields)} "
+                f"(evaluation.ope.context_fields), got {ctx!r}"
+            )
         return ("context", tuple(str(ctx[f]) if ctx[f] is not None else None for f in context_fields), pos)
     return ("all", None, pos)
 
@@ -198,11 +238,18 @@ class PolicyTables:
     has defines the whole distribution there (items it does not list have probability 0).
     """
 
-    def __init__(self, target: str, policy: Optional[dict], rewards: Optional[dict], context_fields: Sequence[str],
-                 n_actions: Optional[int], default_reward: float):
+    def __init__(
+        self,
+        target: str,
+        policy: Optional[dict],
+        rewards: Optional[dict],
+        context_fields: Sequence[str],
+        n_actions: Optional[int],
+        default_reward: float,
+    ):
         self.target = target
-        self.policy = policy            # scope -> {item: probability}
-        self.rewards = rewards          # scope -> {item: qhat}
+        self.policy = policy  # scope -> {item: probability}
+        self.rewards = rewards  # scope -> {item: qhat}
         self.context_fields = tuple(context_fields)
         self.n_actions = n_actions
         self.default_reward = default_reward
@@ -287,18 +334,20 @@ def exposure_terms(label: dict, tables: PolicyTables, reward_kind: str, clip: Op
     r = label_reward(label, reward_kind)
     q_factual = tables.qhat(label, item)
     if tables.target == "logged":
-        pi, q_target = p, q_factual   # pi_e = pi_b: w = 1; E_pi_b[qhat] taken at the logged action
+        pi, q_target = p, q_factual  # pi_e = pi_b: w = 1; E_pi_b[qhat] taken at the logged action
     elif tables.target == "uniform":
         pi = 1.0 / tables.n_actions
         listed = tables.qhat_items(label)
-        q_target = (math.fsum(listed.values()) + (tables.n_actions - len(listed)) * tables.default_reward) \
-            / tables.n_actions
+        q_target = (
+            math.fsum(listed.values()) + (tables.n_actions - len(listed)) * tables.default_reward
+        ) / tables.n_actions
     else:
         dist = tables.distribution(label) or {}
         pi = dist.get(item, 0.0)
         weight_sum = math.fsum(dist.values())
-        q_target = (math.fsum(prob * tables.qhat(label, a) for a, prob in dist.items()) / weight_sum
-                    if weight_sum > 0 else 0.0)
+        q_target = (
+            math.fsum(prob * tables.qhat(label, a) for a, prob in dist.items()) / weight_sum if weight_sum > 0 else 0.0
+        )
     w_raw = pi / p
     w = min(w_raw, clip) if clip is not None else w_raw
     return {"r": r, "w_raw": w_raw, "w": w, "q_factual": q_factual, "q_target": q_target}
@@ -329,8 +378,13 @@ def _estimates(s: np.ndarray) -> dict:
     return {"ips": wr / n, "snips": wr / w if w > 0 else float("nan"), "dm": dm / n, "dr": dr / n}
 
 
-def ope_estimates(rows: Sequence[tuple], bootstrap_samples: int = 1000, confidence: float = 0.95,
-                  seed: int = 12345, has_reward_model: bool = False) -> dict:
+def ope_estimates(
+    rows: Sequence[tuple],
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 12345,
+    has_reward_model: bool = False,
+) -> dict:
     """Per-request rows (sorted by request id) -> estimates, bootstrap intervals and weight diagnostics."""
     if not rows:
         return {"exposures": 0, "requests": 0, "estimates": {}, "diagnostics": {}}
@@ -340,8 +394,12 @@ def ope_estimates(rows: Sequence[tuple], bootstrap_samples: int = 1000, confiden
     n, w, w2 = sums[0], sums[2], sums[3]
     point = {m: (None if math.isnan(v) else float(v)) for m, v in _estimates(sums).items()}
     methods = ["ips", "snips", "dm", "dr"] if has_reward_model else ["ips", "snips"]
-    out = {"exposures": int(n), "requests": len(rows), "on_policy_mean": sums[1] / n,
-           "estimates": {m: {"value": point[m]} for m in methods}}
+    out = {
+        "exposures": int(n),
+        "requests": len(rows),
+        "on_policy_mean": sums[1] / n,
+        "estimates": {m: {"value": point[m]} for m in methods},
+    }
     if bootstrap_samples:
         rs = np.random.RandomState(seed)
         reps = {m: np.empty(bootstrap_samples) for m in methods}
@@ -354,28 +412,31 @@ def ope_estimates(rows: Sequence[tuple], bootstrap_samples: int = 1000, confiden
                 reps[m][b] = est[m]
         alpha = 1 - confidence
         for m in methods:
-            if np.isnan(reps[m]).all():   # SNIPS with every weight 0
+            if np.isnan(reps[m]).all():  # SNIPS with every weight 0
                 out["estimates"][m].update(ci_low=None, ci_high=None, bootstrap_mean=None)
                 continue
             lo, hi = np.nanpercentile(reps[m], [100 * alpha / 2, 100 * (1 - alpha / 2)])
             out["estimates"][m].update(ci_low=float(lo), ci_high=float(hi), bootstrap_mean=float(np.nanmean(reps[m])))
-        out["bootstrap"] = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed,
-                            "unit": "request"}
-    out["diagnostics"] = {"ess": float(w * w / w2) if w2 > 0 else 0.0,
-                          "ess_share": float(w * w / w2 / n) if w2 > 0 else 0.0,
-                          "max_weight": float(a[:, 7].max()), "mean_weight": float(w / n),
-                          "clipped_exposures": int(a[:, 8].sum())}
+        out["bootstrap"] = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed, "unit": "request"}
+    out["diagnostics"] = {
+        "ess": float(w * w / w2) if w2 > 0 else 0.0,
+        "ess_share": float(w * w / w2 / n) if w2 > 0 else 0.0,
+        "max_weight": float(a[:, 7].max()),
+        "mean_weight": float(w / n),
+        "clipped_exposures": int(a[:, 8].sum()),
+    }
     return out
 
 
 # --- chi-square ------------------------------------------------------------------------------
+
 
 def _gamma_q(s: float, x: float) -> float:
     """Regularised upper incomplete gamma Q(s, x)."""
     if x <= 0:
         return 1.0
     lg = math.lgamma(s)
-    if x < s + 1:   # series for P, then Q = 1 - P
+    if x < s + 1:  # series for P, then Q = 1 - P
         term = total = 1.0 / s
         ap = s
         for _ in range(10_000):
@@ -417,16 +478,37 @@ def srm_check(counts: dict, split: dict, alpha: Optional[float]) -> dict:
     """Sample-ratio mismatch: observed units per variant vs the configured split (Pearson chi-square)."""
     unexpected = sorted(set(counts) - set(split))
     total = sum(counts.get(v, 0) for v in split)
-    rows = {v: {"observed": counts.get(v, 0), "expected": total * share, "share": share,
-                "observed_share": counts.get(v, 0) / total if total else None} for v, share in split.items()}
+    rows = {
+        v: {
+            "observed": counts.get(v, 0),
+            "expected": total * share,
+            "share": share,
+            "observed_share": counts.get(v, 0) / total if total else None,
+        }
+        for v, share in split.items()
+    }
     if total == 0:
-        return {"variants": rows, "chi2": None, "df": len(split) - 1, "p_value": None, "unexpected": unexpected,
-                "ok": None, "alpha": alpha}
+        return {
+            "variants": rows,
+            "chi2": None,
+            "df": len(split) - 1,
+            "p_value": None,
+            "unexpected": unexpected,
+            "ok": None,
+            "alpha": alpha,
+        }
     chi2 = math.fsum((r["observed"] - r["expected"]) ** 2 / r["expected"] for r in rows.values())
     p = chi2_sf(chi2, len(split) - 1)
     ok = None if alpha is None else (p >= alpha and not unexpected)
-    return {"variants": rows, "chi2": chi2, "df": len(split) - 1, "p_value": p, "unexpected": unexpected,
-            "ok": ok, "alpha": alpha}
+    return {
+        "variants": rows,
+        "chi2": chi2,
+        "df": len(split) - 1,
+        "p_value": p,
+        "unexpected": unexpected,
+        "ok": ok,
+        "alpha": alpha,
+    }
 
 
 # --- experiment readout (delta method) -------------------------------------------------------
@@ -516,17 +598,30 @@ def experiment_readout(experiment_id: str, by_variant: dict, cfg: ExperimentsCon
                 continue
             diff = t["value"] - c["value"]
             se = math.sqrt(t["variance"] + c["variance"])
-            row["vs_control"][m] = {"diff": diff, "se": se, "ci_low": diff - z * se, "ci_high": diff + z * se,
-                                    "relative": diff / c["value"] if c["value"] else None,
-                                    "significant": not (diff - z * se <= 0 <= diff + z * se)}
+            row["vs_control"][m] = {
+                "diff": diff,
+                "se": se,
+                "ci_low": diff - z * se,
+                "ci_high": diff + z * se,
+                "relative": diff / c["value"] if c["value"] else None,
+                "significant": not (diff - z * se <= 0 <= diff + z * se),
+            }
     srm = None
     if exp_cfg is not None:
         srm = srm_check({v: acc["n"] for v, acc in by_variant.items()}, exp_cfg.split, cfg.srm_alpha)
-    return {"experiment_id": experiment_id, "control": control, "control_present": ctl is not None,
-            "unit": cfg.unit, "confidence": cfg.confidence, "variants": variants, "srm": srm}
+    return {
+        "experiment_id": experiment_id,
+        "control": control,
+        "control_present": ctl is not None,
+        "unit": cfg.unit,
+        "confidence": cfg.confidence,
+        "variants": variants,
+        "srm": srm,
+    }
 
 
 # --- cold start and concentration ------------------------------------------------------------
+
 
 def gini(counts: Sequence[float]) -> Optional[float]:
     """Gini coefficient of non-negative counts (0: equal; near 1: all on one item). None when empty."""
@@ -574,17 +669,34 @@ def cold_start_buckets(cells: Iterable[tuple], data_start_ms: int, cfg: ColdStar
         for k, v in zip(totals, (e, c, ne, nc, je, jc)):
             totals[k] += v
         counts = [r[1] for r in rows]
-        buckets.append({"bucket_start_ms": b, "censored": b - age_ms < data_start_ms, "items": len(rows),
-                        "exposures": e, "clicks": c,
-                        "new_exposure_share": ne / je if je else None, "new_click_share": nc / jc if jc else None,
-                        "gini": gini(counts), "top1pct_share": top_share(counts, 0.01)})
-    return {"new_item_age_s": cfg.new_item_age, "bucket_s": cfg.bucket, "data_start_ms": data_start_ms,
-            "buckets": buckets, **totals,
-            "new_exposure_share": totals["new_exposures"] / totals["judged_exposures"] if totals["judged_exposures"] else None,
-            "new_click_share": totals["new_clicks"] / totals["judged_clicks"] if totals["judged_clicks"] else None}
+        buckets.append(
+            {
+                "bucket_start_ms": b,
+                "censored": b - age_ms < data_start_ms,
+                "items": len(rows),
+                "exposures": e,
+                "clicks": c,
+                "new_exposure_share": ne / je if je else None,
+                "new_click_share": nc / jc if jc else None,
+                "gini": gini(counts),
+                "top1pct_share": top_share(counts, 0.01),
+            }
+        )
+    return {
+        "new_item_age_s": cfg.new_item_age,
+        "bucket_s": cfg.bucket,
+        "data_start_ms": data_start_ms,
+        "buckets": buckets,
+        **totals,
+        "new_exposure_share": totals["new_exposures"] / totals["judged_exposures"]
+        if totals["judged_exposures"]
+        else None,
+        "new_click_share": totals["new_clicks"] / totals["judged_clicks"] if totals["judged_clicks"] else None,
+    }
 
 
 # --- position bias ---------------------------------------------------------------------------
+
 
 def is_randomised_slate(slate: dict, randomised_policies: Sequence[str], tol: float = 1e-3) -> bool:
     """A slate from a uniform placement: a named uniform policy, or every propensity equal to 1/n_items."""
@@ -612,12 +724,17 @@ def position_curve_randomised(cells: Iterable[tuple], max_position: int) -> dict
     ctr = np.divide(c, n, out=np.full(max_position, np.nan), where=n > 0)
     if not n[0] or not c[0]:
         raise ValueError("no clicks at position 1 in the randomised traffic: cannot normalise the curve")
-    return {"method": "randomised", "exposures": n.tolist(), "clicks": c.tolist(),
-            "propensity": [None if math.isnan(v) else float(v / ctr[0]) for v in ctr]}
+    return {
+        "method": "randomised",
+        "exposures": n.tolist(),
+        "clicks": c.tolist(),
+        "propensity": [None if math.isnan(v) else float(v / ctr[0]) for v in ctr],
+    }
 
 
-def position_curve_em(cells: Iterable[tuple], max_position: int, iterations: int = 200,
-                      tolerance: float = 1e-9) -> dict:
+def position_curve_em(
+    cells: Iterable[tuple], max_position: int, iterations: int = 200, tolerance: float = 1e-9
+) -> dict:
     """Position-based click model (P(click) = theta_position x gamma_item) fitted by EM on
     (item, position, exposures, clicks) cells; theta returned relative to position 1.
 
@@ -645,8 +762,12 @@ def position_curve_em(cells: Iterable[tuple], max_position: int, iterations: int
         non = n - clicks
         e_pos = clicks + non * t * (1 - g) / denom
         e_item = clicks + non * (1 - t) * g / denom
-        new_theta = np.divide(np.bincount(k_idx, weights=e_pos, minlength=max_position), n_pos,
-                              out=np.full(max_position, np.nan), where=n_pos > 0)
+        new_theta = np.divide(
+            np.bincount(k_idx, weights=e_pos, minlength=max_position),
+            n_pos,
+            out=np.full(max_position, np.nan),
+            where=n_pos > 0,
+        )
         new_gamma = np.bincount(d_idx, weights=e_item, minlength=len(items)) / n_item
         new_theta = np.where(np.isnan(new_theta), 0.5, np.clip(new_theta, 1e-6, 1 - 1e-9))
         new_gamma = np.clip(new_gamma, 1e-9, 1 - 1e-9)
@@ -654,12 +775,17 @@ def position_curve_em(cells: Iterable[tuple], max_position: int, iterations: int
         theta, gamma = new_theta, new_gamma
         if change < tolerance:
             break
-    ctr = np.divide(np.bincount(k_idx, weights=clicks, minlength=max_position), n_pos,
-                    out=np.zeros(max_position), where=n_pos > 0)
-    return {"method": "em", "iterations": done, "exposures": n_pos.tolist(),
-            "clicks": np.bincount(k_idx, weights=clicks, minlength=max_position).tolist(),
-            "naive_ctr_ratio": [float(v / ctr[0]) if n_pos[i] and ctr[0] else None for i, v in enumerate(ctr)],
-            "propensity": [float(theta[i] / theta[0]) if n_pos[i] else None for i in range(max_position)]}
+    ctr = np.divide(
+        np.bincount(k_idx, weights=clicks, minlength=max_position), n_pos, out=np.zeros(max_position), where=n_pos > 0
+    )
+    return {
+        "method": "em",
+        "iterations": done,
+        "exposures": n_pos.tolist(),
+        "clicks": np.bincount(k_idx, weights=clicks, minlength=max_position).tolist(),
+        "naive_ctr_ratio": [float(v / ctr[0]) if n_pos[i] and ctr[0] else None for i, v in enumerate(ctr)],
+        "propensity": [float(theta[i] / theta[0]) if n_pos[i] else None for i in range(max_position)],
+    }
 
 
 def position_weights_table(curve: dict, max_weight: float) -> dict:
@@ -668,19 +794,27 @@ def position_weights_table(curve: dict, max_weight: float) -> dict:
     last = None
     observed = [i for i, n in enumerate(curve["exposures"]) if n]
     # positions past the last observed one are left out: labels give them the last entry's weight
-    for i, p in enumerate(curve["propensity"][:observed[-1] + 1 if observed else 0]):
+    for i, p in enumerate(curve["propensity"][: observed[-1] + 1 if observed else 0]):
         if p is None or p <= 0:
             if last is None:
                 continue
-            p = last   # a position with no data takes the estimate of the nearest one above it
+            p = last  # a position with no data takes the estimate of the nearest one above it
         last = p
-        positions[str(i + 1)] = {"propensity": p, "weight": min(1.0 / p, max_weight),
-                                 "exposures": int(curve["exposures"][i])}
-    return {"method": curve["method"], "max_weight": max_weight, "positions": positions,
-            "applies_to": "positive labels (inverse-propensity weighting of clicks)"}
+        positions[str(i + 1)] = {
+            "propensity": p,
+            "weight": min(1.0 / p, max_weight),
+            "exposures": int(curve["exposures"][i]),
+        }
+    return {
+        "method": curve["method"],
+        "max_weight": max_weight,
+        "positions": positions,
+        "applies_to": "positive labels (inverse-propensity weighting of clicks)",
+    }
 
 
 # --- quality gate ----------------------------------------------------------------------------
+
 
 def _row(slo, value, threshold, ok, message, mode):
     if ok is False:
@@ -699,27 +833,61 @@ def evaluation_slos(evaluation: dict, cfg: EvaluationConfig, mode: str = "fail")
             srm = exp.get("srm")
             name = f"srm.{exp_id}"
             if srm is None:
-                rows.append(_row(name, None, ecfg.srm_alpha, None,
-                                 f"no split configured (evaluation.experiments.experiments.{exp_id}.split)", mode))
+                rows.append(
+                    _row(
+                        name,
+                        None,
+                        ecfg.srm_alpha,
+                        None,
+                        f"no split configured (evaluation.experiments.experiments.{exp_id}.split)",
+                        mode,
+                    )
+                )
             elif srm["p_value"] is None:
                 rows.append(_row(name, None, ecfg.srm_alpha, None, "no units in the configured variants", mode))
             else:
-                obs = ", ".join(f"{v} {r['observed']} (expected {r['expected']:.0f})" for v, r in srm["variants"].items())
+                obs = ", ".join(
+                    f"{v} {r['observed']} (expected {r['expected']:.0f})" for v, r in srm["variants"].items()
+                )
                 extra = f"; variants outside the split: {srm['unexpected']}" if srm["unexpected"] else ""
-                rows.append(_row(name, srm["p_value"], ecfg.srm_alpha, srm["ok"],
-                                 f"chi-square {srm['chi2']:.3f} (df {srm['df']}), p = {srm['p_value']:.3g} "
-                                 f"(min {ecfg.srm_alpha:g}): {obs}{extra}", mode))
+                rows.append(
+                    _row(
+                        name,
+                        srm["p_value"],
+                        ecfg.srm_alpha,
+                        srm["ok"],
+                        f"chi-square {srm['chi2']:.3f} (df {srm['df']}), p = {srm['p_value']:.3g} "
+                        f"(min {ecfg.srm_alpha:g}): {obs}{extra}",
+                        mode,
+                    )
+                )
     cs, ccfg = evaluation.get("cold_start") or {}, cfg.cold_start
     if ccfg.new_exposure_share_min is not None:
         share = cs.get("new_exposure_share")
         t = ccfg.new_exposure_share_min
         if share is None:
-            rows.append(_row("cold_start.new_exposure_share", None, t, None,
-                             "no exposure is new_item_age after the data start", mode))
+            rows.append(
+                _row(
+                    "cold_start.new_exposure_share",
+                    None,
+                    t,
+                    None,
+                    "no exposure is new_item_age after the data start",
+                    mode,
+                )
+            )
         else:
-            rows.append(_row("cold_start.new_exposure_share", share, t, share >= t,
-                             f"{cs['new_exposures']} of {cs['judged_exposures']} judged exposures went to items first "
-                             f"seen within {ccfg.new_item_age:g} s = {100 * share:.3g}% (min {100 * t:.3g}%)", mode))
+            rows.append(
+                _row(
+                    "cold_start.new_exposure_share",
+                    share,
+                    t,
+                    share >= t,
+                    f"{cs['new_exposures']} of {cs['judged_exposures']} judged exposures went to items first "
+                    f"seen within {ccfg.new_item_age:g} s = {100 * share:.3g}% (min {100 * t:.3g}%)",
+                    mode,
+                )
+            )
     for key, t in (("gini", ccfg.gini_max), ("top1pct_share", ccfg.top1pct_share_max)):
         if t is None:
             continue
@@ -730,8 +898,16 @@ def evaluation_slos(evaluation: dict, cfg: EvaluationConfig, mode: str = "fail")
         worst, at = max(vals)
         over = sum(1 for v, _ in vals if v > t)
         when = dt.datetime.fromtimestamp(at / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-        rows.append(_row(f"concentration.{key}", worst, t, not over,
-                         f"worst bucket {when}: {worst:.4f} (max {t:g}); {over} of {len(vals)} buckets over", mode))
+        rows.append(
+            _row(
+                f"concentration.{key}",
+                worst,
+                t,
+                not over,
+                f"worst bucket {when}: {worst:.4f} (max {t:g}); {over} of {len(vals)} buckets over",
+                mode,
+            )
+        )
     ocfg = cfg.ope
     if ocfg.min_ess_share is not None:
         d = (evaluation.get("ope") or {}).get("diagnostics") or {}
@@ -739,9 +915,17 @@ def evaluation_slos(evaluation: dict, cfg: EvaluationConfig, mode: str = "fail")
         if share is None:
             rows.append(_row("ope.ess_share", None, ocfg.min_ess_share, None, "no exposure with a propensity", mode))
         else:
-            rows.append(_row("ope.ess_share", share, ocfg.min_ess_share, share >= ocfg.min_ess_share,
-                             f"effective sample size {d['ess']:.1f} = {100 * share:.3g}% of exposures "
-                             f"(min {100 * ocfg.min_ess_share:.3g}%); max weight {d['max_weight']:.3g}", mode))
+            rows.append(
+                _row(
+                    "ope.ess_share",
+                    share,
+                    ocfg.min_ess_share,
+                    share >= ocfg.min_ess_share,
+                    f"effective sample size {d['ess']:.1f} = {100 * share:.3g}% of exposures "
+                    f"(min {100 * ocfg.min_ess_share:.3g}%); max weight {d['max_weight']:.3g}",
+                    mode,
+                )
+            )
     return rows
 
 
@@ -756,8 +940,10 @@ def load_position_weights(path: str) -> tuple[tuple[int, float], ...]:
         raise ValueError(f"position weights file {path} is not JSON: {e}") from None
     table = data.get("positions") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
-        raise ValueError(f"position weights file {path}: needs a non-empty 'positions' object "
-                         "(write it with python -m pipelines.evaluate)")
+        raise ValueError(
+            f"position weights file {path}: needs a non-empty 'positions' object "
+            "(write it with python -m pipelines.evaluate)"
+        )
     out = []
     for k, v in table.items():
         w = v.get("weight") if isinstance(v, dict) else v
@@ -766,7 +952,8 @@ def load_position_weights(path: str) -> tuple[tuple[int, float], ...]:
         except ValueError:
             raise ValueError(f"position weights file {path}: position {k!r} is not an integer") from None
         if pos < 1 or isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
-            raise ValueError(f"position weights file {path}: position {k!r} needs a position >= 1 and a "
-                             f"finite weight > 0, got {w!r}")
+            raise ValueError(
+                f"position weights file {path}: position {k!r} needs a position >= 1 and a finite weight > 0, got {w!r}"
+            )
         out.append((pos, float(w)))
     return tuple(sorted(out))

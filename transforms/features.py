@@ -24,6 +24,7 @@ Streaming: pass a trigger (e.g. `AfterWatermark(late=AfterCount(1))`) and keep A
 default here when a trigger is given): a late-but-allowed event then re-emits its windows' complete
 rows, with more `n_events`; `pit_join` keeps, per window, the row with the most events.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,19 +41,45 @@ from apache_beam.utils.timestamp import Timestamp
 
 # Config and row schema live in features_config, the Parquet sink in features_sink; re-exported here so that
 # `from transforms.features import ...` keeps giving the whole feature API.
-from transforms.features_config import (ENTITY_TYPES, EVENT_TYPES, FEATURE_COLUMNS, KEY_COLUMNS,  # noqa: F401
-                                        METRICS_NS, ROW_COLUMNS, UNKNOWN_CATEGORY, FeaturesConfig,
-                                        SlidingWindowSpec, features_for_entity)
+from transforms.features_config import (
+    ENTITY_TYPES,
+    EVENT_TYPES,
+    FEATURE_COLUMNS,
+    KEY_COLUMNS,  # noqa: F401
+    METRICS_NS,
+    ROW_COLUMNS,
+    UNKNOWN_CATEGORY,
+    FeaturesConfig,
+    SlidingWindowSpec,
+    features_for_entity,
+)
 from transforms.features_sink import WriteOfflineFeatures, arrow_schema, partition_of  # noqa: F401
 
-__all__ = ["SlidingWindowSpec", "FeaturesConfig", "FeatureParams", "ComputeFeatures", "WriteOfflineFeatures",
-           "EVENT_TYPES", "ENTITY_TYPES", "KEY_COLUMNS", "FEATURE_COLUMNS", "ROW_COLUMNS", "arrow_schema",
-           "compute_features", "compute_all", "entity_rows", "window_bounds", "entity_inputs", "features_for_entity"]
+__all__ = [
+    "SlidingWindowSpec",
+    "FeaturesConfig",
+    "FeatureParams",
+    "ComputeFeatures",
+    "WriteOfflineFeatures",
+    "EVENT_TYPES",
+    "ENTITY_TYPES",
+    "KEY_COLUMNS",
+    "FEATURE_COLUMNS",
+    "ROW_COLUMNS",
+    "arrow_schema",
+    "compute_features",
+    "compute_all",
+    "entity_rows",
+    "window_bounds",
+    "entity_inputs",
+    "features_for_entity",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureParams:
     """The picklable numbers the workers need, taken from a FeaturesConfig on the launcher."""
+
     ctr_alpha: float
     ctr_beta: float
     half_life_ms: float
@@ -60,8 +87,12 @@ class FeatureParams:
 
     @classmethod
     def from_config(cls, cfg: FeaturesConfig) -> "FeatureParams":
-        return cls(cfg.ctr_prior_alpha, cfg.ctr_prior_beta, cfg.half_life * 1000.0,
-                   tuple(sorted(cfg.engagement_weights.items())))
+        return cls(
+            cfg.ctr_prior_alpha,
+            cfg.ctr_prior_beta,
+            cfg.half_life * 1000.0,
+            tuple(sorted(cfg.engagement_weights.items())),
+        )
 
 
 def _params(cfg) -> FeatureParams:
@@ -69,6 +100,7 @@ def _params(cfg) -> FeatureParams:
 
 
 # --- pure functions --------------------------------------------------------------------------
+
 
 def window_bounds(t_ms: int, size_ms: int, period_ms: int) -> list[tuple[int, int]]:
     """The [start, end) windows of SlidingWindows(size, period) holding an event at t_ms, latest first."""
@@ -184,17 +216,30 @@ def percentiles_sorted(values: Sequence[float], qs: Sequence[float]) -> tuple[fl
     return tuple(out)
 
 
-def feature_row(entity_type: str, entity_id: str, window_label: str, window_start: int, window_end: int,
-                summary: tuple, params: FeatureParams) -> dict:
+def feature_row(
+    entity_type: str,
+    entity_id: str,
+    window_label: str,
+    window_start: int,
+    window_end: int,
+    summary: tuple,
+    params: FeatureParams,
+) -> dict:
     """A combine summary + window bounds -> the flat feature row (ROW_COLUMNS)."""
     counts, dwell, distinct, last_t, ref_t, decayed = summary
-    row = {"entity_type": entity_type, "entity_id": entity_id, "window": window_label,
-           "window_start": window_start, "window_end": window_end}
+    row = {
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "window": window_label,
+        "window_start": window_start,
+        "window_end": window_end,
+    }
     for t in EVENT_TYPES:
         row[f"n_{t}"] = counts.get(t, 0)
     row["n_events"] = sum(counts.values())
     row["ctr"] = (counts.get("click", 0) + params.ctr_alpha) / (
-        counts.get("impression", 0) + params.ctr_alpha + params.ctr_beta)
+        counts.get("impression", 0) + params.ctr_alpha + params.ctr_beta
+    )
     if dwell:
         row["dwell_mean_ms"] = sum(dwell) / len(dwell) if len(dwell) < _NUMPY_FROM else float(np.mean(dwell))
         row["dwell_p50_ms"], row["dwell_p90_ms"] = percentiles_sorted(dwell, (50, 90))
@@ -207,8 +252,15 @@ def feature_row(entity_type: str, entity_id: str, window_label: str, window_star
     return row
 
 
-def compute_features(entity_type: str, entity_id: str, events: Iterable[dict], window_start: int, window_end: int,
-                     cfg, window_label: str = "") -> Optional[dict]:
+def compute_features(
+    entity_type: str,
+    entity_id: str,
+    events: Iterable[dict],
+    window_start: int,
+    window_end: int,
+    cfg,
+    window_label: str = "",
+) -> Optional[dict]:
     """Features of one entity from its events in [window_start, window_end) (others are ignored), with
     the pipeline's own combine code; None when no event falls in the window. `cfg`: FeaturesConfig or
     FeatureParams."""
@@ -243,12 +295,15 @@ def compute_all(events: Iterable[dict], cfg: FeaturesConfig) -> list[dict]:
                     if acc is None:
                         acc = accs[k] = fn.create_accumulator()
                     fn.add_input(acc, value)
-    return [feature_row(et, eid, label, start, end, fn.extract_output(acc), params)
-            for ((et, eid), label, (start, end)), acc in sorted(accs.items(), key=lambda kv: kv[0])]
+    return [
+        feature_row(et, eid, label, start, end, fn.extract_output(acc), params)
+        for ((et, eid), label, (start, end)), acc in sorted(accs.items(), key=lambda kv: kv[0])
+    ]
 
 
-def entity_rows(entity_type: str, entity_id: str, values: Iterable[tuple], specs: Sequence[tuple[str, int, int]],
-                cfg) -> Iterable[dict]:
+def entity_rows(
+    entity_type: str, entity_id: str, values: Iterable[tuple], specs: Sequence[tuple[str, int, int]], cfg
+) -> Iterable[dict]:
     """Every feature row of one entity, from all its (event_type, t_ms, dwell_ms, counterpart) inputs
     (`entity_inputs`), for window specs given as (label, size_ms, period_ms); rows in spec, then
     window order.
@@ -268,7 +323,7 @@ def entity_rows(entity_type: str, entity_id: str, values: Iterable[tuple], specs
         if acc is None:
             acc = slots[start] = fn.create_accumulator()
         fn.add_input(acc, value)
-    ordered = sorted(slots.items())   # a fixed merge order: the same floats on every runner
+    ordered = sorted(slots.items())  # a fixed merge order: the same floats on every runner
     for label, size_ms, period_ms in specs:
         windows: dict = {}
         for start, acc in ordered:
@@ -276,13 +331,15 @@ def entity_rows(entity_type: str, entity_id: str, values: Iterable[tuple], specs
                 merged = windows.get(w_start)
                 if merged is None:
                     merged = windows[w_start] = fn.create_accumulator()
-                fn.merge_accumulators([merged, acc])   # mutates `merged` only
+                fn.merge_accumulators([merged, acc])  # mutates `merged` only
         for w_start in sorted(windows):
-            yield feature_row(entity_type, entity_id, label, w_start, w_start + size_ms,
-                              fn.extract_output(windows[w_start]), params)
+            yield feature_row(
+                entity_type, entity_id, label, w_start, w_start + size_ms, fn.extract_output(windows[w_start]), params
+            )
 
 
 # --- transforms ------------------------------------------------------------------------------
+
 
 class _KeyByEntityFn(beam.DoFn):
     def __init__(self, entities: tuple[str, ...]):
@@ -305,8 +362,9 @@ class _ToFeatureRowFn(beam.DoFn):
         (entity_type, entity_id), summary = element
         self._rows.inc()
         # Output keeps the combine's timestamp: the window's max timestamp (window_end - 1 ms in Beam 2.77).
-        yield feature_row(entity_type, entity_id, self._label, w.start.micros // 1000, w.end.micros // 1000,
-                          summary, self._params)
+        yield feature_row(
+            entity_type, entity_id, self._label, w.start.micros // 1000, w.end.micros // 1000, summary, self._params
+        )
 
 
 class _EntityRowsFn(beam.DoFn):
@@ -359,21 +417,30 @@ class ComputeFeatures(beam.PTransform):
 
     def expand(self, events):
         keyed = events | "KeyByEntity" >> beam.ParDo(_KeyByEntityFn(tuple(self._cfg.entities))).with_output_types(
-            tuple[tuple[str, str], tuple])
+            tuple[tuple[str, str], tuple]
+        )
         if self._keyed_windows:
             specs = tuple((spec.label, spec.size_ms, spec.period_ms) for spec in self._cfg.windows)
-            return (keyed
-                    | "GroupEntity" >> beam.GroupByKey()
-                    | "EntityRows" >> beam.ParDo(_EntityRowsFn(specs, self._params)))
+            return (
+                keyed
+                | "GroupEntity" >> beam.GroupByKey()
+                | "EntityRows" >> beam.ParDo(_EntityRowsFn(specs, self._params))
+            )
         outputs = []
         for spec in self._cfg.windows:
             s = spec.slug
-            rows = (keyed
-                    | f"Window_{s}" >> beam.WindowInto(
-                        window.SlidingWindows(spec.size, spec.period), trigger=self._trigger,
-                        accumulation_mode=self._accumulation_mode, allowed_lateness=self._cfg.allowed_lateness)
-                    | f"Combine_{s}" >> beam.CombinePerKey(_EntityWindowCombineFn(self._params))
-                    | f"ToRows_{s}" >> beam.ParDo(_ToFeatureRowFn(spec.label, self._params))
-                    | f"GlobalWindow_{s}" >> beam.WindowInto(window.GlobalWindows()))
+            rows = (
+                keyed
+                | f"Window_{s}"
+                >> beam.WindowInto(
+                    window.SlidingWindows(spec.size, spec.period),
+                    trigger=self._trigger,
+                    accumulation_mode=self._accumulation_mode,
+                    allowed_lateness=self._cfg.allowed_lateness,
+                )
+                | f"Combine_{s}" >> beam.CombinePerKey(_EntityWindowCombineFn(self._params))
+                | f"ToRows_{s}" >> beam.ParDo(_ToFeatureRowFn(spec.label, self._params))
+                | f"GlobalWindow_{s}" >> beam.WindowInto(window.GlobalWindows())
+            )
             outputs.append(rows)
         return outputs | "AllWindows" >> beam.Flatten()

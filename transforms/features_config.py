@@ -4,6 +4,7 @@ sliding windows, the CTR prior, the decay half-life and engagement weights, and 
 Kept apart from the computation and the Parquet sink so that `transforms.config` (the launcher's
 config loading) and `pipelines.pit_join` need not import Beam transforms to read it.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,18 @@ from pydantic import Field, field_validator, model_validator
 from transforms import contract
 from transforms.configbase import Duration, PositiveDuration, _Section
 
-__all__ = ["SlidingWindowSpec", "FeaturesConfig", "EVENT_TYPES", "ENTITY_TYPES", "UNKNOWN_CATEGORY", "METRICS_NS",
-           "KEY_COLUMNS", "FEATURE_COLUMNS", "ROW_COLUMNS", "features_for_entity"]
+__all__ = [
+    "SlidingWindowSpec",
+    "FeaturesConfig",
+    "EVENT_TYPES",
+    "ENTITY_TYPES",
+    "UNKNOWN_CATEGORY",
+    "METRICS_NS",
+    "KEY_COLUMNS",
+    "FEATURE_COLUMNS",
+    "ROW_COLUMNS",
+    "features_for_entity",
+]
 
 METRICS_NS = "feedback.features"
 EVENT_TYPES: tuple[str, ...] = tuple(contract.DEFAULT_EVENT_TYPES)
@@ -24,18 +35,22 @@ UNKNOWN_CATEGORY = "unknown"
 
 # Column name -> type ("string", "int64", "float64"); the Parquet schema and pit_join are built from these.
 KEY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("entity_type", "string"), ("entity_id", "string"), ("window", "string"),
-    ("window_start", "int64"), ("window_end", "int64"))
+    ("entity_type", "string"),
+    ("entity_id", "string"),
+    ("window", "string"),
+    ("window_start", "int64"),
+    ("window_end", "int64"),
+)
 FEATURE_COLUMNS: tuple[tuple[str, str], ...] = (
     *((f"n_{t}", "int64") for t in EVENT_TYPES),
     ("n_events", "int64"),
-    ("ctr", "float64"),                 # (clicks + alpha) / (impressions + alpha + beta)
-    ("dwell_mean_ms", "float64"),       # None when the window has no dwell_ms value
+    ("ctr", "float64"),  # (clicks + alpha) / (impressions + alpha + beta)
+    ("dwell_mean_ms", "float64"),  # None when the window has no dwell_ms value
     ("dwell_p50_ms", "float64"),
     ("dwell_p90_ms", "float64"),
-    ("distinct_items", "int64"),        # user and user_category rows; None on item rows
-    ("distinct_users", "int64"),        # item rows; None on user and user_category rows
-    ("recency_s", "float64"),           # (window_end - last event time) / 1000
+    ("distinct_items", "int64"),  # user and user_category rows; None on item rows
+    ("distinct_users", "int64"),  # item rows; None on user and user_category rows
+    ("recency_s", "float64"),  # (window_end - last event time) / 1000
     ("decayed_engagement", "float64"),  # sum weight(type) * 0.5 ** ((window_end - t) / half_life)
 )
 ROW_COLUMNS = KEY_COLUMNS + FEATURE_COLUMNS
@@ -48,6 +63,7 @@ def features_for_entity(entity_type: str) -> tuple[str, ...]:
 
 
 # --- configuration ---------------------------------------------------------------------------
+
 
 def _format_ms(ms: int) -> str:
     for unit, factor in (("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
@@ -91,13 +107,16 @@ class SlidingWindowSpec(_Section):
 
 
 class FeaturesConfig(_Section):
-    windows: tuple[SlidingWindowSpec, ...] = (SlidingWindowSpec(size=3600, period=300),
-                                             SlidingWindowSpec(size=86400, period=3600))
+    windows: tuple[SlidingWindowSpec, ...] = (
+        SlidingWindowSpec(size=3600, period=300),
+        SlidingWindowSpec(size=86400, period=3600),
+    )
     ctr_prior_alpha: float = Field(1.0, gt=0, description="Beta prior pseudo-clicks.")
     ctr_prior_beta: float = Field(20.0, gt=0, description="Beta prior pseudo-non-clicks.")
     half_life: PositiveDuration = Field(21600.0, description="Half-life of the decayed engagement score.")
     engagement_weights: dict[str, float] = Field(
-        default_factory=lambda: {"click": 1.0, "dwell": 0.5, "add_to_cart": 3.0, "purchase": 5.0})
+        default_factory=lambda: {"click": 1.0, "dwell": 0.5, "add_to_cart": 3.0, "purchase": 5.0}
+    )
     entities: tuple[Literal["user", "item", "user_category"], ...] = ENTITY_TYPES
     allowed_lateness: Duration = 0.0
 

@@ -1,5 +1,6 @@
 """Offline feature sink: feature rows -> Parquet files under `<output_dir>/date=YYYY-MM-DD/` (UTC date
 of window_end), one partition folder per day, with a check that every file really landed."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -62,6 +63,7 @@ class _ParquetSink(fileio.FileSink):
 
     def open(self, fh):
         import pyarrow.parquet as pq
+
         self._schema = arrow_schema()
         self._writer = pq.ParquetWriter(fh, self._schema, compression="snappy")
         self._rows = []
@@ -92,8 +94,9 @@ def _partition_file_naming(window_, pane, shard_index, total_shards, compression
     # Windowed (streaming) writes: WriteToFiles names files by destination and window only, so a late pane
     # of the same window would overwrite the earlier file; a random token keeps every pane's file.
     start, end = window_.start.micros // 1000, window_.end.micros // 1000
-    return (f"{destination}/features-{start}-{end}-{uuid.uuid4().hex[:12]}-"
-            f"{shard_index:05d}-of-{total_shards:05d}.parquet")
+    return (
+        f"{destination}/features-{start}-{end}-{uuid.uuid4().hex[:12]}-{shard_index:05d}-of-{total_shards:05d}.parquet"
+    )
 
 
 class _CheckWrittenFn(beam.DoFn):
@@ -117,8 +120,13 @@ class WriteOfflineFeatures(beam.PTransform):
     (window_end - 1 ms), and `allowed_lateness` at least ComputeFeatures' own, or late panes are dropped here.
     """
 
-    def __init__(self, output_dir: str, streaming_window: Optional[float] = None, allowed_lateness: float = 0.0,
-                 shards: Optional[int] = None):
+    def __init__(
+        self,
+        output_dir: str,
+        streaming_window: Optional[float] = None,
+        allowed_lateness: float = 0.0,
+        shards: Optional[int] = None,
+    ):
         super().__init__()
         if not output_dir:
             raise ValueError("output_dir is required")
@@ -132,9 +140,14 @@ class WriteOfflineFeatures(beam.PTransform):
     def expand(self, rows):
         if self._streaming_window is not None:
             rows = rows | "WriteWindows" >> beam.WindowInto(
-                window.FixedWindows(self._streaming_window), allowed_lateness=self._lateness)
+                window.FixedWindows(self._streaming_window), allowed_lateness=self._lateness
+            )
         out_dir = self._dir
         written = rows | "WriteParquet" >> fileio.WriteToFiles(
-            path=out_dir, destination=partition_of, sink=lambda _dest: _ParquetSink(out_dir),
-            file_naming=_partition_file_naming, shards=self._shards)
+            path=out_dir,
+            destination=partition_of,
+            sink=lambda _dest: _ParquetSink(out_dir),
+            file_naming=_partition_file_naming,
+            shards=self._shards,
+        )
         return written | "CheckWritten" >> beam.ParDo(_CheckWrittenFn(out_dir))

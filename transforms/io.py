@@ -6,6 +6,7 @@ the records over workers for the parsing that follows. A damaged or truncated fi
 job: what was read before the damage is kept and the unreadable rest becomes one `corrupt_file` dead
 letter saying where reading stopped and why.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -44,7 +45,7 @@ class _NoRedaction:
 
 
 _CHUNK = 8 << 20
-_COMPRESSED_CHUNK = 64 << 10   # compressed bytes per step: bounds one step's output (deflate expands <= ~1000x)
+_COMPRESSED_CHUNK = 64 << 10  # compressed bytes per step: bounds one step's output (deflate expands <= ~1000x)
 
 
 class _LineSplitter:
@@ -104,10 +105,11 @@ DAMAGE_FIELDS = ("file", "stopped_at", "records_read", "offset", "error")
 @dataclasses.dataclass(frozen=True)
 class Damage:
     """Why and where reading a file stopped early. Everything before `stopped_at` was read and kept."""
+
     file: str
-    stopped_at: str        # source of the first record not read: `path:line` or `path#record`
+    stopped_at: str  # source of the first record not read: `path:line` or `path#record`
     records_read: int
-    offset: int            # bytes of the stored (possibly compressed) file read when the damage was found
+    offset: int  # bytes of the stored (possibly compressed) file read when the damage was found
     error: str
 
     def as_dict(self) -> dict:
@@ -117,9 +119,14 @@ class Damage:
 def damage_dead_letter(damage: Damage) -> dict:
     """The unreadable rest of a file as ONE dead letter (it counts as one input record)."""
     record = dead_letter(
-        contract.CORRUPT_FILE, None,
+        contract.CORRUPT_FILE,
+        None,
         f"file unreadable after record {damage.records_read} ({damage.offset} bytes of the file read): {damage.error}",
-        "read", b"", damage.stopped_at, _NoRedaction())
+        "read",
+        b"",
+        damage.stopped_at,
+        _NoRedaction(),
+    )
     record.update(damage.as_dict())
     return record
 
@@ -164,7 +171,8 @@ def _decompressor(compression: str):
         return lzma.LZMADecompressor()
     if compression == CompressionTypes.ZSTD:
         import zstandard  # a Beam dependency; imported here like Beam does
-        return zstandard.ZstdDecompressor(max_window_size=2 ** 31).decompressobj()
+
+        return zstandard.ZstdDecompressor(max_window_size=2**31).decompressobj()
     raise ValueError(f"unsupported compression {compression!r}")
 
 
@@ -199,6 +207,7 @@ def decompressed_chunks(raw, compression: str, chunk_size: int = _COMPRESSED_CHU
 
 def _decode_errors() -> tuple:
     import zstandard
+
     return (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError)
 
 
@@ -308,6 +317,7 @@ class ReadRawRecords(beam.PTransform):
 
     Returns {"records": PCollection[RawRecord], CORRUPT: PCollection[dict]}.
     """
+
     CORRUPT = _ReadFileFn.CORRUPT
 
     def __init__(self, file_pattern: str, registry: SchemaRegistry, reshuffle: bool = True):
@@ -315,11 +325,13 @@ class ReadRawRecords(beam.PTransform):
         self._pattern, self._registry, self._reshuffle = file_pattern, registry, reshuffle
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict:
-        read = (pbegin
-                | "MatchFiles" >> fileio.MatchFiles(self._pattern,
-                                                    empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
-                | "OpenFiles" >> fileio.ReadMatches()
-                | "ReadRecords" >> beam.ParDo(_ReadFileFn(self._registry)).with_outputs(self.CORRUPT, main="records"))
+        read = (
+            pbegin
+            | "MatchFiles"
+            >> fileio.MatchFiles(self._pattern, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
+            | "OpenFiles" >> fileio.ReadMatches()
+            | "ReadRecords" >> beam.ParDo(_ReadFileFn(self._registry)).with_outputs(self.CORRUPT, main="records")
+        )
         records = read.records
         if self._reshuffle:
             records = records | "SpreadRecords" >> beam.Reshuffle()
@@ -331,6 +343,7 @@ def to_json_line(record: dict) -> str:
 
 
 # --- counter files (`_counts`, `_quality/counters`): one {"counter", "count"} row per key and shard ---
+
 
 def counter_record(key: str, count: int) -> dict:
     return {"counter": key, "count": count}
@@ -348,7 +361,7 @@ def sum_counters(rows: Iterable[dict]) -> dict:
     return totals
 
 
-AVRO_CODEC = "deflate"   # WriteToAvro's default; ~2 µs per record more than "null" for ~7x smaller files
+AVRO_CODEC = "deflate"  # WriteToAvro's default; ~2 µs per record more than "null" for ~7x smaller files
 
 
 class _WriteBundleFileFn(beam.DoFn):
@@ -438,11 +451,12 @@ class WriteFilesPerBundle(beam.PTransform):
 
     def expand(self, records):
         temp_dir = f"{self._prefix.rsplit('/', 1)[0]}/.temp-{uuid.uuid4().hex}"
-        return (records
-                | "WriteBundles" >> beam.ParDo(_WriteBundleFileFn(temp_dir, self._fmt, self._schema))
-                | "TempFiles" >> beam.combiners.ToList()
-                | "Finalize" >> beam.ParDo(_FinalizeFilesFn(self._prefix, self._suffix, temp_dir, self._fmt,
-                                                            self._schema)))
+        return (
+            records
+            | "WriteBundles" >> beam.ParDo(_WriteBundleFileFn(temp_dir, self._fmt, self._schema))
+            | "TempFiles" >> beam.combiners.ToList()
+            | "Finalize" >> beam.ParDo(_FinalizeFilesFn(self._prefix, self._suffix, temp_dir, self._fmt, self._schema))
+        )
 
 
 def _per_bundle_ok(pcoll, num_shards: int) -> bool:
@@ -467,9 +481,11 @@ class WriteJsonLines(beam.PTransform):
     def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         if _per_bundle_ok(records, self._shards):
             return records | "WriteJsonl" >> WriteFilesPerBundle(self._prefix, ".jsonl", "jsonl")
-        return (records
-                | "ToJson" >> beam.Map(to_json_line)
-                | "Write" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl", num_shards=self._shards))
+        return (
+            records
+            | "ToJson" >> beam.Map(to_json_line)
+            | "Write" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl", num_shards=self._shards)
+        )
 
 
 @beam.typehints.with_input_types(dict)
@@ -490,10 +506,12 @@ class WriteAvroEvents(beam.PTransform):
         if _per_bundle_ok(events, self._shards):
             return events | "WriteAvroFiles" >> WriteFilesPerBundle(self._prefix, ".avro", "avro", self._schema)
         return events | "WriteAvro" >> beam.io.WriteToAvro(
-            self._prefix, schema=self._schema, file_name_suffix=".avro", num_shards=self._shards, codec=AVRO_CODEC)
+            self._prefix, schema=self._schema, file_name_suffix=".avro", num_shards=self._shards, codec=AVRO_CODEC
+        )
 
 
 # --- windowed file sinks (streaming; also fine in batch) -----------------------------------------
+
 
 def _stamp(ts) -> str:
     return ts.to_utc_datetime().strftime("%Y%m%dT%H%M%SZ")
@@ -566,8 +584,7 @@ class WriteWindowedFiles(beam.PTransform):
     Returns the written paths.
     """
 
-    def __init__(self, directory: str, prefix: str, fmt: str = "jsonl", schema: dict | None = None,
-                 shards: int = 1):
+    def __init__(self, directory: str, prefix: str, fmt: str = "jsonl", schema: dict | None = None, shards: int = 1):
         super().__init__()
         if fmt not in ("avro", "jsonl") or (fmt == "avro" and schema is None):
             raise ValueError("fmt must be 'jsonl', or 'avro' with a schema")
@@ -576,15 +593,18 @@ class WriteWindowedFiles(beam.PTransform):
 
     def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         shards = self._shards
-        return (records
-                | "Shard" >> beam.Map(lambda r: (_shard_of(r, shards), r)).with_output_types(tuple[int, Any])
-                | "GroupPane" >> beam.GroupByKey()
-                | "WriteFile" >> beam.ParDo(_WritePaneFn(self._directory, self._prefix, self._fmt, self._schema,
-                                                         shards)))
+        return (
+            records
+            | "Shard" >> beam.Map(lambda r: (_shard_of(r, shards), r)).with_output_types(tuple[int, Any])
+            | "GroupPane" >> beam.GroupByKey()
+            | "WriteFile" >> beam.ParDo(_WritePaneFn(self._directory, self._prefix, self._fmt, self._schema, shards))
+        )
 
 
 def _shard_of(record, shards: int) -> int:
     if shards == 1:
         return 0
-    return int.from_bytes(hashlib.md5(orjson.dumps(record, option=orjson.OPT_SORT_KEYS, default=str)).digest()[:4],
-                          "big") % shards
+    return (
+        int.from_bytes(hashlib.md5(orjson.dumps(record, option=orjson.OPT_SORT_KEYS, default=str)).digest()[:4], "big")
+        % shards
+    )

@@ -22,6 +22,7 @@ Streaming (stateful DoFn with event-time timers) and batch (GroupByKey) call the
 The one divergence: an outcome that arrived before the deadline but is still inside the pipeline when
 the watermark passes it becomes a late outcome in streaming and part of the label in batch.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -41,7 +42,7 @@ from transforms.evaluation import load_position_weights
 
 METRICS_NS = "feedback.labels"
 EXPOSURE_TYPE = "impression"
-_FOREVER = 2 ** 62
+_FOREVER = 2**62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,8 @@ class LabelRules:
     window_ms: int
     lateness_ms: int
     clock_skew_ms: int
-    positive_weights: tuple[tuple[str, float], ...]   # (event_type, weight), e.g. purchase 5, add_to_cart 3, click 1
-    negative_weights: tuple[tuple[str, float], ...]   # explicit negatives, e.g. skip 1
+    positive_weights: tuple[tuple[str, float], ...]  # (event_type, weight), e.g. purchase 5, add_to_cart 3, click 1
+    negative_weights: tuple[tuple[str, float], ...]  # explicit negatives, e.g. skip 1
     default_negative_weight: float
     min_click_dwell_ms: int
     outcome_types: frozenset
@@ -62,9 +63,17 @@ class LabelRules:
         pos = tuple(sorted(labels_cfg.positive.items(), key=lambda kv: (-kv[1], kv[0])))
         neg = tuple(sorted(labels_cfg.negative.items(), key=lambda kv: (-kv[1], kv[0])))
         weights = load_position_weights(labels_cfg.position_weights) if labels_cfg.position_weights else ()
-        return cls(int(labels_cfg.window * 1000), int(lateness_s * 1000), int(labels_cfg.clock_skew * 1000),
-                   pos, neg, labels_cfg.default_negative_weight, int(labels_cfg.min_click_dwell_ms),
-                   frozenset(labels_cfg.outcome_types), weights)
+        return cls(
+            int(labels_cfg.window * 1000),
+            int(lateness_s * 1000),
+            int(labels_cfg.clock_skew * 1000),
+            pos,
+            neg,
+            labels_cfg.default_negative_weight,
+            int(labels_cfg.min_click_dwell_ms),
+            frozenset(labels_cfg.outcome_types),
+            weights,
+        )
 
     def position_weight(self, position: int | None) -> float:
         """Inverse examination propensity of a position (a position past the table takes its last entry)."""
@@ -99,8 +108,10 @@ def attribute(exposures: list[dict], outcomes: list[dict], rules: LabelRules) ->
         match = None
         if o.get("request_id") is not None:
             for x in reversed(ordered):
-                if (x.get("request_id") == o["request_id"]
-                        and x["event_time"] - rules.clock_skew_ms <= t <= x["event_time"] + rules.window_ms):
+                if (
+                    x.get("request_id") == o["request_id"]
+                    and x["event_time"] - rules.clock_skew_ms <= t <= x["event_time"] + rules.window_ms
+                ):
                     match = x
                     break
         else:
@@ -116,8 +127,12 @@ def make_label(x: dict, outcomes: list[dict], rules: LabelRules) -> dict:
     types = sorted({o["event_type"] for o in outcomes})
     dwell = max([o["dwell_ms"] for o in outcomes if o.get("dwell_ms") is not None], default=None)
     positive = dict(rules.positive_weights)
-    counting = [t for t in types if t in positive
-                and not (t == "click" and rules.min_click_dwell_ms > 0 and (dwell or 0) < rules.min_click_dwell_ms)]
+    counting = [
+        t
+        for t in types
+        if t in positive
+        and not (t == "click" and rules.min_click_dwell_ms > 0 and (dwell or 0) < rules.min_click_dwell_ms)
+    ]
     negatives = dict(rules.negative_weights)
     if counting:
         label, weight = 1, max(positive[t] for t in counting)
@@ -125,7 +140,7 @@ def make_label(x: dict, outcomes: list[dict], rules: LabelRules) -> dict:
         label, weight = 0, max(negatives[t] for t in types if t in negatives)
     else:
         label, weight = 0, rules.default_negative_weight
-    if label:   # unbiased learning to rank: a click counts 1 / P(examined at its position)
+    if label:  # unbiased learning to rank: a click counts 1 / P(examined at its position)
         weight *= rules.position_weight(x.get("position"))
     first = min((o["event_time"] for o in outcomes), default=None)
     item_meta = x.get("item_meta") or {}
@@ -154,9 +169,17 @@ def make_label(x: dict, outcomes: list[dict], rules: LabelRules) -> dict:
 
 def outcome_record(o: dict, exposure_id: str | None, kind: str) -> dict:
     """An orphan or late outcome, as written: enough to find and correct the label."""
-    return {"kind": kind, "event_id": o["event_id"], "event_type": o["event_type"], "event_time": o["event_time"],
-            "arrival_time": o.get("arrival_time"), "user_id": o["user_id"], "item_id": o.get("item_id"),
-            "request_id": o.get("request_id"), "label_id": exposure_id}
+    return {
+        "kind": kind,
+        "event_id": o["event_id"],
+        "event_type": o["event_type"],
+        "event_time": o["event_time"],
+        "arrival_time": o.get("arrival_time"),
+        "user_id": o["user_id"],
+        "item_id": o.get("item_id"),
+        "request_id": o.get("request_id"),
+        "label_id": exposure_id,
+    }
 
 
 @dataclasses.dataclass
@@ -164,11 +187,17 @@ class Settlement:
     labels: list[dict]
     orphans: list[dict]
     late_outcomes: list[dict]
-    consumed: set = dataclasses.field(default_factory=set)   # outcome ids counted in a settled label
+    consumed: set = dataclasses.field(default_factory=set)  # outcome ids counted in a settled label
 
 
-def settle(exposures: list[dict], outcomes: list[dict], rules: LabelRules, now: int = _FOREVER,
-           emitted: frozenset = frozenset(), reported: frozenset = frozenset()) -> Settlement:
+def settle(
+    exposures: list[dict],
+    outcomes: list[dict],
+    rules: LabelRules,
+    now: int = _FOREVER,
+    emitted: frozenset = frozenset(),
+    reported: frozenset = frozenset(),
+) -> Settlement:
     """Everything decided by event time `now` for one (user, item) and not yet emitted/reported.
 
     Batch calls it once with now = +inf. Streaming calls it on each timer with the timer's time,
@@ -194,8 +223,11 @@ def settle(exposures: list[dict], outcomes: list[dict], rules: LabelRules, now: 
             if o["event_id"] not in on_time_ids and o["event_id"] not in reported:
                 late.append(outcome_record(o, x["event_id"], "late_outcome"))
     for o in outcomes:
-        if match[o["event_id"]] is None and rules.orphan_deadline(o["event_time"]) <= now \
-                and o["event_id"] not in reported:
+        if (
+            match[o["event_id"]] is None
+            and rules.orphan_deadline(o["event_time"]) <= now
+            and o["event_id"] not in reported
+        ):
             orphans.append(outcome_record(o, None, "orphan"))
     return Settlement(labels, orphans, late, consumed)
 
@@ -216,6 +248,7 @@ def split_events(events: Iterable[dict], rules: LabelRules) -> tuple[list[dict],
 
 
 # --- transforms -------------------------------------------------------------------------------
+
 
 def _key(e: dict) -> str:
     # user and item ids are free text: join them with a separator that cannot be confused.
@@ -260,8 +293,9 @@ class _SettleStreamingFn(beam.DoFn):
 
     State names carry a `labels_` prefix (timer names must be unique across a pipeline).
     """
+
     EVENTS = BagStateSpec("labels_events", PickleCoder())
-    DONE = ReadModifyWriteStateSpec("labels_done", PickleCoder())   # (emitted exposure ids, reported outcome ids)
+    DONE = ReadModifyWriteStateSpec("labels_done", PickleCoder())  # (emitted exposure ids, reported outcome ids)
     NEXT = ReadModifyWriteStateSpec("labels_next_due", VarIntCoder())
     DUE = TimerSpec("labels_due", TimeDomain.WATERMARK)
 
@@ -278,8 +312,14 @@ class _SettleStreamingFn(beam.DoFn):
             return self._rules.deadline(e["event_time"]) + self._delay
         return self._rules.orphan_deadline(e["event_time"]) + self._delay
 
-    def process(self, keyed, events=beam.DoFn.StateParam(EVENTS), done=beam.DoFn.StateParam(DONE),
-                next_due=beam.DoFn.StateParam(NEXT), due=beam.DoFn.TimerParam(DUE)):
+    def process(
+        self,
+        keyed,
+        events=beam.DoFn.StateParam(EVENTS),
+        done=beam.DoFn.StateParam(DONE),
+        next_due=beam.DoFn.StateParam(NEXT),
+        due=beam.DoFn.TimerParam(DUE),
+    ):
         _, e = keyed
         emitted, reported = done.read() or (frozenset(), frozenset())
         if not is_exposure(e) and emitted:
@@ -300,9 +340,15 @@ class _SettleStreamingFn(beam.DoFn):
             due.set(Timestamp(micros=when * 1000))
 
     @on_timer(DUE)
-    def _on_due(self, fire=beam.DoFn.TimestampParam, events=beam.DoFn.StateParam(EVENTS),
-                done=beam.DoFn.StateParam(DONE), next_due=beam.DoFn.StateParam(NEXT), due=beam.DoFn.TimerParam(DUE)):
-        now = fire.micros // 1000 - self._delay   # the event-time deadline this firing settles
+    def _on_due(
+        self,
+        fire=beam.DoFn.TimestampParam,
+        events=beam.DoFn.StateParam(EVENTS),
+        done=beam.DoFn.StateParam(DONE),
+        next_due=beam.DoFn.StateParam(NEXT),
+        due=beam.DoFn.TimerParam(DUE),
+    ):
+        now = fire.micros // 1000 - self._delay  # the event-time deadline this firing settles
         buffered = list(events.read())
         emitted, reported = done.read() or (frozenset(), frozenset())
         exposures, outcomes = split_events(buffered, self._rules)
@@ -312,12 +358,16 @@ class _SettleStreamingFn(beam.DoFn):
         yield from _emit(s, self._counters, self._delay)
         # Keep what a later outcome may still need; drop what no future decision can touch.
         horizon = self._rules.window_ms + self._rules.lateness_ms + self._rules.clock_skew_ms
-        keep = [e for e in buffered
-                if (e["event_id"] not in emitted and e["event_id"] not in reported)
-                or e["event_time"] + horizon > now]
-        pending = [self._due(e) for e in keep
-                   if e["event_id"] not in emitted and e["event_id"] not in reported
-                   and self._due(e) > now + self._delay]
+        keep = [
+            e
+            for e in buffered
+            if (e["event_id"] not in emitted and e["event_id"] not in reported) or e["event_time"] + horizon > now
+        ]
+        pending = [
+            self._due(e)
+            for e in keep
+            if e["event_id"] not in emitted and e["event_id"] not in reported and self._due(e) > now + self._delay
+        ]
         events.clear()
         for e in keep:
             events.add(e)
@@ -342,6 +392,7 @@ class JoinLabels(beam.PTransform):
       streaming: settle per key with event-time timers (unbounded input) instead of GroupByKey.
       upstream_delay_s: streaming only: how far behind the watermark events can reach this step.
     """
+
     ORPHANS = "orphans"
     LATE_OUTCOMES = "late_outcomes"
 
@@ -354,21 +405,28 @@ class JoinLabels(beam.PTransform):
 
     def expand(self, events: beam.PCollection[dict]) -> beam.pvalue.DoOutputsTuple:
         types = self._rules.outcome_types | {EXPOSURE_TYPE}
-        keyed = (events
-                 | "ExposuresAndOutcomes" >> beam.Filter(
-                     lambda e: e["event_type"] in types and e.get("item_id") is not None)
-                 | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict]))
+        keyed = (
+            events
+            | "ExposuresAndOutcomes" >> beam.Filter(lambda e: e["event_type"] in types and e.get("item_id") is not None)
+            | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict])
+        )
         if self._streaming:
             fn = _SettleStreamingFn(self._rules, self._delay_ms)
             return keyed | "SettleAsDue" >> beam.ParDo(fn).with_outputs(
-                self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS)
-        return (keyed
-                | "GroupUserItem" >> beam.GroupByKey()
-                | "Settle" >> beam.ParDo(_SettleBatchFn(self._rules)).with_outputs(
-                    self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS))
+                self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS
+            )
+        return (
+            keyed
+            | "GroupUserItem" >> beam.GroupByKey()
+            | "Settle"
+            >> beam.ParDo(_SettleBatchFn(self._rules)).with_outputs(
+                self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS
+            )
+        )
 
 
 # --- slates -----------------------------------------------------------------------------------
+
 
 def make_slate(request_id: str, labels: list[dict]) -> dict:
     items = sorted(labels, key=lambda l: (l["position"] if l["position"] is not None else 1 << 30, l["item_id"]))
@@ -380,8 +438,16 @@ def make_slate(request_id: str, labels: list[dict]) -> dict:
         "experiment_id": first["experiment_id"],
         "variant": first["variant"],
         "impression_time": min(l["impression_time"] for l in items),
-        "items": [{"item_id": l["item_id"], "position": l["position"], "propensity": l["propensity"],
-                   "label": l["label"], "weight": l["weight"]} for l in items],
+        "items": [
+            {
+                "item_id": l["item_id"],
+                "position": l["position"],
+                "propensity": l["propensity"],
+                "label": l["label"],
+                "weight": l["weight"],
+            }
+            for l in items
+        ],
         "n_items": len(items),
         "n_positive": sum(l["label"] for l in items),
     }
@@ -402,18 +468,23 @@ class BuildSlates(beam.PTransform):
         self._streaming, self._gap_s, self._lateness_s = streaming, gap_s, allowed_lateness_s
 
     def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
-        keyed = (labels
-                 | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
-                 | "KeyByRequest" >> beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict]))
+        keyed = (
+            labels
+            | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
+            | "KeyByRequest" >> beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict])
+        )
         if self._streaming:
             # A request's labels share (nearly) one impression time: a short session window gathers them.
             # Labels are emitted when their deadline timer fires, often well behind the watermark: the
             # windows must allow that lateness or Beam drops them silently (seen with Pub/Sub end to end).
-            keyed = keyed | "RequestWindows" >> beam.WindowInto(window.Sessions(self._gap_s),
-                                                                allowed_lateness=self._lateness_s)
-        return (keyed
-                | "GroupRequest" >> beam.GroupByKey()
-                | "Slate" >> beam.MapTuple(lambda r, ls: make_slate(r, list(ls))))
+            keyed = keyed | "RequestWindows" >> beam.WindowInto(
+                window.Sessions(self._gap_s), allowed_lateness=self._lateness_s
+            )
+        return (
+            keyed
+            | "GroupRequest" >> beam.GroupByKey()
+            | "Slate" >> beam.MapTuple(lambda r, ls: make_slate(r, list(ls)))
+        )
 
 
 def _opt(name, t):
@@ -421,7 +492,9 @@ def _opt(name, t):
 
 
 LABEL_SCHEMA = {
-    "type": "record", "name": "Label", "namespace": "feedback.labels",
+    "type": "record",
+    "name": "Label",
+    "namespace": "feedback.labels",
     "doc": "One exposure (impression) and what followed it inside the attribution window.",
     "fields": [
         {"name": "label_id", "type": "string", "doc": "event_id of the impression"},
@@ -442,13 +515,18 @@ LABEL_SCHEMA = {
         {"name": "outcome_types", "type": {"type": "array", "items": "string"}},
         _opt("first_outcome_delay_ms", "long"),
         _opt("dwell_ms", "long"),
-        {"name": "label_time", "type": {"type": "long", "logicalType": "timestamp-millis"},
-         "doc": "impression_time + max(attribution window, lateness): when the label became final"},
+        {
+            "name": "label_time",
+            "type": {"type": "long", "logicalType": "timestamp-millis"},
+            "doc": "impression_time + max(attribution window, lateness): when the label became final",
+        },
     ],
 }
 
 SLATE_SCHEMA = {
-    "type": "record", "name": "Slate", "namespace": "feedback.labels",
+    "type": "record",
+    "name": "Slate",
+    "namespace": "feedback.labels",
     "doc": "All items one request showed, with positions, propensities and labels (list-wise / IPS training).",
     "fields": [
         {"name": "request_id", "type": "string"},
@@ -457,10 +535,23 @@ SLATE_SCHEMA = {
         _opt("experiment_id", "string"),
         _opt("variant", "string"),
         {"name": "impression_time", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-        {"name": "items", "type": {"type": "array", "items": {
-            "type": "record", "name": "SlateItem", "fields": [
-                {"name": "item_id", "type": "string"}, _opt("position", "int"), _opt("propensity", "double"),
-                {"name": "label", "type": "int"}, {"name": "weight", "type": "double"}]}}},
+        {
+            "name": "items",
+            "type": {
+                "type": "array",
+                "items": {
+                    "type": "record",
+                    "name": "SlateItem",
+                    "fields": [
+                        {"name": "item_id", "type": "string"},
+                        _opt("position", "int"),
+                        _opt("propensity", "double"),
+                        {"name": "label", "type": "int"},
+                        {"name": "weight", "type": "double"},
+                    ],
+                },
+            },
+        },
         {"name": "n_items", "type": "int"},
         {"name": "n_positive", "type": "int"},
     ],

@@ -14,6 +14,7 @@ are therefore idempotent, and a bundle retried by the runner rewrites the same v
 The password never travels in the pipeline graph: the config names an environment variable that is
 read on the worker in `setup()` (call `make_client(cfg).ping()` on the launcher to fail fast).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,13 +32,24 @@ from pydantic import Field, field_validator
 
 from transforms.configbase import Duration, _Section
 
-__all__ = ["OnlineStoreConfig", "WriteOnlineFeatures", "MissingPasswordError", "make_client", "feature_key",
-           "redis_key", "row_to_mapping", "read_features", "ROW_KEYS", "WINDOW_START_FIELD", "WINDOW_END_FIELD"]
+__all__ = [
+    "OnlineStoreConfig",
+    "WriteOnlineFeatures",
+    "MissingPasswordError",
+    "make_client",
+    "feature_key",
+    "redis_key",
+    "row_to_mapping",
+    "read_features",
+    "ROW_KEYS",
+    "WINDOW_START_FIELD",
+    "WINDOW_END_FIELD",
+]
 
 METRICS_NS = "feedback.online_store"
 DEFAULT_PREFIX = "feat"
-ENTITY_TYPES = ("user", "item", "user_category")   # what the feature job emits today; not enforced here
-ROW_KEYS = ("entity_type", "entity_id", "window", "window_start", "window_end")   # every other column is a feature
+ENTITY_TYPES = ("user", "item", "user_category")  # what the feature job emits today; not enforced here
+ROW_KEYS = ("entity_type", "entity_id", "window", "window_start", "window_end")  # every other column is a feature
 WINDOW_START_FIELD = "_window_start"
 WINDOW_END_FIELD = "_window_end"
 
@@ -68,10 +80,15 @@ class OnlineStoreConfig(_Section):
     host: str = "localhost"
     port: int = Field(6379, ge=1, le=65535)
     db: int = Field(0, ge=0)
-    key_prefix: str = Field(DEFAULT_PREFIX, min_length=1, description="First part of every key: <prefix>:<entity_type>:<window>:<entity_id>.")
+    key_prefix: str = Field(
+        DEFAULT_PREFIX,
+        min_length=1,
+        description="First part of every key: <prefix>:<entity_type>:<window>:<entity_id>.",
+    )
     ttl: Duration = Field(7 * 86400.0, description="Expiry set on every write ('7d', '36h', seconds).")
     password_env: Optional[str] = Field(
-        None, description="Environment variable holding the Redis password, read on the worker. None: no AUTH.")
+        None, description="Environment variable holding the Redis password, read on the worker. None: no AUTH."
+    )
     batch_size: int = Field(500, ge=1, description="Rows per pipelined round trip to Redis.")
 
     @field_validator("ttl")
@@ -98,12 +115,20 @@ def make_client(cfg: OnlineStoreConfig) -> redis.Redis:
         if password is None:
             raise MissingPasswordError(
                 f"online_store.password_env is {cfg.password_env!r}, but that environment variable is not set "
-                f"(or is empty) on this machine")
-    return redis.Redis(host=cfg.host, port=cfg.port, db=cfg.db, password=password,
-                       socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_CONNECT_TIMEOUT_S)
+                f"(or is empty) on this machine"
+            )
+    return redis.Redis(
+        host=cfg.host,
+        port=cfg.port,
+        db=cfg.db,
+        password=password,
+        socket_timeout=_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=_CONNECT_TIMEOUT_S,
+    )
 
 
 # --- pure helpers -----------------------------------------------------------------------------
+
 
 def feature_key(entity_type: str, window: str, entity_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """'feat:user:1h/5m:u42'. entity_type and window may not contain ':' (entity_id may: it is last)."""
@@ -125,9 +150,9 @@ def redis_key(row: dict, prefix: str = DEFAULT_PREFIX) -> str:
 
 
 def _format_number(name: str, value) -> str:
-    if isinstance(value, numbers.Integral):          # int, bool, numpy integers
+    if isinstance(value, numbers.Integral):  # int, bool, numpy integers
         return str(int(value))
-    if isinstance(value, numbers.Real):              # float, numpy floats; repr round-trips exactly
+    if isinstance(value, numbers.Real):  # float, numpy floats; repr round-trips exactly
         return repr(float(value))
     raise TypeError(f"feature {name!r} must be a number or None, not {type(value).__name__}: {value!r}")
 
@@ -177,21 +202,28 @@ def parse_number(text: str):
     return int(text) if _INT_RE.match(text) else float(text)
 
 
-def read_features(client: redis.Redis, entity_type: str, window: str, entity_id: str,
-                  prefix: str = DEFAULT_PREFIX) -> Optional[dict]:
+def read_features(
+    client: redis.Redis, entity_type: str, window: str, entity_id: str, prefix: str = DEFAULT_PREFIX
+) -> Optional[dict]:
     """The stored row for one entity and window spec, shaped like the written row (features that were
     None are missing), or None when there is no (unexpired) hash. Works with or without decode_responses."""
     raw = client.hgetall(feature_key(entity_type, window, entity_id, prefix))
     if not raw:
         return None
     fields = {_text(k): _text(v) for k, v in raw.items()}
-    row = {"entity_type": entity_type, "entity_id": entity_id, "window": window,
-           "window_start": int(fields.pop(WINDOW_START_FIELD)), "window_end": int(fields.pop(WINDOW_END_FIELD))}
+    row = {
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "window": window,
+        "window_start": int(fields.pop(WINDOW_START_FIELD)),
+        "window_end": int(fields.pop(WINDOW_END_FIELD)),
+    }
     row.update((name, parse_number(text)) for name, text in fields.items())
     return row
 
 
 # --- the transform ----------------------------------------------------------------------------
+
 
 class _WriteFeaturesFn(beam.DoFn):
     """Buffers a bundle's rows and writes them in pipelined batches of conditional script calls."""
@@ -226,7 +258,7 @@ class _WriteFeaturesFn(beam.DoFn):
         with self._client.pipeline(transaction=False) as pipe:
             for key, args, _, _ in batch:
                 self._script(keys=[key], args=args, client=pipe)
-            results = pipe.execute()     # ConnectionError / ResponseError propagate: the bundle is retried
+            results = pipe.execute()  # ConnectionError / ResponseError propagate: the bundle is retried
         written = sum(1 for r in results if r)
         self._written.inc(written)
         self._skipped.inc(len(results) - written)
@@ -237,7 +269,7 @@ class _WriteFeaturesFn(beam.DoFn):
         if self._client is not None:
             try:
                 self._client.close()
-            except Exception:   # best effort: the worker is going away
+            except Exception:  # best effort: the worker is going away
                 _log.warning("online_store: closing the Redis client failed", exc_info=True)
             self._client = None
 

@@ -4,6 +4,7 @@ Pure functions do the work (`decode_payload`, `validate_event`, `parse_record`);
 them in one DoFn with three outputs: valid events, consent-dropped stubs and dead letters. A record
 never leaves this stage without landing in exactly one of them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +55,7 @@ class ConsentWithdrawn(Exception):
 @dataclasses.dataclass(frozen=True)
 class ValidationRules:
     """Everything validation needs, resolved once on the launcher (picklable, no file access)."""
+
     registry: SchemaRegistry
     event_types: frozenset
     max_event_bytes: int
@@ -72,15 +74,27 @@ class ValidationRules:
         max_ms = int((job_start.timestamp() + v.max_clock_skew) * 1000)
         if registry.get(cfg.schema.default_version) is None:
             from transforms.config import ConfigError
+
             raise ConfigError(
                 f"schema.default_version: version {cfg.schema.default_version} has no event.v"
-                f"{cfg.schema.default_version}.avsc; available: {list(registry.versions)}")
-        return cls(registry, frozenset(v.event_types), v.max_event_bytes, min_ms, max_ms,
-                   cfg.schema.default_version, cfg.schema.unknown_fields == "reject",
-                   v.naive_timestamps == "utc", int(cfg.time.lateness * 1000), cfg.time.arrival_field)
+                f"{cfg.schema.default_version}.avsc; available: {list(registry.versions)}"
+            )
+        return cls(
+            registry,
+            frozenset(v.event_types),
+            v.max_event_bytes,
+            min_ms,
+            max_ms,
+            cfg.schema.default_version,
+            cfg.schema.unknown_fields == "reject",
+            v.naive_timestamps == "utc",
+            int(cfg.time.lateness * 1000),
+            cfg.time.arrival_field,
+        )
 
 
 # --- pure functions ---------------------------------------------------------------------------
+
 
 def parse_event_time(value: Any, naive_as_utc: bool) -> int:
     """ISO-8601 with offset, or epoch milliseconds (number or digit string) -> epoch ms.
@@ -119,13 +133,13 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
     """Exact bytes of one record -> a JSON value. Raises Rejected (ConsentWithdrawn for a consent: false
     object that is rejected only for a number beyond the double range)."""
     if len(raw) > max_bytes:
-        raise Rejected(contract.OVERSIZE_PAYLOAD, None,
-                       f"record is {len(raw)} bytes, over the {max_bytes}-byte limit")
+        raise Rejected(contract.OVERSIZE_PAYLOAD, None, f"record is {len(raw)} bytes, over the {max_bytes}-byte limit")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise Rejected(contract.BAD_ENCODING, None,
-                       f"record is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+        raise Rejected(
+            contract.BAD_ENCODING, None, f"record is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
+        ) from None
     if not text.strip():
         raise Rejected(contract.MALFORMED_JSON, None, "record is empty")
     try:
@@ -144,8 +158,9 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
         raise Rejected(contract.MALFORMED_JSON, None, f"not valid JSON: {error}")
     if isinstance(obj, dict) and obj.get("consent") is False:
         raise ConsentWithdrawn(obj)  # consent first, whatever else is wrong (see validate_event)
-    raise Rejected(contract.OUT_OF_RANGE, field,
-                   f"{field} is a number beyond the double range (|x| <= {_MAX_DOUBLE:.17g})")
+    raise Rejected(
+        contract.OUT_OF_RANGE, field, f"{field} is a number beyond the double range (|x| <= {_MAX_DOUBLE:.17g})"
+    )
 
 
 def _reject_constant(name: str):
@@ -177,21 +192,30 @@ def _resolve_version(obj: dict, rules: ValidationRules) -> SchemaVersion:
     elif isinstance(declared, str) and declared.strip().lstrip("v").isdigit():
         version = int(declared.strip().lstrip("v"))
     else:
-        raise Rejected(contract.WRONG_TYPE, "schema_version",
-                       f"schema_version must be an integer, got {type(declared).__name__} {declared!r}")
+        raise Rejected(
+            contract.WRONG_TYPE,
+            "schema_version",
+            f"schema_version must be an integer, got {type(declared).__name__} {declared!r}",
+        )
     sv = rules.registry.get(version)
     if sv is None:
-        raise Rejected(contract.SCHEMA_VIOLATION, "schema_version",
-                       f"schema_version {version} is not registered (known: {list(rules.registry.versions)})")
+        raise Rejected(
+            contract.SCHEMA_VIOLATION,
+            "schema_version",
+            f"schema_version {version} is not registered (known: {list(rules.registry.versions)})",
+        )
     return sv
 
 
 def _coerce(field, value: Any) -> Any:
     """Check one value against its field's Avro kind; returns the canonical value or raises Rejected."""
     kind, name = field.kind, field.name
+
     def wrong(expected):
-        return Rejected(contract.WRONG_TYPE, name,
-                        f"{name} must be {expected}, got {type(value).__name__} {_short(value)}")
+        return Rejected(
+            contract.WRONG_TYPE, name, f"{name} must be {expected}, got {type(value).__name__} {_short(value)}"
+        )
+
     if kind == "string":
         if isinstance(value, str):
             return value
@@ -230,8 +254,11 @@ def _coerce(field, value: Any) -> Any:
             raise wrong("an object of strings")
         for k, v in value.items():
             if not isinstance(v, str):
-                raise Rejected(contract.WRONG_TYPE, f"{name}.{k}",
-                               f"{name}.{k} must be a string, got {type(v).__name__} {_short(v)}")
+                raise Rejected(
+                    contract.WRONG_TYPE,
+                    f"{name}.{k}",
+                    f"{name}.{k} must be a string, got {type(v).__name__} {_short(v)}",
+                )
         return dict(value)
     return value  # timestamp: handled by the caller
 
@@ -241,8 +268,8 @@ def _coerce(field, value: Any) -> Any:
 # labels, slates Avro; Parquet int32/int64/float64 and JSON lines hold at least as much).
 _MAX_DOUBLE = sys.float_info.max
 _AVRO_RANGES = {
-    "int": (-2 ** 31, 2 ** 31 - 1),
-    "long": (-2 ** 63, 2 ** 63 - 1),
+    "int": (-(2**31), 2**31 - 1),
+    "long": (-(2**63), 2**63 - 1),
     "float": (-3.4028234663852886e38, 3.4028234663852886e38),
     "double": (-_MAX_DOUBLE, _MAX_DOUBLE),
 }
@@ -251,10 +278,13 @@ _AVRO_RANGES = {
 def _in_avro_range(name: str, kind: str, value):
     low, high = _AVRO_RANGES[kind]
     if not low <= value <= high:
-        raise Rejected(contract.OUT_OF_RANGE, name,
-                       f"{name} {_short(value)} is outside the range of Avro {kind} [{low:.17g}, {high:.17g}]"
-                       if kind in ("float", "double") else
-                       f"{name} {_short(value)} is outside the range of Avro {kind} [{low}, {high}]")
+        raise Rejected(
+            contract.OUT_OF_RANGE,
+            name,
+            f"{name} {_short(value)} is outside the range of Avro {kind} [{low:.17g}, {high:.17g}]"
+            if kind in ("float", "double")
+            else f"{name} {_short(value)} is outside the range of Avro {kind} [{low}, {high}]",
+        )
     return value
 
 
@@ -276,9 +306,12 @@ def validate_event(obj: Any, rules: ValidationRules) -> dict:
     sv = _resolve_version(obj, rules)
     unknown = sorted(k for k in obj if k not in sv.field_names)
     if unknown and rules.reject_unknown_fields:
-        raise Rejected(contract.SCHEMA_VIOLATION, unknown[0],
-                       f"field {unknown[0]!r} is not in schema version {sv.version}"
-                       + (f" (also: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""))
+        raise Rejected(
+            contract.SCHEMA_VIOLATION,
+            unknown[0],
+            f"field {unknown[0]!r} is not in schema version {sv.version}"
+            + (f" (also: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""),
+        )
     event = {}
     for field in sv.fields:
         value = obj.get(field.name)
@@ -294,20 +327,29 @@ def validate_event(obj: Any, rules: ValidationRules) -> dict:
                 raise Rejected(contract.BAD_TIMESTAMP, field.name, f"{field.name}: {e}") from None
             if ms < rules.min_event_time_ms:
                 hint = " (epoch seconds instead of milliseconds?)" if 0 <= ms < 10_000_000_000 else ""
-                raise Rejected(contract.BAD_TIMESTAMP, field.name,
-                               f"{field.name} {_short(value)} is {_iso(ms)}, before the earliest plausible time "
-                               f"{_iso(rules.min_event_time_ms)} (validation.min_event_time){hint}")
+                raise Rejected(
+                    contract.BAD_TIMESTAMP,
+                    field.name,
+                    f"{field.name} {_short(value)} is {_iso(ms)}, before the earliest plausible time "
+                    f"{_iso(rules.min_event_time_ms)} (validation.min_event_time){hint}",
+                )
             if ms > rules.max_event_time_ms:
                 # No job-start time in the message: a replay must write the same dead letter.
-                raise Rejected(contract.BAD_TIMESTAMP, field.name,
-                               f"{field.name} {_short(value)} is {_iso(ms)}, further in the future than "
-                               f"validation.max_clock_skew allows")
+                raise Rejected(
+                    contract.BAD_TIMESTAMP,
+                    field.name,
+                    f"{field.name} {_short(value)} is {_iso(ms)}, further in the future than "
+                    f"validation.max_clock_skew allows",
+                )
             event[field.name] = ms
         else:
             event[field.name] = _coerce(field, value)
     if event["event_type"] not in rules.event_types:
-        raise Rejected(contract.UNKNOWN_EVENT_TYPE, "event_type",
-                       f"event_type {event['event_type']!r} is not one of {sorted(rules.event_types)}")
+        raise Rejected(
+            contract.UNKNOWN_EVENT_TYPE,
+            "event_type",
+            f"event_type {event['event_type']!r} is not one of {sorted(rules.event_types)}",
+        )
     _check_ranges(event)
     event["schema_version"] = sv.version
     # Fields of newer versions, absent from this one, are present as None: one canonical shape.
@@ -337,8 +379,10 @@ class TooLate(Exception):
     """A valid event that arrived later than the lateness limit after its event time."""
 
     def __init__(self, event: dict, late_ms: int, limit_ms: int):
-        super().__init__(f"arrived {late_ms / 1000:.3f} s after its event time; the lateness limit is "
-                         f"{limit_ms / 1000:.0f} s (time.lateness)")
+        super().__init__(
+            f"arrived {late_ms / 1000:.3f} s after its event time; the lateness limit is "
+            f"{limit_ms / 1000:.0f} s (time.lateness)"
+        )
         self.event, self.late_ms = event, late_ms
 
 
@@ -375,12 +419,15 @@ def consent_stub(obj: dict, source: str) -> dict:
     """What is kept of a consent-withdrawn event: enough to count and audit it, nothing personal."""
     event_id = obj.get("event_id")
     event_type = obj.get("event_type")
-    return {"event_id": None if event_id is None else str(event_id)[:200],
-            "event_type": event_type if isinstance(event_type, str) else None,
-            "source": source}
+    return {
+        "event_id": None if event_id is None else str(event_id)[:200],
+        "event_type": event_type if isinstance(event_type, str) else None,
+        "source": source,
+    }
 
 
 # --- the transform ----------------------------------------------------------------------------
+
 
 class _ParseFn(beam.DoFn):
     def __init__(self, rules: ValidationRules, key_source: KeySource):
@@ -406,20 +453,27 @@ class _ParseFn(beam.DoFn):
         except Rejected as r:
             self._rejected.inc()
             Metrics.counter(METRICS_NS, f"dead_letter_{r.reason}").inc()
-            yield beam.pvalue.TaggedOutput(ParseEvents.DEAD_LETTER, dead_letter(
-                r.reason, r.field, r.message, "parse", payload, source, self._redactor))
+            yield beam.pvalue.TaggedOutput(
+                ParseEvents.DEAD_LETTER,
+                dead_letter(r.reason, r.field, r.message, "parse", payload, source, self._redactor),
+            )
             return
         except TooLate as t:
             self._too_late.inc()
             record = dead_letter(contract.TOO_LATE, "event_time", str(t), "lateness", payload, source, self._redactor)
-            record.update(event_id=self._redactor.redact_id("event_id", t.event["event_id"], count=False),
-                          event_time=t.event["event_time"], arrival_time=t.event["arrival_time"], late_ms=t.late_ms)
+            record.update(
+                event_id=self._redactor.redact_id("event_id", t.event["event_id"], count=False),
+                event_time=t.event["event_time"],
+                arrival_time=t.event["arrival_time"],
+                late_ms=t.late_ms,
+            )
             yield beam.pvalue.TaggedOutput(ParseEvents.TOO_LATE, record)
             return
         except ConsentWithdrawn as c:
             self._consent.inc()
-            yield beam.pvalue.TaggedOutput(ParseEvents.CONSENT_DROPPED,
-                                           protect_consent_stub(consent_stub(c.obj, source), self._redactor))
+            yield beam.pvalue.TaggedOutput(
+                ParseEvents.CONSENT_DROPPED, protect_consent_stub(consent_stub(c.obj, source), self._redactor)
+            )
             return
         self._valid.inc()
         yield beam.window.TimestampedValue(event, event["event_time"] / 1000.0)
@@ -435,6 +489,7 @@ class ParseEvents(beam.PTransform):
 
     Returns the tagged outputs VALID (main), DEAD_LETTER, CONSENT_DROPPED and TOO_LATE.
     """
+
     VALID = "valid"
     DEAD_LETTER = "dead_letter"
     CONSENT_DROPPED = "consent_dropped"
@@ -449,4 +504,5 @@ class ParseEvents(beam.PTransform):
 
     def expand(self, raw: beam.PCollection[RawRecord]) -> beam.pvalue.DoOutputsTuple:
         return raw | "ParseAndValidate" >> beam.ParDo(_ParseFn(self._rules, self._key_source)).with_outputs(
-            self.DEAD_LETTER, self.CONSENT_DROPPED, self.TOO_LATE, main=self.VALID)
+            self.DEAD_LETTER, self.CONSENT_DROPPED, self.TOO_LATE, main=self.VALID
+        )

@@ -21,6 +21,7 @@ token never looks like a phone number or an address), replaces identifiers that 
 stable keyed token (`pii-...`, same input -> same token, so joins keep working) and counts every
 finding by field and kind (`pii_found.<field>.<kind>` counters in namespace `feedback.privacy`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,15 +40,24 @@ import phonenumbers
 from apache_beam.metrics import Metrics
 
 METRICS_NS = "feedback.privacy"
-PII_FOUND = "pii_found"          # counter pii_found.<field>.<kind>: PII occurrences found at the source
-PII_REDACTED = "pii_redacted"    # counter pii_redacted.<field>.<kind>: of those, replaced before any sink
+PII_FOUND = "pii_found"  # counter pii_found.<field>.<kind>: PII occurrences found at the source
+PII_REDACTED = "pii_redacted"  # counter pii_redacted.<field>.<kind>: of those, replaced before any sink
 PII_KINDS = ("email", "phone", "ip")
 _DEMO_KEY = b"feedback-pipeline-local-demo-key-not-secret"
 _log = logging.getLogger(__name__)
 
 # Identifier fields: a value holding PII is replaced whole by one keyed token (joins keep working).
-ID_FIELDS = ("event_id", "item_id", "request_id", "policy", "experiment_id", "variant", "event_type",
-             "user_id", "session_id")
+ID_FIELDS = (
+    "event_id",
+    "item_id",
+    "request_id",
+    "policy",
+    "experiment_id",
+    "variant",
+    "event_type",
+    "user_id",
+    "session_id",
+)
 # Pseudonymised inside dead-letter payloads too (the same pseudonym a valid event gets).
 DEAD_LETTER_PSEUDONYMISED = ("user_id", "session_id")
 # Key added to a dead-letter payload whose ids are pseudonyms already: a keyed tag over them, so a replay
@@ -55,8 +65,32 @@ DEAD_LETTER_PSEUDONYMISED = ("user_id", "session_id")
 PSEUDONYMISED_MARK = "_pseudonymised"
 # Default regions for numbers written without a country code. A number in a national form of a
 # region not listed here is only found when written internationally (+CC or 00CC).
-PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "CN", "AU", "ES", "IT", "NL", "MX", "RU",
-                 "ZA", "NG", "KR", "SE", "PL", "TR", "AR", "CH", "BE", "IE")
+PHONE_REGIONS = (
+    "US",
+    "GB",
+    "DE",
+    "FR",
+    "IN",
+    "BR",
+    "JP",
+    "CN",
+    "AU",
+    "ES",
+    "IT",
+    "NL",
+    "MX",
+    "RU",
+    "ZA",
+    "NG",
+    "KR",
+    "SE",
+    "PL",
+    "TR",
+    "AR",
+    "CH",
+    "BE",
+    "IE",
+)
 
 # Bounded repeats and a start only at a token boundary keep the scan linear on long hostile text.
 _EMAIL_LOCAL = r"(?:(?<![\w.!#$%&'*+/=?^`{|}~\-])[\w.!#$%&'*+/=?^`{|}~\-]{1,64}|\"[^\"\r\n@]{1,64}\")"
@@ -70,14 +104,18 @@ _PHONE_CANDIDATE_RE = re.compile(r"(?<![\w+./])(?<!\w-)(?:\+|\(\+?)?\d[\d \u00a0
 _BARE_DIGITS_RE = re.compile(r"\(?[1-9]\d*\)?")
 # Dotted with a one-digit group and no +: a version number ("Instagram 375.2.0.33.77"), not a phone.
 # A candidate starting with a calendar date ("2026-10-31 19:11:05") is a timestamp.
-_DATE_RE = re.compile(r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])(?!\d)"
-                      r"|(?:0?[1-9]|[12]\d|3[01])[-/.](?:0?[1-9]|1[0-2])[-/.](?:19|20)\d\d(?!\d)")
+_DATE_RE = re.compile(
+    r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])(?!\d)"
+    r"|(?:0?[1-9]|[12]\d|3[01])[-/.](?:0?[1-9]|1[0-2])[-/.](?:19|20)\d\d(?!\d)"
+)
 _VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
 _PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS, _PHONE_MAX_GROUPS = 7, 17, 48
 # IPv4 not glued to a word, a dotted number or a product/version token ("Chrome/120.0.0.0").
 IPV4_RE = re.compile(r"(?<![\w.+])(?<![A-Za-z]/)(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
-IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4})"
-                     r"(?:%[\w.\-]+)?")
+IPV6_RE = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4})"
+    r"(?:%[\w.\-]+)?"
+)
 _JSON_ESCAPE_RE = re.compile(r"(?:\\u[0-9A-Fa-f]{4})+")
 _TOKEN_ALPHABET = str.maketrans("0123456789abcdef", "abcdefghijklmnop")
 
@@ -89,6 +127,7 @@ class MissingKeyError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class KeySource:
     """Where the HMAC key comes from. Holds no secret itself, so it is safe to pickle."""
+
     env: str = "FEEDBACK_HMAC_KEY"
     file: Optional[str] = None
     allow_demo: bool = False
@@ -115,7 +154,8 @@ class KeySource:
             return _DEMO_KEY
         raise MissingKeyError(
             f"privacy: no HMAC key. Set the environment variable {self.env} (or privacy.key_env), or point "
-            f"privacy.key_file at a secret file; for a local demo only, set privacy.allow_demo_key: true")
+            f"privacy.key_file at a secret file; for a local demo only, set privacy.allow_demo_key: true"
+        )
 
 
 _demo_warned = set()
@@ -124,8 +164,11 @@ _demo_warned = set()
 def _warn_demo_once(env: str) -> None:
     if env not in _demo_warned:
         _demo_warned.add(env)
-        _log.warning("privacy: no HMAC key in $%s; using the built-in DEMO key (privacy.allow_demo_key: true). "
-                         "Pseudonyms are not protected. Never use this outside a local demo.", env)
+        _log.warning(
+            "privacy: no HMAC key in $%s; using the built-in DEMO key (privacy.allow_demo_key: true). "
+            "Pseudonyms are not protected. Never use this outside a local demo.",
+            env,
+        )
 
 
 class Pseudonymiser:
@@ -137,8 +180,9 @@ class Pseudonymiser:
         self.pseudonym = lru_cache(maxsize=200_000)(self._pseudonym)
 
     def _pseudonym(self, domain: str, value: str) -> str:
-        return hmac.new(self._key, f"{domain}\x1f{value}".encode("utf-8", "surrogatepass"),
-                        hashlib.sha256).hexdigest()[:self._length]
+        return hmac.new(self._key, f"{domain}\x1f{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[
+            : self._length
+        ]
 
 
 @lru_cache(maxsize=100_000)
@@ -159,14 +203,18 @@ def truncate_ip(ip: str, v4_prefix: int, v6_prefix: int) -> Optional[str]:
 
 # --- detection ---------------------------------------------------------------------------------
 
+
 def decode_json_escapes(text: str) -> str:
     """'a\\u0040b.com' -> 'a@b.com' (surrogate pairs joined); other text unchanged."""
+
     def one(m):
         try:
-            return (m.group(0).encode("ascii").decode("unicode_escape")
-                    .encode("utf-16", "surrogatepass").decode("utf-16"))
+            return (
+                m.group(0).encode("ascii").decode("unicode_escape").encode("utf-16", "surrogatepass").decode("utf-16")
+            )
         except UnicodeError:
             return m.group(0)
+
     return _JSON_ESCAPE_RE.sub(one, text)
 
 
@@ -188,8 +236,10 @@ def _digits(text: str) -> int:
 def _phone_spans(candidate: str) -> tuple:
     """Spans of phone numbers within one candidate (with a character of context on each side)."""
     for region in PHONE_REGIONS:
-        spans = tuple((m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(
-            candidate, region, leniency=phonenumbers.Leniency.VALID))
+        spans = tuple(
+            (m.start, m.end)
+            for m in phonenumbers.PhoneNumberMatcher(candidate, region, leniency=phonenumbers.Leniency.VALID)
+        )
         if spans:
             return spans
     return ()
@@ -245,8 +295,13 @@ class PiiScanner:
         for m in _PHONE_CANDIDATE_RE.finditer(text):
             c = m.group(0)
             n = _digits(c)
-            if (n < _PHONE_MIN_DIGITS or _BARE_DIGITS_RE.fullmatch(c) or _VERSION_RE.fullmatch(c)
-                    or (n > _PHONE_MAX_DIGITS and c.isdigit()) or _DATE_RE.match(c)):
+            if (
+                n < _PHONE_MIN_DIGITS
+                or _BARE_DIGITS_RE.fullmatch(c)
+                or _VERSION_RE.fullmatch(c)
+                or (n > _PHONE_MAX_DIGITS and c.isdigit())
+                or _DATE_RE.match(c)
+            ):
                 continue
             lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
             spans = _phone_spans(text[lo:hi]) if n <= _PHONE_MAX_DIGITS else ()
@@ -268,8 +323,17 @@ class PiiScanner:
         starts = []
         for i, (start, _, _) in enumerate(groups):
             lead = text[start - 1] if start > offset else ""
-            rank = 0 if lead == "+" else 1 if lead == "(" or text.startswith("00", start) else \
-                2 if text[start] == "0" else 3 if i == 0 else None
+            rank = (
+                0
+                if lead == "+"
+                else 1
+                if lead == "(" or text.startswith("00", start)
+                else 2
+                if text[start] == "0"
+                else 3
+                if i == 0
+                else None
+            )
             if rank is not None:
                 starts.append((rank, i))
         found, taken_until = [], -1
@@ -307,8 +371,21 @@ class PiiScanner:
 
 # Top-level names counted under their own name; any other name counts as "unknown_field" (counter
 # names must not grow with whatever keys hostile input carries).
-_KNOWN_FIELDS = frozenset(ID_FIELDS + ("user_agent", "ip", "context", "event_time", "schema_version",
-                                       "position", "propensity", "dwell_ms", "value", "consent"))
+_KNOWN_FIELDS = frozenset(
+    ID_FIELDS
+    + (
+        "user_agent",
+        "ip",
+        "context",
+        "event_time",
+        "schema_version",
+        "position",
+        "propensity",
+        "dwell_ms",
+        "value",
+        "consent",
+    )
+)
 
 
 def counted_field(name: str) -> str:
@@ -414,9 +491,12 @@ class Redactor:
         (user and session ids pseudonymised, ids holding PII tokenised), the rest redacted."""
         if not isinstance(obj, dict):
             return self.redact_tree(obj, "unknown_field")
-        ids = {k: str(v) for k, v in obj.items()
-               if k in DEAD_LETTER_PSEUDONYMISED and isinstance(v, (str, int)) and not isinstance(v, bool)}
-        done = bool(ids) and obj.get(PSEUDONYMISED_MARK) == self.mark(ids)   # a replayed dead letter
+        ids = {
+            k: str(v)
+            for k, v in obj.items()
+            if k in DEAD_LETTER_PSEUDONYMISED and isinstance(v, (str, int)) and not isinstance(v, bool)
+        }
+        done = bool(ids) and obj.get(PSEUDONYMISED_MARK) == self.mark(ids)  # a replayed dead letter
         pseudonyms = {}
         out = {}
         for k, v in obj.items():
@@ -498,10 +578,16 @@ def protect_event(event: dict, rules: PrivacyRules, pseudonymiser: Pseudonymiser
     out["ip_hash"] = pseudonymiser.pseudonym("ip", ip.strip()) if ip else None
     out["ip_network"] = truncate_ip(ip, rules.ipv4_prefix, rules.ipv6_prefix) if ip else None
     for name, value in event.items():
-        if (not isinstance(value, str) or name in rules.pseudonymise_fields or name in done
-                or name in ("ip", PSEUDONYMISED_MARK)):
+        if (
+            not isinstance(value, str)
+            or name in rules.pseudonymise_fields
+            or name in done
+            or name in ("ip", PSEUDONYMISED_MARK)
+        ):
             continue
-        out[name] = redactor.redact_id(name, value) if name in ID_FIELDS else redactor.redact(value, counted_field(name))
+        out[name] = (
+            redactor.redact_id(name, value) if name in ID_FIELDS else redactor.redact(value, counted_field(name))
+        )
     ctx = out.get("context")
     if ctx:
         out["context"] = {redactor.redact(k, "context_key"): redactor.redact(v, "context") for k, v in ctx.items()}

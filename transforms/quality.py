@@ -38,6 +38,7 @@ SLO results are `{slo, value, threshold, ok, message}`; `ok` is True (met), Fals
 (not evaluated: no data, or no baseline). `slo_exit_code` maps them to `EXIT_SLO_BREACH` in `fail`
 mode; `warn` mode reports breaches and exits 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,49 +50,84 @@ from transforms import contract
 from transforms.configbase import Duration, _Section
 
 __all__ = [
-    "EXIT_SLO_BREACH", "SUCCESS_OUTCOMES", "FAILURE_OUTCOMES", "SloConfig", "QualityConfig",
-    "entropy_bits", "histogram_percentile", "psi", "js_divergence", "linf", "categorical_align",
-    "quality_summary", "drift_report", "evaluate_slos", "slo_exit_code", "breaches", "entropy_snapshot",
+    "EXIT_SLO_BREACH",
+    "SUCCESS_OUTCOMES",
+    "FAILURE_OUTCOMES",
+    "SloConfig",
+    "QualityConfig",
+    "entropy_bits",
+    "histogram_percentile",
+    "psi",
+    "js_divergence",
+    "linf",
+    "categorical_align",
+    "quality_summary",
+    "drift_report",
+    "evaluate_slos",
+    "slo_exit_code",
+    "breaches",
+    "entropy_snapshot",
     "privacy_stats",
 ]
 
-EXIT_SLO_BREACH = 4   # the run finished and accounts for every record, but a quality SLO is breached
+EXIT_SLO_BREACH = 4  # the run finished and accounts for every record, but a quality SLO is breached
 
-SUCCESS_OUTCOMES = (contract.OUTCOME_VALID, contract.OUTCOME_DUPLICATE, contract.OUTCOME_BOT,
-                    contract.OUTCOME_CONSENT_DROPPED)
+SUCCESS_OUTCOMES = (
+    contract.OUTCOME_VALID,
+    contract.OUTCOME_DUPLICATE,
+    contract.OUTCOME_BOT,
+    contract.OUTCOME_CONSENT_DROPPED,
+)
 FAILURE_OUTCOMES = (contract.OUTCOME_DEAD_LETTER, contract.OUTCOME_TOO_LATE)
 
 
 # --- configuration ---------------------------------------------------------------------------
 
+
 class SloConfig(_Section):
     """Thresholds; each one set to null disables its gate."""
+
     ingestion_success_min: Optional[float] = Field(
-        0.999, ge=0, le=1, description="(valid+duplicates+bots+consent_dropped) / input_records at least this.")
+        0.999, ge=0, le=1, description="(valid+duplicates+bots+consent_dropped) / input_records at least this."
+    )
     label_coverage_min: Optional[float] = Field(0.9, ge=0, le=1, description="labels / exposures at least this.")
     psi_max: Optional[float] = Field(0.2, gt=0, description="Population stability index per feature vs baseline.")
     js_max: Optional[float] = Field(0.1, gt=0, le=1, description="Jensen-Shannon divergence (bits) per feature.")
     linf_max: Optional[float] = Field(None, gt=0, le=1, description="L-infinity distance, categorical features.")
     bot_ratio_band: Optional[tuple[float, float]] = Field(
-        (0.0, 0.2), description="[low, high] for bots / (valid + bots).")
+        (0.0, 0.2), description="[low, high] for bots / (valid + bots)."
+    )
     entropy_drop_max: Optional[float] = Field(
-        0.5, ge=0, description="Bits the latest hour's entropy may fall below the mean of the earlier windows.")
+        0.5, ge=0, description="Bits the latest hour's entropy may fall below the mean of the earlier windows."
+    )
     entropy_windows: int = Field(6, ge=2, description="Hourly windows the entropy trend looks at (latest included).")
     orphan_ratio_max: Optional[float] = Field(0.05, ge=0, description="orphan outcomes / exposures at most this.")
     drift_min_count: int = Field(
-        500, ge=1, description="A feature with fewer observations in either run is not compared: PSI on small "
-                                "samples flags noise (a same-distribution rerun of a few thousand events did).")
+        500,
+        ge=1,
+        description="A feature with fewer observations in either run is not compared: PSI on small "
+        "samples flags noise (a same-distribution rerun of a few thousand events did).",
+    )
     drift_min_share: float = Field(
-        0.01, ge=0, lt=1, description="Categories under this share in both runs are pooled into '(other)' before "
-                                      "comparing: long tails of rare values dominate PSI otherwise.")
+        0.01,
+        ge=0,
+        lt=1,
+        description="Categories under this share in both runs are pooled into '(other)' before "
+        "comparing: long tails of rare values dominate PSI otherwise.",
+    )
     latency_p99_max: Optional[Duration] = Field(None, description="p99 of arrival - event time at most this.")
     freshness_max_age: Optional[Duration] = Field(
-        None, description="Per cohort: run end - its latest event time at most this.")
+        None, description="Per cohort: run end - its latest event time at most this."
+    )
     privacy_compliance_min: Optional[float] = Field(
-        1.0, ge=0, le=1, description="PII redacted before any sink / PII found at the source at least this.")
+        1.0, ge=0, le=1, description="PII redacted before any sink / PII found at the source at least this."
+    )
     pii_at_source_max: Optional[int] = Field(
-        None, ge=0, description="Per input field: PII occurrences found at the source at most this "
-                                "(null: counts are reported, not gated).")
+        None,
+        ge=0,
+        description="Per input field: PII occurrences found at the source at most this "
+        "(null: counts are reported, not gated).",
+    )
 
     @model_validator(mode="after")
     def _band(self):
@@ -105,16 +141,18 @@ class SloConfig(_Section):
 class QualityConfig(_Section):
     slos: SloConfig = SloConfig()
     mode: Literal["fail", "warn"] = Field(
-        "fail", description="fail: a breached SLO exits with EXIT_SLO_BREACH; warn: reported only.")
+        "fail", description="fail: a breached SLO exits with EXIT_SLO_BREACH; warn: reported only."
+    )
     baseline: Optional[str] = Field(None, description="baseline.json (python -m pipelines.baseline) for drift gates.")
 
 
 # --- metrics on counts -----------------------------------------------------------------------
 
+
 def _check_counts(counts: Iterable) -> list[float]:
     out = [float(c) for c in counts]
     for c in out:
-        if not c >= 0:   # also catches NaN
+        if not c >= 0:  # also catches NaN
             raise ValueError(f"counts must be non-negative numbers, got {c}")
     return out
 
@@ -144,8 +182,9 @@ def entropy_bits(counts: Iterable[int]) -> float:
     return h if h > 0 else 0.0
 
 
-def histogram_percentile(edges: Sequence[float], counts: Sequence[int], q: float,
-                         lower: Optional[float] = None) -> Optional[float]:
+def histogram_percentile(
+    edges: Sequence[float], counts: Sequence[int], q: float, lower: Optional[float] = None
+) -> Optional[float]:
     """The q-quantile (q in [0, 1]) of a histogram, linear within the bucket it falls in.
 
     `edges` are ascending upper bounds; `counts` has one more entry, the overflow bucket (> last
@@ -179,7 +218,7 @@ def histogram_percentile(edges: Sequence[float], counts: Sequence[int], q: float
             lo = lower if i == 0 else e[i - 1]
             return lo + (target - cum) / n * (e[i] - lo)
         cum += n
-    return e[-1]   # not reached: q <= 1 means the last non-empty bucket holds the target
+    return e[-1]  # not reached: q <= 1 means the last non-empty bucket holds the target
 
 
 def psi(expected_counts: Sequence[int], actual_counts: Sequence[int], eps: float = 1e-4) -> float:
@@ -236,6 +275,7 @@ def categorical_align(a: dict, b: dict) -> tuple[list, list]:
 
 # --- SLIs ------------------------------------------------------------------------------------
 
+
 def _ratio(num, den) -> Optional[float]:
     return num / den if den else None
 
@@ -260,9 +300,11 @@ def entropy_snapshot(stats: dict) -> dict:
     div = stats.get("diversity") or {}
     exp = [w.get("exposure_entropy", 0.0) for w in div.values()]
     pos = [w.get("positive_entropy", 0.0) for w in div.values()]
-    return {"windows": len(div),
-            "exposure_mean": sum(exp) / len(exp) if exp else None,
-            "positive_mean": sum(pos) / len(pos) if pos else None}
+    return {
+        "windows": len(div),
+        "exposure_mean": sum(exp) / len(exp) if exp else None,
+        "positive_mean": sum(pos) / len(pos) if pos else None,
+    }
 
 
 def quality_summary(stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
@@ -277,9 +319,13 @@ def quality_summary(stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
     return {
         "input_records": input_records,
         "accounting": {"sum_of_outcomes": sum_outcomes, "holds": sum_outcomes == input_records},
-        "ingestion": {"success_rate": _ratio(succeeded, input_records), "succeeded": succeeded,
-                      "failed": failed, "unaccounted": input_records - sum_outcomes,
-                      "definition": "(" + " + ".join(SUCCESS_OUTCOMES) + ") / input_records"},
+        "ingestion": {
+            "success_rate": _ratio(succeeded, input_records),
+            "succeeded": succeeded,
+            "failed": failed,
+            "unaccounted": input_records - sum_outcomes,
+            "definition": "(" + " + ".join(SUCCESS_OUTCOMES) + ") / input_records",
+        },
         "latency_ms": _latency_summary(stats),
         "labels": _labels_summary(stats.get("labels", {})),
         "bots": _bots_summary(stats, counts),
@@ -293,8 +339,11 @@ def quality_summary(stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
 def _latency_summary(stats: dict) -> dict:
     lat = (stats.get("latency_ms") or {}).get("arrival_minus_event") or {}
     edges, lcounts = lat.get("edges") or [], lat.get("counts") or []
-    latency = {"count": int(sum(lcounts)), "overflow": lcounts[-1] if lcounts else 0,
-               "max_edge": edges[-1] if edges else None}
+    latency = {
+        "count": int(sum(lcounts)),
+        "overflow": lcounts[-1] if lcounts else 0,
+        "max_edge": edges[-1] if edges else None,
+    }
     for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
         value = histogram_percentile(edges, lcounts, q) if edges else None
         latency[name] = value
@@ -307,12 +356,17 @@ def _labels_summary(labels: dict) -> dict:
     coverage = labels.get("coverage")
     if coverage is None and exposures:
         coverage = labels.get("labels", 0) / exposures
-    return {"exposures": exposures, "labels": labels.get("labels", 0), "coverage": coverage,
-            "positives": labels.get("positives", 0), "negatives": labels.get("negatives", 0),
-            "orphan_outcomes": labels.get("orphan_outcomes", 0),
-            "orphan_ratio": _ratio(labels.get("orphan_outcomes", 0), exposures),
-            "late_outcomes": labels.get("late_outcomes", 0),
-            "positive_rate": _ratio(labels.get("positives", 0), labels.get("labels", 0))}
+    return {
+        "exposures": exposures,
+        "labels": labels.get("labels", 0),
+        "coverage": coverage,
+        "positives": labels.get("positives", 0),
+        "negatives": labels.get("negatives", 0),
+        "orphan_outcomes": labels.get("orphan_outcomes", 0),
+        "orphan_ratio": _ratio(labels.get("orphan_outcomes", 0), exposures),
+        "late_outcomes": labels.get("late_outcomes", 0),
+        "positive_rate": _ratio(labels.get("positives", 0), labels.get("labels", 0)),
+    }
 
 
 def _bots_summary(stats: dict, counts: dict) -> dict:
@@ -321,7 +375,9 @@ def _bots_summary(stats: dict, counts: dict) -> dict:
     return {
         "ratio": _ratio(counts.get(contract.OUTCOME_BOT, 0), human_and_bots),
         "by_rule": {rule: _ratio(n, human_and_bots) for rule, n in sorted((stats.get("bots_by_rule") or {}).items())},
-        "hourly": {h: _ratio(v.get("bots", 0), v.get("valid", 0) + v.get("bots", 0)) for h, v in sorted(hourly.items())},
+        "hourly": {
+            h: _ratio(v.get("bots", 0), v.get("valid", 0) + v.get("bots", 0)) for h, v in sorted(hourly.items())
+        },
     }
 
 
@@ -329,8 +385,11 @@ def _freshness_summary(stats: dict, run_end: Optional[int]) -> dict:
     freshness = {}
     for cohort, f in sorted((stats.get("freshness") or {}).items()):
         latest = f.get("latest_event_time_ms")
-        freshness[cohort] = {"events": f.get("events", 0), "latest_event_time_ms": latest,
-                             "age_ms": run_end - latest if run_end is not None and latest is not None else None}
+        freshness[cohort] = {
+            "events": f.get("events", 0),
+            "latest_event_time_ms": latest,
+            "age_ms": run_end - latest if run_end is not None and latest is not None else None,
+        }
     return freshness
 
 
@@ -339,16 +398,27 @@ def _entropy_summary(stats: dict, n_windows: int) -> dict:
     windows = sorted(div)[-n_windows:]
     exp_h = [div[w].get("exposure_entropy", 0.0) for w in windows]
     pos_h = [div[w].get("positive_entropy", 0.0) for w in windows]
-    return {"windows": windows, "exposure_entropy": exp_h, "positive_entropy": pos_h,
-            "exposure_items": [div[w].get("exposure_items", 0) for w in windows],
-            "positive_items": [div[w].get("positive_items", 0) for w in windows],
-            "exposure_drop": entropy_drop(exp_h), "positive_drop": entropy_drop(pos_h)}
+    return {
+        "windows": windows,
+        "exposure_entropy": exp_h,
+        "positive_entropy": pos_h,
+        "exposure_items": [div[w].get("exposure_items", 0) for w in windows],
+        "positive_items": [div[w].get("positive_items", 0) for w in windows],
+        "exposure_drop": entropy_drop(exp_h),
+        "positive_drop": entropy_drop(pos_h),
+    }
 
 
 def _ctr_summary(stats: dict) -> list[dict]:
-    return [{"position": pos, "exposures": v.get("exposures", 0), "positives": v.get("positives", 0),
-             "ctr": _ratio(v.get("positives", 0), v.get("exposures", 0))}
-            for pos, v in sorted((stats.get("ctr_by_position") or {}).items(), key=lambda kv: _position_key(kv[0]))]
+    return [
+        {
+            "position": pos,
+            "exposures": v.get("exposures", 0),
+            "positives": v.get("positives", 0),
+            "ctr": _ratio(v.get("positives", 0), v.get("exposures", 0)),
+        }
+        for pos, v in sorted((stats.get("ctr_by_position") or {}).items(), key=lambda kv: _position_key(kv[0]))
+    ]
 
 
 def _in_overflow(counts: Sequence[int], q: float) -> bool:
@@ -358,9 +428,11 @@ def _in_overflow(counts: Sequence[int], q: float) -> bool:
 
 # --- drift -----------------------------------------------------------------------------------
 
+
 def _bucket_labels(edges: Sequence[float]) -> list[str]:
     def f(x):
         return f"{x:g}"
+
     if not edges:
         return ["all"]
     return [f"≤{f(edges[0])}"] + [f"({f(a)}, {f(b)}]" for a, b in zip(edges, edges[1:])] + [f">{f(edges[-1])}"]
@@ -371,9 +443,21 @@ def _same_edges(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def _feature_drift(kind: str, cur: Optional[dict], base: Optional[dict], slos: SloConfig) -> dict:
-    entry = {"kind": kind, "comparable": False, "drifted": None, "flags": {}, "psi": None, "js": None,
-             "linf": None, "bins": [], "baseline": [], "current": [], "baseline_count": 0, "current_count": 0,
-             "message": ""}
+    entry = {
+        "kind": kind,
+        "comparable": False,
+        "drifted": None,
+        "flags": {},
+        "psi": None,
+        "js": None,
+        "linf": None,
+        "bins": [],
+        "baseline": [],
+        "current": [],
+        "baseline_count": 0,
+        "current_count": 0,
+        "message": "",
+    }
     if kind == "numeric":
         b_counts = list((base or {}).get("counts") or [])
         c_counts = list((cur or {}).get("counts") or [])
@@ -386,12 +470,15 @@ def _feature_drift(kind: str, cur: Optional[dict], base: Optional[dict], slos: S
         entry["message"] = "not in the baseline (or empty there): nothing to compare"
         return entry
     if cur is None or not sum(c_counts):
-        entry.update(drifted=True, flags={"missing": True},
-                     message="present in the baseline but absent or empty in this run")
+        entry.update(
+            drifted=True, flags={"missing": True}, message="present in the baseline but absent or empty in this run"
+        )
         return entry
     if min(sum(b_counts), sum(c_counts)) < slos.drift_min_count:
-        entry["message"] = (f"too few observations to compare ({int(sum(b_counts))} baseline, "
-                            f"{int(sum(c_counts))} now; drift_min_count {slos.drift_min_count})")
+        entry["message"] = (
+            f"too few observations to compare ({int(sum(b_counts))} baseline, "
+            f"{int(sum(c_counts))} now; drift_min_count {slos.drift_min_count})"
+        )
         return entry
     if kind == "numeric":
         if not _same_edges(base.get("edges") or [], cur.get("edges") or []):
@@ -403,8 +490,14 @@ def _feature_drift(kind: str, cur: Optional[dict], base: Optional[dict], slos: S
     if len(b_counts) != len(c_counts):
         entry["message"] = f"bin counts differ ({len(b_counts)} vs {len(c_counts)})"
         return entry
-    entry.update(comparable=True, psi=psi(b_counts, c_counts), js=js_divergence(b_counts, c_counts),
-                 linf=linf(b_counts, c_counts), baseline=_proportions(b_counts), current=_proportions(c_counts))
+    entry.update(
+        comparable=True,
+        psi=psi(b_counts, c_counts),
+        js=js_divergence(b_counts, c_counts),
+        linf=linf(b_counts, c_counts),
+        baseline=_proportions(b_counts),
+        current=_proportions(c_counts),
+    )
     flags = {}
     if slos.psi_max is not None:
         flags["psi"] = entry["psi"] > slos.psi_max
@@ -430,6 +523,7 @@ def pool_rare(a: dict, b: dict, min_share: float) -> tuple[dict, dict]:
         out = {k: v for k, v in d.items() if k not in rare}
         out["(other)"] = out.get("(other)", 0) + sum(v for k, v in d.items() if k in rare)
         return out
+
     return pooled(a), pooled(b)
 
 
@@ -457,8 +551,11 @@ def drift_report(stats: dict, baseline_stats: dict, cfg: Optional[QualityConfig]
         c, b = cur_ctr.get(pos) or {}, base_ctr.get(pos) or {}
         c_ctr = _ratio(c.get("positives", 0), c.get("exposures", 0))
         b_ctr = _ratio(b.get("positives", 0), b.get("exposures", 0))
-        ctr[pos] = {"current": c_ctr, "baseline": b_ctr,
-                    "diff": c_ctr - b_ctr if c_ctr is not None and b_ctr is not None else None}
+        ctr[pos] = {
+            "current": c_ctr,
+            "baseline": b_ctr,
+            "diff": c_ctr - b_ctr if c_ctr is not None and b_ctr is not None else None,
+        }
 
     cur_e = entropy_snapshot(stats)
     base_e = baseline_stats.get("entropy") if "diversity" not in baseline_stats else entropy_snapshot(baseline_stats)
@@ -468,10 +565,13 @@ def drift_report(stats: dict, baseline_stats: dict, cfg: Optional[QualityConfig]
         c, b = cur_e.get(series), base_e.get(series)
         entropy[series] = {"current": c, "baseline": b, "diff": c - b if c is not None and b is not None else None}
 
-    return {"features": features,
-            "drifted": [n for n, f in features.items() if f["drifted"]],
-            "thresholds": {"psi_max": slos.psi_max, "js_max": slos.js_max, "linf_max": slos.linf_max},
-            "ctr_by_position": ctr, "entropy": entropy}
+    return {
+        "features": features,
+        "drifted": [n for n, f in features.items() if f["drifted"]],
+        "thresholds": {"psi_max": slos.psi_max, "js_max": slos.js_max, "linf_max": slos.linf_max},
+        "ctr_by_position": ctr,
+        "entropy": entropy,
+    }
 
 
 # --- privacy -------------------------------------------------------------------------------------
@@ -486,7 +586,7 @@ def privacy_stats(metrics: dict) -> dict:
     for name, n in metrics.items():
         if not name.startswith(_PRIVACY_NS):
             continue
-        what, _, rest = name[len(_PRIVACY_NS):].partition(".")
+        what, _, rest = name[len(_PRIVACY_NS) :].partition(".")
         field, _, kind = rest.rpartition(".")
         if what == "pii_found":
             found[field] = found.get(field, {})
@@ -500,14 +600,19 @@ def privacy_stats(metrics: dict) -> dict:
     for kinds in found.values():
         for kind, n in kinds.items():
             by_kind[kind] = by_kind.get(kind, 0) + n
-    return {"found": total_found, "redacted": total_redacted, "not_redacted": total_found - total_redacted,
-            "compliance_rate": 1.0 if not total_found else total_redacted / total_found,
-            "found_by_field": {f: sum(k.values()) for f, k in sorted(found.items())},
-            "found_by_kind": dict(sorted(by_kind.items())),
-            "found_by_field_kind": {f: dict(sorted(k.items())) for f, k in sorted(found.items())}}
+    return {
+        "found": total_found,
+        "redacted": total_redacted,
+        "not_redacted": total_found - total_redacted,
+        "compliance_rate": 1.0 if not total_found else total_redacted / total_found,
+        "found_by_field": {f: sum(k.values()) for f, k in sorted(found.items())},
+        "found_by_kind": dict(sorted(by_kind.items())),
+        "found_by_field_kind": {f: dict(sorted(k.items())) for f, k in sorted(found.items())},
+    }
 
 
 # --- SLO evaluation --------------------------------------------------------------------------
+
 
 def _fmt(v, pct=False) -> str:
     if v is None:
@@ -525,7 +630,9 @@ class _Rows:
 
     def add(self, slo, value, threshold, ok, message):
         if ok is False:
-            message = f"BREACH: {message}" + (" (warn mode: reported, the job does not fail)" if self.mode == "warn" else "")
+            message = f"BREACH: {message}" + (
+                " (warn mode: reported, the job does not fail)" if self.mode == "warn" else ""
+            )
         elif ok is None:
             message = f"not evaluated: {message}"
         self.rows.append({"slo": slo, "value": value, "threshold": threshold, "ok": ok, "message": message})
@@ -534,6 +641,7 @@ class _Rows:
 # --- SLO table ----------------------------------------------------------------------------------
 # Each check: (summary, stats, drift, threshold) -> (slo, value, threshold, ok, message) rows.
 # ok None = not evaluated (no data), which `_Rows.add` reports as such.
+
 
 def _judge(name, value, t, ok, message, empty):
     """The common shape: no value -> not evaluated with `empty`; else `ok(value)` and `message(value)`."""
@@ -546,16 +654,28 @@ def _check_ingestion(s, stats, drift, t):
     ing = s["ingestion"]
     failed = ", ".join(f"{k} {v}" for k, v in ing["failed"].items())
     unaccounted = f", unaccounted {ing['unaccounted']}" if ing["unaccounted"] else ""
-    yield _judge("ingestion_success", ing["success_rate"], t, lambda v: v >= t,
-                 lambda v: f"{_fmt(v, True)} of {s['input_records']} records persisted (min {_fmt(t, True)}; {failed}"
-                           f"{unaccounted})", "no input records")
+    yield _judge(
+        "ingestion_success",
+        ing["success_rate"],
+        t,
+        lambda v: v >= t,
+        lambda v: (
+            f"{_fmt(v, True)} of {s['input_records']} records persisted (min {_fmt(t, True)}; {failed}{unaccounted})"
+        ),
+        "no input records",
+    )
 
 
 def _check_label_coverage(s, stats, drift, t):
     lab = s["labels"]
-    yield _judge("label_coverage", lab["coverage"], t, lambda v: v >= t,
-                 lambda v: f"{lab['labels']} labels for {lab['exposures']} exposures = {_fmt(v, True)} "
-                           f"(min {_fmt(t, True)})", "no exposures")
+    yield _judge(
+        "label_coverage",
+        lab["coverage"],
+        t,
+        lambda v: v >= t,
+        lambda v: f"{lab['labels']} labels for {lab['exposures']} exposures = {_fmt(v, True)} (min {_fmt(t, True)})",
+        "no exposures",
+    )
 
 
 def _check_orphan_ratio(s, stats, drift, t):
@@ -563,45 +683,81 @@ def _check_orphan_ratio(s, stats, drift, t):
     if ratio is None and orphans:
         yield ("orphan_ratio", None, t, False, f"{orphans} orphan outcomes and no exposures at all")
         return
-    yield _judge("orphan_ratio", ratio, t, lambda v: v <= t,
-                 lambda v: f"{orphans} orphan outcomes per {s['labels']['exposures']} exposures = {_fmt(v, True)} "
-                           f"(max {_fmt(t, True)})", "no exposures")
+    yield _judge(
+        "orphan_ratio",
+        ratio,
+        t,
+        lambda v: v <= t,
+        lambda v: (
+            f"{orphans} orphan outcomes per {s['labels']['exposures']} exposures = {_fmt(v, True)} "
+            f"(max {_fmt(t, True)})"
+        ),
+        "no exposures",
+    )
 
 
 def _check_bot_ratio(s, stats, drift, band):
     low, high = band
     rules = ", ".join(f"{r} {_fmt(v, True)}" for r, v in s["bots"]["by_rule"].items()) or "no rule fired"
-    yield _judge("bot_ratio", s["bots"]["ratio"], [low, high], lambda v: low <= v <= high,
-                 lambda v: f"bots / (valid + bots) = {_fmt(v, True)}, band [{_fmt(low, True)}, {_fmt(high, True)}] "
-                           f"({rules})", "no valid or bot events")
+    yield _judge(
+        "bot_ratio",
+        s["bots"]["ratio"],
+        [low, high],
+        lambda v: low <= v <= high,
+        lambda v: f"bots / (valid + bots) = {_fmt(v, True)}, band [{_fmt(low, True)}, {_fmt(high, True)}] ({rules})",
+        "no valid or bot events",
+    )
 
 
 def _check_entropy_drop(s, stats, drift, t):
     trend = s["entropy_trend"]
     for series in ("exposure", "positive"):
-        yield _judge(f"entropy_drop.{series}", trend[f"{series}_drop"], t, lambda v: v <= t,
-                     lambda v: f"latest hour {trend['windows'][-1]}: {trend[f'{series}_entropy'][-1]:.3f} bits, "
-                               f"{v:+.3f} below the mean of the previous {len(trend['windows']) - 1} (max drop {t:g})",
-                     f"fewer than 2 hourly windows (have {len(trend['windows'])})")
+        yield _judge(
+            f"entropy_drop.{series}",
+            trend[f"{series}_drop"],
+            t,
+            lambda v: v <= t,
+            lambda v: (
+                f"latest hour {trend['windows'][-1]}: {trend[f'{series}_entropy'][-1]:.3f} bits, "
+                f"{v:+.3f} below the mean of the previous {len(trend['windows']) - 1} (max drop {t:g})"
+            ),
+            f"fewer than 2 hourly windows (have {len(trend['windows'])})",
+        )
 
 
 def _check_latency_p99(s, stats, drift, t):
     lat, t_ms = s["latency_ms"], t * 1000
     p99 = lat["p99"]
     if p99 is not None and lat["p99_in_overflow"] and p99 <= t_ms:
-        yield ("latency_p99", p99, t_ms, False,
-               f"p99 is beyond the last bucket edge ({p99:g} ms): cannot show it is under {t_ms:g} ms")
+        yield (
+            "latency_p99",
+            p99,
+            t_ms,
+            False,
+            f"p99 is beyond the last bucket edge ({p99:g} ms): cannot show it is under {t_ms:g} ms",
+        )
         return
-    yield _judge("latency_p99", p99, t_ms, lambda v: v <= t_ms,
-                 lambda v: f"p99 arrival - event time {v:.0f} ms (max {t_ms:g} ms)", "empty latency histogram")
+    yield _judge(
+        "latency_p99",
+        p99,
+        t_ms,
+        lambda v: v <= t_ms,
+        lambda v: f"p99 arrival - event time {v:.0f} ms (max {t_ms:g} ms)",
+        "empty latency histogram",
+    )
 
 
 def _check_freshness(s, stats, drift, t):
     t_ms = t * 1000
     for cohort, f in s["freshness"].items():
-        yield _judge(f"freshness.{cohort}", f["age_ms"], t_ms, lambda v: v <= t_ms,
-                     lambda v: f"latest {cohort} event {v / 1000:g} s before the run end (max {t_ms / 1000:g} s)",
-                     "no events in this cohort")
+        yield _judge(
+            f"freshness.{cohort}",
+            f["age_ms"],
+            t_ms,
+            lambda v: v <= t_ms,
+            lambda v: f"latest {cohort} event {v / 1000:g} s before the run end (max {t_ms / 1000:g} s)",
+            "no events in this cohort",
+        )
 
 
 # Privacy gates need the job's counters (batch: after the run); stats without them give no row.
@@ -609,16 +765,29 @@ def _check_privacy_compliance(s, stats, drift, t):
     privacy = stats.get("privacy")
     if privacy is not None:
         rate = privacy["compliance_rate"]
-        yield (("privacy_compliance", rate, t, rate >= t,
+        yield (
+            (
+                "privacy_compliance",
+                rate,
+                t,
+                rate >= t,
                 f"{privacy['redacted']} of {privacy['found']} PII occurrences found at the source redacted "
-                f"before any sink = {_fmt(rate, True)} (min {_fmt(t, True)})"))
+                f"before any sink = {_fmt(rate, True)} (min {_fmt(t, True)})",
+            )
+        )
 
 
 def _check_pii_at_source(s, stats, drift, t):
     privacy = stats.get("privacy")
     for field, n in (privacy["found_by_field"] if privacy is not None else {}).items():
         kinds = ", ".join(f"{k} {v}" for k, v in privacy["found_by_field_kind"][field].items())
-        yield (f"pii_at_source.{field}", n, t, n <= t, f"{n} PII occurrences in {field} at the source ({kinds}; max {t})")
+        yield (
+            f"pii_at_source.{field}",
+            n,
+            t,
+            n <= t,
+            f"{n} PII occurrences in {field} at the source ({kinds}; max {t})",
+        )
 
 
 def _check_drift(metric):
@@ -627,25 +796,43 @@ def _check_drift(metric):
         if drift is None:
             yield (name, None, t, None, "no baseline given")
             return
-        scored = {n: f[metric] for n, f in drift["features"].items()
-                  if f["comparable"] and f[metric] is not None and (metric != "linf" or f["kind"] == "categorical")}
+        scored = {
+            n: f[metric]
+            for n, f in drift["features"].items()
+            if f["comparable"] and f[metric] is not None and (metric != "linf" or f["kind"] == "categorical")
+        }
         if not scored:
             yield (name, None, t, None, "no feature comparable with the baseline")
             return
         worst = max(scored, key=scored.get)
         over = sorted(n for n, v in scored.items() if v > t)
-        yield (name, scored[worst], t, not over,
-               (f"{len(over)} of {len(scored)} features over {t:g}: {', '.join(over)}" if over else
-                f"{len(scored)} features, worst {worst} {scored[worst]:.4f} (max {t:g})"))
+        yield (
+            name,
+            scored[worst],
+            t,
+            not over,
+            (
+                f"{len(over)} of {len(scored)} features over {t:g}: {', '.join(over)}"
+                if over
+                else f"{len(scored)} features, worst {worst} {scored[worst]:.4f} (max {t:g})"
+            ),
+        )
+
     return check
 
 
 def _check_missing_features(s, stats, drift, t):
     if drift is not None:
         missing = sorted(n for n, f in drift["features"].items() if f["flags"].get("missing"))
-        yield ("drift.missing_features", len(missing), t, not missing,
-               f"absent from this run but in the baseline: {', '.join(missing)}" if missing
-               else "every baseline feature is present")
+        yield (
+            "drift.missing_features",
+            len(missing),
+            t,
+            not missing,
+            f"absent from this run but in the baseline: {', '.join(missing)}"
+            if missing
+            else "every baseline feature is present",
+        )
 
 
 def _any_drift_gate(slo) -> Optional[int]:
@@ -671,8 +858,9 @@ _SLO_TABLE = (
 )
 
 
-def evaluate_slos(stats: dict, cfg: Optional[QualityConfig] = None, drift: Optional[dict] = None,
-                  summary: Optional[dict] = None) -> list[dict]:
+def evaluate_slos(
+    stats: dict, cfg: Optional[QualityConfig] = None, drift: Optional[dict] = None, summary: Optional[dict] = None
+) -> list[dict]:
     """Every enabled gate -> {slo, value, threshold, ok, message}; disabled gates give no row."""
     cfg = cfg or QualityConfig()
     s = summary or quality_summary(stats, cfg)

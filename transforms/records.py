@@ -1,4 +1,5 @@
 """The clean-event output schema: the latest input schema, minus the raw IP, plus what the pipeline adds."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,11 @@ def _opt(name, avro_type, doc):
 _STRING_MAP = {"type": "map", "values": "string"}
 
 ADDED_FIELDS = [
-    _opt("arrival_time", {"type": "long", "logicalType": "timestamp-millis"},
-         "When the pipeline received the event (Pub/Sub publish time or the archive's record); null if unknown."),
+    _opt(
+        "arrival_time",
+        {"type": "long", "logicalType": "timestamp-millis"},
+        "When the pipeline received the event (Pub/Sub publish time or the archive's record); null if unknown.",
+    ),
     _opt("ip_hash", "string", "Keyed pseudonym (HMAC-SHA256) of the client IP."),
     _opt("ip_network", "string", "Client IP truncated to its network (e.g. 203.0.113.0/24)."),
     _opt("browser", "string", "Browser family from the user agent."),
@@ -34,7 +38,8 @@ REMOVED_FIELDS = ("ip",)
 def clean_event_schema(registry: SchemaRegistry) -> dict:
     schema = copy.deepcopy(registry.latest.schema)
     schema["name"] = "CleanEvent"
-    schema["doc"] = (f"A valid event after privacy, enrichment, dedupe and bot filtering "
-                     f"(input schema v{registry.latest.version}).")
+    schema["doc"] = (
+        f"A valid event after privacy, enrichment, dedupe and bot filtering (input schema v{registry.latest.version})."
+    )
     schema["fields"] = [f for f in schema["fields"] if f["name"] not in REMOVED_FIELDS] + copy.deepcopy(ADDED_FIELDS)
     return schema

@@ -5,6 +5,7 @@ each), gives every version its field table (used to validate JSON events) and re
 schema of an Avro file. `check_backward_compatible` is what `python -m pipelines.schema_check check` runs:
 a new version must be able to read every record written with the previous one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,10 @@ NULL = "null"
 @dataclasses.dataclass(frozen=True)
 class FieldSpec:
     """What one schema field accepts, reduced to what JSON validation needs."""
+
     name: str
-    kind: str            # string | int | long | double | float | boolean | map | timestamp
-    required: bool       # no null in the union
+    kind: str  # string | int | long | double | float | boolean | map | timestamp
+    required: bool  # no null in the union
     map_values: Optional[str] = None
 
 
@@ -36,10 +38,10 @@ class FieldSpec:
 class SchemaVersion:
     version: int
     path: str
-    schema: dict               # the .avsc as written
-    parsed: dict               # fastavro.parse_schema output
+    schema: dict  # the .avsc as written
+    parsed: dict  # fastavro.parse_schema output
     fields: tuple[FieldSpec, ...]
-    canonical: str             # Parsing Canonical Form, to recognise Avro writer schemas
+    canonical: str  # Parsing Canonical Form, to recognise Avro writer schemas
 
     @functools.cached_property
     def field_names(self) -> frozenset:
@@ -129,6 +131,7 @@ class SchemaRegistry:
 
 # --- backward compatibility -------------------------------------------------------------------
 
+
 def _type_name(t: Any) -> str:
     if isinstance(t, dict):
         return t.get("logicalType") or t.get("type")
@@ -143,14 +146,16 @@ def static_incompatibilities(old: dict, new: dict) -> list[str]:
         if f["name"] not in old_fields and "default" not in f:
             problems.append(
                 f"field {f['name']!r} is new and has no default: records written with the old version "
-                f"cannot be read. Give it a default (for an optional field: \"type\": [\"null\", ...], \"default\": null)")
+                f'cannot be read. Give it a default (for an optional field: "type": ["null", ...], "default": null)'
+            )
     for f in old["fields"]:
         if f["name"] not in {g["name"] for g in new["fields"]}:
             # Removing a field is backward compatible for the reader, but our producers may still send
             # it: the JSON path would then reject their events as schema violations. Say so.
             problems.append(
                 f"field {f['name']!r} was removed: events that still carry it would be rejected as "
-                f"schema_violation. Keep it (optional, default null) until no producer sends it")
+                f"schema_violation. Keep it (optional, default null) until no producer sends it"
+            )
     return problems
 
 

@@ -7,6 +7,7 @@ There is no fixed event-time grid: a user's events are cut into continuous runs 
 alone, plus a cap on a run's length counted from its own first event (`split_runs`), so every
 decision is the same whatever the clock time (shifting all times shifts nothing else).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -6,6 +6,7 @@ per-hour diversity rows and per-cohort freshness rows. `stats_from_parts` folds 
 stats dict that `transforms/quality.py` turns into SLIs, drift, SLO verdicts and the HTML report.
 Fixed bin edges make a run comparable with a baseline taken from another run.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -25,8 +26,24 @@ from transforms.quality import entropy_bits
 HOUR_MS = 3_600_000
 
 # Upper bounds of histogram buckets (the last bucket is "more than the last edge").
-LATENCY_EDGES_MS = (100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000,
-                    1_800_000, 3_600_000, 7_200_000, 21_600_000)
+LATENCY_EDGES_MS = (
+    100,
+    250,
+    500,
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    120_000,
+    300_000,
+    600_000,
+    1_800_000,
+    3_600_000,
+    7_200_000,
+    21_600_000,
+)
 NUMERIC_EDGES = {
     "dwell_ms": (500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000, 120_000, 300_000, 600_000),
     "position": tuple(range(1, 21)) + (25, 30, 40, 50, 100),
@@ -109,9 +126,13 @@ class _HourlyDiversityFn(beam.DoFn):
         by_kind: dict[str, list[int]] = {"exposure": [], "positive": []}
         for kind, n in pairs:
             by_kind[kind].append(n)
-        yield {"hour": hour,
-               "exposure_items": len(by_kind["exposure"]), "exposure_entropy": entropy_bits(by_kind["exposure"]),
-               "positive_items": len(by_kind["positive"]), "positive_entropy": entropy_bits(by_kind["positive"])}
+        yield {
+            "hour": hour,
+            "exposure_items": len(by_kind["exposure"]),
+            "exposure_entropy": entropy_bits(by_kind["exposure"]),
+            "positive_items": len(by_kind["positive"]),
+            "positive_entropy": entropy_bits(by_kind["positive"]),
+        }
 
 
 class QualitySignals(beam.PTransform):
@@ -127,25 +148,34 @@ class QualitySignals(beam.PTransform):
         if not isinstance(out.valid.windowing.windowfn, window.GlobalWindows):
             raise ValueError("QualitySignals needs its inputs in the global window (bounded input)")
         # Tallied per bundle (transforms/accounting.py): one element per key and bundle, not per record.
-        counters = pbegin | "CountSignals" >> CountKeys({
-            "Valid": (out.valid, functools.partial(event_counters, outcome=contract.OUTCOME_VALID)),
-            "Bots": (out.bots, functools.partial(event_counters, outcome=contract.OUTCOME_BOT)),
-            "TooLate": (out.too_late, too_late_counters),
-            "Labels": (out.labels, label_counters)})
-        diversity = (pbegin
-                     | "CountHourItem" >> CountKeys({"Exposures": (out.valid, exposure_items),
-                                                     "Positives": (out.labels, positive_items)})
-                     | "ByHour" >> beam.MapTuple(lambda hk, n: (hk[0], (hk[1], n)))
-                     | "GroupHour" >> beam.GroupByKey()
-                     | "Diversity" >> beam.ParDo(_HourlyDiversityFn()))
+        counters = pbegin | "CountSignals" >> CountKeys(
+            {
+                "Valid": (out.valid, functools.partial(event_counters, outcome=contract.OUTCOME_VALID)),
+                "Bots": (out.bots, functools.partial(event_counters, outcome=contract.OUTCOME_BOT)),
+                "TooLate": (out.too_late, too_late_counters),
+                "Labels": (out.labels, label_counters),
+            }
+        )
+        diversity = (
+            pbegin
+            | "CountHourItem"
+            >> CountKeys({"Exposures": (out.valid, exposure_items), "Positives": (out.labels, positive_items)})
+            | "ByHour" >> beam.MapTuple(lambda hk, n: (hk[0], (hk[1], n)))
+            | "GroupHour" >> beam.GroupByKey()
+            | "Diversity" >> beam.ParDo(_HourlyDiversityFn())
+        )
         # Freshness per cohort: a user is "new" when first seen within a day of the run's end.
-        per_user = (out.valid
-                    | "UserTimes" >> beam.ParDo(_UserFirstLastPerBundleFn())
-                    | "FirstLastPerUser" >> beam.CombinePerKey(_MinMax()))
-        freshness = (per_user
-                     | "UserFirstLast" >> beam.Values()
-                     | "AllUsers" >> beam.combiners.ToList()
-                     | "Cohorts" >> beam.FlatMap(freshness_rows))
+        per_user = (
+            out.valid
+            | "UserTimes" >> beam.ParDo(_UserFirstLastPerBundleFn())
+            | "FirstLastPerUser" >> beam.CombinePerKey(_MinMax())
+        )
+        freshness = (
+            per_user
+            | "UserFirstLast" >> beam.Values()
+            | "AllUsers" >> beam.combiners.ToList()
+            | "Cohorts" >> beam.FlatMap(freshness_rows)
+        )
         return {"counters": counters, "diversity": diversity, "freshness": freshness}
 
 
@@ -220,8 +250,9 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
         head, _, rest = key.partition(".")
         if head == "hourly":
             hour, _, what = rest.rpartition(".")
-            hourly.setdefault(hour, {k: 0 for k in ("input", "valid", "bots", "dead_letter", "too_late",
-                                                    "exposures", "positives")})[what] = n
+            hourly.setdefault(
+                hour, {k: 0 for k in ("input", "valid", "bots", "dead_letter", "too_late", "exposures", "positives")}
+            )[what] = n
         elif head == "position":
             pos, _, what = rest.rpartition(".")
             ctr.setdefault(pos, {"exposures": 0, "positives": 0})[what] = n
@@ -229,7 +260,10 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
             name, _, value = rest.partition(".")
             categorical.setdefault(name, {})[value] = n
     diversity = sorted(diversity, key=lambda r: r["hour"])
-    fresh = {"new": {"latest_event_time_ms": None, "events": 0}, "returning": {"latest_event_time_ms": None, "events": 0}}
+    fresh = {
+        "new": {"latest_event_time_ms": None, "events": 0},
+        "returning": {"latest_event_time_ms": None, "events": 0},
+    }
     run_end = None
     for row in freshness:
         fresh[row["cohort"]] = {"latest_event_time_ms": row["latest_event_time_ms"], "events": row["users"]}
@@ -237,8 +271,12 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
     # The hour the data ends in is usually cut short: its few events look like a diversity collapse.
     # Trends use complete hours only.
     if diversity and run_end is not None:
-        last_start = int(dt.datetime.strptime(diversity[-1]["hour"], "%Y-%m-%dT%H:00:00Z")
-                         .replace(tzinfo=dt.timezone.utc).timestamp() * 1000)
+        last_start = int(
+            dt.datetime.strptime(diversity[-1]["hour"], "%Y-%m-%dT%H:00:00Z")
+            .replace(tzinfo=dt.timezone.utc)
+            .timestamp()
+            * 1000
+        )
         if run_end < last_start + HOUR_MS - 60_000:
             diversity = diversity[:-1]
     return {
@@ -249,9 +287,15 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
         "labels": summary["labels"],
         "hourly": dict(sorted(hourly.items())),
         "latency_ms": {"arrival_minus_event": _histogram(counters, "latency", LATENCY_EDGES_MS)},
-        "ctr_by_position": dict(sorted(ctr.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))),
-        "diversity": {row["hour"]: {k: row[k] for k in ("exposure_items", "exposure_entropy", "positive_items",
-                                                        "positive_entropy")} for row in diversity},
+        "ctr_by_position": dict(
+            sorted(ctr.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))
+        ),
+        "diversity": {
+            row["hour"]: {
+                k: row[k] for k in ("exposure_items", "exposure_entropy", "positive_items", "positive_entropy")
+            }
+            for row in diversity
+        },
         "freshness": fresh,
         "distributions": {
             "numeric": {name: _histogram(counters, f"num.{name}", edges) for name, edges in NUMERIC_EDGES.items()},

@@ -3,6 +3,7 @@
 Thin on purpose: the launcher runs this file as `__main__`, and nothing defined here may end up in
 the pipeline (workers could not unpickle it). templates/flex_launch.py does the launcher chores.
 """
+
 import sys
 from pathlib import Path
 
