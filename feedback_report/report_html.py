@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import html as _html
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -583,7 +583,7 @@ def _positive_rate(stats: dict) -> str:
     )
 
 
-def _ctr_by_position(summary: dict, drift: Optional[dict]) -> str:
+def _ctr_by_position(summary: dict, drift: dict | None) -> str:
     rows = summary["ctr_by_position"]
     labels = [str(r["position"]) for r in rows]
     series = [("this run", [r["ctr"] for r in rows], BLUE)]
@@ -636,7 +636,7 @@ def _entropy(stats: dict, n_windows: int) -> str:
     )
 
 
-def _drift_psi(drift: Optional[dict]) -> str:
+def _drift_psi(drift: dict | None) -> str:
     if not drift:
         return _hbars("drift_psi", "PSI per feature", [], [], note="no baseline given: drift not computed")
     feats = sorted(drift["features"].items(), key=lambda kv: -(kv[1]["psi"] or 0))
@@ -804,12 +804,12 @@ def render_report(
     stats: dict,
     summary: dict,
     slo_results: Sequence[dict],
-    drift: Optional[dict] = None,
+    drift: dict | None = None,
     title: str = "Signal quality report",
     mode: str = "fail",
-    coverage_min: Optional[float] = None,
+    coverage_min: float | None = None,
     bot_ratio_band=None,
-    entropy_windows: Optional[int] = None,
+    entropy_windows: int | None = None,
 ) -> str:
     """The whole report as one HTML string (inline CSS and SVG only).
 

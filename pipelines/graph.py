@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Optional
 
 import apache_beam as beam
+from apache_beam.transforms.trigger import AccumulationMode, AfterCount, AfterWatermark
 
 from pipelines import outputs as output_table
 from transforms import contract
@@ -21,7 +21,6 @@ from transforms.config import JobConfig
 from transforms.dedupe import DedupeEvents
 from transforms.enrich import EnrichEvents, ReadMetadataTable
 from transforms.features import ComputeFeatures
-from apache_beam.transforms.trigger import AccumulationMode, AfterCount, AfterWatermark
 from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure, label_polarity
 from transforms.parse import ParseEvents, ValidationRules
 from transforms.privacy import KeySource, PrivacyRules, ProtectPrivacy
@@ -44,7 +43,7 @@ class GraphSettings:
     labels: LabelRules
     session_gap_s: float
     lateness_s: float
-    features: Optional[object] = None  # FeaturesConfig, or None: no features
+    features: object | None = None  # FeaturesConfig, or None: no features
 
     @property
     def archive_schema(self) -> dict:
@@ -65,7 +64,7 @@ class GraphSettings:
         return 2 * self.bots_delay_s + label_wait + 60.0
 
     @classmethod
-    def from_config(cls, cfg: JobConfig, job_start: Optional[dt.datetime] = None) -> "GraphSettings":
+    def from_config(cls, cfg: JobConfig, job_start: dt.datetime | None = None) -> GraphSettings:
         registry = SchemaRegistry.from_directory(cfg.resolve(cfg.schema.directory))
         job_start = job_start or dt.datetime.now(dt.timezone.utc)
         key_source = KeySource.from_config(cfg.privacy, cfg.resolve)
@@ -99,6 +98,7 @@ class GraphSettings:
 
 def _require_files(pattern: str, key: str) -> None:
     from apache_beam.io.filesystems import FileSystems
+
     from transforms.config import ConfigError
 
     if not FileSystems.match([pattern])[0].metadata_list:
@@ -120,8 +120,8 @@ class GraphOutputs:
     slates: beam.PCollection
     orphan_outcomes: beam.PCollection
     late_outcomes: beam.PCollection
-    features: Optional[beam.PCollection] = None  # feature rows (None when features are off)
-    counts: Optional[beam.PCollection] = None  # (counter name, count)
+    features: beam.PCollection | None = None  # feature rows (None when features are off)
+    counts: beam.PCollection | None = None  # (counter name, count)
 
 
 def _input_marker(_record) -> int:

@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
 
 import apache_beam as beam
 import fastavro
@@ -29,20 +28,20 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
 
 from pipelines import runfolder
-from pipelines.launcher import add_overwrite_flag, pipeline_options, run_main
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
+from pipelines.launcher import add_overwrite_flag, pipeline_options, run_main
 from pipelines.outputs import ARCHIVE, COUNTS, DEAD_LETTER, FEATURES, LABELS, output_collections
 from pipelines.outputs import STREAMING_OUTPUTS as STREAMING_FILES
 from transforms import contract
+from transforms.accounting import summarise
 from transforms.config import JobConfig, WindowSpec, load_config
 from transforms.deadletter import dead_letter
-from transforms.accounting import summarise
 from transforms.features import WriteOfflineFeatures
-from transforms.quality import evaluate_slos
-from transforms.signals import LATENCY_EDGES_MS, bucket_index, stats_from_parts
 from transforms.io import WriteWindowedFiles, counter_record, to_json_line
 from transforms.online_store import WriteOnlineFeatures
+from transforms.quality import evaluate_slos
 from transforms.schemas import SchemaRegistry
+from transforms.signals import LATENCY_EDGES_MS, bucket_index, stats_from_parts
 
 DEFAULT_RUNNER = "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"
 METRICS_NS = "feedback.pubsub"
@@ -78,7 +77,7 @@ def parse_args(argv=None):
 # --- source ------------------------------------------------------------------------------------
 
 
-def _publish_ms(message) -> Optional[int]:
+def _publish_ms(message) -> int | None:
     t = getattr(message, "publish_time", None)
     if t is None:
         return None
@@ -135,11 +134,11 @@ class _NoPII:
 class ReadEvents(beam.PTransform):
     def __init__(
         self,
-        subscription: Optional[str],
-        topic: Optional[str],
+        subscription: str | None,
+        topic: str | None,
         fmt: str,
         registry: SchemaRegistry,
-        timestamp_attribute: Optional[str],
+        timestamp_attribute: str | None,
     ):
         super().__init__()
         self._sub, self._topic, self._fmt, self._registry = subscription, topic, fmt, registry
@@ -263,8 +262,8 @@ def build(
     raw,
     output: str,
     upstream_dead_letters=(),
-    labels_topic: Optional[str] = None,
-    dead_letter_topic: Optional[str] = None,
+    labels_topic: str | None = None,
+    dead_letter_topic: str | None = None,
 ) -> GraphOutputs:
     """Raw records -> shared graph (streaming implementations) -> windowed sinks. Returns the outputs."""
     out = build_event_graph(

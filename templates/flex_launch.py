@@ -26,8 +26,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
-from typing import Callable, Iterable, MutableMapping, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HMAC_KEY_ENV = "FEEDBACK_HMAC_KEY"
@@ -120,7 +120,7 @@ def load_hmac_key(environ: MutableMapping[str, str], client_factory: Callable = 
     return True
 
 
-def launch(module: str, argv: Optional[list] = None, subcommand: Optional[str] = None) -> int:
+def launch(module: str, argv: list | None = None, subcommand: str | None = None) -> int:
     """Run `<module>.main(argv)` as a Flex Template launch; `subcommand` for jobs with sub-parsers."""
     argv = list(sys.argv[1:] if argv is None else argv)
     job = importlib.import_module(module)

@@ -275,7 +275,7 @@ class FlinkCluster:
             time.sleep(1)
         raise FlinkClusterError(f"Flink: no {what} after {timeout:.0f} s (last /overview: {last}):\n{self.log_tail()}")
 
-    def start(self) -> "FlinkCluster":
+    def start(self) -> FlinkCluster:
         if shutil.which("java") is None:
             raise FlinkClusterError("java is not on PATH: the Flink cluster needs Java 17")
         self.rest_port = self.rest_port or free_port()

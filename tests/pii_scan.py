@@ -14,7 +14,8 @@ import io
 import json
 import os
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import fastavro
 import pyarrow.parquet as pq

@@ -21,7 +21,6 @@ project's machines (/usr/local/go/bin/go); point $GO at another binary if needed
 
 from __future__ import annotations
 
-from tests.processes import DIE_WITH_PARENT, free_port, stop
 import contextlib
 import hashlib
 import os
@@ -30,10 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+
+from tests.processes import DIE_WITH_PARENT, free_port, stop
 
 SOURCE_DIR = Path(__file__).resolve().parent / "pubsub_emulator"
 _SOURCES = ("go.mod", "go.sum", "main.go")

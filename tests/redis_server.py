@@ -11,19 +11,20 @@ skip: install it with `apt-get install redis-server` (or point $REDIS_SERVER at 
 
 from __future__ import annotations
 
-from tests.processes import DIE_WITH_PARENT, free_port, stop
 import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from tests.processes import DIE_WITH_PARENT, free_port, stop
 
 _DEFAULT_BINARY = "/usr/bin/redis-server"
 _START_TIMEOUT_S = 15.0

@@ -142,6 +142,7 @@ def test_split_runs_by_gap_and_cap_from_run_start():
 
 def test_huge_user_is_judged_by_volume_without_sorting(monkeypatch):
     import apache_beam as beam
+
     from transforms.bots import FilterBots, _UserRunsBatchFn
 
     rules = BotRules(True, (), 600.0, 120, 2, 200, 3, max_user_events=1000)

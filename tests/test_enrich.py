@@ -25,6 +25,7 @@ def test_device_class(ua, cls):
 def test_device_class_on_real_browser_corpus():
     """fake-useragent ships UAs collected from real traffic, labelled desktop/mobile/tablet."""
     from pathlib import Path
+
     import fake_useragent
 
     rows = [

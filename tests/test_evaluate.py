@@ -12,13 +12,13 @@ import subprocess
 import sys
 
 import fastavro
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipelines import evaluate
 from feedback_tools.generate import _Sim
+from pipelines import evaluate
 from tests.conftest import FN_API_RUNNER, ROOT, SCHEMA_DIR
 from transforms import evaluation as E
 from transforms.config import LabelsConfig, config_from_dict

@@ -22,7 +22,8 @@ import tempfile
 
 import fastavro
 import orjson
-from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
 
 from pipelines import batch
 from tests.conftest import TEST_KEY, write_config

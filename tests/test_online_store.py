@@ -17,7 +17,7 @@ from tests.conftest import FN_API_RUNNER
 from tests.redis_server import (
     REDIS_TEST_PASSWORD,
     redis_server,  # noqa: F401  (fixtures)
-    redis_server_with_password,
+    redis_server_with_password,  # noqa: F401  (fixture)
 )
 from transforms.online_store import (
     METRICS_NS,

@@ -253,6 +253,7 @@ def test_batch_job_refuses_empty_input(tmp_path, capsys):
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
 def test_iter_lines_reads_to_the_end_in_any_chunking(chunk):
     import io
+
     from transforms.io import iter_lines
 
     data = b'{"a":1}\n\n{"b":2}\r\nlast-without-newline'

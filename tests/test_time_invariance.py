@@ -28,10 +28,11 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms import window
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from pipelines import batch, streaming
 from feedback_tools.generate import generate
+from pipelines import batch, streaming
 from pipelines.graph import GraphSettings
 from tests.conftest import write_config
 from transforms.config import load_config

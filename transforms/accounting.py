@@ -13,7 +13,7 @@ event between accounting and quality signals (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import collections
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
@@ -24,7 +24,7 @@ from transforms import contract
 INPUT = "input"
 
 
-def _keys_for(outcome: str, detail: Optional[Callable[[dict], str]]):
+def _keys_for(outcome: str, detail: Callable[[dict], str] | None):
     def keys(record):
         yield outcome
         if detail is not None:
@@ -99,7 +99,7 @@ class CountOutcomes(beam.PTransform):
     `breakdowns` maps an outcome name to a function giving a record's sub-key (e.g. its reason code).
     """
 
-    def __init__(self, breakdowns: Optional[dict] = None, windowing=None):
+    def __init__(self, breakdowns: dict | None = None, windowing=None):
         super().__init__()
         self._breakdowns = breakdowns or {}
         self._windowing = windowing

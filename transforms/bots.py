@@ -37,8 +37,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import statistics
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable, Optional
 
 import apache_beam as beam
 import crawleruseragents
@@ -73,7 +73,7 @@ class BotRules:
     max_user_events: int = 100_000
 
     @classmethod
-    def from_config(cls, bots_cfg) -> "BotRules":
+    def from_config(cls, bots_cfg) -> BotRules:
         return cls(
             bots_cfg.crawler_user_agents,
             tuple(bots_cfg.extra_crawler_patterns),
@@ -99,7 +99,7 @@ class CrawlerMatcher:
         self._extra = [re.compile(p) for p in extra_patterns]
         self.match = lru_cache(maxsize=100_000)(self._match)
 
-    def _match(self, ua: Optional[str]) -> Optional[str]:
+    def _match(self, ua: str | None) -> str | None:
         """The pattern that matched, or None."""
         if not ua:
             return None
@@ -121,7 +121,7 @@ def _list_patterns() -> tuple:
     return tuple(re.compile(d["pattern"]) for d in crawleruseragents.CRAWLER_USER_AGENTS_DATA)
 
 
-def sustained_rate(times_ms: Iterable[int], max_per_minute: int, sustained_minutes: int) -> Optional[str]:
+def sustained_rate(times_ms: Iterable[int], max_per_minute: int, sustained_minutes: int) -> str | None:
     """Detail text when `sustained_minutes` consecutive minutes each exceed the rate, else None.
     Minutes count from the first event (not the clock's minutes), so the verdict is shift-invariant."""
     times = list(times_ms)
@@ -146,7 +146,7 @@ def sustained_rate(times_ms: Iterable[int], max_per_minute: int, sustained_minut
     return None
 
 
-def superhuman_clicks(events: Iterable[dict], min_latency_ms: int) -> tuple[int, Optional[int]]:
+def superhuman_clicks(events: Iterable[dict], min_latency_ms: int) -> tuple[int, int | None]:
     """(number of clicks faster than min_latency_ms after their impression, fastest latency).
 
     A click's impression is the latest impression at or before it with the same request_id and
@@ -177,7 +177,7 @@ def superhuman_clicks(events: Iterable[dict], min_latency_ms: int) -> tuple[int,
 
 def machine_cadence(
     times_ms: Iterable[int], max_cv: float, min_events: int, min_rate_per_s: float, min_duration_ms: float
-) -> Optional[str]:
+) -> str | None:
     """Detail text when a run's inter-event intervals are near-constant (CV < max_cv) over at least
     min_events events, min_duration_ms and min_rate_per_s, else None."""
     times = sorted(times_ms)
@@ -199,7 +199,7 @@ def machine_cadence(
     )
 
 
-def judge_run(events: list[dict], rules: BotRules) -> Optional[tuple[str, str]]:
+def judge_run(events: list[dict], rules: BotRules) -> tuple[str, str] | None:
     """(rule, detail) for a user's activity run that behaves like a machine, else None."""
     detail = sustained_rate((e["event_time"] for e in events), rules.max_events_per_minute, rules.sustained_minutes)
     if detail:
@@ -244,7 +244,7 @@ def judge_unit(unit: list[dict], rules: BotRules, session_gap_ms: int):
     return out
 
 
-def flag(event: dict, rule: Optional[str], detail: Optional[str]) -> dict:
+def flag(event: dict, rule: str | None, detail: str | None) -> dict:
     out = dict(event)
     out["bot_rule"], out["bot_detail"] = rule, detail
     return out

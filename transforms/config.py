@@ -8,17 +8,16 @@ the file: transforms receive the (picklable) models or plain values taken from t
 from __future__ import annotations
 
 import os
-import typing
 import re
+import typing
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from transforms import contract
-
 from transforms.configbase import Duration, PositiveDuration, _Section, parse_duration  # noqa: F401 - re-exported
 from transforms.evaluation import EvaluationConfig, load_position_weights
 from transforms.features_config import FeaturesConfig
@@ -64,7 +63,7 @@ class ValidationConfig(_Section):
 
 class PrivacyConfig(_Section):
     key_env: str = Field("FEEDBACK_HMAC_KEY", description="Environment variable holding the HMAC key.")
-    key_file: Optional[str] = Field(None, description="File holding the HMAC key (e.g. a mounted secret).")
+    key_file: str | None = Field(None, description="File holding the HMAC key (e.g. a mounted secret).")
     allow_demo_key: StrictBool = Field(False, description="Use a built-in key when none is set. Local demos only.")
     pseudonymise_fields: tuple[Literal["user_id", "session_id", "request_id", "item_id"], ...] = (
         "user_id",
@@ -75,7 +74,7 @@ class PrivacyConfig(_Section):
 
 
 class LookupConfig(_Section):
-    path: Optional[str] = Field(None, description="CSV, JSONL or Avro file(s) (glob) of metadata rows.")
+    path: str | None = Field(None, description="CSV, JSONL or Avro file(s) (glob) of metadata rows.")
     key: str = Field(..., description="Column holding the join key.")
 
 
@@ -159,20 +158,18 @@ class TimeConfig(_Section):
     lateness: PositiveDuration = Field(
         3600.0, description="An event arriving more than this after its event time is too_late."
     )
-    arrival_field: Optional[str] = Field(
+    arrival_field: str | None = Field(
         None,
         description="Batch input: top-level field holding the arrival time (an envelope field, removed "
         "before validation). Streaming uses the Pub/Sub publish time.",
     )
-    event_time_attribute: Optional[str] = Field(
+    event_time_attribute: str | None = Field(
         None, description="Streaming: Pub/Sub attribute holding the event time (default: the event_time field)."
     )
-    early_firing: Optional[PositiveDuration] = Field(
-        None, description="Early panes every N seconds of processing time."
-    )
+    early_firing: PositiveDuration | None = Field(None, description="Early panes every N seconds of processing time.")
     late_firings: StrictBool = True
     accumulation: Literal["accumulating", "discarding"] = "accumulating"
-    output_window: "WindowSpec" = Field(default_factory=lambda: WindowSpec(), description="Windows of file outputs.")
+    output_window: WindowSpec = Field(default_factory=lambda: WindowSpec(), description="Windows of file outputs.")
 
     @field_validator("lateness")
     @classmethod
@@ -185,8 +182,8 @@ class TimeConfig(_Section):
 class WindowSpec(_Section):
     type: Literal["fixed", "sliding", "session"] = "fixed"
     size: PositiveDuration = 300.0
-    period: Optional[PositiveDuration] = Field(None, description="sliding only")
-    gap: Optional[PositiveDuration] = Field(None, description="session only")
+    period: PositiveDuration | None = Field(None, description="sliding only")
+    gap: PositiveDuration | None = Field(None, description="session only")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -220,7 +217,7 @@ class LabelsConfig(_Section):
     negative: dict[str, float] = Field(default_factory=lambda: {"skip": 1.0})
     default_negative_weight: float = Field(1.0, ge=0)
     min_click_dwell_ms: int = Field(0, ge=0, description="A click with less dwell than this is not a positive.")
-    position_weights: Optional[str] = Field(
+    position_weights: str | None = Field(
         None,
         description="position_weights.json (python -m pipelines.evaluate): positive labels' weight is "
         "multiplied by the inverse examination propensity of their position.",
@@ -258,8 +255,8 @@ class JobConfig(_Section):
     time: TimeConfig = TimeConfig()
     sessions: SessionConfig = SessionConfig()
     labels: LabelsConfig = LabelsConfig()
-    features: Optional[FeaturesConfig] = Field(None, description="Windowed feature aggregates (off when absent).")
-    online_store: Optional[OnlineStoreConfig] = Field(None, description="Redis for online features (streaming).")
+    features: FeaturesConfig | None = Field(None, description="Windowed feature aggregates (off when absent).")
+    online_store: OnlineStoreConfig | None = Field(None, description="Redis for online features (streaming).")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="SLO gates and drift.")
     output: OutputConfig = OutputConfig()
     evaluation: EvaluationConfig = Field(
@@ -281,7 +278,7 @@ class JobConfig(_Section):
             data = {**data, "labels": {**labels, "position_weights": str(Path(data.get("base_dir", "."), path))}}
         return data
 
-    def resolve(self, path: Optional[str]) -> Optional[str]:
+    def resolve(self, path: str | None) -> str | None:
         """A path from the file, made absolute against the config file's folder (URLs untouched)."""
         if path is None or "://" in path or os.path.isabs(path):
             return path

@@ -7,7 +7,6 @@ import datetime as dt
 import hashlib
 import json
 import re
-from typing import Optional, Union
 
 import orjson
 
@@ -22,7 +21,7 @@ def _default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def payload_bytes(payload: Union[bytes, dict]) -> bytes:
+def payload_bytes(payload: bytes | dict) -> bytes:
     """The record as bytes: a JSON line as received, an Avro record re-encoded as JSON."""
     if isinstance(payload, bytes):
         return payload
@@ -76,7 +75,7 @@ def _mask_unkeyed(text: str) -> str:
     return text
 
 
-def _scrub(text: Optional[str], redactor) -> Optional[str]:
+def _scrub(text: str | None, redactor) -> str | None:
     """Text that only echoes the payload (message, field name, source): redacted, not counted again."""
     if not text:
         return text
@@ -86,7 +85,7 @@ def _scrub(text: Optional[str], redactor) -> Optional[str]:
 
 
 def dead_letter(
-    reason: str, field: Optional[str], message: str, stage: str, payload: Union[bytes, dict], source: str, redactor
+    reason: str, field: str | None, message: str, stage: str, payload: bytes | dict, source: str, redactor
 ) -> dict:
     """A dead-letter record.
 

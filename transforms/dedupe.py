@@ -10,8 +10,6 @@ FnApiRunner (see shared/BEAM-NOTES.md), and this DoFn must not clash with other 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import apache_beam as beam
 from apache_beam.coders import VarIntCoder
 from apache_beam.metrics import Metrics
@@ -22,7 +20,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 METRICS_NS = "feedback.dedupe"
 
 
-def is_duplicate(first_time_ms: Optional[int], event_time_ms: int, horizon_ms: int) -> bool:
+def is_duplicate(first_time_ms: int | None, event_time_ms: int, horizon_ms: int) -> bool:
     """A copy is a duplicate when a kept copy of its event_id lies within the horizon in event time."""
     return first_time_ms is not None and abs(event_time_ms - first_time_ms) <= horizon_ms
 

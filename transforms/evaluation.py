@@ -27,8 +27,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+from collections.abc import Iterable, Sequence
 from statistics import NormalDist
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -77,7 +78,7 @@ class OpeConfig(_Section):
     reward: Literal["click", "weighted"] = Field(
         "click", description="click: the label (0/1); weighted: label x weight (purchase 5, add_to_cart 3, ...)."
     )
-    reward_model: Optional[str] = Field(
+    reward_model: str | None = Field(
         None,
         description="JSON/JSONL file of {item_id, reward[, position][, request_id | context]} rows: the "
         "reward model table for the direct method and doubly robust.",
@@ -86,12 +87,12 @@ class OpeConfig(_Section):
     context_fields: tuple[str, ...] = Field(
         (), description="Label fields whose values form the context key of `context` rows, e.g. [device_class]."
     )
-    n_actions: Optional[int] = Field(None, ge=1, description="Size of the action set (catalogue); needed by 'uniform'.")
-    clip: Optional[float] = Field(None, gt=0, description="Importance weights are capped at this (null: no clipping).")
+    n_actions: int | None = Field(None, ge=1, description="Size of the action set (catalogue); needed by 'uniform'.")
+    clip: float | None = Field(None, gt=0, description="Importance weights are capped at this (null: no clipping).")
     bootstrap_samples: int = Field(1000, ge=0, description="Bootstrap replicates (0: no intervals).")
     confidence: float = Field(0.95, gt=0, lt=1)
     seed: int = Field(12345, description="Bootstrap seed: the same inputs give the same intervals.")
-    min_ess_share: Optional[float] = Field(
+    min_ess_share: float | None = Field(
         None, ge=0, le=1, description="SLO: effective sample size / exposures at least this (null: off)."
     )
 
@@ -104,7 +105,7 @@ class OpeConfig(_Section):
 
 class ExperimentConfig(_Section):
     split: dict[str, float] = Field(..., description="Configured traffic split, e.g. {control: 0.5, treatment: 0.5}.")
-    control: Optional[str] = Field(None, description="Control variant (default: experiments.control).")
+    control: str | None = Field(None, description="Control variant (default: experiments.control).")
 
     @field_validator("split")
     @classmethod
@@ -124,7 +125,7 @@ class ExperimentsConfig(_Section):
         "user", description="Randomisation unit: the SRM check counts these and the delta method clusters on them."
     )
     conversion_types: tuple[str, ...] = Field(("purchase",), description="Outcome types that count as a conversion.")
-    srm_alpha: Optional[float] = Field(
+    srm_alpha: float | None = Field(
         0.001, gt=0, lt=1, description="SLO: the SRM chi-square p-value below this fails the gate (null: off)."
     )
     confidence: float = Field(0.95, gt=0, lt=1)
@@ -134,11 +135,11 @@ class ExperimentsConfig(_Section):
 class ColdStartConfig(_Section):
     new_item_age: Duration = Field(7 * 86400.0, description="An item first seen this recently is new.")
     bucket: Duration = Field(86400.0, description="Time buckets of the trend (by impression time).")
-    new_exposure_share_min: Optional[float] = Field(
+    new_exposure_share_min: float | None = Field(
         None, ge=0, le=1, description="SLO: share of exposures going to new items at least this (null: off)."
     )
-    gini_max: Optional[float] = Field(None, ge=0, le=1, description="SLO: item-exposure Gini per bucket at most this.")
-    top1pct_share_max: Optional[float] = Field(
+    gini_max: float | None = Field(None, ge=0, le=1, description="SLO: item-exposure Gini per bucket at most this.")
+    top1pct_share_max: float | None = Field(
         None, ge=0, le=1, description="SLO: exposure share of the top 1% of items per bucket at most this."
     )
 
@@ -241,10 +242,10 @@ class PolicyTables:
     def __init__(
         self,
         target: str,
-        policy: Optional[dict],
-        rewards: Optional[dict],
+        policy: dict | None,
+        rewards: dict | None,
         context_fields: Sequence[str],
-        n_actions: Optional[int],
+        n_actions: int | None,
         default_reward: float,
     ):
         self.target = target
@@ -265,7 +266,7 @@ class PolicyTables:
             out += [("context", ctx, pos), ("context", ctx, None)]
         return out + [("all", None, pos), ("all", None, None)]
 
-    def distribution(self, label: dict) -> Optional[dict]:
+    def distribution(self, label: dict) -> dict | None:
         for s in self._scopes(label):
             if s in self.policy:
                 return self.policy[s]
@@ -325,7 +326,7 @@ def label_reward(label: dict, kind: str) -> float:
     return float(label["label"]) * (float(label["weight"]) if kind == "weighted" else 1.0)
 
 
-def exposure_terms(label: dict, tables: PolicyTables, reward_kind: str, clip: Optional[float]) -> Optional[dict]:
+def exposure_terms(label: dict, tables: PolicyTables, reward_kind: str, clip: float | None) -> dict | None:
     """One exposure -> {r, w_raw, w, q_factual, q_target}; None when it has no usable propensity."""
     p = label.get("propensity")
     if p is None or not (0 < p <= 1):
@@ -474,7 +475,7 @@ def chi2_sf(x: float, df: int) -> float:
     return _gamma_q(df / 2.0, x / 2.0)
 
 
-def srm_check(counts: dict, split: dict, alpha: Optional[float]) -> dict:
+def srm_check(counts: dict, split: dict, alpha: float | None) -> dict:
     """Sample-ratio mismatch: observed units per variant vs the configured split (Pearson chi-square)."""
     unexpected = sorted(set(counts) - set(split))
     total = sum(counts.get(v, 0) for v in split)
@@ -623,7 +624,7 @@ def experiment_readout(experiment_id: str, by_variant: dict, cfg: ExperimentsCon
 # --- cold start and concentration ------------------------------------------------------------
 
 
-def gini(counts: Sequence[float]) -> Optional[float]:
+def gini(counts: Sequence[float]) -> float | None:
     """Gini coefficient of non-negative counts (0: equal; near 1: all on one item). None when empty."""
     x = np.sort(np.asarray(counts, dtype=float))
     n = len(x)
@@ -633,7 +634,7 @@ def gini(counts: Sequence[float]) -> Optional[float]:
     return float(np.sum((2 * i - n - 1) * x) / (n * x.sum()))
 
 
-def top_share(counts: Sequence[float], fraction: float = 0.01) -> Optional[float]:
+def top_share(counts: Sequence[float], fraction: float = 0.01) -> float | None:
     """Share of the total held by the top ceil(fraction * n) entries (at least one)."""
     x = np.sort(np.asarray(counts, dtype=float))[::-1]
     if len(x) == 0 or x.sum() == 0:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -86,7 +86,7 @@ class FeatureParams:
     weights: tuple[tuple[str, float], ...]
 
     @classmethod
-    def from_config(cls, cfg: FeaturesConfig) -> "FeatureParams":
+    def from_config(cls, cfg: FeaturesConfig) -> FeatureParams:
         return cls(
             cfg.ctr_prior_alpha,
             cfg.ctr_prior_beta,
@@ -260,7 +260,7 @@ def compute_features(
     window_end: int,
     cfg,
     window_label: str = "",
-) -> Optional[dict]:
+) -> dict | None:
     """Features of one entity from its events in [window_start, window_end) (others are ignored), with
     the pipeline's own combine code; None when no event falls in the window. `cfg`: FeaturesConfig or
     FeatureParams."""

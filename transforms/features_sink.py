@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import uuid
-from typing import Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -57,7 +56,7 @@ class _ParquetSink(fileio.FileSink):
         if FileSystems.get_filesystem(target).has_dirs() and not FileSystems.exists(target):
             try:
                 FileSystems.mkdirs(target)
-            except IOError:  # created meanwhile by another writer
+            except OSError:  # created meanwhile by another writer
                 pass
         return fileio.FileMetadata(mime_type="application/octet-stream", compression_type=CompressionTypes.UNCOMPRESSED)
 
@@ -107,7 +106,7 @@ class _CheckWrittenFn(beam.DoFn):
     def process(self, result):
         path = FileSystems.join(self._dir, result.file_name)
         if not FileSystems.exists(path):
-            raise IOError(f"feature file {path} was not written (WriteToFiles could not move its temp file)")
+            raise OSError(f"feature file {path} was not written (WriteToFiles could not move its temp file)")
         self._files.inc()
         yield path
 
@@ -123,9 +122,9 @@ class WriteOfflineFeatures(beam.PTransform):
     def __init__(
         self,
         output_dir: str,
-        streaming_window: Optional[float] = None,
+        streaming_window: float | None = None,
         allowed_lateness: float = 0.0,
-        shards: Optional[int] = None,
+        shards: int | None = None,
     ):
         super().__init__()
         if not output_dir:

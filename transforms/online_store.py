@@ -22,7 +22,7 @@ import math
 import numbers
 import os
 import re
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import apache_beam as beam
 import redis
@@ -86,7 +86,7 @@ class OnlineStoreConfig(_Section):
         description="First part of every key: <prefix>:<entity_type>:<window>:<entity_id>.",
     )
     ttl: Duration = Field(7 * 86400.0, description="Expiry set on every write ('7d', '36h', seconds).")
-    password_env: Optional[str] = Field(
+    password_env: str | None = Field(
         None, description="Environment variable holding the Redis password, read on the worker. None: no AUTH."
     )
     batch_size: int = Field(500, ge=1, description="Rows per pipelined round trip to Redis.")
@@ -204,7 +204,7 @@ def parse_number(text: str):
 
 def read_features(
     client: redis.Redis, entity_type: str, window: str, entity_id: str, prefix: str = DEFAULT_PREFIX
-) -> Optional[dict]:
+) -> dict | None:
     """The stored row for one entity and window spec, shaped like the written row (features that were
     None are missing), or None when there is no (unexpired) hash. Works with or without decode_responses."""
     raw = client.hgetall(feature_key(entity_type, window, entity_id, prefix))

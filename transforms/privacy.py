@@ -33,7 +33,7 @@ import logging
 import os
 import re
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
 import apache_beam as beam
 import phonenumbers
@@ -129,11 +129,11 @@ class KeySource:
     """Where the HMAC key comes from. Holds no secret itself, so it is safe to pickle."""
 
     env: str = "FEEDBACK_HMAC_KEY"
-    file: Optional[str] = None
+    file: str | None = None
     allow_demo: bool = False
 
     @classmethod
-    def from_config(cls, privacy_cfg, resolve=lambda p: p) -> "KeySource":
+    def from_config(cls, privacy_cfg, resolve=lambda p: p) -> KeySource:
         return cls(privacy_cfg.key_env, resolve(privacy_cfg.key_file), privacy_cfg.allow_demo_key)
 
     def load(self) -> bytes:
@@ -186,7 +186,7 @@ class Pseudonymiser:
 
 
 @lru_cache(maxsize=100_000)
-def truncate_ip(ip: str, v4_prefix: int, v6_prefix: int) -> Optional[str]:
+def truncate_ip(ip: str, v4_prefix: int, v6_prefix: int) -> str | None:
     """'203.0.113.77' -> '203.0.113.0/24'; None when the text is not an IP address."""
     try:
         addr = ipaddress.ip_address(ip.strip())
@@ -432,7 +432,7 @@ class Redactor:
         residual = tuple(k for _, _, k in self._scanner.spans(out))
         return out, tuple(k for _, _, k in spans), residual
 
-    def _count(self, field: Optional[str], kinds: tuple, residual: tuple) -> None:
+    def _count(self, field: str | None, kinds: tuple, residual: tuple) -> None:
         if field is None:
             return
         for k in kinds:
@@ -440,7 +440,7 @@ class Redactor:
         for k in residual:
             self.not_redacted[field, k] += 1
 
-    def redact(self, text: str, field: Optional[str] = None) -> str:
+    def redact(self, text: str, field: str | None = None) -> str:
         """Free text with PII replaced by tokens; counted under `field` (None: not counted, for text
         that only echoes what was counted elsewhere, e.g. an error message quoting a value)."""
         if not text:
@@ -475,7 +475,7 @@ class Redactor:
         """The tag saying `pseudonyms` ({field: value}) are this key's pseudonyms already."""
         return self._ids.pseudonym(PSEUDONYMISED_MARK, "\x1f".join(f"{k}={v}" for k, v in sorted(pseudonyms.items())))
 
-    def redact_tree(self, value: Any, field: Optional[str]) -> Any:
+    def redact_tree(self, value: Any, field: str | None) -> Any:
         """Every string value and every key of a JSON value, at any depth."""
         if isinstance(value, str):
             return self.redact(value, field)
@@ -556,7 +556,7 @@ class PrivacyRules:
     ipv6_prefix: int
 
     @classmethod
-    def from_config(cls, privacy_cfg) -> "PrivacyRules":
+    def from_config(cls, privacy_cfg) -> PrivacyRules:
         return cls(tuple(privacy_cfg.pseudonymise_fields), privacy_cfg.ipv4_prefix, privacy_cfg.ipv6_prefix)
 
 

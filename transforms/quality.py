@@ -42,7 +42,8 @@ mode; `warn` mode reports breaches and exits 0.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -87,21 +88,19 @@ FAILURE_OUTCOMES = (contract.OUTCOME_DEAD_LETTER, contract.OUTCOME_TOO_LATE)
 class SloConfig(_Section):
     """Thresholds; each one set to null disables its gate."""
 
-    ingestion_success_min: Optional[float] = Field(
+    ingestion_success_min: float | None = Field(
         0.999, ge=0, le=1, description="(valid+duplicates+bots+consent_dropped) / input_records at least this."
     )
-    label_coverage_min: Optional[float] = Field(0.9, ge=0, le=1, description="labels / exposures at least this.")
-    psi_max: Optional[float] = Field(0.2, gt=0, description="Population stability index per feature vs baseline.")
-    js_max: Optional[float] = Field(0.1, gt=0, le=1, description="Jensen-Shannon divergence (bits) per feature.")
-    linf_max: Optional[float] = Field(None, gt=0, le=1, description="L-infinity distance, categorical features.")
-    bot_ratio_band: Optional[tuple[float, float]] = Field(
-        (0.0, 0.2), description="[low, high] for bots / (valid + bots)."
-    )
-    entropy_drop_max: Optional[float] = Field(
+    label_coverage_min: float | None = Field(0.9, ge=0, le=1, description="labels / exposures at least this.")
+    psi_max: float | None = Field(0.2, gt=0, description="Population stability index per feature vs baseline.")
+    js_max: float | None = Field(0.1, gt=0, le=1, description="Jensen-Shannon divergence (bits) per feature.")
+    linf_max: float | None = Field(None, gt=0, le=1, description="L-infinity distance, categorical features.")
+    bot_ratio_band: tuple[float, float] | None = Field((0.0, 0.2), description="[low, high] for bots / (valid + bots).")
+    entropy_drop_max: float | None = Field(
         0.5, ge=0, description="Bits the latest hour's entropy may fall below the mean of the earlier windows."
     )
     entropy_windows: int = Field(6, ge=2, description="Hourly windows the entropy trend looks at (latest included).")
-    orphan_ratio_max: Optional[float] = Field(0.05, ge=0, description="orphan outcomes / exposures at most this.")
+    orphan_ratio_max: float | None = Field(0.05, ge=0, description="orphan outcomes / exposures at most this.")
     drift_min_count: int = Field(
         500,
         ge=1,
@@ -115,14 +114,14 @@ class SloConfig(_Section):
         description="Categories under this share in both runs are pooled into '(other)' before "
         "comparing: long tails of rare values dominate PSI otherwise.",
     )
-    latency_p99_max: Optional[Duration] = Field(None, description="p99 of arrival - event time at most this.")
-    freshness_max_age: Optional[Duration] = Field(
+    latency_p99_max: Duration | None = Field(None, description="p99 of arrival - event time at most this.")
+    freshness_max_age: Duration | None = Field(
         None, description="Per cohort: run end - its latest event time at most this."
     )
-    privacy_compliance_min: Optional[float] = Field(
+    privacy_compliance_min: float | None = Field(
         1.0, ge=0, le=1, description="PII redacted before any sink / PII found at the source at least this."
     )
-    pii_at_source_max: Optional[int] = Field(
+    pii_at_source_max: int | None = Field(
         None,
         ge=0,
         description="Per input field: PII occurrences found at the source at most this "
@@ -143,7 +142,7 @@ class QualityConfig(_Section):
     mode: Literal["fail", "warn"] = Field(
         "fail", description="fail: a breached SLO exits with EXIT_SLO_BREACH; warn: reported only."
     )
-    baseline: Optional[str] = Field(None, description="baseline.json (python -m pipelines.baseline) for drift gates.")
+    baseline: str | None = Field(None, description="baseline.json (python -m pipelines.baseline) for drift gates.")
 
 
 # --- metrics on counts -----------------------------------------------------------------------
@@ -183,8 +182,8 @@ def entropy_bits(counts: Iterable[int]) -> float:
 
 
 def histogram_percentile(
-    edges: Sequence[float], counts: Sequence[int], q: float, lower: Optional[float] = None
-) -> Optional[float]:
+    edges: Sequence[float], counts: Sequence[int], q: float, lower: float | None = None
+) -> float | None:
     """The q-quantile (q in [0, 1]) of a histogram, linear within the bucket it falls in.
 
     `edges` are ascending upper bounds; `counts` has one more entry, the overflow bucket (> last
@@ -276,7 +275,7 @@ def categorical_align(a: dict, b: dict) -> tuple[list, list]:
 # --- SLIs ------------------------------------------------------------------------------------
 
 
-def _ratio(num, den) -> Optional[float]:
+def _ratio(num, den) -> float | None:
     return num / den if den else None
 
 
@@ -287,7 +286,7 @@ def _position_key(p: str):
         return (1, 0, str(p))
 
 
-def entropy_drop(values: Sequence[float]) -> Optional[float]:
+def entropy_drop(values: Sequence[float]) -> float | None:
     """Mean of all but the last value minus the last value (bits); None with fewer than 2 values."""
     if len(values) < 2:
         return None
@@ -307,7 +306,7 @@ def entropy_snapshot(stats: dict) -> dict:
     }
 
 
-def quality_summary(stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
+def quality_summary(stats: dict, cfg: QualityConfig | None = None) -> dict:
     """The SLIs of one run (or window) from its quality stats."""
     cfg = cfg or QualityConfig()
     counts = stats.get("counts", {})
@@ -381,7 +380,7 @@ def _bots_summary(stats: dict, counts: dict) -> dict:
     }
 
 
-def _freshness_summary(stats: dict, run_end: Optional[int]) -> dict:
+def _freshness_summary(stats: dict, run_end: int | None) -> dict:
     freshness = {}
     for cohort, f in sorted((stats.get("freshness") or {}).items()):
         latest = f.get("latest_event_time_ms")
@@ -442,7 +441,7 @@ def _same_edges(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
 
 
-def _feature_drift(kind: str, cur: Optional[dict], base: Optional[dict], slos: SloConfig) -> dict:
+def _feature_drift(kind: str, cur: dict | None, base: dict | None, slos: SloConfig) -> dict:
     entry = {
         "kind": kind,
         "comparable": False,
@@ -527,7 +526,7 @@ def pool_rare(a: dict, b: dict, min_share: float) -> tuple[dict, dict]:
     return pooled(a), pooled(b)
 
 
-def drift_report(stats: dict, baseline_stats: dict, cfg: Optional[QualityConfig] = None) -> dict:
+def drift_report(stats: dict, baseline_stats: dict, cfg: QualityConfig | None = None) -> dict:
     """Each feature's distribution in this run vs the baseline (a baseline.json or another run's stats).
 
     {"features": {name: {kind, comparable, psi, js, linf, flags, drifted, bins, baseline, current,
@@ -835,7 +834,7 @@ def _check_missing_features(s, stats, drift, t):
         )
 
 
-def _any_drift_gate(slo) -> Optional[int]:
+def _any_drift_gate(slo) -> int | None:
     """Missing baseline features are checked (threshold 0) whenever any drift gate is on."""
     return 0 if any(t is not None for t in (slo.psi_max, slo.js_max, slo.linf_max)) else None
 
@@ -859,7 +858,7 @@ _SLO_TABLE = (
 
 
 def evaluate_slos(
-    stats: dict, cfg: Optional[QualityConfig] = None, drift: Optional[dict] = None, summary: Optional[dict] = None
+    stats: dict, cfg: QualityConfig | None = None, drift: dict | None = None, summary: dict | None = None
 ) -> list[dict]:
     """Every enabled gate -> {slo, value, threshold, ok, message}; disabled gates give no row."""
     cfg = cfg or QualityConfig()
@@ -877,7 +876,7 @@ def breaches(results: Iterable[dict]) -> list[dict]:
     return [r for r in results if r["ok"] is False]
 
 
-def slo_exit_code(results: Iterable[dict], cfg: Optional[QualityConfig] = None) -> int:
+def slo_exit_code(results: Iterable[dict], cfg: QualityConfig | None = None) -> int:
     """EXIT_SLO_BREACH when a gate is breached and the mode is `fail`; 0 otherwise (warn mode included)."""
     cfg = cfg or QualityConfig()
     return EXIT_SLO_BREACH if cfg.mode == "fail" and breaches(results) else 0

@@ -13,8 +13,9 @@ import functools
 import io
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
@@ -31,7 +32,7 @@ class FieldSpec:
     name: str
     kind: str  # string | int | long | double | float | boolean | map | timestamp
     required: bool  # no null in the union
-    map_values: Optional[str] = None
+    map_values: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,7 @@ class SchemaRegistry:
         self._by_canonical = {v.canonical: v for v in self._by_version.values()}
 
     @classmethod
-    def from_directory(cls, directory: str) -> "SchemaRegistry":
+    def from_directory(cls, directory: str) -> SchemaRegistry:
         d = Path(directory)
         if not d.is_dir():
             raise SchemaError(f"schema directory {directory!r} does not exist")
@@ -117,10 +118,10 @@ class SchemaRegistry:
     def latest(self) -> SchemaVersion:
         return self._by_version[max(self._by_version)]
 
-    def get(self, version: int) -> Optional[SchemaVersion]:
+    def get(self, version: int) -> SchemaVersion | None:
         return self._by_version.get(version)
 
-    def match_writer(self, writer_schema: dict) -> Optional[SchemaVersion]:
+    def match_writer(self, writer_schema: dict) -> SchemaVersion | None:
         """The registered version an Avro file was written with, or None."""
         try:
             canonical = to_parsing_canonical_form(fastavro.parse_schema(writer_schema))

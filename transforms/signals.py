@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import functools
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import apache_beam as beam
 from apache_beam.transforms import window
@@ -69,7 +69,7 @@ def _hour_label(hour: int) -> str:
     return dt.datetime.fromtimestamp(hour * HOUR_MS / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")
 
 
-def _category(e: dict, name: str) -> Optional[str]:
+def _category(e: dict, name: str) -> str | None:
     if name == "item_category":
         return (e.get("item_meta") or {}).get("category")
     v = e.get(name)
