@@ -74,7 +74,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 svg.chart{display:block;max-width:100%;height:auto}
 svg text{font-family:inherit}
 .note{font-size:12px;color:#546e7a;margin:6px 0 0}
-"""
+"""  # noqa: E501 - CSS rules kept one per line
 
 
 # --- formatting ------------------------------------------------------------------------------

@@ -500,7 +500,7 @@ class _Sim:
         x = self.bits(128)
         x = (x & ~(0xF000 << 64)) | (0x4000 << 64)
         x = (x & ~(0xC000 << 48)) | (0x8000 << 48)
-        h = "%032x" % x
+        h = f"{x:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     def _new_actor(self, rule=None):
@@ -599,7 +599,7 @@ class _Sim:
 
     def _human_session(self, a, t0):
         rng = self.rng
-        sid = "s%012x" % self.bits(48)
+        sid = f"s{self.bits(48):012x}"
         out, rec_all, rec_non = [], [], []
         n_req = 1 + min(25, int(rng.expovariate(1 / 3.0)))
         t = t0
@@ -627,7 +627,7 @@ class _Sim:
 
     def _human_request(self, a, sid, t):
         rng, rnd = self.rng, self.rnd
-        rid = "r%016x" % self.bits(64)
+        rid = f"r{self.bits(64):016x}"
         kk = rng.randint(4, 12)
         policy = EXPLORE if rnd() < 0.05 else a.policy
         props = self.props[policy, kk]
@@ -700,11 +700,11 @@ class _Sim:
     def _sustained(self, a, t0, dur_ms, rate):
         """3-8 events/s for dur_ms: impressions, then clicks/views/scrolls >= 1 s later."""
         rng, rnd, ids = self.rng, self.rnd, self.item_ids
-        sid = "s%012x" % self.bits(48)
+        sid = f"s{self.bits(48):012x}"
         step = 1000.0 / rate
         t, end = float(t0), t0 + dur_ms
         while t < end:
-            rid = "r%016x" % self.bits(64)
+            rid = f"r{self.bits(64):016x}"
             kk = rng.randint(4, 12)
             policy = a.policy
             props = self.props[policy, kk]
@@ -739,9 +739,9 @@ class _Sim:
         rng, rnd, ids = self.rng, self.rnd, self.item_ids
         t = t0
         for _ in range(n_sessions):
-            sid = "s%012x" % self.bits(48)
+            sid = f"s{self.bits(48):012x}"
             for _ in range(rng.randint(5, 12)):
-                rid = "r%016x" % self.bits(64)
+                rid = f"r{self.bits(64):016x}"
                 kk = rng.randint(4, 8)
                 policy = EXPLORE if rnd() < 0.05 else a.policy
                 props = self.props[policy, kk]
@@ -780,7 +780,7 @@ class _Sim:
             count += 1
             tt = t + rng.randint(200, 1000)
             if rnd() < 0.6:
-                rid = "r%016x" % self.bits(64)
+                rid = f"r{self.bits(64):016x}"
                 kk = rng.randint(4, 12)
                 props = self.props[a.policy, kk]
                 items = self._items(kk)

@@ -200,7 +200,8 @@ def json_escaped(value: str) -> str:
             out.append(ch)
         else:
             for unit in range(0, len(ch.encode("utf-16-be")), 2):
-                out.append("\\u%04x" % int.from_bytes(ch.encode("utf-16-be")[unit : unit + 2], "big"))
+                code = int.from_bytes(ch.encode("utf-16-be")[unit : unit + 2], "big")
+                out.append(f"\\u{code:04x}")
     return "".join(out)
 
 

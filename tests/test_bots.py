@@ -1,3 +1,4 @@
+import itertools
 import json
 from pathlib import Path
 
@@ -10,9 +11,17 @@ RULES = BotRules(True, (), 600.0, 120, 2, 200, 3)
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
 
 
-def ev(t, etype="view", item=None, request=None, n=[0]):
-    n[0] += 1
-    return {"event_id": f"e{n[0]}", "event_type": etype, "event_time": t, "item_id": item, "request_id": request}
+_EVENT_IDS = itertools.count(1)
+
+
+def ev(t, etype="view", item=None, request=None):
+    return {
+        "event_id": f"e{next(_EVENT_IDS)}",
+        "event_type": etype,
+        "event_time": t,
+        "item_id": item,
+        "request_id": request,
+    }
 
 
 def real_browser_agents():

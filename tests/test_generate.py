@@ -269,7 +269,7 @@ def test_user_agents_and_bot_rules(run20k):
     assert all(e["user_agent"] in sample_agents.HUMAN_AGENTS for e in events if e["user_id"] not in bot_users)
     runs = _runs([e for e in events if e["user_id"] in bot_users])
     per_rule = collections.Counter()
-    for user, user_runs in runs.items():
+    for user_runs in runs.values():
         evs = [e for run in user_runs for e in run]
         if is_crawler[evs[0]["user_agent"]]:
             assert all(is_crawler[e["user_agent"]] for e in evs)

@@ -54,7 +54,7 @@ def test_archive_replay_matches_batch_and_is_byte_identical(archive):
         "2026-11-01T06:00:00Z",
     ]
     r1 = replay.run(args + ["--output", str(tmp / "r1")])
-    r2 = replay.run(args + ["--output", str(tmp / "r2")])
+    replay.run(args + ["--output", str(tmp / "r2")])
     assert r1["labels"]["one_label_per_exposure"] and r1["labels"]["labels"] > 100
     assert file_digests(tmp / "r1") == file_digests(tmp / "r2")  # byte-identical reruns
     assert r1["replayability"]["previous_run"] is False
@@ -112,7 +112,7 @@ def test_dead_letters_replayed_after_a_fix_are_accounted_once(archive):
     )
     args = ["dead-letters", "--config", fixed, "--dead-letters", str(out / "dead_letter" / "*.jsonl")]
     r1 = replay.run(args + ["--output", str(tmp / "d1")])
-    r2 = replay.run(args + ["--output", str(tmp / "d2")])
+    replay.run(args + ["--output", str(tmp / "d2")])
     dead_in = report["counts"]["dead_letter"] + report["counts"]["too_late"]
     assert r1["accounting"]["holds"] and r1["accounting"]["input_records"] == dead_in
     # The fix adds `hover` and `like`: exactly the unknown-type dead letters with another type stay.

@@ -158,10 +158,12 @@ def assert_invariant(reference: dict, got: dict, offset_s: int, labels: bool = T
         return _assert_features(reference, got, offset_s)
     ref_labels = {l["label_id"]: l for l in reference["labels"]}
     got_labels = {l["label_id"]: l for l in got["labels"]}
+    changed = [
+        (ref_labels[k], got_labels[k]) for k in set(ref_labels) & set(got_labels) if ref_labels[k] != got_labels[k]
+    ]
     assert got_labels == ref_labels, (
         f"labels differ after a shift by {offset_s} s: missing {sorted(set(ref_labels) - set(got_labels))[:5]}, "
-        f"extra {sorted(set(got_labels) - set(ref_labels))[:5]}, changed "
-        f"{[(ref_labels[k], got_labels[k]) for k in set(ref_labels) & set(got_labels) if ref_labels[k] != got_labels[k]][:2]}"
+        f"extra {sorted(set(got_labels) - set(ref_labels))[:5]}, changed {changed[:2]}"
     )
     _assert_features(reference, got, offset_s)
 

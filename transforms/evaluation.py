@@ -757,7 +757,7 @@ def position_curve_em(
     theta = np.full(max_position, 0.5)
     gamma = np.full(len(items), 0.5)
     done = 0
-    for done in range(1, iterations + 1):
+    for done in range(1, iterations + 1):  # noqa: B007 - `done` (iterations run) is read after the loop
         t, g = theta[k_idx], gamma[d_idx]
         denom = np.maximum(1 - t * g, 1e-12)
         non = n - clicks

@@ -716,7 +716,7 @@ def _check_entropy_drop(s, stats, drift, t):
             trend[f"{series}_drop"],
             t,
             lambda v: v <= t,
-            lambda v: (
+            lambda v, series=series: (
                 f"latest hour {trend['windows'][-1]}: {trend[f'{series}_entropy'][-1]:.3f} bits, "
                 f"{v:+.3f} below the mean of the previous {len(trend['windows']) - 1} (max drop {t:g})"
             ),
@@ -754,7 +754,7 @@ def _check_freshness(s, stats, drift, t):
             f["age_ms"],
             t_ms,
             lambda v: v <= t_ms,
-            lambda v: f"latest {cohort} event {v / 1000:g} s before the run end (max {t_ms / 1000:g} s)",
+            lambda v, cohort=cohort: f"latest {cohort} event {v / 1000:g} s before the run end (max {t_ms / 1000:g} s)",
             "no events in this cohort",
         )
 
