@@ -16,12 +16,20 @@ from apache_beam.transforms.trigger import AccumulationMode, AfterCount, AfterWa
 from pipelines import outputs as output_table
 from transforms import contract
 from transforms.accounting import CountOutcomes
-from transforms.bots import BotRules, FilterBots
+from transforms.bots import BotRules, FilterBots, FilterBotsStreaming
 from transforms.config import JobConfig
-from transforms.dedupe import DedupeEvents
+from transforms.dedupe import DedupeEvents, DedupeEventsStreaming
 from transforms.enrich import EnrichEvents, ReadMetadataTable
 from transforms.features import ComputeFeatures
-from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure, label_polarity
+from transforms.labels import (
+    BuildSlates,
+    BuildSlatesStreaming,
+    JoinLabels,
+    JoinLabelsStreaming,
+    LabelRules,
+    is_exposure,
+    label_polarity,
+)
 from transforms.parse import ParseEvents, ValidationRules
 from transforms.privacy import KeySource, PrivacyRules, ProtectPrivacy
 from transforms.records import clean_event_schema
@@ -129,13 +137,29 @@ def _input_marker(_record) -> int:
 
 
 def build_event_graph(
-    raw_records, settings: GraphSettings, upstream_dead_letters=(), streaming: bool = False, count_windowing=None
+    raw_records,
+    settings: GraphSettings,
+    upstream_dead_letters=(),
+    streaming: bool | None = None,
+    count_windowing=None,
 ) -> GraphOutputs:
-    """RawRecord PCollection -> every outcome. `upstream_dead_letters`: dead letters made by the source
-    (e.g. unreadable files), each standing for one input record. `streaming` picks the streaming
-    implementation where one exists (same decisions, see DedupeEvents). `count_windowing`: a
-    WindowInto for the counters in streaming (a global-window count never fires there)."""
+    """RawRecord PCollection -> every outcome.
+
+    The per-key steps (dedupe, bots, labels, slates) have a bounded variant (GroupByKey) and an
+    unbounded one (state, timers, windows) with the same decisions; they are chosen here, once.
+
+    Args:
+      raw_records: RawRecord PCollection from the job's source.
+      settings: GraphSettings resolved on the launcher.
+      upstream_dead_letters: dead letters made by the source (e.g. unreadable files), each standing
+        for one input record.
+      streaming: use the unbounded variants; default: whether `raw_records` is unbounded.
+      count_windowing: a WindowInto for the counters in streaming (a global-window count never fires
+        there).
+    """
     p = raw_records.pipeline
+    if streaming is None:
+        streaming = not raw_records.is_bounded
     parsed = raw_records | "Parse" >> ParseEvents(settings.validation, settings.key_source)
     protected = parsed[ParseEvents.VALID] | "Privacy" >> ProtectPrivacy(settings.privacy, settings.key_source)
     tables = {
@@ -143,17 +167,20 @@ def build_event_graph(
         for name, (path, key, domain) in sorted(settings.lookups.items())
     }
     enriched = protected | "Enrich" >> EnrichEvents(tables)
-    deduped = enriched | "Dedupe" >> DedupeEvents(settings.dedupe_horizon_s, settings.lateness_s, streaming=streaming)
-    judged = deduped.events | "Bots" >> FilterBots(
-        settings.bots, streaming=streaming, session_gap_s=settings.session_gap_s, lateness_s=settings.lateness_s
-    )
+    if streaming:
+        dedupe_step = DedupeEventsStreaming(settings.dedupe_horizon_s, settings.lateness_s)
+        bots_step = FilterBotsStreaming(settings.bots, settings.session_gap_s, settings.lateness_s)
+        labels_step = JoinLabelsStreaming(settings.labels, upstream_delay_s=settings.bots_delay_s)
+        slates_step = BuildSlatesStreaming(allowed_lateness_s=settings.max_output_delay_s)
+    else:
+        dedupe_step = DedupeEvents(settings.dedupe_horizon_s)
+        bots_step = FilterBots(settings.bots, settings.session_gap_s)
+        labels_step, slates_step = JoinLabels(settings.labels), BuildSlates()
+    deduped = enriched | "Dedupe" >> dedupe_step
+    judged = deduped.events | "Bots" >> bots_step
     humans = judged[contract.TAG_HUMANS]
-    joined = humans | "Labels" >> JoinLabels(
-        settings.labels, streaming=streaming, upstream_delay_s=settings.bots_delay_s
-    )
-    slates = joined.labels | "Slates" >> BuildSlates(
-        streaming=streaming, allowed_lateness_s=settings.max_output_delay_s
-    )
+    joined = humans | "Labels" >> labels_step
+    slates = joined.labels | "Slates" >> slates_step
     dead = [parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters] | "AllDeadLetters" >> beam.Flatten()
     # Only the number of inputs matters here, so each side is reduced to a marker in an SDK step before
     # the Flatten. Flink's fuser (Beam Java's GreedyPipelineFuser) rejects a Flatten that takes a

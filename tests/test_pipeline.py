@@ -19,7 +19,7 @@ from pipelines import batch
 from tests.conftest import FN_API_RUNNER, write_config
 from transforms import contract
 from transforms.bots import BotRules, FilterBots
-from transforms.dedupe import DedupeEvents
+from transforms.dedupe import DedupeEvents, DedupeEventsStreaming
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
 CHROME = (
@@ -73,7 +73,7 @@ def test_dedupe_streaming_matches_batch():
     options = PipelineOptions(streaming=True)
     options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
     with TestPipeline(options=options) as p:
-        out = p | stream | DedupeEvents(horizon_s=3600, streaming=True)
+        out = p | stream | DedupeEventsStreaming(horizon_s=3600)
         assert_that(out.events | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
         assert_that(
             out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),

@@ -388,50 +388,69 @@ class _UserRunsStreamingFn(_JudgeFn):
 
 
 class FilterBots(beam.PTransform):
-    """Events -> human events (main, bot_rule None, session_id filled) and flagged bot events (tag
-    BOTS), both in the global window with their event timestamps.
+    """Bounded events -> human events (main, bot_rule None, session_id filled) and flagged bot events
+    (tag BOTS), both in the global window with their event timestamps.
 
     Per-user runs are continuous (inactivity gap, plus the max_run_duration cap counted from each
-    run's first event); see the module docstring. Streaming output is behind the watermark by up to
-    max_run_duration + lateness (`output_delay_s`); downstream windows allow that.
+    run's first event); see the module docstring. This class groups each user's whole input;
+    FilterBotsStreaming keeps open runs in state instead, with the same decisions.
+
+    Args:
+      rules: the bot rules (BotRules.from_config).
+      session_gap_s: `sessions.gap`, for session ids and run boundaries.
     """
 
     BOTS = "bots"
 
-    def __init__(
-        self, rules: BotRules, streaming: bool = False, session_gap_s: float = 1800.0, lateness_s: float = 3600.0
-    ):
+    def __init__(self, rules: BotRules, session_gap_s: float = 1800.0):
         super().__init__()
         if rules.max_events_per_minute <= 0:
             raise ValueError("max_events_per_minute must be > 0")
         if rules.max_run_duration_s < max(rules.session_gap_s, session_gap_s):
             raise ValueError("max_run_duration must be at least the bot and session gaps")
         self._rules = rules
-        self._streaming = streaming
-        self._session_gap_s, self._lateness_s = session_gap_s, lateness_s
+        self._session_gap_s = session_gap_s
 
     @staticmethod
     def output_delay_s(rules: BotRules, lateness_s: float) -> float:
         """How far behind the watermark judged events can be in streaming."""
         return rules.max_run_duration_s + lateness_s
 
+    def _judge(self, keyed):
+        return (
+            keyed
+            | "GroupUser" >> beam.GroupByKey()
+            | "JudgeRunsAndSessionize"
+            >> beam.ParDo(_UserRunsBatchFn(self._rules, self._session_gap_s)).with_outputs(self.BOTS, main="humans")
+        )
+
     def expand(self, events):
         crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
             self.BOTS, main="rest"
         )
         keyed = crawler.rest | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
-        if self._streaming:
-            judged = keyed | "JudgeOpenRuns" >> beam.ParDo(
-                _UserRunsStreamingFn(self._rules, self._session_gap_s, self._lateness_s)
-            ).with_outputs(self.BOTS, main="humans")
-        else:
-            judged = (
-                keyed
-                | "GroupUser" >> beam.GroupByKey()
-                | "JudgeRunsAndSessionize"
-                >> beam.ParDo(_UserRunsBatchFn(self._rules, self._session_gap_s)).with_outputs(self.BOTS, main="humans")
-            )
+        judged = self._judge(keyed)
         humans = judged.humans | "HumansGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         run_bots = judged[self.BOTS] | "RunBotsGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         bots = (crawler[self.BOTS], run_bots) | "AllBots" >> beam.Flatten()
         return {"humans": humans, self.BOTS: bots}
+
+
+class FilterBotsStreaming(FilterBots):
+    """Unbounded events -> the same split as FilterBots: each user's open events wait in state and a
+    run is judged once an event-time timer says it has closed. Output is behind the watermark by up to
+    max_run_duration + lateness (`output_delay_s`); downstream windows allow that.
+
+    Args:
+      rules, session_gap_s: as for FilterBots.
+      lateness_s: `time.lateness`: a run is judged once every event of it that is not too late is in.
+    """
+
+    def __init__(self, rules: BotRules, session_gap_s: float = 1800.0, lateness_s: float = 3600.0):
+        super().__init__(rules, session_gap_s)
+        self._lateness_s = lateness_s
+
+    def _judge(self, keyed):
+        return keyed | "JudgeOpenRuns" >> beam.ParDo(
+            _UserRunsStreamingFn(self._rules, self._session_gap_s, self._lateness_s)
+        ).with_outputs(self.BOTS, main="humans")

@@ -95,32 +95,49 @@ class _SplitCopiesFn(beam.DoFn):
 
 
 class DedupeEvents(beam.PTransform):
-    """Events -> first copy of each event_id (main) and the extra copies (tag DUPLICATES).
+    """Bounded events -> first copy of each event_id (main) and the extra copies (tag DUPLICATES).
 
-    Streaming uses a stateful DoFn that decides as copies arrive. Bounded input uses a GroupByKey and
-    the same decision (`is_duplicate`) over all copies of a key: on FnApiRunner, per-key user state
-    ran at ~300 keys/s against ~10k/s for the grouping (benchmarks/RESULTS.md), and with bounded input
-    every copy is known before anything is emitted anyway.
+    A GroupByKey over every copy of a key and the decision `is_duplicate` over them: on FnApiRunner,
+    per-key user state ran at ~300 keys/s against ~10k/s for the grouping (benchmarks/RESULTS.md),
+    and with bounded input every copy is known before anything is emitted anyway. Unbounded input
+    uses DedupeEventsStreaming: the same decision, made as copies arrive.
+
+    Args:
+      horizon_s: a copy is a duplicate when a kept copy lies within this much event time.
     """
 
     DUPLICATES = "duplicates"
 
-    def __init__(self, horizon_s: float, allowed_lateness_s: float = 0.0, streaming: bool = False):
+    def __init__(self, horizon_s: float):
         super().__init__()
         if horizon_s <= 0:
             raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
         self._horizon_s = horizon_s
-        self._lateness_s = allowed_lateness_s
-        self._streaming = streaming
+
+    def _keyed(self, events):
+        return events | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, dict])
 
     def expand(self, events):
-        keyed = events | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, dict])
-        if self._streaming:
-            return keyed | "DropRepeats" >> beam.ParDo(_DedupeFn(self._horizon_s, self._lateness_s)).with_outputs(
-                self.DUPLICATES, main="events"
-            )
         return (
-            keyed
+            self._keyed(events)
             | "GroupCopies" >> beam.GroupByKey()
             | "SplitCopies" >> beam.ParDo(_SplitCopiesFn(self._horizon_s)).with_outputs(self.DUPLICATES, main="events")
         )
+
+
+class DedupeEventsStreaming(DedupeEvents):
+    """Unbounded events -> the same split as DedupeEvents, decided by a stateful DoFn as copies arrive.
+
+    Args:
+      horizon_s: as for DedupeEvents.
+      allowed_lateness_s: how far behind the watermark copies can arrive (state is kept that long).
+    """
+
+    def __init__(self, horizon_s: float, allowed_lateness_s: float = 0.0):
+        super().__init__(horizon_s)
+        self._lateness_s = allowed_lateness_s
+
+    def expand(self, events):
+        return self._keyed(events) | "DropRepeats" >> beam.ParDo(
+            _DedupeFn(self._horizon_s, self._lateness_s)
+        ).with_outputs(self.DUPLICATES, main="events")

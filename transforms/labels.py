@@ -385,43 +385,59 @@ class _SettleStreamingFn(beam.DoFn):
 
 @beam.typehints.with_input_types(dict)
 class JoinLabels(beam.PTransform):
-    """Human events -> labels (main), orphan outcomes (ORPHANS) and late outcomes (LATE_OUTCOMES).
+    """Bounded human events -> labels (main), orphan outcomes (ORPHANS) and late outcomes
+    (LATE_OUTCOMES): every (user, item) key grouped and settled at once. JoinLabelsStreaming settles
+    the same keys with event-time timers, with the same function.
 
     Args:
       rules: attribution window, lateness and outcome types (LabelRules.from_config).
-      streaming: settle per key with event-time timers (unbounded input) instead of GroupByKey.
-      upstream_delay_s: streaming only: how far behind the watermark events can reach this step.
     """
 
     ORPHANS = "orphans"
     LATE_OUTCOMES = "late_outcomes"
 
-    def __init__(self, rules: LabelRules, streaming: bool = False, upstream_delay_s: float = 0.0):
+    def __init__(self, rules: LabelRules):
         super().__init__()
         if rules.window_ms <= 0:
             raise ValueError("attribution window must be > 0")
-        self._rules, self._streaming = rules, streaming
-        self._delay_ms = int(upstream_delay_s * 1000)
+        self._rules = rules
 
-    def expand(self, events: beam.PCollection[dict]) -> beam.pvalue.DoOutputsTuple:
+    def _keyed(self, events):
         types = self._rules.outcome_types | {EXPOSURE_TYPE}
-        keyed = (
+        return (
             events
             | "ExposuresAndOutcomes" >> beam.Filter(lambda e: e["event_type"] in types and e.get("item_id") is not None)
             | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict])
         )
-        if self._streaming:
-            fn = _SettleStreamingFn(self._rules, self._delay_ms)
-            return keyed | "SettleAsDue" >> beam.ParDo(fn).with_outputs(
-                self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS
-            )
+
+    def expand(self, events: beam.PCollection[dict]) -> beam.pvalue.DoOutputsTuple:
         return (
-            keyed
+            self._keyed(events)
             | "GroupUserItem" >> beam.GroupByKey()
             | "Settle"
             >> beam.ParDo(_SettleBatchFn(self._rules)).with_outputs(
                 self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS
             )
+        )
+
+
+@beam.typehints.with_input_types(dict)
+class JoinLabelsStreaming(JoinLabels):
+    """Unbounded human events -> the same outputs as JoinLabels, settled per key by event-time timers.
+
+    Args:
+      rules: as for JoinLabels.
+      upstream_delay_s: how far behind the watermark events can reach this step.
+    """
+
+    def __init__(self, rules: LabelRules, upstream_delay_s: float = 0.0):
+        super().__init__(rules)
+        self._delay_ms = int(upstream_delay_s * 1000)
+
+    def expand(self, events: beam.PCollection[dict]) -> beam.pvalue.DoOutputsTuple:
+        fn = _SettleStreamingFn(self._rules, self._delay_ms)
+        return self._keyed(events) | "SettleAsDue" >> beam.ParDo(fn).with_outputs(
+            self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS
         )
 
 
@@ -455,36 +471,48 @@ def make_slate(request_id: str, labels: list[dict]) -> dict:
 
 @beam.typehints.with_input_types(dict)
 class BuildSlates(beam.PTransform):
-    """Labels -> one slate per request (all items shown, with positions, propensities and labels).
+    """Bounded labels -> one slate per request (all items shown, with positions, propensities and
+    labels). BuildSlatesStreaming gathers a request's labels in session windows instead."""
 
-    Args:
-      streaming: gather a request's labels in session windows of `gap_s` (unbounded input).
-      gap_s: streaming session gap between a request's labels.
-      allowed_lateness_s: streaming: how late labels may reach the session windows.
-    """
-
-    def __init__(self, streaming: bool = False, gap_s: float = 10.0, allowed_lateness_s: float = 0.0):
-        super().__init__()
-        self._streaming, self._gap_s, self._lateness_s = streaming, gap_s, allowed_lateness_s
-
-    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
-        keyed = (
+    def _keyed(self, labels):
+        return (
             labels
             | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
             | "KeyByRequest" >> beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict])
         )
-        if self._streaming:
-            # A request's labels share (nearly) one impression time: a short session window gathers them.
-            # Labels are emitted when their deadline timer fires, often well behind the watermark: the
-            # windows must allow that lateness or Beam drops them silently (seen with Pub/Sub end to end).
-            keyed = keyed | "RequestWindows" >> beam.WindowInto(
-                window.Sessions(self._gap_s), allowed_lateness=self._lateness_s
-            )
+
+    def _slates(self, keyed):
         return (
             keyed
             | "GroupRequest" >> beam.GroupByKey()
             | "Slate" >> beam.MapTuple(lambda r, ls: make_slate(r, list(ls)))
         )
+
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
+        return self._slates(self._keyed(labels))
+
+
+@beam.typehints.with_input_types(dict)
+class BuildSlatesStreaming(BuildSlates):
+    """Unbounded labels -> one slate per request, gathered in a short session window per request.
+
+    Args:
+      gap_s: session gap between a request's labels.
+      allowed_lateness_s: how late labels may reach the session windows.
+    """
+
+    def __init__(self, gap_s: float = 10.0, allowed_lateness_s: float = 0.0):
+        super().__init__()
+        self._gap_s, self._lateness_s = gap_s, allowed_lateness_s
+
+    def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
+        # A request's labels share (nearly) one impression time: a short session window gathers them.
+        # Labels are emitted when their deadline timer fires, often well behind the watermark: the
+        # windows must allow that lateness or Beam drops them silently (seen with Pub/Sub end to end).
+        keyed = self._keyed(labels) | "RequestWindows" >> beam.WindowInto(
+            window.Sessions(self._gap_s), allowed_lateness=self._lateness_s
+        )
+        return self._slates(keyed)
 
 
 def _opt(name, t):
