@@ -177,7 +177,7 @@ def build_event_graph(
         bots_step = FilterBots(settings.bots, settings.session_gap_s)
         labels_step, slates_step = JoinLabels(settings.labels), BuildSlates()
     deduped = enriched | "Dedupe" >> dedupe_step
-    judged = deduped.events | "Bots" >> bots_step
+    judged = deduped[contract.TAG_EVENTS] | "Bots" >> bots_step
     humans = judged[contract.TAG_HUMANS]
     joined = humans | "Labels" >> labels_step
     slates = joined.labels | "Slates" >> slates_step

@@ -21,7 +21,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
 
-INPUT = "input"
+INPUT = contract.COUNTER_INPUT
 
 
 def _keys_for(outcome: str, detail: Callable[[dict], str] | None):
@@ -134,15 +134,15 @@ def summarise(counters: dict) -> dict:
 
 def label_summary(counters: dict) -> dict:
     """Exposures are the valid impressions with an item; each must get exactly one label."""
-    exposures = counters.get("exposures", 0)
-    labels = counters.get("labels", 0)
+    exposures = counters.get(contract.COUNTER_EXPOSURES, 0)
+    labels = counters.get(contract.COUNTER_LABELS, 0)
     return {
         "exposures": exposures,
         "labels": labels,
-        "positives": counters.get("labels.positive", 0),
-        "negatives": counters.get("labels.negative", 0),
-        "orphan_outcomes": counters.get("orphans", 0),
-        "late_outcomes": counters.get("late_outcomes", 0),
+        "positives": counters.get(contract.COUNTER_LABELS_POSITIVE, 0),
+        "negatives": counters.get(contract.COUNTER_LABELS_NEGATIVE, 0),
+        "orphan_outcomes": counters.get(contract.COUNTER_ORPHANS, 0),
+        "late_outcomes": counters.get(contract.COUNTER_LATE_OUTCOMES, 0),
         "one_label_per_exposure": labels == exposures,
         "coverage": round(labels / exposures, 6) if exposures else None,
     }

@@ -421,19 +421,22 @@ class FilterBots(beam.PTransform):
             keyed
             | "GroupUser" >> beam.GroupByKey()
             | "JudgeRunsAndSessionize"
-            >> beam.ParDo(_UserRunsBatchFn(self._rules, self._session_gap_s)).with_outputs(self.BOTS, main="humans")
+            >> beam.ParDo(_UserRunsBatchFn(self._rules, self._session_gap_s)).with_outputs(
+                self.BOTS, main=contract.TAG_HUMANS
+            )
         )
 
     def expand(self, events):
         crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
-            self.BOTS, main="rest"
+            self.BOTS, main=contract.TAG_REST
         )
-        keyed = crawler.rest | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
+        by_user = beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
+        keyed = crawler[contract.TAG_REST] | "KeyByUser" >> by_user
         judged = self._judge(keyed)
-        humans = judged.humans | "HumansGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+        humans = judged[contract.TAG_HUMANS] | "HumansGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         run_bots = judged[self.BOTS] | "RunBotsGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
         bots = (crawler[self.BOTS], run_bots) | "AllBots" >> beam.Flatten()
-        return {"humans": humans, self.BOTS: bots}
+        return {contract.TAG_HUMANS: humans, self.BOTS: bots}
 
 
 class FilterBotsStreaming(FilterBots):
@@ -453,4 +456,4 @@ class FilterBotsStreaming(FilterBots):
     def _judge(self, keyed):
         return keyed | "JudgeOpenRuns" >> beam.ParDo(
             _UserRunsStreamingFn(self._rules, self._session_gap_s, self._lateness_s)
-        ).with_outputs(self.BOTS, main="humans")
+        ).with_outputs(self.BOTS, main=contract.TAG_HUMANS)

@@ -17,6 +17,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from transforms import contract
+
 METRICS_NS = "feedback.dedupe"
 
 
@@ -121,7 +123,8 @@ class DedupeEvents(beam.PTransform):
         return (
             self._keyed(events)
             | "GroupCopies" >> beam.GroupByKey()
-            | "SplitCopies" >> beam.ParDo(_SplitCopiesFn(self._horizon_s)).with_outputs(self.DUPLICATES, main="events")
+            | "SplitCopies"
+            >> beam.ParDo(_SplitCopiesFn(self._horizon_s)).with_outputs(self.DUPLICATES, main=contract.TAG_EVENTS)
         )
 
 
@@ -140,4 +143,4 @@ class DedupeEventsStreaming(DedupeEvents):
     def expand(self, events):
         return self._keyed(events) | "DropRepeats" >> beam.ParDo(
             _DedupeFn(self._horizon_s, self._lateness_s)
-        ).with_outputs(self.DUPLICATES, main="events")
+        ).with_outputs(self.DUPLICATES, main=contract.TAG_EVENTS)
