@@ -13,30 +13,28 @@ def run(*args, env_extra=None):
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_demo_command(tmp_path):
+def run_demo(events: int, workdir):
+    """README command 1 as a user types it: no HMAC key in the environment (the demo key is used)."""
     env = {k: v for k, v in os.environ.items() if k != "FEEDBACK_HMAC_KEY"}
-    r = subprocess.run(
-        [sys.executable, "-m", "feedback_tools.demo", "--events", "3000", "--workdir", str(tmp_path)],
+    return subprocess.run(
+        [sys.executable, "-m", "feedback_tools.demo", "--events", str(events), "--workdir", str(workdir)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_demo_command(tmp_path):
+    r = run_demo(3000, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accounting identity holds: True" in r.stdout
     assert "counts equal the generator's ground truth: True" in r.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["metrics"]["feedback.read.records"] == 3000
     # Run twice in a row: the demo replaces its previous run in sample/out (--overwrite), never mixes.
-    r = subprocess.run(
-        [sys.executable, "-m", "feedback_tools.demo", "--events", "1000", "--workdir", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_demo(1000, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     manifest = json.loads((tmp_path / "out" / "_MANIFEST.json").read_text())
