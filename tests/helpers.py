@@ -180,3 +180,17 @@ def assert_counts_balance(stream_out, inputs: int, exposures: int):
     counters = sum_counters(jsonl_rows(str(stream_out / "_counts" / "**" / "*.jsonl")))
     assert counters[contract.COUNTER_INPUT] == inputs == sum(counters.get(o, 0) for o in contract.OUTCOMES)
     assert counters[contract.COUNTER_LABELS] == counters[contract.COUNTER_EXPOSURES] == exposures
+
+
+def feature_event(eid, t, etype, user="u1", item=None, category=None, dwell=None) -> dict:
+    """A clean event with just the fields feature computation reads."""
+    return {
+        "event_id": eid,
+        "event_type": etype,
+        "event_time": t,
+        "user_id": user,
+        "item_id": item,
+        "dwell_ms": dwell,
+        "value": None,
+        "item_meta": {"category": category} if category else None,
+    }

@@ -14,6 +14,7 @@ from apache_beam.transforms import trigger, window
 from apache_beam.utils.timestamp import Timestamp
 
 from tests.conftest import FN_API_RUNNER
+from tests.helpers import feature_event
 from transforms.features import (
     FEATURE_COLUMNS,
     ROW_COLUMNS,
@@ -36,17 +37,7 @@ HOUR = 3_600_000
 END = T0 + HOUR
 
 
-def ev(eid, t, etype, user="u1", item=None, category=None, dwell=None):
-    return {
-        "event_id": eid,
-        "event_type": etype,
-        "event_time": t,
-        "user_id": user,
-        "item_id": item,
-        "dwell_ms": dwell,
-        "value": None,
-        "item_meta": {"category": category} if category else None,
-    }
+ev = feature_event
 
 
 # u1's hour [T0, T0 + 1h): 11 events; u2 and u3 touch i1 / an item without category.

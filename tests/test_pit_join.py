@@ -12,6 +12,7 @@ import pytest
 from pipelines import pit_join
 from pipelines.pit_join import asof_features, entity_ids, feature_columns, label_key, training_rows
 from tests.conftest import FN_API_RUNNER
+from tests.helpers import feature_event
 from transforms.features import FeaturesConfig, arrow_schema, compute_all, features_for_entity, partition_of
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
@@ -138,27 +139,14 @@ LABEL_SCHEMA = {
 }
 
 
-def _ev(eid, t, etype, user, item=None, category=None, dwell=None):
-    return {
-        "event_id": eid,
-        "event_type": etype,
-        "event_time": t,
-        "user_id": user,
-        "item_id": item,
-        "dwell_ms": dwell,
-        "value": None,
-        "item_meta": {"category": category} if category else None,
-    }
-
-
 def test_pit_join_job_end_to_end(tmp_path):
     """Features (as WriteOfflineFeatures lays them out) + labels -> training Avro on FnApiRunner."""
     cfg = FeaturesConfig()
     events = [
-        _ev("a", T0 + 1 * MIN, "impression", "u1", "i1", "shoes"),
-        _ev("b", T0 + 2 * MIN, "click", "u1", "i1", "shoes"),
-        _ev("c", T0 + 12 * MIN, "impression", "u1", "i2", "books"),  # at/after the 1st impression below
-        _ev("d", T0 + 3 * MIN, "dwell", "u2", "i1", "shoes", dwell=4000),
+        feature_event("a", T0 + 1 * MIN, "impression", "u1", "i1", "shoes"),
+        feature_event("b", T0 + 2 * MIN, "click", "u1", "i1", "shoes"),
+        feature_event("c", T0 + 12 * MIN, "impression", "u1", "i2", "books"),  # at/after the 1st impression below
+        feature_event("d", T0 + 3 * MIN, "dwell", "u2", "i1", "shoes", dwell=4000),
     ]
     rows = compute_all(events, cfg)
     features = tmp_path / "features"
