@@ -517,23 +517,31 @@ def _stamp(ts) -> str:
     return ts.to_utc_datetime().strftime("%Y%m%dT%H%M%SZ")
 
 
-def window_file_name(prefix: str, suffix: str, win, pane_index: int, shard: int, shards: int) -> str:
+def window_file_name(
+    prefix: str, suffix: str, win, pane_index: int, shard: int, shards: int, content: bytes = b""
+) -> str:
+    """`<prefix>[-<window start>-<window end>]-pane<i>-<content digest>-SSSSS-of-NNNNN<suffix>`.
+
+    The digest of the file's content tells firings apart even where a runner reports every pane as
+    index 0 (Beam's portable Flink runner does): with discarding panes each firing holds other records,
+    so no firing replaces another's file; the same records give the same name, so a retried bundle or
+    a replay rewrites the same file."""
     parts = [prefix]
     if win != beam.transforms.window.GlobalWindow():
         parts += [_stamp(win.start), _stamp(win.end)]
-    parts += [f"pane{pane_index}", f"{shard:05d}-of-{shards:05d}"]
+    digest = hashlib.sha256(content).hexdigest()[:12]
+    parts += [f"pane{pane_index}", digest, f"{shard:05d}-of-{shards:05d}"]
     return "-".join(parts) + suffix
 
 
 def encode_file(records: list, fmt: str, schema: dict | None, name: str) -> bytes:
-    """The bytes of one output file: records sorted by their JSON form, so a replay is byte-identical
-    (Avro's sync marker is derived from the file name instead of being random)."""
-    ordered = sorted(records, key=lambda r: orjson.dumps(r, option=orjson.OPT_SORT_KEYS, default=str))
+    """The bytes of one output file, records in the order given (Avro's sync marker is derived from the
+    file name instead of being random, so the same records and name give the same bytes)."""
     if fmt == "jsonl":
-        return b"".join(to_json_line(r).encode() + b"\n" for r in ordered)
+        return b"".join(to_json_line(r).encode() + b"\n" for r in records)
     buf = io.BytesIO()
     marker = hashlib.sha256(name.encode()).digest()[:16]
-    fastavro.writer(buf, fastavro.parse_schema(schema), ordered, sync_marker=marker)
+    fastavro.writer(buf, fastavro.parse_schema(schema), records, sync_marker=marker)
     return buf.getvalue()
 
 
@@ -546,14 +554,16 @@ class _WritePaneFn(beam.DoFn):
     def process(self, keyed, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         shard, records = keyed
         records = list(records)
-        if not records:
-            # An empty pane (e.g. the ON_TIME firing after early panes took everything) holds nothing to
-            # keep; writing it could replace a full file where a runner reports every pane as index 0
-            # (measured on Beam's portable Flink runner: all panes arrive as ON_TIME, index 0).
+        if not records:  # an empty firing (e.g. ON_TIME after early panes took everything): nothing to keep
             return
-        name = window_file_name(self._prefix, "." + self._fmt, win, pane.index if pane else 0, shard, self._shards)
+        # Sorted by their JSON form: a replay writes byte-identical files.
+        dumped = sorted((orjson.dumps(r, option=orjson.OPT_SORT_KEYS, default=str), n) for n, r in enumerate(records))
+        ordered = [records[n] for _, n in dumped]
+        content = b"\n".join(d for d, _ in dumped)
+        pane_index = pane.index if pane else 0
+        name = window_file_name(self._prefix, "." + self._fmt, win, pane_index, shard, self._shards, content)
         path = FileSystems.join(self._directory, name)
-        data = encode_file(records, self._fmt, self._schema, name)
+        data = encode_file(ordered, self._fmt, self._schema, name)
         # Write then rename: a reader never sees half a file, and a retried bundle rewrites the same bytes.
         tmp = FileSystems.join(self._directory, f".tmp-{name}-{uuid.uuid4().hex}")
         with FileSystems.create(tmp) as f:
@@ -572,7 +582,7 @@ class WriteWindowedFiles(beam.PTransform):
     restart shard numbers for every firing, so a window's late or early panes overwrite its earlier
     files -- records lost without an error (tests/test_streaming.py caught it). Here the records are
     grouped per (window, shard) with the input's trigger, and each firing writes its own file named by
-    its pane index.
+    its pane index and a digest of its records (`window_file_name`).
 
     Args:
       directory: folder of the files.
