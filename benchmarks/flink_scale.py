@@ -9,8 +9,9 @@ in the workdir), starts a cluster (JobManager + 2 TaskManagers, `taskmanager.mem
 fixed, 2 slots each, parallelism 2; tests/engines.py's FlinkCluster), runs `pipelines.batch` on it with
 `--runner=FlinkRunner --flink_master=...`, checks the accounting is exact (input records == events
 generated == sum of outcomes) and prints wall time, events/s and the peak RSS (VmHWM) of every
-process: JobManager, each TaskManager, the job server and the Python driver (which also runs the SDK
-harness: LOOPBACK). Stops everything it started. No assertions beyond accounting: figures go to
+process: JobManager, each TaskManager, the job server, the Python driver and the SDK worker processes the
+TaskManagers start (PROCESS environment, pipelines/sdk_worker.py; LOOPBACK on fnapi/prism, where the driver
+is the SDK harness). Stops everything it started. No assertions beyond accounting: figures go to
 benchmarks/RESULTS.md by hand.
 """
 
@@ -83,8 +84,8 @@ def vm_hwm_mib(pid: int) -> float | None:
     return None
 
 
-def _children_java(pid: int) -> list:
-    """Java processes started by `pid` (the job server the FlinkRunner launches)."""
+def _processes() -> list:
+    """(pid, parent pid, argv) of every live process."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -95,8 +96,21 @@ def _children_java(pid: int) -> list:
             cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == pid and cmd and cmd[0].endswith(b"java"):
-            found.append(int(entry))
+        found.append((int(entry), ppid, cmd))
+    return found
+
+
+def _new_processes(known: set) -> dict:
+    """Name -> pid of processes to watch that appeared since: the job server the FlinkRunner launches (a
+    java child of this process) and the SDK workers the TaskManagers start."""
+    found = {}
+    for pid, ppid, cmd in _processes():
+        if pid in known or not cmd:
+            continue
+        if ppid == os.getpid() and cmd[0].endswith(b"java"):
+            found["job server"] = pid
+        elif any(arg.endswith(b"feedback-sdk-worker") for arg in cmd[:2]):
+            found[f"sdk worker {pid}"] = pid
     return found
 
 
@@ -109,9 +123,8 @@ class PeakWatcher:
 
     def _run(self):
         while not self._stop.is_set():
-            for pid in _children_java(os.getpid()):
-                if pid not in self.pids.values():  # the cluster's JVMs are children too
-                    self.pids.setdefault("job server", pid)
+            for name, pid in _new_processes(set(self.pids.values())).items():
+                self.pids.setdefault(name, pid)
             for name, pid in self.pids.items():
                 hwm = vm_hwm_mib(pid)
                 if hwm is not None:
@@ -130,7 +143,6 @@ class PeakWatcher:
 def run_job(input_glob: str, out: Path, beam_args: list) -> tuple:
     from pipelines import batch
 
-    os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
     started = time.perf_counter()
     report = batch.run(
         [
@@ -162,6 +174,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--flink-job-server-jar", help="default: from .ci/install-flink")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "flink-bench"))
     args = ap.parse_args(argv)
+    # Before the cluster starts: its TaskManagers start the SDK workers, which read the key from their
+    # environment (a real deployment sets it on every worker host, or mounts privacy.key_file).
+    os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     input_glob = generate_input(work, args.events, args.files)
@@ -169,7 +184,8 @@ def main(argv=None) -> dict:
     subprocess.run(["rm", "-rf", str(out)], check=True)
     cluster = None
     try:
-        pids = {"driver (python, SDK harness)": os.getpid()}
+        driver = "driver (python)" if args.engine == "flink" else "driver (python, SDK harness)"
+        pids = {driver: os.getpid()}
         if args.engine == "flink":
             jar = args.flink_job_server_jar or _install("jar")["FLINK_JOB_SERVER_JAR"]
             master = args.flink_master
@@ -187,13 +203,9 @@ def main(argv=None) -> dict:
                 cluster.start()
                 master = cluster.master
                 pids.update({name: p.pid for name, p in cluster.processes.items()})
-            beam_args = [
-                "--runner=FlinkRunner",
-                f"--flink_master={master}",
-                f"--flink_job_server_jar={jar}",
-                "--environment_type=LOOPBACK",
-                f"--parallelism={args.parallelism}",
-            ]
+            from tests.engines import flink_options
+
+            beam_args = flink_options(jar, master, f"--parallelism={args.parallelism}")
         elif args.engine == "prism":
             prism = (
                 subprocess.run(
@@ -210,7 +222,7 @@ def main(argv=None) -> dict:
         acc = report["accounting"]
         exact = acc["holds"] and acc["input_records"] == args.events
         peaks = {name: round(mib) for name, mib in watcher.peaks.items()}
-        peaks["driver (python, SDK harness)"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peaks[driver] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         result = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores",

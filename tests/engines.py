@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -46,6 +47,7 @@ __all__ = [
     "flink_options",
     "flink_cluster_job_server",
     "portable_options",
+    "sdk_worker_options",
 ]
 
 INSTALL_TIMEOUT_S = 30 * 60  # a cold Prism build took ~7 min on 2 cores
@@ -122,16 +124,22 @@ def flink_install(flink_home, flink_job_server_jar) -> dict:
     return {"FLINK_HOME": flink_home, "FLINK_JOB_SERVER_JAR": flink_job_server_jar}
 
 
+def sdk_worker_options() -> list:
+    """SDK harness flags for a multi-TaskManager cluster: each TaskManager starts its own Python SDK
+    workers through the project's PROCESS-environment boot (pipelines/sdk_worker.py, installed as the
+    `feedback-sdk-worker` script beside this interpreter). LOOPBACK would share one worker pool between
+    TaskManagers whose worker ids collide (see pipelines/sdk_worker.py), ending each other's harnesses."""
+    boot = Path(sys.executable).with_name("feedback-sdk-worker")
+    if not os.access(boot, os.X_OK):
+        pytest.fail(f"{boot} is missing: run `bash .ci/bootstrap` (pip install -e .) to install it", pytrace=False)
+    return ["--environment_type=PROCESS", "--environment_config=" + json.dumps({"command": str(boot)})]
+
+
 def flink_options(jar: str, master: str = "[local]", *extra: str) -> list:
-    """Beam options for the portable FlinkRunner (the standard flags). LOOPBACK: the Python SDK harness
-    runs in this process and the Flink tasks (embedded or on the loopback cluster) connect back to it."""
-    return [
-        "--runner=FlinkRunner",
-        f"--flink_master={master}",
-        f"--flink_job_server_jar={jar}",
-        "--environment_type=LOOPBACK",
-        *extra,
-    ]
+    """Beam options for the portable FlinkRunner (the standard flags). Embedded Flink ([local], one JVM):
+    LOOPBACK, the Python SDK harness runs in this process. A cluster: PROCESS workers per TaskManager."""
+    harness = ["--environment_type=LOOPBACK"] if master == "[local]" else sdk_worker_options()
+    return ["--runner=FlinkRunner", f"--flink_master={master}", f"--flink_job_server_jar={jar}", *harness, *extra]
 
 
 JOBMANAGER = "jobmanager"
@@ -330,8 +338,8 @@ def flink_cluster(flink_home, tmp_path_factory):
 
 
 def portable_options(endpoint: str, *extra: str) -> list:
-    """Beam options for a job server that is already running (PortableRunner --job_endpoint)."""
-    return ["--runner=PortableRunner", f"--job_endpoint={endpoint}", "--environment_type=LOOPBACK", *extra]
+    """Beam options for the cluster's job server, already running (PortableRunner --job_endpoint)."""
+    return ["--runner=PortableRunner", f"--job_endpoint={endpoint}", *sdk_worker_options(), *extra]
 
 
 @pytest.fixture(scope="session")
