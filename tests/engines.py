@@ -234,6 +234,11 @@ class FlinkCluster:
             "taskmanager.memory.segment-size": "16kb",
             "taskmanager.memory.network.fraction": 0.2,
             "taskmanager.memory.managed.fraction": 0.3,
+            # Beam's gRPC data plane to the SDK workers buffers in JVM direct memory outside Flink's
+            # network pool; the default task off-heap size is 0, and a 200k-event job died with
+            # `OutOfMemoryError: Direct buffer memory` while the TaskManager pushed elements to a slower
+            # Python worker. Taken from taskmanager.memory.process.size, so the total stays fixed.
+            "taskmanager.memory.task.off-heap.size": "256m",
             **self.extra_conf,
         }
         for path, value in settings.items():  # config.yaml nests keys by their dots
