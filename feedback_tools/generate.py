@@ -791,11 +791,25 @@ class _Sim:
 
     def _plan_bots(self):
         """Bot users with their start times, sized to the bot budget of each rule."""
+        d_ms = self.k["duration_hours"] * 3_600_000
+        lo, hi = self.start_ms + 0.03 * d_ms, self.start_ms + 0.6 * d_ms
+        straddled = set()
+        midnight = self._first_midnight_after(self.start_ms)
+        out = []
+        for rule, args in self._bot_sizes():
+            a = self._new_actor(rule)
+            t0 = int(self.rng.uniform(lo, hi))
+            if rule not in straddled and rule != C.BOT_RULE_CRAWLER_UA:
+                straddled.add(rule)
+                t0 = self._straddling_start(rule, args, lo, hi, midnight)
+            out.append((a, self._bot_events(a, rule, t0, args)))
+        return out
+
+    def _bot_sizes(self):
+        """(rule, generator arguments) of each bot user, together filling each rule's share of the budget."""
         rng, k = self.rng, self.k
         budget = k["bot_fraction"] * self.n
         split = k["bot_rule_split"]
-        d_ms = k["duration_hours"] * 3_600_000
-        lo, hi = self.start_ms + 0.03 * d_ms, self.start_ms + 0.6 * d_ms
         plans = []
         rem = budget * split.get(C.BOT_RULE_SUSTAINED_RATE, 0)
         while rem >= 270:  # nominal 3.3-7.5/s keeps the measured rate within 3-8/s
@@ -830,33 +844,30 @@ class _Sim:
             s = max(1, min(rng.randint(1, 3), int(rem / 70)))
             rem -= 70 * s
             plans.append((C.BOT_RULE_SUPERHUMAN_CLICKS, (s,)))
-        out = []
-        straddled = set()
-        midnight = self._first_midnight_after(self.start_ms)
-        for rule, args in plans:
-            a = self._new_actor(rule)
-            t0 = int(rng.uniform(lo, hi))
-            if rule not in straddled and rule != C.BOT_RULE_CRAWLER_UA:
-                straddled.add(rule)
-                if rule == C.BOT_RULE_MACHINE_CADENCE:  # across the first midnight (and its hour)
-                    boundary, span = midnight, args[0]
-                else:  # across an hour boundary in the bot window
-                    boundary = -(-int(rng.uniform(lo, hi)) // 3_600_000) * 3_600_000
-                    span = args[0] if rule == C.BOT_RULE_SUSTAINED_RATE else 5 * 62_000
-                t0 = max(self.start_ms, boundary - int(rng.uniform(0.2, 0.8) * span))
-            if rule == C.BOT_RULE_SUSTAINED_RATE:
-                gen = self._sustained(a, t0, *args)
-            elif rule == C.BOT_RULE_MACHINE_CADENCE:
-                gen = self._cadence(a, t0, *args)
-            elif rule == C.BOT_RULE_SUPERHUMAN_CLICKS:
-                a.rid_always, a.sid_keep = True, 1.0
-                gen = self._superhuman(a, t0, *args)
-            else:
-                a.ua = self._crawler_agent()
-                a.variant, a.policy, a.v1, a.sid_keep, a.consent_p = None, RANKER_V3, False, 0.0, 0.0
-                gen = self._crawler(a, t0, *args)
-            out.append((a, gen))
-        return out
+        return plans
+
+    def _straddling_start(self, rule, args, lo, hi, midnight):
+        """A start time that puts the first run of a rule's bots across a clock boundary."""
+        rng = self.rng
+        if rule == C.BOT_RULE_MACHINE_CADENCE:  # across the first midnight (and its hour)
+            boundary, span = midnight, args[0]
+        else:  # across an hour boundary in the bot window
+            boundary = -(-int(rng.uniform(lo, hi)) // 3_600_000) * 3_600_000
+            span = args[0] if rule == C.BOT_RULE_SUSTAINED_RATE else 5 * 62_000
+        return max(self.start_ms, boundary - int(rng.uniform(0.2, 0.8) * span))
+
+    def _bot_events(self, a, rule, t0, args):
+        """The event generator of a bot user (crawlers get their user agent and client here)."""
+        if rule == C.BOT_RULE_SUSTAINED_RATE:
+            return self._sustained(a, t0, *args)
+        if rule == C.BOT_RULE_MACHINE_CADENCE:
+            return self._cadence(a, t0, *args)
+        if rule == C.BOT_RULE_SUPERHUMAN_CLICKS:
+            a.rid_always, a.sid_keep = True, 1.0
+            return self._superhuman(a, t0, *args)
+        a.ua = self._crawler_agent()
+        a.variant, a.policy, a.v1, a.sid_keep, a.consent_p = None, RANKER_V3, False, 0.0, 0.0
+        return self._crawler(a, t0, *args)
 
     def _first_midnight_after(self, ms):
         return (ms // 86_400_000 + 1) * 86_400_000
@@ -1084,68 +1095,50 @@ class _Sim:
     def _settle_labels(self, a):
         """Settle one finished human user: rule-based labels (as transforms.labels.settle with
         now=+inf) and the intended labels from each outcome's cause, into the accumulators."""
-        window, skew = LABEL_WINDOW_MS, LABEL_CLOCK_SKEW_MS
-        span = max(window, self.lateness_ms)
-        R, I = self.lab_rule, self.lab_intent
         for recs in a.lab.values():
-            exps = sorted((r for r in recs if r[2] is IMPRESSION), key=itemgetter(0, 1))
-            times = [x[0] for x in exps]
-            exp_time = {x[1]: x[0] for x in exps}
-            by_rule = {x[1]: [] for x in exps}
-            by_cause = {x[1]: [] for x in exps}
-            for o in recs:
-                if o[2] is IMPRESSION:
-                    continue
-                t, rid, arr, cause = o[0], o[3], o[4], o[6]
-                match = None  # transforms.labels.attribute
-                if rid is not None:
-                    for x in reversed(exps):
-                        if x[3] == rid and x[0] - skew <= t <= x[0] + window:
-                            match = x[1]
-                            break
-                else:
-                    i = bisect_right(times, t)
-                    if i and t - times[i - 1] <= window:
-                        match = exps[i - 1][1]
-                if match is None:
-                    R["orphan_outcomes"] += 1
-                elif arr is not None and arr > exp_time[match] + span:
-                    R["late_outcomes"] += 1
-                else:
-                    by_rule[match].append(o)
-                if cause in exp_time:
-                    if arr is not None and arr > exp_time[cause] + span:
-                        I["late_outcomes"] += 1
-                    else:
-                        by_cause[cause].append(o)
-                else:
-                    I["orphan_outcomes"] += 1
-                    I["orphans_by_cause"][cause] += 1
-                    cause = None
-                if match != cause:
-                    if cause is not None and t > exp_time[cause] + window:
-                        kind = "outcome_beyond_window"
-                    elif cause is None and rid is None:
-                        kind = "attributed_to_other_exposure"
-                    else:
-                        kind = "other"
-                    I["ambiguous"][kind] += 1
-            for x in exps:
-                xid = x[1]
-                rule_label = self._label_of(by_rule[xid])
-                cause_label = self._label_of(by_cause[xid])
-                for acc, (positive, types) in ((R, rule_label), (I, cause_label)):
-                    acc["exposures"] += 1
-                    if positive:
-                        acc["positives"] += 1
-                        acc["positive_label_ids"].append(xid)
-                    for k in BY_OUTCOME:
-                        if k in types:
-                            acc["by_outcome"][k] += 1
-                if rule_label != cause_label:
-                    I["ambiguous_label_ids"].append(xid)
+            self._settle_item(recs)
         a.lab = None
         a.imps = None
+
+    def _settle_item(self, recs):
+        """Labels of one user's exposures of one item, by rule and by intent."""
+        span = self.label_span_ms
+        R, I = self.lab_rule, self.lab_intent
+        exps = sorted((r for r in recs if r[2] is IMPRESSION), key=itemgetter(0, 1))
+        times = [x[0] for x in exps]
+        exp_time = {x[1]: x[0] for x in exps}
+        by_rule = {x[1]: [] for x in exps}
+        by_cause = {x[1]: [] for x in exps}
+        for o in recs:
+            if o[2] is IMPRESSION:
+                continue
+            t, rid, arr, cause = o[0], o[3], o[4], o[6]
+            match = _attributed(exps, times, t, rid)
+            if match is None:
+                R["orphan_outcomes"] += 1
+            elif arr is not None and arr > exp_time[match] + span:
+                R["late_outcomes"] += 1
+            else:
+                by_rule[match].append(o)
+            if cause in exp_time:
+                if arr is not None and arr > exp_time[cause] + span:
+                    I["late_outcomes"] += 1
+                else:
+                    by_cause[cause].append(o)
+            else:
+                I["orphan_outcomes"] += 1
+                I["orphans_by_cause"][cause] += 1
+                cause = None
+            if match != cause:
+                I["ambiguous"][_ambiguity(cause, t, rid, exp_time)] += 1
+        for x in exps:
+            xid = x[1]
+            rule_label = self._label_of(by_rule[xid])
+            cause_label = self._label_of(by_cause[xid])
+            _count_label(R, xid, rule_label)
+            _count_label(I, xid, cause_label)
+            if rule_label != cause_label:
+                I["ambiguous_label_ids"].append(xid)
 
     def _labels_truth(self):
         out = []
@@ -1402,6 +1395,40 @@ _WRONG_TYPES = (
 _WRONG_TYPE_V2_ONLY = [field for field, _ in _WRONG_TYPES].index("context")
 
 
+def _attributed(exps, times, t, rid):
+    """The exposure id an outcome at ``t`` is attributed to, as transforms.labels.attribute does, or None."""
+    if rid is not None:
+        for x in reversed(exps):
+            if x[3] == rid and x[0] - LABEL_CLOCK_SKEW_MS <= t <= x[0] + LABEL_WINDOW_MS:
+                return x[1]
+        return None
+    i = bisect_right(times, t)
+    if i and t - times[i - 1] <= LABEL_WINDOW_MS:
+        return exps[i - 1][1]
+    return None
+
+
+def _ambiguity(cause, t, rid, exp_time):
+    """Why the rule attributed an outcome elsewhere than its cause (one of AMBIGUOUS_KINDS)."""
+    if cause is not None and t > exp_time[cause] + LABEL_WINDOW_MS:
+        return "outcome_beyond_window"
+    if cause is None and rid is None:
+        return "attributed_to_other_exposure"
+    return "other"
+
+
+def _count_label(acc, xid, label):
+    """Add exposure ``xid`` with its (positive, outcome types) label to a label accumulator."""
+    positive, types = label
+    acc["exposures"] += 1
+    if positive:
+        acc["positives"] += 1
+        acc["positive_label_ids"].append(xid)
+    for k in BY_OUTCOME:
+        if k in types:
+            acc["by_outcome"][k] += 1
+
+
 def _pace_ok(rec_all, rec_non, req, shift):
     """Would appending ``req`` (shifted) keep every 60 s window within the human limits?"""
     all_t, non_t = list(rec_all), list(rec_non)
@@ -1418,6 +1445,49 @@ def _pace_ok(rec_all, rec_non, req, shift):
 
 
 # --- public API ----------------------------------------------------------------------------------
+
+
+def _check_options(arrival_field, lateness_s, knobs):
+    if arrival_field is not None:
+        if not isinstance(arrival_field, str) or not arrival_field.strip():
+            raise ValueError(f"arrival_field must be a non-empty field name, got {arrival_field!r}")
+        if arrival_field in C.REQUIRED_FIELDS or arrival_field in C.OPTIONAL_FIELDS:
+            raise ValueError(f"arrival_field {arrival_field!r} is an event field; pick another name")
+    if isinstance(lateness_s, bool) or not isinstance(lateness_s, (int, float)) or not lateness_s > 0:
+        raise ValueError(f"lateness_s must be a number of seconds > 0, got {lateness_s!r}")
+    unknown = set(knobs) - set(DEFAULT_KNOBS)
+    if unknown:
+        raise TypeError(f"unknown knob(s): {sorted(unknown)}; known: {sorted(DEFAULT_KNOBS)}")
+
+
+def _write_avro(records, output_path, seed):
+    """Deflate-compressed Avro; the sync marker comes from the seed so that the bytes repeat."""
+    import fastavro
+
+    schema = _load_avro_schema()
+    marker = random.Random(f"{seed}-sync").getrandbits(128).to_bytes(16, "big")
+    with open(output_path, "wb") as f:
+        fastavro.writer(f, schema, records, codec="deflate", sync_marker=marker)
+
+
+def _write_lines(lines, output_path, gzipped):
+    """One record a line, written in blocks; gzip without a file name and with mtime 0 so that the bytes repeat."""
+    with open(output_path, "wb", buffering=1 << 20) as raw:
+        out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5) if gzipped else raw
+        try:
+            write, buf = out.write, []
+            for line in lines:
+                buf.append(line)
+                if len(buf) >= 4096:
+                    buf.append(b"")
+                    write(b"\n".join(buf))
+                    buf = []
+            if buf:
+                buf.append(b"")
+                write(b"\n".join(buf))
+        finally:
+            if out is not raw:
+                out.close()
 
 
 def generate(
@@ -1437,16 +1507,7 @@ def generate(
     top-level name; then events arriving more than ``lateness_s`` after their event time are too_late.
     The same seed gives the same events with or without it (only the envelope differs).
     """
-    if arrival_field is not None:
-        if not isinstance(arrival_field, str) or not arrival_field.strip():
-            raise ValueError(f"arrival_field must be a non-empty field name, got {arrival_field!r}")
-        if arrival_field in C.REQUIRED_FIELDS or arrival_field in C.OPTIONAL_FIELDS:
-            raise ValueError(f"arrival_field {arrival_field!r} is an event field; pick another name")
-    if isinstance(lateness_s, bool) or not isinstance(lateness_s, (int, float)) or not lateness_s > 0:
-        raise ValueError(f"lateness_s must be a number of seconds > 0, got {lateness_s!r}")
-    unknown = set(knobs) - set(DEFAULT_KNOBS)
-    if unknown:
-        raise TypeError(f"unknown knob(s): {sorted(unknown)}; known: {sorted(DEFAULT_KNOBS)}")
+    _check_options(arrival_field, lateness_s, knobs)
     n_events = int(n_events)
     if n_events < 0:
         raise ValueError("n_events must be >= 0")
@@ -1458,33 +1519,9 @@ def generate(
     output_path = str(output_path)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     if fmt == "avro":
-        import fastavro
-
-        schema = _load_avro_schema()
-        marker = random.Random(f"{seed}-sync").getrandbits(128).to_bytes(16, "big")
-        with open(output_path, "wb") as f:
-            fastavro.writer(f, schema, sim.run(), codec="deflate", sync_marker=marker)
+        _write_avro(sim.run(), output_path, seed)
     else:
-        with open(output_path, "wb", buffering=1 << 20) as raw:
-            out = (
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5)
-                if fmt == "jsonl.gz"
-                else raw
-            )
-            try:
-                write, buf = out.write, []
-                for line in sim.run():
-                    buf.append(line)
-                    if len(buf) >= 4096:
-                        buf.append(b"")
-                        write(b"\n".join(buf))
-                        buf = []
-                if buf:
-                    buf.append(b"")
-                    write(b"\n".join(buf))
-            finally:
-                if out is not raw:
-                    out.close()
+        _write_lines(sim.run(), output_path, gzipped=fmt == "jsonl.gz")
     truth = sim.truth()
     with open(output_path + ".truth.json", "wb") as f:
         f.write(orjson.dumps(truth, option=orjson.OPT_INDENT_2))
