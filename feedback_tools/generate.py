@@ -319,40 +319,11 @@ def _infer_format(path: str) -> str:
 
 
 def _load_avro_schema():
+    """The event schema the pipeline reads (the generator runs from the repository root, never shipped)."""
     import fastavro
 
     path = Path(__file__).resolve().parent.parent / "config" / "schemas" / "event.v2.avsc"
-    if path.exists():
-        return fastavro.parse_schema(json.loads(path.read_text()))
-    opt = lambda name, t: {"name": name, "type": ["null", t], "default": None}  # noqa: E731
-    return fastavro.parse_schema(
-        {
-            "type": "record",
-            "name": "Event",
-            "namespace": "feedback.events",
-            "fields": [
-                {"name": "event_id", "type": "string"},
-                {"name": "event_type", "type": "string"},
-                {"name": "event_time", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-                {"name": "user_id", "type": "string"},
-                opt("item_id", "string"),
-                opt("request_id", "string"),
-                opt("session_id", "string"),
-                opt("position", "int"),
-                opt("propensity", "double"),
-                opt("policy", "string"),
-                opt("dwell_ms", "long"),
-                opt("value", "double"),
-                opt("user_agent", "string"),
-                opt("ip", "string"),
-                opt("consent", "boolean"),
-                opt("schema_version", "int"),
-                opt("experiment_id", "string"),
-                opt("variant", "string"),
-                opt("context", {"type": "map", "values": "string"}),
-            ],
-        }
-    )
+    return fastavro.parse_schema(json.loads(path.read_text()))
 
 
 class _Slate(NamedTuple):
