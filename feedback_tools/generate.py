@@ -575,10 +575,11 @@ class _Sim:
 
     def _impression(self, t, sid, s, i, ctx=None):
         """The impression of slate ``s`` at position i + 1."""
-        props = {"position": i + 1, "propensity": s.props[i], "policy": s.policy}
-        return (t, IMPRESSION, sid, s.rid, self.item_ids[s.items[i]], props, ctx)
+        fields = {"position": i + 1, "propensity": s.props[i], "policy": s.policy}
+        return (t, IMPRESSION, sid, s.rid, self.item_ids[s.items[i]], fields, ctx)
 
     def _maybe_context(self, a):
+        """A request context for some of a v2 client's requests (v1 records have no context field)."""
         return self._context() if (not a.v1 and self.rnd() < self.k["context_fraction"]) else None
 
     @staticmethod
