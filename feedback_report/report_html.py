@@ -187,6 +187,15 @@ class _Svg:
             f'stroke-width="{width}"{d}/>'
         )
 
+    def thresholds(self, thresholds, vmax, halo=False):
+        """Dashed lines across the plot at each (value, label, colour), labelled at the right; None: skipped."""
+        for t, label, color in thresholds:
+            if t is None:
+                continue
+            y = self.y(t, vmax)
+            self.line(self.left, y, self.left + self.pw, y, color, 1.5, "6 4")
+            self.text(self.left + self.pw - 4, y - 4, label, anchor="end", size=10, color=color, halo=halo)
+
     def y_axis(self, vmax, fmt=_num, label=None, right=False, n=5):
         for t in _ticks(vmax, n):
             y = self.y(t, vmax)
@@ -262,6 +271,18 @@ def _bars(
     vmax = ymax or _nice_max(top)
     svg.y_axis(vmax, y_fmt, y_label)
     slot = svg.pw / len(labels)
+    xs = _draw_bars(svg, labels, series, slot, vmax, stacked, tip_fmt)
+    svg.thresholds(thresholds, vmax, halo=True)
+    svg.x_labels(labels, xs, rotate=rotate)
+    if legend and any(n for n, _, _ in series):
+        svg.legend([(n, c) for n, _, c in series])
+    if overlay is not None:
+        overlay(svg, slot)
+    return str(svg)
+
+
+def _draw_bars(svg, labels, series, slot, vmax, stacked, tip_fmt) -> list[float]:
+    """One slot a label, its series stacked or side by side; returns the slot centres."""
     gap = min(slot * 0.2, 8)
     xs = []
     for i, lab in enumerate(labels):
@@ -278,18 +299,7 @@ def _bars(
                 bw = (slot - gap) / len(series)
                 y1 = svg.y(v, vmax)
                 svg.rect(x0 + k * bw, y1, bw, svg.top + svg.ph - y1, color, f"{lab} · {sname}: {tip_fmt(v)}")
-    for t, tlabel, color in thresholds:
-        if t is None:
-            continue
-        y = svg.y(t, vmax)
-        svg.line(svg.left, y, svg.left + svg.pw, y, color, 1.5, "6 4")
-        svg.text(svg.left + svg.pw - 4, y - 4, tlabel, anchor="end", size=10, color=color, halo=True)
-    svg.x_labels(labels, xs, rotate=rotate)
-    if legend and any(n for n, _, _ in series):
-        svg.legend([(n, c) for n, _, c in series])
-    if overlay is not None:
-        overlay(svg, slot)
-    return str(svg)
+    return xs
 
 
 def _lines(
@@ -326,12 +336,7 @@ def _lines(
         y_hi, y_lo = svg.y(min(hi, vmax), vmax), svg.y(lo, vmax)
         svg.rect(svg.left, y_hi, svg.pw, y_lo - y_hi, "#c8e6c9", f"allowed band {y_fmt(lo)} – {y_fmt(hi)}", 0.6)
     svg.y_axis(vmax, y_fmt, y_label)
-    for t, tlabel, color in thresholds:
-        if t is None:
-            continue
-        y = svg.y(t, vmax)
-        svg.line(svg.left, y, svg.left + svg.pw, y, color, 1.5, "6 4")
-        svg.text(svg.left + svg.pw - 4, y - 4, tlabel, anchor="end", size=10, color=color)
+    svg.thresholds(thresholds, vmax)
     for sname, vs, color in series:
         run: list[str] = []
         for i, v in enumerate(vs):
@@ -602,17 +607,22 @@ def _ctr_by_position(summary: dict, drift: dict | None) -> str:
     )
 
 
-def _catalog_coverage(stats: dict) -> str:
+def _diversity_by_hour(stats: dict, series, missing=None) -> tuple[list[str], list]:
+    """Hour labels and a series for each (name, diversity key, colour); `missing` where an hour lacks the key."""
     div = stats.get("diversity") or {}
     ws = sorted(div)
+    return [_hour_label(w) for w in ws], [(n, [div[w].get(k, missing) for w in ws], c) for n, k, c in series]
+
+
+def _catalog_coverage(stats: dict) -> str:
+    labels, series = _diversity_by_hour(
+        stats, [("exposed items", "exposure_items", BLUE), ("positive items", "positive_items", "#2e7d32")], 0
+    )
     return _bars(
         "catalog_coverage",
         "Distinct items per hour",
-        [_hour_label(w) for w in ws],
-        [
-            ("exposed items", [div[w].get("exposure_items", 0) for w in ws], BLUE),
-            ("positive items", [div[w].get("positive_items", 0) for w in ws], "#2e7d32"),
-        ],
+        labels,
+        series,
         stacked=False,
         y_label="distinct items",
         rotate=True,
@@ -620,19 +630,17 @@ def _catalog_coverage(stats: dict) -> str:
 
 
 def _entropy(stats: dict, n_windows: int) -> str:
-    div = stats.get("diversity") or {}
-    ws = sorted(div)
+    labels, series = _diversity_by_hour(
+        stats, [("exposure entropy", "exposure_entropy", BLUE), ("positive entropy", "positive_entropy", "#2e7d32")]
+    )
     return _lines(
         "entropy",
         "Entropy per hour (bits)",
-        [_hour_label(w) for w in ws],
-        [
-            ("exposure entropy", [div[w].get("exposure_entropy") for w in ws], BLUE),
-            ("positive entropy", [div[w].get("positive_entropy") for w in ws], "#2e7d32"),
-        ],
+        labels,
+        series,
         y_fmt=lambda v: f"{v:.1f}",
         y_label="bits",
-        shade_from=max(len(ws) - n_windows, 0),
+        shade_from=max(len(labels) - n_windows, 0),
     )
 
 
@@ -682,6 +690,13 @@ def _dist_overlay(name: str, f: dict) -> str:
 # --- page ------------------------------------------------------------------------------------
 
 
+def _table(columns: Sequence[str], rows: str, empty_row: str = "", css_class: str = "") -> str:
+    """A table with a header row of `columns`; `rows` is the body's markup, `empty_row` stands in when it has none."""
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    cls = f' class="{css_class}"' if css_class else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{rows or empty_row}</tbody></table>"
+
+
 def _slo_table(slo_results: Sequence[dict], mode: str) -> str:
     rows = []
     for r in slo_results:
@@ -696,11 +711,11 @@ def _slo_table(slo_results: Sequence[dict], mode: str) -> str:
             f'<td class="num">{_e(_slo_value(r["value"]))}</td><td class="num">{_e(_slo_value(r["threshold"]))}</td>'
             f"<td>{_e(r['message'])}</td></tr>"
         )
-    if not rows:
-        rows.append('<tr class="na"><td colspan="5">no SLO gates enabled</td></tr>')
-    return (
-        '<table class="slos"><thead><tr><th>status</th><th>SLO</th><th>value</th><th>threshold</th>'
-        "<th>detail</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    return _table(
+        ("status", "SLO", "value", "threshold", "detail"),
+        "".join(rows),
+        '<tr class="na"><td colspan="5">no SLO gates enabled</td></tr>',
+        css_class="slos",
     )
 
 
@@ -727,6 +742,11 @@ def _kpis(summary: dict) -> str:
         ("bot ratio", _pct(summary["bots"]["ratio"], 2)),
         ("orphan outcomes / exposure", _pct(summary["labels"]["orphan_ratio"], 2)),
     ]
+    return _kpi_grid(items)
+
+
+def _kpi_grid(items) -> str:
+    """Big figures in a row: items = [(label, value text)]."""
     return (
         '<div class="kpis">'
         + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in items)
@@ -740,9 +760,8 @@ def _freshness_table(summary: dict) -> str:
         f'<td class="num">{_e(_ms(f["age_ms"]))}</td></tr>'
         for c, f in summary["freshness"].items()
     )
-    return (
-        "<table><thead><tr><th>cohort</th><th>events</th><th>latest event time</th><th>age at run end</th></tr>"
-        f"</thead><tbody>{rows or '<tr><td colspan=4>no cohorts</td></tr>'}</tbody></table>"
+    return _table(
+        ("cohort", "events", "latest event time", "age at run end"), rows, "<tr><td colspan=4>no cohorts</td></tr>"
     )
 
 
@@ -758,10 +777,7 @@ def _drift_table(drift: dict) -> str:
             f'<td class="num">{f["baseline_count"]}</td><td class="num">{f["current_count"]}</td>'
             f"<td>{_e(f['message'])}</td></tr>"
         )
-    return (
-        "<table><thead><tr><th>feature</th><th>kind</th><th>PSI</th><th>JS</th><th>L∞</th><th>baseline n</th>"
-        "<th>run n</th><th>status</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
-    )
+    return _table(("feature", "kind", "PSI", "JS", "L∞", "baseline n", "run n", "status"), "".join(rows))
 
 
 def _privacy(stats: dict) -> str:
@@ -776,23 +792,53 @@ def _privacy(stats: dict) -> str:
         ("not redacted", _num(p["not_redacted"])),
     ]
     kinds = sorted({k for ks in p["found_by_field_kind"].values() for k in ks})
-    head = "".join(f"<th>{_e(k)}</th>" for k in kinds)
     rows = "".join(
         f"<tr><td>{_e(f)}</td>"
         + "".join(f'<td class="num">{ks.get(k, 0)}</td>' for k in kinds)
         + f'<td class="num">{sum(ks.values())}</td></tr>'
         for f, ks in p["found_by_field_kind"].items()
     )
-    table = (
-        f"<table><thead><tr><th>field</th>{head}<th>total</th></tr></thead><tbody>"
-        f"{rows or '<tr><td colspan=2>no PII found at the source</td></tr>'}</tbody></table>"
-    )
+    table = _table(("field", *kinds, "total"), rows, "<tr><td colspan=2>no PII found at the source</td></tr>")
+    return _kpi_grid(kpis) + table
+
+
+def _banner(slo_results: Sequence[dict], mode: str, gate: str) -> str:
+    """Green when no gate is breached, else the number of breaches (amber in warn mode, red otherwise)."""
+    n_breach = sum(1 for r in slo_results if r["ok"] is False)
+    if not n_breach:
+        return f'<div class="banner pass">All evaluated {gate}s met.</div>'
+    cls = "warn" if mode == "warn" else "fail"
     return (
-        '<div class="kpis">'
-        + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in kpis)
+        f'<div class="banner {cls}">{n_breach} {gate} breach{"es" if n_breach > 1 else ""}'
+        + (" (warn mode: the job does not fail)" if mode == "warn" else "")
         + "</div>"
-        + table
     )
+
+
+def _opening(title: str, meta: str, slo_results: Sequence[dict], mode: str, gate: str, heading: str) -> list[str]:
+    """What a report starts with: title, a line about the run, the verdict banner and the gate table."""
+    return [
+        f"<h1>{_e(title)}</h1>",
+        f'<div class="meta">{_e(meta)}</div>',
+        _banner(slo_results, mode, gate),
+        f"<h2>{heading}</h2>",
+        _slo_table(slo_results, mode),
+    ]
+
+
+def _page(title: str, parts: Sequence[str]) -> str:
+    """The HTML document around the report's parts, one a line."""
+    body = "\n".join(parts)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+        f"<body><main>\n{body}\n</main></body></html>\n"
+    )
+
+
+def _grid(*cards: str) -> list[str]:
+    """Cards side by side (as many as fit the width)."""
+    return ['<div class="grid">', *cards, "</div>"]
 
 
 def _card(title: str, body: str, note: str = "") -> str:
@@ -824,31 +870,30 @@ def render_report(
         bot_ratio_band = by_slo["bot_ratio"]["threshold"]
     if entropy_windows is None:  # the summary holds the last N windows, N = slos.entropy_windows
         entropy_windows = len((summary.get("entropy_trend") or {}).get("windows") or []) or 6
+    parts = [
+        *_opening(title, _run_meta(summary), slo_results, mode, "SLO", "SLOs"),
+        _kpis(summary),
+        *_accounting_part(stats, summary),
+        *_privacy_part(stats),
+        *_bots_part(summary, bot_ratio_band),
+        *_labels_part(stats, summary, coverage_min, drift),
+        *_diversity_part(stats, entropy_windows),
+        *_drift_part(drift),
+    ]
+    return _page(title, parts)
 
-    n_breach = sum(1 for r in slo_results if r["ok"] is False)
-    if not n_breach:
-        banner = '<div class="banner pass">All evaluated SLOs met.</div>'
-    else:
-        cls = "warn" if mode == "warn" else "fail"
-        banner = (
-            f'<div class="banner {cls}">{n_breach} SLO breach{"es" if n_breach > 1 else ""}'
-            + (" (warn mode: the job does not fail)" if mode == "warn" else "")
-            + "</div>"
-        )
+
+def _run_meta(summary: dict) -> str:
     acc = summary["accounting"]
-    meta = (
+    return (
         f"run end (latest event time): {_time_ms(summary.get('run_end_ms'))} · input records "
         f"{summary['input_records']} · accounting identity {'holds' if acc['holds'] else 'BROKEN'} "
         f"(sum of outcomes {acc['sum_of_outcomes']}) · ingestion success = {summary['ingestion']['definition']}"
     )
 
-    parts = [
-        f"<h1>{_e(title)}</h1>",
-        f'<div class="meta">{_e(meta)}</div>',
-        banner,
-        "<h2>SLOs</h2>",
-        _slo_table(slo_results, mode),
-        _kpis(summary),
+
+def _accounting_part(stats: dict, summary: dict) -> list[str]:
+    return [
         "<h2>Accounting</h2>",
         _card(
             "Accounting waterfall: input → each outcome",
@@ -856,60 +901,82 @@ def render_report(
             "Every input record ends in exactly one outcome; the last step must reach 0.",
         ),
         _card("Events over event time (hourly, stacked by outcome)", _events_over_time(stats)),
-        '<div class="grid">',
-        _card("Dead letters by reason", _dead_letters(stats)),
-        _card(
-            "Lateness: arrival − event time",
-            _latency(stats, summary),
-            "Bars are histogram buckets; dashed lines are p50/p95/p99 interpolated within a bucket.",
+        *_grid(
+            _card("Dead letters by reason", _dead_letters(stats)),
+            _card(
+                "Lateness: arrival − event time",
+                _latency(stats, summary),
+                "Bars are histogram buckets; dashed lines are p50/p95/p99 interpolated within a bucket.",
+            ),
         ),
-        "</div>",
+    ]
+
+
+def _privacy_part(stats: dict) -> list[str]:
+    return [
         "<h2>Privacy</h2>",
         _card(
             "PII found at the source, by field and kind",
             _privacy(stats),
             "Every string value and key is scanned (e-mail, phone, IP); compliance = redacted / found, must be 100%.",
         ),
+    ]
+
+
+def _bots_part(summary: dict, bot_ratio_band) -> list[str]:
+    return [
         "<h2>Bots</h2>",
-        '<div class="grid">',
-        _card(
-            "Bot ratio over time", _bot_ratio(summary, bot_ratio_band), "Green band: allowed range (bot_ratio_band)."
+        *_grid(
+            _card(
+                "Bot ratio over time",
+                _bot_ratio(summary, bot_ratio_band),
+                "Green band: allowed range (bot_ratio_band).",
+            ),
+            _card("Bot ratio by rule", _bots_by_rule(summary)),
         ),
-        _card("Bot ratio by rule", _bots_by_rule(summary)),
-        "</div>",
+    ]
+
+
+def _labels_part(stats: dict, summary: dict, coverage_min, drift: dict | None) -> list[str]:
+    return [
         "<h2>Labels</h2>",
-        '<div class="grid">',
-        _card("Label coverage", _label_coverage(summary, coverage_min)),
-        _card("Positive rate over time", _positive_rate(stats)),
-        _card("CTR by position", _ctr_by_position(summary, drift)),
-        _card("Freshness per cohort", _freshness_table(summary)),
-        "</div>",
-        "<h2>Diversity</h2>",
-        '<div class="grid">',
-        _card("Catalog coverage over windows", _catalog_coverage(stats)),
-        _card(
-            "Entropy over windows",
-            _entropy(stats, entropy_windows),
-            "Shaded: the windows the entropy-drop SLO looks at.",
+        *_grid(
+            _card("Label coverage", _label_coverage(summary, coverage_min)),
+            _card("Positive rate over time", _positive_rate(stats)),
+            _card("CTR by position", _ctr_by_position(summary, drift)),
+            _card("Freshness per cohort", _freshness_table(summary)),
         ),
-        "</div>",
+    ]
+
+
+def _diversity_part(stats: dict, entropy_windows: int) -> list[str]:
+    return [
+        "<h2>Diversity</h2>",
+        *_grid(
+            _card("Catalog coverage over windows", _catalog_coverage(stats)),
+            _card(
+                "Entropy over windows",
+                _entropy(stats, entropy_windows),
+                "Shaded: the windows the entropy-drop SLO looks at.",
+            ),
+        ),
+    ]
+
+
+def _drift_part(drift: dict | None) -> list[str]:
+    """PSI per feature; with a drift report, its table and distribution overlays, drifted features first."""
+    parts = [
         "<h2>Drift vs baseline</h2>",
         _card("PSI per feature (dashed: threshold; red: drifted, grey: not comparable)", _drift_psi(drift)),
     ]
-    if drift:
-        parts.append(_card("Drift detail", _drift_table(drift)))
-        comparable = [(n, f) for n, f in drift["features"].items() if f["comparable"]]
-        comparable.sort(key=lambda kv: (not kv[1]["drifted"], -(kv[1]["psi"] or 0)))
-        if comparable:
-            parts.append('<div class="grid">')
-            parts.extend(_dist_overlay(n, f) for n, f in comparable[:_MAX_DIST_CHARTS])
-            parts.append("</div>")
-    body = "\n".join(parts)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
-        f"<body><main>\n{body}\n</main></body></html>\n"
-    )
+    if not drift:
+        return parts
+    parts.append(_card("Drift detail", _drift_table(drift)))
+    comparable = [(n, f) for n, f in drift["features"].items() if f["comparable"]]
+    comparable.sort(key=lambda kv: (not kv[1]["drifted"], -(kv[1]["psi"] or 0)))
+    if comparable:
+        parts.extend(_grid(*(_dist_overlay(n, f) for n, f in comparable[:_MAX_DIST_CHARTS])))
+    return parts
 
 
 def write_report_html(path: str, html: str) -> None:
@@ -938,9 +1005,8 @@ def _ope_section(ope: dict) -> str:
         f'<td class="num">{_e(_ci(v))}</td></tr>'
         for m, v in est.items()
     )
-    table = (
-        "<table><thead><tr><th>estimator</th><th>estimate</th><th>bootstrap CI</th></tr></thead>"
-        f"<tbody>{rows or '<tr><td colspan=3>no exposure with a propensity</td></tr>'}</tbody></table>"
+    table = _table(
+        ("estimator", "estimate", "bootstrap CI"), rows, "<tr><td colspan=3>no exposure with a propensity</td></tr>"
     )
     d = ope.get("diagnostics") or {}
     kpis = [
@@ -951,11 +1017,7 @@ def _ope_section(ope: dict) -> str:
         ("clipped exposures", str(d.get("clipped_exposures", "n/a"))),
         ("excluded (no propensity)", str(sum((ope.get("excluded") or {}).values()))),
     ]
-    kpi = (
-        '<div class="kpis">'
-        + "".join(f'<div class="kpi"><div class="v">{_e(v)}</div><div class="l">{_e(l)}</div></div>' for l, v in kpis)
-        + "</div>"
-    )
+    kpi = _kpi_grid(kpis)
     chart = _hbars(
         "ope_estimates",
         "Policy value estimates",
@@ -970,13 +1032,7 @@ def _ope_section(ope: dict) -> str:
         f"Target policy {ope.get('target_policy')}, reward {ope.get('reward')}, clip {ope.get('clip')}; "
         f"{boot.get('samples', 0)} bootstrap replicates over requests, seed {boot.get('seed')}."
     )
-    return (
-        kpi
-        + '<div class="grid">'
-        + _card("Estimates", table, note)
-        + _card("Estimates vs logged mean", chart)
-        + "</div>"
-    )
+    return kpi + "".join(_grid(_card("Estimates", table, note), _card("Estimates vs logged mean", chart)))
 
 
 def _position_bias_section(pb: dict) -> str:
@@ -1000,19 +1056,13 @@ def _position_bias_section(pb: dict) -> str:
         f'<td class="num">{_num(v["exposures"])}</td></tr>'
         for k, v in w.items()
     )
-    table = (
-        "<table><thead><tr><th>position</th><th>propensity</th><th>weight</th><th>exposures</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>"
-    )
+    table = _table(("position", "propensity", "weight", "exposures"), rows)
     note = (
         f"method {pb['method']} ({_num(pb.get('randomised_exposures'))} randomised exposures); relative to "
         "position 1. The weights are written to position_weights.json for labels.position_weights."
     )
-    return (
-        '<div class="grid">'
-        + _card("Examination propensity by position", chart, note)
-        + _card("Inverse-propensity weights", table)
-        + "</div>"
+    return "".join(
+        _grid(_card("Examination propensity by position", chart, note), _card("Inverse-propensity weights", table))
     )
 
 
@@ -1053,9 +1103,8 @@ def _experiments_section(exps: dict) -> str:
             )
         else:
             srm_note = "SRM: not checked (no split configured for this experiment)"
-        table = (
-            f"<table><thead><tr><th>variant</th><th>{_e(exp['unit'])}s</th><th>exposures</th><th>CTR</th>"
-            "<th>conversion</th><th>value / exposure</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        table = _table(
+            ("variant", f"{exp['unit']}s", "exposures", "CTR", "conversion", "value / exposure"), "".join(rows)
         )
         parts.append(
             _card(
@@ -1065,7 +1114,7 @@ def _experiments_section(exps: dict) -> str:
                 f"(clustered by {exp['unit']}); bold: the CI excludes 0. {srm_note}",
             )
         )
-    return '<div class="grid">' + "".join(parts) + "</div>"
+    return "".join(_grid(*parts))
 
 
 def _cold_start_section(cs: dict) -> str:
@@ -1094,11 +1143,11 @@ def _cold_start_section(cs: dict) -> str:
         f"{cs.get('bucket_s', 0) / 3600:g} h. Buckets closer than that to the data start are censored (not drawn). "
         f"Whole run: {_pct(cs.get('new_exposure_share'))} of exposures, {_pct(cs.get('new_click_share'))} of clicks."
     )
-    return (
-        '<div class="grid">'
-        + _card("Cold start: share going to new items", share, note)
-        + _card("Feedback loop: exposure concentration", conc)
-        + "</div>"
+    return "".join(
+        _grid(
+            _card("Cold start: share going to new items", share, note),
+            _card("Feedback loop: exposure concentration", conc),
+        )
     )
 
 
@@ -1106,22 +1155,8 @@ def render_evaluation_report(
     evaluation: dict, slo_results: Sequence[dict], title: str = "Evaluation report", mode: str = "fail"
 ) -> str:
     """The evaluation job's report: gates, off-policy estimates, position bias, experiments, cold start."""
-    n_breach = sum(1 for r in slo_results if r["ok"] is False)
-    if not n_breach:
-        banner = '<div class="banner pass">All evaluated gates met.</div>'
-    else:
-        cls = "warn" if mode == "warn" else "fail"
-        banner = (
-            f'<div class="banner {cls}">{n_breach} gate breach{"es" if n_breach > 1 else ""}'
-            + (" (warn mode: the job does not fail)" if mode == "warn" else "")
-            + "</div>"
-        )
     parts = [
-        f"<h1>{_e(title)}</h1>",
-        f'<div class="meta">{_e(evaluation.get("labels", ""))}</div>',
-        banner,
-        "<h2>Gates</h2>",
-        _slo_table(slo_results, mode),
+        *_opening(title, evaluation.get("labels", ""), slo_results, mode, "gate", "Gates"),
         "<h2>Off-policy evaluation</h2>",
         _ope_section(evaluation.get("ope") or {}),
         "<h2>Position bias</h2>",
@@ -1131,9 +1166,4 @@ def render_evaluation_report(
         "<h2>Cold start and feedback loop</h2>",
         _cold_start_section(evaluation.get("cold_start") or {}),
     ]
-    body = "\n".join(parts)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
-        f"<body><main>\n{body}\n</main></body></html>\n"
-    )
+    return _page(title, parts)

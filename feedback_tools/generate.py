@@ -126,6 +126,7 @@ from bisect import bisect_left, bisect_right
 from datetime import datetime, timedelta, timezone
 from operator import itemgetter
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -318,40 +319,23 @@ def _infer_format(path: str) -> str:
 
 
 def _load_avro_schema():
-    import fastavro
+    """The event schema the pipeline reads (the generator runs from the repository root, never shipped).
 
+    Unparsed on purpose: fastavro writes the schema it is given into the file header, and a parsed
+    schema orders some field attributes by set iteration, which changes with PYTHONHASHSEED.
+    """
     path = Path(__file__).resolve().parent.parent / "config" / "schemas" / "event.v2.avsc"
-    if path.exists():
-        return fastavro.parse_schema(json.loads(path.read_text()))
-    opt = lambda name, t: {"name": name, "type": ["null", t], "default": None}  # noqa: E731
-    return fastavro.parse_schema(
-        {
-            "type": "record",
-            "name": "Event",
-            "namespace": "feedback.events",
-            "fields": [
-                {"name": "event_id", "type": "string"},
-                {"name": "event_type", "type": "string"},
-                {"name": "event_time", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-                {"name": "user_id", "type": "string"},
-                opt("item_id", "string"),
-                opt("request_id", "string"),
-                opt("session_id", "string"),
-                opt("position", "int"),
-                opt("propensity", "double"),
-                opt("policy", "string"),
-                opt("dwell_ms", "long"),
-                opt("value", "double"),
-                opt("user_agent", "string"),
-                opt("ip", "string"),
-                opt("consent", "boolean"),
-                opt("schema_version", "int"),
-                opt("experiment_id", "string"),
-                opt("variant", "string"),
-                opt("context", {"type": "map", "values": "string"}),
-            ],
-        }
-    )
+    return json.loads(path.read_text())
+
+
+class _Slate(NamedTuple):
+    """One recommendation request: the items shown and the policy's propensity at each position."""
+
+    rid: str
+    kk: int
+    policy: str
+    props: list
+    items: list
 
 
 class _Actor:
@@ -582,6 +566,22 @@ class _Sim:
             ctx[key] = text.format(pii)
         return ctx
 
+    def _slate(self, a, kk_max=12, explore=True):
+        """A new request of ``a``'s: 4..kk_max items; with ``explore``, 5% go to the exploration policy."""
+        rid = f"r{self.bits(64):016x}"
+        kk = self.rng.randint(4, kk_max)
+        policy = EXPLORE if explore and self.rnd() < 0.05 else a.policy
+        return _Slate(rid, kk, policy, self.props[policy, kk], self._items(kk))
+
+    def _impression(self, t, sid, s, i, ctx=None):
+        """The impression of slate ``s`` at position i + 1."""
+        fields = {"position": i + 1, "propensity": s.props[i], "policy": s.policy}
+        return (t, IMPRESSION, sid, s.rid, self.item_ids[s.items[i]], fields, ctx)
+
+    def _maybe_context(self, a):
+        """A request context for some of a v2 client's requests (v1 records have no context field)."""
+        return self._context() if (not a.v1 and self.rnd() < self.k["context_fraction"]) else None
+
     @staticmethod
     def _lognorm_ms(rng, median_ms, sigma, floor_ms, cap_ms):
         v = int(median_ms * math.exp(sigma * rng.gauss(0.0, 1.0)))
@@ -626,75 +626,67 @@ class _Sim:
         return out
 
     def _human_request(self, a, sid, t):
-        rng, rnd = self.rng, self.rnd
-        rid = f"r{self.bits(64):016x}"
-        kk = rng.randint(4, 12)
-        policy = EXPLORE if rnd() < 0.05 else a.policy
-        props = self.props[policy, kk]
-        items = self._items(kk)
-        ids = self.item_ids
-        ctx = self._context() if (not a.v1 and rnd() < self.k["context_fraction"]) else None
+        """One request's impressions and what the user did with them, in event-time order."""
+        rng, rnd, ids = self.rng, self.rnd, self.item_ids
+        s = self._slate(a)
+        ctx = self._maybe_context(a)
         out, imp_t = [], []
         tt = t
-        for i in range(kk):
+        for i in range(s.kk):
             tt += int(rnd() * 7)
-            out.append(
-                (
-                    tt,
-                    IMPRESSION,
-                    sid,
-                    rid,
-                    ids[items[i]],
-                    {"position": i + 1, "propensity": props[i], "policy": policy},
-                    ctx,
-                )
-            )
+            out.append(self._impression(tt, sid, s, i, ctx))
             imp_t.append(tt)
         if rnd() < 0.5:
-            out.append((t + self._lognorm_ms(rng, 2500, 0.6, 500, 20_000), SCROLL, sid, rid, ids[items[-1]], None, ctx))
-        q, g, exam = self.quality, a.genre, self.exam
-        clicked = [i for i in range(kk) if rnd() < q[items[i]] * (3.0 if self.genre[items[i]] == g else 0.8) * exam[i]][
-            :3
-        ]
+            out.append(
+                (t + self._lognorm_ms(rng, 2500, 0.6, 500, 20_000), SCROLL, sid, s.rid, ids[s.items[-1]], None, ctx)
+            )
+        clicked = self._clicked(a, s.items)
         cur = t
         for i in clicked:
-            item = ids[items[i]]
-            click_t = max(cur, imp_t[i]) + self._lognorm_ms(rng, 3000, 0.6, HUMAN_MIN_CLICK_LATENCY_MS, 60_000)
-            out.append((click_t, CLICK, sid, rid, item, {"position": i + 1}, ctx))
-            view_t = click_t + rng.randint(150, 900)
-            out.append((view_t, VIEW, sid, rid, item, None, ctx))
-            dwell = self._lognorm_ms(rng, 25_000, 1.0, 500, 900_000)
-            leave = view_t + dwell
-            cur = leave
-            if rnd() < 0.15:
-                out.append((view_t + int(dwell * (0.3 + 0.6 * rnd())), ADD_TO_CART, sid, rid, item, None, ctx))
-                out.append((leave, DWELL, sid, rid, item, {"dwell_ms": dwell}, ctx))
-                if rnd() < 0.35:
-                    cur = leave + self._lognorm_ms(rng, 40_000, 0.7, 3000, 600_000)
-                    qty = 1 if rnd() < 0.85 else 2
-                    out.append((cur, PURCHASE, sid, rid, item, {"value": round(self.price[items[i]] * qty, 2)}, ctx))
-            else:
-                out.append((leave, DWELL, sid, rid, item, {"dwell_ms": dwell}, ctx))
+            chain, cur = self._click_chain(max(cur, imp_t[i]), sid, s, i, ctx)
+            out.extend(chain)
         acted = list(clicked)
         if not clicked and rnd() < 0.35:
-            i = rng.randrange(min(3, kk))
+            i = rng.randrange(min(3, s.kk))
             acted.append(i)
-            out.append(
-                (
-                    imp_t[i] + self._lognorm_ms(rng, 1500, 0.5, HUMAN_MIN_CLICK_LATENCY_MS, 20_000),
-                    SKIP,
-                    sid,
-                    rid,
-                    ids[items[i]],
-                    None,
-                    ctx,
-                )
-            )
-        lost = [ids[items[i]] for i in acted if rnd() < self.p_lost_imp]
+            skip_t = imp_t[i] + self._lognorm_ms(rng, 1500, 0.5, HUMAN_MIN_CLICK_LATENCY_MS, 20_000)
+            out.append((skip_t, SKIP, sid, s.rid, ids[s.items[i]], None, ctx))
+        lost = [ids[s.items[i]] for i in acted if rnd() < self.p_lost_imp]
         if lost:  # the impression was lost upstream: its outcomes arrive without it
             out = [e for e in out if not (e[1] is IMPRESSION and e[4] in lost)]
         out.sort(key=itemgetter(0))
         return out
+
+    def _clicked(self, a, items):
+        """Slate indexes clicked (at most 3): relevance (genre match) times examination by position."""
+        q, g, exam, rnd = self.quality, a.genre, self.exam, self.rnd
+        return [
+            i for i in range(len(items)) if rnd() < q[items[i]] * (3.0 if self.genre[items[i]] == g else 0.8) * exam[i]
+        ][:3]
+
+    def _click_chain(self, after, sid, s, i, ctx):
+        """Click, view and dwell on position i + 1, sometimes add_to_cart and a purchase: (events, when the
+        user moved on)."""
+        rng, rnd = self.rng, self.rnd
+        item = self.item_ids[s.items[i]]
+        click_t = after + self._lognorm_ms(rng, 3000, 0.6, HUMAN_MIN_CLICK_LATENCY_MS, 60_000)
+        view_t = click_t + rng.randint(150, 900)
+        out = [
+            (click_t, CLICK, sid, s.rid, item, {"position": i + 1}, ctx),
+            (view_t, VIEW, sid, s.rid, item, None, ctx),
+        ]
+        dwell = self._lognorm_ms(rng, 25_000, 1.0, 500, 900_000)
+        leave = view_t + dwell
+        cart = rnd() < 0.15
+        if cart:
+            out.append((view_t + int(dwell * (0.3 + 0.6 * rnd())), ADD_TO_CART, sid, s.rid, item, None, ctx))
+        out.append((leave, DWELL, sid, s.rid, item, {"dwell_ms": dwell}, ctx))
+        if cart and rnd() < 0.35:
+            bought = leave + self._lognorm_ms(rng, 40_000, 0.7, 3000, 600_000)
+            qty = 1 if rnd() < 0.85 else 2
+            out.append((bought, PURCHASE, sid, s.rid, item, {"value": round(self.price[s.items[i]] * qty, 2)}, ctx))
+            return out, bought
+        return out, leave
 
     # -- bots --
     def _sustained(self, a, t0, dur_ms, rate):
@@ -704,25 +696,13 @@ class _Sim:
         step = 1000.0 / rate
         t, end = float(t0), t0 + dur_ms
         while t < end:
-            rid = f"r{self.bits(64):016x}"
-            kk = rng.randint(4, 12)
-            policy = a.policy
-            props = self.props[policy, kk]
-            items = self._items(kk)
+            s = self._slate(a, explore=False)
             ti = int(t)
-            for i in range(kk):
-                yield (
-                    ti,
-                    IMPRESSION,
-                    sid,
-                    rid,
-                    ids[items[i]],
-                    {"position": i + 1, "propensity": props[i], "policy": policy},
-                    None,
-                )
-            t += max(1000.0, kk * step)
+            for i in range(s.kk):
+                yield self._impression(ti, sid, s, i)
+            t += max(1000.0, s.kk * step)
             for _ in range(rng.randint(2, 6)):
-                i = rng.randrange(kk)
+                i = rng.randrange(s.kk)
                 kind = rng.choice((CLICK, CLICK, VIEW, VIEW, SCROLL, DWELL))
                 extra = (
                     {"position": i + 1}
@@ -731,7 +711,7 @@ class _Sim:
                     if kind is DWELL
                     else None
                 )
-                yield (int(t), kind, sid, rid, ids[items[i]], extra, None)
+                yield (int(t), kind, sid, s.rid, ids[s.items[i]], extra, None)
                 t += step * (0.5 + rnd())
 
     def _superhuman(self, a, t0, n_sessions):
@@ -741,31 +721,17 @@ class _Sim:
         for _ in range(n_sessions):
             sid = f"s{self.bits(48):012x}"
             for _ in range(rng.randint(5, 12)):
-                rid = f"r{self.bits(64):016x}"
-                kk = rng.randint(4, 8)
-                policy = EXPLORE if rnd() < 0.05 else a.policy
-                props = self.props[policy, kk]
-                items = self._items(kk)
-                ctx = self._context() if (not a.v1 and rnd() < self.k["context_fraction"]) else None
+                s = self._slate(a, kk_max=8)
+                ctx = self._maybe_context(a)
                 out, tt = [], t
-                for i in range(kk):
+                for i in range(s.kk):
                     tt += rng.randint(0, 3)
-                    out.append(
-                        (
-                            tt,
-                            IMPRESSION,
-                            sid,
-                            rid,
-                            ids[items[i]],
-                            {"position": i + 1, "propensity": props[i], "policy": policy},
-                            ctx,
-                        )
-                    )
-                for i in sorted(rng.sample(range(min(kk, 4)), rng.randint(1, 2))):
+                    out.append(self._impression(tt, sid, s, i, ctx))
+                for i in sorted(rng.sample(range(min(s.kk, 4)), rng.randint(1, 2))):
                     ct = out[i][0] + rng.randint(10, 150)
-                    out.append((ct, CLICK, sid, rid, ids[items[i]], {"position": i + 1}, ctx))
+                    out.append((ct, CLICK, sid, s.rid, ids[s.items[i]], {"position": i + 1}, ctx))
                     if rnd() < 0.5:
-                        out.append((ct + rng.randint(200, 900), VIEW, sid, rid, ids[items[i]], None, ctx))
+                        out.append((ct + rng.randint(200, 900), VIEW, sid, s.rid, ids[s.items[i]], None, ctx))
                 out.sort(key=itemgetter(0))
                 yield from out
                 t += 62_000 + rng.randint(0, 60_000)
@@ -780,23 +746,12 @@ class _Sim:
             count += 1
             tt = t + rng.randint(200, 1000)
             if rnd() < 0.6:
-                rid = f"r{self.bits(64):016x}"
-                kk = rng.randint(4, 12)
-                props = self.props[a.policy, kk]
-                items = self._items(kk)
-                for i in range(kk):
-                    yield (
-                        tt,
-                        IMPRESSION,
-                        None,
-                        rid,
-                        ids[items[i]],
-                        {"position": i + 1, "propensity": props[i], "policy": a.policy},
-                        None,
-                    )
-                count += kk
+                s = self._slate(a, explore=False)
+                for i in range(s.kk):
+                    yield self._impression(tt, None, s, i)
+                count += s.kk
                 if rnd() < 0.3:
-                    yield (tt + rng.randint(500, 3000), SCROLL, None, rid, ids[items[-1]], None, None)
+                    yield (tt + rng.randint(500, 3000), SCROLL, None, s.rid, ids[s.items[-1]], None, None)
                     count += 1
             t += rng.randint(21_000, 60_000)
 
@@ -810,11 +765,25 @@ class _Sim:
 
     def _plan_bots(self):
         """Bot users with their start times, sized to the bot budget of each rule."""
+        d_ms = self.k["duration_hours"] * 3_600_000
+        lo, hi = self.start_ms + 0.03 * d_ms, self.start_ms + 0.6 * d_ms
+        straddled = set()
+        midnight = self._first_midnight_after(self.start_ms)
+        out = []
+        for rule, args in self._bot_sizes():
+            a = self._new_actor(rule)
+            t0 = int(self.rng.uniform(lo, hi))
+            if rule not in straddled and rule != C.BOT_RULE_CRAWLER_UA:
+                straddled.add(rule)
+                t0 = self._straddling_start(rule, args, lo, hi, midnight)
+            out.append((a, self._bot_events(a, rule, t0, args)))
+        return out
+
+    def _bot_sizes(self):
+        """(rule, generator arguments) of each bot user, together filling each rule's share of the budget."""
         rng, k = self.rng, self.k
         budget = k["bot_fraction"] * self.n
         split = k["bot_rule_split"]
-        d_ms = k["duration_hours"] * 3_600_000
-        lo, hi = self.start_ms + 0.03 * d_ms, self.start_ms + 0.6 * d_ms
         plans = []
         rem = budget * split.get(C.BOT_RULE_SUSTAINED_RATE, 0)
         while rem >= 270:  # nominal 3.3-7.5/s keeps the measured rate within 3-8/s
@@ -849,33 +818,30 @@ class _Sim:
             s = max(1, min(rng.randint(1, 3), int(rem / 70)))
             rem -= 70 * s
             plans.append((C.BOT_RULE_SUPERHUMAN_CLICKS, (s,)))
-        out = []
-        straddled = set()
-        midnight = self._first_midnight_after(self.start_ms)
-        for rule, args in plans:
-            a = self._new_actor(rule)
-            t0 = int(rng.uniform(lo, hi))
-            if rule not in straddled and rule != C.BOT_RULE_CRAWLER_UA:
-                straddled.add(rule)
-                if rule == C.BOT_RULE_MACHINE_CADENCE:  # across the first midnight (and its hour)
-                    boundary, span = midnight, args[0]
-                else:  # across an hour boundary in the bot window
-                    boundary = -(-int(rng.uniform(lo, hi)) // 3_600_000) * 3_600_000
-                    span = args[0] if rule == C.BOT_RULE_SUSTAINED_RATE else 5 * 62_000
-                t0 = max(self.start_ms, boundary - int(rng.uniform(0.2, 0.8) * span))
-            if rule == C.BOT_RULE_SUSTAINED_RATE:
-                gen = self._sustained(a, t0, *args)
-            elif rule == C.BOT_RULE_MACHINE_CADENCE:
-                gen = self._cadence(a, t0, *args)
-            elif rule == C.BOT_RULE_SUPERHUMAN_CLICKS:
-                a.rid_always, a.sid_keep = True, 1.0
-                gen = self._superhuman(a, t0, *args)
-            else:
-                a.ua = self._crawler_agent()
-                a.variant, a.policy, a.v1, a.sid_keep, a.consent_p = None, RANKER_V3, False, 0.0, 0.0
-                gen = self._crawler(a, t0, *args)
-            out.append((a, gen))
-        return out
+        return plans
+
+    def _straddling_start(self, rule, args, lo, hi, midnight):
+        """A start time that puts the first run of a rule's bots across a clock boundary."""
+        rng = self.rng
+        if rule == C.BOT_RULE_MACHINE_CADENCE:  # across the first midnight (and its hour)
+            boundary, span = midnight, args[0]
+        else:  # across an hour boundary in the bot window
+            boundary = -(-int(rng.uniform(lo, hi)) // 3_600_000) * 3_600_000
+            span = args[0] if rule == C.BOT_RULE_SUSTAINED_RATE else 5 * 62_000
+        return max(self.start_ms, boundary - int(rng.uniform(0.2, 0.8) * span))
+
+    def _bot_events(self, a, rule, t0, args):
+        """The event generator of a bot user (crawlers get their user agent and client here)."""
+        if rule == C.BOT_RULE_SUSTAINED_RATE:
+            return self._sustained(a, t0, *args)
+        if rule == C.BOT_RULE_MACHINE_CADENCE:
+            return self._cadence(a, t0, *args)
+        if rule == C.BOT_RULE_SUPERHUMAN_CLICKS:
+            a.rid_always, a.sid_keep = True, 1.0
+            return self._superhuman(a, t0, *args)
+        a.ua = self._crawler_agent()
+        a.variant, a.policy, a.v1, a.sid_keep, a.consent_p = None, RANKER_V3, False, 0.0, 0.0
+        return self._crawler(a, t0, *args)
 
     def _first_midnight_after(self, ms):
         return (ms // 86_400_000 + 1) * 86_400_000
@@ -911,6 +877,32 @@ class _Sim:
     # -- emission --
     def _emit(self, a, ev):
         """One logical event -> one record (maybe malformed) plus retried copies into the buffer."""
+        ms = ev[0]
+        d = self._record(a, ev)
+        if a.malformable and self.rnd() < self.p_malformed and self._emit_dead_letter(a, ev, d):
+            return
+        if not self.avro and self.rnd() < self.p_iso:
+            d["event_time"] = _iso(ms, a.tz[1], a.tz[0])
+        payload = d if self.avro else orjson.dumps(d)
+        eid = d["event_id"]
+        delay = self._delay(a, ev)
+        if delay >= 120_000:
+            self.late_ids[eid] = delay / 1000.0
+        arrival = ms + delay
+        self._push(arrival, payload)
+        if self.tmin is None:
+            self.tmin = ms
+        self.tmax = ms
+        if not a.consent:  # duplicate_fraction re-delivers consenting events only
+            self.counts[C.OUTCOME_CONSENT_DROPPED] += 1
+            self.consent_ids.append(eid)
+            return
+        self._account(a, ev, d, delay > self.lateness_ms, arrival)
+        if self.rnd() < self.p_dup:
+            self._emit_copies(eid, payload, ms, arrival)
+
+    def _record(self, a, ev):
+        """The well-formed record of one event; draws decide which optional fields it carries."""
         ms, etype, sid, rid, item, extra, ctx = ev
         rnd = self.rnd
         d = {"event_id": self._uuid(), "event_type": etype, "event_time": ms, "user_id": a.uid}
@@ -937,37 +929,44 @@ class _Sim:
             d["schema_version"] = 1
         elif self.avro or rnd() < 0.5:
             d["schema_version"] = 2
+        return d
 
-        if a.malformable and rnd() < self.p_malformed:
-            if self.pending_reason is None:
-                if not self.reason_cycle:
-                    self.reason_cycle = list(self.reasons)
-                    self.rng.shuffle(self.reason_cycle)
-                self.pending_reason = self.reason_cycle.pop()
-            reason = self.pending_reason
-            payload = self._defect(reason, d, a, ms)
-            if payload is not None:
-                self.counts[C.OUTCOME_DEAD_LETTER] += 1
-                self.dl_reason[reason] += 1
-                self.pending_reason = None
-                if etype is IMPRESSION:
-                    a.imps[rid, item] = (CAUSE_DEAD_LETTER, ms)
-                self._push(
-                    ms + self._lognorm_ms(self.rng, 1000, 0.8, 0, 60_000),
-                    payload,
-                    reason not in (C.MALFORMED_JSON, C.NOT_AN_OBJECT),
-                )
-                return
+    def _next_reason(self):
+        """The dead-letter reason due: each reason once per shuffled cycle, kept until an event can carry it."""
+        if self.pending_reason is None:
+            if not self.reason_cycle:
+                self.reason_cycle = list(self.reasons)
+                self.rng.shuffle(self.reason_cycle)
+            self.pending_reason = self.reason_cycle.pop()
+        return self.pending_reason
 
-        if not self.avro and rnd() < self.p_iso:
-            d["event_time"] = _iso(ms, a.tz[1], a.tz[0])
-        payload = d if self.avro else orjson.dumps(d)
-        eid = d["event_id"]
+    def _emit_dead_letter(self, a, ev, d):
+        """Emit the event as a dead letter of the reason due; False if it cannot carry that defect."""
+        ms, etype, _, rid, item, _, _ = ev
+        reason = self._next_reason()
+        payload = self._defect(reason, d, a, ms)
+        if payload is None:
+            return False
+        self.counts[C.OUTCOME_DEAD_LETTER] += 1
+        self.dl_reason[reason] += 1
+        self.pending_reason = None
+        if etype is IMPRESSION:
+            a.imps[rid, item] = (CAUSE_DEAD_LETTER, ms)
+        self._push(
+            ms + self._lognorm_ms(self.rng, 1000, 0.8, 0, 60_000),
+            payload,
+            reason not in (C.MALFORMED_JSON, C.NOT_AN_OBJECT),
+        )
+        return True
+
+    def _delay(self, a, ev):
+        """Arrival minus event time (ms): seconds mostly, minutes or hours when late; a stalled outcome
+        arrives around its impression's label deadline."""
+        ms, etype, _, rid, item, _, _ = ev
+        rnd = self.rnd
         r = rnd()
         if r >= self.p_any_late or a.rule == C.BOT_RULE_SUPERHUMAN_CLICKS:
-            delay = int(1000.0 * math.exp(0.8 * self.gauss(0.0, 1.0)))
-            if delay > 60_000:
-                delay = 60_000
+            delay = min(int(1000.0 * math.exp(0.8 * self.gauss(0.0, 1.0))), 60_000)
         elif r < self.p_very_late:
             delay = self.rng.randint(3 * 3_600_000, 12 * 3_600_000)
         else:
@@ -980,20 +979,13 @@ class _Sim:
                 lo = shown[1] + self.label_span_ms - gap
                 hi = max(lo, ms + self.lateness_ms + gap)
                 delay = max(delay, lo + int(u * (hi - lo)) - ms)
-        if delay >= 120_000:
-            self.late_ids[eid] = delay / 1000.0
-        arrival = ms + delay
-        self._push(arrival, payload)
-        if self.tmin is None:
-            self.tmin = ms
-        self.tmax = ms
-        if not a.consent:
-            self.counts[C.OUTCOME_CONSENT_DROPPED] += 1
-            self.consent_ids.append(eid)
-            return
-        with_arrival = self.arrival_field is not None
-        limit = self.lateness_ms
-        if with_arrival and delay > limit:
+        return delay
+
+    def _account(self, a, ev, d, past_lateness, arrival):
+        """Count the first copy of a consenting event under its outcome; keep what the label truth needs."""
+        ms, etype, _, rid, item, _, _ = ev
+        eid = d["event_id"]
+        if self.arrival_field is not None and past_lateness:
             self.counts[C.OUTCOME_TOO_LATE] += 1
             self.too_late_ids.append(eid)
             if a.rule is None and etype is IMPRESSION:
@@ -1008,41 +1000,40 @@ class _Sim:
             self.counts[C.OUTCOME_VALID] += 1
             self.valid_by_type[etype] += 1
             if item is not None:
-                if etype is IMPRESSION:
-                    a.imps[rid, item] = (eid, ms)
-                    cause = None
-                elif etype in LABEL_OUTCOME_TYPES:
-                    cause = a.imps.get((rid, item), (CAUSE_LOST,))[0]
-                else:
-                    cause = False
-                if cause is not False:
-                    a.lab.setdefault(item, []).append(
-                        (
-                            ms,
-                            eid,
-                            etype,
-                            d.get("request_id"),
-                            arrival if with_arrival else None,
-                            d.get("dwell_ms"),
-                            cause,
-                        )
-                    )
-        if rnd() < self.p_dup:
-            r = rnd()
-            extra_copies = min(1 if r < 0.6 else 2 if r < 0.9 else 3, self.n - self.lines)
-            dups = 0
-            for _ in range(extra_copies):
-                # strictly after the first copy, same event time: once the first is too late, all are
-                copy_arrival = arrival + self._lognorm_ms(self.rng, 20_000, 1.2, 1000, 900_000)
-                self._push(copy_arrival, payload)
-                if with_arrival and copy_arrival - ms > limit:
-                    self.counts[C.OUTCOME_TOO_LATE] += 1
-                    self.too_late_ids.append(eid)
-                else:
-                    dups += 1
-            if dups:
-                self.dup_ids[eid] = dups
-                self.counts[C.OUTCOME_DUPLICATE] += dups
+                self._keep_for_labels(a, ev, d, arrival)
+
+    def _keep_for_labels(self, a, ev, d, arrival):
+        """Keep a valid human event on an item for the label truth: an impression, or an outcome with the
+        cause it counts for (its impression's event id, or why that impression never reaches the labels)."""
+        ms, etype, _, rid, item, _, _ = ev
+        eid = d["event_id"]
+        if etype is IMPRESSION:
+            a.imps[rid, item] = (eid, ms)
+            cause = None
+        elif etype in LABEL_OUTCOME_TYPES:
+            cause = a.imps.get((rid, item), (CAUSE_LOST,))[0]
+        else:
+            return
+        seen = arrival if self.arrival_field is not None else None
+        a.lab.setdefault(item, []).append((ms, eid, etype, d.get("request_id"), seen, d.get("dwell_ms"), cause))
+
+    def _emit_copies(self, eid, payload, ms, arrival):
+        """1-3 retried deliveries of a record; with arrival times, a copy past the lateness is too_late."""
+        r = self.rnd()
+        extra_copies = min(1 if r < 0.6 else 2 if r < 0.9 else 3, self.n - self.lines)
+        dups = 0
+        for _ in range(extra_copies):
+            # strictly after the first copy, same event time: once the first is too late, all are
+            copy_arrival = arrival + self._lognorm_ms(self.rng, 20_000, 1.2, 1000, 900_000)
+            self._push(copy_arrival, payload)
+            if self.arrival_field is not None and copy_arrival - ms > self.lateness_ms:
+                self.counts[C.OUTCOME_TOO_LATE] += 1
+                self.too_late_ids.append(eid)
+            else:
+                dups += 1
+        if dups:
+            self.dup_ids[eid] = dups
+            self.counts[C.OUTCOME_DUPLICATE] += dups
 
     def _push(self, arrival, payload, is_object=True):
         self.seq += 1
@@ -1078,68 +1069,50 @@ class _Sim:
     def _settle_labels(self, a):
         """Settle one finished human user: rule-based labels (as transforms.labels.settle with
         now=+inf) and the intended labels from each outcome's cause, into the accumulators."""
-        window, skew = LABEL_WINDOW_MS, LABEL_CLOCK_SKEW_MS
-        span = max(window, self.lateness_ms)
-        R, I = self.lab_rule, self.lab_intent
         for recs in a.lab.values():
-            exps = sorted((r for r in recs if r[2] is IMPRESSION), key=itemgetter(0, 1))
-            times = [x[0] for x in exps]
-            exp_time = {x[1]: x[0] for x in exps}
-            by_rule = {x[1]: [] for x in exps}
-            by_cause = {x[1]: [] for x in exps}
-            for o in recs:
-                if o[2] is IMPRESSION:
-                    continue
-                t, rid, arr, cause = o[0], o[3], o[4], o[6]
-                match = None  # transforms.labels.attribute
-                if rid is not None:
-                    for x in reversed(exps):
-                        if x[3] == rid and x[0] - skew <= t <= x[0] + window:
-                            match = x[1]
-                            break
-                else:
-                    i = bisect_right(times, t)
-                    if i and t - times[i - 1] <= window:
-                        match = exps[i - 1][1]
-                if match is None:
-                    R["orphan_outcomes"] += 1
-                elif arr is not None and arr > exp_time[match] + span:
-                    R["late_outcomes"] += 1
-                else:
-                    by_rule[match].append(o)
-                if cause in exp_time:
-                    if arr is not None and arr > exp_time[cause] + span:
-                        I["late_outcomes"] += 1
-                    else:
-                        by_cause[cause].append(o)
-                else:
-                    I["orphan_outcomes"] += 1
-                    I["orphans_by_cause"][cause] += 1
-                    cause = None
-                if match != cause:
-                    if cause is not None and t > exp_time[cause] + window:
-                        kind = "outcome_beyond_window"
-                    elif cause is None and rid is None:
-                        kind = "attributed_to_other_exposure"
-                    else:
-                        kind = "other"
-                    I["ambiguous"][kind] += 1
-            for x in exps:
-                xid = x[1]
-                rule_label = self._label_of(by_rule[xid])
-                cause_label = self._label_of(by_cause[xid])
-                for acc, (positive, types) in ((R, rule_label), (I, cause_label)):
-                    acc["exposures"] += 1
-                    if positive:
-                        acc["positives"] += 1
-                        acc["positive_label_ids"].append(xid)
-                    for k in BY_OUTCOME:
-                        if k in types:
-                            acc["by_outcome"][k] += 1
-                if rule_label != cause_label:
-                    I["ambiguous_label_ids"].append(xid)
+            self._settle_item(recs)
         a.lab = None
         a.imps = None
+
+    def _settle_item(self, recs):
+        """Labels of one user's exposures of one item, by rule and by intent."""
+        span = self.label_span_ms
+        R, I = self.lab_rule, self.lab_intent
+        exps = sorted((r for r in recs if r[2] is IMPRESSION), key=itemgetter(0, 1))
+        times = [x[0] for x in exps]
+        exp_time = {x[1]: x[0] for x in exps}
+        by_rule = {x[1]: [] for x in exps}
+        by_cause = {x[1]: [] for x in exps}
+        for o in recs:
+            if o[2] is IMPRESSION:
+                continue
+            t, rid, arr, cause = o[0], o[3], o[4], o[6]
+            match = _attributed(exps, times, t, rid)
+            if match is None:
+                R["orphan_outcomes"] += 1
+            elif arr is not None and arr > exp_time[match] + span:
+                R["late_outcomes"] += 1
+            else:
+                by_rule[match].append(o)
+            if cause in exp_time:
+                if arr is not None and arr > exp_time[cause] + span:
+                    I["late_outcomes"] += 1
+                else:
+                    by_cause[cause].append(o)
+            else:
+                I["orphan_outcomes"] += 1
+                I["orphans_by_cause"][cause] += 1
+                cause = None
+            if match != cause:
+                I["ambiguous"][_ambiguity(cause, t, rid, exp_time)] += 1
+        for x in exps:
+            xid = x[1]
+            rule_label = self._label_of(by_rule[xid])
+            cause_label = self._label_of(by_cause[xid])
+            _count_label(R, xid, rule_label)
+            _count_label(I, xid, cause_label)
+            if rule_label != cause_label:
+                I["ambiguous_label_ids"].append(xid)
 
     def _labels_truth(self):
         out = []
@@ -1158,123 +1131,132 @@ class _Sim:
     # -- malformed records --
     def _defect(self, reason, d, a, ms):
         """The record with exactly one defect of ``reason``, or None if this event cannot carry it."""
-        rng = self.rng
         d = dict(d)
-        etype = d["event_type"]
         if not self.avro:
-            d["event_time"] = _iso(ms, a.tz[1], a.tz[0]) if rng.random() < 0.6 else ms
-        if reason == C.BAD_TIMESTAMP:
-            v = rng.randrange(2 if self.avro else 5)
-            if v == 0:  # epoch seconds by mistake (January 1970 as milliseconds)
-                d["event_time"] = ms // 1000
-            elif v == 1:  # far future
-                future = ms + 73 * 365 * 86_400_000
-                d["event_time"] = future if (self.avro or rng.random() < 0.5) else _iso(future)
-            elif v == 2:
-                d["event_time"] = "yesterday"
-            elif v == 3:
-                d["event_time"] = rng.choice(("2026-13-45T99:00:00Z", "2026-02-30T10:00:00Z", "01/11/2026 10:00"))
-            else:  # ISO without an offset
-                d["event_time"] = _iso(ms, 0, "")
-        elif reason == C.UNKNOWN_EVENT_TYPE:
-            d["event_type"] = rng.choice(("hover", "CLICK ", "like", "Click", "share"))
-        elif reason == C.OUT_OF_RANGE:
-            if etype is IMPRESSION:
-                v = rng.randrange(4)
-                if v == 3:
-                    d["position"] = -1
-                else:
-                    d["propensity"] = (0.0, -0.25, 1.5)[v]
-            elif etype is CLICK:
-                d["position"] = -rng.randint(1, 3)
-            elif etype is DWELL:
-                d["dwell_ms"] = -rng.randint(1, 5000)
-            elif etype is PURCHASE:
-                d["value"] = -d["value"] if d.get("value") else -9.99
-            else:
+            d["event_time"] = _iso(ms, a.tz[1], a.tz[0]) if self.rng.random() < 0.6 else ms
+        if reason in _FIELD_DEFECTS:  # a bad value in a well-formed record: Avro can carry these
+            if _FIELD_DEFECTS[reason](self, d, ms) is False:
                 return None
+            return d if self.avro else orjson.dumps(d)
         if self.avro:
             return d
-        if reason in (C.BAD_TIMESTAMP, C.UNKNOWN_EVENT_TYPE, C.OUT_OF_RANGE):
-            return orjson.dumps(d)
-        if reason == C.MISSING_FIELD:
-            del d[rng.choice(C.REQUIRED_FIELDS)]
-            return orjson.dumps(d)
-        if reason == C.WRONG_TYPE:
-            v = rng.randrange(8)
-            if v == 0:
-                d["position"] = rng.choice(("third", "1st"))
-            elif v == 1:
-                d["consent"] = rng.choice(("yes", "true", 1))
-            elif v == 2:
-                d["dwell_ms"] = "long"
-            elif v == 3 and not a.v1:
-                d["context"] = ["a"]
-            elif v == 4:
-                d["user_id"] = {"id": 1}
-            elif v == 5:
-                d["user_id"] = True
-            elif v == 6:
-                d["propensity"] = "high"
-            else:
-                d["value"] = "12.99 USD"
-            return orjson.dumps(d)
-        if reason == C.SCHEMA_VIOLATION:
-            v = rng.randrange(3)
-            if v == 0:
-                d["foo"] = 1
-            elif v == 1 and a.v1:
-                if rng.random() < 0.5:
-                    d["context"] = {"page": "home"}
-                else:
-                    d["experiment_id"] = EXPERIMENT_ID
-            else:
-                d["schema_version"] = 99
-            return orjson.dumps(d)
-        if reason == C.NOT_AN_OBJECT:
+        if reason not in _RECORD_DEFECTS:
+            raise AssertionError(reason)
+        return _RECORD_DEFECTS[reason](self, d, a, ms)
+
+    def _bad_timestamp(self, d, ms):
+        rng = self.rng
+        v = rng.randrange(2 if self.avro else 5)
+        if v == 0:  # epoch seconds by mistake (January 1970 as milliseconds)
+            d["event_time"] = ms // 1000
+        elif v == 1:  # far future
+            future = ms + 73 * 365 * 86_400_000
+            d["event_time"] = future if (self.avro or rng.random() < 0.5) else _iso(future)
+        elif v == 2:
+            d["event_time"] = "yesterday"
+        elif v == 3:
+            d["event_time"] = rng.choice(("2026-13-45T99:00:00Z", "2026-02-30T10:00:00Z", "01/11/2026 10:00"))
+        else:  # ISO without an offset
+            d["event_time"] = _iso(ms, 0, "")
+
+    def _unknown_event_type(self, d, ms):
+        d["event_type"] = self.rng.choice(("hover", "CLICK ", "like", "Click", "share"))
+
+    def _out_of_range(self, d, ms):
+        """A number outside its range; False for an event type with no ranged field."""
+        rng, etype = self.rng, d["event_type"]
+        if etype is IMPRESSION:
             v = rng.randrange(4)
-            if v == 0:
-                return orjson.dumps([d])
-            if v == 1:
-                return orjson.dumps(d["event_id"])
-            if v == 2:
-                return str(rng.randint(1, 10**6)).encode()
-            return orjson.dumps([d["event_type"], ms, d["user_id"]])
-        if reason in (C.BAD_ENCODING, C.OVERSIZE_PAYLOAD):
-            if d.get("schema_version") == 1:  # context exists only in v2
-                d["schema_version"] = 2
-            ctx = dict(d.get("context") or {"page": "search"})
-            if reason == C.BAD_ENCODING:
-                ctx["search_query"] = rng.choice(("café", "crème", "résumé template"))
-                d["context"] = ctx
-                return (
-                    orjson.dumps(d)
-                    .replace("é".encode(), "é".encode("latin-1"))
-                    .replace("è".encode(), "è".encode("latin-1"))
-                )
-            ctx["dom_snapshot"] = ("<div class=card>lorem ipsum dolor sit amet</div>" * 1000)[
-                : rng.randint(OVERSIZE_BYTES + 500, OVERSIZE_BYTES + 20_000)
-            ]
-            d["context"] = ctx
-            return orjson.dumps(d)
-        if reason == C.MALFORMED_JSON:
-            s = orjson.dumps(d).decode()
-            v = rng.randrange(4)
-            if v == 0:
-                s = s.replace('":', '"=', 1)
-            elif v == 1:
-                s = s[:-1] + ",}"
-            elif v == 2:
-                s = "{" + s[1:].replace('"', "'")
+            if v == 3:
+                d["position"] = -1
             else:
-                s = s[: rng.randint(len(s) // 3, len(s) - 2)]
-            try:
-                orjson.loads(s)
-                s = s[: len(s) // 2]  # still parsed somehow: truncate instead
-            except orjson.JSONDecodeError:
-                pass
-            return s.encode()
-        raise AssertionError(reason)
+                d["propensity"] = (0.0, -0.25, 1.5)[v]
+        elif etype is CLICK:
+            d["position"] = -rng.randint(1, 3)
+        elif etype is DWELL:
+            d["dwell_ms"] = -rng.randint(1, 5000)
+        elif etype is PURCHASE:
+            d["value"] = -d["value"] if d.get("value") else -9.99
+        else:
+            return False
+        return True
+
+    def _missing_field(self, d, a, ms):
+        del d[self.rng.choice(C.REQUIRED_FIELDS)]
+        return orjson.dumps(d)
+
+    def _wrong_type(self, d, a, ms):
+        v = self.rng.randrange(len(_WRONG_TYPES))
+        if v == _WRONG_TYPE_V2_ONLY and a.v1:
+            v = len(_WRONG_TYPES) - 1
+        field, value = _WRONG_TYPES[v]
+        d[field] = value(self.rng)
+        return orjson.dumps(d)
+
+    def _schema_violation(self, d, a, ms):
+        rng = self.rng
+        v = rng.randrange(3)
+        if v == 0:
+            d["foo"] = 1
+        elif v == 1 and a.v1:  # a v2 field in a v1 record
+            if rng.random() < 0.5:
+                d["context"] = {"page": "home"}
+            else:
+                d["experiment_id"] = EXPERIMENT_ID
+        else:
+            d["schema_version"] = 99
+        return orjson.dumps(d)
+
+    def _not_an_object(self, d, a, ms):
+        rng = self.rng
+        v = rng.randrange(4)
+        if v == 0:
+            return orjson.dumps([d])
+        if v == 1:
+            return orjson.dumps(d["event_id"])
+        if v == 2:
+            return str(rng.randint(1, 10**6)).encode()
+        return orjson.dumps([d["event_type"], ms, d["user_id"]])
+
+    @staticmethod
+    def _v2_context(d):
+        """A copy of the record's context (made v2 if needed: context exists only in v2) to spoil."""
+        if d.get("schema_version") == 1:
+            d["schema_version"] = 2
+        return dict(d.get("context") or {"page": "search"})
+
+    def _bad_encoding(self, d, a, ms):
+        ctx = self._v2_context(d)
+        ctx["search_query"] = self.rng.choice(("café", "crème", "résumé template"))
+        d["context"] = ctx
+        return orjson.dumps(d).replace("é".encode(), "é".encode("latin-1")).replace("è".encode(), "è".encode("latin-1"))
+
+    def _oversize_payload(self, d, a, ms):
+        ctx = self._v2_context(d)
+        ctx["dom_snapshot"] = ("<div class=card>lorem ipsum dolor sit amet</div>" * 1000)[
+            : self.rng.randint(OVERSIZE_BYTES + 500, OVERSIZE_BYTES + 20_000)
+        ]
+        d["context"] = ctx
+        return orjson.dumps(d)
+
+    def _malformed_json(self, d, a, ms):
+        rng = self.rng
+        s = orjson.dumps(d).decode()
+        v = rng.randrange(4)
+        if v == 0:
+            s = s.replace('":', '"=', 1)
+        elif v == 1:
+            s = s[:-1] + ",}"
+        elif v == 2:
+            s = "{" + s[1:].replace('"', "'")
+        else:
+            s = s[: rng.randint(len(s) // 3, len(s) - 2)]
+        try:
+            orjson.loads(s)
+            s = s[: len(s) // 2]  # still parsed somehow: truncate instead
+        except orjson.JSONDecodeError:
+            pass
+        return s.encode()
 
     # -- main loop --
     def run(self):
@@ -1355,6 +1337,72 @@ class _Sim:
         }
 
 
+# Defects that keep the record well-formed, one bad value: fn(sim, record, ms) spoils the record in
+# place and returns False when the event has no field for it.
+_FIELD_DEFECTS = {
+    C.BAD_TIMESTAMP: _Sim._bad_timestamp,
+    C.UNKNOWN_EVENT_TYPE: _Sim._unknown_event_type,
+    C.OUT_OF_RANGE: _Sim._out_of_range,
+}
+# Defects of the record as a whole (JSON formats only): fn(sim, record, actor, ms) -> the payload.
+_RECORD_DEFECTS = {
+    C.MISSING_FIELD: _Sim._missing_field,
+    C.WRONG_TYPE: _Sim._wrong_type,
+    C.SCHEMA_VIOLATION: _Sim._schema_violation,
+    C.NOT_AN_OBJECT: _Sim._not_an_object,
+    C.BAD_ENCODING: _Sim._bad_encoding,
+    C.OVERSIZE_PAYLOAD: _Sim._oversize_payload,
+    C.MALFORMED_JSON: _Sim._malformed_json,
+}
+# wrong_type: (field, rng -> a value of the wrong type), drawn uniformly; v1 records have no context,
+# so they take the last entry instead of it.
+_WRONG_TYPES = (
+    ("position", lambda rng: rng.choice(("third", "1st"))),
+    ("consent", lambda rng: rng.choice(("yes", "true", 1))),
+    ("dwell_ms", lambda rng: "long"),
+    ("context", lambda rng: ["a"]),
+    ("user_id", lambda rng: {"id": 1}),
+    ("user_id", lambda rng: True),
+    ("propensity", lambda rng: "high"),
+    ("value", lambda rng: "12.99 USD"),
+)
+_WRONG_TYPE_V2_ONLY = [field for field, _ in _WRONG_TYPES].index("context")
+
+
+def _attributed(exps, times, t, rid):
+    """The exposure id an outcome at ``t`` is attributed to, as transforms.labels.attribute does, or None."""
+    if rid is not None:
+        for x in reversed(exps):
+            if x[3] == rid and x[0] - LABEL_CLOCK_SKEW_MS <= t <= x[0] + LABEL_WINDOW_MS:
+                return x[1]
+        return None
+    i = bisect_right(times, t)
+    if i and t - times[i - 1] <= LABEL_WINDOW_MS:
+        return exps[i - 1][1]
+    return None
+
+
+def _ambiguity(cause, t, rid, exp_time):
+    """Why the rule attributed an outcome elsewhere than its cause (one of AMBIGUOUS_KINDS)."""
+    if cause is not None and t > exp_time[cause] + LABEL_WINDOW_MS:
+        return "outcome_beyond_window"
+    if cause is None and rid is None:
+        return "attributed_to_other_exposure"
+    return "other"
+
+
+def _count_label(acc, xid, label):
+    """Add exposure ``xid`` with its (positive, outcome types) label to a label accumulator."""
+    positive, types = label
+    acc["exposures"] += 1
+    if positive:
+        acc["positives"] += 1
+        acc["positive_label_ids"].append(xid)
+    for k in BY_OUTCOME:
+        if k in types:
+            acc["by_outcome"][k] += 1
+
+
 def _pace_ok(rec_all, rec_non, req, shift):
     """Would appending ``req`` (shifted) keep every 60 s window within the human limits?"""
     all_t, non_t = list(rec_all), list(rec_non)
@@ -1371,6 +1419,49 @@ def _pace_ok(rec_all, rec_non, req, shift):
 
 
 # --- public API ----------------------------------------------------------------------------------
+
+
+def _check_options(arrival_field, lateness_s, knobs):
+    if arrival_field is not None:
+        if not isinstance(arrival_field, str) or not arrival_field.strip():
+            raise ValueError(f"arrival_field must be a non-empty field name, got {arrival_field!r}")
+        if arrival_field in C.REQUIRED_FIELDS or arrival_field in C.OPTIONAL_FIELDS:
+            raise ValueError(f"arrival_field {arrival_field!r} is an event field; pick another name")
+    if isinstance(lateness_s, bool) or not isinstance(lateness_s, (int, float)) or not lateness_s > 0:
+        raise ValueError(f"lateness_s must be a number of seconds > 0, got {lateness_s!r}")
+    unknown = set(knobs) - set(DEFAULT_KNOBS)
+    if unknown:
+        raise TypeError(f"unknown knob(s): {sorted(unknown)}; known: {sorted(DEFAULT_KNOBS)}")
+
+
+def _write_avro(records, output_path, seed):
+    """Deflate-compressed Avro; the sync marker comes from the seed so that the bytes repeat."""
+    import fastavro
+
+    schema = _load_avro_schema()
+    marker = random.Random(f"{seed}-sync").getrandbits(128).to_bytes(16, "big")
+    with open(output_path, "wb") as f:
+        fastavro.writer(f, schema, records, codec="deflate", sync_marker=marker)
+
+
+def _write_lines(lines, output_path, gzipped):
+    """One record a line, written in blocks; gzip without a file name and with mtime 0 so that the bytes repeat."""
+    with open(output_path, "wb", buffering=1 << 20) as raw:
+        out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5) if gzipped else raw
+        try:
+            write, buf = out.write, []
+            for line in lines:
+                buf.append(line)
+                if len(buf) >= 4096:
+                    buf.append(b"")
+                    write(b"\n".join(buf))
+                    buf = []
+            if buf:
+                buf.append(b"")
+                write(b"\n".join(buf))
+        finally:
+            if out is not raw:
+                out.close()
 
 
 def generate(
@@ -1390,16 +1481,7 @@ def generate(
     top-level name; then events arriving more than ``lateness_s`` after their event time are too_late.
     The same seed gives the same events with or without it (only the envelope differs).
     """
-    if arrival_field is not None:
-        if not isinstance(arrival_field, str) or not arrival_field.strip():
-            raise ValueError(f"arrival_field must be a non-empty field name, got {arrival_field!r}")
-        if arrival_field in C.REQUIRED_FIELDS or arrival_field in C.OPTIONAL_FIELDS:
-            raise ValueError(f"arrival_field {arrival_field!r} is an event field; pick another name")
-    if isinstance(lateness_s, bool) or not isinstance(lateness_s, (int, float)) or not lateness_s > 0:
-        raise ValueError(f"lateness_s must be a number of seconds > 0, got {lateness_s!r}")
-    unknown = set(knobs) - set(DEFAULT_KNOBS)
-    if unknown:
-        raise TypeError(f"unknown knob(s): {sorted(unknown)}; known: {sorted(DEFAULT_KNOBS)}")
+    _check_options(arrival_field, lateness_s, knobs)
     n_events = int(n_events)
     if n_events < 0:
         raise ValueError("n_events must be >= 0")
@@ -1411,33 +1493,9 @@ def generate(
     output_path = str(output_path)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     if fmt == "avro":
-        import fastavro
-
-        schema = _load_avro_schema()
-        marker = random.Random(f"{seed}-sync").getrandbits(128).to_bytes(16, "big")
-        with open(output_path, "wb") as f:
-            fastavro.writer(f, schema, sim.run(), codec="deflate", sync_marker=marker)
+        _write_avro(sim.run(), output_path, seed)
     else:
-        with open(output_path, "wb", buffering=1 << 20) as raw:
-            out = (
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5)
-                if fmt == "jsonl.gz"
-                else raw
-            )
-            try:
-                write, buf = out.write, []
-                for line in sim.run():
-                    buf.append(line)
-                    if len(buf) >= 4096:
-                        buf.append(b"")
-                        write(b"\n".join(buf))
-                        buf = []
-                if buf:
-                    buf.append(b"")
-                    write(b"\n".join(buf))
-            finally:
-                if out is not raw:
-                    out.close()
+        _write_lines(sim.run(), output_path, gzipped=fmt == "jsonl.gz")
     truth = sim.truth()
     with open(output_path + ".truth.json", "wb") as f:
         f.write(orjson.dumps(truth, option=orjson.OPT_INDENT_2))

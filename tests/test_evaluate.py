@@ -319,15 +319,21 @@ def plain_cold_start(labels, age_ms, bucket_ms):
 # --- position bias ---------------------------------------------------------------------------
 
 
-def test_randomised_traffic_recovers_the_generator_examination_curve():
-    _, slates, truth = make_traffic(n_requests=30_000, seed=8, randomised_share=1.0, days=1)
+def click_cells(slates, cell=lambda it: (it["item_id"], it["position"])) -> dict:
+    """[exposures, clicks] per cell(item) over the slates' items; default cell (item_id, position)."""
     cells = {}
     for s in slates:
-        assert E.is_randomised_slate(s, ())
         for it in s["items"]:
-            c = cells.setdefault(it["position"], [0, 0])
+            c = cells.setdefault(cell(it), [0, 0])
             c[0] += 1
             c[1] += it["label"]
+    return cells
+
+
+def test_randomised_traffic_recovers_the_generator_examination_curve():
+    _, slates, truth = make_traffic(n_requests=30_000, seed=8, randomised_share=1.0, days=1)
+    assert all(E.is_randomised_slate(s, ()) for s in slates)
+    cells = click_cells(slates, lambda it: it["position"])
     curve = E.position_curve_randomised([(p, n, c) for p, (n, c) in cells.items()], 5)
     ctr = [cells[p][1] / cells[p][0] for p in range(1, 6)]
     assert curve["propensity"] == pytest.approx([c / ctr[0] for c in ctr], rel=1e-12)  # plain recomputation
@@ -337,12 +343,7 @@ def test_randomised_traffic_recovers_the_generator_examination_curve():
 
 def test_em_click_model_recovers_the_curve_where_naive_ctr_is_biased():
     _, slates, truth = make_traffic(n_requests=30_000, seed=9, randomised_share=0.0, days=1, n_items=40)
-    cells = {}
-    for s in slates:
-        for it in s["items"]:
-            c = cells.setdefault((it["item_id"], it["position"]), [0, 0])
-            c[0] += 1
-            c[1] += it["label"]
+    cells = click_cells(slates)
     curve = E.position_curve_em([(i, p, n, c) for (i, p), (n, c) in cells.items()], 5, iterations=500)
     want = [e / truth["exam"][0] for e in truth["exam"]]
     assert curve["propensity"] == pytest.approx(want, abs=0.06)
@@ -402,6 +403,21 @@ def run_job(tmp_path, labels, slates, warn_only=False, cfg_text=None):
     return evaluate.main(argv + (["--warn-only"] if warn_only else [])), out
 
 
+def plain_ope(tmp_path, labels) -> dict:
+    """The job's OPE estimates from the same pure functions over the records, grouped by request in Python."""
+    ope = {
+        "target_policy": str(tmp_path / "policy.jsonl"),
+        "reward_model": str(tmp_path / "rewards.jsonl"),
+        "clip": 25,
+        "bootstrap_samples": 100,
+    }
+    tables = E.load_policy_tables(config_from_dict({"evaluation": {"ope": ope}}).evaluation.ope)
+    by_req = {}
+    for l in labels:
+        by_req.setdefault(l["request_id"], []).append(E.exposure_terms(l, tables, "click", 25))
+    return E.ope_estimates([E.request_sums(by_req[r]) for r in sorted(by_req)], 100, 0.95, 12345, True)
+
+
 def test_job_figures_equal_plain_recomputations(tmp_path, capsys):
     labels, slates, truth = make_traffic(n_requests=1500, seed=21)
     code, out = run_job(tmp_path, labels, slates)
@@ -409,28 +425,7 @@ def test_job_figures_equal_plain_recomputations(tmp_path, capsys):
     ev = json.loads((out / "evaluation.json").read_text())
     assert (out / "report.html").exists() and (out / "position_weights.json").exists()
 
-    # OPE: the same pure functions over the records, grouped by request in Python
-    cfg = config_from_dict(
-        json.loads(
-            json.dumps(
-                {
-                    "evaluation": {
-                        "ope": {
-                            "target_policy": str(tmp_path / "policy.jsonl"),
-                            "reward_model": str(tmp_path / "rewards.jsonl"),
-                            "clip": 25,
-                            "bootstrap_samples": 100,
-                        }
-                    }
-                }
-            )
-        )
-    )
-    tables = E.load_policy_tables(cfg.evaluation.ope)
-    by_req = {}
-    for l in labels:
-        by_req.setdefault(l["request_id"], []).append(E.exposure_terms(l, tables, "click", 25))
-    want = E.ope_estimates([E.request_sums(by_req[r]) for r in sorted(by_req)], 100, 0.95, 12345, True)
+    want = plain_ope(tmp_path, labels)
     for m in ("ips", "snips", "dm", "dr"):
         for k in ("value", "ci_low", "ci_high"):
             assert ev["ope"]["estimates"][m][k] == pytest.approx(want["estimates"][m][k], rel=1e-12)
@@ -619,12 +614,7 @@ def test_job_without_randomised_traffic_fits_the_click_model(tmp_path):
     assert code == 0
     pb = json.loads((out / "evaluation.json").read_text())["position_bias"]
     assert pb["method"] == "em" and pb["randomised_exposures"] == 0
-    cells = {}
-    for s in slates:
-        for it in s["items"]:
-            c = cells.setdefault((it["item_id"], it["position"]), [0, 0])
-            c[0] += 1
-            c[1] += it["label"]
+    cells = click_cells(slates)
     want = E.position_curve_em([(i, p, n, c) for (i, p), (n, c) in cells.items()], 20)
     assert pb["curve"]["propensity"][:5] == pytest.approx(want["propensity"][:5], rel=1e-9)
     assert pb["curve"]["propensity"][5:] == want["propensity"][5:] == [None] * 15  # no data past position 5

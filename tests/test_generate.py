@@ -10,7 +10,10 @@ import collections
 import datetime as dt
 import gzip
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import crawleruseragents
@@ -20,6 +23,7 @@ import pytest
 
 from feedback_tools import generate as gen
 from feedback_tools import sample_agents
+from tests.conftest import ROOT
 from transforms import contract as C
 
 IMPRESSION, CLICK = "impression", "click"
@@ -201,6 +205,23 @@ def test_same_seed_same_bytes(tmp_path):
         assert a.read_bytes() == b.read_bytes(), ext
         assert a.read_bytes() != c.read_bytes(), ext
         assert (tmp_path / f"a.{ext}.truth.json").read_bytes() == (tmp_path / f"b.{ext}.truth.json").read_bytes()
+
+
+def test_avro_bytes_do_not_depend_on_the_hash_seed(tmp_path):
+    """Separate processes (the demo, the ground-truth tests) must write the same file: string hashing,
+    and so set order, changes with PYTHONHASHSEED."""
+    digests = set()
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"h{hash_seed}.avro"
+        subprocess.run(
+            [sys.executable, "-m", "feedback_tools.generate", "--events", "200", "--seed", "5", "--output", str(out)],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
+        digests.add(out.read_bytes())
+    assert len(digests) == 1
 
 
 @pytest.mark.parametrize("n", [0, 1, 9, 250])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines import baseline as baseline_cli
+from transforms import accounting
 from transforms.quality import (
     EXIT_SLO_BREACH,
     QualityConfig,
@@ -30,6 +31,13 @@ def hist(values, edges=EDGES) -> list[int]:
     """The stats convention: bucket i = (edges[i-1], edges[i]], first bucket <= edges[0], last = overflow."""
     idx = np.searchsorted(np.asarray(edges), np.asarray(values), side="left")
     return np.bincount(idx, minlength=len(edges) + 1).tolist()
+
+
+def each_hour(hours=10, **fields) -> dict:
+    """{hour key: fields} for the first `hours` hours of 2026-11-01; a callable field is called with the hour."""
+    return {
+        f"2026-11-01T{h:02d}:00:00Z": {k: v(h) if callable(v) else v for k, v in fields.items()} for h in range(hours)
+    }
 
 
 def make_stats(**over) -> dict:
@@ -55,33 +63,14 @@ def make_stats(**over) -> dict:
             "late_outcomes": 5,
             "coverage": 1.0,
         },
-        "hourly": {
-            f"2026-11-01T{h:02d}:00:00Z": {
-                "input": 1000,
-                "valid": 900,
-                "bots": 45,
-                "dead_letter": 0,
-                "too_late": 0,
-                "exposures": 400,
-                "positives": 40,
-            }
-            for h in range(10)
-        },
+        "hourly": each_hour(input=1000, valid=900, bots=45, dead_letter=0, too_late=0, exposures=400, positives=40),
         "latency_ms": {"arrival_minus_event": {"edges": [100, 1000, 10000], "counts": [5000, 4000, 900, 100]}},
         "ctr_by_position": {
             "1": {"exposures": 1000, "positives": 200},
             "10": {"exposures": 100, "positives": 1},
             "2": {"exposures": 1000, "positives": 100},
         },
-        "diversity": {
-            f"2026-11-01T{h:02d}:00:00Z": {
-                "exposure_items": 200,
-                "exposure_entropy": 7.0,
-                "positive_items": 30,
-                "positive_entropy": 4.5,
-            }
-            for h in range(10)
-        },
+        "diversity": each_hour(exposure_items=200, exposure_entropy=7.0, positive_items=30, positive_entropy=4.5),
         "freshness": {
             "new": {"latest_event_time_ms": 1_000_000, "events": 10},
             "returning": {"latest_event_time_ms": 1_090_000, "events": 90},
@@ -354,15 +343,12 @@ def test_breaches_fail_mode_and_warn_mode():
             "late_outcomes": 0,
             "coverage": 0.8,
         },
-        diversity={
-            f"2026-11-01T{h:02d}:00:00Z": {
-                "exposure_items": 100,
-                "exposure_entropy": 6.0 if h < 9 else 5.0,
-                "positive_items": 10,
-                "positive_entropy": 3.0,
-            }
-            for h in range(10)
-        },
+        diversity=each_hour(
+            exposure_items=100,
+            exposure_entropy=lambda h: 6.0 if h < 9 else 5.0,
+            positive_items=10,
+            positive_entropy=3.0,
+        ),
     )
     shifted = _with_x(hist(np.random.default_rng(2).normal(1, 1, 20000)))
     stats["distributions"] = shifted["distributions"]
@@ -426,15 +412,7 @@ def test_disabled_gates_and_optional_gates():
 
 def test_not_evaluated_without_data_or_baseline():
     stats = make_stats(
-        labels={
-            "exposures": 0,
-            "labels": 0,
-            "positives": 0,
-            "negatives": 0,
-            "orphan_outcomes": 0,
-            "late_outcomes": 0,
-            "coverage": None,
-        },
+        labels=accounting.label_summary({}),  # a run with no exposures
         diversity={
             "2026-11-01T00:00:00Z": {
                 "exposure_items": 1,

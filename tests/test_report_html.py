@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from feedback_report.report_html import CHARTS, render_report, write_report_html
+from transforms import accounting
 from transforms.quality import QualityConfig, drift_report, evaluate_slos, quality_summary
 
 HOURS = [f"2026-11-01T{h:02d}:00:00Z" for h in range(24)]
@@ -35,9 +36,8 @@ def _hist(values, edges):
     return np.bincount(idx, minlength=len(edges) + 1).tolist()
 
 
-def synthetic_stats(seed: int = 7, dwell_shift: float = 0.0, bot_surge: bool = True) -> dict:
-    """A 24-hour run shaped like the real one: diurnal traffic, a bot surge, a dip in diversity at the end."""
-    rng = np.random.default_rng(seed)
+def _synthetic_hours(bot_surge: bool) -> tuple[dict, dict]:
+    """Hourly outcome counts and diversity: diurnal traffic, an optional bot surge, a diversity dip at the end."""
     hourly, diversity = {}, {}
     for i, h in enumerate(HOURS):
         n = int(2000 + 1500 * math.sin(math.pi * i / 24))
@@ -61,22 +61,20 @@ def synthetic_stats(seed: int = 7, dwell_shift: float = 0.0, bot_surge: bool = T
             "positive_items": items // 8,
             "positive_entropy": math.log2(items // 8) - 0.3,
         }
-    valid = sum(v["valid"] for v in hourly.values())
-    bots = sum(v["bots"] for v in hourly.values())
-    dead = sum(v["dead_letter"] for v in hourly.values())
-    late = sum(v["too_late"] for v in hourly.values())
-    total = sum(v["input"] for v in hourly.values())
+    return hourly, diversity
+
+
+def _synthetic_totals(hourly: dict) -> dict:
+    """The run's counts, dead letters, bot rules and labels, consistent with the hourly counts."""
+    sums = {k: sum(v[k] for v in hourly.values()) for k in next(iter(hourly.values()))}
+    valid, bots, dead, late, total = (sums[k] for k in ("valid", "bots", "dead_letter", "too_late", "input"))
     consent = int(total * 0.005)
-    dups = total - valid - bots - dead - late - consent
-    exposures = sum(v["exposures"] for v in hourly.values())
-    positives = sum(v["positives"] for v in hourly.values())
+    exposures, positives = sums["exposures"], sums["positives"]
     labels = int(exposures * 0.97)
-    latency = np.exp(rng.normal(7.5, 1.5, 20000))
-    dwell = np.exp(rng.normal(8.0 + dwell_shift, 1.0, 20000))
     return {
         "counts": {
             "valid": valid,
-            "duplicates": dups,
+            "duplicates": total - valid - bots - dead - late - consent,
             "bots": bots,
             "dead_letter": dead,
             "consent_dropped": consent,
@@ -103,6 +101,17 @@ def synthetic_stats(seed: int = 7, dwell_shift: float = 0.0, bot_surge: bool = T
             "late_outcomes": 12,
             "coverage": labels / exposures,
         },
+    }
+
+
+def synthetic_stats(seed: int = 7, dwell_shift: float = 0.0, bot_surge: bool = True) -> dict:
+    """A 24-hour run shaped like the real one: diurnal traffic, a bot surge, a dip in diversity at the end."""
+    rng = np.random.default_rng(seed)
+    hourly, diversity = _synthetic_hours(bot_surge)
+    latency = np.exp(rng.normal(7.5, 1.5, 20000))
+    dwell = np.exp(rng.normal(8.0 + dwell_shift, 1.0, 20000))
+    return {
+        **_synthetic_totals(hourly),
         "hourly": hourly,
         "latency_ms": {"arrival_minus_event": {"edges": LATENCY_EDGES, "counts": _hist(latency, LATENCY_EDGES)}},
         "ctr_by_position": {str(p): {"exposures": 5000, "positives": int(5000 * 0.25 / p**0.8)} for p in range(1, 11)},
@@ -166,15 +175,7 @@ def test_report_renders_an_empty_run_and_warn_mode():
         "input_records": 0,
         "dead_letter_by_reason": {},
         "bots_by_rule": {},
-        "labels": {
-            "exposures": 0,
-            "labels": 0,
-            "positives": 0,
-            "negatives": 0,
-            "orphan_outcomes": 0,
-            "late_outcomes": 0,
-            "coverage": None,
-        },
+        "labels": accounting.label_summary({}),  # no exposures
         "hourly": {},
         "latency_ms": {"arrival_minus_event": {"edges": [100, 1000], "counts": [0, 0, 0]}},
         "ctr_by_position": {},

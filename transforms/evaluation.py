@@ -488,19 +488,11 @@ def srm_check(counts: dict, split: dict, alpha: float | None) -> dict:
         }
         for v, share in split.items()
     }
-    if total == 0:
-        return {
-            "variants": rows,
-            "chi2": None,
-            "df": len(split) - 1,
-            "p_value": None,
-            "unexpected": unexpected,
-            "ok": None,
-            "alpha": alpha,
-        }
-    chi2 = math.fsum((r["observed"] - r["expected"]) ** 2 / r["expected"] for r in rows.values())
-    p = chi2_sf(chi2, len(split) - 1)
-    ok = None if alpha is None else (p >= alpha and not unexpected)
+    chi2 = p = ok = None  # no units: nothing to test
+    if total:
+        chi2 = math.fsum((r["observed"] - r["expected"]) ** 2 / r["expected"] for r in rows.values())
+        p = chi2_sf(chi2, len(split) - 1)
+        ok = None if alpha is None else (p >= alpha and not unexpected)
     return {
         "variants": rows,
         "chi2": chi2,
@@ -825,108 +817,122 @@ def _row(slo, value, threshold, ok, message, mode):
     return {"slo": slo, "value": value, "threshold": threshold, "ok": ok, "message": message}
 
 
-def evaluation_slos(evaluation: dict, cfg: EvaluationConfig, mode: str = "fail") -> list[dict]:
-    """The evaluation's gates, in the shape of transforms.quality.evaluate_slos rows."""
-    rows = []
-    ecfg = cfg.experiments
-    if ecfg.srm_alpha is not None:
-        for exp_id, exp in sorted(((evaluation.get("experiments") or {}).get("experiments") or {}).items()):
-            srm = exp.get("srm")
-            name = f"srm.{exp_id}"
-            if srm is None:
-                rows.append(
-                    _row(
-                        name,
-                        None,
-                        ecfg.srm_alpha,
-                        None,
-                        f"no split configured (evaluation.experiments.experiments.{exp_id}.split)",
-                        mode,
-                    )
-                )
-            elif srm["p_value"] is None:
-                rows.append(_row(name, None, ecfg.srm_alpha, None, "no units in the configured variants", mode))
-            else:
-                obs = ", ".join(
-                    f"{v} {r['observed']} (expected {r['expected']:.0f})" for v, r in srm["variants"].items()
-                )
-                extra = f"; variants outside the split: {srm['unexpected']}" if srm["unexpected"] else ""
-                rows.append(
-                    _row(
-                        name,
-                        srm["p_value"],
-                        ecfg.srm_alpha,
-                        srm["ok"],
-                        f"chi-square {srm['chi2']:.3f} (df {srm['df']}), p = {srm['p_value']:.3g} "
-                        f"(min {ecfg.srm_alpha:g}): {obs}{extra}",
-                        mode,
-                    )
-                )
-    cs, ccfg = evaluation.get("cold_start") or {}, cfg.cold_start
-    if ccfg.new_exposure_share_min is not None:
-        share = cs.get("new_exposure_share")
-        t = ccfg.new_exposure_share_min
-        if share is None:
-            rows.append(
-                _row(
-                    "cold_start.new_exposure_share",
-                    None,
-                    t,
-                    None,
-                    "no exposure is new_item_age after the data start",
-                    mode,
-                )
-            )
+# Each gate: (evaluation, config, threshold) -> (slo, value, threshold, ok, message) rows; ok None =
+# not evaluated (no data), which `_row` reports as such.
+
+
+def _judge(name, value, t, ok, message, empty):
+    """No value -> not evaluated with `empty`; else `ok(value)` and `message(value)`."""
+    if value is None:
+        return (name, None, t, None, empty)
+    return (name, value, t, ok(value), message(value))
+
+
+def _gate_srm(evaluation, cfg, alpha):
+    """One row an experiment: its sample-ratio-mismatch p-value against alpha."""
+    for exp_id, exp in sorted(((evaluation.get("experiments") or {}).get("experiments") or {}).items()):
+        srm = exp.get("srm")
+        name = f"srm.{exp_id}"
+        if srm is None:
+            yield (name, None, alpha, None, f"no split configured (evaluation.experiments.experiments.{exp_id}.split)")
+        elif srm["p_value"] is None:
+            yield (name, None, alpha, None, "no units in the configured variants")
         else:
-            rows.append(
-                _row(
-                    "cold_start.new_exposure_share",
-                    share,
-                    t,
-                    share >= t,
-                    f"{cs['new_exposures']} of {cs['judged_exposures']} judged exposures went to items first "
-                    f"seen within {ccfg.new_item_age:g} s = {100 * share:.3g}% (min {100 * t:.3g}%)",
-                    mode,
-                )
+            obs = ", ".join(f"{v} {r['observed']} (expected {r['expected']:.0f})" for v, r in srm["variants"].items())
+            extra = f"; variants outside the split: {srm['unexpected']}" if srm["unexpected"] else ""
+            yield (
+                name,
+                srm["p_value"],
+                alpha,
+                srm["ok"],
+                f"chi-square {srm['chi2']:.3f} (df {srm['df']}), p = {srm['p_value']:.3g} "
+                f"(min {alpha:g}): {obs}{extra}",
             )
-    for key, t in (("gini", ccfg.gini_max), ("top1pct_share", ccfg.top1pct_share_max)):
-        if t is None:
-            continue
-        vals = [(b[key], b["bucket_start_ms"]) for b in cs.get("buckets") or [] if b[key] is not None]
+
+
+def _gate_at_least(name, key, part_of, message, empty):
+    """A gate on part_of(evaluation)[key] >= threshold; message(part, cfg, value, threshold) explains it."""
+
+    def gate(evaluation, cfg, t):
+        part = part_of(evaluation)
+        yield _judge(name, part.get(key), t, lambda v: v >= t, lambda v: message(part, cfg, v, t), empty)
+
+    return gate
+
+
+def _new_exposure_message(cs, cfg, share, t):
+    return (
+        f"{cs['new_exposures']} of {cs['judged_exposures']} judged exposures went to items first "
+        f"seen within {cfg.cold_start.new_item_age:g} s = {100 * share:.3g}% (min {100 * t:.3g}%)"
+    )
+
+
+def _ess_message(d, cfg, share, t):
+    return (
+        f"effective sample size {d['ess']:.1f} = {100 * share:.3g}% of exposures "
+        f"(min {100 * t:.3g}%); max weight {d['max_weight']:.3g}"
+    )
+
+
+def _gate_concentration(key):
+    """The worst time bucket's `key` (gini, top1pct_share) against its maximum."""
+
+    def gate(evaluation, cfg, t):
+        name = f"concentration.{key}"
+        buckets = (evaluation.get("cold_start") or {}).get("buckets") or []
+        vals = [(b[key], b["bucket_start_ms"]) for b in buckets if b[key] is not None]
         if not vals:
-            rows.append(_row(f"concentration.{key}", None, t, None, "no exposures", mode))
-            continue
+            yield (name, None, t, None, "no exposures")
+            return
         worst, at = max(vals)
         over = sum(1 for v, _ in vals if v > t)
         when = dt.datetime.fromtimestamp(at / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-        rows.append(
-            _row(
-                f"concentration.{key}",
-                worst,
-                t,
-                not over,
-                f"worst bucket {when}: {worst:.4f} (max {t:g}); {over} of {len(vals)} buckets over",
-                mode,
-            )
+        yield (
+            name,
+            worst,
+            t,
+            not over,
+            f"worst bucket {when}: {worst:.4f} (max {t:g}); {over} of {len(vals)} buckets over",
         )
-    ocfg = cfg.ope
-    if ocfg.min_ess_share is not None:
-        d = (evaluation.get("ope") or {}).get("diagnostics") or {}
-        share = d.get("ess_share")
-        if share is None:
-            rows.append(_row("ope.ess_share", None, ocfg.min_ess_share, None, "no exposure with a propensity", mode))
-        else:
-            rows.append(
-                _row(
-                    "ope.ess_share",
-                    share,
-                    ocfg.min_ess_share,
-                    share >= ocfg.min_ess_share,
-                    f"effective sample size {d['ess']:.1f} = {100 * share:.3g}% of exposures "
-                    f"(min {100 * ocfg.min_ess_share:.3g}%); max weight {d['max_weight']:.3g}",
-                    mode,
-                )
-            )
+
+    return gate
+
+
+# (threshold: EvaluationConfig -> value or None = gate off, gate) in report order.
+_GATES = (
+    (lambda cfg: cfg.experiments.srm_alpha, _gate_srm),
+    (
+        lambda cfg: cfg.cold_start.new_exposure_share_min,
+        _gate_at_least(
+            "cold_start.new_exposure_share",
+            "new_exposure_share",
+            lambda ev: ev.get("cold_start") or {},
+            _new_exposure_message,
+            "no exposure is new_item_age after the data start",
+        ),
+    ),
+    (lambda cfg: cfg.cold_start.gini_max, _gate_concentration("gini")),
+    (lambda cfg: cfg.cold_start.top1pct_share_max, _gate_concentration("top1pct_share")),
+    (
+        lambda cfg: cfg.ope.min_ess_share,
+        _gate_at_least(
+            "ope.ess_share",
+            "ess_share",
+            lambda ev: (ev.get("ope") or {}).get("diagnostics") or {},
+            _ess_message,
+            "no exposure with a propensity",
+        ),
+    ),
+)
+
+
+def evaluation_slos(evaluation: dict, cfg: EvaluationConfig, mode: str = "fail") -> list[dict]:
+    """The evaluation's gates, in the shape of transforms.quality.evaluate_slos rows; gates that are off give none."""
+    rows = []
+    for threshold, gate in _GATES:
+        t = threshold(cfg)
+        if t is not None:
+            rows.extend(_row(*r, mode) for r in gate(evaluation, cfg, t))
     return rows
 
 
