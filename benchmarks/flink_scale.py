@@ -167,6 +167,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--tm-memory", default="2g", help="taskmanager.memory.process.size")
     ap.add_argument("--parallelism", type=int, default=2)
     ap.add_argument(
+        "--flink-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Flink setting for the started cluster, e.g. taskmanager.memory.managed.fraction=0.1",
+    )
+    ap.add_argument(
         "--flink-master",
         help="HOST:PORT of a running cluster to use instead of starting one "
         "(the tests' session cluster); its processes are not measured",
@@ -199,6 +206,7 @@ def main(argv=None) -> dict:
                     slots=2,
                     tm_memory=args.tm_memory,
                     parallelism=args.parallelism,
+                    extra_conf=dict(kv.split("=", 1) for kv in args.flink_conf),
                 )
                 cluster.start()
                 master = cluster.master
@@ -230,6 +238,7 @@ def main(argv=None) -> dict:
             "events": args.events,
             "files": args.files,
             "taskmanager_memory": args.tm_memory if cluster is not None else None,
+            "flink_conf": args.flink_conf,
             "parallelism": args.parallelism if args.engine == "flink" else None,
             "wall_s": round(seconds, 1),
             "events_per_s": round(args.events / seconds),
