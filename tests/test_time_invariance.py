@@ -8,7 +8,7 @@ makes no progress for a moment (a busy machine), Prism 2.77 splits it and releas
 residual while the primary still runs on them, so two bundles work on one key's state at once and the
 later commit overwrites the earlier (apache/beam#35771). On this input that lost events from the
 per-user bags, emitted labels two to four times and fired one timer several times, in most runs on 2
-busy cores; `benchmarks/prism_split_repro.py` shows it with a 20-line DoFn.
+busy cores; `repro/prism_split_repro.py` shows it with a 20-line DoFn.
 
 Per-user decisions use continuous runs (inactivity gap, and a length cap counted from each run's own
 first event), never a clock grid, so no offset can cut a run differently (transforms/bots.py). Feature

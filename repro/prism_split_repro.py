@@ -1,7 +1,9 @@
 """Minimal reproduction: Prism 2.77.0 splits bundles of a stateful stage, and a key's state and timers
 then go wrong (apache/beam#35771, open).
 
-    PATH=.venv/bin:$PATH python -m benchmarks.prism_split_repro [--prism PATH] [--runs N] [--no-split]
+    PATH=.venv/bin:$PATH python repro/prism_split_repro.py [--prism PATH] [--runs N] [--no-split]
+
+(from the repository root; not under tests/, so pytest never collects it).
 
 The pipeline is the timer pattern of transforms/bots.py and transforms/labels.py cut to its bones: a
 TestStream of (key, n) elements; a stateful DoFn adds each to a bag and sets an event-time timer; the
