@@ -54,32 +54,6 @@ def harness_environment(info, worker_id: str, semi_persist_dir: str | None) -> d
     return env
 
 
-# Beam's runner side queues up to 100 data messages per bundle (`CancellableQueue(100)` in Java's
-# BeamFnDataInboundObserver) and the Python worker sends a message every 10 MB: up to ~1 GB of TaskManager
-# heap per running bundle whenever the worker produces faster than the task consumes (a file-reading
-# stage). Measured: 2,000,000 events (1M lines a bundle) died with `OutOfMemoryError: Java heap space` in
-# the gRPC thread, then hung, with 762 MB of heap; 200,000 events went through. 1 MB messages bound the
-# queue to ~100 MB a bundle at no measurable cost (per-message overhead is a few hundred bytes).
-DATA_MESSAGE_BYTES = 1 << 20
-
-
-def bound_data_messages(limit: int = DATA_MESSAGE_BYTES) -> None:
-    """Make the SDK worker flush data-plane messages at `limit` bytes instead of Beam's fixed 10 MB.
-
-    Beam exposes no option for it: the threshold is a module constant, read when messages are coalesced
-    and bound as a default argument of the buffering output streams."""
-    import inspect
-
-    from apache_beam.runners.worker import data_plane
-
-    data_plane._DEFAULT_SIZE_FLUSH_THRESHOLD = limit
-    for cls in (data_plane.SizeBasedBufferingClosableOutputStream, data_plane.TimeBasedBufferingClosableOutputStream):
-        names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        defaults = list(cls.__init__.__defaults__)
-        defaults[names.index("size_flush_threshold") - (len(names) - len(defaults))] = limit
-        cls.__init__.__defaults__ = tuple(defaults)
-
-
 def main(argv: list | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--id", required=True, help="worker id assigned by the runner")
@@ -96,7 +70,6 @@ def main(argv: list | None = None) -> None:
 
     from apache_beam.runners.worker import sdk_worker_main
 
-    bound_data_messages()
     sdk_worker_main.main(sys.argv)
 
 

@@ -52,33 +52,3 @@ def test_boot_environment_from_a_provision_service(tmp_path):
     # Beam's harness accepts the environment as it stands (dry run: builds everything but connects nowhere).
     env.pop("LOGGING_API_SERVICE_DESCRIPTOR")  # nothing listens there
     sdk_worker_main.create_harness(env, dry_run=True)
-
-
-def test_data_messages_are_bounded():
-    """The worker's data-plane messages stay near DATA_MESSAGE_BYTES (Beam's default is 10 MB), so the
-    runner's 100-message queue per bundle cannot take a TaskManager's heap."""
-    from apache_beam.runners.worker import data_plane
-
-    saved = (
-        data_plane._DEFAULT_SIZE_FLUSH_THRESHOLD,
-        data_plane.SizeBasedBufferingClosableOutputStream.__init__.__defaults__,
-        data_plane.TimeBasedBufferingClosableOutputStream.__init__.__defaults__,
-    )
-    try:
-        sdk_worker.bound_data_messages(1000)
-        flushed = []
-        stream = data_plane.SizeBasedBufferingClosableOutputStream(flush_callback=flushed.append)
-        for _ in range(50):
-            stream.write(b"x" * 100)
-            stream.maybe_flush()
-        assert flushed and max(len(b) for b in flushed) <= 1100
-        assert data_plane._DEFAULT_SIZE_FLUSH_THRESHOLD == 1000
-        timed = data_plane.TimeBasedBufferingClosableOutputStream(time_flush_threshold_ms=60_000)
-        assert timed._size_flush_threshold == 1000
-        timed.close()
-    finally:
-        (
-            data_plane._DEFAULT_SIZE_FLUSH_THRESHOLD,
-            data_plane.SizeBasedBufferingClosableOutputStream.__init__.__defaults__,
-            data_plane.TimeBasedBufferingClosableOutputStream.__init__.__defaults__,
-        ) = saved
