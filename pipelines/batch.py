@@ -20,6 +20,7 @@ import apache_beam as beam
 from feedback_report.report_html import render_report, write_report_html
 from pipelines import runfolder
 from pipelines.baseline import load_baseline
+from pipelines.gates import gates_line
 from pipelines.graph import GraphOutputs, GraphSettings, build_event_graph
 from pipelines.launcher import (  # noqa: F401
     EXIT_ACCOUNTING,
@@ -147,8 +148,14 @@ def run(argv=None) -> dict:
     )
     report["quality"]["html"] = final.report_html
     write_json(paths.report, report)
-    acc, labels = summary["accounting"], summary["labels"]
-    # A run whose accounting fails is not published: its outputs stay in staging (no _SUCCESS).
+    publish_if_accounted(folder, cfg, paths, report)
+    return report
+
+
+def publish_if_accounted(folder: runfolder.RunFolder, cfg, paths: OutputPaths, report: dict) -> None:
+    """Publishes the staged run, unless its accounting fails (AccountingError; the outputs stay in
+    staging, with no _SUCCESS)."""
+    acc, labels = report["accounting"], report["labels"]
     refuse_unless(
         acc["holds"],
         f"accounting identity broken: {acc['input_records']} input records but "
@@ -168,13 +175,12 @@ def run(argv=None) -> dict:
         folder,
         runfolder.config_digest(cfg.model_dump_json()),
         {
-            "input": args.input,
-            "counts": summary["counts"],
+            "input": report["input"],
+            "counts": report["counts"],
             "accounting": acc,
             "quality": {"exit_code": report["quality"]["exit_code"], "breaches": report["quality"]["breaches"]},
         },
     )
-    return report
 
 
 def assess_quality(
@@ -230,11 +236,7 @@ def format_summary(report: dict) -> str:
         )
     if report["bots_by_rule"]:
         lines.append("bots by rule: " + ", ".join(f"{k}={v}" for k, v in report["bots_by_rule"].items()))
-    q = report["quality"]
-    lines.append(
-        f"quality: {len(q['slos']) - len(q['breaches'])}/{len(q['slos'])} SLOs met"
-        + (f", breached: {', '.join(q['breaches'])} ({q['mode']} mode)" if q["breaches"] else "")
-    )
+    lines.append(gates_line(report["quality"], "quality", "SLOs"))
     lines.append(f"report: {report['output'].rstrip('/')}/report.json, report.html")
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from feedback_report.report_html import render_evaluation_report, write_report_html
+from pipelines.gates import gates_line
 from pipelines.launcher import (
     beam_counters,
     pipeline_options,
@@ -439,11 +440,7 @@ def format_summary(ev: dict) -> str:
     cs = ev["cold_start"]
     if cs.get("new_exposure_share") is not None:
         lines.append(f"new-item exposure share {100 * cs['new_exposure_share']:.3g}%")
-    q = ev["quality"]
-    lines.append(
-        f"gates: {len(q['slos']) - len(q['breaches'])}/{len(q['slos'])} met"
-        + (f", breached: {', '.join(q['breaches'])} ({q['mode']} mode)" if q["breaches"] else "")
-    )
+    lines.append(gates_line(ev["quality"], "gates"))
     lines.append(f"report: {ev['output'].rstrip('/')}/evaluation.json, report.html")
     return "\n".join(lines)
 

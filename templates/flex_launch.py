@@ -16,13 +16,16 @@ Dataflow fills in. This module, shared by those entry points, does only launcher
   Manager secret version, read it into $FEEDBACK_HMAC_KEY (the job checks the key at start-up).
   Workers get it the same way from templates/entrypoint.sh (`python flex_launch.py --print-hmac-key`).
 
-Nothing here is pickled into the pipeline (it runs as `__main__`'s helper on the launcher only).
+The entry points stay thin on purpose: the launcher runs them as `__main__`, and nothing defined
+there may end up in the pipeline (workers could not unpickle it). Nothing here is pickled into the
+pipeline either (it runs as `__main__`'s helper on the launcher only).
 Stdlib only, apart from google-cloud-secret-manager (installed with apache-beam[gcp]), imported lazily.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -132,6 +135,11 @@ def launch(module: str, argv: list | None = None, subcommand: str | None = None)
     load_hmac_key(os.environ)
     os.chdir(REPO_ROOT)  # so a relative --config (config/streaming.yaml) resolves inside the image
     return job.main(([subcommand] if subcommand else []) + argv)
+
+
+def entry_point(module: str, subcommand: str | None = None) -> Callable[[list | None], int]:
+    """The `main(argv=None)` of a templates/<job>/main.py: `launch` for that job."""
+    return functools.partial(launch, module, subcommand=subcommand)
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

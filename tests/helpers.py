@@ -8,6 +8,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import apache_beam as beam
 import fastavro
@@ -18,6 +20,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms import window
 
 from pipelines import batch, streaming
+from tests.conftest import ROOT
 from transforms import contract
 from transforms.io import sum_counters
 
@@ -123,6 +126,29 @@ def run_batch(tmp_path, events_with_arrival, cfg_path):
     out = tmp_path / "batch"
     report = batch.run(["--config", cfg_path, "--input", str(path), "--output", str(out)])
     return report, out
+
+
+def run_batch_process(config: str, input_glob: str, out, *flags: str) -> subprocess.CompletedProcess:
+    """`python -m pipelines.batch` as a user runs it, in a child process (10 min at most); output captured."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.batch",
+            "--config",
+            config,
+            "--input",
+            input_glob,
+            "--output",
+            str(out),
+            *flags,
+        ],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 # --- reading outputs --------------------------------------------------------------------------------

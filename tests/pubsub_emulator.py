@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,14 +33,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import DIE_WITH_PARENT, free_port, stop
+from tests.processes import DIE_WITH_PARENT, executable, log_tail, serve_on_free_port, stop
 
 SOURCE_DIR = Path(__file__).resolve().parent / "pubsub_emulator"
 _SOURCES = ("go.mod", "go.sum", "main.go")
 _DEFAULT_GO = "/usr/local/go/bin/go"
 _BUILD_TIMEOUT_S = 20 * 60.0
 _START_TIMEOUT_S = 20.0
-_PORT_ATTEMPTS = 5
 
 
 class EmulatorUnavailable(RuntimeError):
@@ -49,13 +47,14 @@ class EmulatorUnavailable(RuntimeError):
 
 
 def go_binary() -> str:
-    candidate = os.environ.get("GO") or shutil.which("go") or _DEFAULT_GO
-    if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
-        raise EmulatorUnavailable(
-            f"the Go toolchain was not found (looked for $GO, go on PATH, {_DEFAULT_GO}); it is needed to build "
-            f"the Pub/Sub emulator in {SOURCE_DIR}. Install Go (https://go.dev/dl) or set $GO."
-        )
-    return candidate
+    return executable(
+        "GO",
+        "go",
+        _DEFAULT_GO,
+        EmulatorUnavailable,
+        "the Go toolchain",
+        f"it is needed to build the Pub/Sub emulator in {SOURCE_DIR}. Install Go (https://go.dev/dl) or set $GO.",
+    )
 
 
 def source_hash() -> str:
@@ -118,14 +117,6 @@ def _tail(text: str, limit: int = 4000) -> str:
     return text[-limit:] if text else "(no output)"
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()[-4000:]
-    except OSError:
-        return "(no log)"
-
-
 def _client_works(host_port: str) -> bool:
     """One real client call (ListTopics) over an insecure channel, as PUBSUB_EMULATOR_HOST would make."""
     import grpc
@@ -150,14 +141,25 @@ def _wait_until_ready(proc: subprocess.Popen, host_port: str, log_path: str) -> 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if "listening on" in _read(log_path) and _client_works(host_port):
+        if "listening on" in log_tail(log_path) and _client_works(host_port):
             return True
         time.sleep(0.1)
     stop(proc)
     raise EmulatorUnavailable(
         f"the Pub/Sub emulator on {host_port} did not answer a client call within "
-        f"{_START_TIMEOUT_S:.0f}s; log:\n{_read(log_path)}"
+        f"{_START_TIMEOUT_S:.0f}s; log:\n{log_tail(log_path)}"
     )
+
+
+def _start(binary: Path, port: int, log_path: str) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [str(binary), "--host-port", f"127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=DIE_WITH_PARENT,
+        )
 
 
 @contextlib.contextmanager
@@ -165,28 +167,15 @@ def run_pubsub_emulator() -> Iterator[str]:
     """Build (if needed) and start the emulator on a free loopback port; yield "host:port"; stop it on exit."""
     binary = build_emulator()
     with tempfile.TemporaryDirectory(prefix="pubsub-emulator-") as workdir:
-        for attempt in range(_PORT_ATTEMPTS):
-            host_port = f"127.0.0.1:{free_port()}"
-            log_path = os.path.join(workdir, f"emulator-{attempt}.log")
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [str(binary), "--host-port", host_port],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=DIE_WITH_PARENT,
-                )
-            try:
-                if _wait_until_ready(proc, host_port, log_path):
-                    yield host_port
-                    return
-            finally:
-                stop(proc)
-            if "address already in use" not in _read(log_path):
-                break
-        raise EmulatorUnavailable(
-            f"the Pub/Sub emulator did not start (exit code {proc.returncode}); log:\n{_read(log_path)}"
-        )
+        with serve_on_free_port(
+            lambda port, log_path: _start(binary, port, log_path),
+            lambda proc, port, log_path: _wait_until_ready(proc, f"127.0.0.1:{port}", log_path),
+            workdir,
+            "the Pub/Sub emulator",
+            "address already in use",
+            EmulatorUnavailable,
+        ) as port:
+            yield f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,6 @@ skip: install it with `apt-get install redis-server` (or point $REDIS_SERVER at 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -24,11 +22,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.processes import DIE_WITH_PARENT, free_port, stop
+from tests.processes import DIE_WITH_PARENT, executable, log_tail, serve_on_free_port, stop
 
 _DEFAULT_BINARY = "/usr/bin/redis-server"
 _START_TIMEOUT_S = 15.0
-_PORT_ATTEMPTS = 5
 
 
 class RedisServerMissing(RuntimeError):
@@ -36,13 +33,14 @@ class RedisServerMissing(RuntimeError):
 
 
 def redis_server_binary() -> str:
-    candidate = os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or _DEFAULT_BINARY
-    if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
-        raise RedisServerMissing(
-            f"redis-server not found (looked for $REDIS_SERVER, redis-server on PATH, {_DEFAULT_BINARY}). "
-            f"These tests need a real Redis: run `apt-get install redis-server` (Debian/Ubuntu)."
-        )
-    return candidate
+    return executable(
+        "REDIS_SERVER",
+        "redis-server",
+        _DEFAULT_BINARY,
+        RedisServerMissing,
+        "redis-server",
+        "these tests need a real Redis: run `apt-get install redis-server` (Debian/Ubuntu).",
+    )
 
 
 def _wait_for_ping(proc: subprocess.Popen, port: int, log_path: str) -> bool:
@@ -70,16 +68,36 @@ def _wait_for_ping(proc: subprocess.Popen, port: int, log_path: str) -> bool:
         client.close()
     stop(proc)
     raise RuntimeError(
-        f"redis-server on port {port} did not answer PING within {_START_TIMEOUT_S}s; log:\n{_read(log_path)}"
+        f"redis-server on port {port} did not answer PING within {_START_TIMEOUT_S}s; log:\n{log_tail(log_path)}"
     )
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()[-4000:]
-    except OSError:
-        return "(no log)"
+def _start(binary: str, port: int, workdir: str, log_path: str, extra_args: tuple) -> subprocess.Popen:
+    args = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        workdir,
+        "--daemonize",
+        "no",
+        "--logfile",
+        log_path,
+        *extra_args,
+    ]
+    return subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=DIE_WITH_PARENT,
+    )
 
 
 @contextlib.contextmanager
@@ -90,43 +108,15 @@ def run_redis_server(*extra_args: str) -> Iterator[tuple[str, int]]:
     the binary is not installed."""
     binary = redis_server_binary()
     with tempfile.TemporaryDirectory(prefix="redis-test-") as workdir:
-        for attempt in range(_PORT_ATTEMPTS):
-            port = free_port()
-            log_path = os.path.join(workdir, f"redis-{attempt}.log")
-            args = [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-                "--daemonize",
-                "no",
-                "--logfile",
-                log_path,
-                *extra_args,
-            ]
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=DIE_WITH_PARENT,
-            )
-            try:
-                if _wait_for_ping(proc, port, log_path):
-                    yield "127.0.0.1", port
-                    return
-            finally:
-                stop(proc)
-            if "Address already in use" not in _read(log_path):
-                break
-        raise RuntimeError(f"redis-server did not start (exit code {proc.returncode}); log:\n{_read(log_path)}")
+        with serve_on_free_port(
+            lambda port, log_path: _start(binary, port, workdir, log_path, extra_args),
+            _wait_for_ping,
+            workdir,
+            "redis-server",
+            "Address already in use",
+            RuntimeError,
+        ) as port:
+            yield "127.0.0.1", port
 
 
 def _require_binary() -> None:

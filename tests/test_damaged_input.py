@@ -13,15 +13,14 @@ import io
 import json
 import lzma
 import os
-import subprocess
-import sys
 import zlib
 
 import fastavro
 import pytest
 import zstandard
 
-from tests.conftest import ROOT, SCHEMA_DIR, write_config
+from tests.conftest import SCHEMA_DIR, write_config
+from tests.helpers import run_batch_process
 from transforms import contract
 from transforms.io import DAMAGE_FIELDS, StorageError, _CountingStream, read_avro, read_json_lines
 from transforms.schemas import SchemaRegistry
@@ -241,24 +240,7 @@ def damaged_run(tmp_path_factory):
     (inputs / "cut-deflate.avro").write_bytes(cut[: len(cut) // 2])
     expected["cut-deflate.avro"] = readable_prefix(cut[: len(cut) // 2])[0]
     out = tmp / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.batch",
-            "--config",
-            write_config(tmp),
-            "--input",
-            str(inputs / "*"),
-            "--output",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run_batch_process(write_config(tmp), str(inputs / "*"), out)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
     dead = [
         json.loads(line)

@@ -107,6 +107,52 @@ def _mutate(rng, e: dict, extras: list) -> dict:
     return e
 
 
+def _escaped_pii_line(rng, e: dict) -> bytes:
+    """PII hidden behind JSON escapes, half the time cut short (malformed)."""
+    e["context"]["q"] = "ESC"
+    line = dumps(e).replace(b"ESC", json_escaped(_pii(rng)).encode())
+    if rng.random() < 0.5:
+        line = line[: rng.randrange(1, len(line))]
+    return line
+
+
+def _invalid_json_line(rng, e: dict, i: int) -> bytes:
+    """Invalid JSON around PII."""
+    body = dumps(_place_pii(rng, e, i))
+    return rng.choice(
+        [
+            body[: rng.randrange(1, len(body))],
+            body.replace(b'"', b"'"),
+            body.replace(b"}", b",}", 1),
+            b"NaN",
+            b"{" + _pii(rng).encode() + b"}",
+        ]
+    )
+
+
+def _bad_encoding_line(rng, e: dict, i: int) -> bytes:
+    body = dumps(_place_pii(rng, e, i))
+    return rng.choice(
+        [
+            body.replace(b'"home"', b'"h\xe9me"'),
+            body.decode().encode("utf-16"),
+            body.replace(b'"home"', b'"\\ud800"'),
+            body + b"\x00",
+            body.replace(b'"home"', b'"\xc0\xaf"'),
+            b"\xff\xfe" + body,
+        ]
+    )
+
+
+def _deep_line(rng, e: dict) -> bytes:
+    """Deeply nested: inside the event, or (past the parser's limit) around a PII value."""
+    depth = rng.choice([50, 500, 2_000])
+    if depth < 1000:
+        e["context"] = json.loads("[" * depth + "]" * depth)
+        return dumps(e)
+    return b"[" * depth + dumps(_pii(rng)) + b"]" * depth
+
+
 def hostile_line(rng: random.Random, i: int, kind: int, extras: list, valid_lines: list) -> bytes:
     """Line `i` of a hostile file; `kind` (0-99) picks what is wrong with it."""
     e = _event(rng, i)
@@ -121,44 +167,17 @@ def hostile_line(rng: random.Random, i: int, kind: int, extras: list, valid_line
         line = dumps(e)
     elif kind < 58 and valid_lines:
         line = rng.choice(valid_lines)  # an exact re-delivery: a duplicate
-    elif kind < 64:  # PII hidden behind JSON escapes
-        e["context"]["q"] = "ESC"
-        line = dumps(e).replace(b"ESC", json_escaped(_pii(rng)).encode())
-        if rng.random() < 0.5:
-            line = line[: rng.randrange(1, len(line))]  # and cut short: malformed
-    elif kind < 70:  # invalid JSON around PII
-        body = dumps(_place_pii(rng, e, i))
-        line = rng.choice(
-            [
-                body[: rng.randrange(1, len(body))],
-                body.replace(b'"', b"'"),
-                body.replace(b"}", b",}", 1),
-                b"NaN",
-                b"{" + _pii(rng).encode() + b"}",
-            ]
-        )
-    elif kind < 76:  # bad encodings
-        body = dumps(_place_pii(rng, e, i))
-        line = rng.choice(
-            [
-                body.replace(b'"home"', b'"h\xe9me"'),
-                body.decode().encode("utf-16"),
-                body.replace(b'"home"', b'"\\ud800"'),
-                body + b"\x00",
-                body.replace(b'"home"', b'"\xc0\xaf"'),
-                b"\xff\xfe" + body,
-            ]
-        )
+    elif kind < 64:
+        line = _escaped_pii_line(rng, e)
+    elif kind < 70:
+        line = _invalid_json_line(rng, e, i)
+    elif kind < 76:
+        line = _bad_encoding_line(rng, e, i)
     elif kind < 80:  # huge: over max_event_bytes
         e["context"]["q"] = "x" * rng.randrange(33_000, 40_000) + " " + _pii(rng)
         line = dumps(e)
-    elif kind < 84:  # deep
-        depth = rng.choice([50, 500, 2_000])
-        if depth < 1000:
-            e["context"] = json.loads("[" * depth + "]" * depth)
-            line = dumps(e)
-        else:
-            line = b"[" * depth + dumps(_pii(rng)) + b"]" * depth
+    elif kind < 84:
+        line = _deep_line(rng, e)
     elif kind < 88:  # not an object, or empty
         line = rng.choice([dumps([e]), dumps(_pii(rng)), b"42", b"", b"   ", b"null", b"true"])
     elif kind < 94:  # a random JSON value in a random field or as a key

@@ -47,15 +47,20 @@ DEDUPE_KEPT = ["a", "b", "c", "c"]
 DEDUPE_DUPS = ["a", "a"]
 
 
+def assert_dedupe_ids(out) -> None:
+    """The event ids DedupeEvents(Streaming) kept and flagged are DEDUPE_KEPT and DEDUPE_DUPS."""
+    assert_that(out.events | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
+    assert_that(
+        out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
+        equal_to(DEDUPE_DUPS),
+        label="Dups",
+    )
+
+
 def test_dedupe_batch():
     with TestPipeline(runner=FN_API_RUNNER) as p:
         out = p | beam.Create(stamped(DEDUPE_INPUT)) | DedupeEvents(horizon_s=3600)
-        assert_that(out.events | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
-        assert_that(
-            out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
-            equal_to(DEDUPE_DUPS),
-            label="Dups",
-        )
+        assert_dedupe_ids(out)
 
 
 def test_dedupe_streaming_matches_batch():
@@ -74,12 +79,7 @@ def test_dedupe_streaming_matches_batch():
     options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
     with TestPipeline(options=options) as p:
         out = p | stream | DedupeEventsStreaming(horizon_s=3600)
-        assert_that(out.events | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
-        assert_that(
-            out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
-            equal_to(DEDUPE_DUPS),
-            label="Dups",
-        )
+        assert_dedupe_ids(out)
 
 
 def test_split_copies_is_the_stateful_decision():
@@ -128,9 +128,10 @@ def read_jsonl(pattern):
     return [json.loads(l) for f in sorted(glob.glob(pattern)) for l in open(f) if l.strip()]
 
 
-def test_batch_job_end_to_end(tmp_path):
+def write_batch_inputs(inputs) -> None:
+    """One file of each format; lines 4 and 5 of a.jsonl, line 3 of b.jsonl.gz and record 2 of c.avro are
+    dead letters, the second e2 a duplicate, e3 a bot and e4 consent-dropped."""
     iso = "2026-11-01T10:00:00Z"
-    inputs = tmp_path / "in"
     inputs.mkdir()
     write_lines(
         inputs / "a.jsonl",
@@ -172,6 +173,11 @@ def test_batch_job_end_to_end(tmp_path):
                 {"event_id": "e8", "event_type": "view", "event_time": T0, "user_id": "u8", "propensity": 3.0},
             ],
         )
+
+
+def test_batch_job_end_to_end(tmp_path):
+    inputs = tmp_path / "in"
+    write_batch_inputs(inputs)
     items = tmp_path / "items.csv"
     items.write_text("item_id,category\ni1,shoes\n")
     cfg = write_config(tmp_path, f"enrichment: {{items: {{path: {items}, key: item_id}}}}\n")

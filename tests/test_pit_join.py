@@ -122,83 +122,55 @@ def test_entity_ids_and_training_rows():
     assert label_key(label) == label_key(dict(reversed(list(label.items()))))
 
 
+LABEL_FIELDS = (
+    ("request_id", "string"),
+    ("user_id", "string"),
+    ("item_id", "string"),
+    ("item_category", ["null", "string"]),
+    ("impression_time", "long"),
+    ("label", "int"),
+    ("weight", "double"),
+)
+# Labels with the fields the join reads (a subset of the schema in transforms/labels.py).
 LABEL_SCHEMA = {
     "type": "record",
     "name": "Label",
     "namespace": "feedback.labels",
-    "fields": [
-        {"name": "request_id", "type": "string"},
-        {"name": "user_id", "type": "string"},
-        {"name": "item_id", "type": "string"},
-        {"name": "item_category", "type": ["null", "string"]},
-        {"name": "impression_time", "type": "long"},
-        {"name": "label", "type": "int"},
-        {"name": "weight", "type": "double"},
-        {"name": "position", "type": ["null", "int"], "default": None},
-    ],
+    "fields": [{"name": n, "type": t} for n, t in LABEL_FIELDS]
+    + [{"name": "position", "type": ["null", "int"], "default": None}],
 }
 
 
-def test_pit_join_job_end_to_end(tmp_path):
-    """Features (as WriteOfflineFeatures lays them out) + labels -> training Avro on FnApiRunner."""
-    cfg = FeaturesConfig()
-    events = [
-        feature_event("a", T0 + 1 * MIN, "impression", "u1", "i1", "shoes"),
-        feature_event("b", T0 + 2 * MIN, "click", "u1", "i1", "shoes"),
-        feature_event("c", T0 + 12 * MIN, "impression", "u1", "i2", "books"),  # at/after the 1st impression below
-        feature_event("d", T0 + 3 * MIN, "dwell", "u2", "i1", "shoes", dwell=4000),
-    ]
+def write_features(folder, events, cfg) -> None:
+    """The features of `events`, laid out as WriteOfflineFeatures writes them: one Parquet file a partition."""
     rows = compute_all(events, cfg)
-    features = tmp_path / "features"
     for part in {partition_of(r) for r in rows}:
-        os.makedirs(features / part)
+        os.makedirs(folder / part)
         pq.write_table(
             pa.Table.from_pylist([r for r in rows if partition_of(r) == part], schema=arrow_schema()),
-            str(features / part / "features-00000-of-00001.parquet"),
+            str(folder / part / "features-00000-of-00001.parquet"),
         )
-    labels = [
-        # 10:10 exactly: the 1h/5m window [09:10, 10:10) is attached; "c" at 10:12 is not in it.
-        {
-            "request_id": "r1",
-            "user_id": "u1",
-            "item_id": "i1",
-            "item_category": "shoes",
-            "impression_time": T0 + 10 * MIN,
-            "label": 1,
-            "weight": 1.0,
-            "position": 0,
-        },
-        # 1 ms before 10:05: the window ending 10:05 (holding "a" and "b") must not be used.
-        {
-            "request_id": "r2",
-            "user_id": "u1",
-            "item_id": "i1",
-            "item_category": "shoes",
-            "impression_time": T0 + 5 * MIN - 1,
-            "label": 0,
-            "weight": 1.0,
-            "position": None,
-        },
-        # A user never seen: nulls for user and user_category, the item's features still attach.
-        {
-            "request_id": "r3",
-            "user_id": "new",
-            "item_id": "i1",
-            "item_category": None,
-            "impression_time": T0 + 30 * MIN,
-            "label": 0,
-            "weight": 2.0,
-            "position": 3,
-        },
-    ]
-    (tmp_path / "labels").mkdir()
-    with open(tmp_path / "labels" / "part-0.avro", "wb") as f:
-        fastavro.writer(f, fastavro.parse_schema(LABEL_SCHEMA), labels)
-    out = tmp_path / "training"
+
+
+def label_row(request_id, user_id, category, impression_time, value, weight, position) -> dict:
+    return {
+        "request_id": request_id,
+        "user_id": user_id,
+        "item_id": "i1",
+        "item_category": category,
+        "impression_time": impression_time,
+        "label": value,
+        "weight": weight,
+        "position": position,
+    }
+
+
+def run_pit_join(labels_glob: str, features, out) -> dict:
+    """The job on FnApiRunner; returns the training rows by request_id."""
     rc = pit_join.main(
         [
             "--labels",
-            str(tmp_path / "labels" / "*.avro"),
+            labels_glob,
             "--features",
             str(features),
             "--output",
@@ -214,6 +186,30 @@ def test_pit_join_job_end_to_end(tmp_path):
         with open(path, "rb") as f:
             for rec in fastavro.reader(f):
                 result[rec["request_id"]] = rec
+    return result
+
+
+def test_pit_join_job_end_to_end(tmp_path):
+    """Features (as WriteOfflineFeatures lays them out) + labels -> training Avro on FnApiRunner."""
+    events = [
+        feature_event("a", T0 + 1 * MIN, "impression", "u1", "i1", "shoes"),
+        feature_event("b", T0 + 2 * MIN, "click", "u1", "i1", "shoes"),
+        feature_event("c", T0 + 12 * MIN, "impression", "u1", "i2", "books"),  # at/after the 1st impression below
+        feature_event("d", T0 + 3 * MIN, "dwell", "u2", "i1", "shoes", dwell=4000),
+    ]
+    write_features(tmp_path / "features", events, FeaturesConfig())
+    labels = [
+        # 10:10 exactly: the 1h/5m window [09:10, 10:10) is attached; "c" at 10:12 is not in it.
+        label_row("r1", "u1", "shoes", T0 + 10 * MIN, 1, 1.0, 0),
+        # 1 ms before 10:05: the window ending 10:05 (holding "a" and "b") must not be used.
+        label_row("r2", "u1", "shoes", T0 + 5 * MIN - 1, 0, 1.0, None),
+        # A user never seen: nulls for user and user_category, the item's features still attach.
+        label_row("r3", "new", None, T0 + 30 * MIN, 0, 2.0, 3),
+    ]
+    (tmp_path / "labels").mkdir()
+    with open(tmp_path / "labels" / "part-0.avro", "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema(LABEL_SCHEMA), labels)
+    result = run_pit_join(str(tmp_path / "labels" / "*.avro"), tmp_path / "features", tmp_path / "training")
     assert sorted(result) == ["r1", "r2", "r3"]
     r1, r2, r3 = result["r1"], result["r2"], result["r3"]
     assert r1["position"] == 0 and r2["position"] is None and r1["weight"] == 1.0  # label fields carried over

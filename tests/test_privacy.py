@@ -14,6 +14,7 @@ from transforms.privacy import (
 )
 
 KEY = b"k"
+RULES = PrivacyRules(("user_id", "session_id"), 24, 48)
 
 
 @pytest.mark.parametrize(
@@ -58,14 +59,9 @@ def test_truncate_ip():
 
 def test_protect_event_removes_raw_identifiers():
     p = Pseudonymiser(KEY)
-    e = {
-        "user_id": "alice@example.com",
-        "session_id": "s1",
-        "ip": "198.51.100.23",
-        "user_agent": "Bot/1.0 (+mailto:ops@crawler.example)",
-        "context": {"q": "call 415-555-0134"},
-    }
-    out = protect_event(e, PrivacyRules(("user_id", "session_id"), 24, 48), p, Redactor(KEY))
+    identifiers = {"user_id": "alice@example.com", "session_id": "s1", "ip": "198.51.100.23"}
+    free_text = {"user_agent": "Bot/1.0 (+mailto:ops@crawler.example)", "context": {"q": "call 415-555-0134"}}
+    out = protect_event({**identifiers, **free_text}, RULES, p, Redactor(KEY))
     text = repr(out)
     for secret in ("alice@example.com", "198.51.100.23", "ops@crawler.example", "555-0134"):
         assert secret not in text
@@ -162,8 +158,8 @@ def test_identifiers_with_pii_get_one_stable_token():
         "context": {"mail bob@example.com": "x"},
         "user_agent": None,
     }
-    a = protect_event(e, PrivacyRules(("user_id", "session_id"), 24, 48), p, r)
-    b = protect_event(dict(e), PrivacyRules(("user_id", "session_id"), 24, 48), p, Redactor(KEY))
+    a = protect_event(e, RULES, p, r)
+    b = protect_event(dict(e), RULES, p, Redactor(KEY))
     assert a == b and a["event_id"].startswith("pii-") and a["request_id"].startswith("pii-")
     assert a["item_id"] == "i1" and "bob@example.com" not in repr(a)
     counts = dict(r.drain())
@@ -205,7 +201,7 @@ def test_replayed_dead_letter_keeps_the_original_pseudonyms(rules):
     assert json.loads(again["raw"])["user_id"] == fixed["user_id"]
     event = protect_event(
         parse_record(json.dumps(fixed).encode(), rules),
-        PrivacyRules(("user_id", "session_id"), 24, 48),
+        RULES,
         Pseudonymiser(KEY),
         r,
     )
@@ -215,7 +211,7 @@ def test_replayed_dead_letter_keeps_the_original_pseudonyms(rules):
     forged = dict(fixed, **{PSEUDONYMISED_MARK: "0" * 32})
     event = protect_event(
         parse_record(json.dumps(forged).encode(), rules),
-        PrivacyRules(("user_id", "session_id"), 24, 48),
+        RULES,
         Pseudonymiser(KEY),
         r,
     )

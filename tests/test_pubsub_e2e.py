@@ -21,6 +21,7 @@ repeated message fails them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import json
@@ -219,20 +220,40 @@ def _log_tail(path: Path, limit: int = 6000) -> str:
         return "(no log)"
 
 
-# --- the test ------------------------------------------------------------------------------------------
+# --- the test, step by step -----------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(900)  # includes a first `go build` of the emulator (~1.5-4 min)
-def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkeypatch):
+@pytest.fixture
+def pubsub(pubsub_emulator, monkeypatch):
+    """A PubSub client of the emulator (PUBSUB_EMULATOR_HOST set for this test)."""
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator)
-    t_begin = time.monotonic()
-    start, release = plan_times(time.time())
-    truth = make_events(tmp_path / "events.jsonl", start, monkeypatch)
-    lines = (tmp_path / "events.jsonl").read_bytes().split(b"\n")
-    assert lines[-1] == b"" and len(lines) - 1 == N_EVENTS
-    lines = lines[:-1]
-
     ps = PubSub()
+    yield ps
+    ps.close()
+
+
+def event_lines(path: Path) -> list[bytes]:
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 == N_EVENTS
+    return lines[:-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """The topics and subscriptions of the test, and the events published before the job starts."""
+
+    events_sub: str
+    labels_topic: str
+    dead_topic: str
+    labels_sub: str
+    dead_sub: str
+    message_ids: list[str]
+    published_from: dt.datetime
+    published_until: dt.datetime
+
+
+def publish_events(ps: PubSub, lines: list[bytes]) -> Published:
+    """Creates the topics and subscriptions, then publishes every line to the events topic."""
     events_topic, labels_topic, dead_topic = ps.topic("events"), ps.topic("labels"), ps.topic("dead-letters")
     events_sub = ps.subscription(events_topic, "events-job")
     labels_sub = ps.subscription(labels_topic, "labels-check")
@@ -241,16 +262,14 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
     message_ids = ps.publish_lines(events_topic, lines)
     published_until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
     assert len(set(message_ids)) == N_EVENTS
-
-    out = tmp_path / "out"
-    log_path = tmp_path / "job.log"
-    config = job_config(tmp_path / "job.yaml")
-    # The job's own bound on how far behind the watermark (here: the wall clock) its outputs can be.
-    due = (
-        _iso_seconds(truth["event_time_range"][1])
-        + GraphSettings.from_config(load_config(str(config))).max_output_delay_s
+    return Published(
+        events_sub, labels_topic, dead_topic, labels_sub, dead_sub, message_ids, published_from, published_until
     )
-    env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_emulator, "PYTHONUNBUFFERED": "1"}
+
+
+def start_job(config: Path, published: Published, out: Path, log_path: Path, emulator: str) -> subprocess.Popen:
+    """`python -m pipelines.streaming` reading the events subscription, publishing labels and dead letters."""
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": emulator, "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
         "-m",
@@ -258,91 +277,124 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
         "--config",
         str(config),
         "--subscription",
-        events_sub,
+        published.events_sub,
         "--output",
         str(out),
         "--labels-topic",
-        labels_topic,
+        published.labels_topic,
         "--dead-letter-topic",
-        dead_topic,
+        published.dead_topic,
         f"--runner={RUNNER}",
     ]
     with open(log_path, "wb") as log:
-        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    labels_msgs, dead_msgs = [], []
-    expected_dead = sum(truth["dead_letter_by_reason"].values())
-    last_dead_at = None
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
+@dataclasses.dataclass
+class JobRun:
+    """What the job published (pulled from the check subscriptions) and how it stopped."""
+
+    labels_msgs: list = dataclasses.field(default_factory=list)
+    dead_msgs: list = dataclasses.field(default_factory=list)
+    last_dead_at: float | None = None
+    code: int | None = None
+    stop_s: float = float("nan")
+
+
+def outputs_complete(run: JobRun, out: Path, truth: dict) -> bool:
+    """Every label, dead letter, archived event and slate item the truth predicts is out."""
+    file_labels = read_output(out, "labels")
+    return (
+        len(run.labels_msgs) == truth["labels"]["exposures"] == len(file_labels)
+        and len(run.dead_msgs) == sum(truth["dead_letter_by_reason"].values())
+        and len(read_output(out, "archive")) == truth["counts"]["valid"]
+        and _slate_items(read_output(out, "slates"))
+        == sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
+    )
+
+
+def wait_for_outputs(
+    job, ps: PubSub, published: Published, run: JobRun, out: Path, log_path: Path, truth, release, due
+):
+    """Waits past the release time until everything expected is out (and 5 s without a new file or
+    message), at most until every output is due by the job's own bound."""
+    state, changed_at = None, time.time()
+    while True:
+        assert job.poll() is None, f"the job exited early (code {job.returncode}); log:\n{_log_tail(log_path)}"
+        run.labels_msgs += ps.pull_all(published.labels_sub)
+        new_dead = ps.pull_all(published.dead_sub)
+        if new_dead:
+            run.dead_msgs += new_dead
+            run.last_dead_at = time.time()
+        now = time.time()
+        new_state = (len(run.labels_msgs), len(run.dead_msgs), count_files(out))
+        if new_state != state:
+            state, changed_at = new_state, now
+        complete = outputs_complete(run, out, truth)
+        if (complete and now > release and now - changed_at > 5) or now > due + 30:
+            return
+        time.sleep(2)
+
+
+def stop_job(job: subprocess.Popen) -> tuple[int | None, float]:
+    """SIGTERM, then (exit code or None if it had to be killed, seconds it took)."""
+    stop_at = time.monotonic()
+    if job.poll() is None:
+        job.send_signal(signal.SIGTERM)
     try:
-        # Wait past the release time until everything expected is out (and 5 s without a new file or
-        # message), at most until every output is due by the job's own bound.
-        state, changed_at = None, time.time()
-        while True:
-            assert job.poll() is None, f"the job exited early (code {job.returncode}); log:\n{_log_tail(log_path)}"
-            labels_msgs += ps.pull_all(labels_sub)
-            new_dead = ps.pull_all(dead_sub)
-            if new_dead:
-                dead_msgs += new_dead
-                last_dead_at = time.time()
-            now = time.time()
-            new_state = (len(labels_msgs), len(dead_msgs), count_files(out))
-            if new_state != state:
-                state, changed_at = new_state, now
-            file_labels = read_output(out, "labels")
-            complete = (
-                len(labels_msgs) == truth["labels"]["exposures"] == len(file_labels)
-                and len(dead_msgs) == expected_dead
-                and len(read_output(out, "archive")) == truth["counts"]["valid"]
-                and _slate_items(read_output(out, "slates"))
-                == sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
-            )
-            if (complete and now > release and now - changed_at > 5) or now > due + 30:
-                break
-            time.sleep(2)
+        code = job.wait(JOB_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.wait(10)
+        code = None
+    return code, time.monotonic() - stop_at
+
+
+def run_job(ps: PubSub, published: Published, config: Path, out: Path, log_path: Path, emulator: str, truth, release):
+    """Runs the job until its outputs are complete (or overdue), stops it, and pulls what it published."""
+    # The job's own bound on how far behind the watermark (here: the wall clock) its outputs can be.
+    due = (
+        _iso_seconds(truth["event_time_range"][1])
+        + GraphSettings.from_config(load_config(str(config))).max_output_delay_s
+    )
+    job = start_job(config, published, out, log_path, emulator)
+    run = JobRun()
+    try:
+        wait_for_outputs(job, ps, published, run, out, log_path, truth, release, due)
     finally:
-        stop_at = time.monotonic()
-        if job.poll() is None:
-            job.send_signal(signal.SIGTERM)
-        try:
-            code = job.wait(JOB_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            job.kill()
-            job.wait(10)
-            code = None
-        stop_s = time.monotonic() - stop_at
-        labels_msgs += ps.pull_all(labels_sub)
-        dead_msgs += ps.pull_all(dead_sub)
-        ps.close()
-    job_log = _log_tail(log_path)
+        run.code, run.stop_s = stop_job(job)
+        run.labels_msgs += ps.pull_all(published.labels_sub)
+        run.dead_msgs += ps.pull_all(published.dead_sub)
+    return run
+
+
+def timing_note(run: JobRun, published: Published, release: float) -> str:
     # The last dead letter roughly marks the end of processing (dead letters are published at once and
     # spread over the messages); past the release time, events reach closed windows and labels may differ.
-    processed_s = (last_dead_at - published_until.timestamp()) if last_dead_at else float("nan")
-    timing = (
+    until = published.published_until.timestamp()
+    processed_s = (run.last_dead_at - until) if run.last_dead_at else float("nan")
+    return (
         f"{N_EVENTS} messages; the last dead letter came {processed_s:.0f}s after publishing (budget "
-        f"{PROCESSING_BUDGET}s, release after {release - published_until.timestamp():.0f}s)"
-    )
-    print(
-        f"\npubsub e2e: {timing}; job exited {stop_s:.1f}s after SIGTERM; {count_files(out)} output files; "
-        f"test {time.monotonic() - t_begin:.0f}s",
-        file=sys.stderr,
+        f"{PROCESSING_BUDGET}s, release after {release - until:.0f}s)"
     )
 
-    # The job stops cleanly on SIGTERM.
-    assert code == 0, f"the job did not exit 0 within {JOB_STOP_TIMEOUT_S}s of SIGTERM (code {code}); log:\n{job_log}"
 
-    outputs = {name: read_output(out, name) for name in OUTPUT_NAMES}
-    counts = truth["counts"]
-
-    # Dead letters: every reason the truth predicts, with its count, on the topic and in the files; each
-    # one names a distinct published message (source "pubsub:<message id>").
+def assert_dead_letters(run: JobRun, outputs: dict, truth: dict, message_ids: list[str]) -> None:
+    """Every reason the truth predicts, with its count, on the topic and in the files; each one names a
+    distinct published message (source "pubsub:<message id>")."""
     predicted = Counter({r: n for r, n in truth["dead_letter_by_reason"].items() if n})
-    published_dead = [json.loads(m.data) for m in dead_msgs]
+    published_dead = [json.loads(m.data) for m in run.dead_msgs]
     assert Counter(d["reason"] for d in published_dead) == predicted
     assert Counter(d["reason"] for d in outputs["dead_letter"]) == predicted
     sources = [d["source"] for d in published_dead]
     assert len(set(sources)) == len(sources) and {s.removeprefix("pubsub:") for s in sources} <= set(message_ids)
     assert sorted(sources) == sorted(d["source"] for d in outputs["dead_letter"])
 
-    # Every valid event archived once (a clean run of an at-most-once source delivers each message once).
+
+def assert_every_event_accounted(outputs: dict, truth: dict, published: Published, timing: str) -> None:
+    """Every valid event archived once (a clean run of an at-most-once source delivers each message
+    once), every other event in its outcome, by event id."""
+    counts = truth["counts"]
     archive = outputs["archive"]
     assert len(archive) == counts["valid"], timing
     assert len({e["event_id"] for e in archive}) == len(archive)
@@ -350,9 +402,8 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
         {t: n for t, n in truth["valid_event_count_by_type"].items() if n}
     )
     # Arrival time is the publish time (the emulator's clock is this machine's).
-    assert all(published_from <= e["arrival_time"] <= published_until for e in archive)
+    assert all(published.published_from <= e["arrival_time"] <= published.published_until for e in archive)
 
-    # The other outcomes, by event id.
     assert sorted(e["event_id"] for e in outputs["bots"]) == sorted(truth["bot_event_ids"])
     assert Counter(e["bot_rule"] for e in outputs["bots"]) == Counter(
         {r: n for r, n in truth["bots_by_rule"].items() if n}
@@ -369,8 +420,10 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
     )
     assert accounted == N_EVENTS
 
-    # Labels: one per exposure, published exactly once and written to the files, positives as the truth.
-    published_labels = [json.loads(m.data) for m in labels_msgs]
+
+def assert_labels(run: JobRun, outputs: dict, truth: dict, timing: str) -> None:
+    """One label per exposure, published exactly once and written to the files, positives as the truth."""
+    published_labels = [json.loads(m.data) for m in run.labels_msgs]
     file_labels = outputs["labels"]
     label_truth = truth["labels"]
     assert len(published_labels) == label_truth["exposures"] == len(file_labels), timing
@@ -383,14 +436,43 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, tmp_path, monkey
     assert len(outputs["orphan_outcomes"]) == label_truth["orphan_outcomes"]
     assert len(outputs["late_outcomes"]) == label_truth["late_outcomes"] == 0, timing
 
-    # Slates: every label with a request_id, in exactly one slate per request. (This caught BuildSlates'
-    # request windows dropping every label emitted behind the watermark, then splitting requests into
-    # several partial slates, one per late pane.) The wait above includes the slates, which close a
-    # session gap (60 s) after their request's labels.
+
+def assert_slates(outputs: dict, timing: str) -> None:
+    """Every label with a request_id, in exactly one slate per request. (This caught BuildSlates'
+    request windows dropping every label emitted behind the watermark, then splitting requests into
+    several partial slates, one per late pane.) The wait includes the slates, which close a session
+    gap (60 s) after their request's labels."""
     slates = outputs["slates"]
-    expected_items = sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
+    expected_items = sorted((l["request_id"], l["item_id"]) for l in outputs["labels"] if l["request_id"] is not None)
     assert expected_items and _slate_items(slates) == expected_items, timing
     assert len({s["request_id"] for s in slates}) == len(slates), "a request is split over several slates"
     assert all(
         s["n_items"] == len(s["items"]) and s["n_positive"] == sum(i["label"] for i in s["items"]) for s in slates
     )
+
+
+@pytest.mark.timeout(900)  # includes a first `go build` of the emulator (~1.5-4 min)
+def test_streaming_job_against_pubsub_emulator(pubsub_emulator, pubsub, tmp_path, monkeypatch):
+    t_begin = time.monotonic()
+    start, release = plan_times(time.time())
+    truth = make_events(tmp_path / "events.jsonl", start, monkeypatch)
+    published = publish_events(pubsub, event_lines(tmp_path / "events.jsonl"))
+    out, log_path = tmp_path / "out", tmp_path / "job.log"
+    config = job_config(tmp_path / "job.yaml")
+    run = run_job(pubsub, published, config, out, log_path, pubsub_emulator, truth, release)
+    timing = timing_note(run, published, release)
+    print(
+        f"\npubsub e2e: {timing}; job exited {run.stop_s:.1f}s after SIGTERM; {count_files(out)} output files; "
+        f"test {time.monotonic() - t_begin:.0f}s",
+        file=sys.stderr,
+    )
+    # The job stops cleanly on SIGTERM.
+    assert run.code == 0, (
+        f"the job did not exit 0 within {JOB_STOP_TIMEOUT_S}s of SIGTERM (code {run.code}); log:\n{_log_tail(log_path)}"
+    )
+
+    outputs = {name: read_output(out, name) for name in OUTPUT_NAMES}
+    assert_dead_letters(run, outputs, truth, published.message_ids)
+    assert_every_event_accounted(outputs, truth, published, timing)
+    assert_labels(run, outputs, truth, timing)
+    assert_slates(outputs, timing)

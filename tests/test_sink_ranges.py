@@ -9,8 +9,6 @@ Avro, labels/slates Avro, features Parquet and JSON lines.
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import fastavro
 import pyarrow.parquet as pq
@@ -18,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, write_config
+from tests.conftest import write_config
+from tests.helpers import run_batch_process
 from transforms import contract
 from transforms.parse import Rejected, parse_record
 
@@ -118,6 +117,49 @@ _text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=12)
 _opt_text = st.none() | _text
 
 
+def _impression(draw, common: dict, event_id: str, t: int, item: str, request: str) -> dict:
+    return {
+        **common,
+        "event_id": event_id,
+        "event_type": "impression",
+        "event_time": t,
+        "item_id": item,
+        "request_id": request,
+        "position": draw(st.sampled_from([0, INT_MAX]) | st.integers(0, INT_MAX)),
+        "propensity": draw(st.none() | st.sampled_from([5e-324, 1.0]) | st.floats(0, 1, exclude_min=True)),
+        "context": draw(st.dictionaries(_text, st.text(st.characters(codec="utf-8"), max_size=20), max_size=3)),
+    }
+
+
+def _outcome(draw, common: dict, event_id: str, t: int, item: str, request: str) -> dict:
+    return {
+        **common,
+        "event_id": event_id,
+        "item_id": item,
+        "request_id": request,
+        "event_type": draw(st.sampled_from(["click", "dwell", "add_to_cart", "purchase"])),
+        "event_time": t + draw(st.integers(0, 60_000)),
+        "dwell_ms": draw(st.none() | st.sampled_from([0, LONG_MAX]) | st.integers(0, LONG_MAX)),
+        "value": draw(
+            st.none()
+            | st.sampled_from([0.0, 5e-324, DOUBLE_MAX])
+            | st.floats(0, DOUBLE_MAX, allow_nan=False, allow_infinity=False)
+        ),
+    }
+
+
+def _loose_event(draw, common: dict, event_id: str) -> dict:
+    return {
+        **common,
+        "event_id": event_id,
+        "event_type": draw(st.sampled_from(contract.DEFAULT_EVENT_TYPES)),
+        "event_time": draw(st.integers(MIN_TIME, T0)),
+        "item_id": draw(_opt_text),
+        "dwell_ms": draw(st.none() | st.integers(0, LONG_MAX)),
+        "value": draw(st.none() | st.floats(0, DOUBLE_MAX, allow_nan=False, allow_infinity=False)),
+    }
+
+
 @st.composite
 def slate(draw, n: int):
     """One request of a user: impressions with extreme positions/propensities, some followed by an
@@ -138,47 +180,10 @@ def slate(draw, n: int):
     events = []
     for k in range(draw(st.integers(1, 3))):
         item = f"i{k}-" + draw(_text)
-        events.append(
-            {
-                **common,
-                "event_id": f"x{n}-{k}",
-                "event_type": "impression",
-                "event_time": t,
-                "item_id": item,
-                "request_id": request,
-                "position": draw(st.sampled_from([0, INT_MAX]) | st.integers(0, INT_MAX)),
-                "propensity": draw(st.none() | st.sampled_from([5e-324, 1.0]) | st.floats(0, 1, exclude_min=True)),
-                "context": draw(st.dictionaries(_text, st.text(st.characters(codec="utf-8"), max_size=20), max_size=3)),
-            }
-        )
+        events.append(_impression(draw, common, f"x{n}-{k}", t, item, request))
         if draw(st.booleans()):
-            events.append(
-                {
-                    **common,
-                    "event_id": f"o{n}-{k}",
-                    "item_id": item,
-                    "request_id": request,
-                    "event_type": draw(st.sampled_from(["click", "dwell", "add_to_cart", "purchase"])),
-                    "event_time": t + draw(st.integers(0, 60_000)),
-                    "dwell_ms": draw(st.none() | st.sampled_from([0, LONG_MAX]) | st.integers(0, LONG_MAX)),
-                    "value": draw(
-                        st.none()
-                        | st.sampled_from([0.0, 5e-324, DOUBLE_MAX])
-                        | st.floats(0, DOUBLE_MAX, allow_nan=False, allow_infinity=False)
-                    ),
-                }
-            )
-    events.append(
-        {
-            **common,
-            "event_id": f"l{n}",
-            "event_type": draw(st.sampled_from(contract.DEFAULT_EVENT_TYPES)),
-            "event_time": draw(st.integers(MIN_TIME, T0)),
-            "item_id": draw(_opt_text),
-            "dwell_ms": draw(st.none() | st.integers(0, LONG_MAX)),
-            "value": draw(st.none() | st.floats(0, DOUBLE_MAX, allow_nan=False, allow_infinity=False)),
-        }
-    )
+            events.append(_outcome(draw, common, f"o{n}-{k}", t, item, request))
+    events.append(_loose_event(draw, common, f"l{n}"))
     return [{k: v for k, v in e.items() if v is not None} for e in events]
 
 
@@ -258,25 +263,7 @@ def run_job(tmp, events, extra_lines=()):
         for line in extra_lines:
             f.write(line + "\n")
     out = tmp / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.batch",
-            "--config",
-            write_config(tmp, FEATURES),
-            "--input",
-            str(inputs / "*"),
-            "--output",
-            str(out),
-            "--warn-only",
-        ],
-        cwd=ROOT,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run_batch_process(write_config(tmp, FEATURES), str(inputs / "*"), out, "--warn-only")
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((out / "report.json").read_text()), out
 

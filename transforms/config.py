@@ -89,13 +89,6 @@ class DedupeConfig(_Section):
         86400.0, description="Copies of an event_id this close in event time are duplicates."
     )
 
-    @field_validator("horizon")
-    @classmethod
-    def _positive(cls, v):
-        if v <= 0:
-            raise ValueError("horizon must be > 0")
-        return v
-
 
 class BotConfig(_Section):
     crawler_user_agents: StrictBool = Field(True, description="Flag user agents matching the crawler-user-agents list.")
@@ -171,13 +164,6 @@ class TimeConfig(_Section):
     accumulation: Literal["accumulating", "discarding"] = "accumulating"
     output_window: WindowSpec = Field(default_factory=lambda: WindowSpec(), description="Windows of file outputs.")
 
-    @field_validator("lateness")
-    @classmethod
-    def _lateness_positive(cls, v):
-        if v <= 0:
-            raise ValueError("lateness must be > 0")
-        return v
-
 
 class WindowSpec(_Section):
     type: Literal["fixed", "sliding", "session"] = "fixed"
@@ -187,8 +173,6 @@ class WindowSpec(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.size <= 0:
-            raise ValueError("size must be > 0")
         if self.type == "sliding" and not self.period:
             raise ValueError("a sliding window needs period")
         if self.type == "session" and not self.gap:

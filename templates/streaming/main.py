@@ -1,23 +1,14 @@
-"""Flex Template entry point (FLEX_TEMPLATE_PYTHON_PY_FILE) for `python -m pipelines.streaming`.
-
-Thin on purpose: the launcher runs this file as `__main__`, and nothing defined here may end up in
-the pipeline (workers could not unpickle it). templates/flex_launch.py does the launcher chores.
-"""
+"""Flex Template entry point for `python -m pipelines.streaming` (see templates/flex_launch.py)."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # templates/, for flex_launch
 
-from flex_launch import launch  # noqa: E402
+from flex_launch import entry_point  # noqa: E402
 
-JOB = "pipelines.streaming"
-SUBCOMMAND = None
-
-
-def main(argv=None) -> int:
-    return launch(JOB, argv, SUBCOMMAND)
-
+JOB, SUBCOMMAND = "pipelines.streaming", None
+main = entry_point(JOB, SUBCOMMAND)
 
 if __name__ == "__main__":
     sys.exit(main())
