@@ -31,6 +31,13 @@ setuptools.setup(
         "phonenumbers>=8.13",  # phone numbers in free text (privacy)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "fake-useragent==2.2.0", "hypothesis>=6.100", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "fake-useragent==2.2.0",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "kafka-python==3.0.12",
+        ],
     },
 )
