@@ -43,7 +43,7 @@ from transforms.config import ConfigError, JobConfig, WindowSpec, load_config
 from transforms.deadletter import dead_letter
 from transforms.features import WriteOfflineFeatures
 from transforms.io import WriteWindowedFiles, counter_record, to_json_line
-from transforms.kafka_io import ReadKafkaRecords
+from transforms.kafka_io import ReadKafkaRecords, WriteKafkaRecords
 from transforms.online_store import WriteOnlineFeatures
 from transforms.quality import evaluate_slos
 from transforms.schemas import SchemaRegistry
@@ -323,6 +323,11 @@ def build(
             | "DeadLettersToJson" >> beam.Map(lambda d: to_json_line(d).encode())
             | "PublishDeadLetters" >> beam.io.WriteToPubSub(dead_letter_topic)
         )
+    kafka = cfg.kafka
+    if kafka is not None and kafka.labels_topic:
+        _ = out.labels | "LabelsToKafka" >> WriteKafkaRecords(kafka, kafka.labels_topic, "label_id")
+    if kafka is not None and kafka.dead_letter_topic:
+        _ = dead | "DeadLettersToKafka" >> WriteKafkaRecords(kafka, kafka.dead_letter_topic, "source")
     return out
 
 

@@ -186,6 +186,35 @@ class KafkaBroker:
             producer.close(timeout=10)
         return [(m.partition, m.offset) for m in meta]
 
+    def read_topic(self, topic: str, timeout: float = 30.0) -> list:
+        """Every record in the topic now (all partitions, from the beginning), as kafka-python
+        ConsumerRecords; [] when the topic does not exist yet. No consumer group, nothing committed."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            allow_auto_create_topics=False,
+        )
+        try:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                return []
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            end = consumer.end_offsets(tps)
+            records, deadline = [], time.monotonic() + timeout
+            while any(consumer.position(tp) < end[tp] for tp in tps):
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailable(f"reading {topic} to its end offsets {end} took over {timeout:.0f}s")
+                for batch in consumer.poll(timeout_ms=500).values():
+                    records.extend(r for r in batch if r.offset < end[TopicPartition(r.topic, r.partition)])
+            return records
+        finally:
+            consumer.close()
+
     def log_tail(self, limit: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-limit:]

@@ -7,8 +7,9 @@ for the Python steps), which reads the topic with Beam's cross-language ReadFrom
 expanded by a separate Java expansion service with an EMBEDDED environment (the Java SDK harness runs
 inside the job server's JVM: no Docker) and `--experiments=use_deprecated_read` (KafkaIO's legacy
 UnboundedSource reader: the splittable-DoFn one delivered nothing downstream on Flink without
-checkpointing; shared/flink-job-server/README.md). Labels, dead letters and every other output are the
-job's windowed files, compared with the generator's ground truth record by record.
+checkpointing; shared/flink-job-server/README.md). Labels and dead letters go to Kafka topics too (Beam's
+cross-language WriteToKafka, same expansion service), read back with kafka-python; they and every other
+output (the job's windowed files) are compared with the generator's ground truth record by record.
 
 Stopping. Beam's PipelineResult.cancel() does not stop a Flink job on this job server (the job server's
 invocation future is cancelled, the Flink job is not), so the test cancels the Flink job through Flink's
@@ -53,6 +54,8 @@ from tests.test_pubsub_e2e import _iso_seconds, _slate_items, count_files, read_
 pytestmark = pytest.mark.slow
 
 TOPIC = "feedback-events"
+LABELS_TOPIC = "feedback-labels"
+DEAD_LETTER_TOPIC = "feedback-dead-letters"
 N_EVENTS = 1500
 SEED = 11
 # Event-time rules of the job, in seconds (config/streaming.yaml has 1 h, 1 h, 30 min, 5 min), as short as
@@ -123,6 +126,8 @@ def job_config(path: Path, bootstrap: str, expansion_service: str) -> Path:
         "topic": TOPIC,
         "start": "earliest",
         "expansion_service": expansion_service,
+        "labels_topic": LABELS_TOPIC,
+        "dead_letter_topic": DEAD_LETTER_TOPIC,
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -335,6 +340,12 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
                 and _slate_items(read_output(out, "slates"))
                 == sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
             )
+            if complete:  # the files are all there: are the topics too?
+                topic_state = (
+                    len(kafka_broker.read_topic(LABELS_TOPIC)),
+                    len(kafka_broker.read_topic(DEAD_LETTER_TOPIC)),
+                )
+                complete = topic_state == (truth["labels"]["exposures"], expected_dead)
             if (complete and now > release and now - changed_at > 5) or now > due + 30:
                 break
             time.sleep(2)
@@ -361,6 +372,8 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
     assert len(cancelled) == 1, f"expected one running Flink job, cancelled {cancelled}"
     assert code == 0, f"the job did not exit 0 within {JOB_STOP_TIMEOUT_S}s of the cancel (code {code}):\n{job_log}"
     assert not any(s.process.poll() is None for s in services)
+    published_labels = kafka_broker.read_topic(LABELS_TOPIC)
+    published_dead = kafka_broker.read_topic(DEAD_LETTER_TOPIC)
 
     outputs = {name: read_output(out, name) for name in OUTPUT_NAMES}
     counts = truth["counts"]
@@ -372,6 +385,11 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
     assert len(set(sources)) == len(sources)
     produced = {f"kafka:{TOPIC}/{partition}/{offset}" for partition, offset in offsets}
     assert set(sources) <= produced, sorted(set(sources) - produced)[:5]
+    # ... and the same dead letters were written to their topic once each, keyed by their source.
+    dead_values = [json.loads(r.value) for r in published_dead]
+    assert Counter(d["reason"] for d in dead_values) == predicted
+    assert sorted(d["source"] for d in dead_values) == sorted(sources)
+    assert all(r.key.decode() == d["source"] for r, d in zip(published_dead, dead_values))
 
     # Every valid event archived once (a clean run reads each record once).
     archive = outputs["archive"]
@@ -398,11 +416,16 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
     )
     assert accounted == N_EVENTS
 
-    # Labels: one per exposure, exactly once, positives as the truth.
+    # Labels: one per exposure, exactly once in the files and on the topic (keyed by label_id), positives
+    # as the truth.
     labels = outputs["labels"]
     label_truth = truth["labels"]
-    assert len(labels) == label_truth["exposures"]
+    assert len(labels) == label_truth["exposures"] == len(published_labels)
     assert len({l["label_id"] for l in labels}) == len(labels)
+    label_values = [json.loads(r.value) for r in published_labels]
+    assert sorted(l["label_id"] for l in label_values) == sorted(l["label_id"] for l in labels)
+    assert all(r.key.decode() == l["label_id"] for r, l in zip(published_labels, label_values))
+    assert sorted(l["label_id"] for l in label_values if l["label"]) == label_truth["positive_label_ids"]
     assert sorted(l["label_id"] for l in labels if l["label"]) == label_truth["positive_label_ids"]
     assert sum(l["label"] == 0 for l in labels) == label_truth["negatives"]
     for kind in ("click", "add_to_cart", "purchase"):

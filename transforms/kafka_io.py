@@ -22,14 +22,15 @@ starts it with a Docker environment).
 from __future__ import annotations
 
 import apache_beam as beam
-from apache_beam.io.kafka import ReadFromKafka
+from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
 from apache_beam.metrics import Metrics
 from pydantic import Field
 
 from transforms.configbase import _Section
+from transforms.io import to_json_line
 from transforms.parse import RawRecord
 
-__all__ = ["KafkaConfig", "ReadKafkaRecords", "raw_record_from_kafka"]
+__all__ = ["KafkaConfig", "ReadKafkaRecords", "WriteKafkaRecords", "raw_record_from_kafka", "kafka_record"]
 
 METRICS_NS = "feedback.kafka"
 SOURCE_PREFIX = "kafka:"
@@ -51,12 +52,20 @@ class KafkaConfig(_Section):
     consumer_config: dict[str, str] = Field(
         default_factory=dict, description="More Kafka consumer properties (security.protocol, sasl.*, ...)."
     )
+    labels_topic: str | None = Field(None, description="Topic to write labels to (JSON, keyed by label_id).")
+    dead_letter_topic: str | None = Field(None, description="Topic to write dead letters to (JSON, keyed by source).")
+    producer_config: dict[str, str] = Field(
+        default_factory=dict, description="More Kafka producer properties for the label and dead-letter topics."
+    )
 
     def consumer_properties(self) -> dict[str, str]:
         props = {"bootstrap.servers": self.bootstrap_servers, "auto.offset.reset": self.start}
         if self.group_id:
             props["group.id"] = self.group_id
         return {**props, **self.consumer_config}
+
+    def producer_properties(self) -> dict[str, str]:
+        return {"bootstrap.servers": self.bootstrap_servers, **self.producer_config}
 
 
 def raw_record_from_kafka(record) -> RawRecord:
@@ -98,3 +107,38 @@ class ReadKafkaRecords(beam.PTransform):
             expansion_service=self._cfg.expansion_service,
         )
         return rows | "ToRawRecords" >> beam.ParDo(_ToRawRecordFn())
+
+
+def kafka_record(record: dict, key_field: str) -> tuple[bytes, bytes]:
+    """An output record -> (key, value) bytes for Kafka: the key field's value, and the record as JSON."""
+    return str(record[key_field]).encode(), to_json_line(record).encode()
+
+
+class WriteKafkaRecords(beam.PTransform):
+    """Output records (dicts) -> a Kafka topic, one JSON value per record, keyed by `key_field`, through
+    Beam's cross-language WriteToKafka (the same expansion service as the source). Delivery is KafkaIO's
+    default (at least once across restarts; each record once in a run without failures).
+
+    Args:
+      cfg: the job config's `kafka:` section (brokers, producer properties, expansion service).
+      topic: the topic to write.
+      key_field: the record field whose value is the Kafka key (e.g. label_id).
+    """
+
+    def __init__(self, cfg: KafkaConfig, topic: str, key_field: str):
+        super().__init__()
+        if not topic:
+            raise ValueError("topic must be a non-empty topic name")
+        self._cfg, self._topic, self._key_field = cfg, topic, key_field
+
+    def expand(self, records):
+        return (
+            records
+            | "ToKafkaRecord" >> beam.Map(kafka_record, self._key_field).with_output_types(tuple[bytes, bytes])
+            | "WriteKafka"
+            >> WriteToKafka(
+                producer_config=self._cfg.producer_properties(),
+                topic=self._topic,
+                expansion_service=self._cfg.expansion_service,
+            )
+        )
