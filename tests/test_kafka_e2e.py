@@ -72,6 +72,8 @@ GENERATOR_KNOBS = {"duration_hours": 0.002, "bot_rule_split": {"crawler_user_age
 # Seconds between planning the event times and producing the last record (generation, ~3 s, and
 # production, ~2 s): the first event must not be too late (LATENESS) by its Kafka timestamp.
 PRODUCE_MARGIN = 12
+# The events span ~48 s: they may start up to this far into their 60 s bucket and still end inside it.
+START_SLACK = 10
 # Wall-clock seconds the job has at least to start on Flink and read every record before the bucket is
 # released (measured: the Flink job runs ~25 s after the job process starts and reads 1500 records in a
 # few seconds).
@@ -101,14 +103,17 @@ def plan_times(now: float) -> tuple[float, float]:
 
     Every event falls in the `split_every` bucket [B, B + SPLIT_EVERY) (one bucket, so no user's activity
     or label is split across two), which the job releases at B + SPLIT_EVERY + LATENESS (the watermark is
-    the processing clock). B is the earliest bucket start at most LATENESS - PRODUCE_MARGIN before now, so
-    no record is too late by its Kafka timestamp (as in the truth: nothing too late), and the release
-    leaves the job at least PROCESSING_BUDGET.
+    the processing clock). The first event is at most LATENESS - PRODUCE_MARGIN before now, so no record
+    is too late by its Kafka timestamp (as in the truth: nothing too late); within that, the events start
+    as early as the bucket grid allows (up to START_SLACK into their bucket, since they span less than it),
+    and the release leaves the job at least PROCESSING_BUDGET.
     """
-    bucket = math.ceil((now - LATENESS + PRODUCE_MARGIN) / SPLIT_EVERY) * SPLIT_EVERY
+    earliest = now - LATENESS + PRODUCE_MARGIN
+    bucket = math.ceil((earliest - START_SLACK) / SPLIT_EVERY) * SPLIT_EVERY
+    start = max(bucket + 1.0, earliest)
     release = bucket + SPLIT_EVERY + LATENESS
-    assert release - now >= PROCESSING_BUDGET
-    return bucket + 1.0, release
+    assert start <= bucket + START_SLACK and release - now >= PROCESSING_BUDGET
+    return start, release
 
 
 def job_config(path: Path, bootstrap: str, expansion_service: str) -> Path:
@@ -116,7 +121,10 @@ def job_config(path: Path, bootstrap: str, expansion_service: str) -> Path:
     cfg = yaml.safe_load((ROOT / "config" / "streaming.yaml").read_text())
     cfg["schema"]["directory"] = str(SCHEMA_DIR)
     cfg.pop("online_store", None)
-    cfg["time"].update(lateness=f"{LATENESS}s", output_window={"type": "fixed", "size": f"{OUTPUT_WINDOW}s"})
+    # Early panes every 5 s instead of 30 s: the last outputs (slates) reach their files sooner.
+    cfg["time"].update(
+        lateness=f"{LATENESS}s", early_firing="5s", output_window={"type": "fixed", "size": f"{OUTPUT_WINDOW}s"}
+    )
     cfg["sessions"] = {"gap": f"{LATENESS}s", "split_every": f"{SPLIT_EVERY}s"}
     run_cap = f"{RUN_CAP}s"
     cfg["bots"] = {"session_gap": run_cap, "max_run_duration": run_cap, "cadence_min_duration": run_cap}
@@ -140,7 +148,7 @@ def make_events(path: Path, start: float, monkeypatch) -> dict:
     iso = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat().replace("+00:00", "Z")
     truth = gen.generate(N_EVENTS, str(path), seed=SEED, start=iso, lateness_s=LATENESS, **GENERATOR_KNOBS)
     lo, hi = (_iso_seconds(t) for t in truth["event_time_range"])
-    bucket = start - 1.0
+    bucket = math.floor(start / SPLIT_EVERY) * SPLIT_EVERY
     assert bucket <= lo and hi < bucket + SPLIT_EVERY, f"the events span {truth['event_time_range']}"
     assert truth["counts"]["too_late"] == 0
     return truth
@@ -276,7 +284,8 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
     log_path = tmp_path / "job.log"
     try:
         # The JVMs boot while the events are planned, generated and produced.
-        start, release = plan_times(time.time())
+        planned_at = time.time()
+        start, release = plan_times(planned_at)
         truth = make_events(tmp_path / "events.jsonl", start, monkeypatch)
         lines = (tmp_path / "events.jsonl").read_bytes().split(b"\n")
         assert lines[-1] == b"" and len(lines) - 1 == N_EVENTS
@@ -365,8 +374,10 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
             s.stop()
     job_log = _log_tail(log_path)
     print(
-        f"\nkafka e2e: {N_EVENTS} records; Flink job ran {waited_s:.0f}s; cancelled {cancelled}; job exited "
-        f"{stop_s:.1f}s after the cancel; {count_files(out)} output files; test {time.monotonic() - t_begin:.0f}s",
+        f"\nkafka e2e: events start {start - planned_at:+.0f}s from planning, produced "
+        f"{produced_until.timestamp() - 1 - planned_at:.0f}s after it; {N_EVENTS} records; Flink job ran "
+        f"{waited_s:.0f}s; cancelled {cancelled}; job exited {stop_s:.1f}s after the cancel; "
+        f"{count_files(out)} output files; test {time.monotonic() - t_begin:.0f}s",
         file=sys.stderr,
     )
     assert len(cancelled) == 1, f"expected one running Flink job, cancelled {cancelled}"
