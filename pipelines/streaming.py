@@ -9,8 +9,9 @@ topic read with Beam's cross-language ReadFromKafka (transforms/kafka_io.py: on 
 expansion service in an EMBEDDED environment); exactly one of them.
 
 Same graph as the batch job (`pipelines/graph.py`), with the streaming implementations of the
-stateful steps. Arrival time is the Pub/Sub publish time; event time is the `event_time` field (or
-the `time.event_time_attribute` attribute). Outputs under DIR are windowed files:
+stateful steps. Arrival time is the Pub/Sub publish time (Kafka: the record timestamp); event time
+is the `event_time` field (or the `time.event_time_attribute` attribute). Outputs under DIR are
+windowed files:
 `archive/` (every valid event with its arrival time: the replay source), `labels/`, `slates/`,
 `dead_letter/` (including too_late), `orphan_outcomes/`, `late_outcomes/`, `bots/`, `_counts/`.
 Without --runner the job runs on the Python BundleBasedDirectRunner (named explicitly; see
