@@ -33,6 +33,13 @@ setuptools.setup(
     # The PROCESS-environment boot for a cluster's SDK workers (pipelines/sdk_worker.py).
     entry_points={"console_scripts": ["feedback-sdk-worker=pipelines.sdk_worker:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "fake-useragent==2.2.0", "hypothesis>=6.100", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "fake-useragent==2.2.0",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "kafka-python==3.0.12",
+        ],
     },
 )

@@ -1,11 +1,17 @@
-"""Streaming job: Pub/Sub in; labels, features, dead letters and an event archive out, continuously.
+"""Streaming job: Pub/Sub or Kafka in; labels, features, dead letters and an event archive out, continuously.
 
     python -m pipelines.streaming --config config/streaming.yaml --subscription projects/P/subscriptions/S \
         --output DIR [--labels-topic T] [--dead-letter-topic T] [beam options]
+    python -m pipelines.streaming --config CONFIG_WITH_A_KAFKA_SECTION --output DIR [beam options]
+
+The source is Pub/Sub (--subscription or --topic) or, when the config has a `kafka:` section, a Kafka
+topic read with Beam's cross-language ReadFromKafka (transforms/kafka_io.py: on Flink, with a Java
+expansion service in an EMBEDDED environment); exactly one of them.
 
 Same graph as the batch job (`pipelines/graph.py`), with the streaming implementations of the
-stateful steps. Arrival time is the Pub/Sub publish time; event time is the `event_time` field (or
-the `time.event_time_attribute` attribute). Outputs under DIR are windowed files:
+stateful steps. Arrival time is the Pub/Sub publish time (Kafka: the record timestamp); event time
+is the `event_time` field (or the `time.event_time_attribute` attribute). Outputs under DIR are
+windowed files:
 `archive/` (every valid event with its arrival time: the replay source), `labels/`, `slates/`,
 `dead_letter/` (including too_late), `orphan_outcomes/`, `late_outcomes/`, `bots/`, `_counts/`.
 Without --runner the job runs on the Python BundleBasedDirectRunner (named explicitly; see
@@ -34,10 +40,11 @@ from pipelines.outputs import ARCHIVE, COUNTS, DEAD_LETTER, FEATURES, LABELS, ou
 from pipelines.outputs import STREAMING_OUTPUTS as STREAMING_FILES
 from transforms import contract
 from transforms.accounting import summarise
-from transforms.config import JobConfig, WindowSpec, load_config
+from transforms.config import ConfigError, JobConfig, WindowSpec, load_config
 from transforms.deadletter import dead_letter
 from transforms.features import WriteOfflineFeatures
 from transforms.io import WriteWindowedFiles, counter_record, to_json_line
+from transforms.kafka_io import ReadKafkaRecords, WriteKafkaRecords
 from transforms.online_store import WriteOnlineFeatures
 from transforms.quality import evaluate_slos
 from transforms.schemas import SchemaRegistry
@@ -53,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     Template metadata test, which checks templates/*/metadata.json against it."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.streaming", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML job config, e.g. config/streaming.yaml")
-    source = parser.add_mutually_exclusive_group(required=True)
+    # Not required here: a `kafka:` section of the config is the other source (checked in run()).
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--subscription", help="projects/<p>/subscriptions/<s> to read")
     source.add_argument("--topic", help="projects/<p>/topics/<t> to read (a temporary subscription is made)")
     parser.add_argument("--output", required=True, help="Folder for windowed output files (local or gs://)")
@@ -316,34 +324,53 @@ def build(
             | "DeadLettersToJson" >> beam.Map(lambda d: to_json_line(d).encode())
             | "PublishDeadLetters" >> beam.io.WriteToPubSub(dead_letter_topic)
         )
+    kafka = cfg.kafka
+    if kafka is not None and kafka.labels_topic:
+        _ = out.labels | "LabelsToKafka" >> WriteKafkaRecords(kafka, kafka.labels_topic, "label_id")
+    if kafka is not None and kafka.dead_letter_topic:
+        _ = dead | "DeadLettersToKafka" >> WriteKafkaRecords(kafka, kafka.dead_letter_topic, "source")
     return out
 
 
 STREAMING_OUTPUTS = (*(o.name for o in STREAMING_FILES), COUNTS.name, "quality", FEATURES.name)
 
 
+def _check_source(args, cfg: JobConfig) -> None:
+    """Exactly one source: --subscription, --topic, or the config's `kafka:` section (JSON values only)."""
+    pubsub = args.subscription or args.topic
+    if cfg.kafka is None and not pubsub:
+        raise ConfigError(f"no source: pass --subscription or --topic, or add a kafka: section to {args.config}")
+    if cfg.kafka is not None and pubsub:
+        raise ConfigError(
+            f"two sources: {args.config} has a kafka: section and --subscription/--topic was given; keep one"
+        )
+    if cfg.kafka is not None and args.message_format != "json":
+        raise ConfigError("the Kafka source reads JSON record values: --message-format avro is for Pub/Sub")
+
+
 def run(argv=None):
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
+    _check_source(args, cfg)
     settings = GraphSettings.from_config(cfg)
     options = pipeline_options(beam_args, DEFAULT_RUNNER, streaming=True)
     # Continuous windowed files cannot be staged; a used folder is refused as in batch (a restarted job
     # would rewrite the same window file names), and --overwrite replaces a previous run's folder.
     runfolder.prepare_streaming(args.output, args.overwrite, STREAMING_OUTPUTS)
     p = beam.Pipeline(options=options)
-    read = p | "ReadEvents" >> ReadEvents(
-        args.subscription, args.topic, args.message_format, settings.validation.registry, cfg.time.event_time_attribute
-    )
-    build(
-        p,
-        cfg,
-        settings,
-        read.records,
-        args.output,
-        [read[_MessageToRawFn.UNDECODABLE]],
-        args.labels_topic,
-        args.dead_letter_topic,
-    )
+    if cfg.kafka is not None:
+        records = p | "ReadEvents" >> ReadKafkaRecords(cfg.kafka)
+        upstream_dead_letters = []
+    else:
+        read = p | "ReadEvents" >> ReadEvents(
+            args.subscription,
+            args.topic,
+            args.message_format,
+            settings.validation.registry,
+            cfg.time.event_time_attribute,
+        )
+        records, upstream_dead_letters = read.records, [read[_MessageToRawFn.UNDECODABLE]]
+    build(p, cfg, settings, records, args.output, upstream_dead_letters, args.labels_topic, args.dead_letter_topic)
     stop = _StopOnSignal()
     result = p.run()
     # Wait in a thread (the DirectRunner's wait_until_finish takes no timeout), so SIGTERM/SIGINT can
@@ -366,8 +393,20 @@ def run(argv=None):
             result.cancel()
             return result
     if errors:
+        if _cancelled_by_operator(errors[0]):
+            # An operator stopped the job from the runner's side (e.g. Flink's REST API or CLI): an
+            # ordinary end for a streaming job, not a failure of this process.
+            _log.info("the runner reports the job cancelled: %s", str(errors[0]).splitlines()[0][:300])
+            return result
         raise errors[0]
     return result
+
+
+def _cancelled_by_operator(error: Exception) -> bool:
+    """Whether the job ended because it was cancelled on the runner. Beam's portable runner reports a Flink
+    job cancelled through Flink (REST API, CLI, web UI) as FAILED with Flink's JobCancellationException;
+    Beam's own cancel() does not stop a job on the Flink job server (shared/flink-job-server/README.md)."""
+    return "JobCancellationException" in str(error)
 
 
 class _StopOnSignal:

@@ -21,6 +21,7 @@ from transforms import contract
 from transforms.configbase import Duration, PositiveDuration, _Section, parse_duration  # noqa: F401 - re-exported
 from transforms.evaluation import EvaluationConfig, load_position_weights
 from transforms.features_config import FeaturesConfig
+from transforms.kafka_io import KafkaConfig
 from transforms.online_store import OnlineStoreConfig
 from transforms.quality import QualityConfig
 
@@ -241,6 +242,7 @@ class JobConfig(_Section):
     labels: LabelsConfig = LabelsConfig()
     features: FeaturesConfig | None = Field(None, description="Windowed feature aggregates (off when absent).")
     online_store: OnlineStoreConfig | None = Field(None, description="Redis for online features (streaming).")
+    kafka: KafkaConfig | None = Field(None, description="Kafka as the streaming job's source (instead of Pub/Sub).")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="SLO gates and drift.")
     output: OutputConfig = OutputConfig()
     evaluation: EvaluationConfig = Field(
