@@ -5,6 +5,7 @@ module's test functions.
 
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import json
 import os
@@ -220,3 +221,31 @@ def feature_event(eid, t, etype, user="u1", item=None, category=None, dwell=None
         "value": None,
         "item_meta": {"category": category} if category else None,
     }
+
+
+# --- end-to-end streaming tests (Pub/Sub, Kafka): the job's files ---------------------------------
+
+
+def iso_seconds(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def read_output(out, name: str) -> list[dict]:
+    """Every record of one output (files are written whole, then renamed, so none is half-written)."""
+    records = []
+    for path in sorted(glob.glob(str(out / name / "*"))):
+        if path.endswith(".avro"):
+            with open(path, "rb") as f:
+                records.extend(fastavro.reader(f))
+        elif path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                records.extend(orjson.loads(line) for line in f if line.strip())
+    return records
+
+
+def slate_items(slates: list[dict]) -> list[tuple]:
+    return sorted((s["request_id"], i["item_id"]) for s in slates for i in s["items"])
+
+
+def count_files(out, names) -> int:
+    return sum(len(glob.glob(str(out / name / "*"))) for name in names)

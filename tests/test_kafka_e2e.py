@@ -47,9 +47,9 @@ import yaml
 
 from tests.conftest import ROOT, SCHEMA_DIR
 from tests.engines import flink_job_server_jar  # noqa: F401  (session fixture)
+from tests.helpers import count_files, iso_seconds, read_output, slate_items
 from tests.kafka_broker import kafka_broker  # noqa: F401  (session fixture)
 from tests.processes import DIE_WITH_PARENT, free_port, stop
-from tests.test_pubsub_e2e import _iso_seconds, _slate_items, count_files, read_output
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +147,7 @@ def make_events(path: Path, start: float, monkeypatch) -> dict:
     monkeypatch.setattr(gen, "LABEL_WINDOW_MS", LABEL_WINDOW * 1000)
     iso = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat().replace("+00:00", "Z")
     truth = gen.generate(N_EVENTS, str(path), seed=SEED, start=iso, lateness_s=LATENESS, **GENERATOR_KNOBS)
-    lo, hi = (_iso_seconds(t) for t in truth["event_time_range"])
+    lo, hi = (iso_seconds(t) for t in truth["event_time_range"])
     bucket = math.floor(start / SPLIT_EVERY) * SPLIT_EVERY
     assert bucket <= lo and hi < bucket + SPLIT_EVERY, f"the events span {truth['event_time_range']}"
     assert truth["counts"]["too_late"] == 0
@@ -304,7 +304,7 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
         from transforms.config import load_config
 
         due = (
-            _iso_seconds(truth["event_time_range"][1])
+            iso_seconds(truth["event_time_range"][1])
             + GraphSettings.from_config(load_config(str(config))).max_output_delay_s
         )
         cmd = [
@@ -338,7 +338,7 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
             now = time.time()
             if started_at is None and job_server.running_jobs():
                 started_at = now
-            new_state = count_files(out)
+            new_state = count_files(out, OUTPUT_NAMES)
             if new_state != state:
                 state, changed_at = new_state, now
             file_labels = read_output(out, "labels")
@@ -346,7 +346,7 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
                 len(file_labels) == truth["labels"]["exposures"]
                 and len(read_output(out, "dead_letter")) == expected_dead
                 and len(read_output(out, "archive")) == truth["counts"]["valid"]
-                and _slate_items(read_output(out, "slates"))
+                and slate_items(read_output(out, "slates"))
                 == sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
             )
             if complete:  # the files are all there: are the topics too?
@@ -377,7 +377,7 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
         f"\nkafka e2e: events start {start - planned_at:+.0f}s from planning, produced "
         f"{produced_until.timestamp() - 1 - planned_at:.0f}s after it; {N_EVENTS} records; Flink job ran "
         f"{waited_s:.0f}s; cancelled {cancelled}; job exited {stop_s:.1f}s after the cancel; "
-        f"{count_files(out)} output files; test {time.monotonic() - t_begin:.0f}s",
+        f"{count_files(out, OUTPUT_NAMES)} output files; test {time.monotonic() - t_begin:.0f}s",
         file=sys.stderr,
     )
     assert len(cancelled) == 1, f"expected one running Flink job, cancelled {cancelled}"
@@ -446,5 +446,5 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
 
     slates = outputs["slates"]
     expected_items = sorted((l["request_id"], l["item_id"]) for l in labels if l["request_id"] is not None)
-    assert expected_items and _slate_items(slates) == expected_items
+    assert expected_items and slate_items(slates) == expected_items
     assert len({s["request_id"] for s in slates}) == len(slates), "a request is split over several slates"

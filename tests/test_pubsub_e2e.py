@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import glob
 import json
 import math
 import os
@@ -34,13 +33,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import fastavro
 import orjson
 import pytest
 import yaml
 
 from pipelines.graph import GraphSettings
 from tests.conftest import ROOT, SCHEMA_DIR
+from tests.helpers import count_files, iso_seconds, read_output, slate_items
 from tests.pubsub_emulator import pubsub_emulator  # noqa: F401  (session fixture)
 from transforms.config import load_config
 
@@ -122,7 +121,7 @@ def make_events(path: Path, start: float, monkeypatch) -> dict:
     monkeypatch.setattr(gen, "LABEL_WINDOW_MS", LABEL_WINDOW * 1000)
     iso = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat().replace("+00:00", "Z")
     truth = gen.generate(N_EVENTS, str(path), seed=SEED, start=iso, lateness_s=LATENESS, **GENERATOR_KNOBS)
-    lo, hi = (_iso_seconds(t) for t in truth["event_time_range"])
+    lo, hi = (iso_seconds(t) for t in truth["event_time_range"])
     bucket = start - 1.0
     assert bucket <= lo and hi < bucket + SPLIT_EVERY, (
         f"the events span {truth['event_time_range']}, more than one {SPLIT_EVERY}s bucket from "
@@ -130,10 +129,6 @@ def make_events(path: Path, start: float, monkeypatch) -> dict:
     )
     assert truth["counts"]["too_late"] == 0
     return truth
-
-
-def _iso_seconds(text: str) -> float:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 # --- Pub/Sub through the official client ----------------------------------------------------------
@@ -192,25 +187,6 @@ class PubSub:
 # --- the job's files ----------------------------------------------------------------------------------
 
 
-def read_output(out: Path, name: str) -> list[dict]:
-    """Every record of one output (files are written whole, then renamed, so none is half-written)."""
-    records = []
-    for path in sorted(glob.glob(str(out / name / "*"))):
-        if path.endswith(".avro"):
-            with open(path, "rb") as f:
-                records.extend(fastavro.reader(f))
-        elif path.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                records.extend(orjson.loads(line) for line in f if line.strip())
-    return records
-
-
-def _slate_items(slates: list[dict]) -> list[tuple]:
-    return sorted((s["request_id"], i["item_id"]) for s in slates for i in s["items"])
-
-
-def count_files(out: Path) -> int:
-    return sum(len(glob.glob(str(out / name / "*"))) for name in OUTPUT_NAMES)
 
 
 def _log_tail(path: Path, limit: int = 6000) -> str:
@@ -308,7 +284,7 @@ def outputs_complete(run: JobRun, out: Path, truth: dict) -> bool:
         len(run.labels_msgs) == truth["labels"]["exposures"] == len(file_labels)
         and len(run.dead_msgs) == sum(truth["dead_letter_by_reason"].values())
         and len(read_output(out, "archive")) == truth["counts"]["valid"]
-        and _slate_items(read_output(out, "slates"))
+        and slate_items(read_output(out, "slates"))
         == sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
     )
 
@@ -327,7 +303,7 @@ def wait_for_outputs(
             run.dead_msgs += new_dead
             run.last_dead_at = time.time()
         now = time.time()
-        new_state = (len(run.labels_msgs), len(run.dead_msgs), count_files(out))
+        new_state = (len(run.labels_msgs), len(run.dead_msgs), count_files(out, OUTPUT_NAMES))
         if new_state != state:
             state, changed_at = new_state, now
         complete = outputs_complete(run, out, truth)
@@ -354,7 +330,7 @@ def run_job(ps: PubSub, published: Published, config: Path, out: Path, log_path:
     """Runs the job until its outputs are complete (or overdue), stops it, and pulls what it published."""
     # The job's own bound on how far behind the watermark (here: the wall clock) its outputs can be.
     due = (
-        _iso_seconds(truth["event_time_range"][1])
+        iso_seconds(truth["event_time_range"][1])
         + GraphSettings.from_config(load_config(str(config))).max_output_delay_s
     )
     job = start_job(config, published, out, log_path, emulator)
@@ -444,7 +420,7 @@ def assert_slates(outputs: dict, timing: str) -> None:
     gap (60 s) after their request's labels."""
     slates = outputs["slates"]
     expected_items = sorted((l["request_id"], l["item_id"]) for l in outputs["labels"] if l["request_id"] is not None)
-    assert expected_items and _slate_items(slates) == expected_items, timing
+    assert expected_items and slate_items(slates) == expected_items, timing
     assert len({s["request_id"] for s in slates}) == len(slates), "a request is split over several slates"
     assert all(
         s["n_items"] == len(s["items"]) and s["n_positive"] == sum(i["label"] for i in s["items"]) for s in slates
@@ -462,7 +438,8 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, pubsub, tmp_path
     run = run_job(pubsub, published, config, out, log_path, pubsub_emulator, truth, release)
     timing = timing_note(run, published, release)
     print(
-        f"\npubsub e2e: {timing}; job exited {run.stop_s:.1f}s after SIGTERM; {count_files(out)} output files; "
+        f"\npubsub e2e: {timing}; job exited {run.stop_s:.1f}s after SIGTERM; "
+        f"{count_files(out, OUTPUT_NAMES)} output files; "
         f"test {time.monotonic() - t_begin:.0f}s",
         file=sys.stderr,
     )
