@@ -187,8 +187,6 @@ class PubSub:
 # --- the job's files ----------------------------------------------------------------------------------
 
 
-
-
 def _log_tail(path: Path, limit: int = 6000) -> str:
     try:
         return path.read_text(errors="replace")[-limit:]
