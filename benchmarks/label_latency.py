@@ -279,6 +279,8 @@ def main(argv=None) -> dict:
     beam_args = ["--runner=PrismRunner", f"--prism_location={_prism(args.prism_location)}"]
     beam_args.append("--environment_type=LOOPBACK")
     probe_rows, label_rows, wall = run_pipeline(beam_args, cfg, settings, stream, work)
+    truth = json.loads(Path(f"{data}.truth.json").read_text())["labels"]["exposures"]
+    ids = [row[0] for row in label_rows]
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -288,6 +290,11 @@ def main(argv=None) -> dict:
         "step_s": args.step,
         "slack_s": args.slack,
         "labels": len(label_rows),
+        # What the generator's truth expects (one label per exposure), and what the runner did: a label
+        # emitted twice, or never (both seen on Prism under load: "Unexpected split on a bundle with timers").
+        "labels_expected": truth,
+        "labels_distinct": len(set(ids)),
+        "labels_emitted_twice_or_more": len(ids) - len(set(ids)),
         "wall_s": round(wall, 1),
         "upstream_delay_s": settings.bots_delay_s,
         "label_window_s": max(settings.labels.window_ms, settings.labels.lateness_ms) / 1000.0,
