@@ -475,6 +475,9 @@ class _ParseFn(beam.DoFn):
         self._valid.inc()
         yield beam.window.TimestampedValue(event, event["event_time"] / 1000.0) if self._stamp else event
 
+    def start_bundle(self):
+        self._redactor.drain()  # tallies of a failed bundle on this instance are not this bundle's
+
     def finish_bundle(self):
         # PII findings are tallied by the redactor; one counter update per bundle, not per record.
         self._pii.flush(self._redactor)

@@ -622,6 +622,9 @@ class _ProtectFn(beam.DoFn):
             self._bad_ip.inc()
         yield out
 
+    def start_bundle(self):
+        self._redactor.drain()  # tallies of a failed bundle on this instance are not this bundle's
+
     def finish_bundle(self):
         # PII findings are tallied by the redactor; one counter update per bundle, not per event.
         self._pii.flush(self._redactor)
