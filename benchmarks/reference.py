@@ -61,11 +61,12 @@ def _route(outputs, main: list, tagged: dict) -> None:
 
 
 def _run(fn, elements) -> tuple[list, dict]:
-    if hasattr(fn, "setup"):
-        fn.setup()
+    fn.setup()
+    fn.start_bundle()
     main, tagged = [], {}
     for el in elements:
         _route(fn.process(el), main, tagged)
+    _route(fn.finish_bundle() or (), main, tagged)
     return main, tagged
 
 

@@ -160,7 +160,7 @@ def build_event_graph(
     p = raw_records.pipeline
     if streaming is None:
         streaming = not raw_records.is_bounded
-    parsed = raw_records | "Parse" >> ParseEvents(settings.validation, settings.key_source)
+    parsed = raw_records | "Parse" >> ParseEvents(settings.validation, settings.key_source, stamp_event_time=streaming)
     protected = parsed[ParseEvents.VALID] | "Privacy" >> ProtectPrivacy(settings.privacy, settings.key_source)
     tables = {
         name: p | f"Read{name.title()}Metadata" >> ReadMetadataTable(path, key, domain, settings.key_source)

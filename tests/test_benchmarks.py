@@ -20,6 +20,8 @@ TINY_ARGS = {
     "batch_throughput.py": ["--sizes", "150", "300", "--runners", "fnapi", "--workdir", "{work}"],
     # starts its own standalone Flink cluster (JobManager + 2 TaskManagers); tools from .ci/install-flink
     "flink_scale.py": ["--events", "1500", "--files", "2", "--workdir", "{work}"],
+    # the streaming graph on Prism (tools from .ci/install-prism) over 300 events spanning 6 hours
+    "label_latency.py": ["--events", "300", "--hours", "6", "--step", "1800", "--workdir", "{work}"],
     "pii_redaction.py": ["300"],
     "profile_job.py": ["--events", "150", "--workdir", "{work}", "--top", "5"],
     "reference.py": ["--input", "{data}", "--output", "{work}/reference"],
@@ -73,6 +75,11 @@ def test_benchmark_script_runs_on_a_tiny_input(script, tmp_path, tiny_input):
     if script == "flink_scale.py":
         result = json.loads(proc.stdout[proc.stdout.index("{") :])
         assert result["accounting_exact"] and sum(result["counts"].values()) == 1500, result
+    if script == "label_latency.py":
+        result = json.loads(proc.stdout)
+        # every label emitted is measured, each against a step the probe saw pass
+        assert result["labels"] > 0 and result["processing_ms"]["n"] == result["labels"], result
+        assert result["labels_before_first_probe"] == 0 and result["probes_fired"] == result["steps"], result
     if script == "reference.py":
         summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
         assert summary["accounting_holds"] and sum(summary["counts"].values()) == 150

@@ -295,13 +295,45 @@ class _ReadFileFn(beam.DoFn):
 
     def _emit(self, records):
         """(source, payload) -> RawRecord, counted; returns the reader's Damage (or None)."""
-        while True:
-            try:
-                source, payload = next(records)
-            except StopIteration as stop:
-                return stop.value
-            self._records.inc()
-            yield source, payload, None
+        n = 0
+        try:
+            while True:
+                try:
+                    source, payload = next(records)
+                except StopIteration as stop:
+                    return stop.value
+                n += 1
+                yield source, payload, None
+        finally:
+            self._records.inc(n)
+
+
+class _ReadFileChunksFn(_ReadFileFn):
+    """As _ReadFileFn, but the records come as lists of up to `chunk` RawRecords (in file order)."""
+
+    def __init__(self, registry: SchemaRegistry, chunk: int):
+        super().__init__(registry)
+        self._chunk = chunk
+
+    def _emit(self, records):
+        chunk = []
+        damage = yield from _chunks_of(super()._emit(records), self._chunk, chunk)
+        if chunk:
+            yield chunk
+        return damage
+
+
+def _chunks_of(records, size: int, chunk: list):
+    """Yields full lists of `size` from a generator, filling `chunk` (the caller emits what is left);
+    returns the generator's return value."""
+    while True:
+        try:
+            chunk.append(next(records))
+        except StopIteration as stop:
+            return stop.value
+        if len(chunk) >= size:
+            yield list(chunk)
+            chunk.clear()
 
 
 class ReadRawRecords(beam.PTransform):
@@ -320,21 +352,26 @@ class ReadRawRecords(beam.PTransform):
 
     CORRUPT = _ReadFileFn.CORRUPT
 
+    # Records per shuffled element: Reshuffle's per-element work (random key, timestamps, grouping)
+    # is paid once per chunk; chunks of 1,000 still spread a file over many workers.
+    CHUNK = 1000
+
     def __init__(self, file_pattern: str, registry: SchemaRegistry, reshuffle: bool = True):
         super().__init__()
         self._pattern, self._registry, self._reshuffle = file_pattern, registry, reshuffle
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict:
+        read_fn = _ReadFileChunksFn(self._registry, self.CHUNK) if self._reshuffle else _ReadFileFn(self._registry)
         read = (
             pbegin
             | "MatchFiles"
             >> fileio.MatchFiles(self._pattern, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
             | "OpenFiles" >> fileio.ReadMatches()
-            | "ReadRecords" >> beam.ParDo(_ReadFileFn(self._registry)).with_outputs(self.CORRUPT, main="records")
+            | "ReadRecords" >> beam.ParDo(read_fn).with_outputs(self.CORRUPT, main="records")
         )
         records = read.records
         if self._reshuffle:
-            records = records | "SpreadRecords" >> beam.Reshuffle()
+            records = records | "SpreadRecords" >> beam.Reshuffle() | "Records" >> beam.FlatMap(lambda chunk: chunk)
         return {"records": records, self.CORRUPT: read[self.CORRUPT]}
 
 

@@ -618,10 +618,16 @@ class _ProtectFn(beam.DoFn):
 
     def process(self, event: dict):
         out = protect_event(event, self._rules, self._pseudonymiser, self._redactor)
-        self._pii.flush(self._redactor)
         if out["ip_hash"] is not None and out["ip_network"] is None:
             self._bad_ip.inc()
         yield out
+
+    def start_bundle(self):
+        self._redactor.drain()  # tallies of a failed bundle on this instance are not this bundle's
+
+    def finish_bundle(self):
+        # PII findings are tallied by the redactor; one counter update per bundle, not per event.
+        self._pii.flush(self._redactor)
 
 
 class ProtectPrivacy(beam.PTransform):
