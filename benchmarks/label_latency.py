@@ -56,6 +56,8 @@ from apache_beam.transforms.timeutil import TimeDomain  # noqa: E402
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer  # noqa: E402
 from apache_beam.utils.timestamp import Timestamp  # noqa: E402
 
+from pipelines.launcher import PRISM_NO_SPLIT_EXPERIMENT  # noqa: E402
+
 TARGET_S = 5.0  # the seed's label-latency target
 PROBE = b"probe:"  # stream elements starting with this are step probes, not records
 
@@ -276,7 +278,11 @@ def main(argv=None) -> dict:
     # After the last record, keep stepping until every label's timer is due (see max_output_delay_s).
     tail_ms = int(settings.max_output_delay_s * 1000) + step_ms
     stream, marks = build_stream(records, step_ms, slack_ms, tail_ms)
-    beam_args = ["--runner=PrismRunner", f"--prism_location={_prism(args.prism_location)}"]
+    beam_args = [
+        "--runner=PrismRunner",
+        f"--prism_location={_prism(args.prism_location)}",
+        f"--experiments={PRISM_NO_SPLIT_EXPERIMENT}",  # else Prism loses and repeats labels (apache/beam#35771)
+    ]
     beam_args.append("--environment_type=LOOPBACK")
     probe_rows, label_rows, wall = run_pipeline(beam_args, cfg, settings, stream, work)
     truth = json.loads(Path(f"{data}.truth.json").read_text())["labels"]["exposures"]

@@ -34,6 +34,12 @@ EXIT_ACCOUNTING = 3  # the run finished but its outputs do not account for every
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
 
+# Prism (Beam 2.77) splits a stateful stage's bundle that shows no progress and releases the split-off
+# keys while the rest still runs on them, so one of two state writes for a key is lost: vanished events,
+# timers firing several times, labels written twice (apache/beam#35771; repro/prism_split_repro.py).
+# Prism's own switch turns the splitting off; added to every Prism run.
+PRISM_NO_SPLIT_EXPERIMENT = "prism_disable_sdf_split"
+
 # --- options ------------------------------------------------------------------------------------
 
 
@@ -58,6 +64,10 @@ def pipeline_options(beam_args, default_runner: str = DEFAULT_RUNNER, streaming:
         standard.streaming = True
     if not standard.runner:
         standard.runner = default_runner
+    if "prism" in str(standard.runner).lower():
+        from apache_beam.options.pipeline_options import DebugOptions
+
+        options.view_as(DebugOptions).add_experiment(PRISM_NO_SPLIT_EXPERIMENT)
     return options
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.launcher import PRISM_NO_SPLIT_EXPERIMENT
 from tests.conftest import ROOT
 from tests.processes import DIE_WITH_PARENT, free_port, stop
 
@@ -89,7 +90,13 @@ def prism_binary() -> str:
 def prism_options(prism: str, *extra: str) -> list:
     """Beam options for PrismRunner with our locally built binary; the SDK harness runs in this
     process (LOOPBACK), so no container or Beam boot image is needed."""
-    return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK", *extra]
+    return [
+        "--runner=PrismRunner",
+        f"--prism_location={prism}",
+        "--environment_type=LOOPBACK",
+        f"--experiments={PRISM_NO_SPLIT_EXPERIMENT}",  # see pipelines/launcher.py
+        *extra,
+    ]
 
 
 # --- Flink ------------------------------------------------------------------------------------------

@@ -73,3 +73,15 @@ def test_batch_refuses_to_start_without_hmac_key(tmp_path):
 def test_schema_check_command():
     r = run("pipelines.schema_check", "check")
     assert r.returncode == 0 and "v2 is backward compatible with v1" in r.stdout
+
+
+def test_prism_runs_get_the_no_split_experiment():
+    """Every job launched on Prism turns off its stateful bundle splitting (apache/beam#35771): with it
+    on, Prism lost and repeated labels (pipelines/launcher.py)."""
+    from apache_beam.options.pipeline_options import DebugOptions
+
+    from pipelines.launcher import PRISM_NO_SPLIT_EXPERIMENT, pipeline_options
+
+    prism = pipeline_options(["--runner=PrismRunner", "--experiments=other"]).view_as(DebugOptions).experiments
+    assert PRISM_NO_SPLIT_EXPERIMENT in prism and "other" in prism
+    assert not (pipeline_options([]).view_as(DebugOptions).experiments or [])

@@ -3,12 +3,12 @@ offset gives the same bots, sessions, duplicates, labels and features (features 
 window starts), in batch (FnApiRunner) and in the TestStream streaming graph (BundleBasedDirectRunner
 and Prism).
 
-Prism runs with its bundle splitting turned off (PRISM_NO_SPLIT): when a bundle of a stateful stage
-makes no progress for a moment (a busy machine), Prism 2.77 splits it and releases the keys of the
-residual while the primary still runs on them, so two bundles work on one key's state at once and the
-later commit overwrites the earlier (apache/beam#35771). On this input that lost events from the
-per-user bags, emitted labels two to four times and fired one timer several times, in most runs on 2
-busy cores; `repro/prism_split_repro.py` shows it with a 20-line DoFn.
+Prism runs with its bundle splitting turned off (prism_options adds `prism_disable_sdf_split`): when
+a bundle of a stateful stage makes no progress for a moment (a busy machine), Prism 2.77 splits it and
+releases the keys of the residual while the primary still runs on them, so two bundles work on one
+key's state at once and the later commit overwrites the earlier (apache/beam#35771). On this input that
+lost events from the per-user bags, emitted labels two to four times and fired one timer several times,
+in most runs on 2 busy cores; `repro/prism_split_repro.py` shows it with a 20-line DoFn.
 
 Per-user decisions use continuous runs (inactivity gap, and a length cap counted from each run's own
 first event), never a clock grid, so no offset can cut a run differently (transforms/bots.py). Feature
@@ -66,8 +66,6 @@ CONFIG = (
 WATERMARK_STEP_MS = 10 * 60_000
 SLACK_MS = 5_000
 BUNDLE_BASED = "--runner=BundleBasedDirectRunner"
-# Prism's switch for its bundle splitting (read in prism/internal/execute.go); see the module docstring.
-PRISM_NO_SPLIT = "--experiments=prism_disable_sdf_split"
 RUN_SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
@@ -246,6 +244,6 @@ def test_streaming_teststream_is_shift_invariant(generated, offset_s):
 @example(offset_s=3 * FEATURE_PERIOD_S)
 def test_prism_is_shift_invariant(generated, prism_binary, offset_s):
     out = Path(tempfile.mkdtemp(prefix=f"prism-{offset_s}-", dir=generated["tmp"]))  # a draw can repeat an offset
-    options = prism_options(prism_binary, PRISM_NO_SPLIT)
+    options = prism_options(prism_binary)  # with Prism's bundle splitting off
     run_stream(options, generated["settings"], generated["cfg"], shifted(generated["events"], offset_s), out)
     assert_invariant(generated["reference"], outcomes(out, "archive", offset_s), offset_s)
