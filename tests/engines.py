@@ -163,7 +163,7 @@ class FlinkCluster:
     workdir: Path
     taskmanagers: int = 2
     slots: int = 2
-    tm_memory: str = "1536m"
+    tm_memory: str = "2g"  # 256m of it task off-heap (gRPC data plane): ~430 MB heap
     jm_memory: str = "1024m"
     parallelism: int = 2
     extra_conf: dict = dataclasses.field(default_factory=dict)
