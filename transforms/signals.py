@@ -241,8 +241,8 @@ def _histogram(counters: dict, prefix: str, edges) -> dict:
     return {"edges": list(edges), "counts": counts}
 
 
-def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], freshness: list[dict]) -> dict:
-    """The quality stats dict (see transforms/quality.py) from the run summary and signal parts."""
+def _split_counters(counters: dict) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict]]:
+    """The hourly, per-position CTR and categorical counter groups, keyed as their counter names say."""
     hourly: dict[str, dict] = {}
     ctr: dict[str, dict] = {}
     categorical: dict[str, dict] = {}
@@ -259,7 +259,11 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
         elif head == "cat":
             name, _, value = rest.partition(".")
             categorical.setdefault(name, {})[value] = n
-    diversity = sorted(diversity, key=lambda r: r["hour"])
+    return hourly, ctr, categorical
+
+
+def _freshness_by_cohort(freshness: list[dict]) -> tuple[dict[str, dict], int | None]:
+    """Per-cohort freshness and the run's end time (None without freshness rows)."""
     fresh = {
         "new": {"latest_event_time_ms": None, "events": 0},
         "returning": {"latest_event_time_ms": None, "events": 0},
@@ -268,6 +272,12 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
     for row in freshness:
         fresh[row["cohort"]] = {"latest_event_time_ms": row["latest_event_time_ms"], "events": row["users"]}
         run_end = row["run_end_ms"]
+    return fresh, run_end
+
+
+def _complete_hours(diversity: list[dict], run_end: int | None) -> list[dict]:
+    """Diversity rows sorted by hour, without the last hour if the run ended before it was complete."""
+    diversity = sorted(diversity, key=lambda r: r["hour"])
     # The hour the data ends in is usually cut short: its few events look like a diversity collapse.
     # Trends use complete hours only.
     if diversity and run_end is not None:
@@ -279,6 +289,14 @@ def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], fresh
         )
         if run_end < last_start + HOUR_MS - 60_000:
             diversity = diversity[:-1]
+    return diversity
+
+
+def stats_from_parts(summary: dict, counters: dict, diversity: list[dict], freshness: list[dict]) -> dict:
+    """The quality stats dict (see transforms/quality.py) from the run summary and signal parts."""
+    hourly, ctr, categorical = _split_counters(counters)
+    fresh, run_end = _freshness_by_cohort(freshness)
+    diversity = _complete_hours(diversity, run_end)
     return {
         "counts": summary["counts"],
         "input_records": summary["accounting"]["input_records"],
