@@ -293,6 +293,42 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _reject_unknown_fields(obj: dict, sv: SchemaVersion) -> None:
+    """Rejects a record with fields its schema version does not have, naming the first few."""
+    unknown = sorted(k for k in obj if k not in sv.field_names)
+    if unknown:
+        raise Rejected(
+            contract.SCHEMA_VIOLATION,
+            unknown[0],
+            f"field {unknown[0]!r} is not in schema version {sv.version}"
+            + (f" (also: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""),
+        )
+
+
+def _event_time_ms(name: str, value: Any, rules: ValidationRules) -> int:
+    """A timestamp field's value -> epoch milliseconds within the plausible range, or Rejected."""
+    try:
+        ms = parse_event_time(value, rules.naive_as_utc)
+    except ValueError as e:
+        raise Rejected(contract.BAD_TIMESTAMP, name, f"{name}: {e}") from None
+    if ms < rules.min_event_time_ms:
+        hint = " (epoch seconds instead of milliseconds?)" if 0 <= ms < 10_000_000_000 else ""
+        raise Rejected(
+            contract.BAD_TIMESTAMP,
+            name,
+            f"{name} {_short(value)} is {_iso(ms)}, before the earliest plausible time "
+            f"{_iso(rules.min_event_time_ms)} (validation.min_event_time){hint}",
+        )
+    if ms > rules.max_event_time_ms:
+        # No job-start time in the message: a replay must write the same dead letter.
+        raise Rejected(
+            contract.BAD_TIMESTAMP,
+            name,
+            f"{name} {_short(value)} is {_iso(ms)}, further in the future than validation.max_clock_skew allows",
+        )
+    return ms
+
+
 def validate_event(obj: Any, rules: ValidationRules) -> dict:
     """A decoded record -> the canonical event dict. Raises Rejected or ConsentWithdrawn.
 
@@ -304,14 +340,8 @@ def validate_event(obj: Any, rules: ValidationRules) -> dict:
     if obj.get("consent") is False:
         raise ConsentWithdrawn(obj)
     sv = _resolve_version(obj, rules)
-    unknown = sorted(k for k in obj if k not in sv.field_names)
-    if unknown and rules.reject_unknown_fields:
-        raise Rejected(
-            contract.SCHEMA_VIOLATION,
-            unknown[0],
-            f"field {unknown[0]!r} is not in schema version {sv.version}"
-            + (f" (also: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""),
-        )
+    if rules.reject_unknown_fields:
+        _reject_unknown_fields(obj, sv)
     event = {}
     for field in sv.fields:
         value = obj.get(field.name)
@@ -321,27 +351,7 @@ def validate_event(obj: Any, rules: ValidationRules) -> dict:
             event[field.name] = None
             continue
         if field.kind == "timestamp":
-            try:
-                ms = parse_event_time(value, rules.naive_as_utc)
-            except ValueError as e:
-                raise Rejected(contract.BAD_TIMESTAMP, field.name, f"{field.name}: {e}") from None
-            if ms < rules.min_event_time_ms:
-                hint = " (epoch seconds instead of milliseconds?)" if 0 <= ms < 10_000_000_000 else ""
-                raise Rejected(
-                    contract.BAD_TIMESTAMP,
-                    field.name,
-                    f"{field.name} {_short(value)} is {_iso(ms)}, before the earliest plausible time "
-                    f"{_iso(rules.min_event_time_ms)} (validation.min_event_time){hint}",
-                )
-            if ms > rules.max_event_time_ms:
-                # No job-start time in the message: a replay must write the same dead letter.
-                raise Rejected(
-                    contract.BAD_TIMESTAMP,
-                    field.name,
-                    f"{field.name} {_short(value)} is {_iso(ms)}, further in the future than "
-                    f"validation.max_clock_skew allows",
-                )
-            event[field.name] = ms
+            event[field.name] = _event_time_ms(field.name, value, rules)
         else:
             event[field.name] = _coerce(field, value)
     if event["event_type"] not in rules.event_types:
