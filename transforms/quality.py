@@ -441,8 +441,9 @@ def _same_edges(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
 
 
-def _feature_drift(kind: str, cur: dict | None, base: dict | None, slos: SloConfig) -> dict:
-    entry = {
+def _empty_drift_entry(kind: str) -> dict:
+    """A feature's drift entry before any comparison: not comparable, no verdict."""
+    return {
         "kind": kind,
         "comparable": False,
         "drifted": None,
@@ -457,6 +458,12 @@ def _feature_drift(kind: str, cur: dict | None, base: dict | None, slos: SloConf
         "current_count": 0,
         "message": "",
     }
+
+
+def _aligned_counts(
+    kind: str, cur: dict | None, base: dict | None, slos: SloConfig
+) -> tuple[dict | None, dict | None, list, list]:
+    """(cur, base, baseline counts, current counts); categorical maps come back with rare values pooled."""
     if kind == "numeric":
         b_counts = list((base or {}).get("counts") or [])
         c_counts = list((cur or {}).get("counts") or [])
@@ -464,6 +471,36 @@ def _feature_drift(kind: str, cur: dict | None, base: dict | None, slos: SloConf
         if base and cur:
             base, cur = pool_rare(base, cur, slos.drift_min_share)
         b_counts, c_counts = categorical_align(base or {}, cur or {})
+    return cur, base, b_counts, c_counts
+
+
+def _score_drift(entry: dict, kind: str, b_counts: list, c_counts: list, slos: SloConfig) -> dict:
+    """Fills in a comparable entry's distances, flags over the SLO thresholds and verdict."""
+    entry.update(
+        comparable=True,
+        psi=psi(b_counts, c_counts),
+        js=js_divergence(b_counts, c_counts),
+        linf=linf(b_counts, c_counts),
+        baseline=_proportions(b_counts),
+        current=_proportions(c_counts),
+    )
+    flags = {}
+    if slos.psi_max is not None:
+        flags["psi"] = entry["psi"] > slos.psi_max
+    if slos.js_max is not None:
+        flags["js"] = entry["js"] > slos.js_max
+    if slos.linf_max is not None and kind == "categorical":
+        flags["linf"] = entry["linf"] > slos.linf_max
+    entry["flags"] = flags
+    entry["drifted"] = any(flags.values())
+    over = [k for k, v in flags.items() if v]
+    entry["message"] = ("drifted: " + ", ".join(over) + " over threshold") if over else "stable"
+    return entry
+
+
+def _feature_drift(kind: str, cur: dict | None, base: dict | None, slos: SloConfig) -> dict:
+    entry = _empty_drift_entry(kind)
+    cur, base, b_counts, c_counts = _aligned_counts(kind, cur, base, slos)
     entry["baseline_count"], entry["current_count"] = int(sum(b_counts)), int(sum(c_counts))
     if base is None or not sum(b_counts):
         entry["message"] = "not in the baseline (or empty there): nothing to compare"
@@ -489,26 +526,7 @@ def _feature_drift(kind: str, cur: dict | None, base: dict | None, slos: SloConf
     if len(b_counts) != len(c_counts):
         entry["message"] = f"bin counts differ ({len(b_counts)} vs {len(c_counts)})"
         return entry
-    entry.update(
-        comparable=True,
-        psi=psi(b_counts, c_counts),
-        js=js_divergence(b_counts, c_counts),
-        linf=linf(b_counts, c_counts),
-        baseline=_proportions(b_counts),
-        current=_proportions(c_counts),
-    )
-    flags = {}
-    if slos.psi_max is not None:
-        flags["psi"] = entry["psi"] > slos.psi_max
-    if slos.js_max is not None:
-        flags["js"] = entry["js"] > slos.js_max
-    if slos.linf_max is not None and kind == "categorical":
-        flags["linf"] = entry["linf"] > slos.linf_max
-    entry["flags"] = flags
-    entry["drifted"] = any(flags.values())
-    over = [k for k, v in flags.items() if v]
-    entry["message"] = ("drifted: " + ", ".join(over) + " over threshold") if over else "stable"
-    return entry
+    return _score_drift(entry, kind, b_counts, c_counts, slos)
 
 
 def pool_rare(a: dict, b: dict, min_share: float) -> tuple[dict, dict]:
