@@ -136,6 +136,74 @@ def _input_marker(_record) -> int:
     return 1
 
 
+def _per_key_steps(settings: GraphSettings, streaming: bool) -> tuple:
+    """(dedupe, bots, labels, slates) steps: the unbounded variants in streaming, the bounded ones otherwise."""
+    if streaming:
+        return (
+            DedupeEventsStreaming(settings.dedupe_horizon_s, settings.lateness_s),
+            FilterBotsStreaming(settings.bots, settings.session_gap_s, settings.lateness_s),
+            JoinLabelsStreaming(settings.labels, upstream_delay_s=settings.bots_delay_s),
+            BuildSlatesStreaming(allowed_lateness_s=settings.max_output_delay_s),
+        )
+    return (
+        DedupeEvents(settings.dedupe_horizon_s),
+        FilterBots(settings.bots, settings.session_gap_s),
+        JoinLabels(settings.labels),
+        BuildSlates(),
+    )
+
+
+def _all_inputs(raw_records, upstream_dead_letters):
+    """One element per input record: the raw records plus the dead letters the source made in their place."""
+    # Only the number of inputs matters here, so each side is reduced to a marker in an SDK step before
+    # the Flatten. Flink's fuser (Beam Java's GreedyPipelineFuser) rejects a Flatten that takes a
+    # runner-executed transform's output (the source's Reshuffle) beside SDK-stage outputs: "PCollectionNodes
+    # [...] were consumed but never produced".
+    upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(_input_marker) for i, d in enumerate(upstream_dead_letters)]
+    if not upstream_inputs:
+        return raw_records
+    return [raw_records | "InputRecords" >> beam.Map(_input_marker), *upstream_inputs] | "AllInputs" >> beam.Flatten()
+
+
+def _features(humans, settings: GraphSettings, streaming: bool):
+    """Feature rows of the judged-human events."""
+    if not streaming:
+        return humans | "Features" >> ComputeFeatures(settings.features, keyed_windows=True)
+    # Accumulating panes: each firing is a complete row for its window (later panes replace
+    # earlier ones downstream: the online store keeps the newest, offline readers the fullest).
+    # Events reach this point behind the watermark by up to bots_delay_s (a user's run closes at
+    # most max_run_duration + lateness after its first event): windows allow max_output_delay_s,
+    # more than that, or Beam would drop them silently.
+    features_cfg = settings.features.model_copy(
+        update={"allowed_lateness": max(settings.features.allowed_lateness, settings.max_output_delay_s)}
+    )
+    return humans | "Features" >> ComputeFeatures(
+        features_cfg,
+        trigger=AfterWatermark(late=AfterCount(1)),
+        accumulation_mode=AccumulationMode.ACCUMULATING,
+    )
+
+
+def _count_outcomes(outputs: GraphOutputs, inputs, count_windowing):
+    """(counter name, count) for inputs, exposures and every counted output."""
+    exposures = outputs.valid | "Exposures" >> beam.Filter(is_exposure)
+    # The outcome and label counters are the ones the outputs table declares (outputs.counted).
+    counted = {
+        contract.COUNTER_INPUT: inputs,
+        contract.COUNTER_EXPOSURES: exposures,
+        **output_table.counted(outputs, output_table.BATCH_OUTPUTS),
+    }
+    return counted | "Accounting" >> CountOutcomes(
+        windowing=count_windowing,
+        breakdowns={
+            contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
+            contract.OUTCOME_BOT: lambda r: r["bot_rule"],
+            contract.OUTCOME_VALID: lambda r: r["event_type"],
+            contract.COUNTER_LABELS: label_polarity,
+        },
+    )
+
+
 def build_event_graph(
     raw_records,
     settings: GraphSettings,
@@ -167,31 +235,14 @@ def build_event_graph(
         for name, (path, key, domain) in sorted(settings.lookups.items())
     }
     enriched = protected | "Enrich" >> EnrichEvents(tables)
-    if streaming:
-        dedupe_step = DedupeEventsStreaming(settings.dedupe_horizon_s, settings.lateness_s)
-        bots_step = FilterBotsStreaming(settings.bots, settings.session_gap_s, settings.lateness_s)
-        labels_step = JoinLabelsStreaming(settings.labels, upstream_delay_s=settings.bots_delay_s)
-        slates_step = BuildSlatesStreaming(allowed_lateness_s=settings.max_output_delay_s)
-    else:
-        dedupe_step = DedupeEvents(settings.dedupe_horizon_s)
-        bots_step = FilterBots(settings.bots, settings.session_gap_s)
-        labels_step, slates_step = JoinLabels(settings.labels), BuildSlates()
+    dedupe_step, bots_step, labels_step, slates_step = _per_key_steps(settings, streaming)
     deduped = enriched | "Dedupe" >> dedupe_step
     judged = deduped[contract.TAG_EVENTS] | "Bots" >> bots_step
     humans = judged[contract.TAG_HUMANS]
     joined = humans | "Labels" >> labels_step
     slates = joined.labels | "Slates" >> slates_step
     dead = [parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters] | "AllDeadLetters" >> beam.Flatten()
-    # Only the number of inputs matters here, so each side is reduced to a marker in an SDK step before
-    # the Flatten. Flink's fuser (Beam Java's GreedyPipelineFuser) rejects a Flatten that takes a
-    # runner-executed transform's output (the source's Reshuffle) beside SDK-stage outputs: "PCollectionNodes
-    # [...] were consumed but never produced".
-    upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(_input_marker) for i, d in enumerate(upstream_dead_letters)]
-    inputs = (
-        ([raw_records | "InputRecords" >> beam.Map(_input_marker), *upstream_inputs] | "AllInputs" >> beam.Flatten())
-        if upstream_inputs
-        else raw_records
-    )
+    inputs = _all_inputs(raw_records, upstream_dead_letters)
     outputs = GraphOutputs(
         valid=humans,
         bots=judged[FilterBots.BOTS],
@@ -205,36 +256,6 @@ def build_event_graph(
         late_outcomes=joined[JoinLabels.LATE_OUTCOMES],
     )
     if settings.features is not None:
-        if streaming:
-            # Accumulating panes: each firing is a complete row for its window (later panes replace
-            # earlier ones downstream: the online store keeps the newest, offline readers the fullest).
-            # Events reach this point behind the watermark by up to bots_delay_s (a user's run closes at
-            # most max_run_duration + lateness after its first event): windows allow max_output_delay_s,
-            # more than that, or Beam would drop them silently.
-            features_cfg = settings.features.model_copy(
-                update={"allowed_lateness": max(settings.features.allowed_lateness, settings.max_output_delay_s)}
-            )
-            outputs.features = humans | "Features" >> ComputeFeatures(
-                features_cfg,
-                trigger=AfterWatermark(late=AfterCount(1)),
-                accumulation_mode=AccumulationMode.ACCUMULATING,
-            )
-        else:
-            outputs.features = humans | "Features" >> ComputeFeatures(settings.features, keyed_windows=True)
-    exposures = humans | "Exposures" >> beam.Filter(is_exposure)
-    # The outcome and label counters are the ones the outputs table declares (outputs.counted).
-    counted = {
-        contract.COUNTER_INPUT: inputs,
-        contract.COUNTER_EXPOSURES: exposures,
-        **output_table.counted(outputs, output_table.BATCH_OUTPUTS),
-    }
-    outputs.counts = counted | "Accounting" >> CountOutcomes(
-        windowing=count_windowing,
-        breakdowns={
-            contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
-            contract.OUTCOME_BOT: lambda r: r["bot_rule"],
-            contract.OUTCOME_VALID: lambda r: r["event_type"],
-            contract.COUNTER_LABELS: label_polarity,
-        },
-    )
+        outputs.features = _features(humans, settings, streaming)
+    outputs.counts = _count_outcomes(outputs, inputs, count_windowing)
     return outputs
