@@ -263,6 +263,70 @@ class _QualityRecordFn(beam.DoFn):
         }
 
 
+def _write_windowed_files(out: GraphOutputs, cfg: JobConfig, settings: GraphSettings, output: str) -> dict:
+    """Each streaming file output, windowed, under `output`; archive and labels also measure their latency.
+    Returns the output collections by name."""
+    pcolls = output_collections(out, STREAMING_FILES)
+    for o in STREAMING_FILES:
+        pcoll = pcolls[o.name]
+        if o in (ARCHIVE, LABELS):
+            pcoll = pcoll | f"OutputLatency{o.title}" >> beam.ParDo(_OutputLatencyFn(o.name))
+        _ = (
+            pcoll
+            | output_windowing(cfg, settings, f"Window{o.title}")
+            | f"Write{o.title}"
+            >> WriteWindowedFiles(f"{output.rstrip('/')}/{o.name}", o.name, o.fmt, o.schema_for(settings.clean_schema))
+        )
+    return pcolls
+
+
+def _write_counts_and_quality(out: GraphOutputs, cfg: JobConfig, output: str) -> None:
+    """The windowed counters, and per window the quality record computed from them."""
+    _ = (
+        out.counts
+        | "CountsToJson" >> beam.MapTuple(counter_record)
+        | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt)
+    )
+    _ = (
+        out.counts
+        | "QualityPerWindow" >> beam.CombineGlobally(_CountersToDict()).without_defaults()
+        | "QualityRecord" >> beam.ParDo(_QualityRecordFn(cfg.quality))
+        | "WriteQuality" >> WriteWindowedFiles(f"{output.rstrip('/')}/quality", "quality", "jsonl")
+    )
+
+
+def _write_features(features, cfg: JobConfig, settings: GraphSettings, output: str) -> None:
+    """Feature rows to the offline files and, when configured, the online store."""
+    _ = features | "WriteFeatures" >> WriteOfflineFeatures(
+        f"{output.rstrip('/')}/{FEATURES.name}",
+        streaming_window=cfg.time.output_window.size,
+        allowed_lateness=2 * settings.max_output_delay_s,
+    )
+    if cfg.online_store is not None:
+        _ = features | "OnlineFeatures" >> WriteOnlineFeatures(cfg.online_store)
+
+
+def _publish(labels, dead, cfg: JobConfig, labels_topic: str | None, dead_letter_topic: str | None) -> None:
+    """Labels and dead letters to the Pub/Sub topics given and the Kafka topics configured, if any."""
+    if labels_topic:
+        _ = (
+            labels
+            | "LabelsToJson" >> beam.Map(lambda l: to_json_line(l).encode())
+            | "PublishLabels" >> beam.io.WriteToPubSub(labels_topic)
+        )
+    if dead_letter_topic:
+        _ = (
+            dead
+            | "DeadLettersToJson" >> beam.Map(lambda d: to_json_line(d).encode())
+            | "PublishDeadLetters" >> beam.io.WriteToPubSub(dead_letter_topic)
+        )
+    kafka = cfg.kafka
+    if kafka is not None and kafka.labels_topic:
+        _ = labels | "LabelsToKafka" >> WriteKafkaRecords(kafka, kafka.labels_topic, "label_id")
+    if kafka is not None and kafka.dead_letter_topic:
+        _ = dead | "DeadLettersToKafka" >> WriteKafkaRecords(kafka, kafka.dead_letter_topic, "source")
+
+
 def build(
     p: beam.Pipeline,
     cfg: JobConfig,
@@ -281,54 +345,11 @@ def build(
         streaming=True,
         count_windowing=output_windowing(cfg, settings, "WindowCounters"),
     )
-    pcolls = output_collections(out, STREAMING_FILES)
-    dead = pcolls[DEAD_LETTER.name]
-    for o in STREAMING_FILES:
-        pcoll = pcolls[o.name]
-        if o in (ARCHIVE, LABELS):
-            pcoll = pcoll | f"OutputLatency{o.title}" >> beam.ParDo(_OutputLatencyFn(o.name))
-        _ = (
-            pcoll
-            | output_windowing(cfg, settings, f"Window{o.title}")
-            | f"Write{o.title}"
-            >> WriteWindowedFiles(f"{output.rstrip('/')}/{o.name}", o.name, o.fmt, o.schema_for(settings.clean_schema))
-        )
-    _ = (
-        out.counts
-        | "CountsToJson" >> beam.MapTuple(counter_record)
-        | "WriteCounts" >> WriteWindowedFiles(f"{output.rstrip('/')}/{COUNTS.name}", COUNTS.prefix, COUNTS.fmt)
-    )
-    _ = (
-        out.counts
-        | "QualityPerWindow" >> beam.CombineGlobally(_CountersToDict()).without_defaults()
-        | "QualityRecord" >> beam.ParDo(_QualityRecordFn(cfg.quality))
-        | "WriteQuality" >> WriteWindowedFiles(f"{output.rstrip('/')}/quality", "quality", "jsonl")
-    )
+    pcolls = _write_windowed_files(out, cfg, settings, output)
+    _write_counts_and_quality(out, cfg, output)
     if out.features is not None:
-        _ = out.features | "WriteFeatures" >> WriteOfflineFeatures(
-            f"{output.rstrip('/')}/{FEATURES.name}",
-            streaming_window=cfg.time.output_window.size,
-            allowed_lateness=2 * settings.max_output_delay_s,
-        )
-        if cfg.online_store is not None:
-            _ = out.features | "OnlineFeatures" >> WriteOnlineFeatures(cfg.online_store)
-    if labels_topic:
-        _ = (
-            out.labels
-            | "LabelsToJson" >> beam.Map(lambda l: to_json_line(l).encode())
-            | "PublishLabels" >> beam.io.WriteToPubSub(labels_topic)
-        )
-    if dead_letter_topic:
-        _ = (
-            dead
-            | "DeadLettersToJson" >> beam.Map(lambda d: to_json_line(d).encode())
-            | "PublishDeadLetters" >> beam.io.WriteToPubSub(dead_letter_topic)
-        )
-    kafka = cfg.kafka
-    if kafka is not None and kafka.labels_topic:
-        _ = out.labels | "LabelsToKafka" >> WriteKafkaRecords(kafka, kafka.labels_topic, "label_id")
-    if kafka is not None and kafka.dead_letter_topic:
-        _ = dead | "DeadLettersToKafka" >> WriteKafkaRecords(kafka, kafka.dead_letter_topic, "source")
+        _write_features(out.features, cfg, settings, output)
+    _publish(out.labels, pcolls[DEAD_LETTER.name], cfg, labels_topic, dead_letter_topic)
     return out
 
 
