@@ -159,7 +159,7 @@ def run_job(input_glob: str, out: Path, beam_args: list) -> tuple:
     return report, time.perf_counter() - started
 
 
-def main(argv=None) -> dict:
+def _parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=2_000_000)
     ap.add_argument("--files", type=int, default=10)
@@ -180,7 +180,55 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--flink-job-server-jar", help="default: from .ci/install-flink")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "flink-bench"))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _new_cluster(args, work: Path):
+    """A FlinkCluster for this run, not yet started (the caller starts it inside its try/finally)."""
+    from tests.engines import FlinkCluster
+
+    return FlinkCluster(
+        _install("dist")["FLINK_HOME"],
+        Path(tempfile.mkdtemp(prefix="cluster-", dir=work)),
+        taskmanagers=2,
+        slots=2,
+        tm_memory=args.tm_memory,
+        parallelism=args.parallelism,
+        extra_conf=dict(kv.split("=", 1) for kv in args.flink_conf),
+    )
+
+
+def _prism_args() -> list:
+    prism = (
+        subprocess.run(
+            ["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True, capture_output=True, text=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
+
+
+def _result(args, cluster, report: dict, seconds: float, peaks: dict, exact: bool) -> dict:
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "engine": args.engine,
+        "events": args.events,
+        "files": args.files,
+        "taskmanager_memory": args.tm_memory if cluster is not None else None,
+        "flink_conf": args.flink_conf,
+        "parallelism": args.parallelism if args.engine == "flink" else None,
+        "wall_s": round(seconds, 1),
+        "events_per_s": round(args.events / seconds),
+        "peak_rss_mib": peaks,
+        "accounting_exact": exact,
+        "counts": report["counts"],
+    }
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
     # Before the cluster starts: its TaskManagers start the SDK workers, which read the key from their
     # environment (a real deployment sets it on every worker host, or mounts privacy.key_file).
     os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
@@ -197,17 +245,7 @@ def main(argv=None) -> dict:
             jar = args.flink_job_server_jar or _install("jar")["FLINK_JOB_SERVER_JAR"]
             master = args.flink_master
             if master is None:
-                from tests.engines import FlinkCluster
-
-                cluster = FlinkCluster(
-                    _install("dist")["FLINK_HOME"],
-                    Path(tempfile.mkdtemp(prefix="cluster-", dir=work)),
-                    taskmanagers=2,
-                    slots=2,
-                    tm_memory=args.tm_memory,
-                    parallelism=args.parallelism,
-                    extra_conf=dict(kv.split("=", 1) for kv in args.flink_conf),
-                )
+                cluster = _new_cluster(args, work)
                 cluster.start()
                 master = cluster.master
                 pids.update({name: p.pid for name, p in cluster.processes.items()})
@@ -215,14 +253,7 @@ def main(argv=None) -> dict:
 
             beam_args = flink_options(jar, master, f"--parallelism={args.parallelism}")
         elif args.engine == "prism":
-            prism = (
-                subprocess.run(
-                    ["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True, capture_output=True, text=True
-                )
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            beam_args = ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
+            beam_args = _prism_args()
         else:
             beam_args = [f"--runner={FN_API}"]
         with PeakWatcher(pids) as watcher:
@@ -231,21 +262,7 @@ def main(argv=None) -> dict:
         exact = acc["holds"] and acc["input_records"] == args.events
         peaks = {name: round(mib) for name, mib in watcher.peaks.items()}
         peaks[driver] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        result = {
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "engine": args.engine,
-            "events": args.events,
-            "files": args.files,
-            "taskmanager_memory": args.tm_memory if cluster is not None else None,
-            "flink_conf": args.flink_conf,
-            "parallelism": args.parallelism if args.engine == "flink" else None,
-            "wall_s": round(seconds, 1),
-            "events_per_s": round(args.events / seconds),
-            "peak_rss_mib": peaks,
-            "accounting_exact": exact,
-            "counts": report["counts"],
-        }
+        result = _result(args, cluster, report, seconds, peaks, exact)
         print(json.dumps(result, indent=2))
         if not exact:
             raise SystemExit(f"accounting not exact: {acc} for {args.events} generated events")

@@ -248,7 +248,7 @@ def _prism(location: str | None) -> str:
     return out.stdout.decode().strip().splitlines()[-1]
 
 
-def main(argv=None) -> dict:
+def _parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=4000)
     ap.add_argument("--step", type=float, default=600.0, help="seconds of arrival time per TestStream step")
@@ -256,36 +256,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--hours", type=float, default=48.0, help="traffic span (generator's duration_hours)")
     ap.add_argument("--prism-location", help="Prism binary (default: built by .ci/install-prism)")
     ap.add_argument("--workdir", default="/tmp/feedback-label-latency")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
-    from pipelines.graph import GraphSettings
+    return ap.parse_args(argv)
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / f"events-{args.events}.jsonl"
-    arrival_field = "arrival_time"
+
+def _generate(events: int, hours: float, arrival_field: str, work: Path) -> Path:
+    data = work / f"events-{events}.jsonl"
     subprocess.run(
-        [sys.executable, "-m", "feedback_tools.generate", "--events", str(args.events), "--output", str(data)]
-        + ["--arrival-field", arrival_field, "--knob", f"duration_hours={args.hours}"],
+        [sys.executable, "-m", "feedback_tools.generate", "--events", str(events), "--output", str(data)]
+        + ["--arrival-field", arrival_field, "--knob", f"duration_hours={hours}"],
         check=True,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )
-    cfg = _load_config(arrival_field)
-    settings = GraphSettings.from_config(cfg)
-    records = _records(data, arrival_field)
-    step_ms, slack_ms = int(args.step * 1000), int(args.slack * 1000)
-    # After the last record, keep stepping until every label's timer is due (see max_output_delay_s).
-    tail_ms = int(settings.max_output_delay_s * 1000) + step_ms
-    stream, marks = build_stream(records, step_ms, slack_ms, tail_ms)
-    beam_args = [
-        "--runner=PrismRunner",
-        f"--prism_location={_prism(args.prism_location)}",
-        f"--experiments={PRISM_NO_SPLIT_EXPERIMENT}",  # else Prism loses and repeats labels (apache/beam#35771)
-    ]
-    beam_args.append("--environment_type=LOOPBACK")
-    probe_rows, label_rows, wall = run_pipeline(beam_args, cfg, settings, stream, work)
-    truth = json.loads(Path(f"{data}.truth.json").read_text())["labels"]["exposures"]
+    return data
+
+
+def _result(args, settings, records, probe_rows, label_rows, marks, wall: float, truth: int) -> dict:
     ids = [row[0] for row in label_rows]
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -309,6 +295,34 @@ def main(argv=None) -> dict:
     }
     p95 = result["processing_ms"].get("p95")
     result["processing_p95_within_target"] = p95 is not None and p95 <= TARGET_S * 1000
+    return result
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
+    os.environ.setdefault("FEEDBACK_HMAC_KEY", "benchmark-key")
+    from pipelines.graph import GraphSettings
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    arrival_field = "arrival_time"
+    data = _generate(args.events, args.hours, arrival_field, work)
+    cfg = _load_config(arrival_field)
+    settings = GraphSettings.from_config(cfg)
+    records = _records(data, arrival_field)
+    step_ms, slack_ms = int(args.step * 1000), int(args.slack * 1000)
+    # After the last record, keep stepping until every label's timer is due (see max_output_delay_s).
+    tail_ms = int(settings.max_output_delay_s * 1000) + step_ms
+    stream, marks = build_stream(records, step_ms, slack_ms, tail_ms)
+    beam_args = [
+        "--runner=PrismRunner",
+        f"--prism_location={_prism(args.prism_location)}",
+        f"--experiments={PRISM_NO_SPLIT_EXPERIMENT}",  # else Prism loses and repeats labels (apache/beam#35771)
+    ]
+    beam_args.append("--environment_type=LOOPBACK")
+    probe_rows, label_rows, wall = run_pipeline(beam_args, cfg, settings, stream, work)
+    truth = json.loads(Path(f"{data}.truth.json").read_text())["labels"]["exposures"]
+    result = _result(args, settings, records, probe_rows, label_rows, marks, wall, truth)
     print(json.dumps(result, indent=2))
     return result
 

@@ -81,55 +81,52 @@ def _write_jsonl(path: Path, records: list) -> None:
             f.write(to_json_line(r) + "\n")
 
 
-def run(config: str, input_path: str, output: str) -> dict:
-    cfg = load_config(config)
-    s = GraphSettings.from_config(cfg, dt.datetime.now(dt.timezone.utc))
-    if s.lookups:
-        raise SystemExit("reference.py: metadata tables are not supported (the shipped config has none)")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+def _read_raw(input_path: str) -> list:
     raw = []
     with open(input_path, "rb") as f:
         for n, line in iter_lines(f):
             raw.append((f"{input_path}:{n}", line, None))
+    return raw
 
+
+def _group(records, key) -> dict:
+    """Records -> {key(record): [records...]} in first-seen order (what a GroupByKey hands the next DoFn)."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def _clean_events(s: GraphSettings, raw: list) -> dict:
+    """Parse, protect, enrich, dedupe and bot stages -> their outputs and side outputs."""
     parsed, parse_tags = _run(_ParseFn(s.validation, s.key_source), raw)
     protected, _ = _run(_ProtectFn(s.privacy, s.key_source), parsed)
     enriched, _ = _run(_EnrichFn(), protected)
 
-    by_id: dict = {}
-    for e in enriched:
-        by_id.setdefault(e["event_id"], []).append(e)
+    by_id = _group(enriched, lambda e: e["event_id"])
     deduped, dedupe_tags = _run(_SplitCopiesFn(s.dedupe_horizon_s), by_id.items())
 
     rest, crawler_tags = _run(_CrawlerFn(s.bots), deduped)
-    by_user: dict = {}
-    for e in rest:
-        by_user.setdefault(e["user_id"], []).append(e)
+    by_user = _group(rest, lambda e: e["user_id"])
     humans, user_tags = _run(_UserRunsBatchFn(s.bots, s.session_gap_s), by_user.items())
     bots = crawler_tags.get(FilterBots.BOTS, []) + user_tags.get(FilterBots.BOTS, [])
+    return {"humans": humans, "bots": bots, "parse_tags": parse_tags, "dedupe_tags": dedupe_tags}
 
+
+def _labels_and_slates(s: GraphSettings, humans: list) -> tuple[list, dict, list]:
     types = s.labels.outcome_types | {"impression"}
-    by_user_item: dict = {}
-    for e in humans:
-        if e["event_type"] in types and e.get("item_id") is not None:
-            by_user_item.setdefault(f"{len(e['user_id'])}:{e['user_id']}|{e['item_id']}", []).append(e)
+    by_user_item = _group(
+        (e for e in humans if e["event_type"] in types and e.get("item_id") is not None),
+        lambda e: f"{len(e['user_id'])}:{e['user_id']}|{e['item_id']}",
+    )
     labels, label_tags = _run(_SettleBatchFn(s.labels), by_user_item.items())
-    by_request: dict = {}
-    for label in labels:
-        if label["request_id"] is not None:
-            by_request.setdefault(label["request_id"], []).append(label)
+    by_request = _group((label for label in labels if label["request_id"] is not None), lambda r: r["request_id"])
     slates = [make_slate(r, ls) for r, ls in by_request.items()]
-    features = compute_all(humans, s.features) if s.features is not None else []
+    return labels, label_tags, slates
 
-    outcomes = {
-        contract.OUTCOME_VALID: humans,
-        contract.OUTCOME_BOT: bots,
-        contract.OUTCOME_DUPLICATE: dedupe_tags.get(DedupeEvents.DUPLICATES, []),
-        contract.OUTCOME_DEAD_LETTER: parse_tags.get(ParseEvents.DEAD_LETTER, []),
-        contract.OUTCOME_CONSENT_DROPPED: parse_tags.get(ParseEvents.CONSENT_DROPPED, []),
-        contract.OUTCOME_TOO_LATE: parse_tags.get(ParseEvents.TOO_LATE, []),
-    }
+
+def _counters(raw: list, outcomes: dict, labels: list, label_tags: dict) -> collections.Counter:
+    humans, bots = outcomes[contract.OUTCOME_VALID], outcomes[contract.OUTCOME_BOT]
     counters = collections.Counter(
         {
             INPUT: len(raw),
@@ -145,6 +142,10 @@ def run(config: str, input_path: str, output: str) -> dict:
     counters.update(f"{contract.OUTCOME_BOT}.{r['bot_rule']}" for r in bots)
     counters.update(f"{contract.OUTCOME_VALID}.{r['event_type']}" for r in humans)
     counters.update(f"labels.{'positive' if r['label'] else 'negative'}" for r in labels)
+    return counters
+
+
+def _signals(humans: list, bots: list, labels: list) -> collections.Counter:
     signals = collections.Counter()
     for e in humans:
         signals.update(event_counters(e, contract.OUTCOME_VALID))
@@ -152,9 +153,21 @@ def run(config: str, input_path: str, output: str) -> dict:
         signals.update(event_counters(e, contract.OUTCOME_BOT))
     for label in labels:
         signals.update(label_counters(label))
+    return signals
 
-    _write_avro(out / "events.avro", s.clean_schema, humans)
-    _write_avro(out / "bots.avro", s.clean_schema, bots)
+
+def _write_outputs(
+    out: Path,
+    s: GraphSettings,
+    outcomes: dict,
+    labels: list,
+    label_tags: dict,
+    slates: list,
+    signals: collections.Counter,
+    features: list,
+) -> None:
+    _write_avro(out / "events.avro", s.clean_schema, outcomes[contract.OUTCOME_VALID])
+    _write_avro(out / "bots.avro", s.clean_schema, outcomes[contract.OUTCOME_BOT])
     _write_avro(out / "labels.avro", LABEL_SCHEMA, labels)
     _write_avro(out / "slates.avro", SLATE_SCHEMA, slates)
     _write_jsonl(
@@ -169,6 +182,34 @@ def run(config: str, input_path: str, output: str) -> dict:
         pq.write_table(
             pa.Table.from_pylist(features, schema=arrow_schema()), out / "features.parquet", compression="snappy"
         )
+
+
+def run(config: str, input_path: str, output: str) -> dict:
+    cfg = load_config(config)
+    s = GraphSettings.from_config(cfg, dt.datetime.now(dt.timezone.utc))
+    if s.lookups:
+        raise SystemExit("reference.py: metadata tables are not supported (the shipped config has none)")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = _read_raw(input_path)
+
+    clean = _clean_events(s, raw)
+    humans, bots = clean["humans"], clean["bots"]
+    labels, label_tags, slates = _labels_and_slates(s, humans)
+    features = compute_all(humans, s.features) if s.features is not None else []
+
+    parse_tags = clean["parse_tags"]
+    outcomes = {
+        contract.OUTCOME_VALID: humans,
+        contract.OUTCOME_BOT: bots,
+        contract.OUTCOME_DUPLICATE: clean["dedupe_tags"].get(DedupeEvents.DUPLICATES, []),
+        contract.OUTCOME_DEAD_LETTER: parse_tags.get(ParseEvents.DEAD_LETTER, []),
+        contract.OUTCOME_CONSENT_DROPPED: parse_tags.get(ParseEvents.CONSENT_DROPPED, []),
+        contract.OUTCOME_TOO_LATE: parse_tags.get(ParseEvents.TOO_LATE, []),
+    }
+    counters = _counters(raw, outcomes, labels, label_tags)
+    signals = _signals(humans, bots, labels)
+    _write_outputs(out, s, outcomes, labels, label_tags, slates, signals, features)
     summary = summarise(dict(counters))
     return {
         "counts": summary["counts"],

@@ -30,6 +30,7 @@ rely on: a lost or a repeated record fails them. Each dead letter names its reco
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -262,7 +263,7 @@ class FlinkJobServer(JavaService):
         return jids
 
 
-# --- the test ------------------------------------------------------------------------------------------
+# --- the test, step by step -----------------------------------------------------------------------------
 
 
 def _log_tail(path: Path, limit: int = 6000) -> str:
@@ -272,137 +273,197 @@ def _log_tail(path: Path, limit: int = 6000) -> str:
         return "(no log)"
 
 
-@pytest.mark.timeout(480)
-def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, tmp_path, monkeypatch):
-    t_begin = time.monotonic()
-    services = []
+@dataclasses.dataclass(frozen=True)
+class Services:
+    """The Java expansion service and the Flink job server of one test."""
+
+    expansion: JavaService
+    job_server: FlinkJobServer
+
+    @property
+    def all(self) -> tuple[JavaService, ...]:
+        return (self.expansion, self.job_server)
+
+    def stop(self) -> None:
+        for s in reversed(self.all):
+            s.stop()
+
+
+@pytest.fixture
+def java_services(flink_job_server_jar, tmp_path):
+    """Started before the test body: the JVMs boot while the events are planned, generated and produced.
+    The test stops them before its assertions; this stops them too if the test failed first."""
     expansion = start_expansion_service(flink_job_server_jar, tmp_path)
-    services.append(expansion)
-    job_server = FlinkJobServer(flink_job_server_jar, tmp_path)
-    services.append(job_server)
+    try:
+        services = Services(expansion, FlinkJobServer(flink_job_server_jar, tmp_path))
+    except BaseException:
+        expansion.stop()
+        raise
+    try:
+        yield services
+    finally:
+        services.stop()
+
+
+def event_lines(path: Path) -> list[bytes]:
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 == N_EVENTS
+    return lines[:-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Produced:
+    """The (partition, offset) of every produced record, and the clock around the production."""
+
+    offsets: list
+    produced_from: dt.datetime
+    produced_until: dt.datetime
+
+
+def produce_events(broker, lines: list[bytes], start: float) -> Produced:
+    produced_from = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    offsets = broker.produce_lines(TOPIC, lines)
+    produced_until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
+    assert len(set(offsets)) == N_EVENTS
+    assert produced_until.timestamp() - start < LATENESS, "the first record is too late: raise PRODUCE_MARGIN"
+    return Produced(offsets, produced_from, produced_until)
+
+
+def start_job(config: Path, out: Path, log_path: Path, job_server: FlinkJobServer) -> subprocess.Popen:
+    """`python -m pipelines.streaming` on the job server (LOOPBACK for its Python steps)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.streaming",
+        "--config",
+        str(config),
+        "--output",
+        str(out),
+        "--runner=PortableRunner",
+        f"--job_endpoint={job_server.endpoint}",
+        "--environment_type=LOOPBACK",
+        "--parallelism=1",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=DIE_WITH_PARENT,
+        )
+
+
+@dataclasses.dataclass
+class JobRun:
+    """How long the Flink job ran and how it stopped."""
+
+    waited_s: float = float("nan")
+    cancelled: list = dataclasses.field(default_factory=list)
+    code: int | None = None
+    stop_s: float = float("nan")
+
+
+def outputs_complete(broker, out: Path, truth: dict) -> bool:
+    """Every label, dead letter, archived event and slate item the truth predicts is in the files, and
+    every label and dead letter on its topic."""
+    expected_dead = sum(truth["dead_letter_by_reason"].values())
+    file_labels = read_output(out, "labels")
+    complete = (
+        len(file_labels) == truth["labels"]["exposures"]
+        and len(read_output(out, "dead_letter")) == expected_dead
+        and len(read_output(out, "archive")) == truth["counts"]["valid"]
+        and slate_items(read_output(out, "slates"))
+        == sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
+    )
+    if not complete:
+        return False
+    # The files are all there: are the topics too?
+    topic_state = (len(broker.read_topic(LABELS_TOPIC)), len(broker.read_topic(DEAD_LETTER_TOPIC)))
+    return topic_state == (truth["labels"]["exposures"], expected_dead)
+
+
+def wait_for_outputs(job, job_server: FlinkJobServer, broker, out: Path, log_path: Path, truth, release, due) -> float:
+    """Waits past the release time until everything expected is out (and 5 s without a new file), at most
+    until every output is due by the job's own bound; returns the seconds the Flink job ran."""
+    state, changed_at, started_at = None, time.time(), None
+    while True:
+        assert job.poll() is None, f"the job exited early (code {job.returncode}); log:\n{_log_tail(log_path)}"
+        now = time.time()
+        if started_at is None and job_server.running_jobs():
+            started_at = now
+        new_state = count_files(out, OUTPUT_NAMES)
+        if new_state != state:
+            state, changed_at = new_state, now
+        complete = outputs_complete(broker, out, truth)
+        if (complete and now > release and now - changed_at > 5) or now > due + 30:
+            return time.time() - (started_at or time.time())
+        time.sleep(2)
+
+
+def stop_job(job_server: FlinkJobServer, job: subprocess.Popen) -> tuple[list, int | None, float]:
+    """Flink's REST cancel, then the job process ends by itself: (cancelled job ids, exit code or None if
+    it did not exit in time, seconds it took)."""
+    stop_at = time.monotonic()
+    cancelled = job_server.cancel_all()
+    try:
+        code = job.wait(JOB_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    return cancelled, code, time.monotonic() - stop_at
+
+
+def run_job(broker, services: Services, truth: dict, release: float, tmp_path: Path) -> JobRun:
+    """Runs the job until its outputs are complete (or overdue), cancels it, then stops the Java services."""
     job = None
     log_path = tmp_path / "job.log"
+    run = JobRun()
     try:
-        # The JVMs boot while the events are planned, generated and produced.
-        planned_at = time.time()
-        start, release = plan_times(planned_at)
-        truth = make_events(tmp_path / "events.jsonl", start, monkeypatch)
-        lines = (tmp_path / "events.jsonl").read_bytes().split(b"\n")
-        assert lines[-1] == b"" and len(lines) - 1 == N_EVENTS
-        lines = lines[:-1]
-        produced_from = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
-        offsets = kafka_broker.produce_lines(TOPIC, lines)
-        produced_until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)
-        assert len(set(offsets)) == N_EVENTS
-        assert produced_until.timestamp() - start < LATENESS, "the first record is too late: raise PRODUCE_MARGIN"
-        expansion.wait_listening()
-        job_server.wait_listening()
-
-        out = tmp_path / "out"
-        config = job_config(tmp_path / "job.yaml", kafka_broker.bootstrap, f"localhost:{expansion.port}")
+        services.expansion.wait_listening()
+        services.job_server.wait_listening()
+        config = job_config(tmp_path / "job.yaml", broker.bootstrap, f"localhost:{services.expansion.port}")
         from pipelines.graph import GraphSettings
         from transforms.config import load_config
 
+        # The job's own bound on how far behind the watermark (here: the processing clock) its outputs can be.
         due = (
             iso_seconds(truth["event_time_range"][1])
             + GraphSettings.from_config(load_config(str(config))).max_output_delay_s
         )
-        cmd = [
-            sys.executable,
-            "-m",
-            "pipelines.streaming",
-            "--config",
-            str(config),
-            "--output",
-            str(out),
-            "--runner=PortableRunner",
-            f"--job_endpoint={job_server.endpoint}",
-            "--environment_type=LOOPBACK",
-            "--parallelism=1",
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log:
-            job = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=DIE_WITH_PARENT,
-            )
-        expected_dead = sum(truth["dead_letter_by_reason"].values())
-        state, changed_at, started_at = None, time.time(), None
-        while True:
-            assert job.poll() is None, f"the job exited early (code {job.returncode}); log:\n{_log_tail(log_path)}"
-            now = time.time()
-            if started_at is None and job_server.running_jobs():
-                started_at = now
-            new_state = count_files(out, OUTPUT_NAMES)
-            if new_state != state:
-                state, changed_at = new_state, now
-            file_labels = read_output(out, "labels")
-            complete = (
-                len(file_labels) == truth["labels"]["exposures"]
-                and len(read_output(out, "dead_letter")) == expected_dead
-                and len(read_output(out, "archive")) == truth["counts"]["valid"]
-                and slate_items(read_output(out, "slates"))
-                == sorted((l["request_id"], l["item_id"]) for l in file_labels if l["request_id"] is not None)
-            )
-            if complete:  # the files are all there: are the topics too?
-                topic_state = (
-                    len(kafka_broker.read_topic(LABELS_TOPIC)),
-                    len(kafka_broker.read_topic(DEAD_LETTER_TOPIC)),
-                )
-                complete = topic_state == (truth["labels"]["exposures"], expected_dead)
-            if (complete and now > release and now - changed_at > 5) or now > due + 30:
-                break
-            time.sleep(2)
-        waited_s = time.time() - (started_at or time.time())
-        # Stop: Flink's REST cancel, then the job process ends by itself (exit 0).
-        stop_at = time.monotonic()
-        cancelled = job_server.cancel_all()
-        try:
-            code = job.wait(JOB_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            code = None
-        stop_s = time.monotonic() - stop_at
+        job = start_job(config, tmp_path / "out", log_path, services.job_server)
+        run.waited_s = wait_for_outputs(
+            job, services.job_server, broker, tmp_path / "out", log_path, truth, release, due
+        )
+        run.cancelled, run.code, run.stop_s = stop_job(services.job_server, job)
     finally:
         if job is not None and job.poll() is None:
             stop(job, timeout=20)
-        for s in reversed(services):
-            s.stop()
-    job_log = _log_tail(log_path)
-    print(
-        f"\nkafka e2e: events start {start - planned_at:+.0f}s from planning, produced "
-        f"{produced_until.timestamp() - 1 - planned_at:.0f}s after it; {N_EVENTS} records; Flink job ran "
-        f"{waited_s:.0f}s; cancelled {cancelled}; job exited {stop_s:.1f}s after the cancel; "
-        f"{count_files(out, OUTPUT_NAMES)} output files; test {time.monotonic() - t_begin:.0f}s",
-        file=sys.stderr,
-    )
-    assert len(cancelled) == 1, f"expected one running Flink job, cancelled {cancelled}"
-    assert code == 0, f"the job did not exit 0 within {JOB_STOP_TIMEOUT_S}s of the cancel (code {code}):\n{job_log}"
-    assert not any(s.process.poll() is None for s in services)
-    published_labels = kafka_broker.read_topic(LABELS_TOPIC)
-    published_dead = kafka_broker.read_topic(DEAD_LETTER_TOPIC)
+        services.stop()
+    return run
 
-    outputs = {name: read_output(out, name) for name in OUTPUT_NAMES}
-    counts = truth["counts"]
 
-    # Dead letters: every reason the truth predicts, with its count; each names a distinct Kafka record.
+def assert_dead_letters(outputs: dict, published_dead: list, truth: dict, offsets: list) -> None:
+    """Every reason the truth predicts, with its count; each names a distinct Kafka record. The same dead
+    letters were written to their topic once each, keyed by their source."""
     predicted = Counter({r: n for r, n in truth["dead_letter_by_reason"].items() if n})
     assert Counter(d["reason"] for d in outputs["dead_letter"]) == predicted
     sources = [d["source"] for d in outputs["dead_letter"]]
     assert len(set(sources)) == len(sources)
     produced = {f"kafka:{TOPIC}/{partition}/{offset}" for partition, offset in offsets}
     assert set(sources) <= produced, sorted(set(sources) - produced)[:5]
-    # ... and the same dead letters were written to their topic once each, keyed by their source.
     dead_values = [json.loads(r.value) for r in published_dead]
     assert Counter(d["reason"] for d in dead_values) == predicted
     assert sorted(d["source"] for d in dead_values) == sorted(sources)
     assert all(r.key.decode() == d["source"] for r, d in zip(published_dead, dead_values))
 
-    # Every valid event archived once (a clean run reads each record once).
+
+def assert_every_event_accounted(outputs: dict, truth: dict, produced: Produced) -> None:
+    """Every valid event archived once (a clean run reads each record once), every other event in its
+    outcome, by event id."""
+    counts = truth["counts"]
     archive = outputs["archive"]
     assert len(archive) == counts["valid"]
     assert len({e["event_id"] for e in archive}) == len(archive)
@@ -410,7 +471,7 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
         {t: n for t, n in truth["valid_event_count_by_type"].items() if n}
     )
     # Arrival time is the Kafka record's timestamp: the producer's clock (this machine's) at send time.
-    assert all(produced_from <= e["arrival_time"] <= produced_until for e in archive)
+    assert all(produced.produced_from <= e["arrival_time"] <= produced.produced_until for e in archive)
 
     assert sorted(e["event_id"] for e in outputs["bots"]) == sorted(truth["bot_event_ids"])
     assert Counter(e["bot_rule"] for e in outputs["bots"]) == Counter(
@@ -427,8 +488,10 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
     )
     assert accounted == N_EVENTS
 
-    # Labels: one per exposure, exactly once in the files and on the topic (keyed by label_id), positives
-    # as the truth.
+
+def assert_labels(outputs: dict, published_labels: list, truth: dict) -> None:
+    """One label per exposure, exactly once in the files and on the topic (keyed by label_id), positives
+    as the truth."""
     labels = outputs["labels"]
     label_truth = truth["labels"]
     assert len(labels) == label_truth["exposures"] == len(published_labels)
@@ -444,7 +507,42 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, flink_job_server_jar, 
     assert len(outputs["orphan_outcomes"]) == label_truth["orphan_outcomes"]
     assert len(outputs["late_outcomes"]) == label_truth["late_outcomes"] == 0
 
+
+def assert_slates(outputs: dict) -> None:
+    """Every label with a request_id, in exactly one slate per request."""
     slates = outputs["slates"]
-    expected_items = sorted((l["request_id"], l["item_id"]) for l in labels if l["request_id"] is not None)
+    expected_items = sorted((l["request_id"], l["item_id"]) for l in outputs["labels"] if l["request_id"] is not None)
     assert expected_items and slate_items(slates) == expected_items
     assert len({s["request_id"] for s in slates}) == len(slates), "a request is split over several slates"
+
+
+@pytest.mark.timeout(480)
+def test_streaming_job_reads_kafka_on_flink(kafka_broker, java_services, tmp_path, monkeypatch):
+    t_begin = time.monotonic()
+    planned_at = time.time()
+    start, release = plan_times(planned_at)
+    truth = make_events(tmp_path / "events.jsonl", start, monkeypatch)
+    produced = produce_events(kafka_broker, event_lines(tmp_path / "events.jsonl"), start)
+    run = run_job(kafka_broker, java_services, truth, release, tmp_path)
+    out = tmp_path / "out"
+    job_log = _log_tail(tmp_path / "job.log")
+    print(
+        f"\nkafka e2e: events start {start - planned_at:+.0f}s from planning, produced "
+        f"{produced.produced_until.timestamp() - 1 - planned_at:.0f}s after it; {N_EVENTS} records; Flink job ran "
+        f"{run.waited_s:.0f}s; cancelled {run.cancelled}; job exited {run.stop_s:.1f}s after the cancel; "
+        f"{count_files(out, OUTPUT_NAMES)} output files; test {time.monotonic() - t_begin:.0f}s",
+        file=sys.stderr,
+    )
+    assert len(run.cancelled) == 1, f"expected one running Flink job, cancelled {run.cancelled}"
+    assert run.code == 0, (
+        f"the job did not exit 0 within {JOB_STOP_TIMEOUT_S}s of the cancel (code {run.code}):\n{job_log}"
+    )
+    assert not any(s.process.poll() is None for s in java_services.all)
+    published_labels = kafka_broker.read_topic(LABELS_TOPIC)
+    published_dead = kafka_broker.read_topic(DEAD_LETTER_TOPIC)
+
+    outputs = {name: read_output(out, name) for name in OUTPUT_NAMES}
+    assert_dead_letters(outputs, published_dead, truth, produced.offsets)
+    assert_every_event_accounted(outputs, truth, produced)
+    assert_labels(outputs, published_labels, truth)
+    assert_slates(outputs)
