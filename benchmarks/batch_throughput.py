@@ -78,15 +78,11 @@ def runner_args(runner: str, prism: str | None) -> list:
     if runner == "fnapi":
         return [f"--runner={FN_API}"]
     if runner == "prism":
-        if not prism:
-            prism = (
-                subprocess.run(
-                    ["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True, capture_output=True, text=True
-                )
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-        return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from tests.engines import install_prism, prism_options
+
+        return prism_options(prism or install_prism())
     raise ValueError(f"unknown runner {runner!r}: fnapi or prism")
 
 

@@ -199,14 +199,9 @@ def _new_cluster(args, work: Path):
 
 
 def _prism_args() -> list:
-    prism = (
-        subprocess.run(
-            ["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True, capture_output=True, text=True
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-    return ["--runner=PrismRunner", f"--prism_location={prism}", "--environment_type=LOOPBACK"]
+    from tests.engines import install_prism, prism_options
+
+    return prism_options(install_prism())
 
 
 def _result(args, cluster, report: dict, seconds: float, peaks: dict, exact: bool) -> dict:

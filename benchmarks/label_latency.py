@@ -242,10 +242,9 @@ def latencies(probe_rows, label_rows, marks) -> dict:
 
 
 def _prism(location: str | None) -> str:
-    if location:
-        return location
-    out = subprocess.run(["bash", str(ROOT / ".ci" / "install-prism")], cwd=ROOT, check=True, capture_output=True)
-    return out.stdout.decode().strip().splitlines()[-1]
+    from tests.engines import install_prism
+
+    return location or install_prism()
 
 
 def _parse_args(argv) -> argparse.Namespace:

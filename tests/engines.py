@@ -45,6 +45,7 @@ __all__ = [
     "FlinkCluster",
     "FlinkClusterError",
     "prism_options",
+    "install_prism",
     "flink_options",
     "flink_cluster_job_server",
     "portable_options",
@@ -78,13 +79,18 @@ def _key_values(text: str) -> dict:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-@pytest.fixture(scope="session")
-def prism_binary() -> str:
-    """Path of a Prism binary for the installed Beam version (built once, then cached)."""
+def install_prism() -> str:
+    """Path of a Prism binary for the installed Beam version (built once by .ci/install-prism, then
+    cached). Usable outside pytest (benchmarks/): a failure raises with the script's stderr."""
     path = _run_install("install-prism").strip().splitlines()[-1]
     if not os.access(path, os.X_OK):
         pytest.fail(f".ci/install-prism printed {path!r}, which is not an executable", pytrace=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def prism_binary() -> str:
+    return install_prism()
 
 
 def prism_options(prism: str, *extra: str) -> list:
