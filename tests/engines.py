@@ -273,6 +273,9 @@ class FlinkCluster:
             "FLINK_PID_DIR": str(self.workdir / "pid"),
         }
         env.pop("HADOOP_CLASSPATH", None)
+        # The TaskManagers start the Python SDK workers (PROCESS environment): they import the project from
+        # the venv, and tests' own modules (tests/helpers.py functions pickled into a pipeline) from here.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         out = open(log_dir / "console.log", "wb")
         # start-foreground execs the JVM: this Popen's pid is the JobManager / TaskManager itself.
         self.processes[name] = subprocess.Popen(
