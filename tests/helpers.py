@@ -226,6 +226,13 @@ def feature_event(eid, t, etype, user="u1", item=None, category=None, dwell=None
 # --- end-to-end streaming tests (Pub/Sub, Kafka): the job's files ---------------------------------
 
 
+def event_lines(path, expected: int) -> list[bytes]:
+    """The lines of a generated events file (exactly `expected`, newline-terminated)."""
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 == expected
+    return lines[:-1]
+
+
 def iso_seconds(text: str) -> float:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.processes import DIE_WITH_PARENT, free_port, stop
+from tests.processes import DIE_WITH_PARENT, free_port, log_tail, stop
 
 _INSTALL_TIMEOUT_S = 10 * 60.0
 _START_TIMEOUT_S = 60.0
@@ -216,10 +216,7 @@ class KafkaBroker:
             consumer.close()
 
     def log_tail(self, limit: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, limit)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -48,9 +48,9 @@ import yaml
 
 from tests.conftest import ROOT, SCHEMA_DIR
 from tests.engines import flink_job_server_jar  # noqa: F401  (session fixture)
-from tests.helpers import count_files, iso_seconds, read_output, slate_items
+from tests.helpers import count_files, event_lines, iso_seconds, read_output, slate_items
 from tests.kafka_broker import kafka_broker  # noqa: F401  (session fixture)
-from tests.processes import DIE_WITH_PARENT, free_port, stop
+from tests.processes import DIE_WITH_PARENT, free_port, log_tail, stop
 
 pytestmark = pytest.mark.slow
 
@@ -183,10 +183,7 @@ class JavaService:
         raise AssertionError(f"{self.name} did not listen on {self.port} within {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, limit: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, limit)
 
     def stop(self) -> None:
         stop(self.process, timeout=20)
@@ -266,13 +263,6 @@ class FlinkJobServer(JavaService):
 # --- the test, step by step -----------------------------------------------------------------------------
 
 
-def _log_tail(path: Path, limit: int = 6000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return "(no log)"
-
-
 @dataclasses.dataclass(frozen=True)
 class Services:
     """The Java expansion service and the Flink job server of one test."""
@@ -303,12 +293,6 @@ def java_services(flink_job_server_jar, tmp_path):
         yield services
     finally:
         services.stop()
-
-
-def event_lines(path: Path) -> list[bytes]:
-    lines = path.read_bytes().split(b"\n")
-    assert lines[-1] == b"" and len(lines) - 1 == N_EVENTS
-    return lines[:-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,7 +375,7 @@ def wait_for_outputs(job, job_server: FlinkJobServer, broker, out: Path, log_pat
     until every output is due by the job's own bound; returns the seconds the Flink job ran."""
     state, changed_at, started_at = None, time.time(), None
     while True:
-        assert job.poll() is None, f"the job exited early (code {job.returncode}); log:\n{_log_tail(log_path)}"
+        assert job.poll() is None, f"the job exited early (code {job.returncode}); log:\n{log_tail(log_path, 6000)}"
         now = time.time()
         if started_at is None and job_server.running_jobs():
             started_at = now
@@ -522,10 +506,10 @@ def test_streaming_job_reads_kafka_on_flink(kafka_broker, java_services, tmp_pat
     planned_at = time.time()
     start, release = plan_times(planned_at)
     truth = make_events(tmp_path / "events.jsonl", start, monkeypatch)
-    produced = produce_events(kafka_broker, event_lines(tmp_path / "events.jsonl"), start)
+    produced = produce_events(kafka_broker, event_lines(tmp_path / "events.jsonl", N_EVENTS), start)
     run = run_job(kafka_broker, java_services, truth, release, tmp_path)
     out = tmp_path / "out"
-    job_log = _log_tail(tmp_path / "job.log")
+    job_log = log_tail(tmp_path / "job.log", 6000)
     print(
         f"\nkafka e2e: events start {start - planned_at:+.0f}s from planning, produced "
         f"{produced.produced_until.timestamp() - 1 - planned_at:.0f}s after it; {N_EVENTS} records; Flink job ran "

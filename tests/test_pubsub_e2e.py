@@ -39,7 +39,7 @@ import yaml
 
 from pipelines.graph import GraphSettings
 from tests.conftest import ROOT, SCHEMA_DIR
-from tests.helpers import count_files, iso_seconds, read_output, slate_items
+from tests.helpers import count_files, event_lines, iso_seconds, read_output, slate_items
 from tests.pubsub_emulator import pubsub_emulator  # noqa: F401  (session fixture)
 from transforms.config import load_config
 
@@ -204,12 +204,6 @@ def pubsub(pubsub_emulator, monkeypatch):
     ps = PubSub()
     yield ps
     ps.close()
-
-
-def event_lines(path: Path) -> list[bytes]:
-    lines = path.read_bytes().split(b"\n")
-    assert lines[-1] == b"" and len(lines) - 1 == N_EVENTS
-    return lines[:-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,7 +424,7 @@ def test_streaming_job_against_pubsub_emulator(pubsub_emulator, pubsub, tmp_path
     t_begin = time.monotonic()
     start, release = plan_times(time.time())
     truth = make_events(tmp_path / "events.jsonl", start, monkeypatch)
-    published = publish_events(pubsub, event_lines(tmp_path / "events.jsonl"))
+    published = publish_events(pubsub, event_lines(tmp_path / "events.jsonl", N_EVENTS))
     out, log_path = tmp_path / "out", tmp_path / "job.log"
     config = job_config(tmp_path / "job.yaml")
     run = run_job(pubsub, published, config, out, log_path, pubsub_emulator, truth, release)
