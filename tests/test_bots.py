@@ -161,8 +161,8 @@ def test_huge_user_is_judged_by_volume_without_sorting(monkeypatch):
     out = list(fn.process(("u1", events)))
     monkeypatch.undo()
     assert len(out) == 1001 and all(isinstance(o, beam.pvalue.TaggedOutput) and o.tag == FilterBots.BOTS for o in out)
-    assert {o.value.value["bot_rule"] for o in out} == {contract.BOT_RULE_SUSTAINED_RATE}
-    assert "judged by volume" in out[0].value.value["bot_detail"]
+    assert {o.value["bot_rule"] for o in out} == {contract.BOT_RULE_SUSTAINED_RATE}
+    assert "judged by volume" in out[0].value["bot_detail"]
     # at the bound it is judged normally
     out = list(fn.process(("u1", events[:1000])))
     assert not any(isinstance(o, beam.pvalue.TaggedOutput) for o in out)

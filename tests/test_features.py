@@ -236,9 +236,9 @@ def _assert_rows_equal(actual, expected):
 
 @pytest.mark.parametrize("keyed_windows", [False, True], ids=["WindowInto", "keyed_windows"])
 def test_pipeline_writes_partitioned_parquet(tmp_path, keyed_windows):
-    """FnApiRunner: ComputeFeatures (both paths) equals the plain-Python reference, rows carry the
-    window's max timestamp, and WriteOfflineFeatures writes one folder per UTC date of window_end
-    (here: windows ending on Nov 1 and on Nov 2)."""
+    """FnApiRunner: ComputeFeatures (both paths) equals the plain-Python reference, rows are in the
+    global window (the windowed path's carry their window's max timestamp), and WriteOfflineFeatures
+    writes one folder per UTC date of window_end (here: windows ending on Nov 1 and on Nov 2)."""
     late_evening = T0 + 13 * HOUR + 50 * MIN  # 23:50 UTC: its 1h windows end on both days
     events = EVENTS + [ev("n1", late_evening, "click", item="i1", category="shoes")]
     cfg = FeaturesConfig(windows=[{"size": "1h", "period": "30m"}, {"size": "2h", "period": "1h"}], half_life="30m")
@@ -248,7 +248,7 @@ def test_pipeline_writes_partitioned_parquet(tmp_path, keyed_windows):
         files = rows | WriteOfflineFeatures(out)
         stamps = rows | "Stamps" >> beam.Map(
             lambda r, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam: (
-                ts.micros == (r["window_end"] - 1) * 1000,
+                keyed_windows or ts.micros == (r["window_end"] - 1) * 1000,
                 w == window.GlobalWindow(),
             )
         )

@@ -274,7 +274,11 @@ class _CrawlerFn(beam.DoFn):
 
 
 class _JudgeFn(beam.DoFn):
-    """Shared by the batch and streaming DoFns: closed runs -> tagged, timestamped outputs."""
+    """Shared by the batch and streaming DoFns: closed runs -> tagged outputs. Streaming stamps each with
+    its event time for the windows downstream; the bounded graph has none, and a TimestampedValue costs
+    a window assignment per element there for nothing."""
+
+    STAMP_EVENT_TIME = False
 
     def __init__(self, rules: BotRules, session_gap_s: float):
         self._rules = rules
@@ -286,12 +290,14 @@ class _JudgeFn(beam.DoFn):
 
     def _emit(self, judged):
         for rule, detail, e in judged:
-            ts = e["event_time"] / 1000.0
+            out = flag(e, rule, detail)
+            if self.STAMP_EVENT_TIME:
+                out = window.TimestampedValue(out, e["event_time"] / 1000.0)
             if rule is None:
-                yield window.TimestampedValue(flag(e, None, None), ts)
+                yield out
             else:
                 self._flagged[rule].inc()
-                yield beam.pvalue.TaggedOutput(FilterBots.BOTS, window.TimestampedValue(flag(e, rule, detail), ts))
+                yield beam.pvalue.TaggedOutput(FilterBots.BOTS, out)
 
     def _judge_units(self, units):
         for unit in units:
@@ -322,6 +328,8 @@ class _UserRunsStreamingFn(_JudgeFn):
     """(user, event) -> runs judged whole once closed. The user's open events wait in state; an
     event-time timer fires at min(first + max_run_duration, last + gap) + lateness of the earliest
     open run. State and timer names carry a `bots_` prefix (timer names must be unique per pipeline)."""
+
+    STAMP_EVENT_TIME = True
 
     EVENTS = BagStateSpec("bots_open_events", PickleCoder())
     SPAN = ReadModifyWriteStateSpec("bots_open_span", PickleCoder())  # (min time, max time, count)
@@ -432,11 +440,9 @@ class FilterBots(beam.PTransform):
         )
         by_user = beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
         keyed = crawler[contract.TAG_REST] | "KeyByUser" >> by_user
-        judged = self._judge(keyed)
-        humans = judged[contract.TAG_HUMANS] | "HumansGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
-        run_bots = judged[self.BOTS] | "RunBotsGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
-        bots = (crawler[self.BOTS], run_bots) | "AllBots" >> beam.Flatten()
-        return {contract.TAG_HUMANS: humans, self.BOTS: bots}
+        judged = self._judge(keyed)  # in the global window, as its input (a GroupByKey or state keeps it)
+        bots = (crawler[self.BOTS], judged[self.BOTS]) | "AllBots" >> beam.Flatten()
+        return {contract.TAG_HUMANS: judged[contract.TAG_HUMANS], self.BOTS: bots}
 
 
 class FilterBotsStreaming(FilterBots):

@@ -37,7 +37,6 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window
-from apache_beam.utils.timestamp import Timestamp
 
 # Config and row schema live in features_config, the Parquet sink in features_sink; re-exported here so that
 # `from transforms.features import ...` keeps giving the whole feature API.
@@ -368,8 +367,9 @@ class _ToFeatureRowFn(beam.DoFn):
 
 
 class _EntityRowsFn(beam.DoFn):
-    """Bounded-input path: all inputs of one entity -> all its feature rows (`entity_rows`), each
-    stamped with its window's max timestamp, as the windowed path gives."""
+    """Bounded-input path: all inputs of one entity -> all its feature rows (`entity_rows`), in the
+    global window. Not stamped with their window's end: bounded sinks ignore element timestamps, and a
+    TimestampedValue costs a window assignment per row (~2.5 rows per event)."""
 
     def __init__(self, specs: tuple[tuple[str, int, int], ...], params: FeatureParams):
         self._specs, self._params = specs, params
@@ -380,7 +380,7 @@ class _EntityRowsFn(beam.DoFn):
         n = 0
         for row in entity_rows(entity_type, entity_id, values, self._specs, self._params):
             n += 1
-            yield window.TimestampedValue(row, Timestamp(micros=(row["window_end"] - 1) * 1000))
+            yield row
         self._rows.inc(n)
 
 

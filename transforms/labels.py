@@ -271,21 +271,25 @@ class _SettleBatchFn(beam.DoFn):
         yield from _emit(settle(exposures, outcomes, self._rules), self._counters)
 
 
-def _emit(s: Settlement, counters, stamp_delay_ms: int = 0):
+def _emit(s: Settlement, counters, stamp_delay_ms: int | None = None):
+    """Settled records -> outputs. `stamp_delay_ms` (streaming) stamps them for the windows downstream;
+    None (bounded graph: no event-time windows) leaves them as they are, which spares a window assignment
+    per element."""
+    stamp = (lambda r, t: r) if stamp_delay_ms is None else (lambda r, t: window.TimestampedValue(r, t / 1000.0))
     for label in s.labels:
         counters["labels"].inc()
         if label["label"]:
             counters["positives"].inc()
-        # Stamped when the label became final: label_time, plus in streaming the delay the timer waits
-        # for upstream buckets -- the timer's own time, so labels are on time for the windows after
-        # (a request's slate then comes in one pane, not one late pane per label).
-        yield window.TimestampedValue(label, (label["label_time"] + stamp_delay_ms) / 1000.0)
+        # Stamped when the label became final: label_time plus the delay the timer waits for upstream
+        # buckets -- the timer's own time, so labels are on time for the windows after (a request's
+        # slate then comes in one pane, not one late pane per label).
+        yield stamp(label, label["label_time"] + (stamp_delay_ms or 0))
     for o in s.orphans:
         counters["orphans"].inc()
-        yield beam.pvalue.TaggedOutput(JoinLabels.ORPHANS, window.TimestampedValue(o, o["event_time"] / 1000.0))
+        yield beam.pvalue.TaggedOutput(JoinLabels.ORPHANS, stamp(o, o["event_time"]))
     for o in s.late_outcomes:
         counters["late_outcomes"].inc()
-        yield beam.pvalue.TaggedOutput(JoinLabels.LATE_OUTCOMES, window.TimestampedValue(o, o["event_time"] / 1000.0))
+        yield beam.pvalue.TaggedOutput(JoinLabels.LATE_OUTCOMES, stamp(o, o["event_time"]))
 
 
 class _SettleStreamingFn(beam.DoFn):
