@@ -990,3 +990,35 @@ def test_broken_accounting_exits_3_and_is_not_published(tmp_path, monkeypatch, c
     staged = list(out.glob("_staging-*/evaluation.json"))
     assert len(staged) == 1 and json.loads(staged[0].read_text())["ope"]["accounting"]["holds"] is False
 
+
+def test_batch_yaml_lists_every_evaluation_key_with_its_default():
+    """config/batch.yaml documents the evaluation section: every key, with the model's default."""
+    import yaml
+
+    from transforms.config import load_config
+
+    doc = yaml.safe_load((ROOT / "config" / "batch.yaml").read_text())
+
+    def keys(model_cls, prefix):
+        out = set()
+        for name, field in model_cls.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, E._Section):
+                out |= keys(sub, f"{prefix}{name}.")
+            else:
+                out.add(f"{prefix}{name}")
+        return out
+
+    def listed(d, prefix):
+        out = set()
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out |= listed(v, f"{prefix}{k}.")
+            else:
+                out.add(f"{prefix}{k}")
+        return out
+
+    assert listed(doc["evaluation"], "") == keys(E.EvaluationConfig, "")
+    assert "position_weights" in doc["labels"]
+    cfg = load_config(str(ROOT / "config" / "batch.yaml"))
+    assert cfg.evaluation == E.EvaluationConfig() and cfg.labels.position_weights is None
