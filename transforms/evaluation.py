@@ -246,18 +246,18 @@ def _read_rows(path: str, what: str) -> list[tuple[str, dict]]:
     return [(f"line {lines[i]}" if lines else f"row {i}", r) for i, r in enumerate(rows)]
 
 
-def _scope(row: dict, context_fields: Sequence[str], what: str, i: int) -> tuple:
+def _scope(row: dict, context_fields: Sequence[str], what: str, where: str) -> tuple:
     """(kind, key, position) of a table row: kind 'request', 'context' or 'all'."""
     pos = row.get("position")
     if pos is not None and (not isinstance(pos, int) or isinstance(pos, bool)):
-        raise ValueError(f"{what} row {i}: position must be an integer, got {pos!r}")
+        raise ValueError(f"{what} {where}: position must be an integer, got {pos!r}")
     if row.get("request_id") is not None:
         return ("request", str(row["request_id"]), pos)
     if row.get("context") is not None:
         ctx = row["context"]
         if not isinstance(ctx, dict) or set(ctx) != set(context_fields):
             raise ValueError(
-                f"{what} row {i}: context must name exactly the fields {list(context_fields)} "
+                f"{what} {where}: context must name exactly the fields {list(context_fields)} "
                 f"(evaluation.ope.context_fields), got {ctx!r}"
             )
         return ("context", tuple(str(ctx[f]) if ctx[f] is not None else None for f in context_fields), pos)
@@ -324,13 +324,13 @@ class PolicyTables:
 
 def _table(rows: list[tuple[str, dict]], value_key: str, context_fields, what: str) -> dict:
     table: dict = {}
-    for i, (where, r) in enumerate(rows):
+    for where, r in rows:
         if r.get("item_id") is None:
-            raise ValueError(f"{what} row {i}: item_id is missing")
+            raise ValueError(f"{what} {where}: item_id is missing")
         v = r.get(value_key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{what} row {i}: {value_key} must be a finite number, got {v!r}")
-        dist = table.setdefault(_scope(r, context_fields, what, i), {})
+            raise ValueError(f"{what} {where}: {value_key} must be a finite number, got {v!r}")
+        dist = table.setdefault(_scope(r, context_fields, what, where), {})
         if str(r["item_id"]) in dist:
             # a later row silently replacing an earlier one hides an error in the file (and passes the sum check)
             raise ValueError(
