@@ -1015,7 +1015,11 @@ def _ope_section(ope: dict) -> str:
         ("effective sample size", f"{_f(d.get('ess'), 6)} ({_pct(d.get('ess_share'), 2)})"),
         ("max / mean weight", f"{_f(d.get('max_weight'))} / {_f(d.get('mean_weight'))}"),
         ("clipped exposures", str(d.get("clipped_exposures", "n/a"))),
-        ("excluded (no propensity)", str(sum((ope.get("excluded") or {}).values()))),
+        (
+            "excluded labels",
+            f"{sum((ope.get('excluded') or {}).values())} ({_pct(ope.get('excluded_share'), 2)})"
+            + "".join(f"; {k} {v}" for k, v in (ope.get("excluded") or {}).items()),
+        ),
     ]
     kpi = _kpi_grid(kpis)
     chart = _hbars(
@@ -1057,9 +1061,16 @@ def _position_bias_section(pb: dict) -> str:
         for k, v in w.items()
     )
     table = _table(("position", "propensity", "weight", "exposures"), rows)
+    fit = ""
+    if curve.get("method") == "em":
+        fit = (
+            f" EM {'converged' if curve.get('converged') else 'did NOT converge'} in {curve.get('iterations')} "
+            f"iterations (last change {_f(curve.get('final_change'), 3)}); {_num(curve.get('items_own_relevance'))} "
+            f"of {_num(curve.get('items'))} items have their own relevance, the rest share one."
+        )
     note = (
         f"method {pb['method']} ({_num(pb.get('randomised_exposures'))} randomised exposures); relative to "
-        "position 1. The weights are written to position_weights.json for labels.position_weights."
+        "position 1. The weights are written to position_weights.json for labels.position_weights." + fit
     )
     return "".join(
         _grid(_card("Examination propensity by position", chart, note), _card("Inverse-propensity weights", table))

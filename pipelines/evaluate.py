@@ -1,17 +1,23 @@
 """Evaluation job: labels + slates (Avro, as the batch job writes them) -> evaluation.json + report.html.
 
     python -m pipelines.evaluate --config config/batch.yaml --labels 'out/labels/*.avro' \
-        --slates 'out/slates/*.avro' --output eval/ [--warn-only]
+        --slates 'out/slates/*.avro' --output eval/ [--warn-only] [--overwrite]
 
 Four sections, configured under `evaluation:` (transforms/evaluation.py has the definitions):
   ope             off-policy estimates (IPS, SNIPS, DM, DR) of a target policy from the logged propensities,
-                  with request-level bootstrap intervals and weight diagnostics
+                  with request-level bootstrap intervals and weight diagnostics; labels it cannot use are
+                  excluded by reason (no_propensity, invalid_propensity, no_target_policy) and counted
   position_bias   examination propensity per position (randomised slates, else an EM position-based
                   model), also written as position_weights.json for `labels.position_weights`
   experiments     per experiment_id x variant readout, delta-method CIs vs control, sample-ratio check
   cold_start      new-item share of exposures and clicks, item-exposure Gini and top-1% share per bucket
-Gates (SRM, cold start, concentration, ESS) exit 4 on a breach unless --warn-only or quality.mode: warn,
-as in pipelines.batch; a bad config or input glob exits 2 before anything runs.
+Exit codes as pipelines.batch: 2 bad config, an input glob that matches nothing, non-Avro input, inputs
+of an unpublished run, or a used --output (nothing ran); 3 the accounting identity (labels read = used by
+OPE + excluded) broken, not published; 4 a gate breached (SRM, cold start, concentration, ESS, excluded
+share, nothing evaluable, uniform n_actions, position-bias curve), published, unless --warn-only or
+quality.mode: warn.
+The output folder is a run folder (pipelines/runfolder.py): staged, published with _MANIFEST.json and
+_SUCCESS, a used folder refused unless --overwrite.
 
 Beam: every section reduces the records to small aggregates (per request, per unit, per item and
 bucket, per item and position) with GroupByKey / CombinePerKey, gathers them with ToList and runs the
@@ -29,15 +35,19 @@ import json
 import sys
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from feedback_report.report_html import render_evaluation_report, write_report_html
+from pipelines import runfolder
 from pipelines.gates import gates_line
 from pipelines.launcher import (
+    add_overwrite_flag,
     beam_counters,
     pipeline_options,
     quality_exit_code,
     read_jsonl_glob,
+    refuse_unless,
     require_match,
     run_main,
     run_pipeline,
@@ -50,7 +60,7 @@ from transforms.quality import breaches, slo_exit_code
 
 METRICS_NS = "feedback.evaluate"
 SECTIONS = ("ope", "position_bias", "experiments", "cold_start")
-EXCLUDED_NO_PROPENSITY = "no_propensity"
+AVRO_MAGIC = b"Obj\x01"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slates", required=True, help="File glob of slate Avro files (batch job output slates/)")
     parser.add_argument("--output", required=True, help="Output folder (local path or gs://...)")
     parser.add_argument("--warn-only", action="store_true", help="Report gate breaches without failing (exit 0)")
+    add_overwrite_flag(parser)
     return parser
 
 
@@ -89,30 +100,47 @@ class _OpeTermsFn(beam.DoFn):
     def __init__(self, tables: E.PolicyTables, reward: str, clip: float | None):
         self._tables, self._reward, self._clip = tables, reward, clip
         self._used = Metrics.counter(METRICS_NS, "ope_exposures")
-        self._excluded = Metrics.counter(METRICS_NS, "ope_excluded_no_propensity")
+        self._excluded = {r: Metrics.counter(METRICS_NS, f"ope_excluded_{r}") for r in E.EXCLUSION_REASONS}
 
     def process(self, label):
-        terms = E.exposure_terms(label, self._tables, self._reward, self._clip)
-        if terms is None:
-            self._excluded.inc()
-            yield beam.pvalue.TaggedOutput(self.EXCLUDED, EXCLUDED_NO_PROPENSITY)
+        reason = E.exclusion_reason(label, self._tables)
+        if reason is not None:
+            self._excluded[reason].inc()
+            yield beam.pvalue.TaggedOutput(self.EXCLUDED, reason)
             return
         self._used.inc()
         # a label without request_id is a request of its own
-        yield label.get("request_id") or f"label:{label['label_id']}", terms
+        yield (
+            label.get("request_id") or f"label:{label['label_id']}",
+            E.exposure_terms(label, self._tables, self._reward, self._clip),
+        )
 
 
-def _finish_ope(rows: list, excluded: list, cfg: E.OpeConfig, has_reward_model: bool) -> dict:
+def _finish_ope(
+    rows: list, excluded: list, labels_read: int, items_seen: int, cfg: E.OpeConfig, has_reward_model: bool
+) -> dict:
     ordered = [r for _, r in sorted(rows)]
     out = E.ope_estimates(ordered, cfg.bootstrap_samples, cfg.confidence, cfg.seed, has_reward_model)
+    excluded = dict(sorted(excluded))
     out.update(
         section="ope",
         target_policy=cfg.target_policy,
         reward=cfg.reward,
         clip=cfg.clip,
         reward_model=cfg.reward_model,
-        excluded=dict(sorted(excluded)),
+        labels_read=labels_read,
+        excluded=excluded,
+        excluded_share=sum(excluded.values()) / labels_read if labels_read else None,
+        # accounting identity: every label read is used or excluded for one named reason (exit 3 otherwise)
+        accounting={
+            "labels_read": labels_read,
+            "used": out["exposures"],
+            "excluded": sum(excluded.values()),
+            "holds": labels_read == out["exposures"] + sum(excluded.values()),
+        },
     )
+    if cfg.target_policy == "uniform":
+        out["items_seen"] = items_seen
     return out
 
 
@@ -143,8 +171,21 @@ class OffPolicyEstimates(beam.PTransform):
             | "CountExcluded" >> beam.combiners.Count.PerElement()
             | "AllExcluded" >> beam.combiners.ToList()
         )
+        # counted from the input itself, not from the two outputs, so that the identity can fail
+        labels_read = labels | "CountLabels" >> beam.combiners.Count.Globally()
+        items_seen = (
+            labels
+            | "ItemIds" >> beam.Map(lambda l: l["item_id"])
+            | "DistinctItems" >> beam.Distinct()
+            | "CountItems" >> beam.combiners.Count.Globally()
+        )
         return rows | "Estimate" >> beam.Map(
-            _finish_ope, beam.pvalue.AsSingleton(excluded), self._cfg, self._tables.rewards is not None
+            _finish_ope,
+            beam.pvalue.AsSingleton(excluded),
+            beam.pvalue.AsSingleton(labels_read),
+            beam.pvalue.AsSingleton(items_seen),
+            self._cfg,
+            self._tables.rewards is not None,
         )
 
 
@@ -296,10 +337,16 @@ def _finish_position_bias(cells: list, cfg: E.PositionBiasConfig) -> dict:
     out = {
         "section": "position_bias",
         "method": method,
+        "requested_method": cfg.method,
         "randomised_exposures": n_random,
         "exposures": sum(n for _, (n, _) in cells),
     }
     try:
+        if method == "randomised" and not n_random:
+            raise ValueError(
+                "no randomised slates (a policy in evaluation.position_bias.randomised_policies, or every "
+                "propensity 1/n_items); use method auto or em for this traffic"
+            )
         if method == "randomised":
             curve = E.position_curve_randomised(randomised, cfg.max_position)
         else:
@@ -308,11 +355,14 @@ def _finish_position_bias(cells: list, cfg: E.PositionBiasConfig) -> dict:
                 cfg.max_position,
                 cfg.em_iterations,
                 cfg.em_tolerance,
+                cfg.em_min_item_exposures,
             )
     except ValueError as e:
         out.update(curve=None, weights=None, error=str(e))
         return out
-    out.update(curve=curve, weights=E.position_weights_table(curve, cfg.max_weight))
+    # a fit that did not converge is reported (and fails the gate) but not offered to labels as weights
+    usable = curve["method"] != "em" or curve["converged"]
+    out.update(curve=curve, weights=E.position_weights_table(curve, cfg.max_weight) if usable else None)
     return out
 
 
@@ -366,6 +416,19 @@ def build(
     return sections
 
 
+def require_avro(flag: str, pattern: str, what: str) -> None:
+    """Start-up check: labels and slates are read as Avro (the only format the batch, streaming and replay
+    jobs write them in); another file would fail deep inside the pipeline with a fastavro traceback."""
+    for m in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(m.path, compression_type="uncompressed") as f:
+            head = f.read(len(AVRO_MAGIC))
+        if head != AVRO_MAGIC:
+            raise ConfigError(
+                f"{flag}: {m.path} is not an Avro file; pipelines.evaluate reads the {what} Avro files the "
+                f"batch job writes ({what}/*.avro), not JSON lines or other formats"
+            )
+
+
 def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     cfg = load_config(args.config)
@@ -376,9 +439,18 @@ def run(argv=None) -> dict:
         raise ConfigError(f"evaluation.ope: {e}") from None
     require_match("--labels", args.labels)
     require_match("--slates", args.slates)
+    require_avro("--labels", args.labels, "labels")
+    require_avro("--slates", args.slates, "slates")
+    # as pit_join: no labels or slates of a run that was not published (killed, failed, still running)
+    runfolder.check_published(args.labels, "--labels")
+    runfolder.check_published(args.slates, "--slates")
     options = pipeline_options(beam_args)
-    finished = run_pipeline(options, lambda p: build(p, ev, tables, args.labels, args.slates, args.output))
-    found = {s.pop("section"): s for s in read_jsonl_glob(sections_prefix(args.output) + "*")}
+    # Preflight before the pipeline is built: a used, foreign or unwritable --output stops here (exit 2),
+    # so no file of an earlier run (a batch report.html, a stale position_weights.json) survives or mixes in.
+    folder = runfolder.prepare(args.output, "evaluate", args.overwrite)
+    staging = folder.staging
+    finished = run_pipeline(options, lambda p: build(p, ev, tables, args.labels, args.slates, staging))
+    found = {s.pop("section"): s for s in read_jsonl_glob(sections_prefix(staging) + "*")}
     missing = [s for s in SECTIONS if s not in found]
     if missing:
         raise RuntimeError(f"the job wrote no {missing} section(s)")
@@ -399,7 +471,7 @@ def run(argv=None) -> dict:
     weights = found["position_bias"].get("weights")
     if weights:
         weights["positions"] = dict(sorted(weights["positions"].items(), key=lambda kv: int(kv[0])))
-        write_json(f"{out}/position_weights.json", weights)
+        write_json(f"{staging}/position_weights.json", weights)
         evaluation["position_weights"] = f"{out}/position_weights.json"
     slos = E.evaluation_slos(evaluation, ev, mode)
     qcfg = cfg.quality.model_copy(update={"mode": mode})
@@ -410,26 +482,65 @@ def run(argv=None) -> dict:
         "exit_code": slo_exit_code(slos, qcfg),
         "html": f"{out}/report.html",
     }
-    write_json(f"{out}/evaluation.json", evaluation)
+    evaluation["run_id"] = folder.run_id
+    acc = evaluation["ope"]["accounting"]
+    refuse_unless(
+        acc["holds"],
+        f"accounting identity broken: {acc['labels_read']} labels read but {acc['used']} used by OPE + "
+        f"{acc['excluded']} excluded",
+        f"{staging}/evaluation.json",
+        evaluation,
+    )
+    write_json(f"{staging}/evaluation.json", evaluation)
     write_report_html(
-        f"{out}/report.html",
+        f"{staging}/report.html",
         render_evaluation_report(evaluation, slos, title=f"Evaluation of {args.labels}", mode=mode),
     )
+    # published with its verdict, like the batch job: a breached gate (exit 4) is still a complete run
+    runfolder.publish(
+        folder,
+        runfolder.config_digest(cfg.model_dump_json()),
+        {
+            "labels": args.labels,
+            "slates": args.slates,
+            "accounting": acc,
+            "quality": {"exit_code": evaluation["quality"]["exit_code"], "breaches": evaluation["quality"]["breaches"]},
+        },
+    )
     return evaluation
+
+
+def _num(v, fmt: str = ".6g") -> str:
+    """A figure for the summary; None (e.g. SNIPS when every weight is 0) prints as n/a."""
+    return "n/a" if v is None else format(v, fmt)
 
 
 def format_summary(ev: dict) -> str:
     lines = []
     ope = ev["ope"]
-    est = ", ".join(f"{m.upper()} {v['value']:.6g}" for m, v in ope.get("estimates", {}).items())
+    est = ", ".join(f"{m.upper()} {_num(v['value'])}" for m, v in ope.get("estimates", {}).items())
     lines.append(f"off-policy ({ope.get('target_policy')}, {ope.get('exposures', 0)} exposures): {est or 'n/a'}")
+    if ope.get("excluded"):
+        lines.append(
+            f"  excluded {sum(ope['excluded'].values())} of {ope['labels_read']} labels "
+            f"({_num(100 * ope['excluded_share'], '.3g')}%): "
+            + ", ".join(f"{k} {v}" for k, v in ope["excluded"].items())
+        )
     if ope.get("diagnostics"):
         d = ope["diagnostics"]
         lines.append(f"  ESS {d['ess']:.1f} ({100 * d['ess_share']:.3g}%), max weight {d['max_weight']:.4g}")
     pb = ev["position_bias"]
     if pb.get("curve"):
         props = ", ".join(f"{p:.3f}" for p in pb["curve"]["propensity"][:10] if p is not None)
-        lines.append(f"position bias ({pb['method']}): {props}")
+        em = pb["curve"] if pb["curve"]["method"] == "em" else None
+        fit = (
+            f" (EM {'converged' if em['converged'] else 'NOT converged'} in {em['iterations']} iterations)"
+            if em
+            else ""
+        )
+        lines.append(f"position bias ({pb['method']}): {props}{fit}")
+    elif pb.get("error"):
+        lines.append(f"position bias ({pb['method']}): none: {pb['error']}")
     for exp_id, exp in ev["experiments"]["experiments"].items():
         srm = exp.get("srm") or {}
         lines.append(

@@ -56,7 +56,9 @@ def obd_config(tmp_path, target):
     return str(cfg)
 
 
-@pytest.mark.parametrize("name,target", [("random", "file"), ("bts", "file"), ("bts", "uniform")])
+@pytest.mark.parametrize(
+    "name,target", [("random", "file"), ("random", "uniform"), ("bts", "file"), ("bts", "uniform")]
+)
 def test_estimates_equal_obp(tmp_path, name, target):
     labels, slates = write_obd_inputs(tmp_path, name)
     out = tmp_path / "out"

@@ -45,6 +45,7 @@ __all__ = [
     "EvaluationConfig",
     "PolicyTables",
     "load_policy_tables",
+    "exclusion_reason",
     "exposure_terms",
     "request_sums",
     "ope_estimates",
@@ -95,6 +96,13 @@ class OpeConfig(_Section):
     min_ess_share: float | None = Field(
         None, ge=0, le=1, description="SLO: effective sample size / exposures at least this (null: off)."
     )
+    max_excluded_share: float | None = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="SLO: share of the labels read that OPE cannot use (no_propensity, invalid_propensity, "
+        "no_target_policy) at most this (null: off). Nothing evaluable always fails the gate.",
+    )
 
     @model_validator(mode="after")
     def _uniform_needs_actions(self):
@@ -131,6 +139,19 @@ class ExperimentsConfig(_Section):
     confidence: float = Field(0.95, gt=0, lt=1)
     experiments: dict[str, ExperimentConfig] = Field(default_factory=dict, description="Per experiment_id.")
 
+    @model_validator(mode="after")
+    def _control_in_split(self):
+        # a split without its control variant has nothing to compare against: the readout would be empty
+        for exp_id, exp in self.experiments.items():
+            control = exp.control or self.control
+            if control not in exp.split:
+                raise ValueError(
+                    f"evaluation.experiments.experiments.{exp_id}.split has no control variant {control!r} "
+                    f"(variants {sorted(exp.split)}); add it to the split or set "
+                    f"evaluation.experiments.experiments.{exp_id}.control"
+                )
+        return self
+
 
 class ColdStartConfig(_Section):
     new_item_age: Duration = Field(7 * 86400.0, description="An item first seen this recently is new.")
@@ -162,8 +183,16 @@ class PositionBiasConfig(_Section):
     min_randomised_exposures: int = Field(1000, ge=1)
     max_position: int = Field(20, ge=1, description="Positions beyond this share its estimate.")
     max_weight: float = Field(20.0, ge=1, description="Inverse-propensity weights are capped at this.")
-    em_iterations: int = Field(200, ge=1)
-    em_tolerance: float = Field(1e-9, gt=0)
+    em_iterations: int = Field(
+        5000, ge=1, description="EM cap; a fit that reaches it without converging fails the gate."
+    )
+    em_tolerance: float = Field(1e-9, gt=0, description="EM stops when no parameter moves more than this.")
+    em_min_item_exposures: int = Field(
+        50,
+        ge=1,
+        description="Items with fewer exposures share one pooled relevance in the EM (per-item relevance "
+        "fitted on one or two exposures overfits and drags the curve up).",
+    )
 
 
 class EvaluationConfig(_Section):
@@ -190,7 +219,8 @@ def _read_bytes(path: str) -> bytes:
         raise OSError(2, str(e)) from None
 
 
-def _read_rows(path: str, what: str) -> list[dict]:
+def _read_rows(path: str, what: str) -> list[tuple[str, dict]]:
+    """(where, row) pairs: where is 'line N' in a JSON-lines file, 'row N' in a JSON array."""
     try:
         text = _read_bytes(path).decode("utf-8")
     except OSError as e:
@@ -199,32 +229,35 @@ def _read_rows(path: str, what: str) -> list[dict]:
             + (" or a built-in (uniform, logged)" if what == "target policy" else "")
         ) from None
     stripped = text.lstrip()
+    lines = None
     try:
         if stripped.startswith("["):
             rows = json.loads(text)
         elif stripped.startswith("{") and "\n" not in stripped.strip():
             rows = [json.loads(text)]
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            numbered = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+            rows = [json.loads(line) for _, line in numbered]
+            lines = [n for n, _ in numbered]
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path}: not JSON or JSON lines: {e}") from None
     if not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{what} {path}: every row must be an object")
-    return rows
+    return [(f"line {lines[i]}" if lines else f"row {i}", r) for i, r in enumerate(rows)]
 
 
-def _scope(row: dict, context_fields: Sequence[str], what: str, i: int) -> tuple:
+def _scope(row: dict, context_fields: Sequence[str], what: str, where: str) -> tuple:
     """(kind, key, position) of a table row: kind 'request', 'context' or 'all'."""
     pos = row.get("position")
     if pos is not None and (not isinstance(pos, int) or isinstance(pos, bool)):
-        raise ValueError(f"{what} row {i}: position must be an integer, got {pos!r}")
+        raise ValueError(f"{what} {where}: position must be an integer, got {pos!r}")
     if row.get("request_id") is not None:
         return ("request", str(row["request_id"]), pos)
     if row.get("context") is not None:
         ctx = row["context"]
         if not isinstance(ctx, dict) or set(ctx) != set(context_fields):
             raise ValueError(
-                f"{what} row {i}: context must name exactly the fields {list(context_fields)} "
+                f"{what} {where}: context must name exactly the fields {list(context_fields)} "
                 f"(evaluation.ope.context_fields), got {ctx!r}"
             )
         return ("context", tuple(str(ctx[f]) if ctx[f] is not None else None for f in context_fields), pos)
@@ -289,15 +322,22 @@ class PolicyTables:
         return out
 
 
-def _table(rows: list[dict], value_key: str, context_fields, what: str) -> dict:
+def _table(rows: list[tuple[str, dict]], value_key: str, context_fields, what: str) -> dict:
     table: dict = {}
-    for i, r in enumerate(rows):
+    for where, r in rows:
         if r.get("item_id") is None:
-            raise ValueError(f"{what} row {i}: item_id is missing")
+            raise ValueError(f"{what} {where}: item_id is missing")
         v = r.get(value_key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{what} row {i}: {value_key} must be a finite number, got {v!r}")
-        table.setdefault(_scope(r, context_fields, what, i), {})[str(r["item_id"])] = float(v)
+            raise ValueError(f"{what} {where}: {value_key} must be a finite number, got {v!r}")
+        dist = table.setdefault(_scope(r, context_fields, what, where), {})
+        if str(r["item_id"]) in dist:
+            # a later row silently replacing an earlier one hides an error in the file (and passes the sum check)
+            raise ValueError(
+                f"{what} {where}: item {r['item_id']!r} is listed twice in "
+                "the same scope (request_id / context / position); keep one row per item and scope"
+            )
+        dist[str(r["item_id"])] = float(v)
     return table
 
 
@@ -326,11 +366,31 @@ def label_reward(label: dict, kind: str) -> float:
     return float(label["label"]) * (float(label["weight"]) if kind == "weighted" else 1.0)
 
 
-def exposure_terms(label: dict, tables: PolicyTables, reward_kind: str, clip: float | None) -> dict | None:
-    """One exposure -> {r, w_raw, w, q_factual, q_target}; None when it has no usable propensity."""
+NO_PROPENSITY = "no_propensity"
+INVALID_PROPENSITY = "invalid_propensity"
+NO_TARGET_POLICY = "no_target_policy"
+EXCLUSION_REASONS = (NO_PROPENSITY, INVALID_PROPENSITY, NO_TARGET_POLICY)
+
+
+def exclusion_reason(label: dict, tables: PolicyTables) -> str | None:
+    """Why OPE cannot use this exposure, or None. A target-policy file that has no row for the
+    exposure's request, context or position does not say what the policy would do there: the
+    exposure is not evaluable (excluded), rather than given target probability 0."""
     p = label.get("propensity")
-    if p is None or not (0 < p <= 1):
+    if p is None or p == 0:
+        return NO_PROPENSITY
+    if not (0 < p <= 1):  # > 1, negative or NaN: a logging bug, not a missing value
+        return INVALID_PROPENSITY
+    if tables.policy is not None and tables.distribution(label) is None:
+        return NO_TARGET_POLICY
+    return None
+
+
+def exposure_terms(label: dict, tables: PolicyTables, reward_kind: str, clip: float | None) -> dict | None:
+    """One exposure -> {r, w_raw, w, q_factual, q_target}; None when it is excluded (exclusion_reason)."""
+    if exclusion_reason(label, tables) is not None:
         return None
+    p = label["propensity"]
     item = label["item_id"]
     r = label_reward(label, reward_kind)
     q_factual = tables.qhat(label, item)
@@ -343,8 +403,8 @@ def exposure_terms(label: dict, tables: PolicyTables, reward_kind: str, clip: fl
             math.fsum(listed.values()) + (tables.n_actions - len(listed)) * tables.default_reward
         ) / tables.n_actions
     else:
-        dist = tables.distribution(label) or {}
-        pi = dist.get(item, 0.0)
+        dist = tables.distribution(label)
+        pi = dist.get(item, 0.0)  # the policy covers this request / context but never shows this item
         weight_sum = math.fsum(dist.values())
         q_target = (
             math.fsum(prob * tables.qhat(label, a) for a, prob in dist.items()) / weight_sum if weight_sum > 0 else 0.0
@@ -726,7 +786,11 @@ def position_curve_randomised(cells: Iterable[tuple], max_position: int) -> dict
 
 
 def position_curve_em(
-    cells: Iterable[tuple], max_position: int, iterations: int = 200, tolerance: float = 1e-9
+    cells: Iterable[tuple],
+    max_position: int,
+    iterations: int = 5000,
+    tolerance: float = 1e-9,
+    min_item_exposures: int = 50,
 ) -> dict:
     """Position-based click model (P(click) = theta_position x gamma_item) fitted by EM on
     (item, position, exposures, clicks) cells; theta returned relative to position 1.
@@ -734,20 +798,43 @@ def position_curve_em(
     E-step for a non-click at (k, d): P(examined, not relevant) = theta(1-gamma)/(1-theta gamma),
     P(not examined, relevant) = (1-theta)gamma/(1-theta gamma) (Chuklin, Markov, de Rijke,
     'Click Models for Web Search', 4.2); the M-step averages over the cells' exposures.
+
+    Two changes to the textbook fit make it work on real traffic (thousands of items, one or two
+    exposures each):
+    - items with fewer than `min_item_exposures` exposures share ONE pooled relevance. Fitted on
+      their own, an item clicked once at position 5 gets gamma near 1 and the EM explains the click
+      by raising theta_5; over thousands of such items the curve is pulled towards 1 and the fit
+      never converges (on generated traffic with a 1/k^0.8 curve it gave 0.76 instead of 0.57 at
+      position 2).
+    - theta x gamma is only identified up to a scale, so after each M-step theta is divided by
+      theta_1 (and gamma multiplied by it): the fit cannot wander along that ridge until a
+      parameter hits the [0, 1] bound, which is what distorted long runs.
+    The result says whether the fit converged (largest parameter change below `tolerance` before
+    `iterations`) and the last change.
     """
-    cells = sorted((str(item), min(int(pos), max_position) - 1, float(e), float(k)) for item, pos, e, k in cells)
+    cells = [(str(item), min(int(pos), max_position) - 1, float(e), float(k)) for item, pos, e, k in cells]
     if not cells:
         raise ValueError("no exposures")
-    items = sorted({c[0] for c in cells})
-    ix = {d: i for i, d in enumerate(items)}
-    d_idx = np.array([ix[c[0]] for c in cells])
+    per_item: dict = {}
+    for item, _, e, _ in cells:
+        per_item[item] = per_item.get(item, 0.0) + e
+    own = sorted(d for d, n in per_item.items() if n >= min_item_exposures)
+    ix = {d: i for i, d in enumerate(own)}
+    pooled_ix = len(own)
+    n_groups = len(own) + 1
+    cells.sort()
+    d_idx = np.array([ix.get(c[0], pooled_ix) for c in cells])
     k_idx = np.array([c[1] for c in cells])
     n = np.array([c[2] for c in cells])
     clicks = np.array([c[3] for c in cells])
     n_pos = np.bincount(k_idx, weights=n, minlength=max_position)
-    n_item = np.bincount(d_idx, weights=n, minlength=len(items))
+    n_item = np.bincount(d_idx, weights=n, minlength=n_groups)
+    if not n_pos[0] or not clicks[k_idx == 0].sum():
+        raise ValueError("no clicks at position 1: cannot normalise the curve")
     theta = np.full(max_position, 0.5)
-    gamma = np.full(len(items), 0.5)
+    theta[0] = 1.0
+    gamma = np.full(n_groups, 0.5)
+    change = float("inf")
     done = 0
     for done in range(1, iterations + 1):  # noqa: B007 - `done` (iterations run) is read after the loop
         t, g = theta[k_idx], gamma[d_idx]
@@ -758,24 +845,35 @@ def position_curve_em(
         new_theta = np.divide(
             np.bincount(k_idx, weights=e_pos, minlength=max_position),
             n_pos,
-            out=np.full(max_position, np.nan),
+            out=np.full(max_position, 0.5),
             where=n_pos > 0,
         )
-        new_gamma = np.bincount(d_idx, weights=e_item, minlength=len(items)) / n_item
-        new_theta = np.where(np.isnan(new_theta), 0.5, np.clip(new_theta, 1e-6, 1 - 1e-9))
-        new_gamma = np.clip(new_gamma, 1e-9, 1 - 1e-9)
-        change = max(np.max(np.abs(new_theta - theta)), np.max(np.abs(new_gamma - gamma)))
+        new_gamma = np.divide(
+            np.bincount(d_idx, weights=e_item, minlength=n_groups),
+            n_item,
+            out=np.full(n_groups, 0.5),
+            where=n_item > 0,
+        )
+        scale = max(new_theta[0], 1e-12)  # theta_1 = 1: fixes the scale theta x gamma leaves free
+        new_theta = np.clip(new_theta / scale, 1e-6, 1.0)
+        new_gamma = np.clip(new_gamma * scale, 1e-9, 1 - 1e-9)
+        change = float(max(np.max(np.abs(new_theta - theta)), np.max(np.abs(new_gamma - gamma))))
         theta, gamma = new_theta, new_gamma
         if change < tolerance:
             break
-    ctr = np.divide(
-        np.bincount(k_idx, weights=clicks, minlength=max_position), n_pos, out=np.zeros(max_position), where=n_pos > 0
-    )
+    click_pos = np.bincount(k_idx, weights=clicks, minlength=max_position)
+    ctr = np.divide(click_pos, n_pos, out=np.zeros(max_position), where=n_pos > 0)
     return {
         "method": "em",
         "iterations": done,
+        "converged": change < tolerance,
+        "final_change": change,
+        "tolerance": tolerance,
+        "items": len(per_item),
+        "items_own_relevance": len(own),
+        "pooled_exposures": float(n_item[pooled_ix]),
         "exposures": n_pos.tolist(),
-        "clicks": np.bincount(k_idx, weights=clicks, minlength=max_position).tolist(),
+        "clicks": click_pos.tolist(),
         "naive_ctr_ratio": [float(v / ctr[0]) if n_pos[i] and ctr[0] else None for i, v in enumerate(ctr)],
         "propensity": [float(theta[i] / theta[0]) if n_pos[i] else None for i in range(max_position)],
     }
@@ -850,14 +948,96 @@ def _gate_srm(evaluation, cfg, alpha):
             )
 
 
-def _gate_at_least(name, key, part_of, message, empty):
-    """A gate on part_of(evaluation)[key] >= threshold; message(part, cfg, value, threshold) explains it."""
+def _gate_at_least(name, key, part_of, message, empty, fail_when_empty=False):
+    """A gate on part_of(evaluation)[key] >= threshold; message(part, cfg, value, threshold) explains it.
+    With no value the gate is not evaluated, or breached when `fail_when_empty`."""
 
     def gate(evaluation, cfg, t):
         part = part_of(evaluation)
+        if fail_when_empty and part.get(key) is None:
+            yield (name, None, t, False, empty)
+            return
         yield _judge(name, part.get(key), t, lambda v: v >= t, lambda v: message(part, cfg, v, t), empty)
 
     return gate
+
+
+def _excluded_text(ope) -> str:
+    excluded = ope.get("excluded") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(excluded.items())) or "none"
+
+
+def _gate_evaluable(evaluation, cfg, t):
+    """Always on: an evaluation with no usable exposure has no estimate, whatever else passes."""
+    ope = evaluation.get("ope") or {}
+    used = ope.get("exposures", 0)
+    yield (
+        "ope.evaluable_exposures",
+        used,
+        t,
+        used >= t,
+        f"{used} of {ope.get('labels_read', 0)} labels usable for off-policy estimates "
+        f"(excluded: {_excluded_text(ope)})",
+    )
+
+
+def _gate_excluded_share(evaluation, cfg, t):
+    ope = evaluation.get("ope") or {}
+    share = ope.get("excluded_share")
+    if share is None:
+        yield ("ope.excluded_share", None, t, None, "no labels read")
+        return
+    yield (
+        "ope.excluded_share",
+        share,
+        t,
+        share <= t,
+        f"{ope['labels_read'] - ope['exposures']} of {ope['labels_read']} labels excluded = {100 * share:.3g}% "
+        f"(max {100 * t:.3g}%): {_excluded_text(ope)}",
+    )
+
+
+def _gate_n_actions(evaluation, cfg, t):
+    """The built-in uniform policy chooses among n_actions items: more items in the logs means a wrong n_actions."""
+    seen = (evaluation.get("ope") or {}).get("items_seen")
+    if seen is None:
+        return
+    yield (
+        "ope.n_actions",
+        seen,
+        t,
+        seen <= t,
+        f"{seen} distinct items in the labels, uniform target over n_actions {t}"
+        + ("" if seen <= t else ": raise evaluation.ope.n_actions to the catalogue size"),
+    )
+
+
+def _gate_position_curve(evaluation, cfg, t):
+    """Always on: a position-bias method that could not run, or an EM fit that did not converge, fails
+    (no position_weights.json is written then)."""
+    pb = evaluation.get("position_bias") or {}
+    name = "position_bias.curve"
+    if pb.get("error"):
+        if pb.get("requested_method") == "auto" and not pb.get("exposures"):
+            yield (name, None, None, None, f"no slates ({pb['error']})")
+        else:
+            yield (name, None, None, False, f"method {pb.get('method')}: {pb['error']}")
+        return
+    curve = pb.get("curve") or {}
+    if curve.get("method") == "em" and not curve.get("converged"):
+        yield (
+            name,
+            curve.get("final_change"),
+            curve.get("tolerance"),
+            False,
+            f"EM did not converge in {curve.get('iterations')} iterations (last change "
+            f"{curve.get('final_change'):.3g}, tolerance {curve.get('tolerance'):g}); raise "
+            "evaluation.position_bias.em_iterations",
+        )
+        return
+    if curve:
+        extra = f", EM converged in {curve['iterations']} iterations" if curve.get("method") == "em" else ""
+        yield (name, 1, None, True, f"method {pb.get('method')}{extra}")
 
 
 def _new_exposure_message(cs, cfg, share, t):
@@ -913,6 +1093,9 @@ _GATES = (
     ),
     (lambda cfg: cfg.cold_start.gini_max, _gate_concentration("gini")),
     (lambda cfg: cfg.cold_start.top1pct_share_max, _gate_concentration("top1pct_share")),
+    (lambda cfg: 1, _gate_evaluable),
+    (lambda cfg: cfg.ope.max_excluded_share, _gate_excluded_share),
+    (lambda cfg: cfg.ope.n_actions if cfg.ope.target_policy == "uniform" else None, _gate_n_actions),
     (
         lambda cfg: cfg.ope.min_ess_share,
         _gate_at_least(
@@ -920,9 +1103,11 @@ _GATES = (
             "ess_share",
             lambda ev: (ev.get("ope") or {}).get("diagnostics") or {},
             _ess_message,
-            "no exposure with a propensity",
+            "no evaluable exposure: the effective sample size is 0",
+            fail_when_empty=True,
         ),
     ),
+    (lambda cfg: True, _gate_position_curve),
 )
 
 
