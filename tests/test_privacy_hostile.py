@@ -178,3 +178,15 @@ def test_pii_in_file_names_is_masked():
 def test_message_values_are_masked_before_the_cut(value):
     short = _short(value)
     assert "trunc" not in short and "415 5" not in short and "masked" in short
+
+
+# --- found by the stronger test scanner: UTF-8 PII in a line with one undecodable byte ------------------
+
+
+@pytest.mark.parametrize("value", ["用户@例子.广告", "+44\u201320\u20137946\u20130957", "jane\uff20example.com"])
+def test_utf8_pii_in_a_non_utf8_line_is_redacted(value):
+    raw = b'{"event_id": "e1", "bad": "\xff", "note": "' + value.encode() + b'"}'
+    d = dead_letter("bad_encoding", None, "m", "parse", raw, "f:1", Redactor(KEY))
+    stored = base64.b64decode(d["raw"])
+    assert d["raw_encoding"] == "base64" and value.encode() not in stored and b"\xff" in stored
+    assert b'"bad":"\xff"' in stored and d["raw_redacted"]  # the undecodable byte is kept as it was

@@ -111,8 +111,18 @@ def _dumps_pairs(value) -> str:
         return str(value)  # any size, as read (orjson holds 64 bits only)
     try:
         return orjson.dumps(value).decode()
-    except orjson.JSONEncodeError:  # a lone surrogate from a `\\ud800` escape: kept as an escape
-        return json.dumps(value)
+    except orjson.JSONEncodeError:  # lone surrogates: escaped, except those standing for undecodable bytes
+        return _escape_surrogates(json.dumps(value, ensure_ascii=False), keep_bytes=True)
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_BYTE_SURROGATE_RE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # all but surrogateescape's U+DC80-DCFF
+
+
+def _escape_surrogates(text: str, keep_bytes: bool = False) -> str:
+    """Lone surrogates as JSON escapes (`\\ud800`), which every JSON writer and reader handles."""
+    pattern = _BYTE_SURROGATE_RE if keep_bytes else _SURROGATE_RE
+    return pattern.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text) if pattern.search(text) else text
 
 
 # `"user_id": "..."`, `'user_id': '...'`, `user_id=123` in text that is not (complete) JSON: the key in
@@ -192,17 +202,11 @@ def _redact_bytes(value, redactor):
     """`bytes` values of a decoded record (an Avro `bytes` or `fixed` field) redacted as the text they
     hold: encoded as base64 in the dead letter, they would pass every text scan unread."""
     if isinstance(value, bytes):
-        try:
-            text, codec = value.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            text, codec = value.decode("latin-1"), "latin-1"
+        text = value.decode("utf-8", "surrogateescape")  # binary bytes kept as they are (see dead_letter)
         redacted = redactor.redact(text, "raw") if hasattr(redactor, "redact_record") else mask_pii(text)
         if redacted == text:
             return value
-        try:
-            return redacted.encode(codec)
-        except UnicodeEncodeError:  # the decoded form chosen for redaction left latin-1
-            return redacted.encode("utf-8")
+        return _escape_surrogates(redacted, keep_bytes=True).encode("utf-8", "surrogateescape")
     if isinstance(value, dict):
         return {k: _redact_bytes(v, redactor) for k, v in value.items()}
     if isinstance(value, list):
@@ -218,8 +222,10 @@ def dead_letter(
     The payload is kept so a fixed pipeline can replay it, except that e-mail addresses, phone numbers
     and IP addresses are replaced by keyed tokens, identifiers holding PII by one keyed token and user
     and session ids by their pseudonyms (no raw PII in any output; see `redact_payload_text`).
-    `raw_sha256` and `raw_bytes` describe the bytes as received. Text that is not UTF-8 is kept as
-    base64 of its latin-1 reading (a lossless byte mapping), after the same redaction.
+    `raw_sha256` and `raw_bytes` describe the bytes as received. Bytes that are not UTF-8 are redacted
+    as UTF-8 with the undecodable bytes carried as surrogates (`surrogateescape`: a line with one bad
+    byte still shows its UTF-8 addresses and numbers to the scanner, where a latin-1 reading would turn
+    them into mojibake it cannot see) and kept as base64 of the bytes the redacted text encodes back to.
     """
     raw = payload_bytes(payload)
     if isinstance(payload, dict):
@@ -229,15 +235,13 @@ def dead_letter(
     try:
         text, encoding = redacted_bytes.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        text, encoding = redacted_bytes.decode("latin-1"), "base64"
+        text, encoding = redacted_bytes.decode("utf-8", "surrogateescape"), "base64"
     redacted = redact_payload_text(text, redactor)
     if encoding == "base64":
-        try:
-            stored = base64.b64encode(redacted.encode("latin-1")).decode()
-        except UnicodeEncodeError:  # re-encoded JSON gained characters latin-1 cannot hold
-            stored, encoding = redacted, "utf-8"
+        stored = base64.b64encode(_escape_surrogates(redacted, keep_bytes=True).encode("utf-8", "surrogateescape"))
+        stored = stored.decode()
     else:
-        stored = redacted
+        stored = _escape_surrogates(redacted)
     return {
         "reason": reason,
         "field": _scrub(field, redactor),
