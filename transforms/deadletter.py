@@ -121,6 +121,8 @@ _BYTE_SURROGATE_RE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # all but surro
 
 def _escape_surrogates(text: str, keep_bytes: bool = False) -> str:
     """Lone surrogates as JSON escapes (`\\ud800`), which every JSON writer and reader handles."""
+    if text.isascii():
+        return text
     pattern = _BYTE_SURROGATE_RE if keep_bytes else _SURROGATE_RE
     return pattern.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text) if pattern.search(text) else text
 
