@@ -183,20 +183,17 @@ def _scrub_path(path: str | None, redactor) -> str | None:
     return redact_path(path, redactor if hasattr(redactor, "redact_record") else None)
 
 
-# What a corrupt_file dead letter (and report.json's damaged_files) says about the file, by kind.
-_DAMAGE_PATHS, _DAMAGE_TEXT = ("file", "stopped_at"), ("error",)
+# What a corrupt_file dead letter (and report.json's damaged_files) says about the file that may name it.
+_DAMAGE_PATHS = ("file", "stopped_at", "error")
 
 
 def scrub_damage_fields(fields: dict) -> dict:
     """A damaged file's fields (io.Damage.as_dict()) with PII masked in the file name, the stopped_at
     source and the error text (readers hold no key, so masked, not tokenised). Other keys unchanged."""
     out = dict(fields)
-    for name in _DAMAGE_PATHS:
+    for name in _DAMAGE_PATHS:  # an error text may quote the path: read the same way
         if isinstance(out.get(name), str):
             out[name] = redact_path(out[name])
-    for name in _DAMAGE_TEXT:
-        if isinstance(out.get(name), str):
-            out[name] = mask_pii(out[name])
     return out
 
 

@@ -449,7 +449,7 @@ def mask_pii(text: str) -> str:
 
 
 # A file name's extensions ('.jsonl.gz'): a phone number glued to them is not seen as one.
-_EXTENSIONS_RE = re.compile(r"(?:\.[A-Za-z][A-Za-z0-9]{0,7})+$")
+_EXTENSIONS_RE = re.compile(r"(?:\.[A-Za-z][A-Za-z0-9]{0,7})+(?=[^\w.]*$)")
 
 
 def redact_path(path: str, redactor: Redactor | None = None) -> str:
