@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import contract
 from transforms.deadletter import dead_letter
-from transforms.privacy import PSEUDONYMISED_MARK, KeySource, PiiCounters, Redactor, protect_consent_stub
+from transforms.privacy import PSEUDONYMISED_MARK, KeySource, PiiCounters, Redactor, mask_pii, protect_consent_stub
 from transforms.schemas import SchemaRegistry, SchemaVersion
 
 METRICS_NS = "feedback.parse"
@@ -289,7 +289,12 @@ def _in_avro_range(name: str, kind: str, value):
 
 
 def _short(value: Any, limit: int = 60) -> str:
+    """A value quoted in a dead-letter message: PII masked before the cut (a cut address or number is
+    no longer recognised as one, and its first part would stay)."""
     text = repr(value)
+    if len(text) <= limit:
+        return text  # the dead letter's message scrub redacts it whole
+    text = mask_pii(text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -14,7 +14,10 @@ Detection (`PiiScanner`) finds e-mail addresses, phone numbers and IP addresses 
   included);
 * e-mail addresses by regex (hand-written on purpose: no maintained library finds addresses *inside*
   free text; Unicode local parts and IDN domains, plus-addressing and quoted local parts included).
-Text holding JSON escapes (`\\u0040`) is scanned in its decoded form as well.
+Text is also scanned in a decoded form (`PiiScanner.decoded`): JSON escapes (`\\u0040`) and URL
+percent-escapes (`%40`, `%2B`) decoded, NFKC-normalised, every Unicode space (U+202F, U+00A0...) read as
+a space, every dash (en/em dash, minus sign...) as '-', and invisible format characters dropped. When
+that form holds PII, it is the form that is redacted (the output is decoded text with tokens).
 
 `Redactor` replaces what the scanner finds by keyed tokens (`[email:kfjab...]`, letters only so a
 token never looks like a phone number or an address), replaces identifiers that hold PII by one
@@ -32,6 +35,9 @@ import ipaddress
 import logging
 import os
 import re
+import sys
+import unicodedata
+import urllib.parse
 from functools import lru_cache
 from typing import Any
 
@@ -99,6 +105,9 @@ EMAIL_RE = re.compile(_EMAIL_LOCAL + "@" + _EMAIL_DOMAIN)
 # A phone candidate: digits with the separators numbers are written with, not glued to a word, a
 # dotted version ("Chrome/120.0.6099.109"), another number or a hyphenated token (a UUID's groups).
 _PHONE_CANDIDATE_RE = re.compile(r"(?<![\w+./])(?<!\w-)(?:\+|\(\+?)?\d[\d \u00a0\t().\-/]*\d\)?(?!\w|[-.]\w)")
+# A '+' followed by digits is written only before a phone number: taken even glued to a word or a
+# dash ("call+14155550123", "v-+442079460999", "tel:+4420...x12"); only another digit may not touch it.
+_PLUS_PHONE_RE = re.compile(r"(?<![+\d])\+\d[\d \u00a0\t().\-/]*\d(?!\d)")
 # A bare digit run (no separator, no + or 0 prefix) is an id, a count or a time far more often than a
 # phone number: it is only taken for one when written as +CC..., 00CC... or 0... (trunk prefix).
 _BARE_DIGITS_RE = re.compile(r"\(?[1-9]\d*\)?")
@@ -110,14 +119,45 @@ _DATE_RE = re.compile(
 )
 _VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
 _PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS, _PHONE_MAX_GROUPS = 7, 17, 48
-# IPv4 not glued to a word, a dotted number or a product/version token ("Chrome/120.0.0.0").
-IPV4_RE = re.compile(r"(?<![\w.+])(?<![A-Za-z]/)(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
+# IPv4 not glued to a word or a dotted number. After "word/" it is an address ("host/203.0.113.5", a URL
+# path) unless it ends in ".0.0", the form of product versions in user agents ("Chrome/120.0.0.0").
+IPV4_RE = re.compile(r"(?<![\w.+])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
+_PRODUCT_VERSION_RE = re.compile(r"\d{1,3}\.\d{1,3}\.0\.0")
 IPV6_RE = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4})"
     r"(?:%[\w.\-]+)?"
 )
 _JSON_ESCAPE_RE = re.compile(r"(?:\\u[0-9A-Fa-f]{4})+")
+_PERCENT_ESCAPE_RE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _separator_table() -> dict:
+    """Unicode spaces -> ' ', dashes -> '-', format characters (zero-width space, soft hyphen) removed:
+    the forms phone numbers and addresses are written with that the matchers know in ASCII only."""
+    table = {}
+    for cp in range(0x80, sys.maxunicode + 1):
+        cat = unicodedata.category(chr(cp))
+        if cat == "Zs":
+            table[cp] = " "
+        elif cat == "Pd" or cp == 0x2212:  # U+2212 MINUS SIGN is Sm, written as a dash in numbers
+            table[cp] = "-"
+        elif cat == "Cf":
+            table[cp] = None
+    return table
+
+
+_SEPARATORS = _separator_table()
 _TOKEN_ALPHABET = str.maketrans("0123456789abcdef", "abcdefghijklmnop")
+
+
+class JsonPairs(list):
+    """A JSON object as its (key, value) pairs in order, repeated keys kept (`object_pairs_hook`): a
+    payload with `{"q": "a@b.com", "q": "x"}` must be redacted pair by pair, not as the dict the later
+    key wins in."""
+
+
+class JsonNumber(str):
+    """A JSON number token as written (`1e400`, `1.50`): kept exactly, never scanned as text."""
 
 
 class MissingKeyError(RuntimeError):
@@ -218,6 +258,23 @@ def decode_json_escapes(text: str) -> str:
     return _JSON_ESCAPE_RE.sub(one, text)
 
 
+def normalise_separators(text: str) -> str:
+    """NFKC (full-width digits and '@'), Unicode spaces as ' ', dashes as '-', format characters dropped."""
+    return unicodedata.normalize("NFKC", text).translate(_SEPARATORS)
+
+
+def decoded_text(text: str) -> str:
+    """The form PII is looked for in beside the text itself: JSON escapes and URL percent-escapes
+    decoded, then Unicode separators normalised. Plain ASCII without escapes is returned unchanged."""
+    if "\\u" in text:
+        text = decode_json_escapes(text)
+    if "%" in text and _PERCENT_ESCAPE_RE.search(text):
+        text = urllib.parse.unquote(text)
+    if not text.isascii():
+        text = normalise_separators(text)
+    return text
+
+
 def _ip_ok(candidate: str) -> bool:
     if ":" not in candidate:
         candidate = ".".join(str(int(octet)) for octet in candidate.split("."))  # leading zeros
@@ -250,7 +307,8 @@ class PiiScanner:
 
     @staticmethod
     def could_hold_pii(text: str) -> bool:
-        """Cheap pre-filter: no '@', no ':' and fewer than 4 digits cannot hold any kind we look for."""
+        """Cheap pre-filter: no '@', no ':' and fewer than 4 digits cannot hold any kind we look for
+        (applied to the text and, in `redactable`, to its decoded form)."""
         if "@" in text or ":" in text:
             return True
         n = 0
@@ -285,7 +343,8 @@ class PiiScanner:
                         break
         if "." in text:
             for m in IPV4_RE.finditer(text):
-                if _ip_ok(m.group(0)):
+                after_word = m.start() > 1 and text[m.start() - 1] == "/" and text[m.start() - 2].isalpha()
+                if _ip_ok(m.group(0)) and not (after_word and _PRODUCT_VERSION_RE.fullmatch(m.group(0))):
                     add(m.start(), m.end(), "ip")
         if found:  # phone candidates are looked for around, not inside, what was found already
             chars = list(text)
@@ -310,6 +369,12 @@ class PiiScanner:
                 lo = 0
             for s, e in spans:
                 add(lo + s, lo + e, "phone")
+        if "+" in text:
+            for m in _PLUS_PHONE_RE.finditer(text):
+                c = m.group(0)
+                if _PHONE_MIN_DIGITS <= _digits(c) <= _PHONE_MAX_DIGITS:
+                    for s, e in _phone_spans(c):  # without the word it is glued to
+                        add(m.start() + s, m.start() + e, "phone")
         return sorted(found)
 
     @staticmethod
@@ -358,16 +423,51 @@ class PiiScanner:
         return found
 
     def kinds(self, text: str) -> list:
-        """Kinds found in the text and in its JSON-unescaped form."""
-        found = [k for _, _, k in self.spans(text)]
-        if "\\u" in text:
-            decoded = decode_json_escapes(text)
-            if decoded != text:
-                found += [k for _, _, k in self.spans(decoded)]
-        return found
+        """Kinds found in the text and in its decoded form (`decoded_text`)."""
+        return [k for _, _, k in self.redactable(text)[1]]
+
+    def redactable(self, text: str) -> tuple:
+        """(text to redact, its spans): the decoded form when it holds PII (all the text held and
+        more), else the text itself."""
+        decoded = decoded_text(text)  # the text itself, at the cost of three tests, for plain ASCII
+        if decoded != text:
+            spans = self.spans(decoded)
+            if spans:
+                return decoded, spans
+        return text, self.spans(text)
 
 
 # --- redaction ---------------------------------------------------------------------------------
+
+
+def mask_pii(text: str) -> str:
+    """PII replaced by `[kind:masked]`, for code that holds no key (readers, error messages)."""
+    text, spans = PiiScanner().redactable(text)
+    for start, end, kind in reversed(spans):
+        text = f"{text[:start]}[{kind}:masked]{text[end:]}"
+    return text
+
+
+# A file name's extensions ('.jsonl.gz'): a phone number glued to them is not seen as one.
+_EXTENSIONS_RE = re.compile(r"(?:\.[A-Za-z][A-Za-z0-9]{0,7})+(?=[^\w.]*$)")
+
+
+def redact_path(path: str, redactor: Redactor | None = None) -> str:
+    """A file path, glob or `path:line` source with PII in any component masked (or replaced by keyed
+    tokens with a `redactor`); the separators and the file extensions are kept."""
+    if not path:
+        return path
+    redact = mask_pii if redactor is None else (lambda t: redactor.redact(t, None))
+    parts = re.split(r"([/\\])", path)
+    for i in range(0, len(parts), 2):
+        part = redact(parts[i])
+        ext = _EXTENSIONS_RE.search(re.split(r"[:#]", part, maxsplit=1)[0]) if "." in part else None
+        if ext:  # "jane +14155550177.jsonl.gz:3": the stem apart too
+            stem, tail = part[: ext.start()], part[ext.start() :]
+            part = redact(stem) + tail
+        parts[i] = part
+    return "".join(parts)
+
 
 # Top-level names counted under their own name; any other name counts as "unknown_field" (counter
 # names must not grow with whatever keys hostile input carries).
@@ -392,6 +492,16 @@ def counted_field(name: str) -> str:
     return name if name in _KNOWN_FIELDS else "unknown_field"
 
 
+def _is_id_value(name: str, value: Any) -> bool:
+    """A user or session id a dead letter pseudonymises: text or an integer, as validation takes them. A
+    non-integer number token (1.5, 1e400) is kept as written, so a replay is rejected for the same reason."""
+    return (
+        name in DEAD_LETTER_PSEUDONYMISED
+        and isinstance(value, (str, int))
+        and not isinstance(value, (bool, JsonNumber))
+    )
+
+
 class Redactor:
     """Replaces e-mail addresses, phone numbers and IP addresses by keyed tokens and counts them.
 
@@ -414,13 +524,7 @@ class Redactor:
 
     def _scan_uncached(self, text: str) -> tuple:
         """text -> (redacted text, kinds found, kinds still found after redaction)."""
-        spans = self._scanner.spans(text)
-        if "\\u" in text:
-            decoded = decode_json_escapes(text)
-            if decoded != text:
-                decoded_spans = self._scanner.spans(decoded)
-                if decoded_spans:  # the decoded form holds all the original did, and more
-                    text, spans = decoded, decoded_spans
+        text, spans = self._scanner.redactable(text)
         if not spans:
             return text, (), ()
         parts, pos = [], 0
@@ -429,7 +533,7 @@ class Redactor:
             pos = end
         out = "".join(parts) + text[pos:]
         # Verification: whatever the scanner still finds in the result was not redacted.
-        residual = tuple(k for _, _, k in self._scanner.spans(out))
+        residual = tuple(self._scanner.kinds(out))
         return out, tuple(k for _, _, k in spans), residual
 
     def _count(self, field: str | None, kinds: tuple, residual: tuple) -> None:
@@ -477,8 +581,13 @@ class Redactor:
 
     def redact_tree(self, value: Any, field: str | None) -> Any:
         """Every string value and every key of a JSON value, at any depth."""
+        if isinstance(value, JsonNumber):
+            return value
         if isinstance(value, str):
             return self.redact(value, field)
+        if isinstance(value, JsonPairs):
+            key_field = None if field is None else f"{field}_key"
+            return JsonPairs((self.redact(k, key_field), self.redact_tree(v, field)) for k, v in value)
         if isinstance(value, list):
             return [self.redact_tree(v, field) for v in value]
         if isinstance(value, dict):
@@ -488,37 +597,46 @@ class Redactor:
 
     def redact_record(self, obj: Any) -> Any:
         """A decoded payload (e.g. a rejected record): identifiers as `protect_event` would treat them
-        (user and session ids pseudonymised, ids holding PII tokenised), the rest redacted."""
-        if not isinstance(obj, dict):
+        (user and session ids pseudonymised, ids holding PII tokenised), the rest redacted. A JsonPairs
+        object is redacted pair by pair (every repeated key too) and returned as JsonPairs."""
+        if isinstance(obj, JsonPairs):
+            items = list(obj)
+        elif isinstance(obj, dict):
+            items = list(obj.items())
+        else:
             return self.redact_tree(obj, "unknown_field")
-        ids = {
-            k: str(v)
-            for k, v in obj.items()
-            if k in DEAD_LETTER_PSEUDONYMISED and isinstance(v, (str, int)) and not isinstance(v, bool)
-        }
-        done = bool(ids) and obj.get(PSEUDONYMISED_MARK) == self.mark(ids)  # a replayed dead letter
+        ids = {}  # the values a parser keeps (the last of repeated keys) decide the replay mark
+        for k, v in items:
+            if _is_id_value(k, v):
+                ids[k] = str(v)
+        mark = next((v for k, v in reversed(items) if k == PSEUDONYMISED_MARK), None)
+        done = bool(ids) and mark == self.mark(ids)  # a replayed dead letter
         pseudonyms = {}
-        out = {}
-        for k, v in obj.items():
+        out = []
+        for k, v in items:
             if k == PSEUDONYMISED_MARK:
                 continue
             name = self.redact(k, "field_name")
             field = counted_field(k)
-            if k in ids:
-                if not done:
-                    self.note(k, ids[k])
-                out[name] = pseudonyms[k] = ids[k] if done else self.pseudonym(k, ids[k])
-            elif k in ID_FIELDS and isinstance(v, str):
-                out[name] = self.redact_id(k, v)
+            if _is_id_value(k, v):
+                keep = done and str(v) == ids[k]  # a repeated key's other value is never taken as done
+                if not keep:
+                    self.note(k, str(v))
+                out.append((name, str(v) if keep else self.pseudonym(k, str(v))))
+                pseudonyms[k] = out[-1][1]
+            elif k in ID_FIELDS and isinstance(v, str) and not isinstance(v, JsonNumber):
+                out.append((name, self.redact_id(k, v)))
             elif k == "ip":  # an address by design (truncated and hashed for valid events): not a finding
-                out[name] = self.redact_tree(v, None)
-            elif k == "context" and isinstance(v, dict):
-                out[name] = {self.redact(ck, "context_key"): self.redact_tree(cv, "context") for ck, cv in v.items()}
+                out.append((name, self.redact_tree(v, None)))
+            elif k == "context" and isinstance(v, (dict, JsonPairs)):
+                pairs = v if isinstance(v, JsonPairs) else v.items()
+                ctx = [(self.redact(ck, "context_key"), self.redact_tree(cv, "context")) for ck, cv in pairs]
+                out.append((name, JsonPairs(ctx) if isinstance(v, JsonPairs) else dict(ctx)))
             else:
-                out[name] = self.redact_tree(v, field)
+                out.append((name, self.redact_tree(v, field)))
         if pseudonyms:
-            out[PSEUDONYMISED_MARK] = self.mark(pseudonyms)
-        return out
+            out.append((PSEUDONYMISED_MARK, self.mark(pseudonyms)))
+        return JsonPairs(out) if isinstance(obj, JsonPairs) else dict(out)
 
     def drain(self) -> list:
         """[(counter name, n)] of the findings since the last drain: pii_found.* and pii_redacted.*."""
