@@ -99,6 +99,19 @@ def test_consent_false_wins_over_other_defects(rules):
         parse_record(raw(consent=False, event_type="hover"), rules)
 
 
+@pytest.mark.parametrize(
+    "pair",
+    [b'"consent": false, "consent": true', b'"consent": true, "consent": false', b'"consen\\u0074": false'],
+    ids=["false-then-true", "true-then-false", "escaped-key"],
+)
+def test_consent_false_in_any_repeated_or_escaped_key_withdraws(pair, rules):
+    """JSON keeps the last of repeated keys; a record that says consent: false anywhere is withdrawn."""
+    payload = raw()[:-1] + b", " + pair + b"}"
+    with pytest.raises(ConsentWithdrawn):
+        parse_record(payload, rules)
+    assert parse_record(raw()[:-1] + b', "consent": true, "consent": true}', rules)["consent"] is True
+
+
 def test_avro_record_dict_is_validated_too(rules):
     import datetime as dt
 

@@ -143,9 +143,14 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
     if not text.strip():
         raise Rejected(contract.MALFORMED_JSON, None, "record is empty")
     try:
-        return orjson.loads(text)
+        obj = orjson.loads(text)
     except orjson.JSONDecodeError as e:
         error = e
+    else:
+        if isinstance(obj, dict) and obj.get("consent") is not False and _consent_may_repeat(raw):
+            if _any_consent_false(text):
+                obj["consent"] = False  # a record that also says consent: false is withdrawn: fail closed
+        return obj
     # orjson refuses numbers no double can hold (1e400); the standard library reads them (as inf, or an
     # int for a long digit string), which tells which field is out of range. Only for records orjson
     # rejected, so the slower parser never runs on good input.
@@ -160,6 +165,23 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
         raise ConsentWithdrawn(obj)  # consent first, whatever else is wrong (see validate_event)
     raise Rejected(
         contract.OUT_OF_RANGE, field, f"{field} is a number beyond the double range (|x| <= {_MAX_DOUBLE:.17g})"
+    )
+
+
+def _consent_may_repeat(raw: bytes) -> bool:
+    """Cheap test for records where the parsed object may hide a `consent: false`: JSON keeps the last of
+    repeated keys, and a key can be written with escapes (`"consen\\u0074"`)."""
+    return raw.count(b'"consent"') > 1 or b"\\u" in raw
+
+
+def _any_consent_false(text: str) -> bool:
+    """Whether any top-level `consent` pair of a JSON object says false (all pairs, not the last one)."""
+    try:
+        pairs = json.loads(text, object_pairs_hook=lambda kv: kv)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(pairs, list) and any(
+        isinstance(kv, tuple) and kv[0] == "consent" and kv[1] is False for kv in pairs
     )
 
 
