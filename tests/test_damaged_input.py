@@ -288,3 +288,111 @@ def test_report_lists_the_damaged_files(damaged_run):
         ({k: d[k] for k in DAMAGE_FIELDS} for d in dead), key=lambda d: d["file"]
     )
     assert "damaged files" in r.stdout and "not-gzip.jsonl.gz:1" in r.stdout
+
+
+# --- issue 8 review: silent damage, Avro inside compression, huge lines, gzip padding ---------------
+
+
+def bit_flips_in_blocks(data: bytes, stride: int):
+    """Every `stride`-th byte after the header, one bit flipped: (position, damaged bytes)."""
+    header_end = data.index(b"\x00", 200)  # well past the magic and metadata map's start
+    for pos in range(header_end + 40, len(data) - 20, stride):
+        damaged = bytearray(data)
+        damaged[pos] ^= 1
+        yield pos, bytes(damaged)
+
+
+@pytest.mark.parametrize("codec", ["snappy", "bzip2", "xz"])
+def test_a_flipped_bit_in_a_checksummed_avro_block_is_damage_never_different_records(codec, registry):
+    """snappy blocks carry a CRC32 (Avro spec) that fastavro does not check; bzip2 and xz check their
+    own. A flipped bit is a Damage with the records of the earlier blocks kept, or (a flip in a
+    length or count that still decodes) the same records: never silently different ones."""
+    records = [event(i) for i in range(300)]
+    data = avro_bytes(records, codec, sync_interval=2_000)
+    originals = [r for _, r in collect(read_avro("/in/x.avro", _CountingStream(io.BytesIO(data)), registry))[0]]
+    damaged_seen = 0
+    for pos, damaged in bit_flips_in_blocks(data, 97):
+        items, damage = collect(read_avro("/in/x.avro", _CountingStream(io.BytesIO(damaged)), registry))
+        got = [r for _, r in items]
+        assert got == originals[: len(got)], (codec, pos)
+        if damage is None:
+            assert len(got) == len(originals), (codec, pos)
+        else:
+            damaged_seen += 1
+            assert damage.records_read == len(got) < len(originals)
+    assert damaged_seen > 0
+
+
+def test_snappy_crc_mismatch_names_the_checksum(registry):
+    data = bytearray(avro_bytes([event(i) for i in range(300)], "snappy", sync_interval=2_000))
+    pos = data.rindex(b"impression")  # in the last block, uncompressed by snappy (a literal)
+    data[pos + 9] ^= 1
+    items, damage = collect(read_avro("/in/x.avro", _CountingStream(io.BytesIO(bytes(data))), registry))
+    assert damage is not None and "CRC32" in damage.error
+    assert 0 < damage.records_read == len(items) < 300
+    assert all(r["event_type"] == "impression" for _, r in items)
+
+
+@pytest.mark.parametrize("suffix", ["gz", "bz2", "zst"])
+def test_avro_inside_a_compressed_file_is_read_as_avro_never_as_lines(suffix, registry):
+    from transforms.io import read_file
+
+    compress, _ = CODECS[suffix]
+    data = compress(avro_bytes([event(i) for i in range(30)], "null"))
+    items, damage = collect(read_file(f"/in/e.avro.{suffix}", _CountingStream(io.BytesIO(data)), registry))
+    assert damage is None
+    assert [s for s, _ in items] == [f"/in/e.avro.{suffix}#{n}" for n in range(1, 31)]
+    assert [r["event_id"] for _, r in items] == [f"e{i}" for i in range(30)]
+    # Cut short: what was read is kept, the rest is one Damage; never JSON "lines".
+    items, damage = collect(
+        read_file(
+            "/in/e.avro.gz",
+            _CountingStream(io.BytesIO(gzip.compress(avro_bytes([event(i) for i in range(3000)], "null"))[:20_000])),
+            registry,
+        )
+    )
+    assert damage is not None and damage.stopped_at == f"/in/e.avro.gz#{len(items) + 1}"
+    assert all(isinstance(r, dict) for _, r in items)
+
+
+def test_a_line_longer_than_the_limit_is_a_bounded_prefix_in_bounded_memory():
+    from transforms.io import read_json_lines
+
+    huge = b'{"x":"' + b"a" * 5_000_000 + b'"}'
+    data = gzip.compress(jsonl(0, 2) + huge + b"\n" + jsonl(2, 2) + huge)  # the last one without newline
+    items, damage = collect(read_json_lines("/in/a.jsonl.gz", _CountingStream(io.BytesIO(data)), max_line_bytes=1000))
+    assert damage is None
+    assert [s for s, _ in items] == [f"/in/a.jsonl.gz:{n}" for n in range(1, 7)]
+    assert [len(line) for _, line in items][2] == 1001 and len(items[5][1]) == 1001
+    assert items[2][1] == huge[:1001]
+    assert [line for _, line in items][:2] == jsonl(0, 2).splitlines()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_bounded_line_splitter_agrees_with_split_in_any_chunking(chunk):
+    from transforms.io import _LineSplitter
+
+    data = b"ab\r\n" + b"x" * 20 + b"\n\nccc\r\n" + b"y" * 11 + b"\r\n" + b"z" * 9
+    s, got = _LineSplitter(10), []
+    for i in range(0, len(data), chunk):
+        got += s.feed(data[i : i + chunk])
+    got += s.close()
+    assert got == [(1, b"ab"), (2, b"x" * 11), (3, b""), (4, b"ccc"), (5, b"y" * 11), (6, b"z" * 9)]
+    assert s.oversize == 2 and s.longest == 20
+
+
+def test_gzip_with_trailing_zero_padding_is_intact_like_gzip_t():
+    data = gzip.compress(jsonl(0, 50)) + b"\0" * 3000
+    items, damage = read_lines("/in/a.jsonl.gz", data)
+    assert damage is None and len(items) == 50
+    items, damage = read_lines("/in/a.jsonl.gz", gzip.compress(jsonl(0, 50)) + b"\0" * 10 + b"junk")
+    assert damage is not None and len(items) == 50
+
+
+def test_damaged_file_name_passes_through_one_place(monkeypatch):
+    from transforms import io as tio
+
+    monkeypatch.setattr(tio, "damaged_file_name", lambda path: path.replace("jane", "[name]"))
+    d = tio.damage_dead_letter(tio.Damage("/in/jane.jsonl.gz", "/in/jane.jsonl.gz:3", 2, 10, "EOFError: x"))
+    assert d["file"] == "/in/[name].jsonl.gz" and d["stopped_at"] == "/in/[name].jsonl.gz:3"
+    assert "jane" not in json.dumps(d)
