@@ -210,6 +210,8 @@ def test_avro_that_is_not_avro_is_one_damage(registry):
 # --- the batch job, run as a user runs it --------------------------------------------------------
 
 GOOD = 2000
+AVRO_GZ = 30  # records of events.avro.gz
+LONG_LINE_GOOD = 4  # good lines of long-line.jsonl.gz, beside its one oversize line
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +241,21 @@ def damaged_run(tmp_path_factory):
     cut = avro_bytes([event(first + i) for i in range(GOOD)], "deflate")
     (inputs / "cut-deflate.avro").write_bytes(cut[: len(cut) // 2])
     expected["cut-deflate.avro"] = readable_prefix(cut[: len(cut) // 2])[0]
+    # One bit flipped in the 4th snappy block: its CRC32 fails, the first 3 blocks are kept.
+    first += 10_000
+    data = avro_bytes([event(first + i) for i in range(GOOD)], "snappy")
+    blocks = list(fastavro.block_reader(io.BytesIO(data)))
+    flipped = bytearray(data)
+    flipped[blocks[3].offset + blocks[3].size // 2] ^= 1
+    (inputs / "bitflip-snappy.avro").write_bytes(bytes(flipped))
+    expected["bitflip-snappy.avro"] = sum(b.num_records for b in blocks[:3])
+    # Intact extras, at the times of good events (an hour of their own would breach the entropy SLO),
+    # under other event ids: Avro inside gzip (read as Avro), and JSON lines with one 3 MB line.
+    extra = [{**event(i), "event_id": f"x{i}"} for i in range(AVRO_GZ + LONG_LINE_GOOD)]
+    (inputs / "events.avro.gz").write_bytes(gzip.compress(avro_bytes(extra[:AVRO_GZ], "null")))
+    lines = [json.dumps(e).encode() + b"\n" for e in extra[AVRO_GZ:]]
+    huge = b'{"event_id":"huge","pad":"' + b"x" * 3_000_000 + b'"}\n'
+    (inputs / "long-line.jsonl.gz").write_bytes(gzip.compress(b"".join(lines[:2]) + huge + b"".join(lines[2:])))
     out = tmp / "out"
     r = run_batch_process(write_config(tmp), str(inputs / "*"), out)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
@@ -258,15 +275,25 @@ def test_job_over_damaged_files_exits_0_with_exact_accounting(damaged_run):
     acc = report["accounting"]
     assert acc["holds"] and acc["difference"] == 0
     # Every readable record is kept (all are valid, distinct, human); each damaged file is one more input.
-    assert report["counts"]["valid"] == 2 * GOOD + sum(expected.values())
-    assert acc["input_records"] == 2 * GOOD + sum(expected.values()) + len(expected)
-    assert report["dead_letter_by_reason"] == {contract.CORRUPT_FILE: len(expected)}
+    good = 2 * GOOD + AVRO_GZ + LONG_LINE_GOOD
+    assert report["counts"]["valid"] == good + sum(expected.values())
+    assert acc["input_records"] == good + sum(expected.values()) + len(expected) + 1
+    assert report["dead_letter_by_reason"] == {contract.CORRUPT_FILE: len(expected), contract.OVERSIZE_PAYLOAD: 1}
+
+
+def test_an_oversize_line_is_one_bounded_oversize_payload_dead_letter(damaged_run):
+    _, _, dead, _, inputs = damaged_run
+    (d,) = [d for d in dead if d["reason"] == contract.OVERSIZE_PAYLOAD]
+    assert d["source"] == f"{inputs / 'long-line.jsonl.gz'}:3"
+    assert d["raw_bytes"] <= 32769 and len(d["raw"]) < 40_000
 
 
 def test_each_damaged_file_is_one_corrupt_file_dead_letter_saying_where_and_why(damaged_run):
     _, _, dead, expected, inputs = damaged_run
     by_file = {}
     for d in dead:
+        if d["reason"] == contract.OVERSIZE_PAYLOAD:
+            continue
         assert d["reason"] == contract.CORRUPT_FILE and d["stage"] == "read"
         by_file.setdefault(os.path.basename(d["file"]), []).append(d)
     assert sorted(by_file) == sorted(expected)
@@ -285,7 +312,8 @@ def test_report_lists_the_damaged_files(damaged_run):
     assert [os.path.basename(d["file"]) for d in listed] == sorted(expected)
     assert all(set(d) == set(DAMAGE_FIELDS) for d in listed)
     assert sorted(listed, key=lambda d: d["file"]) == sorted(
-        ({k: d[k] for k in DAMAGE_FIELDS} for d in dead), key=lambda d: d["file"]
+        ({k: d[k] for k in DAMAGE_FIELDS} for d in dead if d["reason"] == contract.CORRUPT_FILE),
+        key=lambda d: d["file"],
     )
     assert "damaged files" in r.stdout and "not-gzip.jsonl.gz:1" in r.stdout
 
