@@ -424,3 +424,20 @@ def test_damaged_file_name_passes_through_one_place(monkeypatch):
     d = tio.damage_dead_letter(tio.Damage("/in/jane.jsonl.gz", "/in/jane.jsonl.gz:3", 2, 10, "EOFError: x"))
     assert d["file"] == "/in/[name].jsonl.gz" and d["stopped_at"] == "/in/[name].jsonl.gz:3"
     assert "jane" not in json.dumps(d)
+
+
+def test_replaying_corrupt_file_dead_letters_keeps_them_as_they_are_accounted_once(damaged_run, tmp_path):
+    """A corrupt_file dead letter has no record to replay: replay keeps it, with its details, as one
+    input and one corrupt_file dead letter (it was turned into malformed_json "record is empty")."""
+    from pipelines import replay
+
+    _, report, dead, expected, inputs = damaged_run
+    out = tmp_path / "replayed"
+    cfg = write_config(tmp_path)
+    dead_glob = str(inputs.parent / "out" / "dead_letter" / "*.jsonl")
+    r = replay.run(["dead-letters", "--config", cfg, "--dead-letters", dead_glob, "--output", str(out)])
+    assert r["accounting"]["holds"] and r["accounting"]["input_records"] == len(dead)
+    assert r["dead_letter_by_reason"] == {contract.CORRUPT_FILE: len(expected), contract.OVERSIZE_PAYLOAD: 1}
+    again = [json.loads(line) for f in sorted(glob.glob(str(out / "dead_letter" / "*.jsonl"))) for line in open(f)]
+    corrupt = sorted((d for d in dead if d["reason"] == contract.CORRUPT_FILE), key=lambda d: d["file"])
+    assert sorted((d for d in again if d["reason"] == contract.CORRUPT_FILE), key=lambda d: d["file"]) == corrupt
