@@ -392,7 +392,7 @@ def test_a_line_longer_than_the_limit_is_a_bounded_prefix_in_bounded_memory():
     assert damage is None
     assert [s for s, _ in items] == [f"/in/a.jsonl.gz:{n}" for n in range(1, 7)]
     assert [len(line) for _, line in items][2] == 1001 and len(items[5][1]) == 1001
-    assert items[2][1] == huge[:1001]
+    assert items[2][1] == b'{"x":"' + b" " * 995  # cut back to a delimiter, padded over the limit
     assert [line for _, line in items][:2] == jsonl(0, 2).splitlines()
 
 
@@ -405,7 +405,7 @@ def test_bounded_line_splitter_agrees_with_split_in_any_chunking(chunk):
     for i in range(0, len(data), chunk):
         got += s.feed(data[i : i + chunk])
     got += s.close()
-    assert got == [(1, b"ab"), (2, b"x" * 11), (3, b""), (4, b"ccc"), (5, b"y" * 11), (6, b"z" * 9)]
+    assert got == [(1, b"ab"), (2, b" " * 11), (3, b""), (4, b"ccc"), (5, b" " * 11), (6, b"z" * 9)]
     assert s.oversize == 2 and s.longest == 20
 
 
@@ -441,3 +441,15 @@ def test_replaying_corrupt_file_dead_letters_keeps_them_as_they_are_accounted_on
     again = [json.loads(line) for f in sorted(glob.glob(str(out / "dead_letter" / "*.jsonl"))) for line in open(f)]
     corrupt = sorted((d for d in dead if d["reason"] == contract.CORRUPT_FILE), key=lambda d: d["file"])
     assert sorted((d for d in again if d["reason"] == contract.CORRUPT_FILE), key=lambda d: d["file"]) == corrupt
+
+
+def test_an_oversize_prefix_never_ends_inside_a_value():
+    """Redaction runs on what is kept: a prefix cut inside an e-mail ("jane@exampl") would no longer
+    be recognised, so the prefix is cut back to the last JSON delimiter."""
+    from transforms.io import _oversize_prefix
+
+    line = b'{"user_id":"u1","note":"write to jane.doe@example.com today","pad":"' + b"x" * 500 + b'"}'
+    cut_at = line.index(b"@example") + 3
+    kept = _oversize_prefix(line, cut_at)
+    assert len(kept) == cut_at + 1 and kept.rstrip(b" ").endswith(b'"note":"write to')
+    assert b"jane" not in kept and b"@ex" not in kept

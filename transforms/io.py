@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import lzma
+import re
 import uuid
 import zlib
 from collections.abc import Generator, Iterable, Iterator
@@ -72,7 +73,7 @@ class _LineSplitter:
         if self._max is not None and true_len > self._max:
             self.oversize += 1
             self.longest = max(self.longest, true_len)
-            return (self.count, line[: self._max + 1])
+            return (self.count, _oversize_prefix(line, self._max))
         return (self.count, line)
 
     def feed(self, chunk: bytes) -> list:
@@ -104,6 +105,19 @@ class _LineSplitter:
         tail, true_len = self.tail, max(self._tail_len, len(self.tail))
         self.tail, self._tail_len = b"", 0
         return [self._line(tail, true_len)]
+
+
+_TOKEN_ENDS = re.compile(rb'["\x20\t,:{}\[\]]')
+
+
+def _oversize_prefix(line: bytes, max_bytes: int) -> bytes:
+    """What travels on for a line over the limit: its first bytes, cut back to the last JSON delimiter so
+    that no value (an e-mail, a phone number) is split where redaction could no longer recognise it,
+    then padded with spaces to max_bytes + 1 bytes, so parsing sees a record over the limit."""
+    kept = line[: max_bytes + 1]
+    ends = [m.end() for m in _TOKEN_ENDS.finditer(kept)]
+    kept = kept[: ends[-1]] if ends else b""
+    return kept + b" " * (max_bytes + 1 - len(kept))
 
 
 def iter_lines(stream, chunk_size: int = _CHUNK):
