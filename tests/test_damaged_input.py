@@ -453,3 +453,16 @@ def test_an_oversize_prefix_never_ends_inside_a_value():
     kept = _oversize_prefix(line, cut_at)
     assert len(kept) == cut_at + 1 and kept.rstrip(b" ").endswith(b'"note":"write to')
     assert b"jane" not in kept and b"@ex" not in kept
+
+
+def test_a_damaged_length_inside_compressed_avro_is_refused_before_decompressing():
+    from transforms.io import _ChunkReader
+
+    def chunks():
+        yield b"x" * 10
+        raise AssertionError("decompressed for a damaged length")
+
+    reader = _ChunkReader(b"Obj\x01", chunks(), _CountingStream(io.BytesIO(b"")))
+    with pytest.raises(ValueError, match="damaged length"):
+        reader.read(1 << 40)
+    assert reader.read(4) == b"Obj\x01"

@@ -292,7 +292,10 @@ AVRO_MAGIC = b"Obj\x01"  # the first bytes of every Avro object container file
 
 class _ChunkReader:
     """A file-like view of decompressed chunks (for Avro inside a compressed file); `offset` is the
-    stored file's."""
+    stored file's. A read of more than MAX_READ bytes at once (a length read from damaged bytes; no
+    Avro block or value of ours comes near it) is refused before anything is decompressed for it."""
+
+    MAX_READ = 256 << 20
 
     def __init__(self, head: bytes, chunks: Iterator[bytes], raw: _CountingStream):
         self._buf, self._chunks, self._raw = bytearray(head), chunks, raw
@@ -302,8 +305,8 @@ class _ChunkReader:
         return self._raw.offset
 
     def read(self, size: int = -1) -> bytes:
-        if size is not None and size < -1:
-            raise ValueError(f"asked to read {size} bytes (a damaged length field)")
+        if size is not None and (size < -1 or size > self.MAX_READ):
+            raise ValueError(f"asked to read {size} bytes at once (a damaged length field)")
         want = None if size is None or size < 0 else size
         while want is None or len(self._buf) < want:
             chunk = next(self._chunks, None)
