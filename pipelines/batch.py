@@ -74,7 +74,9 @@ def parse_args(argv=None):
 
 def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: OutputPaths) -> GraphOutputs:
     """Sources -> shared graph -> sinks. Returns the graph's outputs (for tests)."""
-    read = p | "ReadArchives" >> ReadRawRecords(input_glob, settings.validation.registry)
+    read = p | "ReadArchives" >> ReadRawRecords(
+        input_glob, settings.validation.registry, max_line_bytes=settings.validation.max_event_bytes
+    )
     out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
     build_outputs(out, settings, paths)
     _ = (

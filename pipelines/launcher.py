@@ -12,12 +12,14 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.runfolder import RunFolderLostError
 from transforms.accounting import AccountingError
 from transforms.config import ConfigError
 from transforms.contract import METRICS_PREFIX
@@ -29,6 +31,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration, missing key, bad schema folder, no input, used or unwritable
 # --output: nothing ran
 EXIT_ACCOUNTING = 3  # the run finished but its outputs do not account for every input record
+EXIT_FOLDER_LOST = 5  # another run took the output folder while this one ran: nothing published
 # Without --runner, batch jobs run on FnApiRunner, named explicitly: a bare DirectRunner first tries to
 # download Prism and, for stateful pipelines, silently switches runners (see shared/BEAM-NOTES.md).
 DEFAULT_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
@@ -78,9 +81,27 @@ def runner_name(options) -> str:
 
 
 def require_match(flag: str, pattern: str) -> None:
-    """Start-up check: an input glob that matches nothing is almost always a typo (exit 2)."""
-    if not FileSystems.match([pattern])[0].metadata_list:
+    """Start-up check (exit 2, before anything runs): an input glob that matches nothing is almost
+    always a typo; a folder (named, or matched by the glob) or an unreadable local file would only
+    fail once the pipeline runs."""
+    try:
+        matches = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:  # noqa: BLE001 - Beam raises its own error for a bad pattern or listing
+        raise ConfigError(f"{flag}: cannot list {pattern!r} ({type(e).__name__}: {e})") from None
+    if not matches:
         raise ConfigError(f"{flag}: no file matches {pattern!r}")
+    local = [m.path for m in matches if "://" not in m.path]
+    folders = sorted(p for p in local if os.path.isdir(p))
+    if folders:
+        shown = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
+        raise ConfigError(
+            f"{flag}: {pattern!r} matches folders ({shown}), not files; name the files, e.g. "
+            f"{folders[0].rstrip('/') + '/*.jsonl.gz'!r}"
+        )
+    unreadable = sorted(p for p in local if not os.access(p, os.R_OK))
+    if unreadable:
+        shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+        raise ConfigError(f"{flag}: cannot read {shown} (permission denied)")
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -189,6 +210,9 @@ def run_main(run: Callable, argv=None, summary: Callable | None = None, exit_cod
     except AccountingError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ACCOUNTING
+    except RunFolderLostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FOLDER_LOST
     if summary is not None:
         print(summary(result))
     return exit_code(result) if exit_code is not None else EXIT_OK

@@ -226,6 +226,12 @@ def dead_letter_payload(record: dict) -> bytes:
 
 
 class _ReadDeadLettersFn(beam.DoFn):
+    """Dead letters -> RawRecords to parse again. A corrupt_file dead letter has no record to replay
+    (it stands for a file's unreadable rest): it goes out unchanged on CORRUPT, with its details, and
+    is accounted once as an input and once as a dead letter."""
+
+    CORRUPT = "corrupt"
+
     def process(self, readable_file):
         path = readable_file.metadata.path
         with readable_file.open() as f:
@@ -234,6 +240,9 @@ class _ReadDeadLettersFn(beam.DoFn):
             if not line.strip():
                 continue
             record = orjson.loads(line)
+            if record.get("reason") == contract.CORRUPT_FILE:
+                yield beam.pvalue.TaggedOutput(self.CORRUPT, record)
+                continue
             arrival = record.get("arrival_time")
             yield f"replay:{record.get('source') or path + ':' + str(n)}", dead_letter_payload(record), arrival
 
@@ -243,9 +252,9 @@ def build_dead_letter_replay(p, settings: GraphSettings, dead_glob: str, output:
         p
         | "MatchDeadLetters" >> fileio.MatchFiles(dead_glob)
         | "OpenDeadLetters" >> fileio.ReadMatches()
-        | "ReadDeadLetters" >> beam.ParDo(_ReadDeadLettersFn())
+        | "ReadDeadLetters" >> beam.ParDo(_ReadDeadLettersFn()).with_outputs(_ReadDeadLettersFn.CORRUPT, main="raw")
     )
-    out = build_event_graph(raw, settings)
+    out = build_event_graph(raw.raw, settings, upstream_dead_letters=[raw[_ReadDeadLettersFn.CORRUPT]])
     build_outputs(out, settings, OutputPaths(output), deterministic=True)
     return out
 

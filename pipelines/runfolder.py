@@ -12,6 +12,17 @@ A batch-style job (batch, both replay modes, pit_join) never writes straight int
    `_SUCCESS` is written LAST; `_RUNNING` and the staging folder (with sinks' empty temp folders such as
    `features/.temp*`) are removed.
 
+`_RUNNING` names the run holding the folder: run id, job, host, pid and start time. A live run is never
+replaced, not even with `--overwrite` (exit 2 naming the folder and that run): a `_RUNNING` is stale, and
+may be replaced by `--overwrite`, when its pid is no longer alive on this host, or when it was written on
+another host more than RUNNING_LEASE_HOURS ago (its pid cannot be checked from here), or when it is not
+one of ours in this format (older runs, a half-written marker). `publish` first checks that the folder's
+`_RUNNING` and the staging folder are still this run's; if not (another run took the folder) it raises
+RunFolderLostError and publishes nothing.
+
+Output paths with glob characters (`*?[]`) are refused (exit 2): every reader and the used-folder
+check match files by glob, where `out[7]` would mean `out7`.
+
 A killed run leaves `_RUNNING` and/or `_staging-*` and never `_SUCCESS`, so it never looks complete;
 readers skip `_staging-*` (output globs name `DIR/<output>/...`) and refuse a folder without `_SUCCESS`.
 `--overwrite` removes only what it can prove is ours: files a manifest lists (the published one or a
@@ -30,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Iterable
 
@@ -46,11 +58,20 @@ STAGING_PREFIX = "_staging-"
 MARKERS = (MANIFEST, SUCCESS, RUNNING, STREAMING)
 MANIFEST_VERSION = 1
 _CHUNK = 8 << 20
+# A _RUNNING written on another host is taken as live for this long after its start (its pid cannot be
+# checked from here); after that --overwrite may replace it. Longer than any batch run should take.
+RUNNING_LEASE_HOURS = 24
+GLOB_CHARS = "*?[]"
 _log = logging.getLogger("pipelines.runfolder")
 
 
 class OutputFolderError(ConfigError):
     """The output folder cannot take this run (used, foreign, a file, not writable): exit 2."""
+
+
+class RunFolderLostError(Exception):
+    """At publish time the folder's `_RUNNING` or staging folder is no longer this run's (another run
+    took the folder): nothing is published."""
 
 
 class UnpublishedInputError(ConfigError):
@@ -102,6 +123,58 @@ def _remove_empty_dirs(root: str) -> None:
 
 
 # --- prepare: refuse a used folder, or remove the previous run -----------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _parse_time(text) -> dt.datetime | None:
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo else None
+
+
+def live_run(root: str, now: dt.datetime | None = None, host: str | None = None) -> dict | None:
+    """The `_RUNNING` marker of `root` when the run it names may still be running, else None (no
+    marker, or a stale one: see the module doc). `now` and `host` are for tests."""
+    marker = _read_json(_join(root, RUNNING))
+    if not isinstance(marker, dict) or not isinstance(marker.get("pid"), int) or not marker.get("host"):
+        return None
+    if marker["host"] == (host or socket.gethostname()):
+        # Our own pid: a run of this process that ended (runs in one process are sequential).
+        return marker if marker["pid"] != os.getpid() and _pid_alive(marker["pid"]) else None
+    started = _parse_time(marker.get("started_at"))
+    if started is None:
+        return marker  # another host, no readable start: cannot be shown stale
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return marker if now - started < dt.timedelta(hours=RUNNING_LEASE_HOURS) else None
+
+
+def _describe_live(marker: dict) -> str:
+    return (
+        f"run {marker.get('run_id')} ({marker.get('job')}, pid {marker.get('pid')} on {marker.get('host')}, "
+        f"started {marker.get('started_at')})"
+    )
+
+
+def refuse_glob_characters(root: str, flag: str = "--output") -> None:
+    bad = sorted(set(root) & set(GLOB_CHARS))
+    if bad:
+        raise OutputFolderError(
+            f"{flag} {root}: contains the glob character(s) {' '.join(bad)}, which file matching reads as "
+            f"patterns (out[7] would mean out7); choose a folder name without {' '.join(GLOB_CHARS)}"
+        )
 
 
 def _staging_names(files: Iterable[str]) -> set[str]:
@@ -167,6 +240,7 @@ def remove_previous_run(root: str, files: list[str]) -> int:
 
 
 def _check_usable(root: str, overwrite: bool, previous_manifest_out: list) -> None:
+    refuse_glob_characters(root)
     if _local(root):
         if os.path.exists(root) and not os.path.isdir(root):
             raise OutputFolderError(f"--output {root}: is a file, not a folder; pass a folder path")
@@ -180,6 +254,12 @@ def _check_usable(root: str, overwrite: bool, previous_manifest_out: list) -> No
     if not files:
         _remove_empty_dirs(root)
         return
+    live = live_run(root) if RUNNING in files else None
+    if live is not None:
+        raise OutputFolderError(
+            f"--output {root}: {_describe_live(live)} is still running there; a run never mixes with another "
+            f"and --overwrite never replaces a live run. Wait for it, stop it, or choose another folder."
+        )
     if not overwrite:
         what = (
             describe_previous(root, files)
@@ -220,12 +300,39 @@ def prepare(root: str, job: str, overwrite: bool) -> RunFolder:
     previous: list = []
     _check_usable(root, overwrite, previous)
     folder = RunFolder(root.rstrip("/") or "/", job, new_run_id(), previous[0] if previous else None)
+    marker = {
+        "job": job,
+        "run_id": folder.run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     try:
-        _write_bytes(_join(folder.root, RUNNING), json.dumps({"job": job, "run_id": folder.run_id}).encode())
+        _create_running(folder.root, json.dumps(marker).encode())
         _write_bytes(_join(folder.staging, RUNNING), folder.run_id.encode())  # creates the staging folder
     except OSError as e:
         raise OutputFolderError(f"--output {root}: not writable ({e}); pass a writable folder") from None
     return folder
+
+
+def _create_running(root: str, data: bytes) -> None:
+    """Writes `_RUNNING`; on a local folder only if none exists (two runs starting together: one wins,
+    the other is refused with exit 2)."""
+    path = _join(root, RUNNING)
+    if not _local(root):
+        _write_bytes(path, data)
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        live = live_run(root)
+        raise OutputFolderError(
+            f"--output {root}: another run took the folder at the same time"
+            + (f" ({_describe_live(live)})" if live else "")
+            + "; choose another folder"
+        ) from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def prepare_streaming(root: str, overwrite: bool, outputs: Iterable[str]) -> str:
@@ -297,7 +404,9 @@ def _is_temp(rel: str) -> bool:
 
 
 def publish(folder: RunFolder, config_sha256: str, summary: dict) -> dict:
-    """Moves the staged outputs into the folder, manifest next, `_SUCCESS` last. Returns the manifest."""
+    """Moves the staged outputs into the folder, manifest next, `_SUCCESS` last. Returns the manifest.
+    Raises RunFolderLostError, publishing nothing, when the folder is no longer this run's."""
+    check_still_ours(folder)
     staged = [f for f in list_files(folder.staging) if f not in MARKERS and not _is_temp(f)]
     entries = [file_entry(folder.staging, f) for f in staged]
     manifest = {
@@ -328,6 +437,30 @@ def publish(folder: RunFolder, config_sha256: str, summary: dict) -> dict:
         _remove_empty_dirs(folder.staging)
         os.rmdir(folder.staging)
     return manifest
+
+
+def check_still_ours(folder: RunFolder) -> None:
+    """The folder's `_RUNNING` and the staging folder's marker must still name this run."""
+    marker = _read_json(_join(folder.root, RUNNING))
+    try:
+        with FileSystems.open(_join(folder.staging, RUNNING), compression_type="uncompressed") as f:
+            staged = read_all(f, _CHUNK).decode(errors="replace")
+    except Exception:  # noqa: BLE001 - missing: the staging folder was removed
+        staged = None
+    owner = marker.get("run_id") if isinstance(marker, dict) else None
+    if owner == folder.run_id and staged == folder.run_id:
+        return
+    why = (
+        f"its {RUNNING} now names run {owner}"
+        if owner and owner != folder.run_id
+        else f"its {RUNNING} is gone"
+        if owner is None
+        else f"its staging folder {folder.staging} is gone"
+    )
+    raise RunFolderLostError(
+        f"--output {folder.root}: this run ({folder.run_id}) no longer owns the folder ({why}; another run "
+        f"took it, or it was cleared by hand). Nothing was published; re-run the job."
+    )
 
 
 # --- readers -------------------------------------------------------------------------------------

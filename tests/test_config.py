@@ -120,6 +120,19 @@ def test_durations():
         ("privacy: {allow_demo_key: 1}\n", "privacy.allow_demo_key: must be true or false"),
         ("bots: {crawler_user_agents: 'false'}\n", "bots.crawler_user_agents: must be true or false"),
         ("time: {late_firings: on_time}\n", "time.late_firings: must be true or false"),
+        # issue 8 review: YAML 1.1 booleans, NaN/Inf anywhere, a bool for a number
+        ("privacy: {allow_demo_key: yes}\n", "privacy.allow_demo_key: must be true or false (a YAML boolean"),
+        ("time: {late_firings: off}\n", "time.late_firings: must be true or false"),
+        ("bots: {crawler_user_agents: on}\n", "bots.crawler_user_agents: must be true or false"),
+        ("labels: {positive: {click: .nan}}\n", "labels.positive.click: must be a finite number (given: nan)"),
+        ("labels: {negative: {skip: .inf}}\n", "labels.negative.skip: must be a finite number (given: inf)"),
+        ("labels: {default_negative_weight: .inf}\n", "labels.default_negative_weight: must be a finite number"),
+        ("output: {num_shards: true}\n", "output.num_shards: must be a number, not a boolean"),
+        ("bots: {max_events_per_minute: false}\n", "bots.max_events_per_minute: must be a number, not a boolean"),
+        (
+            "validation: {min_event_time: '9999-01-01T00:00:00Z'}\n",
+            "validation.min_event_time: is after the job's start",
+        ),
     ],
 )
 def test_bad_values_exit_2_with_key_path_before_anything_runs(tmp_path, capsys, yaml_text, expected):
@@ -177,3 +190,29 @@ def test_durations_must_be_finite():
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match="finite"):
             parse_duration(bad)
+
+
+def test_the_reviewers_nan_weights_file_names_both_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("labels: {positive: {click: .nan}, negative: {skip: .inf}}\nquality: {mode: warn}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert "labels.positive.click: must be a finite number" in str(err.value)
+    assert "labels.negative.skip: must be a finite number" in str(err.value)
+
+
+def test_min_event_time_is_judged_against_the_given_job_start():
+    import datetime as dt
+
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+    data = {"validation": {"min_event_time": "2026-10-01T00:00:00Z"}}
+    assert config_from_dict(data, now=start).validation.min_event_time == "2026-10-01T00:00:00Z"
+    with pytest.raises(ConfigError, match="validation.min_event_time: is after the job's start"):
+        config_from_dict(data, now=start - dt.timedelta(days=60))
+
+
+def test_yaml_words_that_were_booleans_stay_strings_where_strings_are_wanted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("validation: {event_types: [impression, click, on, no]}\ntime: {late_firings: FALSE}\n")
+    cfg = load_config(str(path))
+    assert cfg.validation.event_types == ("impression", "click", "on", "no") and cfg.time.late_firings is False

@@ -210,6 +210,8 @@ def test_avro_that_is_not_avro_is_one_damage(registry):
 # --- the batch job, run as a user runs it --------------------------------------------------------
 
 GOOD = 2000
+AVRO_GZ = 30  # records of events.avro.gz
+LONG_LINE_GOOD = 4  # good lines of long-line.jsonl.gz, beside its one oversize line
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +241,21 @@ def damaged_run(tmp_path_factory):
     cut = avro_bytes([event(first + i) for i in range(GOOD)], "deflate")
     (inputs / "cut-deflate.avro").write_bytes(cut[: len(cut) // 2])
     expected["cut-deflate.avro"] = readable_prefix(cut[: len(cut) // 2])[0]
+    # One bit flipped in the 4th snappy block: its CRC32 fails, the first 3 blocks are kept.
+    first += 10_000
+    data = avro_bytes([event(first + i) for i in range(GOOD)], "snappy")
+    blocks = list(fastavro.block_reader(io.BytesIO(data)))
+    flipped = bytearray(data)
+    flipped[blocks[3].offset + blocks[3].size // 2] ^= 1
+    (inputs / "bitflip-snappy.avro").write_bytes(bytes(flipped))
+    expected["bitflip-snappy.avro"] = sum(b.num_records for b in blocks[:3])
+    # Intact extras, at the times of good events (an hour of their own would breach the entropy SLO),
+    # under other event ids: Avro inside gzip (read as Avro), and JSON lines with one 3 MB line.
+    extra = [{**event(i), "event_id": f"x{i}"} for i in range(AVRO_GZ + LONG_LINE_GOOD)]
+    (inputs / "events.avro.gz").write_bytes(gzip.compress(avro_bytes(extra[:AVRO_GZ], "null")))
+    lines = [json.dumps(e).encode() + b"\n" for e in extra[AVRO_GZ:]]
+    huge = b'{"event_id":"huge","pad":"' + b"x" * 3_000_000 + b'"}\n'
+    (inputs / "long-line.jsonl.gz").write_bytes(gzip.compress(b"".join(lines[:2]) + huge + b"".join(lines[2:])))
     out = tmp / "out"
     r = run_batch_process(write_config(tmp), str(inputs / "*"), out)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
@@ -258,15 +275,25 @@ def test_job_over_damaged_files_exits_0_with_exact_accounting(damaged_run):
     acc = report["accounting"]
     assert acc["holds"] and acc["difference"] == 0
     # Every readable record is kept (all are valid, distinct, human); each damaged file is one more input.
-    assert report["counts"]["valid"] == 2 * GOOD + sum(expected.values())
-    assert acc["input_records"] == 2 * GOOD + sum(expected.values()) + len(expected)
-    assert report["dead_letter_by_reason"] == {contract.CORRUPT_FILE: len(expected)}
+    good = 2 * GOOD + AVRO_GZ + LONG_LINE_GOOD
+    assert report["counts"]["valid"] == good + sum(expected.values())
+    assert acc["input_records"] == good + sum(expected.values()) + len(expected) + 1
+    assert report["dead_letter_by_reason"] == {contract.CORRUPT_FILE: len(expected), contract.OVERSIZE_PAYLOAD: 1}
+
+
+def test_an_oversize_line_is_one_bounded_oversize_payload_dead_letter(damaged_run):
+    _, _, dead, _, inputs = damaged_run
+    (d,) = [d for d in dead if d["reason"] == contract.OVERSIZE_PAYLOAD]
+    assert d["source"] == f"{inputs / 'long-line.jsonl.gz'}:3"
+    assert d["raw_bytes"] <= 32769 and len(d["raw"]) < 40_000
 
 
 def test_each_damaged_file_is_one_corrupt_file_dead_letter_saying_where_and_why(damaged_run):
     _, _, dead, expected, inputs = damaged_run
     by_file = {}
     for d in dead:
+        if d["reason"] == contract.OVERSIZE_PAYLOAD:
+            continue
         assert d["reason"] == contract.CORRUPT_FILE and d["stage"] == "read"
         by_file.setdefault(os.path.basename(d["file"]), []).append(d)
     assert sorted(by_file) == sorted(expected)
@@ -285,6 +312,157 @@ def test_report_lists_the_damaged_files(damaged_run):
     assert [os.path.basename(d["file"]) for d in listed] == sorted(expected)
     assert all(set(d) == set(DAMAGE_FIELDS) for d in listed)
     assert sorted(listed, key=lambda d: d["file"]) == sorted(
-        ({k: d[k] for k in DAMAGE_FIELDS} for d in dead), key=lambda d: d["file"]
+        ({k: d[k] for k in DAMAGE_FIELDS} for d in dead if d["reason"] == contract.CORRUPT_FILE),
+        key=lambda d: d["file"],
     )
     assert "damaged files" in r.stdout and "not-gzip.jsonl.gz:1" in r.stdout
+
+
+# --- issue 8 review: silent damage, Avro inside compression, huge lines, gzip padding ---------------
+
+
+def bit_flips_in_blocks(data: bytes, stride: int):
+    """Every `stride`-th byte after the header, one bit flipped: (position, damaged bytes)."""
+    header_end = data.index(b"\x00", 200)  # well past the magic and metadata map's start
+    for pos in range(header_end + 40, len(data) - 20, stride):
+        damaged = bytearray(data)
+        damaged[pos] ^= 1
+        yield pos, bytes(damaged)
+
+
+@pytest.mark.parametrize("codec", ["snappy", "bzip2", "xz"])
+def test_a_flipped_bit_in_a_checksummed_avro_block_is_damage_never_different_records(codec, registry):
+    """snappy blocks carry a CRC32 (Avro spec) that fastavro does not check; bzip2 and xz check their
+    own. A flipped bit is a Damage with the records of the earlier blocks kept, or (a flip in a
+    length or count that still decodes) the same records: never silently different ones."""
+    records = [event(i) for i in range(300)]
+    data = avro_bytes(records, codec, sync_interval=2_000)
+    originals = [r for _, r in collect(read_avro("/in/x.avro", _CountingStream(io.BytesIO(data)), registry))[0]]
+    damaged_seen = 0
+    for pos, damaged in bit_flips_in_blocks(data, 97):
+        items, damage = collect(read_avro("/in/x.avro", _CountingStream(io.BytesIO(damaged)), registry))
+        got = [r for _, r in items]
+        assert got == originals[: len(got)], (codec, pos)
+        if damage is None:
+            assert len(got) == len(originals), (codec, pos)
+        else:
+            damaged_seen += 1
+            assert damage.records_read == len(got) < len(originals)
+    assert damaged_seen > 0
+
+
+def test_snappy_crc_mismatch_names_the_checksum(registry):
+    data = bytearray(avro_bytes([event(i) for i in range(300)], "snappy", sync_interval=2_000))
+    pos = data.rindex(b"impression")  # in the last block, uncompressed by snappy (a literal)
+    data[pos + 9] ^= 1
+    items, damage = collect(read_avro("/in/x.avro", _CountingStream(io.BytesIO(bytes(data))), registry))
+    assert damage is not None and "CRC32" in damage.error
+    assert 0 < damage.records_read == len(items) < 300
+    assert all(r["event_type"] == "impression" for _, r in items)
+
+
+@pytest.mark.parametrize("suffix", ["gz", "bz2", "zst"])
+def test_avro_inside_a_compressed_file_is_read_as_avro_never_as_lines(suffix, registry):
+    from transforms.io import read_file
+
+    compress, _ = CODECS[suffix]
+    data = compress(avro_bytes([event(i) for i in range(30)], "null"))
+    items, damage = collect(read_file(f"/in/e.avro.{suffix}", _CountingStream(io.BytesIO(data)), registry))
+    assert damage is None
+    assert [s for s, _ in items] == [f"/in/e.avro.{suffix}#{n}" for n in range(1, 31)]
+    assert [r["event_id"] for _, r in items] == [f"e{i}" for i in range(30)]
+    # Cut short: what was read is kept, the rest is one Damage; never JSON "lines".
+    items, damage = collect(
+        read_file(
+            "/in/e.avro.gz",
+            _CountingStream(io.BytesIO(gzip.compress(avro_bytes([event(i) for i in range(3000)], "null"))[:20_000])),
+            registry,
+        )
+    )
+    assert damage is not None and damage.stopped_at == f"/in/e.avro.gz#{len(items) + 1}"
+    assert all(isinstance(r, dict) for _, r in items)
+
+
+def test_a_line_longer_than_the_limit_is_a_bounded_prefix_in_bounded_memory():
+    from transforms.io import read_json_lines
+
+    huge = b'{"x":"' + b"a" * 5_000_000 + b'"}'
+    data = gzip.compress(jsonl(0, 2) + huge + b"\n" + jsonl(2, 2) + huge)  # the last one without newline
+    items, damage = collect(read_json_lines("/in/a.jsonl.gz", _CountingStream(io.BytesIO(data)), max_line_bytes=1000))
+    assert damage is None
+    assert [s for s, _ in items] == [f"/in/a.jsonl.gz:{n}" for n in range(1, 7)]
+    assert [len(line) for _, line in items][2] == 1001 and len(items[5][1]) == 1001
+    assert items[2][1] == b'{"x":"' + b" " * 995  # cut back to a delimiter, padded over the limit
+    assert [line for _, line in items][:2] == jsonl(0, 2).splitlines()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_bounded_line_splitter_agrees_with_split_in_any_chunking(chunk):
+    from transforms.io import _LineSplitter
+
+    data = b"ab\r\n" + b"x" * 20 + b"\n\nccc\r\n" + b"y" * 11 + b"\r\n" + b"z" * 9
+    s, got = _LineSplitter(10), []
+    for i in range(0, len(data), chunk):
+        got += s.feed(data[i : i + chunk])
+    got += s.close()
+    assert got == [(1, b"ab"), (2, b" " * 11), (3, b""), (4, b"ccc"), (5, b" " * 11), (6, b"z" * 9)]
+    assert s.oversize == 2 and s.longest == 20
+
+
+def test_gzip_with_trailing_zero_padding_is_intact_like_gzip_t():
+    data = gzip.compress(jsonl(0, 50)) + b"\0" * 3000
+    items, damage = read_lines("/in/a.jsonl.gz", data)
+    assert damage is None and len(items) == 50
+    items, damage = read_lines("/in/a.jsonl.gz", gzip.compress(jsonl(0, 50)) + b"\0" * 10 + b"junk")
+    assert damage is not None and len(items) == 50
+
+
+def test_damaged_file_name_passes_through_one_place(monkeypatch):
+    from transforms import io as tio
+
+    monkeypatch.setattr(tio, "damaged_file_name", lambda path: path.replace("jane", "[name]"))
+    d = tio.damage_dead_letter(tio.Damage("/in/jane.jsonl.gz", "/in/jane.jsonl.gz:3", 2, 10, "EOFError: x"))
+    assert d["file"] == "/in/[name].jsonl.gz" and d["stopped_at"] == "/in/[name].jsonl.gz:3"
+    assert "jane" not in json.dumps(d)
+
+
+def test_replaying_corrupt_file_dead_letters_keeps_them_as_they_are_accounted_once(damaged_run, tmp_path):
+    """A corrupt_file dead letter has no record to replay: replay keeps it, with its details, as one
+    input and one corrupt_file dead letter (it was turned into malformed_json "record is empty")."""
+    from pipelines import replay
+
+    _, report, dead, expected, inputs = damaged_run
+    out = tmp_path / "replayed"
+    cfg = write_config(tmp_path)
+    dead_glob = str(inputs.parent / "out" / "dead_letter" / "*.jsonl")
+    r = replay.run(["dead-letters", "--config", cfg, "--dead-letters", dead_glob, "--output", str(out)])
+    assert r["accounting"]["holds"] and r["accounting"]["input_records"] == len(dead)
+    assert r["dead_letter_by_reason"] == {contract.CORRUPT_FILE: len(expected), contract.OVERSIZE_PAYLOAD: 1}
+    again = [json.loads(line) for f in sorted(glob.glob(str(out / "dead_letter" / "*.jsonl"))) for line in open(f)]
+    corrupt = sorted((d for d in dead if d["reason"] == contract.CORRUPT_FILE), key=lambda d: d["file"])
+    assert sorted((d for d in again if d["reason"] == contract.CORRUPT_FILE), key=lambda d: d["file"]) == corrupt
+
+
+def test_an_oversize_prefix_never_ends_inside_a_value():
+    """Redaction runs on what is kept: a prefix cut inside an e-mail ("jane@exampl") would no longer
+    be recognised, so the prefix is cut back to the last JSON delimiter."""
+    from transforms.io import _oversize_prefix
+
+    line = b'{"user_id":"u1","note":"write to jane.doe@example.com today","pad":"' + b"x" * 500 + b'"}'
+    cut_at = line.index(b"@example") + 3
+    kept = _oversize_prefix(line, cut_at)
+    assert len(kept) == cut_at + 1 and kept.rstrip(b" ").endswith(b'"note":"write to')
+    assert b"jane" not in kept and b"@ex" not in kept
+
+
+def test_a_damaged_length_inside_compressed_avro_is_refused_before_decompressing():
+    from transforms.io import _ChunkReader
+
+    def chunks():
+        yield b"x" * 10
+        raise AssertionError("decompressed for a damaged length")
+
+    reader = _ChunkReader(b"Obj\x01", chunks(), _CountingStream(io.BytesIO(b"")))
+    with pytest.raises(ValueError, match="damaged length"):
+        reader.read(1 << 40)
+    assert reader.read(4) == b"Obj\x01"

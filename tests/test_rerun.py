@@ -306,3 +306,129 @@ def test_streaming_folder_refused_when_used_and_replaced_with_overwrite(tmp_path
         runfolder.prepare(str(out), "batch", overwrite=False)  # batch and streaming refuse alike
     runfolder.prepare_streaming(str(out), True, STREAMING_OUTPUTS)
     assert all_entries(out) == [runfolder.STREAMING]
+
+
+# --- issue 8 review: a live run is never replaced; a run checks at publish that the folder is its own ---
+
+HOLDER = """
+import sys, json
+from pipelines import runfolder
+folder = runfolder.prepare(sys.argv[1], "batch", overwrite=False)
+print(folder.run_id, flush=True)
+sys.stdin.readline()  # hold the folder until told to publish
+(__import__("pathlib").Path(folder.staging) / "events").mkdir(parents=True)
+(__import__("pathlib").Path(folder.staging) / "events" / "e.jsonl").write_text('{"a": 1}\\n')
+try:
+    runfolder.publish(folder, "0" * 64, {"counts": {}})
+except runfolder.RunFolderLostError as e:
+    print(e, file=sys.stderr)
+    sys.exit(5)
+"""
+
+
+def hold_folder(out):
+    """A second real process that takes `out` (prepare) and publishes when a line arrives on stdin."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, proc.stdout.readline().strip()
+
+
+def test_overwrite_never_replaces_a_live_run_and_the_live_run_publishes(data, tmp_path):
+    tmp, cfg1, _ = data
+    out = tmp_path / "live"
+    holder, run_id = hold_folder(out)
+    try:
+        assert run_id and holder.poll() is None, holder.stderr.read()
+        cmd = [sys.executable, "-m", "pipelines.batch", "--config", cfg1, "--input", str(tmp / "events.jsonl")]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for extra in ([], ["--overwrite"]):
+            b = subprocess.run(
+                cmd + ["--output", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+            )
+            assert b.returncode == 2, b.stderr[-2000:]
+            assert f"--output {out}" in b.stderr and run_id in b.stderr and "still running" in b.stderr
+        assert json.loads((out / runfolder.RUNNING).read_text())["run_id"] == run_id
+        _, err = holder.communicate("go\n", timeout=120)
+        assert holder.returncode == 0, err
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert sorted(all_entries(out)) == ["_MANIFEST.json", "_SUCCESS", "events", os.path.join("events", "e.jsonl")]
+    assert json.loads((out / runfolder.MANIFEST).read_text())["run_id"] == run_id
+
+
+@pytest.mark.parametrize("taken", ["other_run", "cleared"])
+def test_a_run_that_lost_its_folder_publishes_nothing(tmp_path, taken):
+    out = tmp_path / "out"
+    holder, run_id = hold_folder(out)
+    try:
+        if taken == "other_run":  # what an --overwrite of a (wrongly) stale marker would leave
+            (out / runfolder.RUNNING).write_text(json.dumps({"run_id": "20261101T000000Z-other"}))
+        else:
+            shutil.rmtree(out / f"{runfolder.STAGING_PREFIX}{run_id}")
+        _, err = holder.communicate("go\n", timeout=120)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert holder.returncode == 5 and "no longer owns the folder" in err and "Nothing was published" in err
+    assert not (out / runfolder.SUCCESS).exists() and not (out / runfolder.MANIFEST).exists()
+    assert not (out / "events").exists()
+
+
+def test_stale_running_markers_may_be_replaced(tmp_path):
+    import datetime as dt
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.timezone.utc)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cases = [
+        ({"host": socket.gethostname(), "pid": int(dead.stdout)}, None),  # dead pid here: stale
+        ({"host": socket.gethostname(), "pid": os.getppid()}, "live"),  # our parent: alive
+        ({"host": "elsewhere", "pid": 1, "started_at": "2026-11-30T11:00:00+00:00"}, "live"),  # within the lease
+        ({"host": "elsewhere", "pid": 1, "started_at": "2026-11-28T11:00:00+00:00"}, None),  # lease over
+        ({"job": "batch", "run_id": "old-format"}, None),  # no pid/host: a marker of an older version
+    ]
+    for marker, want in cases:
+        (out / runfolder.RUNNING).write_text(json.dumps({"run_id": "r1", **marker}))
+        got = runfolder.live_run(str(out), now=now)
+        assert (got is not None) == (want == "live"), marker
+
+
+@pytest.mark.parametrize("name", ["out[7]", "out*", "o?t"])
+def test_output_with_glob_characters_exits_2_before_anything(data, tmp_path, capsys, name):
+    out = tmp_path / name
+    assert run_batch(data, data[1], out) == 2
+    err = capsys.readouterr().err
+    assert "glob character" in err and str(out) in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "glob_of_folders", "unreadable"])
+def test_input_that_is_not_readable_files_exits_2_before_anything(data, tmp_path, capsys, kind):
+    _, cfg1, _ = data
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.jsonl").write_text("{}\n")
+    pattern = {"folder": str(src), "glob_of_folders": str(src / "s*"), "unreadable": str(src / "*.jsonl")}[kind]
+    if kind == "unreadable":
+        os.chmod(src / "a.jsonl", 0)
+        if os.access(src / "a.jsonl", os.R_OK):
+            pytest.skip("running as root: every file is readable")
+    out = tmp_path / "out"
+    code = batch.main(["--config", cfg1, "--input", pattern, "--output", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    # Beam's local glob lists files only: a glob of folders matches nothing (also exit 2 at start-up).
+    assert "--input" in err and ("folders" in err or "cannot read" in err or "no file matches" in err)
+    assert not out.exists()

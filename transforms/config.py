@@ -7,6 +7,8 @@ the file: transforms receive the (picklable) models or plain values taken from t
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import os
 import re
 import typing
@@ -314,26 +316,127 @@ def _allowed_keys(loc) -> list[str]:
     return sorted(f.alias or n for n, f in model.model_fields.items() if n != "base_dir")
 
 
-def config_from_dict(data: dict, source: str = "<dict>", base_dir: str = ".") -> JobConfig:
+def _model_in(annotation):
+    """The config section (a pydantic model) an annotation holds, if any (Optional[Section] -> Section)."""
+    for c in (annotation, *typing.get_args(annotation)):
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c
+    return None
+
+
+def _leaf_types(annotation) -> set:
+    """The plain types an annotation accepts (Annotated, Optional and unions unwrapped)."""
+    if annotation is None:
+        return set()
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return set().union(*(_leaf_types(a) for a in typing.get_args(annotation)))
+    return {annotation} if isinstance(annotation, type) else set()
+
+
+def _item_annotation(annotation, container: type):
+    """The annotation of a dict's values or a tuple's/list's items, if the annotation says."""
+    for c in (annotation, *typing.get_args(annotation)):
+        origin = typing.get_origin(c)
+        if container is dict and origin is dict:
+            return typing.get_args(c)[1]
+        if container is list and origin in (tuple, list) and typing.get_args(c):
+            return typing.get_args(c)[0]
+    return None
+
+
+def _value_problems(value, annotation, path: str, out: list) -> None:
+    """The checks every value of the file gets, in one place, whatever section declares it: a float
+    must be finite (YAML .nan / .inf), and a boolean is not a number (`num_shards: true`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        out.append((path, f"must be a finite number (given: {value!r})"))
+    elif isinstance(value, bool):
+        types = _leaf_types(annotation)
+        if bool not in types and types & {int, float}:
+            out.append((path, f"must be a number, not a boolean (given: {value!r})"))
+    elif isinstance(value, dict):
+        model = _model_in(annotation)
+        for k, v in value.items():
+            sub = None
+            if model is not None:
+                sub = next((f.annotation for n, f in model.model_fields.items() if k in (n, f.alias)), None)
+            else:
+                sub = _item_annotation(annotation, dict)
+            _value_problems(v, sub, f"{path}.{k}" if path else str(k), out)
+    elif isinstance(value, list):
+        sub = _item_annotation(annotation, list)
+        for i, v in enumerate(value):
+            _value_problems(v, sub, f"{path}.{i}", out)
+
+
+def _check_start(cfg: JobConfig, now: dt.datetime) -> list:
+    """Values that make no sense at the job's start: an earliest plausible event time after it would
+    make every event bad_timestamp."""
+    from transforms.parse import parse_event_time
+
+    problems = []
+    if parse_event_time(cfg.validation.min_event_time, naive_as_utc=False) > now.timestamp() * 1000:
+        problems.append(
+            (
+                "validation.min_event_time",
+                f"is after the job's start ({now.isoformat(timespec='seconds')}): every event would be "
+                f"bad_timestamp (given: {cfg.validation.min_event_time!r})",
+            )
+        )
+    return problems
+
+
+def config_from_dict(
+    data: dict, source: str = "<dict>", base_dir: str = ".", now: dt.datetime | None = None
+) -> JobConfig:
+    """Validates a config mapping; raises ConfigError naming every bad key path. `now`: the job's start
+    (default: the current time), for checks relative to it."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"invalid configuration in {source}: the top level must be a mapping, got {type(data).__name__}"
         )
+    problems: list = []
+    _value_problems(data, JobConfig, "", problems)
     try:
-        return JobConfig.model_validate({**data, "base_dir": base_dir})
+        cfg = JobConfig.model_validate({**data, "base_dir": base_dir})
     except pydantic.ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        message = _format_errors(e, source)
+        reported = {".".join(str(p) for p in err["loc"]) for err in e.errors()}
+        # pydantic's own line for a key stays (e.g. a duration's), except for a boolean given for a
+        # number, which pydantic reads as 0/1 and judges as such ("should be >= 1 (given: False)").
+        extra = [f"  {path}: {what}" for path, what in problems if path not in reported or "not a boolean" in what]
+        raise ConfigError("\n".join([message, *extra])) from None
+    problems += _check_start(cfg, now or dt.datetime.now(dt.timezone.utc))
+    if problems:
+        raise ConfigError("\n".join([f"invalid configuration in {source}:", *(f"  {p}: {w}" for p, w in problems)]))
+    return cfg
 
 
-def load_config(path: str) -> JobConfig:
+class _StrictBoolLoader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2). PyYAML follows YAML 1.1, where unquoted yes,
+    no, on, off, y and n are booleans too: `allow_demo_key: yes` or a list item `on` silently became
+    True. Here they stay strings, and a boolean key given one is refused with its key path."""
+
+
+_StrictBoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictBoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_config(path: str, now: dt.datetime | None = None) -> JobConfig:
     """Read and validate a YAML config file; raises ConfigError with the key path on any problem."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist (pass --config config/batch.yaml or another file)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_StrictBoolLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    return config_from_dict(data, source=str(path), base_dir=str(p.parent.resolve()))
+    return config_from_dict(data, source=str(path), base_dir=str(p.parent.resolve()), now=now)
