@@ -42,6 +42,7 @@ from pipelines.outputs import BATCH_OUTPUTS, OutputPaths, build_outputs
 from transforms.accounting import summarise
 from transforms.config import load_config
 from transforms.io import DAMAGE_FIELDS, ReadRawRecords, counter_line
+from transforms.privacy import redact_path
 from transforms.quality import breaches, drift_report, evaluate_slos, privacy_stats, quality_summary, slo_exit_code
 from transforms.signals import QualitySignals, stats_from_parts
 
@@ -130,8 +131,8 @@ def run(argv=None) -> dict:
     summary = summarise(read_counters(paths.counts))
     report = {
         "job": "batch",
-        "input": args.input,
-        "output": args.output,
+        "input": redact_path(args.input),
+        "output": redact_path(args.output),
         "run_id": folder.run_id,
         "config": args.config,
         "runner": runner_name(options),
@@ -146,7 +147,7 @@ def run(argv=None) -> dict:
     stats = quality_stats(paths, summary)
     stats["privacy"] = privacy_stats(report["metrics"]) if report["metrics"] else None  # None: runner has no metrics
     report["quality"] = assess_quality(
-        cfg, paths, stats, args.baseline, args.warn_only, title=f"Batch run over {args.input}"
+        cfg, paths, stats, args.baseline, args.warn_only, title=f"Batch run over {redact_path(args.input)}"
     )
     report["quality"]["html"] = final.report_html
     write_json(paths.report, report)

@@ -56,6 +56,7 @@ from pipelines.launcher import (
 )
 from transforms import evaluation as E
 from transforms.config import ConfigError, load_config
+from transforms.privacy import redact_path
 from transforms.quality import breaches, slo_exit_code
 
 METRICS_NS = "feedback.evaluate"
@@ -458,9 +459,9 @@ def run(argv=None) -> dict:
     out = args.output.rstrip("/")
     evaluation = {
         "job": "evaluate",
-        "labels": args.labels,
-        "slates": args.slates,
-        "output": args.output,
+        "labels": redact_path(args.labels),
+        "slates": redact_path(args.slates),
+        "output": redact_path(args.output),
         "config": args.config,
         "runner": runner_name(options),
         "beam_version": beam.__version__,
@@ -494,15 +495,15 @@ def run(argv=None) -> dict:
     write_json(f"{staging}/evaluation.json", evaluation)
     write_report_html(
         f"{staging}/report.html",
-        render_evaluation_report(evaluation, slos, title=f"Evaluation of {args.labels}", mode=mode),
+        render_evaluation_report(evaluation, slos, title=f"Evaluation of {evaluation['labels']}", mode=mode),
     )
     # published with its verdict, like the batch job: a breached gate (exit 4) is still a complete run
     runfolder.publish(
         folder,
         runfolder.config_digest(cfg.model_dump_json()),
         {
-            "labels": args.labels,
-            "slates": args.slates,
+            "labels": evaluation["labels"],
+            "slates": evaluation["slates"],
             "accounting": acc,
             "quality": {"exit_code": evaluation["quality"]["exit_code"], "breaches": evaluation["quality"]["breaches"]},
         },

@@ -45,6 +45,7 @@ from pipelines.launcher import (  # noqa: F401
 )
 from transforms.config import ConfigError
 from transforms.features import ENTITY_TYPES, FEATURE_COLUMNS, UNKNOWN_CATEGORY, FeaturesConfig, features_for_entity
+from transforms.privacy import redact_path
 
 METRICS_NS = "feedback.pit_join"
 REQUIRED_LABEL_FIELDS = ("request_id", "user_id", "item_id", "item_category", "impression_time", "label", "weight")
@@ -349,9 +350,9 @@ def run(argv=None) -> dict:
     )
     report = {
         "job": "pit_join",
-        "labels": args.labels,
-        "features": args.features,
-        "output": args.output,
+        "labels": redact_path(args.labels),
+        "features": redact_path(args.features),
+        "output": redact_path(args.output),
         "run_id": folder.run_id,
         "windows": windows,
         "entities": entities,
@@ -360,7 +361,11 @@ def run(argv=None) -> dict:
     runfolder.publish(
         folder,
         runfolder.config_digest({k: report[k] for k in ("windows", "entities")}),
-        {"labels": args.labels, "features": args.features, "training_rows": report["metrics"].get("training_rows")},
+        {
+            "labels": report["labels"],
+            "features": report["features"],
+            "training_rows": report["metrics"].get("training_rows"),
+        },
     )
     return report
 

@@ -75,6 +75,7 @@ from transforms.config import ConfigError, load_config
 from transforms.io import WriteWindowedFiles, counter_record, read_all
 from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure, label_polarity
 from transforms.parse import parse_event_time
+from transforms.privacy import redact_path
 
 PARTITION_S = 3600
 _REPLAYED = tuple(o.name for o in REPLAY_ARCHIVE_OUTPUTS)
@@ -325,7 +326,7 @@ def run(argv=None) -> dict:
     report = {
         "job": f"replay-{args.mode}",
         "config": args.config,
-        "output": args.output,
+        "output": redact_path(args.output),
         "run_id": folder.run_id,
         "runner": runner_name(options),
         "beam_version": beam.__version__,
@@ -336,7 +337,7 @@ def run(argv=None) -> dict:
         labels = label_summary(read_counters(paths.counts))
         report.update(
             range={"from": args.start, "to": args.end},
-            archive=args.archive,
+            archive=redact_path(args.archive),
             labels=labels,
             replayability=record_replay(folder.staging, start, end, folder.previous_manifest),
         )
@@ -349,7 +350,7 @@ def run(argv=None) -> dict:
         )
     else:
         summary = summarise(read_counters(paths.counts))
-        report.update(dead_letters=args.dead_letters, **summary)
+        report.update(dead_letters=redact_path(args.dead_letters), **summary)
         published = {"counts": summary["counts"], "accounting": summary["accounting"]}
         refuse_unless(
             summary["accounting"]["holds"],

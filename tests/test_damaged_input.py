@@ -417,13 +417,15 @@ def test_gzip_with_trailing_zero_padding_is_intact_like_gzip_t():
     assert damage is not None and len(items) == 50
 
 
-def test_damaged_file_name_passes_through_one_place(monkeypatch):
+def test_pii_in_a_damaged_file_name_is_masked_in_its_dead_letter():
     from transforms import io as tio
 
-    monkeypatch.setattr(tio, "damaged_file_name", lambda path: path.replace("jane", "[name]"))
-    d = tio.damage_dead_letter(tio.Damage("/in/jane.jsonl.gz", "/in/jane.jsonl.gz:3", 2, 10, "EOFError: x"))
-    assert d["file"] == "/in/[name].jsonl.gz" and d["stopped_at"] == "/in/[name].jsonl.gz:3"
-    assert "jane" not in json.dumps(d)
+    name = "/in/jane.doe@example.com +14155550177.jsonl.gz"
+    d = tio.damage_dead_letter(tio.Damage(name, name + ":3", 2, 10, f"EOFError: {name} ended early"))
+    text = json.dumps(d)
+    assert "jane.doe@example.com" not in text and "4155550177" not in text, text
+    assert d["file"].startswith("/in/") and d["file"].endswith(".jsonl.gz") and d["stopped_at"].endswith(".jsonl.gz:3")
+    assert d["records_read"] == 2 and d["offset"] == 10
 
 
 def test_replaying_corrupt_file_dead_letters_keeps_them_as_they_are_accounted_once(damaged_run, tmp_path):

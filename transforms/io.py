@@ -33,7 +33,7 @@ from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
-from transforms.deadletter import dead_letter
+from transforms.deadletter import dead_letter, scrub_damage_fields
 from transforms.schemas import SchemaRegistry
 
 METRICS_NS = "feedback.read"
@@ -164,28 +164,23 @@ class Damage:
         return {k: getattr(self, k) for k in DAMAGE_FIELDS}
 
 
-def damaged_file_name(path: str) -> str:
-    """THE one place where a damaged file's name goes into its corrupt_file dead letter (and from there
-    into report.json `damaged_files` and `_quality/damaged_files`). A file name can hold PII (issue 8,
-    finding 7): the privacy redaction of file names is to be wired in here."""
-    return path
-
-
 def damage_dead_letter(damage: Damage) -> dict:
-    """The unreadable rest of a file as ONE dead letter (it counts as one input record)."""
-    name = damaged_file_name(damage.file)
-    if name != damage.file:
-        damage = dataclasses.replace(damage, file=name, stopped_at=name + damage.stopped_at[len(damage.file) :])
+    """The unreadable rest of a file as ONE dead letter (it counts as one input record). A file name
+    can hold PII: the name, the stopped_at source and the error text (which may quote the path) are
+    masked here, the one place a damaged file's name enters an output (report.json `damaged_files`
+    and `_quality/damaged_files` are built from these dead letters)."""
+    fields = scrub_damage_fields(damage.as_dict())
     record = dead_letter(
         contract.CORRUPT_FILE,
         None,
-        f"file unreadable after record {damage.records_read} ({damage.offset} bytes of the file read): {damage.error}",
+        f"file unreadable after record {damage.records_read} ({damage.offset} bytes of the file read): "
+        f"{fields['error']}",
         "read",
         b"",
-        damage.stopped_at,
+        fields["stopped_at"],
         _NoRedaction(),
     )
-    record.update(damage.as_dict())
+    record.update(fields)
     return record
 
 
