@@ -14,8 +14,9 @@ def _documented_keys() -> list[str]:
     for row in table.splitlines()[2:]:
         section = None
         for token in re.findall(r"`([^`]+)`", row.split("|")[1]):
-            if "." in token:  # `time.early_firing`
-                section, names = token.split(".", 1)
+            if "." in token:  # `time.early_firing`, `evaluation.ope.clip`: the section is all but the last name
+                section = token.split("/", 1)[0].rsplit(".", 1)[0]
+                names = token[len(section) + 1 :]
             elif section:  # ... / `late_firings`: same section as the one before
                 names = token
             else:  # `online_store`: a whole section
