@@ -3,7 +3,8 @@
     python benchmarks/flink_scale.py --events 2000000 [--files 10] [--tm-memory 2g] [--workdir /tmp/flink-bench]
     python benchmarks/flink_scale.py --events 1500 --files 2       # tiny (tests/test_benchmarks.py)
     python benchmarks/flink_scale.py --events 200000 --engine fnapi   # the same input on FnApiRunner / prism
-    python benchmarks/flink_scale.py --events 2000000 --data-stream --flink-conf state.backend.type=rocksdb
+    python benchmarks/flink_scale.py --events 2000000 --data-stream --slots 1 --beam-option=--max_bundle_size=100 \
+        --flink-conf state.backend.type=rocksdb --flink-conf state.backend.rocksdb.timer-service.factory=HEAP
 
 Generates `--events` events (split over `--files` files, one generator seed and start day each; cached
 in the workdir), starts a cluster (JobManager + 2 TaskManagers, `taskmanager.memory.process.size`
@@ -104,14 +105,15 @@ def _processes() -> list:
 
 def _new_processes(known: set) -> dict:
     """Name -> pid of processes to watch that appeared since: the job server the FlinkRunner launches (a
-    java child of this process) and the SDK workers the TaskManagers start."""
+    java child of this process) and the SDK workers the watched TaskManagers start (not other clusters'
+    on a shared machine)."""
     found = {}
     for pid, ppid, cmd in _processes():
         if pid in known or not cmd:
             continue
         if ppid == os.getpid() and cmd[0].endswith(b"java"):
             found["job server"] = pid
-        elif any(arg.endswith(b"feedback-sdk-worker") for arg in cmd[:2]):
+        elif ppid in known and any(arg.endswith(b"feedback-sdk-worker") for arg in cmd[:2]):
             found[f"sdk worker {pid}"] = pid
     return found
 
@@ -181,6 +183,13 @@ def _parse_args(argv) -> argparse.Namespace:
         "(--use_data_stream_for_batch): bundles of --max_bundle_size elements instead of a whole partition",
     )
     ap.add_argument(
+        "--beam-option",
+        action="append",
+        default=[],
+        metavar="--NAME=VALUE",
+        help="extra Beam pipeline option for the job, e.g. --max_bundle_size=100",
+    )
+    ap.add_argument(
         "--flink-conf",
         action="append",
         default=[],
@@ -228,6 +237,7 @@ def _result(args, cluster, report: dict, seconds: float, peaks: dict, exact: boo
         "taskmanager_memory": args.tm_memory if cluster is not None else None,
         "slots_per_taskmanager": args.slots if cluster is not None else None,
         "flink_conf": args.flink_conf,
+        "beam_options": args.beam_option,
         "parallelism": args.parallelism if args.engine == "flink" else None,
         "flink_translation": ("DataStream" if args.data_stream else "DataSet") if args.engine == "flink" else None,
         "wall_s": round(seconds, 1),
@@ -263,7 +273,7 @@ def main(argv=None) -> dict:
             from tests.engines import flink_options
 
             data_stream = ["--use_data_stream_for_batch"] if args.data_stream else []
-            beam_args = flink_options(jar, master, f"--parallelism={args.parallelism}", *data_stream)
+            beam_args = flink_options(jar, master, f"--parallelism={args.parallelism}", *data_stream, *args.beam_option)
         elif args.engine == "prism":
             beam_args = _prism_args()
         else:
