@@ -288,37 +288,3 @@ def test_report_lists_the_damaged_files(damaged_run):
         ({k: d[k] for k in DAMAGE_FIELDS} for d in dead), key=lambda d: d["file"]
     )
     assert "damaged files" in r.stdout and "not-gzip.jsonl.gz:1" in r.stdout
-
-
-def test_a_file_read_over_several_bundles_gives_each_record_and_its_damage_once(registry, tmp_path, monkeypatch):
-    """ReadRawRecords emits about CALL_BYTES of a file per call and defers the rest, which the runner
-    resumes in another bundle (transforms/io.py _ReadFileChunksSdf). With a budget of one byte every file
-    is read in 16 calls; records and damage equal those of reading each file once."""
-    import apache_beam as beam
-    from apache_beam.testing.test_pipeline import TestPipeline
-    from apache_beam.testing.util import assert_that, equal_to
-
-    from transforms.io import ReadRawRecords, damage_dead_letter
-
-    files = {
-        "good.jsonl": jsonl(0, 3000),
-        "cut.jsonl.gz": gzip.compress(jsonl(10_000, 3000))[:20_000],
-        "damaged.avro": damage_block(avro_bytes([event(20_000 + i) for i in range(3000)], "deflate"))[0],
-    }
-    sources, damages = [], []
-    for name, data in files.items():
-        path = str(tmp_path / name)
-        (tmp_path / name).write_bytes(data)
-        stream = _CountingStream(io.BytesIO(data))
-        items, damage = collect(
-            read_avro(path, stream, registry) if name.endswith(".avro") else read_json_lines(path, stream)
-        )
-        sources += [source for source, _ in items]
-        damages += [damage_dead_letter(damage)] if damage else []
-    assert len(sources) > 5000 and len(damages) == 2
-
-    monkeypatch.setattr(ReadRawRecords, "CALL_BYTES", 1)
-    with TestPipeline(runner="apache_beam.runners.portability.fn_api_runner.FnApiRunner") as p:
-        read = p | ReadRawRecords(str(tmp_path / "*"), registry)
-        assert_that(read["records"] | beam.Map(lambda r: r[0]), equal_to(sources), label="Records")
-        assert_that(read[ReadRawRecords.CORRUPT], equal_to(damages), label="Damage")

@@ -26,9 +26,7 @@ import orjson
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -310,6 +308,21 @@ class _ReadFileFn(beam.DoFn):
             self._records.inc(n)
 
 
+class _ReadFileChunksFn(_ReadFileFn):
+    """As _ReadFileFn, but the records come as lists of up to `chunk` RawRecords (in file order)."""
+
+    def __init__(self, registry: SchemaRegistry, chunk: int):
+        super().__init__(registry)
+        self._chunk = chunk
+
+    def _emit(self, records):
+        chunk = []
+        damage = yield from _chunks_of(super()._emit(records), self._chunk, chunk)
+        if chunk:
+            yield chunk
+        return damage
+
+
 def _chunks_of(records, size: int, chunk: list):
     """Yields full lists of `size` from a generator, filling `chunk` (the caller emits what is left);
     returns the generator's return value."""
@@ -321,92 +334,6 @@ def _chunks_of(records, size: int, chunk: list):
         if len(chunk) >= size:
             yield list(chunk)
             chunk.clear()
-
-
-# A file's chunks are numbered 0, 1, ...; how many there are is known only once the file is read.
-_NO_END = 2**62
-
-
-class _ChunkPositions(RestrictionProvider):
-    def initial_restriction(self, readable_file):
-        return OffsetRange(0, _NO_END)
-
-    def create_tracker(self, restriction):
-        return OffsetRestrictionTracker(restriction)
-
-    def restriction_size(self, readable_file, restriction):
-        return readable_file.metadata.size_in_bytes
-
-
-def _raw_records(records):
-    """(source, payload) -> RawRecord; returns the reader's Damage (or None)."""
-    while True:
-        try:
-            source, payload = next(records)
-        except StopIteration as stop:
-            return stop.value
-        yield source, payload, None
-
-
-_CHUNK_POSITIONS = beam.DoFn.RestrictionParam(_ChunkPositions())
-
-
-class _ReadFileChunksSdf(_ReadFileFn):
-    """As _ReadFileFn, but the records come as lists of up to `chunk` RawRecords (in file order), and
-    a call emits the chunks of about `call_bytes` of records (at least 1/16 of the file) and defers the rest
-    (a splittable DoFn's self-checkpoint): the runner ends the bundle there and resumes the file in
-    another. Why: a runner holds a bundle's output until the bundle ends (Flink's TaskManager, in its
-    heap), and the files are read from a single Impulse element, so without this one bundle held the
-    whole input (2,000,000 events: `OutOfMemoryError` in a 2 GB TaskManager). A resumed call reads the
-    file again from its start and skips the chunks already emitted (at most 16 calls per file)."""
-
-    def __init__(self, registry: SchemaRegistry, chunk: int, call_bytes: int):
-        super().__init__(registry)
-        self._chunk, self._call_bytes = chunk, call_bytes
-
-    def process(self, readable_file: fileio.ReadableFile, tracker=_CHUNK_POSITIONS):
-        first = tracker.current_restriction().start
-        path, size = readable_file.metadata.path, readable_file.metadata.size_in_bytes
-        budget = max(self._call_bytes, size // 16)
-        if first == 0:
-            self._files.inc()
-        chunk: list = []
-        with readable_file.open(compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            raw = _CountingStream(f, size)
-            avro = path.lower().endswith(".avro")
-            records = read_avro(path, raw, self._registry) if avro else read_json_lines(path, raw)
-            chunks = _chunks_of(_raw_records(records), self._chunk, chunk)
-            position, started_at, progress = 0, None, 0
-            while True:
-                try:
-                    full = next(chunks)
-                except StopIteration as stop:
-                    damage = stop.value
-                    break
-                if position >= first:
-                    if not tracker.try_claim(position):
-                        return
-                    started_at = raw.offset if started_at is None else started_at
-                    self._records.inc(len(full))
-                    yield full
-                    # JSON lines by their length (the reader takes 8 MB of the file at a time), Avro by
-                    # the bytes read (block by block).
-                    progress = raw.offset - started_at if avro else progress + sum(len(p) for _, p, _ in full)
-                    if progress >= budget:
-                        tracker.defer_remainder()
-                        return
-                position += 1
-        # The file's end (its last partial chunk and its damage) is the position after its full chunks.
-        if not tracker.try_claim(position):
-            return
-        if chunk:
-            self._records.inc(len(chunk))
-            yield list(chunk)
-        if damage is not None:
-            self._damaged.inc()
-            self._records.inc()
-            yield beam.pvalue.TaggedOutput(self.CORRUPT, damage_dead_letter(damage))
-        tracker.try_claim(_NO_END)  # no more positions: the restriction is done
 
 
 class ReadRawRecords(beam.PTransform):
@@ -428,20 +355,13 @@ class ReadRawRecords(beam.PTransform):
     # Records per shuffled element: Reshuffle's per-element work (random key, timestamps, grouping)
     # is paid once per chunk; chunks of 1,000 still spread a file over many workers.
     CHUNK = 1000
-    # Bytes of records emitted per call before the rest is deferred to another bundle (7,000-14,000
-    # JSON events of 300-550 bytes).
-    CALL_BYTES = 4 << 20
 
     def __init__(self, file_pattern: str, registry: SchemaRegistry, reshuffle: bool = True):
         super().__init__()
         self._pattern, self._registry, self._reshuffle = file_pattern, registry, reshuffle
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict:
-        read_fn = (
-            _ReadFileChunksSdf(self._registry, self.CHUNK, self.CALL_BYTES)
-            if self._reshuffle
-            else _ReadFileFn(self._registry)
-        )
+        read_fn = _ReadFileChunksFn(self._registry, self.CHUNK) if self._reshuffle else _ReadFileFn(self._registry)
         read = (
             pbegin
             | "MatchFiles"
