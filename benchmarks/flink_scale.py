@@ -3,19 +3,20 @@
     python benchmarks/flink_scale.py --events 2000000 [--files 10] [--tm-memory 2g] [--workdir /tmp/flink-bench]
     python benchmarks/flink_scale.py --events 1500 --files 2       # tiny (tests/test_benchmarks.py)
     python benchmarks/flink_scale.py --events 200000 --engine fnapi   # the same input on FnApiRunner / prism
-    python benchmarks/flink_scale.py --events 2000000 --data-stream --slots 1 --beam-option=--max_bundle_size=100 \
+    # Flink's streaming translation with RocksDB state (exact at 200k, out of heap at 2M: RESULTS.md)
+    python benchmarks/flink_scale.py --events 200000 --files 4 --data-stream --slots 1 \
         --flink-conf state.backend.type=rocksdb --flink-conf state.backend.rocksdb.timer-service.factory=HEAP
 
 Generates `--events` events (split over `--files` files, one generator seed and start day each; cached
 in the workdir), starts a cluster (JobManager + 2 TaskManagers, `taskmanager.memory.process.size`
-fixed, `--slots` each (2), parallelism 2; tests/engines.py's FlinkCluster), runs `pipelines.batch` on it with
-`--runner=FlinkRunner --flink_master=...` (with `--data-stream`: Flink's streaming translation of the
-bounded job, `--use_data_stream_for_batch`, instead of its batch one), checks the accounting is exact
-(input records == events generated == sum of outcomes) and prints wall time, events/s and the peak RSS (VmHWM) of every
-process: JobManager, each TaskManager, the job server, the Python driver and the SDK worker processes the
-TaskManagers start (PROCESS environment, pipelines/sdk_worker.py; LOOPBACK on fnapi/prism, where the driver
-is the SDK harness). Stops everything it started. No assertions beyond accounting: figures go to
-benchmarks/RESULTS.md by hand.
+fixed, `--slots` each (2), parallelism 2; tests/engines.py's FlinkCluster), runs `pipelines.batch` on
+it with `--runner=FlinkRunner --flink_master=...` (with `--data-stream`: Flink's streaming translation
+of the bounded job, `--use_data_stream_for_batch`, instead of its batch one), checks the accounting is
+exact (input records == events generated == sum of outcomes) and prints wall time, events/s and the
+peak RSS (VmHWM) of every process: JobManager, each TaskManager, the job server, the Python driver and
+the SDK worker processes the TaskManagers start (PROCESS environment, pipelines/sdk_worker.py; LOOPBACK
+on fnapi/prism, where the driver is the SDK harness). Stops everything it started. No assertions beyond
+accounting: figures go to benchmarks/RESULTS.md by hand.
 """
 
 from __future__ import annotations

@@ -184,8 +184,8 @@ def test_batch_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, fl
 
 
 # Flink's streaming (DataStream) translation of the bounded batch job: bundles of at most
-# --max_bundle_size elements instead of one bundle per partition, the mode for large backfills
-# (benchmarks/RESULTS.md, "Flink scale"). It needs runner-sharded sinks (`output.num_shards: 0`): a
+# --max_bundle_size elements instead of one bundle per partition (at scale it still runs out of
+# TaskManager heap: benchmarks/RESULTS.md, "Flink scale"). It needs runner-sharded sinks (`output.num_shards: 0`): a
 # fixed shard count goes through WriteToText/WriteToAvro, which this translation rejects
 # (transforms/io.py, WriteSingleFile). Same records and report as FnApiRunner's run with one shard.
 DATA_STREAM_FOR_BATCH = "--use_data_stream_for_batch"
