@@ -3,16 +3,20 @@
     python benchmarks/flink_scale.py --events 2000000 [--files 10] [--tm-memory 2g] [--workdir /tmp/flink-bench]
     python benchmarks/flink_scale.py --events 1500 --files 2       # tiny (tests/test_benchmarks.py)
     python benchmarks/flink_scale.py --events 200000 --engine fnapi   # the same input on FnApiRunner / prism
+    # Flink's streaming translation with RocksDB state (exact at 200k, out of heap at 2M: RESULTS.md)
+    python benchmarks/flink_scale.py --events 200000 --files 4 --data-stream --slots 1 \
+        --flink-conf state.backend.type=rocksdb --flink-conf state.backend.rocksdb.timer-service.factory=HEAP
 
 Generates `--events` events (split over `--files` files, one generator seed and start day each; cached
 in the workdir), starts a cluster (JobManager + 2 TaskManagers, `taskmanager.memory.process.size`
-fixed, 2 slots each, parallelism 2; tests/engines.py's FlinkCluster), runs `pipelines.batch` on it with
-`--runner=FlinkRunner --flink_master=...`, checks the accounting is exact (input records == events
-generated == sum of outcomes) and prints wall time, events/s and the peak RSS (VmHWM) of every
-process: JobManager, each TaskManager, the job server, the Python driver and the SDK worker processes the
-TaskManagers start (PROCESS environment, pipelines/sdk_worker.py; LOOPBACK on fnapi/prism, where the driver
-is the SDK harness). Stops everything it started. No assertions beyond accounting: figures go to
-benchmarks/RESULTS.md by hand.
+fixed, `--slots` each (2), parallelism 2; tests/engines.py's FlinkCluster), runs `pipelines.batch` on
+it with `--runner=FlinkRunner --flink_master=...` (with `--data-stream`: Flink's streaming translation
+of the bounded job, `--use_data_stream_for_batch`, instead of its batch one), checks the accounting is
+exact (input records == events generated == sum of outcomes) and prints wall time, events/s and the
+peak RSS (VmHWM) of every process: JobManager, each TaskManager, the job server, the Python driver and
+the SDK worker processes the TaskManagers start (PROCESS environment, pipelines/sdk_worker.py; LOOPBACK
+on fnapi/prism, where the driver is the SDK harness). Stops everything it started. No assertions beyond
+accounting: figures go to benchmarks/RESULTS.md by hand.
 """
 
 from __future__ import annotations
@@ -102,14 +106,15 @@ def _processes() -> list:
 
 def _new_processes(known: set) -> dict:
     """Name -> pid of processes to watch that appeared since: the job server the FlinkRunner launches (a
-    java child of this process) and the SDK workers the TaskManagers start."""
+    java child of this process) and the SDK workers the watched TaskManagers start (not other clusters'
+    on a shared machine)."""
     found = {}
     for pid, ppid, cmd in _processes():
         if pid in known or not cmd:
             continue
         if ppid == os.getpid() and cmd[0].endswith(b"java"):
             found["job server"] = pid
-        elif any(arg.endswith(b"feedback-sdk-worker") for arg in cmd[:2]):
+        elif ppid in known and any(arg.endswith(b"feedback-sdk-worker") for arg in cmd[:2]):
             found[f"sdk worker {pid}"] = pid
     return found
 
@@ -167,6 +172,25 @@ def _parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--tm-memory", default="2g", help="taskmanager.memory.process.size")
     ap.add_argument("--parallelism", type=int, default=2)
     ap.add_argument(
+        "--slots",
+        type=int,
+        default=2,
+        help="task slots per TaskManager; a slot's share of managed memory (RocksDB) is the TaskManager's / slots",
+    )
+    ap.add_argument(
+        "--data-stream",
+        action="store_true",
+        help="Flink: run the bounded job with Flink's streaming (DataStream) translation "
+        "(--use_data_stream_for_batch): bundles of --max_bundle_size elements instead of a whole partition",
+    )
+    ap.add_argument(
+        "--beam-option",
+        action="append",
+        default=[],
+        metavar="--NAME=VALUE",
+        help="extra Beam pipeline option for the job, e.g. --max_bundle_size=100",
+    )
+    ap.add_argument(
         "--flink-conf",
         action="append",
         default=[],
@@ -191,7 +215,7 @@ def _new_cluster(args, work: Path):
         _install("dist")["FLINK_HOME"],
         Path(tempfile.mkdtemp(prefix="cluster-", dir=work)),
         taskmanagers=2,
-        slots=2,
+        slots=args.slots,
         tm_memory=args.tm_memory,
         parallelism=args.parallelism,
         extra_conf=dict(kv.split("=", 1) for kv in args.flink_conf),
@@ -212,8 +236,11 @@ def _result(args, cluster, report: dict, seconds: float, peaks: dict, exact: boo
         "events": args.events,
         "files": args.files,
         "taskmanager_memory": args.tm_memory if cluster is not None else None,
+        "slots_per_taskmanager": args.slots if cluster is not None else None,
         "flink_conf": args.flink_conf,
+        "beam_options": args.beam_option,
         "parallelism": args.parallelism if args.engine == "flink" else None,
+        "flink_translation": ("DataStream" if args.data_stream else "DataSet") if args.engine == "flink" else None,
         "wall_s": round(seconds, 1),
         "events_per_s": round(args.events / seconds),
         "peak_rss_mib": peaks,
@@ -246,7 +273,8 @@ def main(argv=None) -> dict:
                 pids.update({name: p.pid for name, p in cluster.processes.items()})
             from tests.engines import flink_options
 
-            beam_args = flink_options(jar, master, f"--parallelism={args.parallelism}")
+            data_stream = ["--use_data_stream_for_batch"] if args.data_stream else []
+            beam_args = flink_options(jar, master, f"--parallelism={args.parallelism}", *data_stream, *args.beam_option)
         elif args.engine == "prism":
             beam_args = _prism_args()
         else:

@@ -41,7 +41,7 @@ from pipelines.launcher import (  # noqa: F401
 from pipelines.outputs import BATCH_OUTPUTS, OutputPaths, build_outputs
 from transforms.accounting import summarise
 from transforms.config import load_config
-from transforms.io import DAMAGE_FIELDS, ReadRawRecords, counter_line
+from transforms.io import DAMAGE_FIELDS, ReadRawRecords, WriteSingleFile, counter_line
 from transforms.privacy import redact_path
 from transforms.quality import breaches, drift_report, evaluate_slos, privacy_stats, quality_summary, slo_exit_code
 from transforms.signals import QualitySignals, stats_from_parts
@@ -83,8 +83,7 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
     _ = (
         read[ReadRawRecords.CORRUPT]
         | "DamagedFilesToJson" >> beam.Map(lambda d: json.dumps({k: d[k] for k in DAMAGE_FIELDS}))
-        | "WriteDamagedFiles"
-        >> beam.io.WriteToText(paths.quality_part(DAMAGED_FILES), file_name_suffix=".jsonl", num_shards=1)
+        | "WriteDamagedFiles" >> WriteSingleFile(paths.quality_part(DAMAGED_FILES), ".jsonl")
     )
     write_quality_signals(p, out, paths)
     return out
@@ -95,14 +94,13 @@ def write_quality_signals(p: beam.Pipeline, out: GraphOutputs, paths: OutputPath
     _ = (
         signals["counters"]
         | "SignalsToJson" >> beam.MapTuple(counter_line)
-        | "WriteSignals" >> beam.io.WriteToText(paths.quality_part("counters"), file_name_suffix=".jsonl", num_shards=1)
+        | "WriteSignals" >> WriteSingleFile(paths.quality_part("counters"), ".jsonl")
     )
     for name in ("diversity", "freshness"):
         _ = (
             signals[name]
             | f"{name.title()}ToJson" >> beam.Map(json.dumps)
-            | f"Write{name.title()}"
-            >> beam.io.WriteToText(paths.quality_part(name), file_name_suffix=".jsonl", num_shards=1)
+            | f"Write{name.title()}" >> WriteSingleFile(paths.quality_part(name), ".jsonl")
         )
 
 

@@ -16,7 +16,7 @@ import apache_beam as beam
 
 from transforms import contract
 from transforms.features import WriteOfflineFeatures
-from transforms.io import WriteAvroEvents, WriteJsonLines, WriteWindowedFiles, counter_line
+from transforms.io import WriteAvroEvents, WriteJsonLines, WriteSingleFile, WriteWindowedFiles, counter_line
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA
 
 AVRO = "avro"
@@ -200,5 +200,5 @@ def build_outputs(out, settings, paths: OutputPaths, deterministic: bool = False
     _ = (
         out.counts
         | "CountsToJson" >> beam.MapTuple(counter_line)
-        | "WriteCounts" >> beam.io.WriteToText(paths.counts, file_name_suffix=".jsonl", num_shards=1)
+        | "WriteCounts" >> WriteSingleFile(paths.counts, ".jsonl")
     )

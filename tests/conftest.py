@@ -28,9 +28,9 @@ def rules(registry):
     return ValidationRules.from_config(cfg, registry, dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc))
 
 
-def write_config(tmp_path, extra: str = "") -> str:
-    path = tmp_path / "job.yaml"
-    path.write_text(f"schema: {{directory: {SCHEMA_DIR}}}\noutput: {{num_shards: 1}}\n{extra}")
+def write_config(tmp_path, extra: str = "", num_shards: int = 1, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(f"schema: {{directory: {SCHEMA_DIR}}}\noutput: {{num_shards: {num_shards}}}\n{extra}")
     return str(path)
 
 

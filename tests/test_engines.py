@@ -52,6 +52,7 @@ from transforms.config import load_config
 pytestmark = pytest.mark.slow
 
 N_EVENTS = 3000
+TIME_CONFIG = "time: {arrival_field: arrival_time, lateness: 1h}\n"
 AVRO_OUTPUTS = ("events", "bots", "labels", "slates")
 JSONL_OUTPUTS = ("dead_letter", "duplicates", "consent_dropped", "orphan_outcomes", "late_outcomes")
 # Report fields that describe the run, not the data.
@@ -119,17 +120,17 @@ def generated(tmp_path_factory):
     """3000 generated events, the job config, and the FnApiRunner run of the batch job (reference)."""
     tmp = tmp_path_factory.mktemp("engines")
     generate(N_EVENTS, str(tmp / "events.jsonl.gz"), seed=11, arrival_field="arrival_time")
-    cfg = write_config(tmp, "time: {arrival_field: arrival_time, lateness: 1h}\n")
+    cfg = write_config(tmp, TIME_CONFIG)
     argv = ["--config", cfg, "--input", str(tmp / "events.jsonl.gz")]
     reference = batch.run(argv + ["--output", str(tmp / "fnapi"), f"--runner={FN_API_RUNNER}"])
     assert reference["accounting"]["holds"] and reference["counts"]["too_late"] > 0
     return {"tmp": tmp, "argv": argv, "reference": reference, "reference_dir": tmp / "fnapi"}
 
 
-def run_batch_on(generated, name, beam_args):
+def run_batch_on(generated, name, beam_args, argv=None):
     out = generated["tmp"] / name
     started = time.monotonic()
-    report = batch.run(generated["argv"] + ["--output", str(out), *beam_args])
+    report = batch.run((argv or generated["argv"]) + ["--output", str(out), *beam_args])
     print(f"\nbatch job on {name}: {time.monotonic() - started:.1f} s")
     return report, out
 
@@ -179,6 +180,46 @@ def test_batch_on_flink_cluster_equals_fnapi(generated, flink_job_server_jar, fl
     )
     assert_ran_on_cluster(flink_cluster, before)
     assert_same_report(generated["reference"], report, metrics_required=False)
+    assert_same_outputs(generated["reference_dir"], out)
+
+
+# Flink's streaming (DataStream) translation of the bounded batch job: bundles of at most
+# --max_bundle_size elements instead of one bundle per partition (at scale it still runs out of
+# TaskManager heap: benchmarks/RESULTS.md, "Flink scale"). It needs runner-sharded sinks (`output.num_shards: 0`): a
+# fixed shard count goes through WriteToText/WriteToAvro, which this translation rejects
+# (transforms/io.py, WriteSingleFile). Same records and report as FnApiRunner's run with one shard.
+DATA_STREAM_FOR_BATCH = "--use_data_stream_for_batch"
+
+
+@pytest.fixture(scope="module")
+def unsharded_argv(generated):
+    cfg = write_config(generated["tmp"], TIME_CONFIG, num_shards=0, name="job-unsharded.yaml")
+    return ["--config", cfg, *generated["argv"][2:]]
+
+
+def assert_same_report_unsharded(reference: dict, engine: dict):
+    """The report of a run with `unsharded_argv` against the reference's: it names another config, and
+    its `feedback.write.files` counts the files the runner's bundles gave (the reference's fixed-shard
+    sinks count none)."""
+    metrics = {k: v for k, v in engine["metrics"].items() if k != "feedback.write.files"}
+    assert_same_report(reference, {**engine, "config": reference["config"], "metrics": metrics}, metrics_required=False)
+
+
+def test_batch_data_stream_on_embedded_flink_equals_fnapi(generated, unsharded_argv, flink_job_server_jar):
+    options = flink_options(flink_job_server_jar, "[local]", "--parallelism=2", DATA_STREAM_FOR_BATCH)
+    report, out = run_batch_on(generated, "flink-local-data-stream", options, unsharded_argv)
+    assert_same_report_unsharded(generated["reference"], report)
+    assert_same_outputs(generated["reference_dir"], out)
+
+
+def test_batch_data_stream_on_flink_cluster_equals_fnapi(
+    generated, unsharded_argv, flink_job_server_jar, flink_cluster
+):
+    before = {j["jid"] for j in flink_cluster.jobs()}
+    options = flink_options(flink_job_server_jar, flink_cluster.master, "--parallelism=2", DATA_STREAM_FOR_BATCH)
+    report, out = run_batch_on(generated, "flink-cluster-data-stream", options, unsharded_argv)
+    assert_ran_on_cluster(flink_cluster, before)
+    assert_same_report_unsharded(generated["reference"], report)
     assert_same_outputs(generated["reference_dir"], out)
 
 

@@ -742,10 +742,55 @@ class WriteFilesPerBundle(beam.PTransform):
         )
 
 
+class _WriteLinesFileFn(beam.DoFn):
+    def __init__(self, path: str):
+        self._path = path
+
+    def process(self, lines):
+        directory, name = self._path.rsplit("/", 1)
+        # Write then rename: a reader never sees half a file, and a retry rewrites the same bytes.
+        tmp = FileSystems.join(directory, f".tmp-{name}-{uuid.uuid4().hex}")
+        with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(b"".join(line.encode() + b"\n" for line in sorted(lines)))
+        FileSystems.rename([tmp], [self._path])
+        yield self._path
+
+
+@beam.typehints.with_input_types(str)
+class WriteSingleFile(beam.PTransform):
+    """Text lines -> one file `<prefix>-00000-of-00001<suffix>`, lines sorted (the name
+    WriteToText(num_shards=1) gives; an empty input gives an empty file). Holds all lines in one
+    worker's memory: for small outputs (counters, quality signals). Returns the file name.
+
+    Why not WriteToText: its bounded write stamps each written shard with MAX_TIMESTAMP, past the end
+    of the global window, and reads them back as a side input. Flink's streaming translation of a
+    bounded job (--use_data_stream_for_batch) rejects such an element: `IllegalStateException:
+    TimestampCombiner moved element from ... (TIMESTAMP_MAX_VALUE) to earlier time ... (end of global
+    window)`.
+    """
+
+    def __init__(self, prefix: str, suffix: str):
+        super().__init__()
+        self._path = f"{prefix}-00000-of-00001{suffix}"
+
+    def expand(self, lines):
+        return lines | "Collect" >> beam.combiners.ToList() | "WriteFile" >> beam.ParDo(_WriteLinesFileFn(self._path))
+
+
 def _per_bundle_ok(pcoll, num_shards: int) -> bool:
-    """Per-bundle files serve runner-sharded writes of global-window records; anything else goes
-    through Beam's own sinks."""
-    return num_shards == 0 and isinstance(pcoll.windowing.windowfn, GlobalWindows)
+    """Per-bundle files serve runner-sharded writes of global-window or bounded records; anything else
+    goes through Beam's own sinks."""
+    return num_shards == 0 and (pcoll.is_bounded or isinstance(pcoll.windowing.windowfn, GlobalWindows))
+
+
+def _in_global_window(pcoll):
+    """A bounded collection re-windowed into the global window, as Beam's bounded file sinks do
+    before writing. Why not leave windowed records to WriteToText/WriteToAvro: they stamp their
+    written shards with MAX_TIMESTAMP, which Flink's streaming translation of a bounded job
+    (--use_data_stream_for_batch) rejects (see WriteSingleFile)."""
+    if isinstance(pcoll.windowing.windowfn, GlobalWindows):
+        return pcoll
+    return pcoll | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
 
 
 @beam.typehints.with_input_types(dict)
@@ -763,7 +808,7 @@ class WriteJsonLines(beam.PTransform):
 
     def expand(self, records: beam.PCollection[dict]) -> beam.PCollection[str]:
         if _per_bundle_ok(records, self._shards):
-            return records | "WriteJsonl" >> WriteFilesPerBundle(self._prefix, ".jsonl", "jsonl")
+            return _in_global_window(records) | "WriteJsonl" >> WriteFilesPerBundle(self._prefix, ".jsonl", "jsonl")
         return (
             records
             | "ToJson" >> beam.Map(to_json_line)
@@ -787,7 +832,9 @@ class WriteAvroEvents(beam.PTransform):
 
     def expand(self, events: beam.PCollection[dict]) -> beam.PCollection[str]:
         if _per_bundle_ok(events, self._shards):
-            return events | "WriteAvroFiles" >> WriteFilesPerBundle(self._prefix, ".avro", "avro", self._schema)
+            return _in_global_window(events) | "WriteAvroFiles" >> WriteFilesPerBundle(
+                self._prefix, ".avro", "avro", self._schema
+            )
         return events | "WriteAvro" >> beam.io.WriteToAvro(
             self._prefix, schema=self._schema, file_name_suffix=".avro", num_shards=self._shards, codec=AVRO_CODEC
         )
