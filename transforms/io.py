@@ -612,6 +612,10 @@ class ReadRawRecords(beam.PTransform):
             pbegin
             | "MatchFiles"
             >> fileio.MatchFiles(self._pattern, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
+            # Files are matched from the pipeline's single Impulse element: without a shuffle here the
+            # reading is fused with it, and one worker reads every file in one bundle. Shuffled, the
+            # files spread over the workers.
+            | "SpreadFiles" >> beam.Reshuffle()
             | "OpenFiles" >> fileio.ReadMatches()
             | "ReadRecords" >> beam.ParDo(read_fn).with_outputs(self.CORRUPT, main="records")
         )
