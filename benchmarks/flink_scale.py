@@ -1,6 +1,9 @@
 """Scale: the batch job on a standalone Flink 1.20.3 cluster with fixed TaskManager memory.
 
     python benchmarks/flink_scale.py --events 2000000 [--files 10] [--tm-memory 2g] [--workdir /tmp/flink-bench]
+    python benchmarks/flink_scale.py --events 2000000 --tm-memory 4g --slots 1 --flink-conf
+        taskmanager.memory.managed.fraction=0.1 --beam-option=--execution_mode_for_batch=BATCH_FORCED
+        (one command: the settings that get 2,000,000 events through, benchmarks/RESULTS.md)
     python benchmarks/flink_scale.py --events 1500 --files 2       # tiny (tests/test_benchmarks.py)
     python benchmarks/flink_scale.py --events 200000 --engine fnapi   # the same input on FnApiRunner / prism
     # Flink's streaming translation with RocksDB state (exact at 200k, out of heap at 2M: RESULTS.md)
