@@ -80,8 +80,8 @@ PII_CORPUS = (
     ("ip", "fe80::1%eth0"),
     ("ip", "fe80::a00:27ff:fe4e:66a1"),
 )
-# Forms a hostile review found the pipeline's scanner missing (issue 8, finding 4): URL-encoded, an
-# address after "word/", numbers glued to text, Unicode spaces and dashes.
+# PII written in forms a plain scan misses: URL-encoded, an address after "word/", numbers glued to
+# text, Unicode spaces and dashes.
 HOSTILE_PII = (
     ("email", "cb?email=urlq%40example.com"),
     ("phone", "cb?phone=%2B14155550155"),

@@ -121,7 +121,7 @@ def test_durations():
         ("privacy: {allow_demo_key: 1}\n", "privacy.allow_demo_key: must be true or false"),
         ("bots: {crawler_user_agents: 'false'}\n", "bots.crawler_user_agents: must be true or false"),
         ("time: {late_firings: on_time}\n", "time.late_firings: must be true or false"),
-        # issue 8 review: YAML 1.1 booleans, NaN/Inf anywhere, a bool for a number
+        # YAML 1.1 booleans, NaN/Inf anywhere, a bool for a number
         ("privacy: {allow_demo_key: yes}\n", "privacy.allow_demo_key: must be true or false (a YAML boolean"),
         ("time: {late_firings: off}\n", "time.late_firings: must be true or false"),
         ("bots: {crawler_user_agents: on}\n", "bots.crawler_user_agents: must be true or false"),
@@ -193,7 +193,7 @@ def test_durations_must_be_finite():
             parse_duration(bad)
 
 
-def test_the_reviewers_nan_weights_file_names_both_keys(tmp_path):
+def test_nan_and_inf_label_weights_name_both_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("labels: {positive: {click: .nan}, negative: {skip: .inf}}\nquality: {mode: warn}\n")
     with pytest.raises(ConfigError) as err:

@@ -318,7 +318,7 @@ def test_report_lists_the_damaged_files(damaged_run):
     assert "damaged files" in r.stdout and "not-gzip.jsonl.gz:1" in r.stdout
 
 
-# --- issue 8 review: silent damage, Avro inside compression, huge lines, gzip padding ---------------
+# --- silent damage, Avro inside compression, huge lines, gzip padding -------------------------------
 
 
 def bit_flips_in_blocks(data: bytes, stride: int):

@@ -1,4 +1,5 @@
-"""Leaks a hostile review of issue 8 found (findings 1, 4, 6, 7, 8, 9 and the cut message), one test each."""
+"""PII in hiding places a plain scan misses (repeated keys, escaped and URL-encoded forms, Avro bytes,
+file names, ids in malformed text, number tokens, cut messages), one test each."""
 
 import base64
 import json

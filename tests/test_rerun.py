@@ -308,7 +308,7 @@ def test_streaming_folder_refused_when_used_and_replaced_with_overwrite(tmp_path
     assert all_entries(out) == [runfolder.STREAMING]
 
 
-# --- issue 8 review: a live run is never replaced; a run checks at publish that the folder is its own ---
+# --- a live run is never replaced; a run checks at publish that the folder is its own -----------------
 
 HOLDER = """
 import sys, json
