@@ -461,46 +461,6 @@ def read_avro(path: str, raw: _CountingStream, registry: SchemaRegistry) -> Gene
 class _ReadFileFn(beam.DoFn):
     CORRUPT = "corrupt"
 
-    def __init__(self, registry: SchemaRegistry):
-        self._registry = registry
-        self._records = Metrics.counter(METRICS_NS, "records")
-        self._files = Metrics.counter(METRICS_NS, "files")
-        self._damaged = Metrics.counter(METRICS_NS, "damaged_files")
-
-    def process(self, readable_file: fileio.ReadableFile):
-        path = readable_file.metadata.path
-        self._files.inc()
-        # Raw bytes: decompression is done here (read_json_lines), where a truncated stream is seen.
-        with readable_file.open(compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            raw = _CountingStream(f, readable_file.metadata.size_in_bytes)
-            if path.lower().endswith(".avro"):
-                records = read_avro(path, raw, self._registry)
-            else:
-                records = read_json_lines(path, raw)
-            damage = yield from self._emit(records)
-        if damage is not None:
-            self._damaged.inc()
-            self._records.inc()
-            yield beam.pvalue.TaggedOutput(self.CORRUPT, damage_dead_letter(damage))
-
-    def _emit(self, records):
-        """(source, payload) -> RawRecord, counted; returns the reader's Damage (or None)."""
-        n = 0
-        try:
-            while True:
-                try:
-                    source, payload = next(records)
-                except StopIteration as stop:
-                    return stop.value
-                n += 1
-                yield source, payload, None
-        finally:
-            self._records.inc(n)
-
-
-class _ReadFileFn(beam.DoFn):
-    CORRUPT = "corrupt"
-
     def __init__(self, registry: SchemaRegistry, max_line_bytes: int | None = None):
         self._registry = registry
         self._max_line = max_line_bytes
