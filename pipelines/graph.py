@@ -32,7 +32,7 @@ from transforms.labels import (
 )
 from transforms.parse import ParseEvents, ValidationRules
 from transforms.privacy import KeySource, PrivacyRules, ProtectPrivacy
-from transforms.records import clean_event_schema
+from transforms.records import RecordPacker, clean_event_schema, field_order
 from transforms.schemas import SchemaRegistry
 
 
@@ -145,10 +145,12 @@ def _per_key_steps(settings: GraphSettings, streaming: bool) -> tuple:
             JoinLabelsStreaming(settings.labels, upstream_delay_s=settings.bots_delay_s),
             BuildSlatesStreaming(allowed_lateness_s=settings.max_output_delay_s),
         )
+    # Events cross the bounded GroupByKeys packed, in the clean schema's field order.
+    packer = RecordPacker(field_order(settings.clean_schema))
     return (
-        DedupeEvents(settings.dedupe_horizon_s),
-        FilterBots(settings.bots, settings.session_gap_s),
-        JoinLabels(settings.labels),
+        DedupeEvents(settings.dedupe_horizon_s, packer),
+        FilterBots(settings.bots, settings.session_gap_s, packer),
+        JoinLabels(settings.labels, packer),
         BuildSlates(),
     )
 

@@ -76,6 +76,7 @@ from transforms.io import WriteWindowedFiles, counter_record, read_all
 from transforms.labels import BuildSlates, JoinLabels, LabelRules, is_exposure, label_polarity
 from transforms.parse import parse_event_time
 from transforms.privacy import redact_path
+from transforms.records import RecordPacker, field_order
 
 PARTITION_S = 3600
 _REPLAYED = tuple(o.name for o in REPLAY_ARCHIVE_OUTPUTS)
@@ -184,7 +185,7 @@ def build_archive_replay(p, settings: GraphSettings, archive_glob: str, start: i
         | "OpenArchive" >> fileio.ReadMatches()
         | "ReadArchive" >> beam.ParDo(_ReadArchiveFn(start - margin, end + margin))
     )
-    joined = events | "Labels" >> JoinLabels(settings.labels)
+    joined = events | "Labels" >> JoinLabels(settings.labels, RecordPacker(field_order(settings.archive_schema)))
     labels = joined.labels | "LabelsInRange" >> beam.Filter(in_range("impression_time", start, end))
     slates = labels | "Slates" >> BuildSlates()
     in_range_outputs = {LABELS.name: labels, SLATES.name: slates}

@@ -50,6 +50,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import contract
+from transforms.records import RecordPacker
 from transforms.sessions import assign_sessions, run_closes_at, split_by_gap, split_runs
 
 METRICS_NS = "feedback.bots"
@@ -310,13 +311,20 @@ class _JudgeFn(beam.DoFn):
 
 
 class _UserRunsBatchFn(_JudgeFn):
-    """(user, all of the user's events) -> runs judged whole (GroupByKey over the bounded input)."""
+    """(user, all of the user's events) -> runs judged whole (GroupByKey over the bounded input).
+    `packer`: the events come packed by it; None: as dicts."""
+
+    def __init__(self, rules: BotRules, session_gap_s: float, packer: RecordPacker | None = None):
+        super().__init__(rules, session_gap_s)
+        self._packer = packer
 
     def process(self, keyed_events):
         _, events = keyed_events
         n = 0
-        for _ in events:  # counting pass: a huge user is never sorted or listed
+        for _ in events:  # counting pass: a huge user is never sorted or listed (nor unpacked)
             n += 1
+        if self._packer is not None:
+            events = self._packer.unpacked(events)
         if n > self._rules.max_user_events:
             yield from self._judge_by_volume(events, n, "of one user in the input")
             return
@@ -406,12 +414,15 @@ class FilterBots(beam.PTransform):
     Args:
       rules: the bot rules (BotRules.from_config).
       session_gap_s: `sessions.gap`, for session ids and run boundaries.
+      packer: packs the events through the per-user GroupByKey (RecordPacker); default: every event as
+        a whole dict.
     """
 
     BOTS = "bots"
 
-    def __init__(self, rules: BotRules, session_gap_s: float = 1800.0):
+    def __init__(self, rules: BotRules, session_gap_s: float = 1800.0, packer: RecordPacker | None = None):
         super().__init__()
+        self._packer = packer or RecordPacker()
         if rules.max_events_per_minute <= 0:
             raise ValueError("max_events_per_minute must be > 0")
         if rules.max_run_duration_s < max(rules.session_gap_s, session_gap_s):
@@ -429,17 +440,20 @@ class FilterBots(beam.PTransform):
             keyed
             | "GroupUser" >> beam.GroupByKey()
             | "JudgeRunsAndSessionize"
-            >> beam.ParDo(_UserRunsBatchFn(self._rules, self._session_gap_s)).with_outputs(
+            >> beam.ParDo(_UserRunsBatchFn(self._rules, self._session_gap_s, self._packer)).with_outputs(
                 self.BOTS, main=contract.TAG_HUMANS
             )
         )
+
+    def _by_user(self):
+        pack = self._packer.pack
+        return beam.Map(lambda e: (e["user_id"], pack(e))).with_output_types(tuple[str, bytes])
 
     def expand(self, events):
         crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
             self.BOTS, main=contract.TAG_REST
         )
-        by_user = beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
-        keyed = crawler[contract.TAG_REST] | "KeyByUser" >> by_user
+        keyed = crawler[contract.TAG_REST] | "KeyByUser" >> self._by_user()
         judged = self._judge(keyed)  # in the global window, as its input (a GroupByKey or state keeps it)
         bots = (crawler[self.BOTS], judged[self.BOTS]) | "AllBots" >> beam.Flatten()
         return {contract.TAG_HUMANS: judged[contract.TAG_HUMANS], self.BOTS: bots}
@@ -458,6 +472,9 @@ class FilterBotsStreaming(FilterBots):
     def __init__(self, rules: BotRules, session_gap_s: float = 1800.0, lateness_s: float = 3600.0):
         super().__init__(rules, session_gap_s)
         self._lateness_s = lateness_s
+
+    def _by_user(self):
+        return beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
 
     def _judge(self, keyed):
         return keyed | "JudgeOpenRuns" >> beam.ParDo(

@@ -18,6 +18,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms import contract
+from transforms.records import RecordPacker
 
 METRICS_NS = "feedback.dedupe"
 
@@ -81,12 +82,18 @@ class _DedupeFn(beam.DoFn):
 
 
 class _SplitCopiesFn(beam.DoFn):
-    def __init__(self, horizon_s: float):
+    """(event_id, copies) -> kept copies (main) and duplicate stubs (DUPLICATES). `packer`: the copies
+    come packed by it (the bounded graph's GroupByKey); None: as dicts."""
+
+    def __init__(self, horizon_s: float, packer: RecordPacker | None = None):
         self._horizon_ms = int(horizon_s * 1000)
+        self._packer = packer
         self._dups = Metrics.counter(METRICS_NS, "duplicates")
 
     def process(self, keyed_copies):
         _, copies = keyed_copies
+        if self._packer is not None:
+            copies = self._packer.unpacked(copies)
         kept, dups = split_copies(list(copies), self._horizon_ms)
         # Not re-stamped: the bounded graph has no event-time windows, and a TimestampedValue costs a
         # window assignment per element.
@@ -107,25 +114,31 @@ class DedupeEvents(beam.PTransform):
 
     Args:
       horizon_s: a copy is a duplicate when a kept copy lies within this much event time.
+      packer: packs the events through the GroupByKey (RecordPacker); default: every event as a whole dict.
     """
 
     DUPLICATES = "duplicates"
 
-    def __init__(self, horizon_s: float):
+    def __init__(self, horizon_s: float, packer: RecordPacker | None = None):
         super().__init__()
         if horizon_s <= 0:
             raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
         self._horizon_s = horizon_s
+        self._packer = packer or RecordPacker()
 
     def _keyed(self, events):
         return events | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, dict])
 
     def expand(self, events):
+        pack = self._packer.pack
         return (
-            self._keyed(events)
+            events
+            | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], pack(e))).with_output_types(tuple[str, bytes])
             | "GroupCopies" >> beam.GroupByKey()
             | "SplitCopies"
-            >> beam.ParDo(_SplitCopiesFn(self._horizon_s)).with_outputs(self.DUPLICATES, main=contract.TAG_EVENTS)
+            >> beam.ParDo(_SplitCopiesFn(self._horizon_s, self._packer)).with_outputs(
+                self.DUPLICATES, main=contract.TAG_EVENTS
+            )
         )
 
 

@@ -39,6 +39,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import contract
 from transforms.evaluation import load_position_weights
+from transforms.records import RecordPacker, field_order
 
 METRICS_NS = "feedback.labels"
 EXPOSURE_TYPE = "impression"
@@ -261,12 +262,18 @@ def _settle_counters() -> dict:
 
 
 class _SettleBatchFn(beam.DoFn):
-    def __init__(self, rules: LabelRules):
+    """(user|item, events) -> settled labels and outcomes. `packer`: the events come packed by it; None:
+    as dicts."""
+
+    def __init__(self, rules: LabelRules, packer: RecordPacker | None = None):
         self._rules = rules
+        self._packer = packer
         self._counters = _settle_counters()
 
     def process(self, keyed):
         _, events = keyed
+        if self._packer is not None:
+            events = self._packer.unpacked(events)
         exposures, outcomes = split_events(events, self._rules)
         yield from _emit(settle(exposures, outcomes, self._rules), self._counters)
 
@@ -395,31 +402,35 @@ class JoinLabels(beam.PTransform):
 
     Args:
       rules: attribution window, lateness and outcome types (LabelRules.from_config).
+      packer: packs the events through the per-(user, item) GroupByKey (RecordPacker); default: every
+        event as a whole dict.
     """
 
     ORPHANS = "orphans"
     LATE_OUTCOMES = "late_outcomes"
 
-    def __init__(self, rules: LabelRules):
+    def __init__(self, rules: LabelRules, packer: RecordPacker | None = None):
         super().__init__()
         if rules.window_ms <= 0:
             raise ValueError("attribution window must be > 0")
         self._rules = rules
+        self._packer = packer or RecordPacker()
 
-    def _keyed(self, events):
+    def _keyed(self, events, pack=None):
         types = self._rules.outcome_types | {EXPOSURE_TYPE}
-        return (
-            events
-            | "ExposuresAndOutcomes" >> beam.Filter(lambda e: e["event_type"] in types and e.get("item_id") is not None)
-            | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict])
+        relevant = events | "ExposuresAndOutcomes" >> beam.Filter(
+            lambda e: e["event_type"] in types and e.get("item_id") is not None
         )
+        if pack is None:
+            return relevant | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), e)).with_output_types(tuple[str, dict])
+        return relevant | "KeyByUserItem" >> beam.Map(lambda e: (_key(e), pack(e))).with_output_types(tuple[str, bytes])
 
     def expand(self, events: beam.PCollection[dict]) -> beam.pvalue.DoOutputsTuple:
         return (
-            self._keyed(events)
+            self._keyed(events, self._packer.pack)
             | "GroupUserItem" >> beam.GroupByKey()
             | "Settle"
-            >> beam.ParDo(_SettleBatchFn(self._rules)).with_outputs(
+            >> beam.ParDo(_SettleBatchFn(self._rules, self._packer)).with_outputs(
                 self.ORPHANS, self.LATE_OUTCOMES, main=contract.TAG_LABELS
             )
         )
@@ -476,24 +487,27 @@ def make_slate(request_id: str, labels: list[dict]) -> dict:
 @beam.typehints.with_input_types(dict)
 class BuildSlates(beam.PTransform):
     """Bounded labels -> one slate per request (all items shown, with positions, propensities and
-    labels). BuildSlatesStreaming gathers a request's labels in session windows instead."""
+    labels). BuildSlatesStreaming gathers a request's labels in session windows instead. In the
+    bounded graph the labels cross the GroupByKey packed (RecordPacker, in LABEL_SCHEMA's order)."""
 
-    def _keyed(self, labels):
-        return (
-            labels
-            | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
-            | "KeyByRequest" >> beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict])
-        )
+    def _keyed(self, labels, pack=None):
+        with_request = labels | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
+        if pack is None:
+            key_by = beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict])
+        else:
+            key_by = beam.Map(lambda l: (l["request_id"], pack(l))).with_output_types(tuple[str, bytes])
+        return with_request | "KeyByRequest" >> key_by
 
-    def _slates(self, keyed):
-        return (
-            keyed
-            | "GroupRequest" >> beam.GroupByKey()
-            | "Slate" >> beam.MapTuple(lambda r, ls: make_slate(r, list(ls)))
-        )
+    def _slates(self, keyed, unpack=None):
+        if unpack is None:
+            slate = beam.MapTuple(lambda r, ls: make_slate(r, list(ls)))
+        else:
+            slate = beam.MapTuple(lambda r, ls: make_slate(r, [unpack(l) for l in ls]))
+        return keyed | "GroupRequest" >> beam.GroupByKey() | "Slate" >> slate
 
     def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
-        return self._slates(self._keyed(labels))
+        packer = RecordPacker(field_order(LABEL_SCHEMA))
+        return self._slates(self._keyed(labels, packer.pack), packer.unpack)
 
 
 @beam.typehints.with_input_types(dict)

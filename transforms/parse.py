@@ -389,9 +389,11 @@ def validate_event(obj: Any, rules: ValidationRules) -> dict:
         )
     _check_ranges(event)
     event["schema_version"] = sv.version
-    # Fields of newer versions, absent from this one, are present as None: one canonical shape.
-    for name in rules.registry.latest.field_names:
-        event.setdefault(name, None)
+    # Fields of newer versions, absent from this one, are present as None: one canonical shape, keys
+    # in the latest version's order (RecordPacker packs records in that order as values alone).
+    latest = rules.registry.latest
+    if sv is not latest:
+        event = {**dict.fromkeys(f.name for f in latest.fields), **event}
     return event
 
 
