@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from collections.abc import Iterable
 
 import apache_beam as beam
@@ -80,7 +81,7 @@ class LabelRules:
         """Inverse examination propensity of a position (a position past the table takes its last entry)."""
         if not self.position_weights or position is None or position < 1:
             return 1.0
-        i = bisect.bisect_right([p for p, _ in self.position_weights], position)
+        i = bisect.bisect_right(_first_of_pairs(self.position_weights), position)
         return self.position_weights[i - 1][1] if i else 1.0
 
     def deadline(self, impression_time: int) -> int:
@@ -88,6 +89,17 @@ class LabelRules:
 
     def orphan_deadline(self, outcome_time: int) -> int:
         return outcome_time + self.clock_skew_ms + max(self.window_ms, self.lateness_ms)
+
+
+# Per-rules lookups built once, not per label (the rules are a frozen, hashable dataclass's tuples).
+@functools.lru_cache(maxsize=64)
+def _as_dict(pairs: tuple) -> dict:
+    return dict(pairs)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_of_pairs(pairs: tuple) -> list:
+    return [p for p, _ in pairs]
 
 
 def is_exposure(e: dict) -> bool:
@@ -125,25 +137,28 @@ def attribute(exposures: list[dict], outcomes: list[dict], rules: LabelRules) ->
 
 def make_label(x: dict, outcomes: list[dict], rules: LabelRules) -> dict:
     """The label of one exposure from the outcomes that count for it."""
-    types = sorted({o["event_type"] for o in outcomes})
-    dwell = max([o["dwell_ms"] for o in outcomes if o.get("dwell_ms") is not None], default=None)
-    positive = dict(rules.positive_weights)
-    counting = [
-        t
-        for t in types
-        if t in positive
-        and not (t == "click" and rules.min_click_dwell_ms > 0 and (dwell or 0) < rules.min_click_dwell_ms)
-    ]
-    negatives = dict(rules.negative_weights)
-    if counting:
-        label, weight = 1, max(positive[t] for t in counting)
-    elif any(t in negatives for t in types):
-        label, weight = 0, max(negatives[t] for t in types if t in negatives)
-    else:
+    if not outcomes:  # most exposures: nothing followed
+        types, dwell, first = [], None, None
         label, weight = 0, rules.default_negative_weight
-    if label:  # unbiased learning to rank: a click counts 1 / P(examined at its position)
-        weight *= rules.position_weight(x.get("position"))
-    first = min((o["event_time"] for o in outcomes), default=None)
+    else:
+        types = sorted({o["event_type"] for o in outcomes})
+        dwell = max([o["dwell_ms"] for o in outcomes if o.get("dwell_ms") is not None], default=None)
+        positive, negatives = _as_dict(rules.positive_weights), _as_dict(rules.negative_weights)
+        counting = [
+            t
+            for t in types
+            if t in positive
+            and not (t == "click" and rules.min_click_dwell_ms > 0 and (dwell or 0) < rules.min_click_dwell_ms)
+        ]
+        if counting:
+            label, weight = 1, max(positive[t] for t in counting)
+        elif any(t in negatives for t in types):
+            label, weight = 0, max(negatives[t] for t in types if t in negatives)
+        else:
+            label, weight = 0, rules.default_negative_weight
+        if label:  # unbiased learning to rank: a click counts 1 / P(examined at its position)
+            weight *= rules.position_weight(x.get("position"))
+        first = min(o["event_time"] for o in outcomes)
     item_meta = x.get("item_meta") or {}
     return {
         "label_id": x["event_id"],
