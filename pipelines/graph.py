@@ -137,7 +137,9 @@ def _input_marker(_record) -> int:
 
 
 def _per_key_steps(settings: GraphSettings, streaming: bool) -> tuple:
-    """(dedupe, bots, labels, slates) steps: the unbounded variants in streaming, the bounded ones otherwise."""
+    """(dedupe, bots, labels, slates) steps: the unbounded variants in streaming, the bounded ones
+    otherwise. Bounded, the bots step also settles the labels in its per-user groups and the labels
+    step is None."""
     if streaming:
         return (
             DedupeEventsStreaming(settings.dedupe_horizon_s, settings.lateness_s),
@@ -149,8 +151,8 @@ def _per_key_steps(settings: GraphSettings, streaming: bool) -> tuple:
     packer = RecordPacker(field_order(settings.clean_schema))
     return (
         DedupeEvents(settings.dedupe_horizon_s, packer),
-        FilterBots(settings.bots, settings.session_gap_s, packer),
-        JoinLabels(settings.labels, packer),
+        FilterBots(settings.bots, settings.session_gap_s, packer, labels=settings.labels),
+        None,
         BuildSlates(),
     )
 
@@ -241,8 +243,8 @@ def build_event_graph(
     deduped = enriched | "Dedupe" >> dedupe_step
     judged = deduped[contract.TAG_EVENTS] | "Bots" >> bots_step
     humans = judged[contract.TAG_HUMANS]
-    joined = humans | "Labels" >> labels_step
-    slates = joined.labels | "Slates" >> slates_step
+    joined = judged if labels_step is None else humans | "Labels" >> labels_step
+    slates = joined[contract.TAG_LABELS] | "Slates" >> slates_step
     dead = [parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters] | "AllDeadLetters" >> beam.Flatten()
     inputs = _all_inputs(raw_records, upstream_dead_letters)
     outputs = GraphOutputs(
@@ -252,7 +254,7 @@ def build_event_graph(
         dead_letter=dead,
         consent_dropped=parsed[ParseEvents.CONSENT_DROPPED],
         too_late=parsed[ParseEvents.TOO_LATE],
-        labels=joined.labels,
+        labels=joined[contract.TAG_LABELS],
         slates=slates,
         orphan_outcomes=joined[JoinLabels.ORPHANS],
         late_outcomes=joined[JoinLabels.LATE_OUTCOMES],

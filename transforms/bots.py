@@ -50,6 +50,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import contract
+from transforms.labels import JoinLabels, LabelRules, settle_counters, settle_user, settlement_outputs
 from transforms.records import RecordPacker
 from transforms.sessions import assign_sessions, run_closes_at, split_by_gap, split_runs
 
@@ -312,11 +313,20 @@ class _JudgeFn(beam.DoFn):
 
 class _UserRunsBatchFn(_JudgeFn):
     """(user, all of the user's events) -> runs judged whole (GroupByKey over the bounded input).
-    `packer`: the events come packed by it; None: as dicts."""
+    `packer`: the events come packed by it; None: as dicts. `labels`: also settle the labels of the
+    user's human events (JoinLabels' outputs, labels under contract.TAG_LABELS)."""
 
-    def __init__(self, rules: BotRules, session_gap_s: float, packer: RecordPacker | None = None):
+    def __init__(
+        self,
+        rules: BotRules,
+        session_gap_s: float,
+        packer: RecordPacker | None = None,
+        labels: LabelRules | None = None,
+    ):
         super().__init__(rules, session_gap_s)
         self._packer = packer
+        self._labels = labels
+        self._label_counters = settle_counters() if labels is not None else None
 
     def process(self, keyed_events):
         _, events = keyed_events
@@ -329,7 +339,17 @@ class _UserRunsBatchFn(_JudgeFn):
             yield from self._judge_by_volume(events, n, "of one user in the input")
             return
         ordered = sorted(events, key=_order)
-        yield from self._judge_units(split_runs(ordered, self._unit_gap_ms, self._cap_ms))
+        judged = self._judge_units(split_runs(ordered, self._unit_gap_ms, self._cap_ms))
+        if self._labels is None:
+            yield from judged
+            return
+        humans = []
+        for out in judged:
+            if not isinstance(out, beam.pvalue.TaggedOutput):
+                humans.append(out)
+            yield out
+        for settlement in settle_user(humans, self._labels):
+            yield from settlement_outputs(settlement, self._label_counters, labels_tag=contract.TAG_LABELS)
 
 
 class _UserRunsStreamingFn(_JudgeFn):
@@ -416,13 +436,23 @@ class FilterBots(beam.PTransform):
       session_gap_s: `sessions.gap`, for session ids and run boundaries.
       packer: packs the events through the per-user GroupByKey (RecordPacker); default: every event as
         a whole dict.
+      labels: also settle labels in the same per-user groups (a (user, item) key belongs to one user,
+        so this spares JoinLabels' own shuffle): the outputs then include JoinLabels' (labels under
+        contract.TAG_LABELS, JoinLabels.ORPHANS, JoinLabels.LATE_OUTCOMES), with the same decisions.
     """
 
     BOTS = "bots"
 
-    def __init__(self, rules: BotRules, session_gap_s: float = 1800.0, packer: RecordPacker | None = None):
+    def __init__(
+        self,
+        rules: BotRules,
+        session_gap_s: float = 1800.0,
+        packer: RecordPacker | None = None,
+        labels: LabelRules | None = None,
+    ):
         super().__init__()
         self._packer = packer or RecordPacker()
+        self._labels = labels
         if rules.max_events_per_minute <= 0:
             raise ValueError("max_events_per_minute must be > 0")
         if rules.max_run_duration_s < max(rules.session_gap_s, session_gap_s):
@@ -435,14 +465,17 @@ class FilterBots(beam.PTransform):
         """How far behind the watermark judged events can be in streaming."""
         return rules.max_run_duration_s + lateness_s
 
+    def _output_tags(self) -> tuple:
+        if self._labels is None:
+            return (self.BOTS,)
+        return self.BOTS, contract.TAG_LABELS, JoinLabels.ORPHANS, JoinLabels.LATE_OUTCOMES
+
     def _judge(self, keyed):
+        fn = _UserRunsBatchFn(self._rules, self._session_gap_s, self._packer, self._labels)
         return (
             keyed
             | "GroupUser" >> beam.GroupByKey()
-            | "JudgeRunsAndSessionize"
-            >> beam.ParDo(_UserRunsBatchFn(self._rules, self._session_gap_s, self._packer)).with_outputs(
-                self.BOTS, main=contract.TAG_HUMANS
-            )
+            | "JudgeRunsAndSessionize" >> beam.ParDo(fn).with_outputs(*self._output_tags(), main=contract.TAG_HUMANS)
         )
 
     def _by_user(self):
@@ -456,7 +489,8 @@ class FilterBots(beam.PTransform):
         keyed = crawler[contract.TAG_REST] | "KeyByUser" >> self._by_user()
         judged = self._judge(keyed)  # in the global window, as its input (a GroupByKey or state keeps it)
         bots = (crawler[self.BOTS], judged[self.BOTS]) | "AllBots" >> beam.Flatten()
-        return {contract.TAG_HUMANS: judged[contract.TAG_HUMANS], self.BOTS: bots}
+        outputs = {tag: judged[tag] for tag in self._output_tags()}
+        return {**outputs, contract.TAG_HUMANS: judged[contract.TAG_HUMANS], self.BOTS: bots}
 
 
 class FilterBotsStreaming(FilterBots):

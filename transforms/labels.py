@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder, VarIntCoder
@@ -271,7 +271,20 @@ def _key(e: dict) -> str:
     return f"{len(e['user_id'])}:{e['user_id']}|{e['item_id']}"
 
 
-def _settle_counters() -> dict:
+def settle_user(events: Iterable[dict], rules: LabelRules) -> Iterator[Settlement]:
+    """One user's human events -> the settlement of each of the user's items: what JoinLabels settles
+    per (user, item) key, for a step that already holds each user's events together."""
+    types = rules.outcome_types | {EXPOSURE_TYPE}
+    by_item: dict = {}
+    for e in events:
+        if e["event_type"] in types and e.get("item_id") is not None:
+            by_item.setdefault(e["item_id"], []).append(e)
+    for item_events in by_item.values():
+        exposures, outcomes = split_events(item_events, rules)
+        yield settle(exposures, outcomes, rules)
+
+
+def settle_counters() -> dict:
     """The Beam counters of settling (feedback.labels.<name>; README lists them)."""
     return {k: Metrics.counter(METRICS_NS, k) for k in ("labels", "positives", "orphans", "late_outcomes")}
 
@@ -283,18 +296,19 @@ class _SettleBatchFn(beam.DoFn):
     def __init__(self, rules: LabelRules, packer: RecordPacker | None = None):
         self._rules = rules
         self._packer = packer
-        self._counters = _settle_counters()
+        self._counters = settle_counters()
 
     def process(self, keyed):
         _, events = keyed
         if self._packer is not None:
             events = self._packer.unpacked(events)
         exposures, outcomes = split_events(events, self._rules)
-        yield from _emit(settle(exposures, outcomes, self._rules), self._counters)
+        yield from settlement_outputs(settle(exposures, outcomes, self._rules), self._counters)
 
 
-def _emit(s: Settlement, counters, stamp_delay_ms: int | None = None):
-    """Settled records -> outputs. `stamp_delay_ms` (streaming) stamps them for the windows downstream;
+def settlement_outputs(s: Settlement, counters, stamp_delay_ms: int | None = None, labels_tag: str | None = None):
+    """Settled records -> outputs: labels on the main output (or under `labels_tag`), orphans and late
+    outcomes under JoinLabels' tags. `stamp_delay_ms` (streaming) stamps them for the windows downstream;
     None (bounded graph: no event-time windows) leaves them as they are, which spares a window assignment
     per element."""
     stamp = (lambda r, t: r) if stamp_delay_ms is None else (lambda r, t: window.TimestampedValue(r, t / 1000.0))
@@ -305,7 +319,8 @@ def _emit(s: Settlement, counters, stamp_delay_ms: int | None = None):
         # Stamped when the label became final: label_time plus the delay the timer waits for upstream
         # buckets -- the timer's own time, so labels are on time for the windows after (a request's
         # slate then comes in one pane, not one late pane per label).
-        yield stamp(label, label["label_time"] + (stamp_delay_ms or 0))
+        out = stamp(label, label["label_time"] + (stamp_delay_ms or 0))
+        yield out if labels_tag is None else beam.pvalue.TaggedOutput(labels_tag, out)
     for o in s.orphans:
         counters["orphans"].inc()
         yield beam.pvalue.TaggedOutput(JoinLabels.ORPHANS, stamp(o, o["event_time"]))
@@ -331,7 +346,7 @@ class _SettleStreamingFn(beam.DoFn):
         # session buckets close at bucket end + lateness). Timers wait that much longer than the
         # event-time deadline, so every outcome that counts under the rule has arrived when it fires.
         self._delay = upstream_delay_ms
-        self._counters = _settle_counters()
+        self._counters = settle_counters()
 
     def _due(self, e: dict) -> int:
         if is_exposure(e):
@@ -381,7 +396,7 @@ class _SettleStreamingFn(beam.DoFn):
         s = settle(exposures, outcomes, self._rules, now=now, emitted=emitted, reported=reported)
         emitted = emitted | {l["label_id"] for l in s.labels}
         reported = reported | {o["event_id"] for o in s.orphans + s.late_outcomes} | s.consumed
-        yield from _emit(s, self._counters, self._delay)
+        yield from settlement_outputs(s, self._counters, self._delay)
         # Keep what a later outcome may still need; drop what no future decision can touch.
         horizon = self._rules.window_ms + self._rules.lateness_ms + self._rules.clock_skew_ms
         keep = [
