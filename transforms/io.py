@@ -34,6 +34,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
 from transforms.deadletter import dead_letter, scrub_damage_fields
+from transforms.records import pack_values, unpack_values
 from transforms.schemas import SchemaRegistry
 
 METRICS_NS = "feedback.read"
@@ -500,7 +501,8 @@ class _ReadFileFn(beam.DoFn):
 
 
 class _ReadFileChunksFn(_ReadFileFn):
-    """As _ReadFileFn, but the records come as lists of up to `chunk` RawRecords (in file order)."""
+    """As _ReadFileFn, but the records come as lists of up to `chunk` RawRecords (in file order), packed
+    (records.pack_values: one bytes object per list through the shuffle, not three objects per record)."""
 
     def __init__(self, registry: SchemaRegistry, chunk: int, max_line_bytes: int | None = None):
         super().__init__(registry, max_line_bytes)
@@ -510,20 +512,20 @@ class _ReadFileChunksFn(_ReadFileFn):
         chunk = []
         damage = yield from _chunks_of(super()._emit(records), self._chunk, chunk)
         if chunk:
-            yield chunk
+            yield pack_values(chunk)
         return damage
 
 
 def _chunks_of(records, size: int, chunk: list):
-    """Yields full lists of `size` from a generator, filling `chunk` (the caller emits what is left);
-    returns the generator's return value."""
+    """Yields full lists of `size` from a generator, packed (records.pack_values), filling `chunk`
+    (the caller emits what is left); returns the generator's return value."""
     while True:
         try:
             chunk.append(next(records))
         except StopIteration as stop:
             return stop.value
         if len(chunk) >= size:
-            yield list(chunk)
+            yield pack_values(chunk)
             chunk.clear()
 
 
@@ -581,7 +583,7 @@ class ReadRawRecords(beam.PTransform):
         )
         records = read.records
         if self._reshuffle:
-            records = records | "SpreadRecords" >> beam.Reshuffle() | "Records" >> beam.FlatMap(lambda chunk: chunk)
+            records = records | "SpreadRecords" >> beam.Reshuffle() | "Records" >> beam.FlatMap(unpack_values)
         return {"records": records, self.CORRUPT: read[self.CORRUPT]}
 
 

@@ -53,18 +53,33 @@ def field_order(schema: dict) -> tuple[str, ...]:
     return tuple(f["name"] for f in schema["fields"])
 
 
+def pack_values(value) -> bytes:
+    """A value of builtin types -> compact bytes. `marshal` keeps str, int (any size), float, bool,
+    None, bytes, list, tuple and dict exactly, key order included; its format belongs to the Python
+    version, which every worker of a Beam job shares. A value marshal cannot write (another type
+    inside) is pickled instead."""
+    try:
+        return marshal.dumps(value)
+    except ValueError:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_values(packed: bytes):
+    # A pickle starts with its PROTO opcode, 0x80; no marshal type code is 0x80.
+    if packed[0] == 0x80:
+        return pickle.loads(packed)
+    return marshal.loads(packed)
+
+
 class RecordPacker:
     """Record dicts <-> compact bytes, for the values of the bounded graph's GroupByKeys.
 
     Beam codes a dict value key by key (the names in every element) and FnApiRunner keeps grouped
     values decoded, as dicts, until the group is read: a 29-key event held ~1.9 KB of objects there
-    and cost two encode/decode pairs per shuffle. Packed, it is one ~400-byte `bytes` (not tracked by
-    the garbage collector), packed and unpacked once. A record whose keys are the leading names of
-    `field_order`, in that order (what parse, privacy and enrichment build), is packed as its values
-    alone; any other record as the whole dict. Both use `marshal`, which keeps str, int (any size),
-    float, bool, None, bytes, list, tuple and dict exactly, key order included; its format belongs to
-    the Python version, which every worker of a Beam job shares. A value marshal cannot write (any
-    other type) is pickled instead.
+    and cost two encode/decode pairs per shuffle. Packed (`pack_values`), it is one ~400-byte
+    `bytes` (not tracked by the garbage collector), packed and unpacked once. A record whose keys
+    are the leading names of `field_order`, in that order (what parse, privacy and enrichment
+    build), is packed as its values alone; any other record as the whole dict.
 
     Args:
       field_order: the record fields in their usual order (`field_order(schema)`); empty: pack every
@@ -77,18 +92,12 @@ class RecordPacker:
         self._orders_by_length = {n: self._order[:n] for n in range(len(self._order) + 1)}
 
     def pack(self, record: dict) -> bytes:
-        try:
-            if self._orders_by_length.get(len(record)) == tuple(record):
-                return marshal.dumps(tuple(record.values()))
-            return marshal.dumps(record)
-        except ValueError:  # a value of a type marshal does not write
-            return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        if self._orders_by_length.get(len(record)) == tuple(record):
+            return pack_values(tuple(record.values()))
+        return pack_values(record)
 
     def unpack(self, packed: bytes) -> dict:
-        # A pickle starts with its PROTO opcode, 0x80; no marshal type code is 0x80.
-        if packed[0] == 0x80:
-            return pickle.loads(packed)
-        values = marshal.loads(packed)
+        values = unpack_values(packed)
         if type(values) is dict:
             return values
         return dict(zip(self._order, values))
@@ -107,10 +116,3 @@ class Unpacked:
 
     def __iter__(self) -> Iterator[dict]:
         return map(self._packer.unpack, self._packed)
-
-    def count(self) -> int:
-        """How many records, without unpacking any."""
-        n = 0
-        for _ in self._packed:
-            n += 1
-        return n
