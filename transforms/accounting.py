@@ -25,12 +25,11 @@ INPUT = contract.COUNTER_INPUT
 
 
 def _keys_for(outcome: str, detail: Callable[[dict], str] | None):
-    def keys(record):
-        yield outcome
-        if detail is not None:
-            yield f"{outcome}.{detail(record)}"
-
-    return keys
+    # Tuples, not a generator: Counter.update counts a tuple in C.
+    if detail is None:
+        only = (outcome,)
+        return lambda record: only
+    return lambda record: (outcome, f"{outcome}.{detail(record)}")
 
 
 class _CountKeysPerBundleFn(beam.DoFn):
