@@ -22,6 +22,7 @@ TINY_ARGS = {
     "flink_scale.py": ["--events", "1500", "--files", "2", "--workdir", "{work}"],
     # the streaming graph on Prism (tools from .ci/install-prism) over 300 events spanning 6 hours
     "label_latency.py": ["--events", "300", "--hours", "6", "--step", "1800", "--workdir", "{work}"],
+    "memory_by_stage.py": ["--events", "150", "--workdir", "{work}", "--top", "3"],
     "pii_redaction.py": ["300"],
     "profile_job.py": ["--events", "150", "--workdir", "{work}", "--top", "5"],
     "reference.py": ["--input", "{data}", "--output", "{work}/reference"],
@@ -72,6 +73,9 @@ def test_benchmark_script_runs_on_a_tiny_input(script, tmp_path, tiny_input):
             "rss_kib_per_event",
             "ratio_to_reference",
         }
+    if script == "memory_by_stage.py":
+        result = json.loads(proc.stdout[proc.stdout.index("{") :])
+        assert result["stages"] > 10 and result["largest_growth"], result
     if script == "flink_scale.py":
         result = json.loads(proc.stdout[proc.stdout.index("{") :])
         assert result["accounting_exact"] and sum(result["counts"].values()) == 1500, result
