@@ -128,6 +128,18 @@ IPV6_RE = re.compile(
     r"(?:%[\w.\-]+)?"
 )
 _JSON_ESCAPE_RE = re.compile(r"(?:\\u[0-9A-Fa-f]{4})+")
+# What sends ASCII text to the full scan (`cannot_hold_pii`), beside the characters in _FULL_SCAN_CHARS
+# ('@' e-mail, ':' IPv6, '+' a '+' number, '%' and '\\' escapes the decoded form would decode). Each
+# alternative is a necessary part of a form `spans` finds: digit-dot-digit (every IPv4), or a digit where
+# a phone candidate of 7+ digits could start (_PHONE_CANDIDATE_RE's lookbehinds, written after the digit
+# so the pattern starts with a character class and the regex engine skips to digits) followed by six
+# more digits with only the candidate's separators between them. ASCII classes: only run on ASCII text.
+_FULL_SCAN_NEEDED_RE = re.compile(
+    r"[0-9](?:\.[0-9]|(?<![A-Za-z0-9_+./][0-9])(?<![A-Za-z0-9_]-[0-9])(?:[ \t().\-/]*[0-9]){6})"
+)
+_FULL_SCAN_CHARS = ("@", ":", "+", "%", "\\")
+# Four digits anywhere (`could_hold_pii` for ASCII text, where str.isdigit is exactly [0-9]).
+_FOUR_DIGITS_RE = re.compile(r"[0-9](?:[^0-9]*[0-9]){3}")
 _PERCENT_ESCAPE_RE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
@@ -275,6 +287,22 @@ def decoded_text(text: str) -> str:
     return text
 
 
+def cannot_hold_pii(text: str) -> bool:
+    """Proof that the full scan finds nothing in `text` nor in its decoded form, at the cost of one regex
+    search: most values (ids, UUIDs, event types) are clean, and the full scan costs microseconds each.
+
+    ASCII text is its own decoded form when it has no '\\' or '%' (NFKC and the separator table change
+    no ASCII character), and every form `spans` finds holds one of `_FULL_SCAN_CHARS` or a match of
+    `_FULL_SCAN_NEEDED_RE`. False means only "not proved clean": the full scan decides.
+    """
+    if not text.isascii():
+        return False
+    for c in _FULL_SCAN_CHARS:  # substring tests: far cheaper than a regex alternative per position
+        if c in text:
+            return False
+    return _FULL_SCAN_NEEDED_RE.search(text) is None
+
+
 def _ip_ok(candidate: str) -> bool:
     if ":" not in candidate:
         candidate = ".".join(str(int(octet)) for octet in candidate.split("."))  # leading zeros
@@ -311,6 +339,8 @@ class PiiScanner:
         (applied to the text and, in `redactable`, to its decoded form)."""
         if "@" in text or ":" in text:
             return True
+        if text.isascii():  # one regex search instead of a Python loop over every character
+            return _FOUR_DIGITS_RE.search(text) is not None
         n = 0
         for c in text:
             if c.isdigit():
@@ -429,6 +459,12 @@ class PiiScanner:
     def redactable(self, text: str) -> tuple:
         """(text to redact, its spans): the decoded form when it holds PII (all the text held and
         more), else the text itself."""
+        if cannot_hold_pii(text):
+            return text, []
+        return self.full_scan(text)
+
+    def full_scan(self, text: str) -> tuple:
+        """`redactable` without the clean-text proof: every detector, on the text and its decoded form."""
         decoded = decoded_text(text)  # the text itself, at the cost of three tests, for plain ASCII
         if decoded != text:
             spans = self.spans(decoded)
