@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -64,6 +65,7 @@ ID_FIELDS = (
     "user_id",
     "session_id",
 )
+_ID_FIELD_SET = frozenset(ID_FIELDS)  # membership per event value: a hash lookup, not a tuple scan
 # Pseudonymised inside dead-letter payloads too (the same pseudonym a valid event gets).
 DEAD_LETTER_PSEUDONYMISED = ("user_id", "session_id")
 # Key added to a dead-letter payload whose ids are pseudonyms already: a keyed tag over them, so a replay
@@ -713,6 +715,12 @@ class PrivacyRules:
     def from_config(cls, privacy_cfg) -> PrivacyRules:
         return cls(tuple(privacy_cfg.pseudonymise_fields), privacy_cfg.ipv4_prefix, privacy_cfg.ipv6_prefix)
 
+    @functools.cached_property
+    def not_scanned_as_text(self) -> frozenset:
+        """Fields protect_event replaces whole (pseudonymised fields, the IP, the replay mark): one set
+        built once per worker (cached on the instance), not tuples tested per value."""
+        return frozenset(self.pseudonymise_fields) | {"ip", PSEUDONYMISED_MARK}
+
 
 def protect_event(event: dict, rules: PrivacyRules, pseudonymiser: Pseudonymiser, redactor: Redactor) -> dict:
     """Pseudonymise identifiers and the IP, truncate the IP, tokenise identifiers holding PII, redact PII
@@ -731,16 +739,12 @@ def protect_event(event: dict, rules: PrivacyRules, pseudonymiser: Pseudonymiser
     ip = out.pop("ip", None)
     out["ip_hash"] = pseudonymiser.pseudonym("ip", ip.strip()) if ip else None
     out["ip_network"] = truncate_ip(ip, rules.ipv4_prefix, rules.ipv6_prefix) if ip else None
+    not_scanned = rules.not_scanned_as_text
     for name, value in event.items():
-        if (
-            not isinstance(value, str)
-            or name in rules.pseudonymise_fields
-            or name in done
-            or name in ("ip", PSEUDONYMISED_MARK)
-        ):
+        if not isinstance(value, str) or name in not_scanned or name in done:
             continue
         out[name] = (
-            redactor.redact_id(name, value) if name in ID_FIELDS else redactor.redact(value, counted_field(name))
+            redactor.redact_id(name, value) if name in _ID_FIELD_SET else redactor.redact(value, counted_field(name))
         )
     ctx = out.get("context")
     if ctx:
