@@ -182,7 +182,8 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
 def _consent_may_repeat(raw: bytes) -> bool:
     """Cheap test for records where the parsed object may hide a `consent: false`: JSON keeps the last of
     repeated keys, and a key can be written with escapes (`"consen\\u0074"`)."""
-    return raw.count(b'"consent"') > 1 or b"\\u" in raw
+    # b"\\" first: a one-byte search is a memchr, the two-byte one costs ~5x more on every record.
+    return raw.count(b'"consent"') > 1 or (b"\\" in raw and b"\\u" in raw)
 
 
 def _any_consent_false(text: str) -> bool:
