@@ -118,3 +118,30 @@ def test_avro_record_dict_is_validated_too(rules):
     rec = {**BASE, "event_time": dt.datetime(2026, 11, 1, 10, tzinfo=dt.timezone.utc), "schema_version": 2}
     assert parse_record(rec, rules)["event_time"] == 1793527200000
     assert reject({**rec, "propensity": 2.0}, rules).reason == contract.OUT_OF_RANGE
+
+
+def test_every_version_gives_the_latest_shape(rules):
+    """Fields a version lacks are None, and every version's event has the latest version's key order
+    (the order RecordPacker packs as values alone)."""
+    latest = rules.registry.latest
+    order = [f.name for f in latest.fields]
+    for version in rules.registry.versions:
+        e = parse_record(raw(schema_version=version), rules)
+        assert list(e)[: len(order)] == order and e["schema_version"] == version
+        absent = latest.field_names - rules.registry.get(version).field_names - {"schema_version"}
+        assert all(e[n] is None for n in absent)
+
+
+@pytest.mark.parametrize("text", [b"", b"   ", b"\n\t "])
+def test_empty_record_is_named_empty(rules, text):
+    r = reject(text, rules)
+    assert (r.reason, r.message) == (contract.MALFORMED_JSON, "record is empty")
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [({"user_id": True}, "user_id"), ({"event_type": 3.5}, "event_type"), ({"position": "3"}, "position")],
+)
+def test_wrong_type_message_names_field_and_value(rules, overrides, field):
+    r = reject(raw(**overrides), rules)
+    assert r.reason == contract.WRONG_TYPE and r.field == field and repr(overrides[field]) in r.message

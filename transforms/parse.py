@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import math
 import sys
@@ -92,6 +93,12 @@ class ValidationRules:
             cfg.time.arrival_field,
         )
 
+    @functools.cached_property
+    def latest_fields_as_none(self) -> dict:
+        """{field: None} for the latest schema's fields, in its order: an older version's event is laid
+        over it. Built once per worker (cached on the instance), not per record."""
+        return dict.fromkeys(f.name for f in self.registry.latest.fields)
+
 
 # --- pure functions ---------------------------------------------------------------------------
 
@@ -140,8 +147,6 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
         raise Rejected(
             contract.BAD_ENCODING, None, f"record is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
         ) from None
-    if not text.strip():
-        raise Rejected(contract.MALFORMED_JSON, None, "record is empty")
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError as e:
@@ -151,6 +156,8 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
             if _any_consent_false(text):
                 obj["consent"] = False  # a record that also says consent: false is withdrawn: fail closed
         return obj
+    if not text.strip():  # tested after orjson failed: empty text never parses, and strip() copies
+        raise Rejected(contract.MALFORMED_JSON, None, "record is empty")
     # orjson refuses numbers no double can hold (1e400); the standard library reads them (as inf, or an
     # int for a long digit string), which tells which field is out of range. Only for records orjson
     # rejected, so the slower parser never runs on good input.
@@ -171,7 +178,8 @@ def decode_payload(raw: bytes, max_bytes: int) -> Any:
 def _consent_may_repeat(raw: bytes) -> bool:
     """Cheap test for records where the parsed object may hide a `consent: false`: JSON keeps the last of
     repeated keys, and a key can be written with escapes (`"consen\\u0074"`)."""
-    return raw.count(b'"consent"') > 1 or b"\\u" in raw
+    # b"\\" first: a one-byte search is a memchr, the two-byte one costs ~5x more on every record.
+    return raw.count(b'"consent"') > 1 or (b"\\" in raw and b"\\u" in raw)
 
 
 def _any_consent_false(text: str) -> bool:
@@ -232,34 +240,28 @@ def _resolve_version(obj: dict, rules: ValidationRules) -> SchemaVersion:
 def _coerce(field, value: Any) -> Any:
     """Check one value against its field's Avro kind; returns the canonical value or raises Rejected."""
     kind, name = field.kind, field.name
-
-    def wrong(expected):
-        return Rejected(
-            contract.WRONG_TYPE, name, f"{name} must be {expected}, got {type(value).__name__} {_short(value)}"
-        )
-
     if kind == "string":
         if isinstance(value, str):
             return value
         # Numeric identifiers are common in real logs (user 48213); take them as their decimal text.
         if name.endswith(_ID_SUFFIX) and isinstance(value, int) and not isinstance(value, bool):
             return str(value)
-        raise wrong("a string")
+        raise _wrong_type(name, value, "a string")
     if kind in ("int", "long"):
         if isinstance(value, bool):
-            raise wrong("an integer")
+            raise _wrong_type(name, value, "an integer")
         if isinstance(value, float):
             if not math.isfinite(value):
                 raise Rejected(contract.OUT_OF_RANGE, name, f"{name} must be a finite integer, got {value!r}")
             if not value.is_integer():
-                raise wrong("an integer")
+                raise _wrong_type(name, value, "an integer")
             value = int(value)
         if not isinstance(value, int):
-            raise wrong("an integer")
+            raise _wrong_type(name, value, "an integer")
         return _in_avro_range(name, kind, value)
     if kind in ("double", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong("a number")
+            raise _wrong_type(name, value, "a number")
         try:
             number = float(value)
         except OverflowError:  # an int beyond the double range
@@ -269,11 +271,11 @@ def _coerce(field, value: Any) -> Any:
         return _in_avro_range(name, kind, number)
     if kind == "boolean":
         if not isinstance(value, bool):
-            raise wrong("true or false")
+            raise _wrong_type(name, value, "true or false")
         return value
     if kind == "map":
         if not isinstance(value, dict):
-            raise wrong("an object of strings")
+            raise _wrong_type(name, value, "an object of strings")
         for k, v in value.items():
             if not isinstance(v, str):
                 raise Rejected(
@@ -283,6 +285,10 @@ def _coerce(field, value: Any) -> Any:
                 )
         return dict(value)
     return value  # timestamp: handled by the caller
+
+
+def _wrong_type(name: str, value: Any, expected: str) -> Rejected:
+    return Rejected(contract.WRONG_TYPE, name, f"{name} must be {expected}, got {type(value).__name__} {_short(value)}")
 
 
 # What each Avro type can hold: a value outside it would pass validation and then fail the sink's
@@ -322,6 +328,8 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def _reject_unknown_fields(obj: dict, sv: SchemaVersion) -> None:
     """Rejects a record with fields its schema version does not have, naming the first few."""
+    if obj.keys() <= sv.field_names:  # the common case, one set comparison
+        return
     unknown = sorted(k for k in obj if k not in sv.field_names)
     if unknown:
         raise Rejected(
@@ -371,16 +379,18 @@ def validate_event(obj: Any, rules: ValidationRules) -> dict:
         _reject_unknown_fields(obj, sv)
     event = {}
     for field in sv.fields:
-        value = obj.get(field.name)
+        name = field.name
+        value = obj.get(name)
         if value is None or (field.required and value == ""):
             if field.required:
-                raise Rejected(contract.MISSING_FIELD, field.name, f"required field {field.name!r} is missing or empty")
-            event[field.name] = None
-            continue
-        if field.kind == "timestamp":
-            event[field.name] = _event_time_ms(field.name, value, rules)
+                raise Rejected(contract.MISSING_FIELD, name, f"required field {name!r} is missing or empty")
+            event[name] = None
+        elif field.kind == "string" and type(value) is str:  # most fields: no call for what _coerce returns as is
+            event[name] = value
+        elif field.kind == "timestamp":
+            event[name] = _event_time_ms(name, value, rules)
         else:
-            event[field.name] = _coerce(field, value)
+            event[name] = _coerce(field, value)
     if event["event_type"] not in rules.event_types:
         raise Rejected(
             contract.UNKNOWN_EVENT_TYPE,
@@ -391,9 +401,8 @@ def validate_event(obj: Any, rules: ValidationRules) -> dict:
     event["schema_version"] = sv.version
     # Fields of newer versions, absent from this one, are present as None: one canonical shape, keys
     # in the latest version's order (RecordPacker packs records in that order as values alone).
-    latest = rules.registry.latest
-    if sv is not latest:
-        event = {**dict.fromkeys(f.name for f in latest.fields), **event}
+    if sv is not rules.registry.latest:
+        event = {**rules.latest_fields_as_none, **event}
     return event
 
 
@@ -474,6 +483,7 @@ class _ParseFn(beam.DoFn):
         self._key_source = key_source
         self._stamp = stamp_event_time
         self._valid = Metrics.counter(METRICS_NS, "valid")
+        self._valid_in_bundle = 0
         self._rejected = Metrics.counter(METRICS_NS, "dead_letter")
         self._consent = Metrics.counter(METRICS_NS, "consent_dropped")
         self._too_late = Metrics.counter(METRICS_NS, "too_late")
@@ -511,15 +521,19 @@ class _ParseFn(beam.DoFn):
                 ParseEvents.CONSENT_DROPPED, protect_consent_stub(consent_stub(c.obj, source), self._redactor)
             )
             return
-        self._valid.inc()
+        self._valid_in_bundle += 1
         yield beam.window.TimestampedValue(event, event["event_time"] / 1000.0) if self._stamp else event
 
     def start_bundle(self):
         self._redactor.drain()  # tallies of a failed bundle on this instance are not this bundle's
+        self._valid_in_bundle = 0
 
     def finish_bundle(self):
-        # PII findings are tallied by the redactor; one counter update per bundle, not per record.
+        # PII findings and valid events are tallied here; one counter update per bundle, not per record.
         self._pii.flush(self._redactor)
+        if self._valid_in_bundle:
+            self._valid.inc(self._valid_in_bundle)
+            self._valid_in_bundle = 0
 
 
 class ParseEvents(beam.PTransform):

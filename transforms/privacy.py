@@ -18,6 +18,8 @@ Text is also scanned in a decoded form (`PiiScanner.decoded`): JSON escapes (`\\
 percent-escapes (`%40`, `%2B`) decoded, NFKC-normalised, every Unicode space (U+202F, U+00A0...) read as
 a space, every dash (en/em dash, minus sign...) as '-', and invisible format characters dropped. When
 that form holds PII, it is the form that is redacted (the output is decoded text with tokens).
+Most values are clean: `cannot_hold_pii` proves that for ASCII text holding no part any detector needs
+(see `_FULL_SCAN_NEEDED_RE`), and only the rest gets the full scan (`PiiScanner.full_scan`).
 
 `Redactor` replaces what the scanner finds by keyed tokens (`[email:kfjab...]`, letters only so a
 token never looks like a phone number or an address), replaces identifiers that hold PII by one
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -64,6 +67,7 @@ ID_FIELDS = (
     "user_id",
     "session_id",
 )
+_ID_FIELD_SET = frozenset(ID_FIELDS)  # membership per event value: a hash lookup, not a tuple scan
 # Pseudonymised inside dead-letter payloads too (the same pseudonym a valid event gets).
 DEAD_LETTER_PSEUDONYMISED = ("user_id", "session_id")
 # Key added to a dead-letter payload whose ids are pseudonyms already: a keyed tag over them, so a replay
@@ -104,6 +108,7 @@ _EMAIL_DOMAIN = r"(?:\[[0-9A-Fa-f.:]{2,45}\]|(?:[\w\-]{1,63}\.){1,8}(?:xn--[\w\-
 EMAIL_RE = re.compile(_EMAIL_LOCAL + "@" + _EMAIL_DOMAIN)
 # A phone candidate: digits with the separators numbers are written with, not glued to a word, a
 # dotted version ("Chrome/120.0.6099.109"), another number or a hyphenated token (a UUID's groups).
+# `_FULL_SCAN_NEEDED_RE` repeats its lookbehinds and separators: change both together.
 _PHONE_CANDIDATE_RE = re.compile(r"(?<![\w+./])(?<!\w-)(?:\+|\(\+?)?\d[\d \u00a0\t().\-/]*\d\)?(?!\w|[-.]\w)")
 # A '+' followed by digits is written only before a phone number: taken even glued to a word or a
 # dash ("call+14155550123", "v-+442079460999", "tel:+4420...x12"); only another digit may not touch it.
@@ -129,6 +134,20 @@ IPV6_RE = re.compile(
 )
 _JSON_ESCAPE_RE = re.compile(r"(?:\\u[0-9A-Fa-f]{4})+")
 _PERCENT_ESCAPE_RE = re.compile(r"%[0-9A-Fa-f]{2}")
+# What sends ASCII text to the full scan (`cannot_hold_pii`), beside the characters in _FULL_SCAN_CHARS
+# ('@' e-mail, ':' IPv6, '+' a '+' number, '%' and '\\' escapes the decoded form would decode). Each
+# alternative is a necessary part of a form `spans` finds: digit-dot-digit (every IPv4), or a digit where
+# a phone candidate of 7+ digits could start (_PHONE_CANDIDATE_RE's lookbehinds, written after the digit
+# so the pattern starts with a character class and the regex engine skips to digits) followed by six
+# more digits with only the candidate's separators between them. ASCII classes: only run on ASCII text.
+# A new detector, or a wider candidate or separator set, must widen these too (the proof would skip it);
+# tests/test_privacy.py checks the proof against the full scan.
+_FULL_SCAN_NEEDED_RE = re.compile(
+    r"[0-9](?:\.[0-9]|(?<![A-Za-z0-9_+./][0-9])(?<![A-Za-z0-9_]-[0-9])(?:[ \t().\-/]*[0-9]){6})"
+)
+_FULL_SCAN_CHARS = ("@", ":", "+", "%", "\\")
+# Four digits anywhere (`could_hold_pii` for ASCII text, where str.isdigit is exactly [0-9]).
+_FOUR_DIGITS_RE = re.compile(r"[0-9](?:[^0-9]*[0-9]){3}")
 
 
 def _separator_table() -> dict:
@@ -275,6 +294,23 @@ def decoded_text(text: str) -> str:
     return text
 
 
+def cannot_hold_pii(text: str) -> bool:
+    """Proof that the full scan finds nothing in `text` nor in its decoded form, at the cost of a few
+    substring tests and one regex search: most values (ids, UUIDs, event types) are clean, and the full
+    scan costs microseconds each (a long clean text: several times its cost).
+
+    ASCII text is its own decoded form when it has no '\\' or '%' (NFKC and the separator table change
+    no ASCII character), and every form `spans` finds holds one of `_FULL_SCAN_CHARS` or a match of
+    `_FULL_SCAN_NEEDED_RE`. False means only "not proved clean": the full scan decides.
+    """
+    if not text.isascii():
+        return False
+    for c in _FULL_SCAN_CHARS:  # substring tests: far cheaper than a regex alternative per position
+        if c in text:
+            return False
+    return _FULL_SCAN_NEEDED_RE.search(text) is None
+
+
 def _ip_ok(candidate: str) -> bool:
     if ":" not in candidate:
         candidate = ".".join(str(int(octet)) for octet in candidate.split("."))  # leading zeros
@@ -311,6 +347,8 @@ class PiiScanner:
         (applied to the text and, in `redactable`, to its decoded form)."""
         if "@" in text or ":" in text:
             return True
+        if text.isascii():  # one regex search instead of a Python loop over every character
+            return _FOUR_DIGITS_RE.search(text) is not None
         n = 0
         for c in text:
             if c.isdigit():
@@ -429,6 +467,12 @@ class PiiScanner:
     def redactable(self, text: str) -> tuple:
         """(text to redact, its spans): the decoded form when it holds PII (all the text held and
         more), else the text itself."""
+        if cannot_hold_pii(text):
+            return text, []
+        return self.full_scan(text)
+
+    def full_scan(self, text: str) -> tuple:
+        """`redactable` without the clean-text proof: every detector, on the text and its decoded form."""
         decoded = decoded_text(text)  # the text itself, at the cost of three tests, for plain ASCII
         if decoded != text:
             spans = self.spans(decoded)
@@ -677,6 +721,12 @@ class PrivacyRules:
     def from_config(cls, privacy_cfg) -> PrivacyRules:
         return cls(tuple(privacy_cfg.pseudonymise_fields), privacy_cfg.ipv4_prefix, privacy_cfg.ipv6_prefix)
 
+    @functools.cached_property
+    def not_scanned_as_text(self) -> frozenset:
+        """Fields protect_event replaces whole (pseudonymised fields, the IP, the replay mark): one set
+        built once per worker (cached on the instance), not tuples tested per value."""
+        return frozenset(self.pseudonymise_fields) | {"ip", PSEUDONYMISED_MARK}
+
 
 def protect_event(event: dict, rules: PrivacyRules, pseudonymiser: Pseudonymiser, redactor: Redactor) -> dict:
     """Pseudonymise identifiers and the IP, truncate the IP, tokenise identifiers holding PII, redact PII
@@ -695,16 +745,12 @@ def protect_event(event: dict, rules: PrivacyRules, pseudonymiser: Pseudonymiser
     ip = out.pop("ip", None)
     out["ip_hash"] = pseudonymiser.pseudonym("ip", ip.strip()) if ip else None
     out["ip_network"] = truncate_ip(ip, rules.ipv4_prefix, rules.ipv6_prefix) if ip else None
+    not_scanned = rules.not_scanned_as_text
     for name, value in event.items():
-        if (
-            not isinstance(value, str)
-            or name in rules.pseudonymise_fields
-            or name in done
-            or name in ("ip", PSEUDONYMISED_MARK)
-        ):
+        if not isinstance(value, str) or name in not_scanned or name in done:
             continue
         out[name] = (
-            redactor.redact_id(name, value) if name in ID_FIELDS else redactor.redact(value, counted_field(name))
+            redactor.redact_id(name, value) if name in _ID_FIELD_SET else redactor.redact(value, counted_field(name))
         )
     ctx = out.get("context")
     if ctx:
