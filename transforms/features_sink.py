@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import operator
 import uuid
 
 import apache_beam as beam
@@ -66,18 +67,27 @@ class _ParquetSink(fileio.FileSink):
 
         self._schema = arrow_schema()
         self._writer = pq.ParquetWriter(fh, self._schema, compression="snappy")
-        self._rows = []
+        self._row_values = operator.itemgetter(*self._schema.names)
+        self._rows = []  # one tuple of values (schema order) per row
 
     def write(self, record):
         if self._writer is None:
             raise RuntimeError("write after flush: a Parquet file cannot be reopened")
-        self._rows.append(record)
+        try:
+            values = self._row_values(record)
+        except KeyError:  # a missing column is written as null, as Table.from_pylist does
+            values = tuple(record.get(name) for name in self._schema.names)
+        self._rows.append(values)
         if len(self._rows) >= self._batch_rows:
             self._write_rows()
 
     def _write_rows(self):
+        # Columns transposed from the value tuples (itemgetter and zip run in C): Table.from_pylist on the
+        # row dicts, one lookup per cell, cost about twice as much per row.
         if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
+            columns = zip(*self._rows)
+            arrays = [pa.array(column, type=field.type) for column, field in zip(columns, self._schema)]
+            self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema))
             self._rows = []
 
     def flush(self):
