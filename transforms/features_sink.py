@@ -68,7 +68,8 @@ class _ParquetSink(fileio.FileSink):
         self._schema = arrow_schema()
         self._writer = pq.ParquetWriter(fh, self._schema, compression="snappy")
         self._row_values = operator.itemgetter(*self._schema.names)
-        self._rows = []  # one tuple of values (schema order) per row
+        self._row_type = pa.struct(list(self._schema))
+        self._rows = []  # one tuple of values (schema order) per row: a fraction of a row dict's memory
 
     def write(self, record):
         if self._writer is None:
@@ -82,12 +83,11 @@ class _ParquetSink(fileio.FileSink):
             self._write_rows()
 
     def _write_rows(self):
-        # Columns transposed from the value tuples (itemgetter and zip run in C): Table.from_pylist on the
-        # row dicts, one lookup per cell, cost about twice as much per row.
+        # The value tuples converted in one call, as a struct array (arrow reads tuples as structs):
+        # Table.from_pylist on row dicts, one lookup per cell, cost over three times as much per row.
         if self._rows:
-            columns = zip(*self._rows)
-            arrays = [pa.array(column, type=field.type) for column, field in zip(columns, self._schema)]
-            self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._schema))
+            values = pa.array(self._rows, type=self._row_type)
+            self._writer.write_batch(pa.RecordBatch.from_struct_array(values))
             self._rows = []
 
     def flush(self):
