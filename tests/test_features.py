@@ -27,6 +27,7 @@ from transforms.features import (
     FeaturesConfig,
     SlidingWindowSpec,
     WriteOfflineFeatures,
+    _EntityInputListsFn,
     _EntityWindowCombineFn,
     arrow_schema,
     compute_all,
@@ -305,6 +306,33 @@ def test_entity_rows_equal_a_straightforward_recomputation(seed, start_ms, windo
         rows += fast
     assert max(row["n_dwell"] for row in rows) >= 64  # percentiles_sorted's numpy path
     _assert_rows_equal(rows, compute_all(events, cfg))
+
+
+@pytest.mark.parametrize("max_inputs", [1, 7, 50_000])
+def test_entity_input_lists_hold_every_input_in_event_order(max_inputs):
+    """The bounded path's KeyByEntity: the lists it emits per entity (mid-bundle every `max_inputs`
+    inputs, the rest when the bundle ends, in the global window) concatenate to that entity's
+    `entity_inputs` in event order."""
+    entities = ("user", "item", "user_category")
+    events = _random_events(5, T0, n=120)
+    fn = _EntityInputListsFn(entities, max_inputs=max_inputs)
+    fn.start_bundle()
+    emitted = [kv for event in events for kv in fn.process(event)]
+    ended = list(fn.finish_bundle())
+    assert all(wv.windows == (window.GlobalWindow(),) for wv in ended)
+    emitted += [wv.value for wv in ended]
+    keys = [key for key, _ in emitted]
+    if max_inputs == 50_000:  # the bundle stays under the limit: one list per entity
+        assert len(keys) == len(set(keys))
+    else:
+        assert len(keys) > len(set(keys))
+    gathered, expected = {}, {}
+    for key, values in emitted:
+        gathered.setdefault(key, []).extend(values)
+    for event in events:
+        for key, value in entity_inputs(event, entities):
+            expected.setdefault(key, []).append(value)
+    assert gathered == expected
 
 
 def _stamped(events):
