@@ -131,21 +131,24 @@ class _WritePartitionsPerBundleFn(beam.DoFn):
         self._temp_dir, self._batch_rows = temp_dir, batch_rows
 
     def start_bundle(self):
-        self._open = {}  # partition -> (temp path, file handle, _ParquetSink)
+        # {UTC day of window_end: (partition, temp path, file handle, _ParquetSink)}: keyed by the day, so
+        # partition_of's string is made once per file, not looked up for every row.
+        self._open = {}
 
     def process(self, row):
-        part = partition_of(row)
-        entry = self._open.get(part)
+        day = row["window_end"] // 86_400_000
+        entry = self._open.get(day)
         if entry is None:
+            part = _partition_of_day(day)
             path = FileSystems.join(self._temp_dir, f"{part}-{uuid.uuid4().hex}.parquet")
             fh = FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
             sink = _ParquetSink(self._temp_dir, self._batch_rows)
             sink.open(fh)
-            entry = self._open[part] = (path, fh, sink)
-        entry[2].write(row)
+            entry = self._open[day] = (part, path, fh, sink)
+        entry[3].write(row)
 
     def finish_bundle(self):
-        for part, (path, fh, sink) in sorted(self._open.items()):
+        for part, path, fh, sink in sorted(self._open.values(), key=lambda entry: entry[0]):
             sink.flush()
             fh.close()
             yield WindowedValue((part, path), window.GlobalWindow().max_timestamp(), (window.GlobalWindow(),))
