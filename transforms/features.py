@@ -239,31 +239,6 @@ def _window_free_features(entity_type: str, counts: dict, dwell: Sequence[float]
     return row
 
 
-def _row(
-    entity_type: str,
-    entity_id: str,
-    window_label: str,
-    window_start: int,
-    window_end: int,
-    window_free: dict,
-    last_t: int,
-    ref_t: int | None,
-    decayed: float,
-    half_life_ms: float,
-) -> dict:
-    """The flat feature row (ROW_COLUMNS): window-free columns + the window's bounds, recency and decay."""
-    return {
-        "entity_type": entity_type,
-        "entity_id": entity_id,
-        "window": window_label,
-        "window_start": window_start,
-        "window_end": window_end,
-        **window_free,
-        "recency_s": (window_end - last_t) / 1000.0,
-        "decayed_engagement": 0.0 if ref_t is None else decayed * _decay(window_end - ref_t, half_life_ms),
-    }
-
-
 def feature_row(
     entity_type: str,
     entity_id: str,
@@ -275,19 +250,16 @@ def feature_row(
 ) -> dict:
     """A combine summary + window bounds -> the flat feature row (ROW_COLUMNS)."""
     counts, dwell, distinct, last_t, ref_t, decayed = summary
-    window_free = _window_free_features(entity_type, counts, dwell, distinct, params)
-    return _row(
-        entity_type,
-        entity_id,
-        window_label,
-        window_start,
-        window_end,
-        window_free,
-        last_t,
-        ref_t,
-        decayed,
-        params.half_life_ms,
-    )
+    return {
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "window": window_label,
+        "window_start": window_start,
+        "window_end": window_end,
+        **_window_free_features(entity_type, counts, dwell, distinct, params),
+        "recency_s": (window_end - last_t) / 1000.0,
+        "decayed_engagement": 0.0 if ref_t is None else decayed * _decay(window_end - ref_t, params.half_life_ms),
+    }
 
 
 def compute_features(
@@ -437,7 +409,18 @@ def entity_rows(
                 )
                 window_free = _window_free_features(entity_type, counts, sorted(dwell), len(others), params)
                 shared = by_slot_range[slot_range] = (window_free, last, ref, decayed)
-            yield _row(entity_type, entity_id, label, w_start, w_end, *shared, half_life_ms)
+            window_free, last, ref, decayed = shared
+            # `feature_row`'s dict (and `_decay`) inlined: this runs once per row; tests compare the two.
+            yield {
+                "entity_type": entity_type,
+                "entity_id": entity_id,
+                "window": label,
+                "window_start": w_start,
+                "window_end": w_end,
+                **window_free,
+                "recency_s": (w_end - last) / 1000.0,
+                "decayed_engagement": 0.0 if ref is None else decayed * 0.5 ** ((w_end - ref) / half_life_ms),
+            }
 
 
 # --- transforms ------------------------------------------------------------------------------
