@@ -221,7 +221,9 @@ def percentiles_sorted(values: Sequence[float], qs: Sequence[float]) -> tuple[fl
 _COUNT_COLUMNS = tuple((t, f"n_{t}") for t in EVENT_TYPES)
 
 
-def _window_free_features(entity_type: str, counts: dict, dwell: Sequence[float], distinct: int, params) -> dict:
+def _window_free_features(
+    entity_type: str, counts: dict, dwell: Sequence[float], distinct: int, params: FeatureParams
+) -> dict:
     """The feature columns that do not depend on the window's bounds, from n_impression to the distinct
     counts, in ROW_COLUMNS order. `dwell` ascending. Windows holding the same events share these."""
     row = {name: counts.get(t, 0) for t, name in _COUNT_COLUMNS}
