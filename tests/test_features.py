@@ -1,9 +1,13 @@
 """Feature engineering: hand-computed values, sliding-window membership, Parquet output, late panes."""
 
+import functools
 import glob
+import math
 import os
+import random
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -23,13 +27,17 @@ from transforms.features import (
     FeaturesConfig,
     SlidingWindowSpec,
     WriteOfflineFeatures,
+    _EntityInputListsFn,
     _EntityWindowCombineFn,
     arrow_schema,
     compute_all,
     compute_features,
     entity_inputs,
+    entity_rows,
+    feature_row,
     window_bounds,
 )
+from transforms.features_sink import _ParquetSink
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z, a whole hour
 MIN = 60_000
@@ -215,6 +223,118 @@ def test_entity_inputs():
     assert entity_inputs(EVENTS[0], ("item",)) == [(("item", "i1"), ("impression", T0, None, "u1"))]
 
 
+def _straightforward_entity_rows(entity_type, entity_id, values, specs, params):
+    """entity_rows without its shortcuts: one `_EntityWindowCombineFn` accumulator per slot, folded in
+    slot order into an accumulator per window with merge_accumulators, one `feature_row` per window."""
+    fn = _EntityWindowCombineFn(params)
+    slot = functools.reduce(math.gcd, (period for _, _, period in specs))
+    slots = {}
+    for value in values:
+        fn.add_input(slots.setdefault(value[1] - value[1] % slot, fn.create_accumulator()), value)
+    rows = []
+    for label, size_ms, period_ms in specs:
+        windows = {}
+        for start, acc in sorted(slots.items()):
+            for w_start, _ in window_bounds(start, size_ms, period_ms):
+                fn.merge_accumulators([windows.setdefault(w_start, fn.create_accumulator()), acc])
+        for w_start, acc in sorted(windows.items()):
+            rows.append(
+                feature_row(entity_type, entity_id, label, w_start, w_start + size_ms, fn.extract_output(acc), params)
+            )
+    return rows
+
+
+def _random_events(seed, start_ms, n=600):
+    """Few users and items over ~2 days, so entities share slots and windows; a hot user with a day of
+    dwell events (enough values in a window for the numpy percentiles); events on slot boundaries, equal
+    timestamps, missing items, categories and dwell values, an event type outside EVENT_TYPES."""
+    rng = random.Random(seed)
+    types = ["impression"] * 6 + ["click", "view", "dwell", "scroll", "skip", "add_to_cart", "purchase", "hover"]
+    events = []
+    for i in range(n):
+        if i % 3 == 0:
+            user, t = "hot", start_ms + rng.randrange(86_400_000)
+            etype = "dwell" if rng.random() < 0.6 else rng.choice(types)
+            dwell = rng.choice([rng.randrange(1, 60_000), rng.random() * 5000]) if etype == "dwell" else None
+        else:
+            user, t = (
+                f"u{rng.randrange(12)}",
+                start_ms + rng.choice([rng.randrange(2 * 86_400_000), rng.randrange(200) * 15 * MIN]),
+            )
+            etype = rng.choice(types)
+            dwell = (
+                rng.choice([None, rng.randrange(1, 60_000), rng.random() * 5000])
+                if etype in ("dwell", "view")
+                else None
+            )
+        item = rng.choice([None, "i1", "i2", "i3", "i4", "i5", "i6"])
+        category = rng.choice([None, "shoes", "books"]) if item else None
+        events.append(ev(f"e{i}", t, etype, user=user, item=item, category=category, dwell=dwell))
+    return events
+
+
+@pytest.mark.parametrize(
+    "seed, start_ms, windows",
+    [
+        (1, T0, [{"size": "1h", "period": "15m"}, {"size": "24h", "period": "6h"}]),
+        (2, T0 + 7 * MIN + 123, [{"size": "1h", "period": "15m"}, {"size": "24h", "period": "6h"}]),
+        (3, T0 - 5 * HOUR - 1, [{"size": "1h", "period": "5m"}, {"size": "24h", "period": "1h"}]),
+        (
+            4,
+            T0 + 1,
+            [{"size": "90m", "period": "30m"}, {"size": "24h", "period": "20m"}, {"size": "10m", "period": "10m"}],
+        ),
+    ],
+)
+def test_entity_rows_equal_a_straightforward_recomputation(seed, start_ms, windows):
+    """entity_rows (slots combined inline, merges and window-free columns shared by windows with the same
+    slots) gives exactly the rows of plain per-window merges of `_EntityWindowCombineFn` accumulators:
+    same rows in the same order, same values bit for bit, same key order; and the rows of compute_all."""
+    cfg = FeaturesConfig(windows=windows, half_life="6h")
+    params = FeatureParams.from_config(cfg)
+    specs = tuple((spec.label, spec.size_ms, spec.period_ms) for spec in cfg.windows)
+    events = _random_events(seed, start_ms)
+    grouped = {}
+    for event in events:
+        for key, value in entity_inputs(event, cfg.entities):
+            grouped.setdefault(key, []).append(value)
+    rows = []
+    for (entity_type, entity_id), values in grouped.items():
+        fast = list(entity_rows(entity_type, entity_id, values, specs, params))
+        expected = _straightforward_entity_rows(entity_type, entity_id, values, specs, params)
+        assert [list(r.items()) for r in fast] == [list(r.items()) for r in expected]
+        rows += fast
+    assert max(row["n_dwell"] for row in rows) >= 64  # percentiles_sorted's numpy path
+    _assert_rows_equal(rows, compute_all(events, cfg))
+
+
+@pytest.mark.parametrize("max_inputs", [1, 7, 50_000])
+def test_entity_input_lists_hold_every_input_in_event_order(max_inputs):
+    """The bounded path's KeyByEntity: the lists it emits per entity (mid-bundle every `max_inputs`
+    inputs, the rest when the bundle ends, in the global window) concatenate to that entity's
+    `entity_inputs` in event order."""
+    entities = ("user", "item", "user_category")
+    events = _random_events(5, T0, n=120)
+    fn = _EntityInputListsFn(entities, max_inputs=max_inputs)
+    fn.start_bundle()
+    emitted = [kv for event in events for kv in fn.process(event)]
+    ended = list(fn.finish_bundle())
+    assert all(wv.windows == (window.GlobalWindow(),) for wv in ended)
+    emitted += [wv.value for wv in ended]
+    keys = [key for key, _ in emitted]
+    if max_inputs == 50_000:  # the bundle stays under the limit: one list per entity
+        assert len(keys) == len(set(keys))
+    else:
+        assert len(keys) > len(set(keys))
+    gathered, expected = {}, {}
+    for key, values in emitted:
+        gathered.setdefault(key, []).extend(values)
+    for event in events:
+        for key, value in entity_inputs(event, entities):
+            expected.setdefault(key, []).append(value)
+    assert gathered == expected
+
+
 def _stamped(events):
     return [window.TimestampedValue(e, e["event_time"] / 1000) for e in events]
 
@@ -276,6 +396,25 @@ def test_pipeline_writes_partitioned_parquet(tmp_path, keyed_windows):
     # 1h/30m: each event is in 2 windows; the u1 hour [T0, T0 + 1h) is one of them.
     u1 = [r for r in read if _key(r) == ("user", "u1", "1h/30m", T0)]
     assert len(u1) == 1 and u1[0]["n_events"] == 11 and u1[0]["ctr"] == pytest.approx(0.08)
+
+
+def test_parquet_sink_writes_rows_like_from_pylist(tmp_path):
+    """The sink's column-wise conversion gives the table Table.from_pylist gives for the same rows, over
+    several row groups; a row missing a column gets a null there, extra keys are ignored."""
+    rows = compute_all(EVENTS, CFG)
+    partial = {k: v for k, v in rows[0].items() if k != "dwell_p90_ms"}
+    rows = [*rows, partial, {**rows[1], "not_a_column": 1}]
+    path = tmp_path / "rows.parquet"
+    sink = _ParquetSink(str(tmp_path), batch_rows=4)
+    with open(path, "wb") as fh:
+        sink.open(fh)
+        for row in rows:
+            sink.write(row)
+        sink.flush()
+    written = pq.read_table(path)
+    assert pq.ParquetFile(path).num_row_groups == -(-len(rows) // 4)
+    assert written.equals(pa.Table.from_pylist(rows, schema=arrow_schema()))
+    assert written.to_pylist()[-2]["dwell_p90_ms"] is None
 
 
 def test_late_but_allowed_event_updates_the_pane(tmp_path):

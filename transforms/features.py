@@ -27,8 +27,10 @@ rows, with more `n_events`; `pit_join` keeps, per window, the row with the most 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -37,6 +39,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window
+from apache_beam.utils.windowed_value import WindowedValue
 
 # Config and row schema live in features_config, the Parquet sink in features_sink; re-exported here so that
 # `from transforms.features import ...` keeps giving the whole feature API.
@@ -215,26 +218,15 @@ def percentiles_sorted(values: Sequence[float], qs: Sequence[float]) -> tuple[fl
     return tuple(out)
 
 
-def feature_row(
-    entity_type: str,
-    entity_id: str,
-    window_label: str,
-    window_start: int,
-    window_end: int,
-    summary: tuple,
-    params: FeatureParams,
+_COUNT_COLUMNS = tuple((t, f"n_{t}") for t in EVENT_TYPES)
+
+
+def _window_free_features(
+    entity_type: str, counts: dict, dwell: Sequence[float], distinct: int, params: FeatureParams
 ) -> dict:
-    """A combine summary + window bounds -> the flat feature row (ROW_COLUMNS)."""
-    counts, dwell, distinct, last_t, ref_t, decayed = summary
-    row = {
-        "entity_type": entity_type,
-        "entity_id": entity_id,
-        "window": window_label,
-        "window_start": window_start,
-        "window_end": window_end,
-    }
-    for t in EVENT_TYPES:
-        row[f"n_{t}"] = counts.get(t, 0)
+    """The feature columns that do not depend on the window's bounds, from n_impression to the distinct
+    counts, in ROW_COLUMNS order. `dwell` ascending. Windows holding the same events share these."""
+    row = {name: counts.get(t, 0) for t, name in _COUNT_COLUMNS}
     row["n_events"] = sum(counts.values())
     row["ctr"] = (counts.get("click", 0) + params.ctr_alpha) / (
         counts.get("impression", 0) + params.ctr_alpha + params.ctr_beta
@@ -246,9 +238,30 @@ def feature_row(
         row["dwell_mean_ms"] = row["dwell_p50_ms"] = row["dwell_p90_ms"] = None
     row["distinct_items"] = None if entity_type == "item" else distinct
     row["distinct_users"] = distinct if entity_type == "item" else None
-    row["recency_s"] = (window_end - last_t) / 1000.0
-    row["decayed_engagement"] = 0.0 if ref_t is None else decayed * _decay(window_end - ref_t, params.half_life_ms)
     return row
+
+
+def feature_row(
+    entity_type: str,
+    entity_id: str,
+    window_label: str,
+    window_start: int,
+    window_end: int,
+    summary: tuple,
+    params: FeatureParams,
+) -> dict:
+    """A combine summary + window bounds -> the flat feature row (ROW_COLUMNS)."""
+    counts, dwell, distinct, last_t, ref_t, decayed = summary
+    return {
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "window": window_label,
+        "window_start": window_start,
+        "window_end": window_end,
+        **_window_free_features(entity_type, counts, dwell, distinct, params),
+        "recency_s": (window_end - last_t) / 1000.0,
+        "decayed_engagement": 0.0 if ref_t is None else decayed * _decay(window_end - ref_t, params.half_life_ms),
+    }
 
 
 def compute_features(
@@ -300,6 +313,68 @@ def compute_all(events: Iterable[dict], cfg: FeaturesConfig) -> list[dict]:
     ]
 
 
+def _slot_summaries(values: Iterable[tuple], slot_ms: int, params: FeatureParams) -> dict:
+    """(event_type, t_ms, dwell_ms, counterpart) inputs -> {slot start: accumulator} (the
+    `_EntityWindowCombineFn` accumulator, built by the same steps as its add_input, inlined: this runs
+    once per input; tests check both give the same rows)."""
+    weights, half_life_ms = dict(params.weights), params.half_life_ms
+    slots: dict = {}
+    for etype, t, dwell, other in values:
+        start = t - t % slot_ms
+        acc = slots.get(start)
+        if acc is None:
+            acc = slots[start] = [{}, [], set(), None, None, 0.0]
+        counts = acc[_COUNTS]
+        counts[etype] = counts.get(etype, 0) + 1
+        if dwell is not None:
+            acc[_DWELL].append(dwell)
+        if other is not None:
+            acc[_OTHERS].add(other)
+        if acc[_LAST] is None or t > acc[_LAST]:
+            acc[_LAST] = t
+        w = weights.get(etype)
+        if w:
+            ref = acc[_REF]
+            if ref is None:
+                acc[_REF], acc[_DECAY] = t, w
+            elif t <= ref:
+                acc[_DECAY] += w * _decay(ref - t, half_life_ms)
+            else:
+                acc[_DECAY] = acc[_DECAY] * _decay(t - ref, half_life_ms) + w
+                acc[_REF] = t
+    return slots
+
+
+def _merged_slots(accs: Sequence[list], half_life_ms: float) -> list:
+    """Slot accumulators in ascending slot order -> one accumulator, by the same steps as
+    `_EntityWindowCombineFn.merge_accumulators` folding them one by one into an empty one. A single slot
+    is returned as is (merging it into an empty accumulator would copy it unchanged)."""
+    if len(accs) == 1:
+        return accs[0]
+    counts: dict = {}
+    dwell: list = []
+    others: set = set()
+    last = ref = None
+    decayed = 0.0
+    for acc in accs:
+        for k, n in acc[_COUNTS].items():
+            counts[k] = counts.get(k, 0) + n
+        dwell += acc[_DWELL]
+        others |= acc[_OTHERS]
+        if acc[_LAST] is not None and (last is None or acc[_LAST] > last):
+            last = acc[_LAST]
+        acc_ref = acc[_REF]
+        if acc_ref is not None:
+            if ref is None:
+                ref, decayed = acc_ref, acc[_DECAY]
+            elif acc_ref <= ref:
+                decayed += acc[_DECAY] * _decay(ref - acc_ref, half_life_ms)
+            else:
+                decayed = decayed * _decay(acc_ref - ref, half_life_ms) + acc[_DECAY]
+                ref = acc_ref
+    return [counts, dwell, others, last, ref, decayed]
+
+
 def entity_rows(
     entity_type: str, entity_id: str, values: Iterable[tuple], specs: Sequence[tuple[str, int, int]], cfg
 ) -> Iterable[dict]:
@@ -308,33 +383,46 @@ def entity_rows(
     window order.
 
     Events are combined per slot first (the gcd of the periods: every instant of a slot lies in the
-    same windows), then each window merges the slots it holds, so the size/period fan-out costs one
-    merge per slot and window instead of one input per event and window. Same combine code as
-    `compute_all`, so the same rows (decayed sums up to float rounding).
+    same windows), then each window merges the slots it holds, in slot order, so the size/period
+    fan-out costs one merge per slot and window instead of one input per event and window. Same
+    accumulator steps as `_EntityWindowCombineFn` (as `compute_all`), so the same rows (decayed sums up
+    to float rounding). Windows holding the same slots (an entity active in one slot is in
+    size/period windows of each spec with the same events) share their merge and the columns that do
+    not depend on the window's bounds.
     """
     params = _params(cfg)
-    fn = _EntityWindowCombineFn(params)
-    slot = functools.reduce(math.gcd, (period for _, _, period in specs))
-    slots: dict = {}
-    for value in values:
-        start = value[1] - value[1] % slot
-        acc = slots.get(start)
-        if acc is None:
-            acc = slots[start] = fn.create_accumulator()
-        fn.add_input(acc, value)
-    ordered = sorted(slots.items())  # a fixed merge order: the same floats on every runner
+    half_life_ms = params.half_life_ms
+    slot_ms = functools.reduce(math.gcd, (period for _, _, period in specs))
+    slots = _slot_summaries(values, slot_ms, params)
+    starts = sorted(slots)  # a fixed merge order: the same floats on every runner
+    accs = [slots[start] for start in starts]
+    by_slot_range: dict = {}  # (first slot index, end slot index) -> (window-free columns, last, ref, decayed)
     for label, size_ms, period_ms in specs:
-        windows: dict = {}
-        for start, acc in ordered:
-            for w_start, _ in window_bounds(start, size_ms, period_ms):
-                merged = windows.get(w_start)
-                if merged is None:
-                    merged = windows[w_start] = fn.create_accumulator()
-                fn.merge_accumulators([merged, acc])  # mutates `merged` only
-        for w_start in sorted(windows):
-            yield feature_row(
-                entity_type, entity_id, label, w_start, w_start + size_ms, fn.extract_output(windows[w_start]), params
-            )
+        window_starts: set = set()
+        for start in starts:
+            window_starts.update(range(start - start % period_ms, start - size_ms, -period_ms))
+        for w_start in sorted(window_starts):
+            w_end = w_start + size_ms
+            slot_range = (bisect.bisect_left(starts, w_start), bisect.bisect_left(starts, w_end))
+            shared = by_slot_range.get(slot_range)
+            if shared is None:
+                counts, dwell, others, last, ref, decayed = _merged_slots(
+                    accs[slot_range[0] : slot_range[1]], half_life_ms
+                )
+                window_free = _window_free_features(entity_type, counts, sorted(dwell), len(others), params)
+                shared = by_slot_range[slot_range] = (window_free, last, ref, decayed)
+            window_free, last, ref, decayed = shared
+            # `feature_row`'s dict (and `_decay`) inlined: this runs once per row; tests compare the two.
+            yield {
+                "entity_type": entity_type,
+                "entity_id": entity_id,
+                "window": label,
+                "window_start": w_start,
+                "window_end": w_end,
+                **window_free,
+                "recency_s": (w_end - last) / 1000.0,
+                "decayed_engagement": 0.0 if ref is None else decayed * 0.5 ** ((w_end - ref) / half_life_ms),
+            }
 
 
 # --- transforms ------------------------------------------------------------------------------
@@ -349,6 +437,50 @@ class _KeyByEntityFn(beam.DoFn):
         if event.get("item_id") is None:
             self._no_item.inc()
         yield from entity_inputs(event, self._entities)
+
+
+def gather_entity_inputs(by_entity: dict, event: dict, entities: Sequence[str]) -> int:
+    """Appends the event's `entity_inputs` to `by_entity` ({entity key: [inputs]}); returns how many."""
+    inputs = entity_inputs(event, entities)
+    for key, value in inputs:
+        values = by_entity.get(key)
+        if values is None:
+            by_entity[key] = [value]
+        else:
+            values.append(value)
+    return len(inputs)
+
+
+class _EntityInputListsFn(beam.DoFn):
+    """Bounded-input path: events (global window) -> (entity key, [inputs]) per entity, gathered over a
+    bundle and flushed every `max_inputs` inputs (bounded memory). The GroupByKey then carries one
+    element per entity and chunk rather than one per event and entity (~3 per event), each of which
+    cost a coder call and the runner's per-element work. Inputs stay in event order within a list."""
+
+    def __init__(self, entities: tuple[str, ...], max_inputs: int = 50_000):
+        self._entities, self._max_inputs = entities, max_inputs
+        self._no_item = Metrics.counter(METRICS_NS, "events_without_item")
+
+    def start_bundle(self):
+        self._by_entity, self._n_inputs, self._n_no_item = {}, 0, 0
+
+    def process(self, event: dict):
+        if event.get("item_id") is None:
+            self._n_no_item += 1
+        self._n_inputs += gather_entity_inputs(self._by_entity, event, self._entities)
+        if self._n_inputs >= self._max_inputs:
+            yield from self._drain()
+
+    def finish_bundle(self):
+        for kv in self._drain():
+            yield WindowedValue(kv, window.GlobalWindow().max_timestamp(), (window.GlobalWindow(),))
+
+    def _drain(self):
+        by_entity, self._by_entity, self._n_inputs = self._by_entity, {}, 0
+        if self._n_no_item:
+            self._no_item.inc(self._n_no_item)
+            self._n_no_item = 0
+        return by_entity.items()
 
 
 class _ToFeatureRowFn(beam.DoFn):
@@ -367,7 +499,7 @@ class _ToFeatureRowFn(beam.DoFn):
 
 
 class _EntityRowsFn(beam.DoFn):
-    """Bounded-input path: all inputs of one entity -> all its feature rows (`entity_rows`), in the
+    """Bounded-input path: all input lists of one entity -> all its feature rows (`entity_rows`), in the
     global window. Not stamped with their window's end: bounded sinks ignore element timestamps, and a
     TimestampedValue costs a window assignment per row (~2.5 rows per event)."""
 
@@ -376,7 +508,8 @@ class _EntityRowsFn(beam.DoFn):
         self._rows = Metrics.counter(METRICS_NS, "feature_rows")
 
     def process(self, grouped):
-        (entity_type, entity_id), values = grouped
+        (entity_type, entity_id), value_lists = grouped
+        values = itertools.chain.from_iterable(value_lists)
         n = 0
         for row in entity_rows(entity_type, entity_id, values, self._specs, self._params):
             n += 1
@@ -398,7 +531,8 @@ class ComputeFeatures(beam.PTransform):
     even in batch; on FnApiRunner that made the windowed path ~3x slower (2,000 events -> 180k rows:
     69 s vs 21 s). Keying by (entity, window start) and combining there instead paid Beam's
     per-element work size/period times per event and shuffled one accumulator per row (~20% more
-    peak memory, benchmarks/RESULTS.md). An entity's group holds its small input tuples, not events.
+    peak memory, benchmarks/RESULTS.md). An entity's group holds its small input tuples, not events,
+    in lists gathered per bundle (`_EntityInputListsFn`).
     """
 
     def __init__(self, cfg: FeaturesConfig, trigger=None, accumulation_mode=None, keyed_windows: bool = False):
@@ -416,16 +550,19 @@ class ComputeFeatures(beam.PTransform):
         self._keyed_windows = keyed_windows
 
     def expand(self, events):
-        keyed = events | "KeyByEntity" >> beam.ParDo(_KeyByEntityFn(tuple(self._cfg.entities))).with_output_types(
-            tuple[tuple[str, str], tuple]
-        )
+        entities = tuple(self._cfg.entities)
         if self._keyed_windows:
             specs = tuple((spec.label, spec.size_ms, spec.period_ms) for spec in self._cfg.windows)
             return (
-                keyed
+                events
+                | "KeyByEntity"
+                >> beam.ParDo(_EntityInputListsFn(entities)).with_output_types(tuple[tuple[str, str], list])
                 | "GroupEntity" >> beam.GroupByKey()
                 | "EntityRows" >> beam.ParDo(_EntityRowsFn(specs, self._params))
             )
+        keyed = events | "KeyByEntity" >> beam.ParDo(_KeyByEntityFn(entities)).with_output_types(
+            tuple[tuple[str, str], tuple]
+        )
         outputs = []
         for spec in self._cfg.windows:
             s = spec.slug

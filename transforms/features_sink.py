@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import operator
 import uuid
 
 import apache_beam as beam
@@ -66,18 +67,27 @@ class _ParquetSink(fileio.FileSink):
 
         self._schema = arrow_schema()
         self._writer = pq.ParquetWriter(fh, self._schema, compression="snappy")
-        self._rows = []
+        self._row_values = operator.itemgetter(*self._schema.names)
+        self._row_type = pa.struct(list(self._schema))
+        self._rows = []  # one tuple of values (schema order) per row: a fraction of a row dict's memory
 
     def write(self, record):
         if self._writer is None:
             raise RuntimeError("write after flush: a Parquet file cannot be reopened")
-        self._rows.append(record)
+        try:
+            values = self._row_values(record)
+        except KeyError:  # a missing column is written as null, as Table.from_pylist does
+            values = tuple(record.get(name) for name in self._schema.names)
+        self._rows.append(values)
         if len(self._rows) >= self._batch_rows:
             self._write_rows()
 
     def _write_rows(self):
+        # The value tuples converted in one call, as a struct array (arrow reads tuples as structs):
+        # Table.from_pylist on row dicts, one lookup per cell, cost over three times as much per row.
         if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
+            values = pa.array(self._rows, type=self._row_type)
+            self._writer.write_batch(pa.RecordBatch.from_struct_array(values))
             self._rows = []
 
     def flush(self):
@@ -121,21 +131,24 @@ class _WritePartitionsPerBundleFn(beam.DoFn):
         self._temp_dir, self._batch_rows = temp_dir, batch_rows
 
     def start_bundle(self):
-        self._open = {}  # partition -> (temp path, file handle, _ParquetSink)
+        # {UTC day of window_end: (partition, temp path, file handle, _ParquetSink)}: keyed by the day, so
+        # partition_of's string is made once per file, not looked up for every row.
+        self._open = {}
 
     def process(self, row):
-        part = partition_of(row)
-        entry = self._open.get(part)
+        day = row["window_end"] // 86_400_000
+        entry = self._open.get(day)
         if entry is None:
+            part = _partition_of_day(day)
             path = FileSystems.join(self._temp_dir, f"{part}-{uuid.uuid4().hex}.parquet")
             fh = FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
             sink = _ParquetSink(self._temp_dir, self._batch_rows)
             sink.open(fh)
-            entry = self._open[part] = (path, fh, sink)
-        entry[2].write(row)
+            entry = self._open[day] = (part, path, fh, sink)
+        entry[3].write(row)
 
     def finish_bundle(self):
-        for part, (path, fh, sink) in sorted(self._open.items()):
+        for part, path, fh, sink in sorted(self._open.values(), key=lambda entry: entry[0]):
             sink.flush()
             fh.close()
             yield WindowedValue((part, path), window.GlobalWindow().max_timestamp(), (window.GlobalWindow(),))
