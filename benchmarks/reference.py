@@ -4,13 +4,15 @@
 
 It runs the project's own stage code on every record, in the job's order: read lines, parse and
 validate, pseudonymise (HMAC) and redact, enrich (ua-parser, cached), crawler user agents, dedupe
-per event_id, per-user bot runs and sessions, labels per (user, item), slates per request, features
-(the same CombineFn code, in memory), outcome counters and quality signals, and it writes the same
-kinds of files (Avro for events, bots, labels and slates; JSON lines for the rest; Parquet for
-features). Each stage's DoFn is driven directly (`setup()`, then `process()` per element), so the
-decisions are the job's; what is left out is exactly Beam's part: element wrapping, coders,
-shuffles, bundle handling. `benchmarks/batch_throughput.py` compares the job's CPU per event with
-this one's. It prints its outcome counts as JSON (they must equal the job's report).
+per event_id, per-user bot runs and sessions with the labels of each user's (user, item) keys,
+slates per request, features (the bounded job's per-entity path: inputs gathered per entity, then
+`entity_rows`), outcome counters and quality signals, and it writes the same kinds of files with the
+job's writers' settings (Avro with the job's codec for events, bots, labels and slates; JSON lines for
+the rest; Parquet for features, through the job's sink). Each stage's DoFn is driven directly
+(`setup()`, then `process()` per element), so the decisions are the job's; what is left out is
+exactly Beam's part: element wrapping, coders, shuffles, bundle handling.
+`benchmarks/batch_throughput.py` compares the job's CPU per event with this one's. It prints its
+outcome counts as JSON (they must equal the job's report).
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fastavro  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 from apache_beam.pvalue import TaggedOutput  # noqa: E402
 from apache_beam.transforms.window import TimestampedValue  # noqa: E402
 
@@ -40,9 +40,10 @@ from transforms.bots import FilterBots, _CrawlerFn, _UserRunsBatchFn  # noqa: E4
 from transforms.config import load_config  # noqa: E402
 from transforms.dedupe import DedupeEvents, _SplitCopiesFn  # noqa: E402
 from transforms.enrich import _EnrichFn  # noqa: E402
-from transforms.features import arrow_schema, compute_all  # noqa: E402
-from transforms.io import iter_lines, to_json_line  # noqa: E402
-from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA, JoinLabels, _SettleBatchFn, is_exposure, make_slate  # noqa: E402
+from transforms.features import FeatureParams, entity_rows, gather_entity_inputs  # noqa: E402
+from transforms.features_sink import _ParquetSink  # noqa: E402
+from transforms.io import AVRO_CODEC, iter_lines, to_json_line  # noqa: E402
+from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA, JoinLabels, is_exposure, make_slate  # noqa: E402
 from transforms.parse import ParseEvents, _ParseFn  # noqa: E402
 from transforms.privacy import _ProtectFn  # noqa: E402
 from transforms.signals import event_counters, label_counters  # noqa: E402
@@ -72,7 +73,7 @@ def _run(fn, elements) -> tuple[list, dict]:
 
 def _write_avro(path: Path, schema: dict, records: list) -> None:
     with open(path, "wb") as f:
-        fastavro.writer(f, fastavro.parse_schema(schema), records)
+        fastavro.writer(f, fastavro.parse_schema(schema), records, codec=AVRO_CODEC)
 
 
 def _write_jsonl(path: Path, records: list) -> None:
@@ -98,7 +99,8 @@ def _group(records, key) -> dict:
 
 
 def _clean_events(s: GraphSettings, raw: list) -> dict:
-    """Parse, protect, enrich, dedupe and bot stages -> their outputs and side outputs."""
+    """Parse, protect, enrich, dedupe and bot stages (labels settled in the per-user groups, as the job
+    does) -> their outputs and side outputs."""
     parsed, parse_tags = _run(_ParseFn(s.validation, s.key_source), raw)
     protected, _ = _run(_ProtectFn(s.privacy, s.key_source), parsed)
     enriched, _ = _run(_EnrichFn(), protected)
@@ -108,21 +110,32 @@ def _clean_events(s: GraphSettings, raw: list) -> dict:
 
     rest, crawler_tags = _run(_CrawlerFn(s.bots), deduped)
     by_user = _group(rest, lambda e: e["user_id"])
-    humans, user_tags = _run(_UserRunsBatchFn(s.bots, s.session_gap_s), by_user.items())
+    humans, user_tags = _run(_UserRunsBatchFn(s.bots, s.session_gap_s, labels=s.labels), by_user.items())
     bots = crawler_tags.get(FilterBots.BOTS, []) + user_tags.get(FilterBots.BOTS, [])
-    return {"humans": humans, "bots": bots, "parse_tags": parse_tags, "dedupe_tags": dedupe_tags}
+    return {
+        "humans": humans,
+        "bots": bots,
+        "labels": user_tags.get(contract.TAG_LABELS, []),
+        "label_tags": {tag: user_tags.get(tag, []) for tag in (JoinLabels.ORPHANS, JoinLabels.LATE_OUTCOMES)},
+        "parse_tags": parse_tags,
+        "dedupe_tags": dedupe_tags,
+    }
 
 
-def _labels_and_slates(s: GraphSettings, humans: list) -> tuple[list, dict, list]:
-    types = s.labels.outcome_types | {"impression"}
-    by_user_item = _group(
-        (e for e in humans if e["event_type"] in types and e.get("item_id") is not None),
-        lambda e: f"{len(e['user_id'])}:{e['user_id']}|{e['item_id']}",
-    )
-    labels, label_tags = _run(_SettleBatchFn(s.labels), by_user_item.items())
+def _slates(labels: list) -> list:
     by_request = _group((label for label in labels if label["request_id"] is not None), lambda r: r["request_id"])
-    slates = [make_slate(r, ls) for r, ls in by_request.items()]
-    return labels, label_tags, slates
+    return [make_slate(r, ls) for r, ls in by_request.items()]
+
+
+def _features(humans: list, cfg) -> list:
+    """The bounded job's feature path: each entity's inputs gathered, then all its rows (`entity_rows`)."""
+    params = FeatureParams.from_config(cfg)
+    specs = tuple((spec.label, spec.size_ms, spec.period_ms) for spec in cfg.windows)
+    entities = tuple(cfg.entities)
+    by_entity: dict = {}
+    for e in humans:
+        gather_entity_inputs(by_entity, e, entities)
+    return [row for (et, eid), values in by_entity.items() for row in entity_rows(et, eid, values, specs, params)]
 
 
 def _counters(raw: list, outcomes: dict, labels: list, label_tags: dict) -> collections.Counter:
@@ -179,9 +192,12 @@ def _write_outputs(
     _write_jsonl(out / "late_outcomes.jsonl", label_tags.get(JoinLabels.LATE_OUTCOMES, []))
     _write_jsonl(out / "signals.jsonl", [{"counter": k, "count": n} for k, n in sorted(signals.items())])
     if features:
-        pq.write_table(
-            pa.Table.from_pylist(features, schema=arrow_schema()), out / "features.parquet", compression="snappy"
-        )
+        sink = _ParquetSink(str(out))
+        with open(out / "features.parquet", "wb") as f:
+            sink.open(f)
+            for row in features:
+                sink.write(row)
+            sink.flush()
 
 
 def run(config: str, input_path: str, output: str) -> dict:
@@ -195,8 +211,9 @@ def run(config: str, input_path: str, output: str) -> dict:
 
     clean = _clean_events(s, raw)
     humans, bots = clean["humans"], clean["bots"]
-    labels, label_tags, slates = _labels_and_slates(s, humans)
-    features = compute_all(humans, s.features) if s.features is not None else []
+    labels, label_tags = clean["labels"], clean["label_tags"]
+    slates = _slates(labels)
+    features = _features(humans, s.features) if s.features is not None else []
 
     parse_tags = clean["parse_tags"]
     outcomes = {
