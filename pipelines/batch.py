@@ -36,6 +36,7 @@ from pipelines.launcher import (  # noqa: F401
     run_main,
     run_pipeline,
     runner_name,
+    single_worker,
     write_json,
 )
 from pipelines.outputs import BATCH_OUTPUTS, OutputPaths, build_outputs
@@ -76,7 +77,10 @@ def parse_args(argv=None):
 def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: OutputPaths) -> GraphOutputs:
     """Sources -> shared graph -> sinks. Returns the graph's outputs (for tests)."""
     read = p | "ReadArchives" >> ReadRawRecords(
-        input_glob, settings.validation.registry, max_line_bytes=settings.validation.max_event_bytes
+        input_glob,
+        settings.validation.registry,
+        reshuffle=not single_worker(p.options),
+        max_line_bytes=settings.validation.max_event_bytes,
     )
     out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
     build_outputs(out, settings, paths)

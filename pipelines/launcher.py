@@ -80,6 +80,16 @@ def runner_name(options) -> str:
     return str(options.view_as(StandardOptions).runner)
 
 
+def single_worker(options) -> bool:
+    """Whether every bundle runs in one SDK worker: FnApiRunner with one worker (its default). There a
+    shuffle that spreads records over workers has nothing to spread, and FnApiRunner would hold its
+    whole input in memory while the next stage runs."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    runner = runner_name(options).rsplit(".", 1)[-1].lower()
+    return runner == "fnapirunner" and options.view_as(DirectOptions).direct_num_workers == 1
+
+
 def require_match(flag: str, pattern: str) -> None:
     """Start-up check (exit 2, before anything runs): an input glob that matches nothing is almost
     always a typo; a folder (named, or matched by the glob) or an unreadable local file would only

@@ -85,3 +85,13 @@ def test_prism_runs_get_the_no_split_experiment():
     prism = pipeline_options(["--runner=PrismRunner", "--experiments=other"]).view_as(DebugOptions).experiments
     assert PRISM_NO_SPLIT_EXPERIMENT in prism and "other" in prism
     assert not (pipeline_options([]).view_as(DebugOptions).experiments or [])
+
+
+def test_records_are_spread_over_workers_unless_one_worker_runs_everything():
+    """The read's record shuffle is left out only where nothing can be spread: FnApiRunner with one worker."""
+    from pipelines.launcher import pipeline_options, single_worker
+
+    assert single_worker(pipeline_options([]))  # the default runner
+    assert not single_worker(pipeline_options(["--direct_num_workers=2"]))
+    for runner in ("PrismRunner", "FlinkRunner", "DataflowRunner", "DirectRunner"):
+        assert not single_worker(pipeline_options([f"--runner={runner}"])), runner
