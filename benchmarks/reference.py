@@ -42,7 +42,7 @@ from transforms.dedupe import DedupeEvents, _SplitCopiesFn  # noqa: E402
 from transforms.enrich import _EnrichFn  # noqa: E402
 from transforms.features import FeatureParams, entity_rows, gather_entity_inputs  # noqa: E402
 from transforms.features_sink import _ParquetSink  # noqa: E402
-from transforms.io import AVRO_CODEC, iter_lines, to_json_line  # noqa: E402
+from transforms.io import AVRO_CODEC, AVRO_DEFLATE_LEVEL, iter_lines, to_json_line  # noqa: E402
 from transforms.labels import LABEL_SCHEMA, SLATE_SCHEMA, JoinLabels, is_exposure, make_slate  # noqa: E402
 from transforms.parse import ParseEvents, _ParseFn  # noqa: E402
 from transforms.privacy import _ProtectFn  # noqa: E402
@@ -73,7 +73,9 @@ def _run(fn, elements) -> tuple[list, dict]:
 
 def _write_avro(path: Path, schema: dict, records: list) -> None:
     with open(path, "wb") as f:
-        fastavro.writer(f, fastavro.parse_schema(schema), records, codec=AVRO_CODEC)
+        fastavro.writer(
+            f, fastavro.parse_schema(schema), records, codec=AVRO_CODEC, codec_compression_level=AVRO_DEFLATE_LEVEL
+        )
 
 
 def _write_jsonl(path: Path, records: list) -> None:

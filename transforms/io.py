@@ -611,6 +611,9 @@ def sum_counters(rows: Iterable[dict]) -> dict:
 
 
 AVRO_CODEC = "deflate"  # WriteToAvro's default; ~2 µs per record more than "null" for ~7x smaller files
+# zlib's fastest level: ~1-2 µs less per clean-event record than its default (6), files ~5% larger
+# (62.5 vs 59.3 bytes per record). Readers do not depend on the level.
+AVRO_DEFLATE_LEVEL = 1
 
 
 class _WriteBundleFileFn(beam.DoFn):
@@ -632,7 +635,9 @@ class _WriteBundleFileFn(beam.DoFn):
         self._path = FileSystems.join(self._temp_dir, f"{uuid.uuid4().hex}.{self._fmt}")
         self._fh = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
         if self._fmt == "avro":
-            self._writer = fastavro.write.Writer(self._fh, self._parsed, codec=AVRO_CODEC)
+            self._writer = fastavro.write.Writer(
+                self._fh, self._parsed, codec=AVRO_CODEC, compression_level=AVRO_DEFLATE_LEVEL
+            )
 
     def process(self, record):
         if self._fh is None:
