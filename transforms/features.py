@@ -138,6 +138,36 @@ def _decay(dt_ms: float, half_life_ms: float) -> float:
     return 0.5 ** (dt_ms / half_life_ms)
 
 
+def _new_accumulator() -> list:
+    return [{}, [], set(), None, None, 0.0]
+
+
+def _add_decayed(acc: list, ref: int, value: float, half_life_ms: float) -> None:
+    if acc[_REF] is None:
+        acc[_REF], acc[_DECAY] = ref, value
+    elif ref <= acc[_REF]:
+        acc[_DECAY] += value * _decay(acc[_REF] - ref, half_life_ms)
+    else:
+        acc[_DECAY] = acc[_DECAY] * _decay(ref - acc[_REF], half_life_ms) + value
+        acc[_REF] = ref
+
+
+def _add_input(acc: list, etype: str, t: int, dwell, other, weights: dict, half_life_ms: float) -> None:
+    """One (event_type, t_ms, dwell_ms, counterpart) input into an accumulator (the CombineFn's and
+    `entity_rows`' per-slot ones alike)."""
+    counts = acc[_COUNTS]
+    counts[etype] = counts.get(etype, 0) + 1
+    if dwell is not None:
+        acc[_DWELL].append(dwell)
+    if other is not None:
+        acc[_OTHERS].add(other)
+    if acc[_LAST] is None or t > acc[_LAST]:
+        acc[_LAST] = t
+    w = weights.get(etype)
+    if w:
+        _add_decayed(acc, t, w, half_life_ms)
+
+
 class _EntityWindowCombineFn(beam.CombineFn):
     """(event_type, t_ms, dwell_ms, counterpart) inputs -> summary of one entity in one window.
 
@@ -150,31 +180,11 @@ class _EntityWindowCombineFn(beam.CombineFn):
         self._half_life_ms = params.half_life_ms
 
     def create_accumulator(self):
-        return [{}, [], set(), None, None, 0.0]
+        return _new_accumulator()
 
     def add_input(self, acc, element):
-        etype, t, dwell, other = element
-        counts = acc[_COUNTS]
-        counts[etype] = counts.get(etype, 0) + 1
-        if dwell is not None:
-            acc[_DWELL].append(dwell)
-        if other is not None:
-            acc[_OTHERS].add(other)
-        if acc[_LAST] is None or t > acc[_LAST]:
-            acc[_LAST] = t
-        w = self._weights.get(etype)
-        if w:
-            self._add_decayed(acc, t, w)
+        _add_input(acc, *element, self._weights, self._half_life_ms)
         return acc
-
-    def _add_decayed(self, acc, ref, value):
-        if acc[_REF] is None:
-            acc[_REF], acc[_DECAY] = ref, value
-        elif ref <= acc[_REF]:
-            acc[_DECAY] += value * _decay(acc[_REF] - ref, self._half_life_ms)
-        else:
-            acc[_DECAY] = acc[_DECAY] * _decay(ref - acc[_REF], self._half_life_ms) + value
-            acc[_REF] = ref
 
     def merge_accumulators(self, accumulators):
         it = iter(accumulators)
@@ -187,7 +197,7 @@ class _EntityWindowCombineFn(beam.CombineFn):
             if acc[_LAST] is not None and (merged[_LAST] is None or acc[_LAST] > merged[_LAST]):
                 merged[_LAST] = acc[_LAST]
             if acc[_REF] is not None:
-                self._add_decayed(merged, acc[_REF], acc[_DECAY])
+                _add_decayed(merged, acc[_REF], acc[_DECAY], self._half_life_ms)
         return merged
 
     def extract_output(self, acc):
@@ -315,33 +325,15 @@ def compute_all(events: Iterable[dict], cfg: FeaturesConfig) -> list[dict]:
 
 def _slot_summaries(values: Iterable[tuple], slot_ms: int, params: FeatureParams) -> dict:
     """(event_type, t_ms, dwell_ms, counterpart) inputs -> {slot start: accumulator} (the
-    `_EntityWindowCombineFn` accumulator, built by the same steps as its add_input, inlined: this runs
-    once per input; tests check both give the same rows)."""
+    `_EntityWindowCombineFn` accumulator, built by the same `_add_input`)."""
     weights, half_life_ms = dict(params.weights), params.half_life_ms
     slots: dict = {}
     for etype, t, dwell, other in values:
         start = t - t % slot_ms
         acc = slots.get(start)
         if acc is None:
-            acc = slots[start] = [{}, [], set(), None, None, 0.0]
-        counts = acc[_COUNTS]
-        counts[etype] = counts.get(etype, 0) + 1
-        if dwell is not None:
-            acc[_DWELL].append(dwell)
-        if other is not None:
-            acc[_OTHERS].add(other)
-        if acc[_LAST] is None or t > acc[_LAST]:
-            acc[_LAST] = t
-        w = weights.get(etype)
-        if w:
-            ref = acc[_REF]
-            if ref is None:
-                acc[_REF], acc[_DECAY] = t, w
-            elif t <= ref:
-                acc[_DECAY] += w * _decay(ref - t, half_life_ms)
-            else:
-                acc[_DECAY] = acc[_DECAY] * _decay(t - ref, half_life_ms) + w
-                acc[_REF] = t
+            acc = slots[start] = _new_accumulator()
+        _add_input(acc, etype, t, dwell, other, weights, half_life_ms)
     return slots
 
 
