@@ -92,3 +92,16 @@ def test_sessions_by_gap_and_bucket():
     assert [len(b) for b in split_by_bucket(events, 60 * M)] == [4, 1]
     out = assign_sessions(events[:2] + [{**events[2], "session_id": "given"}], 30 * M)
     assert out[0]["session_id"] == out[1]["session_id"] == session_id_for("u", 0) and out[2]["session_id"] == "given"
+
+
+def test_repeated_outcome_ids_settle_the_same_in_any_order():
+    """Copies of an outcome event_id kept apart by dedupe (over 24 h): the decision must not depend on
+    the order a runner groups them in."""
+    day = 86_400_000
+    x = ev("x", "impression", 10 * day, request="R")
+    early = ev("dup", "click", 10 * day + 2000, request="R")
+    late = ev("dup", "click", 12 * day, request="R")
+    settled = [settle([x], outcomes, RULES) for outcomes in ([early, late], [late, early])]
+    first, second = settled
+    assert first.labels == second.labels and first.late_outcomes == second.late_outcomes
+    assert sorted(map(repr, first.orphans)) == sorted(map(repr, second.orphans))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import math
 
@@ -92,3 +93,21 @@ def test_unpacked_groups_can_be_read_twice():
     assert isinstance(group, Unpacked)
     assert list(group) == records
     assert list(group) == records  # re-iterable: the bots step counts first, then sorts
+
+
+def test_dict_subclasses_come_back_as_themselves():
+    packer = RecordPacker(ORDER)
+    for record in (
+        collections.OrderedDict([("event_type", 1), ("event_id", 2)]),
+        collections.OrderedDict([("event_id", "e1"), ("event_type", "click")]),  # a prefix of the order
+        collections.defaultdict(int, {"zz": 1}),
+    ):
+        back = packer.unpack(packer.pack(record))
+        assert type(back) is type(record) and list(back.items()) == list(record.items())
+
+
+def test_bytes_like_values_come_back_as_bytes():
+    assert unpack_values(pack_values({"blob": bytearray(b"x"), "view": memoryview(b"y")})) == {
+        "blob": b"x",
+        "view": b"y",
+    }

@@ -112,11 +112,15 @@ def attribute(exposures: list[dict], outcomes: list[dict], rules: LabelRules) ->
     With a request_id, the outcome joins an exposure of that request within
     [impression - clock_skew, impression + window]; the latest such one. Without, the latest exposure
     of the item at or before the outcome within the window.
+
+    Copies of one event_id further apart than the dedupe horizon are all kept; the latest of them in
+    event time decides the id's match, whatever order the runner grouped them in.
     """
     ordered = sorted(exposures, key=lambda x: (x["event_time"], x["event_id"]))
     times = [x["event_time"] for x in ordered]
     result = {}
-    for o in outcomes:
+    # (Two copies with one id and one event time never both get here: dedupe keeps one of them.)
+    for o in sorted(outcomes, key=lambda o: (o["event_time"], o.get("arrival_time") or 0, o["event_id"])):
         t = o["event_time"]
         match = None
         if o.get("request_id") is not None:

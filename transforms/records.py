@@ -55,9 +55,10 @@ def field_order(schema: dict) -> tuple[str, ...]:
 
 def pack_values(value) -> bytes:
     """A value of builtin types -> compact bytes. `marshal` keeps str, int (any size), float, bool,
-    None, bytes, list, tuple and dict exactly, key order included; its format belongs to the Python
-    version, which every worker of a Beam job shares. A value marshal cannot write (another type
-    inside) is pickled instead."""
+    None, bytes, list, tuple, set and dict exactly, key order included; its format belongs to the
+    Python version, which every worker of a Beam job shares. A value marshal cannot write (another
+    type inside, a dict subclass) is pickled instead. Other bytes-like values (bytearray, memoryview)
+    come back as bytes: marshal writes any buffer as bytes."""
     try:
         return marshal.dumps(value)
     except ValueError:
@@ -92,13 +93,13 @@ class RecordPacker:
         self._orders_by_length = {n: self._order[:n] for n in range(len(self._order) + 1)}
 
     def pack(self, record: dict) -> bytes:
-        if self._orders_by_length.get(len(record)) == tuple(record):
+        if type(record) is dict and self._orders_by_length.get(len(record)) == tuple(record):
             return pack_values(tuple(record.values()))
         return pack_values(record)
 
     def unpack(self, packed: bytes) -> dict:
         values = unpack_values(packed)
-        if type(values) is dict:
+        if isinstance(values, dict):  # packed whole (a dict subclass comes back pickled, as itself)
             return values
         return dict(zip(self._order, values))
 
