@@ -257,14 +257,37 @@ def label_polarity(label: dict) -> str:
     return "positive" if label["label"] else "negative"
 
 
+_EXPOSURE, _OUTCOME = 0, 1
+
+
+def _role(e: dict, rules: LabelRules) -> int | None:
+    """_EXPOSURE, _OUTCOME (an outcome type with an item) or None: what settling makes of an event."""
+    if is_exposure(e):
+        return _EXPOSURE
+    if e["event_type"] in rules.outcome_types and e.get("item_id") is not None:
+        return _OUTCOME
+    return None
+
+
 def split_events(events: Iterable[dict], rules: LabelRules) -> tuple[list[dict], list[dict]]:
-    exposures, outcomes = [], []
+    split: tuple = ([], [])
     for e in events:
-        if is_exposure(e):
-            exposures.append(e)
-        elif e["event_type"] in rules.outcome_types and e.get("item_id") is not None:
-            outcomes.append(e)
-    return exposures, outcomes
+        role = _role(e, rules)
+        if role is not None:
+            split[role].append(e)
+    return split
+
+
+def settle_user(events: Iterable[dict], rules: LabelRules) -> Iterator[Settlement]:
+    """One user's human events -> the settlement of each of the user's items: what JoinLabels settles
+    per (user, item) key, for a step that already holds each user's events together."""
+    by_item: dict = {}
+    for e in events:
+        role = _role(e, rules)
+        if role is not None:
+            by_item.setdefault(e["item_id"], ([], []))[role].append(e)
+    for exposures, outcomes in by_item.values():
+        yield settle(exposures, outcomes, rules)
 
 
 # --- transforms -------------------------------------------------------------------------------
@@ -273,19 +296,6 @@ def split_events(events: Iterable[dict], rules: LabelRules) -> tuple[list[dict],
 def _key(e: dict) -> str:
     # user and item ids are free text: join them with a separator that cannot be confused.
     return f"{len(e['user_id'])}:{e['user_id']}|{e['item_id']}"
-
-
-def settle_user(events: Iterable[dict], rules: LabelRules) -> Iterator[Settlement]:
-    """One user's human events -> the settlement of each of the user's items: what JoinLabels settles
-    per (user, item) key, for a step that already holds each user's events together."""
-    types = rules.outcome_types | {EXPOSURE_TYPE}
-    by_item: dict = {}
-    for e in events:
-        if e["event_type"] in types and e.get("item_id") is not None:
-            by_item.setdefault(e["item_id"], []).append(e)
-    for item_events in by_item.values():
-        exposures, outcomes = split_events(item_events, rules)
-        yield settle(exposures, outcomes, rules)
 
 
 def settle_counters() -> dict:
