@@ -33,6 +33,7 @@ from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
+from transforms.avro_codec import AvroFileWriter, AvroRecordEncoder, encode_avro_file
 from transforms.deadletter import dead_letter, scrub_damage_fields
 from transforms.records import pack_values, unpack_values
 from transforms.schemas import SchemaRegistry
@@ -626,7 +627,7 @@ class _WriteBundleFileFn(beam.DoFn):
         self._fh = self._writer = self._path = None
 
     def setup(self):
-        self._parsed = fastavro.parse_schema(self._schema) if self._fmt == "avro" else None
+        self._encoder = AvroRecordEncoder(self._schema) if self._fmt == "avro" else None
 
     def start_bundle(self):
         self._fh = self._writer = self._path = None
@@ -635,8 +636,8 @@ class _WriteBundleFileFn(beam.DoFn):
         self._path = FileSystems.join(self._temp_dir, f"{uuid.uuid4().hex}.{self._fmt}")
         self._fh = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
         if self._fmt == "avro":
-            self._writer = fastavro.write.Writer(
-                self._fh, self._parsed, codec=AVRO_CODEC, compression_level=AVRO_DEFLATE_LEVEL
+            self._writer = AvroFileWriter(
+                self._fh, self._schema, codec=AVRO_CODEC, compression_level=AVRO_DEFLATE_LEVEL, encoder=self._encoder
             )
 
     def process(self, record):
@@ -840,10 +841,7 @@ def encode_file(records: list, fmt: str, schema: dict | None, name: str) -> byte
     file name instead of being random, so the same records and name give the same bytes)."""
     if fmt == "jsonl":
         return b"".join(to_json_line(r).encode() + b"\n" for r in records)
-    buf = io.BytesIO()
-    marker = hashlib.sha256(name.encode()).digest()[:16]
-    fastavro.writer(buf, fastavro.parse_schema(schema), records, sync_marker=marker)
-    return buf.getvalue()
+    return encode_avro_file(records, schema, sync_marker=hashlib.sha256(name.encode()).digest()[:16])
 
 
 class _WritePaneFn(beam.DoFn):
