@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import fastavro  # noqa: E402
 from apache_beam.pvalue import TaggedOutput  # noqa: E402
 from apache_beam.transforms.window import TimestampedValue  # noqa: E402
 
 from pipelines.graph import GraphSettings  # noqa: E402
 from transforms import contract  # noqa: E402
 from transforms.accounting import INPUT, summarise  # noqa: E402
+from transforms.avro_codec import AvroFileWriter  # noqa: E402
 from transforms.bots import FilterBots, _CrawlerFn, _UserRunsBatchFn  # noqa: E402
 from transforms.config import load_config  # noqa: E402
 from transforms.dedupe import DedupeEvents, _SplitCopiesFn  # noqa: E402
@@ -72,10 +72,11 @@ def _run(fn, elements) -> tuple[list, dict]:
 
 
 def _write_avro(path: Path, schema: dict, records: list) -> None:
-    with open(path, "wb") as f:
-        fastavro.writer(
-            f, fastavro.parse_schema(schema), records, codec=AVRO_CODEC, codec_compression_level=AVRO_DEFLATE_LEVEL
-        )
+    with open(path, "wb") as f:  # the job's writer (transforms/io.py _WriteBundleFileFn)
+        writer = AvroFileWriter(f, schema, codec=AVRO_CODEC, compression_level=AVRO_DEFLATE_LEVEL)
+        for record in records:
+            writer.write(record)
+        writer.flush()
 
 
 def _write_jsonl(path: Path, records: list) -> None:
