@@ -442,9 +442,14 @@ class PiiScanner:
         if "+" in text:
             for m in _PLUS_PHONE_RE.finditer(text):
                 c = m.group(0)
-                if _PHONE_MIN_DIGITS <= _digits(c) <= _PHONE_MAX_DIGITS:
-                    for s, e in _phone_spans(c):  # without the word it is glued to
-                        add(m.start() + s, m.start() + e, "phone")
+                n = _digits(c)
+                if n < _PHONE_MIN_DIGITS:
+                    continue
+                # Without the word it is glued to; run into more digit groups ("call+14155550123 2026-10-31"),
+                # the stretches from the '+' on, as for any candidate.
+                spans = [(m.start() + s, m.start() + e) for s, e in _phone_spans(c)] if n <= _PHONE_MAX_DIGITS else []
+                for s, e in spans or self._phone_spans_inside(text, m.start(), c):
+                    add(s, e, "phone")
         return sorted(found)
 
     @staticmethod
@@ -471,10 +476,12 @@ class PiiScanner:
             )
             if rank is not None:
                 starts.append((rank, i))
-        found, taken_until = [], -1
+        found = []
         for _, i in sorted(starts):
             start = groups[i][0]
-            if start < taken_until:
+            # Only a start inside a number found already is skipped: one found further right (a better
+            # ranked "00" stretch) must not hide the number before it ("01 99 00 12 34\t2026-11-01 09").
+            if any(s <= start < e for s, e in found):
                 continue
             digits, ends = 0, []
             for _, g_end, g_len in groups[i:]:
@@ -488,7 +495,6 @@ class PiiScanner:
                 spans = _phone_spans(text[lo:end])
                 if spans:
                     found += [(lo + s, lo + e) for s, e in spans]
-                    taken_until = max(taken_until, lo + spans[-1][1])
                     break
         return found
 
