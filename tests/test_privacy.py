@@ -344,3 +344,165 @@ def test_clean_text_proof_agrees_with_the_full_scan(tmp_path):
 def test_clean_text_proof_never_clears_pii(kind, value):
     for text in (value, f"call {value} now", f"({value})", f"x {value}.", json_escaped(value)):
         assert not cannot_hold_pii(text), text
+
+
+# --- timestamps: a phone candidate inside a well-formed date-time never reaches phonenumbers -------------
+# (it cost ~2.5 ms a timestamp with a negative offset: "36.049-05" tried in 24 regions, twice). The cost is
+# tested by counting calls to `_phone_spans`, never by timing.
+
+import contextlib  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from transforms import privacy  # noqa: E402
+
+
+@contextlib.contextmanager
+def phone_lookups():
+    """The candidates handed to phonenumbers (`_phone_spans`) while the block runs."""
+    calls, real = [], privacy._phone_spans
+
+    def counted(candidate):
+        calls.append(candidate)
+        return real(candidate)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(privacy, "_phone_spans", counted)
+        yield calls
+
+
+def spans_without_the_timestamp_rule(text: str) -> list:
+    """What `spans` finds when no date-time is recognised: the full treatment every candidate got before."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(privacy, "_timestamp_spans", lambda _: [])
+        return PiiScanner().spans(text)
+
+
+WELL_FORMED_TIMESTAMPS = [
+    "2026-10-31T21:38:36.049-05:00",
+    "2026-11-01 09:52:41-08:00",
+    "2026-10-31T21:38:36.049123-05:00",  # microseconds (Python's isoformat): was redacted as a phone
+    "2026-10-31T21:38:36.1-05:00",
+    "2026-10-31T21:38:36-0500",
+    "2026-10-31T21:38:36.049-0330",
+    "2026-10-31 21:38:36.049123-11:00",
+    "2026-10-31T21:38:36.049+05:30",
+    "2026-10-31T21:38:36.049123+0530",
+    "2026-10-31T21:38:36.049Z",
+    "2026-10-31T21:38:36Z",
+    "2026-10-31t21:38:36.049z",
+    "2026-10-31T21:38:36",
+    "1999-12-31T23:59:60.999999-23:59",  # a leap second, the largest offset
+    "2000-01-01T00:00:00.000000+00:00",
+]
+
+
+@pytest.mark.parametrize("ts", WELL_FORMED_TIMESTAMPS)
+def test_well_formed_timestamps_hold_no_pii_and_never_reach_phonenumbers(ts):
+    scanner = PiiScanner()
+    for text in (ts, f"event at {ts} failed", f'{{"event_time": "{ts}"}}', f"event_time={ts};", f"({ts})"):
+        with phone_lookups() as calls:
+            assert scanner.full_scan(text) == (text, []), text
+        assert calls == [], text
+
+
+MALFORMED_TIMESTAMPS = [
+    "2026-10-31T21:38:36.0491234-05:00",  # a 7-digit fraction: a phone number fits in it
+    "2026-10-31T21:38:36.049123456-05:00",
+    "2026-13-31T21:38:36.049-05:00",  # month
+    "2026-10-32T21:38:36.049-05:00",  # day
+    "2026-10-31T24:38:36.049-05:00",  # hour
+    "2026-10-31T21:60:36.049-05:00",  # minute
+    "2026-10-31T21:38:61.049-05:00",  # second
+    "2026-10-31T21:38:36.049-24:00",  # offset hour
+    "2026-10-31T21:38:36.049-05:60",  # offset minute
+    "2026-10-31T21:38:36.049-05",  # an offset of hours alone
+    "2026-10-31T21:38:36.049-05:001",  # digits glued on after
+    "2026-10-31T21:38:36.049-05:00-1",
+    "12026-10-31T21:38:36.049-05:00",  # and before
+    "7-2026-10-31T21:38:36.049-05:00",
+    "+2026-10-31T21:38:36.049-05:00",
+    "2026/10/31T21:38:36.049-05:00",  # not ISO 8601's date
+]
+
+
+@pytest.mark.parametrize("text", MALFORMED_TIMESTAMPS)
+def test_malformed_timestamps_keep_the_full_treatment(text):
+    with phone_lookups() as calls:
+        found = PiiScanner().spans(text)
+    assert calls, text  # the candidate went to phonenumbers, as before the rule
+    assert found == spans_without_the_timestamp_rule(text)
+
+
+@pytest.mark.parametrize(
+    "text,phone",
+    [
+        ("call 0044 20 7946 0958 at 2026-10-31T21:38:36-05:00", "0044 20 7946 0958"),
+        ("2026-10-31T21:38:36.049-05:00 call +1 415 555 0134", "+1 415 555 0134"),
+        ("2026-10-31T21:38:36.049-05:00 415-555-0134", "415-555-0134"),
+        ("at 2026-11-01 09:52:41-08:00, (415) 555-0134", "(415) 555-0134"),
+        ("+44 20 7946 0958 2026-10-31T21:38:36.049-05:00", "+44 20 7946 0958"),
+        ("2026-10-31T21:38:36.049-05:00,+14155550134", "+14155550134"),
+        ("2026-10-31T21:38:36.049-05:00 020 7946 0958 2026-10-31T21:38:37.001-05:00", "020 7946 0958"),
+        # Missed before: a '+' number glued to a word and run into the date's digit groups (19 digits),
+        ("call+14155550123 2026-10-31T21:38:36.049-05:00", "+14155550123"),
+        ("v-+442079460999 2026-11-01 09:52:41-08:00", "+442079460999"),
+        # and a number hidden by a better-ranked stretch ("00 12 34 2026-11-01 09") found right of it.
+        ("01 99 00 12 34\t2026-11-01 09:52:41-08:00", "01 99 00 12 34"),
+        ("415.555.0134 (2026-10-31 21:38:36", "415.555.0134"),
+    ],
+)
+def test_phones_next_to_timestamps_are_still_found(text, phone):
+    out = Redactor(KEY).redact(text)
+    assert phone not in out and "[phone:" in out, out
+    # The timestamp's time is left (its date and hour may go with a number run on into them: fails closed).
+    assert ":38:36" in out or ":52:41" in out
+
+
+def _two(lo: int, hi: int):
+    return st.integers(lo, hi).map("{:02d}".format)
+
+
+# Random well-formed date-times from random fields: every shape `_TIMESTAMP_RE` takes.
+timestamps = st.builds(
+    "{}-{}-{}{}{}:{}:{}{}{}".format,
+    st.integers(1900, 2099).map(str),
+    _two(1, 12),
+    _two(1, 31),
+    st.sampled_from("Tt "),
+    _two(0, 23),
+    _two(0, 59),
+    _two(0, 60),
+    st.one_of(st.just(""), st.text("0123456789", min_size=1, max_size=6).map(".{}".format)),
+    st.one_of(
+        st.sampled_from(["", "Z", "z"]),
+        st.builds("{}{}{}{}".format, st.sampled_from("+-"), _two(0, 23), st.sampled_from(["", ":"]), _two(0, 59)),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(timestamps, st.sampled_from(["{}", "at {} failed", '"event_time": "{}"', "t={};", "({})", "{}, {}"]))
+def test_random_timestamps_hold_no_pii_and_never_reach_phonenumbers(ts, where):
+    text = where.format(ts, ts)
+    with phone_lookups() as calls:
+        assert PiiScanner().spans(text) == []
+        assert PiiScanner().full_scan(text) == (text, [])
+    assert calls == []
+
+
+CORPUS_PHONES = sorted({value for kind, value in PII_CORPUS if kind == "phone"})
+# Only separators between: the number's candidate runs on into the timestamp's digit groups.
+JOINED = [f"{{{a}}}{sep}{{{b}}}" for sep in (" ", "\t", " (", ") ") for a, b in ("pt", "tp")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(CORPUS_PHONES),
+    timestamps,
+    st.sampled_from(["{p} at {t}", "{t} call {p}", "{t}, {p}", "{p}; {t}", "{t} | {p} | {t}", "{t}\n{p}"] + JOINED),
+)
+def test_random_phones_next_to_random_timestamps_are_found(phone, ts, where):
+    out = Redactor(KEY).redact(where.format(p=phone, t=ts))
+    assert phone not in out and "[phone:" in out, out

@@ -8,7 +8,7 @@ Detection (`PiiScanner`) finds e-mail addresses, phone numbers and IP addresses 
 * phone numbers with Google's libphonenumber port (`phonenumbers.PhoneNumberMatcher`, leniency VALID),
   tried with the default regions in `PHONE_REGIONS` so national forms (trunk 0, `00` prefixes) are
   found too; a cheap candidate regex (a run of 7-17 digits with separators) decides whether the
-  library is called at all;
+  library is called at all (not for one lying wholly inside a well-formed ISO 8601 date-time);
 * IPv4 and IPv6 candidates found by regex and confirmed with `ipaddress` (IPv4 octets with leading
   zeros are read as decimal, as `inet_aton`-style parsers in logs do; IPv6 zones and IPv4-mapped forms
   included);
@@ -29,6 +29,7 @@ finding by field and kind (`pii_found.<field>.<kind>` counters in namespace `fee
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
@@ -117,12 +118,23 @@ _PLUS_PHONE_RE = re.compile(r"(?<![+\d])\+\d[\d \u00a0\t().\-/]*\d(?!\d)")
 # phone number: it is only taken for one when written as +CC..., 00CC... or 0... (trunk prefix).
 _BARE_DIGITS_RE = re.compile(r"\(?[1-9]\d*\)?")
 # Dotted with a one-digit group and no +: a version number ("Instagram 375.2.0.33.77"), not a phone.
+_VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
 # A candidate starting with a calendar date ("2026-10-31 19:11:05") is a timestamp.
 _DATE_RE = re.compile(
     r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])(?!\d)"
     r"|(?:0?[1-9]|[12]\d|3[01])[-/.](?:0?[1-9]|1[0-2])[-/.](?:19|20)\d\d(?!\d)"
 )
-_VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
+# A well-formed ISO 8601 / RFC 3339 date-time ("2026-10-31T21:38:36.049-05:00"): a phone candidate wholly
+# inside one ("36.049-05": seconds, fraction and offset hours) is part of a timestamp, and sending it to
+# phonenumbers cost ~2.5 ms (24 regions, then again per group stretch). Strict, so no number can hide in
+# one: every field in range, a fraction of at most 6 digits (no 7-digit run fits in it), an offset of
+# +-HH:MM, +-HHMM or Z, and no number glued on either side (directly or through one separator). Anything
+# else, and every candidate reaching outside the match, keeps the full treatment. 't' and 'z': RFC 3339 5.6.
+_TIMESTAMP_RE = re.compile(
+    r"(?<![\d+])(?<!\d[-.,:/])(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])[Tt ]"
+    r"(?:[01]\d|2[0-3]):[0-5]\d:(?:[0-5]\d|60)(?:\.\d{1,6})?(?:[Zz]|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?"
+    r"(?![.,:+\-]?\d)"
+)
 _PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS, _PHONE_MAX_GROUPS = 7, 17, 48
 # IPv4 not glued to a word or a dotted number. After "word/" it is an address ("host/203.0.113.5", a URL
 # path) unless it ends in ".0.0", the form of product versions in user agents ("Chrome/120.0.0.0").
@@ -338,6 +350,18 @@ def _phone_spans(candidate: str) -> tuple:
     return ()
 
 
+def _timestamp_spans(text: str) -> list:
+    """(start, end) of every well-formed date-time in `text` (`_TIMESTAMP_RE`), in order."""
+    return [m.span() for m in _TIMESTAMP_RE.finditer(text)] if ":" in text else []
+
+
+def _inside_any(spans: list, start: int, end: int) -> bool:
+    """Whether [start, end) lies wholly inside one of `spans` (sorted, non-overlapping): one bisection, not a
+    walk over every span, so a long text of many timestamps costs a few steps per candidate."""
+    i = bisect.bisect_right(spans, (start, sys.maxsize)) - 1
+    return i >= 0 and spans[i][1] >= end
+
+
 class PiiScanner:
     """Finds PII in text: `spans(text)` -> sorted non-overlapping (start, end, kind)."""
 
@@ -389,6 +413,7 @@ class PiiScanner:
             for start, end, _ in found:
                 chars[start:end] = "_" * (end - start)
             text = "".join(chars)
+        timestamps = None  # found once, when the first candidate that phonenumbers would see needs them
         for m in _PHONE_CANDIDATE_RE.finditer(text):
             c = m.group(0)
             n = _digits(c)
@@ -400,6 +425,13 @@ class PiiScanner:
                 or _DATE_RE.match(c)
             ):
                 continue
+            if timestamps is None:
+                timestamps = _timestamp_spans(text)
+            # Its digits, first to last ("(2026-11-01 09" in "(2026-11-01 09:52:41)"), inside a date-time:
+            # "36.049-05" in "...T21:38:36.049-05:00" is a timestamp's fields, not a number.
+            first, last = m.start() + len(c) - len(c.lstrip("(+")), m.end() - c.endswith(")")
+            if timestamps and _inside_any(timestamps, first, last):
+                continue
             lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
             spans = _phone_spans(text[lo:hi]) if n <= _PHONE_MAX_DIGITS else ()
             if not spans:
@@ -410,9 +442,14 @@ class PiiScanner:
         if "+" in text:
             for m in _PLUS_PHONE_RE.finditer(text):
                 c = m.group(0)
-                if _PHONE_MIN_DIGITS <= _digits(c) <= _PHONE_MAX_DIGITS:
-                    for s, e in _phone_spans(c):  # without the word it is glued to
-                        add(m.start() + s, m.start() + e, "phone")
+                n = _digits(c)
+                if n < _PHONE_MIN_DIGITS:
+                    continue
+                # Without the word it is glued to; run into more digit groups ("call+14155550123 2026-10-31"),
+                # the stretches from the '+' on, as for any candidate.
+                spans = [(m.start() + s, m.start() + e) for s, e in _phone_spans(c)] if n <= _PHONE_MAX_DIGITS else []
+                for s, e in spans or self._phone_spans_inside(text, m.start(), c):
+                    add(s, e, "phone")
         return sorted(found)
 
     @staticmethod
@@ -439,10 +476,12 @@ class PiiScanner:
             )
             if rank is not None:
                 starts.append((rank, i))
-        found, taken_until = [], -1
+        found = []
         for _, i in sorted(starts):
             start = groups[i][0]
-            if start < taken_until:
+            # Only a start inside a number found already is skipped: one found further right (a better
+            # ranked "00" stretch) must not hide the number before it ("01 99 00 12 34\t2026-11-01 09").
+            if any(s <= start < e for s, e in found):
                 continue
             digits, ends = 0, []
             for _, g_end, g_len in groups[i:]:
@@ -456,7 +495,6 @@ class PiiScanner:
                 spans = _phone_spans(text[lo:end])
                 if spans:
                     found += [(lo + s, lo + e) for s, e in spans]
-                    taken_until = max(taken_until, lo + spans[-1][1])
                     break
         return found
 
