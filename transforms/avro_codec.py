@@ -85,13 +85,15 @@ def _emit_value(src: _Source, indent: int, value: str, schema) -> None:
     """Code writing `value` (a local name) as `schema`, raising _Fallback on any other type."""
     t = _base_type(schema)
     if t == "string":
-        b = src.name("b")
+        b, n = src.name("b"), src.name("n")
         src.add(indent, f"if type({value}) is not str: raise _Fallback")
         src.add(indent, f"{b} = {value}.encode()")
-        src.add(indent, f"a(zz(len({b}))); a({b})")
+        src.add(indent, f"{n} = len({b})")
+        # Most strings are shorter than 64 bytes: their length is one byte, looked up without a call.
+        src.add(indent, f"a(one_byte[{n} << 1] if {n} < 64 else zz({n})); a({b})")
     elif t in ("int", "long"):
         src.add(indent, f"if type({value}) is not int: raise _Fallback")
-        src.add(indent, f"a(zz({value}))")
+        src.add(indent, f"a(one_byte[{value} << 1] if 0 <= {value} < 64 else zz({value}))")
     elif t == "double":
         src.add(indent, f"if type({value}) is not float: raise _Fallback")
         src.add(indent, f"a(pack_double({value}))")
@@ -163,7 +165,7 @@ def compile_encoder(schema: dict) -> Callable[[dict], bytes] | None:
     except _Unsupported:
         return None
     src.add(1, 'return b"".join(out)')
-    namespace = {"zz": zigzag_varint, "pack_double": _PACK_DOUBLE, "_Fallback": _Fallback}
+    namespace = {"zz": zigzag_varint, "one_byte": _ONE_BYTE, "pack_double": _PACK_DOUBLE, "_Fallback": _Fallback}
     exec(compile("\n".join(src.lines), f"<avro encoder {schema.get('name', '')}>", "exec"), namespace)  # noqa: S102
     return namespace["encode"]
 
