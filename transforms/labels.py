@@ -40,7 +40,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import contract
 from transforms.evaluation import load_position_weights
-from transforms.records import RecordPacker, field_order
+from transforms.records import RecordPacker, pack_values, unpack_values
 
 METRICS_NS = "feedback.labels"
 EXPOSURE_TYPE = "impression"
@@ -528,30 +528,45 @@ def make_slate(request_id: str, labels: list[dict]) -> dict:
     }
 
 
+# What make_slate reads of a label (besides the request id, the key): the bounded graph shuffles these
+# values alone, about half of a label's bytes.
+SLATE_LABEL_FIELDS = (
+    "user_id",
+    "policy",
+    "experiment_id",
+    "variant",
+    "impression_time",
+    "item_id",
+    "position",
+    "propensity",
+    "label",
+    "weight",
+)
+
+
+def _slate_input(label: dict) -> Iterator[tuple[str, bytes]]:
+    """(request id, packed slate fields) of a label with a request id; nothing for one without."""
+    if label["request_id"] is not None:
+        yield label["request_id"], pack_values(tuple([label[f] for f in SLATE_LABEL_FIELDS]))
+
+
+def _slate_of_packed(request_id: str, packed: Iterable[bytes]) -> dict:
+    return make_slate(request_id, [dict(zip(SLATE_LABEL_FIELDS, unpack_values(p))) for p in packed])
+
+
 @beam.typehints.with_input_types(dict)
 class BuildSlates(beam.PTransform):
     """Bounded labels -> one slate per request (all items shown, with positions, propensities and
     labels). BuildSlatesStreaming gathers a request's labels in session windows instead. In the
-    bounded graph the labels cross the GroupByKey packed (RecordPacker, in LABEL_SCHEMA's order)."""
-
-    def _keyed(self, labels, pack=None):
-        with_request = labels | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
-        if pack is None:
-            key_by = beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict])
-        else:
-            key_by = beam.Map(lambda l: (l["request_id"], pack(l))).with_output_types(tuple[str, bytes])
-        return with_request | "KeyByRequest" >> key_by
-
-    def _slates(self, keyed, unpack=None):
-        if unpack is None:
-            slate = beam.MapTuple(lambda r, ls: make_slate(r, list(ls)))
-        else:
-            slate = beam.MapTuple(lambda r, ls: make_slate(r, [unpack(l) for l in ls]))
-        return keyed | "GroupRequest" >> beam.GroupByKey() | "Slate" >> slate
+    bounded graph only the fields a slate holds cross the GroupByKey, packed (SLATE_LABEL_FIELDS)."""
 
     def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
-        packer = RecordPacker(field_order(LABEL_SCHEMA))
-        return self._slates(self._keyed(labels, packer.pack), packer.unpack)
+        return (
+            labels
+            | "KeyByRequest" >> beam.FlatMap(_slate_input).with_output_types(tuple[str, bytes])
+            | "GroupRequest" >> beam.GroupByKey()
+            | "Slate" >> beam.MapTuple(_slate_of_packed)
+        )
 
 
 @beam.typehints.with_input_types(dict)
@@ -571,10 +586,14 @@ class BuildSlatesStreaming(BuildSlates):
         # A request's labels share (nearly) one impression time: a short session window gathers them.
         # Labels are emitted when their deadline timer fires, often well behind the watermark: the
         # windows must allow that lateness or Beam drops them silently (seen with Pub/Sub end to end).
-        keyed = self._keyed(labels) | "RequestWindows" >> beam.WindowInto(
-            window.Sessions(self._gap_s), allowed_lateness=self._lateness_s
+        return (
+            labels
+            | "WithRequest" >> beam.Filter(lambda l: l["request_id"] is not None)
+            | "KeyByRequest" >> beam.Map(lambda l: (l["request_id"], l)).with_output_types(tuple[str, dict])
+            | "RequestWindows" >> beam.WindowInto(window.Sessions(self._gap_s), allowed_lateness=self._lateness_s)
+            | "GroupRequest" >> beam.GroupByKey()
+            | "Slate" >> beam.MapTuple(lambda r, ls: make_slate(r, list(ls)))
         )
-        return self._slates(keyed)
 
 
 def _opt(name, t):
