@@ -53,6 +53,8 @@ AREAS = (
     ("project: accounting", "transforms/accounting.py"),
     ("project: quality signals", "transforms/signals.py"),
     ("project: io", "transforms/io.py"),
+    ("project: io", "transforms/avro_codec.py"),
+    ("project: io", "<avro encoder"),  # the function avro_codec compiles from a schema
     ("project: other", "transforms/"),
     ("project: pipelines", "pipelines/"),
     ("pickling", "pickle"),
