@@ -127,7 +127,10 @@ class _WritePartitionsPerBundleFn(beam.DoFn):
     as rows come; (partition, temp path) pairs are emitted when the bundle ends. A retried bundle
     writes new temp files; the orphans go with the temp folder."""
 
-    def __init__(self, temp_dir: str, batch_rows: int = 65536):
+    # Rows held per open file before a row group is written. A bundle on FnApiRunner is the whole input,
+    # so 65,536 rows for each of a run's few day partitions held ~27 MiB more at 80,000 events
+    # (~0.34 KiB per event of peak RSS); 8,192-row groups cost the same CPU.
+    def __init__(self, temp_dir: str, batch_rows: int = 8192):
         self._temp_dir, self._batch_rows = temp_dir, batch_rows
 
     def start_bundle(self):
