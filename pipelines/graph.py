@@ -30,7 +30,7 @@ from transforms.labels import (
     is_exposure,
     label_polarity,
 )
-from transforms.parse import ParseEvents, ValidationRules
+from transforms.parse import ParseEvents, RawChunk, ValidationRules
 from transforms.privacy import KeySource, PrivacyRules, ProtectPrivacy
 from transforms.records import RecordPacker, clean_event_schema, field_order
 from transforms.schemas import SchemaRegistry
@@ -136,7 +136,11 @@ def _input_marker(_record) -> int:
     return 1
 
 
-def _per_key_steps(settings: GraphSettings, streaming: bool) -> tuple:
+def _input_markers(chunk: list) -> list:
+    return [1] * len(chunk)
+
+
+def _per_key_steps(settings: GraphSettings, streaming: bool, chunked: bool = False) -> tuple:
     """(dedupe, bots, labels, slates) steps: the unbounded variants in streaming, the bounded ones
     otherwise. Bounded, the bots step also settles the labels in its per-user groups and the labels
     step is None."""
@@ -150,23 +154,30 @@ def _per_key_steps(settings: GraphSettings, streaming: bool) -> tuple:
     # Events cross the bounded GroupByKeys packed, in the clean schema's field order.
     packer = RecordPacker(field_order(settings.clean_schema))
     return (
-        DedupeEvents(settings.dedupe_horizon_s, packer),
+        DedupeEvents(settings.dedupe_horizon_s, packer, chunked=chunked),
         FilterBots(settings.bots, settings.session_gap_s, packer, labels=settings.labels),
         None,
         BuildSlates(),
     )
 
 
-def _all_inputs(raw_records, upstream_dead_letters):
-    """One element per input record: the raw records plus the dead letters the source made in their place."""
+def _all_inputs(raw_records, upstream_dead_letters, chunked: bool = False):
+    """One element per input record: the raw records (a chunk counts as its records) plus the dead
+    letters the source made in their place."""
     # Only the number of inputs matters here, so each side is reduced to a marker in an SDK step before
     # the Flatten. Flink's fuser (Beam Java's GreedyPipelineFuser) rejects a Flatten that takes a
     # runner-executed transform's output (the source's Reshuffle) beside SDK-stage outputs: "PCollectionNodes
     # [...] were consumed but never produced".
     upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(_input_marker) for i, d in enumerate(upstream_dead_letters)]
-    if not upstream_inputs:
+    if chunked:
+        raw_inputs = raw_records | "InputRecords" >> beam.FlatMap(_input_markers)
+    elif not upstream_inputs:
         return raw_records
-    return [raw_records | "InputRecords" >> beam.Map(_input_marker), *upstream_inputs] | "AllInputs" >> beam.Flatten()
+    else:
+        raw_inputs = raw_records | "InputRecords" >> beam.Map(_input_marker)
+    if not upstream_inputs:
+        return raw_inputs
+    return [raw_inputs, *upstream_inputs] | "AllInputs" >> beam.Flatten()
 
 
 def _features(humans, settings: GraphSettings, streaming: bool):
@@ -214,8 +225,9 @@ def build_event_graph(
     upstream_dead_letters=(),
     streaming: bool | None = None,
     count_windowing=None,
+    chunked: bool | None = None,
 ) -> GraphOutputs:
-    """RawRecord PCollection -> every outcome.
+    """RawRecord (or RawChunk) PCollection -> every outcome.
 
     The per-key steps (dedupe, bots, labels, slates) have a bounded variant (GroupByKey) and an
     unbounded one (state, timers, windows) with the same decisions; they are chosen here, once.
@@ -228,25 +240,38 @@ def build_event_graph(
       streaming: use the unbounded variants; default: whether `raw_records` is unbounded.
       count_windowing: a WindowInto for the counters in streaming (a global-window count never fires
         there).
+      chunked: `raw_records` holds RawChunks (lists of RawRecords): parse, privacy and enrichment then
+        take one chunk per element and pass the valid events on as lists, which dedupe's keying takes
+        apart (Beam's per-element cost paid per chunk); dead letters, consent stubs and too-late
+        records still come one per record. Bounded graphs only; default: whether the element type of
+        `raw_records` is RawChunk (ReadRawRecords).
     """
     p = raw_records.pipeline
     if streaming is None:
         streaming = not raw_records.is_bounded
-    parsed = raw_records | "Parse" >> ParseEvents(settings.validation, settings.key_source, stamp_event_time=streaming)
-    protected = parsed[ParseEvents.VALID] | "Privacy" >> ProtectPrivacy(settings.privacy, settings.key_source)
+    if chunked is None:
+        chunked = raw_records.element_type is RawChunk
+    if chunked and streaming:
+        raise ValueError("chunked input is for bounded graphs only")
+    parsed = raw_records | "Parse" >> ParseEvents(
+        settings.validation, settings.key_source, stamp_event_time=streaming, chunked=chunked
+    )
+    protected = parsed[ParseEvents.VALID] | "Privacy" >> ProtectPrivacy(
+        settings.privacy, settings.key_source, chunked=chunked
+    )
     tables = {
         name: p | f"Read{name.title()}Metadata" >> ReadMetadataTable(path, key, domain, settings.key_source)
         for name, (path, key, domain) in sorted(settings.lookups.items())
     }
-    enriched = protected | "Enrich" >> EnrichEvents(tables)
-    dedupe_step, bots_step, labels_step, slates_step = _per_key_steps(settings, streaming)
+    enriched = protected | "Enrich" >> EnrichEvents(tables, chunked=chunked)
+    dedupe_step, bots_step, labels_step, slates_step = _per_key_steps(settings, streaming, chunked)
     deduped = enriched | "Dedupe" >> dedupe_step
     judged = deduped[contract.TAG_EVENTS] | "Bots" >> bots_step
     humans = judged[contract.TAG_HUMANS]
     joined = judged if labels_step is None else humans | "Labels" >> labels_step
     slates = joined[contract.TAG_LABELS] | "Slates" >> slates_step
     dead = [parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters] | "AllDeadLetters" >> beam.Flatten()
-    inputs = _all_inputs(raw_records, upstream_dead_letters)
+    inputs = _all_inputs(raw_records, upstream_dead_letters, chunked)
     outputs = GraphOutputs(
         valid=humans,
         bots=judged[FilterBots.BOTS],

@@ -299,3 +299,120 @@ def test_corrupt_avro_file_keeps_what_was_read_and_dead_letters_the_rest(tmp_pat
     assert 0 < report["counts"]["valid"] < 3000
     dead = read_jsonl(str(out / "dead_letter" / "*.jsonl"))
     assert dead[0]["stage"] == "read" and "unreadable after record" in dead[0]["message"]
+
+
+# --- the bounded graph's chunked front ----------------------------------------------------------
+
+_COLLECTED: dict = {}
+
+
+class _Collect(beam.DoFn):
+    """Collects an output's elements as sorted-key JSON (FnApiRunner runs the DoFn in this process)."""
+
+    def __init__(self, run: str, name: str):
+        self._key = (run, name)
+
+    def process(self, element):
+        _COLLECTED.setdefault(self._key, []).append(json.dumps(element, sort_keys=True, default=str))
+
+
+def _front_records() -> list:
+    """RawRecords for every outcome of the front: valid (with PII, metadata hits and misses, a bad IP),
+    duplicates, dead letters, a consent stub and a too-late event."""
+    late = T0 + 2 * 3_600_000  # arrival two hours after event time: beyond the default 1 h lateness
+    payloads = [
+        (event("a1", T0, etype="impression", item_id="i1", request_id="r1", position=1, propensity=0.5), None),
+        (event("a1", T0, etype="impression", item_id="i1", request_id="r1", position=1, propensity=0.5), None),
+        (event("a2", T0 + 10, etype="click", item_id="i9", request_id="r1", ip="203.0.113.7"), None),
+        (event("a3", T0 + 20, user="bob@example.com", context={"q": "call +44 20 7946 0958"}), None),
+        (event("a4", T0 + 30, ip="not-an-ip", user_agent=CHROME), None),
+        (b"[1,2]", None),
+        (b'{"event_id": "x"', None),
+        (event("a5", T0, consent=False, ip="198.51.100.1"), None),
+        (event("a6", T0, etype="nope"), None),
+        (event("a7", T0), late),
+        (event("a8", T0 + 40, etype="purchase", value=3.5), None),
+    ]
+    return [
+        (f"in.jsonl:{n}", p if isinstance(p, bytes) else orjson.dumps(p), arrival)
+        for n, (p, arrival) in enumerate(payloads, 1)
+    ]
+
+
+def _run_graph(run: str, settings, make_input) -> dict:
+    from pipelines.graph import build_event_graph
+
+    p = beam.Pipeline(options=PipelineOptions([f"--runner={FN_API_RUNNER}"]))
+    out = build_event_graph(make_input(p), settings)
+    for name, pc in vars(out).items():
+        if pc is not None:
+            _ = pc | f"Collect{name}" >> beam.ParDo(_Collect(run, name))
+    result = p.run()
+    result.wait_until_finish()
+    counters = {}
+    for c in result.metrics().query()["counters"]:
+        key = (c.key.metric.namespace, c.key.metric.name)
+        counters[key] = counters.get(key, 0) + c.committed
+    outputs = {name: sorted(rows) for (r, name), rows in _COLLECTED.items() if r == run}
+    return {"outputs": outputs, "counters": counters}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 50])
+def test_chunked_front_gives_the_same_outputs_and_counters(tmp_path, chunk):
+    """RawChunks through parse, privacy and enrichment (one element per chunk) end in the same records,
+    counts and Beam counters as one element per record."""
+    from pipelines.graph import GraphSettings
+    from transforms.config import load_config
+    from transforms.parse import RawChunk
+
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,category\ni1,shoes\n")
+    cfg = load_config(write_config(tmp_path, f"enrichment: {{items: {{path: {items}, key: item_id}}}}\n"))
+    settings = GraphSettings.from_config(cfg)
+    records = _front_records()
+    chunks = [RawChunk(records[i : i + chunk]) for i in range(0, len(records), chunk)]
+    per_record = _run_graph(f"records{chunk}", settings, lambda p: p | beam.Create(records))
+    chunked = _run_graph(f"chunks{chunk}", settings, lambda p: p | beam.Create(chunks).with_output_types(RawChunk))
+    assert chunked == per_record
+    counts = dict(json.loads(c) for c in per_record["outputs"]["counts"])
+    assert counts["input"] == len(records)
+    assert {k: counts.get(k, 0) for k in ("valid", "duplicates", "dead_letter", "consent_dropped", "too_late")} == {
+        "valid": 5,
+        "duplicates": 1,
+        "dead_letter": 3,
+        "consent_dropped": 1,
+        "too_late": 1,
+    }
+    assert per_record["counters"][("feedback.parse", "valid")] == 6
+    assert per_record["counters"][("feedback.enrich", "item_lookup_missing")] == 1
+
+
+def test_chunked_graph_refuses_streaming(tmp_path):
+    from pipelines.graph import GraphSettings, build_event_graph
+    from transforms.config import load_config
+    from transforms.parse import RawChunk
+
+    settings = GraphSettings.from_config(load_config(write_config(tmp_path)))
+    p = beam.Pipeline(options=PipelineOptions([f"--runner={FN_API_RUNNER}"]))
+    chunks = p | beam.Create([RawChunk(_front_records())]).with_output_types(RawChunk)
+    with pytest.raises(ValueError, match="bounded"):
+        build_event_graph(chunks, settings, streaming=True)
+
+
+@pytest.mark.parametrize("reshuffle", [True, False])
+def test_read_raw_records_gives_raw_chunks(tmp_path, registry, reshuffle):
+    """ReadRawRecords' records come as RawChunks of up to PARSE_CHUNK records, every record once, with
+    or without the spread."""
+    from transforms.io import ReadRawRecords
+    from transforms.parse import RawChunk
+
+    n = 2 * ReadRawRecords.PARSE_CHUNK + 7
+    write_lines(tmp_path / "a.jsonl", [event(f"e{i}", T0 + i) for i in range(n)])
+    with TestPipeline(runner=FN_API_RUNNER) as p:
+        read = p | ReadRawRecords(str(tmp_path / "*.jsonl"), registry, reshuffle=reshuffle)
+        assert read["records"].element_type is RawChunk
+        sizes = read["records"] | "Sizes" >> beam.Map(lambda c: (type(c) is RawChunk, len(c)))
+        lines = read["records"] | "Lines" >> beam.FlatMap(lambda c: [s.rsplit(":", 1)[1] for s, _, _ in c])
+        size = ReadRawRecords.PARSE_CHUNK
+        assert_that(sizes, equal_to([(True, size), (True, size), (True, 7)]), label="ChunkSizes")
+        assert_that(lines, equal_to([str(i) for i in range(1, n + 1)]), label="EveryRecordOnce")

@@ -115,25 +115,31 @@ class DedupeEvents(beam.PTransform):
     Args:
       horizon_s: a copy is a duplicate when a kept copy lies within this much event time.
       packer: packs the events through the GroupByKey (RecordPacker); default: every event as a whole dict.
+      chunked: the input holds lists of events (EnrichEvents(chunked=True)); keying takes them apart.
     """
 
     DUPLICATES = "duplicates"
 
-    def __init__(self, horizon_s: float, packer: RecordPacker | None = None):
+    def __init__(self, horizon_s: float, packer: RecordPacker | None = None, chunked: bool = False):
         super().__init__()
         if horizon_s <= 0:
             raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
         self._horizon_s = horizon_s
         self._packer = packer or RecordPacker()
+        self._chunked = chunked
 
     def _keyed(self, events):
         return events | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, dict])
 
     def expand(self, events):
         pack = self._packer.pack
+        if self._chunked:
+            keyed = beam.FlatMap(lambda chunk: [(e["event_id"], pack(e)) for e in chunk])
+        else:
+            keyed = beam.Map(lambda e: (e["event_id"], pack(e)))
         return (
             events
-            | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], pack(e))).with_output_types(tuple[str, bytes])
+            | "KeyByEventId" >> keyed.with_output_types(tuple[str, bytes])
             | "GroupCopies" >> beam.GroupByKey()
             | "SplitCopies"
             >> beam.ParDo(_SplitCopiesFn(self._horizon_s, self._packer)).with_outputs(

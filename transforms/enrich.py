@@ -233,11 +233,23 @@ class _EnrichFn(beam.DoFn):
     def __init__(self):
         self._missing = {name: Metrics.counter(METRICS_NS, f"{name}_lookup_missing") for name, _ in LOOKUPS}
 
-    def process(self, event: dict, items=None, users=None, experiments=None):
-        out, missed = enrich_event(event, {"item": items, "user": users, "experiment": experiments})
+    def _enrich(self, event: dict, tables: dict) -> dict:
+        out, missed = enrich_event(event, tables)
         for name in missed:
             self._missing[name].inc()
-        yield out
+        return out
+
+    def process(self, event: dict, items=None, users=None, experiments=None):
+        yield self._enrich(event, {"item": items, "user": users, "experiment": experiments})
+
+
+class _EnrichChunkFn(_EnrichFn):
+    """As _EnrichFn, one list of events at a time (a list out per list in): Beam's side-input
+    invocation is paid once per list."""
+
+    def process(self, events: list, items=None, users=None, experiments=None):
+        tables = {"item": items, "user": users, "experiment": experiments}
+        yield [self._enrich(e, tables) for e in events]
 
 
 @beam.typehints.with_input_types(dict)
@@ -247,12 +259,17 @@ class EnrichEvents(beam.PTransform):
     Args:
       tables: maps item/user/experiment to a PCollection of (key, metadata) pairs (ReadMetadataTable);
         a name is missing when no table is configured.
+      chunked: the input holds lists of events (ProtectPrivacy(chunked=True)), and so does the output.
     """
 
-    def __init__(self, tables: dict | None = None):
+    def __init__(self, tables: dict | None = None, chunked: bool = False):
         super().__init__()
         self._tables = tables or {}
+        self._chunked = chunked
+        if chunked:
+            self.with_input_types(list[dict])
 
     def expand(self, events: beam.PCollection[dict]) -> beam.PCollection[dict]:
         side = {f"{name}s": beam.pvalue.AsDict(pc) for name, pc in self._tables.items()}
-        return events | "UserAgentAndMetadata" >> beam.ParDo(_EnrichFn(), **side)
+        fn = _EnrichChunkFn() if self._chunked else _EnrichFn()
+        return events | "UserAgentAndMetadata" >> beam.ParDo(fn, **side)

@@ -33,6 +33,16 @@ METRICS_NS = "feedback.parse"
 # recorded arrival time), or None when unknown (then nothing can be too late).
 RawRecord = tuple[str, bytes | dict, int | None]
 
+
+class RawChunk(list):
+    """RawRecords travelling as one element: the bounded graph's stateless front (parse, privacy,
+    enrichment) pays Beam's per-element cost once per chunk (`ParseEvents(chunked=True)`). A
+    PCollection whose element type is RawChunk (`ReadRawRecords`) is parsed in chunks by
+    `build_event_graph`."""
+
+    __slots__ = ()
+
+
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ID_SUFFIX = "_id"
 
@@ -492,18 +502,18 @@ class _ParseFn(beam.DoFn):
     def setup(self):
         self._redactor = Redactor(self._key_source.load())
 
-    def process(self, element: RawRecord) -> Iterable:
+    def _parse(self, element: RawRecord) -> tuple:
+        """One RawRecord -> (None, event) for a valid event, else (tag, record) for its tagged output;
+        counted, except valid events (the caller tallies them per bundle)."""
         source, payload, arrival_ms = element
         try:
-            event = parse_record(payload, self._rules, arrival_ms)
+            return None, parse_record(payload, self._rules, arrival_ms)
         except Rejected as r:
             self._rejected.inc()
             Metrics.counter(METRICS_NS, f"dead_letter_{r.reason}").inc()
-            yield beam.pvalue.TaggedOutput(
-                ParseEvents.DEAD_LETTER,
-                dead_letter(r.reason, r.field, r.message, "parse", payload, source, self._redactor),
+            return ParseEvents.DEAD_LETTER, dead_letter(
+                r.reason, r.field, r.message, "parse", payload, source, self._redactor
             )
-            return
         except TooLate as t:
             self._too_late.inc()
             record = dead_letter(contract.TOO_LATE, "event_time", str(t), "lateness", payload, source, self._redactor)
@@ -513,16 +523,18 @@ class _ParseFn(beam.DoFn):
                 arrival_time=t.event["arrival_time"],
                 late_ms=t.late_ms,
             )
-            yield beam.pvalue.TaggedOutput(ParseEvents.TOO_LATE, record)
-            return
+            return ParseEvents.TOO_LATE, record
         except ConsentWithdrawn as c:
             self._consent.inc()
-            yield beam.pvalue.TaggedOutput(
-                ParseEvents.CONSENT_DROPPED, protect_consent_stub(consent_stub(c.obj, source), self._redactor)
-            )
+            return ParseEvents.CONSENT_DROPPED, protect_consent_stub(consent_stub(c.obj, source), self._redactor)
+
+    def process(self, element: RawRecord) -> Iterable:
+        tag, out = self._parse(element)
+        if tag is not None:
+            yield beam.pvalue.TaggedOutput(tag, out)
             return
         self._valid_in_bundle += 1
-        yield beam.window.TimestampedValue(event, event["event_time"] / 1000.0) if self._stamp else event
+        yield beam.window.TimestampedValue(out, out["event_time"] / 1000.0) if self._stamp else out
 
     def start_bundle(self):
         self._redactor.drain()  # tallies of a failed bundle on this instance are not this bundle's
@@ -536,6 +548,26 @@ class _ParseFn(beam.DoFn):
             self._valid_in_bundle = 0
 
 
+class _ParseChunkFn(_ParseFn):
+    """As _ParseFn, one RawChunk at a time: its valid events leave as one list (main output), every
+    other record on its tagged output, one element each. Never stamps (bounded graphs only)."""
+
+    def __init__(self, rules: ValidationRules, key_source: KeySource):
+        super().__init__(rules, key_source, stamp_event_time=False)
+
+    def process(self, chunk: RawChunk) -> Iterable:
+        valid = []
+        for element in chunk:
+            tag, out = self._parse(element)
+            if tag is None:
+                valid.append(out)
+            else:
+                yield beam.pvalue.TaggedOutput(tag, out)
+        if valid:
+            self._valid_in_bundle += len(valid)
+            yield valid
+
+
 class ParseEvents(beam.PTransform):
     """RawRecord -> valid events (timestamped in event time) + consent stubs + dead letters + too-late
     events (dead-letter records with reason too_late, kept apart so they are counted as their own outcome).
@@ -547,6 +579,9 @@ class ParseEvents(beam.PTransform):
         streaming steps need it). Bounded graphs pass False: their steps group in the global window
         and the per-key steps re-stamp what they emit, so the stamp would cost ~2 µs per event for
         nothing.
+      chunked: the input is RawChunks (bounded graphs, stamp_event_time=False): VALID then holds
+        lists of valid events, one per chunk (for ProtectPrivacy/EnrichEvents(chunked=True)); the
+        other outputs still hold one record per input record, with the same counters.
 
     Returns the tagged outputs VALID (main), DEAD_LETTER, CONSENT_DROPPED and TOO_LATE.
     """
@@ -556,16 +591,24 @@ class ParseEvents(beam.PTransform):
     CONSENT_DROPPED = "consent_dropped"
     TOO_LATE = "too_late"
 
-    def __init__(self, rules: ValidationRules, key_source: KeySource, stamp_event_time: bool = True):
+    def __init__(
+        self, rules: ValidationRules, key_source: KeySource, stamp_event_time: bool = True, chunked: bool = False
+    ):
         super().__init__()
         if not isinstance(rules, ValidationRules):
             raise TypeError(f"rules must be ValidationRules, got {type(rules).__name__}")
+        if chunked and stamp_event_time:
+            raise ValueError("chunked=True is for bounded graphs: pass stamp_event_time=False")
         self._rules = rules
         self._key_source = key_source
         self._stamp = stamp_event_time
+        self._chunked = chunked
 
     def expand(self, raw: beam.PCollection[RawRecord]) -> beam.pvalue.DoOutputsTuple:
-        fn = _ParseFn(self._rules, self._key_source, self._stamp)
+        if self._chunked:
+            fn = _ParseChunkFn(self._rules, self._key_source)
+        else:
+            fn = _ParseFn(self._rules, self._key_source, self._stamp)
         return raw | "ParseAndValidate" >> beam.ParDo(fn).with_outputs(
             self.DEAD_LETTER, self.CONSENT_DROPPED, self.TOO_LATE, main=self.VALID
         )

@@ -818,11 +818,14 @@ class _ProtectFn(beam.DoFn):
         self._pseudonymiser = Pseudonymiser(key)
         self._redactor = Redactor(key)
 
-    def process(self, event: dict):
+    def _protect(self, event: dict) -> dict:
         out = protect_event(event, self._rules, self._pseudonymiser, self._redactor)
         if out["ip_hash"] is not None and out["ip_network"] is None:
             self._bad_ip.inc()
-        yield out
+        return out
+
+    def process(self, event: dict):
+        yield self._protect(event)
 
     def start_bundle(self):
         self._redactor.drain()  # tallies of a failed bundle on this instance are not this bundle's
@@ -832,12 +835,23 @@ class _ProtectFn(beam.DoFn):
         self._pii.flush(self._redactor)
 
 
-class ProtectPrivacy(beam.PTransform):
-    """Valid events -> events with pseudonymised identifiers, a truncated IP and redacted free text."""
+class _ProtectChunkFn(_ProtectFn):
+    """As _ProtectFn, one list of events at a time (a list out per list in)."""
 
-    def __init__(self, rules: PrivacyRules, key_source: KeySource):
+    def process(self, events: list):
+        yield [self._protect(e) for e in events]
+
+
+class ProtectPrivacy(beam.PTransform):
+    """Valid events -> events with pseudonymised identifiers, a truncated IP and redacted free text.
+
+    chunked: the input holds lists of events (ParseEvents(chunked=True)), and so does the output.
+    """
+
+    def __init__(self, rules: PrivacyRules, key_source: KeySource, chunked: bool = False):
         super().__init__()
-        self._rules, self._key_source = rules, key_source
+        self._rules, self._key_source, self._chunked = rules, key_source, chunked
 
     def expand(self, events):
-        return events | "Pseudonymise" >> beam.ParDo(_ProtectFn(self._rules, self._key_source))
+        fn = (_ProtectChunkFn if self._chunked else _ProtectFn)(self._rules, self._key_source)
+        return events | "Pseudonymise" >> beam.ParDo(fn)
