@@ -15,7 +15,7 @@ from apache_beam.transforms.trigger import AccumulationMode, AfterCount, AfterWa
 
 from pipelines import outputs as output_table
 from transforms import contract
-from transforms.accounting import CountOutcomes
+from transforms.accounting import Count, CountOutcomes, Tallies, in_global_window
 from transforms.bots import BotRules, FilterBots, FilterBotsStreaming
 from transforms.config import JobConfig
 from transforms.dedupe import DedupeEvents, DedupeEventsStreaming
@@ -130,6 +130,7 @@ class GraphOutputs:
     late_outcomes: beam.PCollection
     features: beam.PCollection | None = None  # feature rows (None when features are off)
     counts: beam.PCollection | None = None  # (counter name, count)
+    tallies: dict | None = None  # bounded: {output: PCollection of (key, value)} (build_event_graph's tallies)
 
 
 def _input_marker(_record) -> int:
@@ -188,24 +189,47 @@ def _features(humans, settings: GraphSettings, streaming: bool):
     )
 
 
-def _count_outcomes(outputs: GraphOutputs, inputs, count_windowing):
-    """(counter name, count) for inputs, exposures and every counted output."""
-    exposures = outputs.valid | "Exposures" >> beam.Filter(is_exposure)
+# The accounting's output in the bounded graph's tallies (`GraphOutputs.tallies`).
+COUNTS = "counts"
+_BREAKDOWNS = {
+    contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
+    contract.OUTCOME_BOT: lambda r: r["bot_rule"],
+    contract.OUTCOME_VALID: lambda r: r["event_type"],
+    contract.COUNTER_LABELS: label_polarity,
+}
+_EXPOSURE_KEYS = (contract.COUNTER_EXPOSURES,)
+
+
+def _exposure_keys(e: dict) -> tuple:
+    return _EXPOSURE_KEYS if is_exposure(e) else ()
+
+
+def _count_outcomes(outputs: GraphOutputs, inputs, count_windowing, tallies: tuple = ()) -> tuple:
+    """((counter name, count) for inputs, exposures and every counted output, the tallies' outputs).
+
+    Bounded (no `count_windowing`, global window), the accounting is a tally plan applied together
+    with the job's own `tallies` lines in one `Tallies` step: each collection is read by one per-bundle
+    DoFn, however many counters are taken from it. The tallies' outputs ({output: PCollection}, the
+    accounting's under COUNTS) are returned for GraphOutputs.tallies; None otherwise.
+    """
+    accounting = CountOutcomes(windowing=count_windowing, breakdowns=_BREAKDOWNS)
     # The outcome and label counters are the ones the outputs table declares (outputs.counted).
-    counted = {
-        contract.COUNTER_INPUT: inputs,
-        contract.COUNTER_EXPOSURES: exposures,
-        **output_table.counted(outputs, output_table.BATCH_OUTPUTS),
-    }
-    return counted | "Accounting" >> CountOutcomes(
-        windowing=count_windowing,
-        breakdowns={
-            contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
-            contract.OUTCOME_BOT: lambda r: r["bot_rule"],
-            contract.OUTCOME_VALID: lambda r: r["event_type"],
-            contract.COUNTER_LABELS: label_polarity,
-        },
-    )
+    counted = output_table.counted(outputs, output_table.BATCH_OUTPUTS)
+    if count_windowing is not None or not in_global_window(inputs, *counted.values()):
+        if tallies:
+            raise ValueError("the job's tallies need the bounded graph (global window, no count_windowing)")
+        exposures = outputs.valid | "Exposures" >> beam.Filter(is_exposure)
+        counted = {contract.COUNTER_INPUT: inputs, contract.COUNTER_EXPOSURES: exposures, **counted}
+        return counted | "Accounting" >> accounting, None
+    if any(line.output == COUNTS for line in tallies):
+        raise ValueError(f"the job's tallies cannot write to the accounting's output {COUNTS!r}")
+    # Sources are named as GraphOutputs fields, the inputs "input".
+    counter_sources = {contract.COUNTER_INPUT: "input"}
+    counter_sources.update((c, s) for o in output_table.BATCH_OUTPUTS for s, c in zip(o.sources, o.counters))
+    plan = (*accounting.tally_plan(counter_sources, COUNTS), Count("valid", COUNTS, _exposure_keys), *tallies)
+    sources = {line.source: inputs if line.source == "input" else getattr(outputs, line.source) for line in plan}
+    results = sources | "Tallies" >> Tallies(plan)
+    return results[COUNTS], results
 
 
 def build_event_graph(
@@ -214,6 +238,7 @@ def build_event_graph(
     upstream_dead_letters=(),
     streaming: bool | None = None,
     count_windowing=None,
+    tallies=(),
 ) -> GraphOutputs:
     """RawRecord PCollection -> every outcome.
 
@@ -228,6 +253,9 @@ def build_event_graph(
       streaming: use the unbounded variants; default: whether `raw_records` is unbounded.
       count_windowing: a WindowInto for the counters in streaming (a global-window count never fires
         there).
+      tallies: the job's own tally plan lines (transforms.accounting `Count`, `Fold`; sources named as
+        GraphOutputs fields), taken in the accounting's per-bundle step; bounded only. Their outputs are
+        in `tallies` of the result.
     """
     p = raw_records.pipeline
     if streaming is None:
@@ -261,5 +289,5 @@ def build_event_graph(
     )
     if settings.features is not None:
         outputs.features = _features(humans, settings, streaming)
-    outputs.counts = _count_outcomes(outputs, inputs, count_windowing)
+    outputs.counts, outputs.tallies = _count_outcomes(outputs, inputs, count_windowing, tuple(tallies))
     return outputs
