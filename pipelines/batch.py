@@ -82,7 +82,12 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
         reshuffle=not single_worker(p.options),
         max_line_bytes=settings.validation.max_event_bytes,
     )
-    out = build_event_graph(read["records"], settings, upstream_dead_letters=[read[ReadRawRecords.CORRUPT]])
+    out = build_event_graph(
+        read["records"],
+        settings,
+        upstream_dead_letters=[read[ReadRawRecords.CORRUPT]],
+        tallies=QualitySignals.TALLIES,  # tallied with the accounting, one per-bundle step per collection
+    )
     build_outputs(out, settings, paths)
     _ = (
         read[ReadRawRecords.CORRUPT]
@@ -94,7 +99,8 @@ def build(p: beam.Pipeline, settings: GraphSettings, input_glob: str, paths: Out
 
 
 def write_quality_signals(p: beam.Pipeline, out: GraphOutputs, paths: OutputPaths) -> None:
-    signals = p | "QualitySignals" >> QualitySignals(out)
+    """The quality signal parts; their tallies are the graph's when it took QualitySignals.TALLIES."""
+    signals = p | "QualitySignals" >> QualitySignals(out, out.tallies)
     _ = (
         signals["counters"]
         | "SignalsToJson" >> beam.MapTuple(counter_line)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 
 import apache_beam as beam
 from apache_beam.transforms.trigger import AccumulationMode, AfterCount, AfterWatermark
 
 from pipelines import outputs as output_table
 from transforms import contract
-from transforms.accounting import CountOutcomes
+from transforms.accounting import Count, CountOutcomes, Tallies, in_global_window
 from transforms.bots import BotRules, FilterBots, FilterBotsStreaming
 from transforms.config import JobConfig
 from transforms.dedupe import DedupeEvents, DedupeEventsStreaming
@@ -130,14 +131,11 @@ class GraphOutputs:
     late_outcomes: beam.PCollection
     features: beam.PCollection | None = None  # feature rows (None when features are off)
     counts: beam.PCollection | None = None  # (counter name, count)
+    tallies: dict | None = None  # bounded: {output: PCollection of (key, value)} (build_event_graph's tallies)
 
 
 def _input_marker(_record) -> int:
     return 1
-
-
-def _input_markers(chunk: list) -> list:
-    return [1] * len(chunk)
 
 
 def _per_key_steps(settings: GraphSettings, streaming: bool, chunked: bool = False) -> tuple:
@@ -161,20 +159,18 @@ def _per_key_steps(settings: GraphSettings, streaming: bool, chunked: bool = Fal
     )
 
 
-def _all_inputs(raw_records, upstream_dead_letters, chunked: bool = False):
-    """One element per input record: the raw records (a chunk counts as its records) plus the dead
-    letters the source made in their place."""
+def _all_inputs(raw_records, upstream_dead_letters, bounded: bool, chunked: bool = False):
+    """The input records, for counting: in a bounded graph one int per element, the number of input
+    records it stands for (a raw record or a dead letter the source made in a record's place 1, a
+    chunk its length: counted per chunk); in streaming one element per record."""
     # Only the number of inputs matters here, so each side is reduced to a marker in an SDK step before
     # the Flatten. Flink's fuser (Beam Java's GreedyPipelineFuser) rejects a Flatten that takes a
     # runner-executed transform's output (the source's Reshuffle) beside SDK-stage outputs: "PCollectionNodes
     # [...] were consumed but never produced".
     upstream_inputs = [d | f"UpstreamInput{i}" >> beam.Map(_input_marker) for i, d in enumerate(upstream_dead_letters)]
-    if chunked:
-        raw_inputs = raw_records | "InputRecords" >> beam.FlatMap(_input_markers)
-    elif not upstream_inputs:
+    if not upstream_inputs and not bounded:
         return raw_records
-    else:
-        raw_inputs = raw_records | "InputRecords" >> beam.Map(_input_marker)
+    raw_inputs = raw_records | "InputRecords" >> beam.Map(len if chunked else _input_marker)
     if not upstream_inputs:
         return raw_inputs
     return [raw_inputs, *upstream_inputs] | "AllInputs" >> beam.Flatten()
@@ -199,24 +195,56 @@ def _features(humans, settings: GraphSettings, streaming: bool):
     )
 
 
-def _count_outcomes(outputs: GraphOutputs, inputs, count_windowing):
-    """(counter name, count) for inputs, exposures and every counted output."""
-    exposures = outputs.valid | "Exposures" >> beam.Filter(is_exposure)
+# The accounting's output in the bounded graph's tallies (`GraphOutputs.tallies`).
+COUNTS = "counts"
+_BREAKDOWNS = {
+    contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
+    contract.OUTCOME_BOT: lambda r: r["bot_rule"],
+    contract.OUTCOME_VALID: lambda r: r["event_type"],
+    contract.COUNTER_LABELS: label_polarity,
+}
+_EXPOSURE_KEYS = (contract.COUNTER_EXPOSURES,)
+
+
+def _input_keys(n: int) -> itertools.repeat:
+    return itertools.repeat(contract.COUNTER_INPUT, n)  # Counter.update counts it in C
+
+
+def _exposure_keys(e: dict) -> tuple:
+    return _EXPOSURE_KEYS if is_exposure(e) else ()
+
+
+def _count_outcomes(outputs: GraphOutputs, inputs, count_windowing, tallies: tuple = ()) -> tuple:
+    """((counter name, count) for inputs, exposures and every counted output, the tallies' outputs).
+
+    Bounded (no `count_windowing`, global window), the accounting is a tally plan applied together
+    with the job's own `tallies` lines in one `Tallies` step: each collection is read by one per-bundle
+    DoFn, however many counters are taken from it. The tallies' outputs ({output: PCollection}, the
+    accounting's under COUNTS) are returned for GraphOutputs.tallies; None otherwise.
+    """
+    accounting = CountOutcomes(windowing=count_windowing, breakdowns=_BREAKDOWNS)
     # The outcome and label counters are the ones the outputs table declares (outputs.counted).
-    counted = {
-        contract.COUNTER_INPUT: inputs,
-        contract.COUNTER_EXPOSURES: exposures,
-        **output_table.counted(outputs, output_table.BATCH_OUTPUTS),
-    }
-    return counted | "Accounting" >> CountOutcomes(
-        windowing=count_windowing,
-        breakdowns={
-            contract.OUTCOME_DEAD_LETTER: lambda r: r["reason"],
-            contract.OUTCOME_BOT: lambda r: r["bot_rule"],
-            contract.OUTCOME_VALID: lambda r: r["event_type"],
-            contract.COUNTER_LABELS: label_polarity,
-        },
+    counted = output_table.counted(outputs, output_table.BATCH_OUTPUTS)
+    if count_windowing is not None or not in_global_window(inputs, *counted.values()):
+        if tallies:
+            raise ValueError("the job's tallies need the bounded graph (global window, no count_windowing)")
+        exposures = outputs.valid | "Exposures" >> beam.Filter(is_exposure)
+        counted = {contract.COUNTER_INPUT: inputs, contract.COUNTER_EXPOSURES: exposures, **counted}
+        return counted | "Accounting" >> accounting, None
+    if any(line.output == COUNTS for line in tallies):
+        raise ValueError(f"the job's tallies cannot write to the accounting's output {COUNTS!r}")
+    # Sources are named as GraphOutputs fields, the inputs (counts of input records, `_all_inputs`) "input".
+    counter_sources = {}
+    counter_sources.update((c, s) for o in output_table.BATCH_OUTPUTS for s, c in zip(o.sources, o.counters))
+    plan = (
+        Count("input", COUNTS, _input_keys),
+        *accounting.tally_plan(counter_sources, COUNTS),
+        Count("valid", COUNTS, _exposure_keys),
+        *tallies,
     )
+    sources = {line.source: inputs if line.source == "input" else getattr(outputs, line.source) for line in plan}
+    results = sources | "Tallies" >> Tallies(plan)
+    return results[COUNTS], results
 
 
 def build_event_graph(
@@ -226,6 +254,7 @@ def build_event_graph(
     streaming: bool | None = None,
     count_windowing=None,
     chunked: bool | None = None,
+    tallies=(),
 ) -> GraphOutputs:
     """RawRecord (or RawChunk) PCollection -> every outcome.
 
@@ -245,6 +274,9 @@ def build_event_graph(
         apart (Beam's per-element cost paid per chunk); dead letters, consent stubs and too-late
         records still come one per record. Bounded graphs only; default: whether the element type of
         `raw_records` is RawChunk (ReadRawRecords).
+      tallies: the job's own tally plan lines (transforms.accounting `Count`, `Fold`; sources named as
+        GraphOutputs fields), taken in the accounting's per-bundle step; bounded only. Their outputs are
+        in `tallies` of the result.
     """
     p = raw_records.pipeline
     if streaming is None:
@@ -271,7 +303,7 @@ def build_event_graph(
     joined = judged if labels_step is None else humans | "Labels" >> labels_step
     slates = joined[contract.TAG_LABELS] | "Slates" >> slates_step
     dead = [parsed[ParseEvents.DEAD_LETTER], *upstream_dead_letters] | "AllDeadLetters" >> beam.Flatten()
-    inputs = _all_inputs(raw_records, upstream_dead_letters, chunked)
+    inputs = _all_inputs(raw_records, upstream_dead_letters, bounded=not streaming, chunked=chunked)
     outputs = GraphOutputs(
         valid=humans,
         bots=judged[FilterBots.BOTS],
@@ -286,5 +318,5 @@ def build_event_graph(
     )
     if settings.features is not None:
         outputs.features = _features(humans, settings, streaming)
-    outputs.counts = _count_outcomes(outputs, inputs, count_windowing)
+    outputs.counts, outputs.tallies = _count_outcomes(outputs, inputs, count_windowing, tuple(tallies))
     return outputs

@@ -1,25 +1,33 @@
 """Pipeline tests on real runners: the transforms in a graph, and the batch job end to end."""
 
+import collections
 import glob
 import gzip
 import json
 import os
+import types
 
 import apache_beam as beam
 import fastavro
 import orjson
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pipeline import PipelineVisitor
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
 from pipelines import batch
+from pipelines.graph import GraphSettings
+from pipelines.outputs import OutputPaths
 from tests.conftest import FN_API_RUNNER, write_config
 from transforms import contract
+from transforms.accounting import Count, Fold, Tallies
 from transforms.bots import BotRules, FilterBots
+from transforms.config import load_config
 from transforms.dedupe import DedupeEvents, DedupeEventsStreaming
+from transforms.signals import NEW_USER_WINDOW_MS, QualitySignals, freshness_rows, hour_of
 
 T0 = 1_793_527_200_000  # 2026-11-01T10:00:00Z
 CHROME = (
@@ -113,6 +121,109 @@ def test_filter_bots_in_a_pipeline():
             equal_to([(contract.BOT_RULE_SUSTAINED_RATE, 900), (contract.BOT_RULE_CRAWLER_UA, 1)]),
             label="Bots",
         )
+
+
+def _latest_per_user(partials: dict, e: dict) -> None:
+    partials[e["user_id"]] = max(partials.get(e["user_id"], 0), e["event_time"])
+
+
+def test_tallies_fill_every_output_of_a_plan():
+    """Counts and a fold from one source into three outputs, a second source's counts into one of them."""
+    plan = (
+        Count("events", "by_type", lambda e: (e["event_type"],)),
+        Count("events", "by_user", lambda e: (e["user_id"], "all")),
+        Count("labels", "by_type", lambda label: ("label",)),
+        Fold("events", "latest", _latest_per_user, max),
+    )
+    events = [event("a", T0), event("b", T0 + 5, etype="click"), event("c", T0 + 9, user="u2"), event("d", T0 + 1)]
+    with TestPipeline(runner=FN_API_RUNNER) as p:
+        sources = {"events": p | "Events" >> beam.Create(events), "labels": p | "Labels" >> beam.Create([{}, {}])}
+        out = sources | Tallies(plan)
+        assert sorted(out) == ["by_type", "by_user", "latest"]
+        assert_that(out["by_type"], equal_to([("view", 3), ("click", 1), ("label", 2)]), label="ByType")
+        assert_that(out["by_user"], equal_to([("u1", 3), ("u2", 1), ("all", 4)]), label="ByUser")
+        assert_that(out["latest"], equal_to([("u1", T0 + 5), ("u2", T0 + 9)]), label="Latest")
+
+
+def test_tallies_refuse_a_plan_they_cannot_apply():
+    def keys(record):
+        return ("k",)
+
+    with pytest.raises(ValueError, match="at least one line"):
+        Tallies([])
+    with pytest.raises(ValueError, match="combine partials differently"):
+        Tallies([Count("a", "x", keys), Fold("a", "x", _latest_per_user, max)])
+    p = beam.Pipeline(runner=FN_API_RUNNER)
+    records = p | beam.Create([event("a", T0)])
+    with pytest.raises(ValueError, match="missing from the input"):
+        _ = {"a": records} | "Missing" >> Tallies([Count("b", "x", keys)])
+    windowed = records | beam.WindowInto(window.FixedWindows(60))
+    with pytest.raises(ValueError, match="global window"):
+        _ = {"a": windowed} | "Windowed" >> Tallies([Count("a", "x", keys)])
+
+
+def test_quality_signals_tally_their_own_plan_without_the_graphs():
+    """QualitySignals given no tallies applies QualitySignals.TALLIES itself, with the same results."""
+    hour = 3_600_000
+    valid = [
+        event("v1", T0, etype="impression", item_id="i1", position=1, arrival_time=T0 + 300),
+        event("v2", T0 + 10, etype="impression", item_id="i2", device_class="mobile"),
+        event("v3", T0 + 2 * hour, user="u2", etype="click", item_id="i1"),
+        event("v4", T0 - 3 * NEW_USER_WINDOW_MS, user="u3"),
+    ]
+    bots = [event("b1", T0, user="bot")]
+    too_late = [event("t1", T0 - hour)]
+    labels = [
+        {"label": 1, "impression_time": T0, "item_id": "i1", "position": 1},
+        {"label": 0, "impression_time": T0 + 10, "item_id": "i2", "position": None},
+    ]
+    counters = collections.Counter()
+    for line in QualitySignals.TALLIES:
+        if isinstance(line, Count) and line.output == QualitySignals.COUNTERS:
+            for record in {"valid": valid, "bots": bots, "too_late": too_late, "labels": labels}[line.source]:
+                counters.update(line.keys(record))
+    first_last = {"u1": (T0, T0 + 10), "u2": (T0 + 2 * hour,) * 2, "u3": (T0 - 3 * NEW_USER_WINDOW_MS,) * 2}
+    with TestPipeline(runner=FN_API_RUNNER) as p:
+        outputs = types.SimpleNamespace(
+            **{
+                name: p | name.title() >> beam.Create(records)
+                for name, records in {"valid": valid, "bots": bots, "too_late": too_late, "labels": labels}.items()
+            }
+        )
+        signals = p | QualitySignals(outputs)
+        assert_that(signals["counters"], equal_to(list(counters.items())), label="Counters")
+        assert_that(signals["freshness"], equal_to(list(freshness_rows(list(first_last.values())))), label="Fresh")
+        assert_that(
+            signals["diversity"] | beam.Map(lambda row: (row["hour"], row["exposure_items"], row["positive_items"])),
+            equal_to([(hour_of(T0), 2, 1)]),
+            label="Diversity",
+        )
+
+
+def test_batch_graph_reads_each_tallied_collection_once(tmp_path):
+    """The accounting and the quality signals tally the valid events and the labels (and every other
+    collection) in one per-bundle DoFn each: each reader of a collection costs Beam per element."""
+    write_lines(tmp_path / "x.jsonl", [event("e1", T0)])
+    settings = GraphSettings.from_config(load_config(write_config(tmp_path)))
+    p = beam.Pipeline(runner=FN_API_RUNNER)
+    out = batch.build(p, settings, str(tmp_path / "x.jsonl"), OutputPaths(str(tmp_path / "out")))
+    readers = collections.defaultdict(list)
+
+    class Readers(PipelineVisitor):
+        def visit_transform(self, node):
+            for pc in node.inputs:
+                readers[pc].append("/".join(node.full_label.split("/")[:2]))  # the step, not its parts
+
+    p.visit(Readers())
+
+    def tallies(pc):
+        return [label for label in readers[pc] if label.startswith(("Tallies", "Accounting", "Exposures", "Quality"))]
+
+    assert tallies(out.valid) == ["Tallies/TallyValid"]
+    assert tallies(out.labels) == ["Tallies/TallyLabels"]
+    tally_steps = [label for labels in readers.values() for label in labels if label.startswith("Tallies/Tally")]
+    assert len(tally_steps) == len(set(tally_steps)) == 10  # the inputs and 9 counted collections
+    assert sorted(out.tallies) == sorted(["counts", *{line.output for line in QualitySignals.TALLIES}])
 
 
 def write_lines(path, records, gz=False):
@@ -345,7 +456,7 @@ def _run_graph(run: str, settings, make_input) -> dict:
     p = beam.Pipeline(options=PipelineOptions([f"--runner={FN_API_RUNNER}"]))
     out = build_event_graph(make_input(p), settings)
     for name, pc in vars(out).items():
-        if pc is not None:
+        if isinstance(pc, beam.PCollection):  # not `tallies`, a dict of the tally plan's outputs
             _ = pc | f"Collect{name}" >> beam.ParDo(_Collect(run, name))
     result = p.run()
     result.wait_until_finish()

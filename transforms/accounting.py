@@ -7,15 +7,20 @@ report only approximately. `check_identity` is the pure check the launcher appli
 `count_keys` is the counting itself: each record's counter keys are tallied per bundle inside one
 DoFn and only the bundle's partial counts leave it, then summed per key. Emitting one
 element per key and record instead (`Count.PerElement`) cost Beam's per-element work ~15 times per
-event between accounting and quality signals (benchmarks/RESULTS.md).
+event between accounting and quality signals (benchmarks/RESULTS.md). `Tallies` goes one step
+further for bounded jobs: a tally plan (`Count` and `Fold` lines) declares what each collection is
+tallied under, and each collection is read by ONE per-bundle DoFn whatever the number of lines and
+outputs taken from it (the accounting's and the quality signals' alike).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -32,26 +37,117 @@ def _keys_for(outcome: str, detail: Callable[[dict], str] | None):
     return lambda record: (outcome, f"{outcome}.{detail(record)}")
 
 
-class _CountKeysPerBundleFn(beam.DoFn):
-    """Records of the global window -> (key, partial count) per key and bundle, emitted when the bundle
-    ends. No WindowParam: a DoFn asking for its window takes Beam's slower per-window invocation path
-    (~2x the per-element cost on FnApiRunner); `count_keys` uses this DoFn for global-window inputs only."""
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """A tally plan line: each record of the collection named `source` is counted under its keys,
+    `keys(record)` (a tuple counts fastest); `output` holds (key, count)."""
 
-    def __init__(self, keys: Callable[[object], Iterable]):
-        self._keys = keys
-        self._counts = collections.Counter()
+    source: str
+    output: str | None
+    keys: Callable[[object], Iterable]
+    combine = sum  # not a field: counts are summed
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """A tally plan line: each record of the collection named `source` updates a dict of partial values
+    per key, `add(partials, record)`; `output` holds (key, value), the bundles' partials merged by
+    `combine` (a CombineFn or callable, as `CombinePerKey` takes it)."""
+
+    source: str
+    output: str | None
+    add: Callable[[dict, object], None]
+    combine: object
+
+
+class _TallyPerBundleFn(beam.DoFn):
+    """One collection's records (global window) -> every tally plan line taken from it: (key, partial)
+    per key, output and bundle, emitted when the bundle ends, tagged with its output (untagged: output
+    None). One DoFn however many lines: each consumer of a collection costs Beam's per-element work
+    (~0.5-1 µs on FnApiRunner). No WindowParam: a DoFn asking for its window takes Beam's slower
+    per-window invocation path (~2x the per-element cost on FnApiRunner); global-window inputs only."""
+
+    def __init__(self, lines: tuple):
+        self._lines = tuple(lines)
+        self._partials: dict = {}
 
     def start_bundle(self):
-        self._counts = collections.Counter()
+        partials = self._partials = {}
+        counts, folds = [], []
+        for line in self._lines:
+            if isinstance(line, Count):
+                counts.append((partials.setdefault(line.output, collections.Counter()).update, line.keys))
+            else:
+                folds.append((line.add, partials.setdefault(line.output, {})))
+        self._counts, self._folds = tuple(counts), tuple(folds)
 
     def process(self, record):
-        self._counts.update(self._keys(record))
+        for update, keys in self._counts:
+            update(keys(record))
+        for add, partials in self._folds:
+            add(partials, record)
 
     def finish_bundle(self):
-        end = GlobalWindow().max_timestamp()
-        for key, n in self._counts.items():
-            yield WindowedValue((key, n), end, (GlobalWindow(),))
-        self._counts = collections.Counter()
+        end, windows = GlobalWindow().max_timestamp(), (GlobalWindow(),)
+        for output, partials in self._partials.items():
+            for pair in partials.items():
+                value = WindowedValue(pair, end, windows)
+                yield value if output is None else TaggedOutput(output, value)
+        self._partials = {}
+
+
+def in_global_window(*pcolls) -> bool:
+    return all(isinstance(pc.windowing.windowfn, GlobalWindows) for pc in pcolls)
+
+
+def _title(name: str) -> str:
+    return name.title().replace("_", "").replace(".", "")
+
+
+class Tallies(beam.PTransform):
+    """{source name: PCollection} -> {output: PCollection of (key, value)}: every line (`Count`, `Fold`)
+    of a tally plan.
+
+    Each source collection is read by ONE per-bundle DoFn (`Tally<Source>`) applying all the plan's
+    lines taken from it; each output is the Flatten (`All<Output>`) of its partials, summed or merged
+    per key (`Sum<Output>`). Bounded inputs in the global window only (`in_global_window`): there a
+    bundle's records all belong to the one window and pane.
+    """
+
+    def __init__(self, plan: Iterable):
+        super().__init__()
+        self._plan = tuple(plan)
+        if not self._plan:
+            raise ValueError("a tally plan needs at least one line")
+        combines: dict = {}
+        for line in self._plan:
+            if not line.output:
+                raise ValueError(f"tally plan line {line}: name its output")
+            if combines.setdefault(line.output, line.combine) is not line.combine:
+                raise ValueError(f"tally plan output {line.output!r}: its lines combine partials differently")
+        self._combines = combines
+
+    def expand(self, sources: dict):
+        missing = sorted({line.source for line in self._plan} - set(sources))
+        if missing:
+            raise ValueError(f"tally plan sources missing from the input: {missing}")
+        if not in_global_window(*sources.values()):
+            raise ValueError("Tallies needs its inputs in the global window (bounded input)")
+        partials: dict[str, list] = {output: [] for output in self._combines}
+        for source in sorted({line.source for line in self._plan}):
+            lines = tuple(line for line in self._plan if line.source == source)
+            outputs = sorted({line.output for line in lines})
+            tallied = sources[source] | f"Tally{_title(source)}" >> beam.ParDo(_TallyPerBundleFn(lines)).with_outputs(
+                *outputs
+            )
+            for output in outputs:
+                partials[output].append(tallied[output])
+        return {
+            output: partials[output]
+            | f"All{_title(output)}" >> beam.Flatten()
+            | f"Sum{_title(output)}" >> beam.CombinePerKey(self._combines[output])
+            for output in sorted(partials)
+        }
 
 
 def count_keys(sources: dict, windowing=None):
@@ -64,9 +160,7 @@ def count_keys(sources: dict, windowing=None):
     in any window but the global one, are counted per element (`Count.PerElement`): one bundle's
     records may belong to different windows and panes.
     """
-    per_bundle = windowing is None and all(
-        isinstance(pc.windowing.windowfn, GlobalWindows) for pc, _ in sources.values()
-    )
+    per_bundle = windowing is None and in_global_window(*(pc for pc, _ in sources.values()))
     if not per_bundle:
         keyed = [pc | f"Key{label}" >> beam.FlatMap(keys) for label, (pc, keys) in sorted(sources.items())]
         counters = keyed | "AllCounters" >> beam.Flatten()
@@ -74,7 +168,8 @@ def count_keys(sources: dict, windowing=None):
             counters = counters | windowing
         return counters | "Count" >> beam.combiners.Count.PerElement()
     partials = [
-        pc | f"Tally{label}" >> beam.ParDo(_CountKeysPerBundleFn(keys)) for label, (pc, keys) in sorted(sources.items())
+        pc | f"Tally{label}" >> beam.ParDo(_TallyPerBundleFn([Count(label, None, keys)]))
+        for label, (pc, keys) in sorted(sources.items())
     ]
     return partials | "AllPartials" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
 
@@ -96,12 +191,19 @@ class CountOutcomes(beam.PTransform):
     """{name: PCollection} -> PCollection of (counter name, count).
 
     `breakdowns` maps an outcome name to a function giving a record's sub-key (e.g. its reason code).
+    `tally_plan` gives the same counters as tally plan lines, for a `Tallies` step shared with others.
     """
 
     def __init__(self, breakdowns: dict | None = None, windowing=None):
         super().__init__()
         self._breakdowns = breakdowns or {}
         self._windowing = windowing
+
+    def tally_plan(self, sources: dict[str, str], output: str) -> tuple[Count, ...]:
+        """{counter name: source name} -> one `Count` line per counter, under `output`."""
+        return tuple(
+            Count(source, output, _keys_for(name, self._breakdowns.get(name))) for name, source in sources.items()
+        )
 
     def expand(self, named: dict):
         return count_keys(

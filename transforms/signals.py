@@ -16,10 +16,9 @@ from collections.abc import Iterable
 
 import apache_beam as beam
 from apache_beam.transforms import window
-from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import contract
-from transforms.accounting import CountKeys
+from transforms.accounting import Count, Fold, Tallies
 from transforms.labels import is_exposure
 from transforms.quality import entropy_bits
 
@@ -135,72 +134,6 @@ class _HourlyDiversityFn(beam.DoFn):
         }
 
 
-class QualitySignals(beam.PTransform):
-    """GraphOutputs -> {"counters": (key, n), "diversity": rows, "freshness": rows} (bounded input, in
-    the global window: partial results are emitted per bundle there)."""
-
-    def __init__(self, outputs):
-        super().__init__()
-        self._out = outputs
-
-    def expand(self, pbegin):
-        out = self._out
-        if not isinstance(out.valid.windowing.windowfn, window.GlobalWindows):
-            raise ValueError("QualitySignals needs its inputs in the global window (bounded input)")
-        # Tallied per bundle (transforms/accounting.py): one element per key and bundle, not per record.
-        counters = pbegin | "CountSignals" >> CountKeys(
-            {
-                "Valid": (out.valid, functools.partial(event_counters, outcome=contract.OUTCOME_VALID)),
-                "Bots": (out.bots, functools.partial(event_counters, outcome=contract.OUTCOME_BOT)),
-                "TooLate": (out.too_late, too_late_counters),
-                "Labels": (out.labels, label_counters),
-            }
-        )
-        diversity = (
-            pbegin
-            | "CountHourItem"
-            >> CountKeys({"Exposures": (out.valid, exposure_items), "Positives": (out.labels, positive_items)})
-            | "ByHour" >> beam.MapTuple(lambda hk, n: (hk[0], (hk[1], n)))
-            | "GroupHour" >> beam.GroupByKey()
-            | "Diversity" >> beam.ParDo(_HourlyDiversityFn())
-        )
-        # Freshness per cohort: a user is "new" when first seen within a day of the run's end.
-        per_user = (
-            out.valid
-            | "UserTimes" >> beam.ParDo(_UserFirstLastPerBundleFn())
-            | "FirstLastPerUser" >> beam.CombinePerKey(_MinMax())
-        )
-        freshness = (
-            per_user
-            | "UserFirstLast" >> beam.Values()
-            | "AllUsers" >> beam.combiners.ToList()
-            | "Cohorts" >> beam.FlatMap(freshness_rows)
-        )
-        return {"counters": counters, "diversity": diversity, "freshness": freshness}
-
-
-class _UserFirstLastPerBundleFn(beam.DoFn):
-    """Valid events (global window) -> (user, (first, last event time)) per user and bundle, emitted
-    when the bundle ends: one element per user and bundle instead of one per event."""
-
-    def start_bundle(self):
-        self._users: dict = {}
-
-    def process(self, e):
-        t, users = e["event_time"], self._users
-        seen = users.get(e["user_id"])
-        if seen is None:
-            users[e["user_id"]] = (t, t)
-        elif t < seen[0] or t > seen[1]:
-            users[e["user_id"]] = (min(seen[0], t), max(seen[1], t))
-
-    def finish_bundle(self):
-        end = window.GlobalWindow().max_timestamp()
-        for user, first_last in self._users.items():
-            yield WindowedValue((user, first_last), end, (window.GlobalWindow(),))
-        self._users = {}
-
-
 class _MinMax(beam.CombineFn):
     def create_accumulator(self):
         return None
@@ -217,6 +150,66 @@ class _MinMax(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc
+
+
+def add_first_last(users: dict, e: dict) -> None:
+    """Folds a valid event into {user: (first, last event time)} (a bundle's partials)."""
+    t, user = e["event_time"], e["user_id"]
+    seen = users.get(user)
+    if seen is None:
+        users[user] = (t, t)
+    elif t < seen[0] or t > seen[1]:
+        users[user] = (min(seen[0], t), max(seen[1], t))
+
+
+class QualitySignals(beam.PTransform):
+    """GraphOutputs -> {"counters": (key, n), "diversity": rows, "freshness": rows} (bounded input, in
+    the global window: partial results are emitted per bundle there).
+
+    What it tallies is declared in TALLIES (sources named as GraphOutputs fields). A job passes them
+    to `build_event_graph(tallies=...)`, which takes them in the per-bundle step it counts the
+    outcomes with (one DoFn per collection), and gives their outputs here as `tallies`; without
+    `tallies` the signals apply their plan themselves (`Tallies`).
+    """
+
+    COUNTERS, HOUR_ITEMS, USER_FIRST_LAST = "signals.counters", "signals.hour_items", "signals.user_first_last"
+    TALLIES = (
+        Count("valid", COUNTERS, functools.partial(event_counters, outcome=contract.OUTCOME_VALID)),
+        Count("bots", COUNTERS, functools.partial(event_counters, outcome=contract.OUTCOME_BOT)),
+        Count("too_late", COUNTERS, too_late_counters),
+        Count("labels", COUNTERS, label_counters),
+        # (hour, kind, item) -> n: the items' diversity per hour.
+        Count("valid", HOUR_ITEMS, exposure_items),
+        Count("labels", HOUR_ITEMS, positive_items),
+        # user -> (first, last event time): freshness per cohort.
+        Fold("valid", USER_FIRST_LAST, add_first_last, _MinMax()),
+    )
+
+    def __init__(self, outputs, tallies: dict | None = None):
+        super().__init__()
+        self._out, self._tallies = outputs, tallies
+
+    def expand(self, pbegin):
+        out, tallies = self._out, self._tallies
+        if not isinstance(out.valid.windowing.windowfn, window.GlobalWindows):
+            raise ValueError("QualitySignals needs its inputs in the global window (bounded input)")
+        if tallies is None:
+            sources = {line.source: getattr(out, line.source) for line in self.TALLIES}
+            tallies = sources | "Tallies" >> Tallies(self.TALLIES)
+        diversity = (
+            tallies[self.HOUR_ITEMS]
+            | "ByHour" >> beam.MapTuple(lambda hk, n: (hk[0], (hk[1], n)))
+            | "GroupHour" >> beam.GroupByKey()
+            | "Diversity" >> beam.ParDo(_HourlyDiversityFn())
+        )
+        # Freshness per cohort: a user is "new" when first seen within a day of the run's end.
+        freshness = (
+            tallies[self.USER_FIRST_LAST]
+            | "UserFirstLast" >> beam.Values()
+            | "AllUsers" >> beam.combiners.ToList()
+            | "Cohorts" >> beam.FlatMap(freshness_rows)
+        )
+        return {"counters": tallies[self.COUNTERS], "diversity": diversity, "freshness": freshness}
 
 
 def freshness_rows(first_last: list) -> Iterable[dict]:
