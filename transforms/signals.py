@@ -68,31 +68,49 @@ def _hour_label(hour: int) -> str:
     return dt.datetime.fromtimestamp(hour * HOUR_MS / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:00:00Z")
 
 
-def _category(e: dict, name: str) -> str | None:
-    if name == "item_category":
-        return (e.get("item_meta") or {}).get("category")
-    v = e.get(name)
-    return None if v is None else str(v)
+# Counter keys, formatted once: an event contributes about a dozen, and an f-string per key cost more
+# than the rest of the tally.
+_LATENCY_KEYS = tuple(f"latency.{i}" for i in range(len(LATENCY_EDGES_MS) + 1))
+_NUMERIC_KEYS = tuple(
+    (name, edges, tuple(f"num.{name}.{i}" for i in range(len(edges) + 1))) for name, edges in NUMERIC_EDGES.items()
+)
+_CATEGORICAL_PLAIN = tuple(name for name in CATEGORICAL if name != "item_category")
 
 
-def event_counters(e: dict, outcome: str) -> Iterable[str]:
+@functools.lru_cache(maxsize=65_536)
+def _hourly_key(hour: int, outcome: str) -> str:
+    return f"hourly.{_hour_label(hour)}.{outcome}"
+
+
+@functools.lru_cache(maxsize=65_536)
+def _categorical_key(name: str, value: str) -> str:
+    return f"cat.{name}.{value}"
+
+
+def event_counters(e: dict, outcome: str) -> list[str]:
     """Counter keys one event contributes (valid and bot events carry the full record)."""
-    yield f"hourly.{hour_of(e['event_time'])}.{outcome}"
+    hour = e["event_time"] // HOUR_MS
+    keys = [_hourly_key(hour, outcome)]
     if outcome != contract.OUTCOME_VALID:
-        return
-    if e.get("arrival_time") is not None:
-        yield f"latency.{bucket_index(LATENCY_EDGES_MS, e['arrival_time'] - e['event_time'])}"
-        yield "latency_known"
-    for name, edges in NUMERIC_EDGES.items():
-        v = e.get(name)
+        return keys
+    get = e.get
+    if get("arrival_time") is not None:
+        keys.append(_LATENCY_KEYS[bisect.bisect_left(LATENCY_EDGES_MS, e["arrival_time"] - e["event_time"])])
+        keys.append("latency_known")
+    for name, edges, numeric_keys in _NUMERIC_KEYS:
+        v = get(name)
         if v is not None:
-            yield f"num.{name}.{bucket_index(edges, v)}"
-    for name in CATEGORICAL:
-        v = _category(e, name)
+            keys.append(numeric_keys[bisect.bisect_left(edges, v)])
+    for name in _CATEGORICAL_PLAIN:
+        v = get(name)
         if v is not None:
-            yield f"cat.{name}.{v}"
+            keys.append(_categorical_key(name, v if type(v) is str else str(v)))
+    category = (get("item_meta") or {}).get("category")
+    if category is not None:
+        keys.append(_categorical_key("item_category", category if type(category) is str else str(category)))
     if is_exposure(e):
-        yield f"hourly.{hour_of(e['event_time'])}.exposures"
+        keys.append(_hourly_key(hour, "exposures"))
+    return keys
 
 
 def too_late_counters(dead: dict) -> Iterable[str]:
