@@ -214,7 +214,9 @@ def _exposure_keys(e: dict) -> tuple:
     return _EXPOSURE_KEYS if is_exposure(e) else ()
 
 
-def _count_outcomes(outputs: GraphOutputs, inputs, count_windowing, tallies: tuple = ()) -> tuple:
+def _count_outcomes(
+    outputs: GraphOutputs, inputs, count_windowing, tallies: tuple = (), chunked: bool = False
+) -> tuple:
     """((counter name, count) for inputs, exposures and every counted output, the tallies' outputs).
 
     Bounded (no `count_windowing`, global window), the accounting is a tally plan applied together
@@ -226,8 +228,9 @@ def _count_outcomes(outputs: GraphOutputs, inputs, count_windowing, tallies: tup
     # The outcome and label counters are the ones the outputs table declares (outputs.counted).
     counted = output_table.counted(outputs, output_table.BATCH_OUTPUTS)
     if count_windowing is not None or not in_global_window(inputs, *counted.values()):
-        if tallies:
-            raise ValueError("the job's tallies need the bounded graph (global window, no count_windowing)")
+        if tallies or chunked:  # counted per element here: a chunk would count as one input
+            what = "chunked input" if chunked else "the job's tallies"
+            raise ValueError(f"{what} needs the bounded graph's tallies (global window, no count_windowing)")
         exposures = outputs.valid | "Exposures" >> beam.Filter(is_exposure)
         counted = {contract.COUNTER_INPUT: inputs, contract.COUNTER_EXPOSURES: exposures, **counted}
         return counted | "Accounting" >> accounting, None
@@ -318,5 +321,5 @@ def build_event_graph(
     )
     if settings.features is not None:
         outputs.features = _features(humans, settings, streaming)
-    outputs.counts, outputs.tallies = _count_outcomes(outputs, inputs, count_windowing, tuple(tallies))
+    outputs.counts, outputs.tallies = _count_outcomes(outputs, inputs, count_windowing, tuple(tallies), chunked)
     return outputs

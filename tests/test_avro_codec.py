@@ -192,3 +192,57 @@ def test_encode_avro_file_is_fastavro_writer_with_the_same_marker(data):
     expected = io.BytesIO()
     fastavro.writer(expected, fastavro.parse_schema(schema), batch, sync_marker=MARKER)
     assert encode_avro_file(batch, schema, sync_marker=MARKER) == expected.getvalue()
+
+
+def test_values_fastavro_refuses_where_a_union_is_resolved_are_refused():
+    """fastavro checks a union's branch in full (an int's 32 bits, a record's "-type"): the compiled
+    path leaves those values to it."""
+    item = {"type": "record", "name": "Item", "fields": [{"name": "x", "type": "string"}]}
+    schema = {
+        "type": "record",
+        "name": "r",
+        "fields": [
+            {"name": "i", "type": ["null", "int"], "default": None},
+            {"name": "a", "type": ["null", {"type": "array", "items": "int"}], "default": None},
+            {"name": "d", "type": ["null", {"type": "int", "logicalType": "date"}], "default": None},
+            {"name": "rec", "type": ["null", item], "default": None},
+        ],
+    }
+    for record in (
+        {"i": 2**31},
+        {"i": -(2**31) - 1},
+        {"a": [1, 2**40]},
+        {"d": 2**40},
+        {"rec": {"x": "s", "-type": "Other"}},
+        {"i": 2**31 - 1, "a": [-(2**31)], "d": 19000, "rec": {"x": "s"}},
+    ):
+        assert outcome(AvroRecordEncoder(schema).encode, record) == outcome(fastavro_bytes, schema, record), record
+
+
+def test_an_int_beyond_32_bits_in_a_slate_is_refused_as_fastavro_refuses_it():
+    slate = {
+        "request_id": "r",
+        "user_id": "u",
+        "policy": None,
+        "experiment_id": None,
+        "variant": None,
+        "impression_time": 1793000000000,
+        "n_items": 1,
+        "n_positive": 0,
+        "items": [{"item_id": "i", "position": 2**31, "propensity": None, "label": 0, "weight": 1.0}],
+    }
+    assert outcome(AvroRecordEncoder(SLATE_SCHEMA).encode, slate) == outcome(fastavro_bytes, SLATE_SCHEMA, slate)
+    assert outcome(AvroRecordEncoder(SLATE_SCHEMA).encode, slate)[0] == "error"
+
+
+def test_a_schema_nested_deeper_than_python_compiles_is_written_by_fastavro():
+    schema = {"type": "record", "name": "R0", "fields": [{"name": "v", "type": "string"}]}
+    record = {"v": "x"}
+    for depth in range(1, 30):
+        schema = {
+            "type": "record",
+            "name": f"R{depth}",
+            "fields": [{"name": "n", "type": {"type": "array", "items": schema}}],  # a loop per level
+        }
+        record = {"n": [record]}
+    assert AvroRecordEncoder(schema).encode(record) == fastavro_bytes(schema, record)

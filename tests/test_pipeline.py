@@ -498,6 +498,22 @@ def test_chunked_front_gives_the_same_outputs_and_counters(tmp_path, chunk):
     assert per_record["counters"][("feedback.enrich", "item_lookup_missing")] == 1
 
 
+def test_chunked_graph_refuses_counting_per_element(tmp_path):
+    """With count_windowing the outcomes are counted one per element, where a chunk would count as one
+    input: refused at construction, not a broken accounting identity."""
+    from apache_beam.transforms import window
+
+    from pipelines.graph import GraphSettings, build_event_graph
+    from transforms.config import load_config
+    from transforms.parse import RawChunk
+
+    settings = GraphSettings.from_config(load_config(write_config(tmp_path)))
+    p = beam.Pipeline(options=PipelineOptions([f"--runner={FN_API_RUNNER}"]))
+    chunks = p | beam.Create([RawChunk(_front_records())]).with_output_types(RawChunk)
+    with pytest.raises(ValueError, match="chunked input"):
+        build_event_graph(chunks, settings, streaming=False, count_windowing=beam.WindowInto(window.GlobalWindows()))
+
+
 def test_chunked_graph_refuses_streaming(tmp_path):
     from pipelines.graph import GraphSettings, build_event_graph
     from transforms.config import load_config

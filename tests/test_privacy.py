@@ -382,20 +382,55 @@ def spans_without_the_timestamp_rule(text: str) -> list:
 WELL_FORMED_TIMESTAMPS = [
     "2026-10-31T21:38:36.049-05:00",
     "2026-11-01 09:52:41-08:00",
-    "2026-10-31T21:38:36.049123-05:00",  # microseconds (Python's isoformat): was redacted as a phone
     "2026-10-31T21:38:36.1-05:00",
     "2026-10-31T21:38:36-0500",
     "2026-10-31T21:38:36.049-0330",
-    "2026-10-31 21:38:36.049123-11:00",
     "2026-10-31T21:38:36.049+05:30",
     "2026-10-31T21:38:36.049123+0530",
     "2026-10-31T21:38:36.049Z",
     "2026-10-31T21:38:36Z",
     "2026-10-31t21:38:36.049z",
     "2026-10-31T21:38:36",
-    "1999-12-31T23:59:60.999999-23:59",  # a leap second, the largest offset
+    "1999-12-31T23:59:60.999-23:59",  # a leap second, the largest offset
     "2000-01-01T00:00:00.000000+00:00",
 ]
+# Seconds, microseconds and a negative offset hold 10+ digits: a national number fits ("21.255501-23" is
+# 212 555 0123), so phonenumbers still decides (a microsecond timestamp may be redacted as a phone).
+TIMESTAMPS_THAT_CAN_SPELL_A_NUMBER = [
+    "2026-10-31T21:38:36.049123-05:00",
+    "2026-10-31 21:38:36.049123-11:00",
+    "1999-12-31T23:59:60.999999-23:59",
+    "call 2026-10-31T21:38:21.255501-23:00 now",
+    "2026-10-31T21:38:21.255501-2300",
+    "2026-10-31T21:38:00.447946-0958",
+]
+
+
+@pytest.mark.parametrize("text", TIMESTAMPS_THAT_CAN_SPELL_A_NUMBER)
+def test_timestamp_fields_that_can_spell_a_number_keep_the_full_treatment(text):
+    with phone_lookups() as calls:
+        found = PiiScanner().spans(text)
+    assert calls
+    assert found == spans_without_the_timestamp_rule(text)
+
+
+def test_a_number_before_a_better_ranked_one_is_found_too():
+    """Tried longest first, the earlier number ran on into the '00' one found already and was dropped."""
+    for text, first, second in (
+        ("06 12 34 56 78 0044 20 7946 0958", "06 12 34 56 78", "0044 20 7946 0958"),
+        ("01 99 00 12 34 00 33 6 12 34 56 78", "01 99 00 12 34", "00 33 6 12 34 56 78"),
+    ):
+        out = Redactor(KEY).redact(text)
+        assert first not in out and second not in out and out.count("[phone:") == 2, out
+
+
+def test_a_number_written_as_a_timestamps_fields_is_redacted():
+    for text, digits in (
+        ("call 2026-10-31T21:38:21.255501-23:00 now", "255501"),
+        ("2026-10-31T21:38:00.447946-0958", "447946"),
+    ):
+        out = Redactor(KEY).redact(text)
+        assert "[phone:" in out and digits not in out, out
 
 
 @pytest.mark.parametrize("ts", WELL_FORMED_TIMESTAMPS)
@@ -464,7 +499,8 @@ def _two(lo: int, hi: int):
     return st.integers(lo, hi).map("{:02d}".format)
 
 
-# Random well-formed date-times from random fields: every shape `_TIMESTAMP_RE` takes.
+# Random well-formed date-times from random fields, with milliseconds at most: every shape whose fields
+# cannot spell a national number.
 timestamps = st.builds(
     "{}-{}-{}{}{}:{}:{}{}{}".format,
     st.integers(1900, 2099).map(str),
@@ -474,7 +510,7 @@ timestamps = st.builds(
     _two(0, 23),
     _two(0, 59),
     _two(0, 60),
-    st.one_of(st.just(""), st.text("0123456789", min_size=1, max_size=6).map(".{}".format)),
+    st.one_of(st.just(""), st.text("0123456789", min_size=1, max_size=3).map(".{}".format)),
     st.one_of(
         st.sampled_from(["", "Z", "z"]),
         st.builds("{}{}{}{}".format, st.sampled_from("+-"), _two(0, 23), st.sampled_from(["", ":"]), _two(0, 59)),
@@ -490,6 +526,26 @@ def test_random_timestamps_hold_no_pii_and_never_reach_phonenumbers(ts, where):
         assert PiiScanner().spans(text) == []
         assert PiiScanner().full_scan(text) == (text, [])
     assert calls == []
+
+
+microsecond_timestamps = st.builds(
+    "2026-10-31T21:38:{}.{}{}{}".format,
+    _two(0, 60),
+    st.text("0123456789", min_size=4, max_size=6),
+    st.sampled_from("+-"),
+    st.builds("{}{}{}".format, _two(0, 23), st.sampled_from(["", ":"]), _two(0, 59)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(microsecond_timestamps, st.sampled_from(["{}", "at {} failed", "({})"]))
+def test_timestamp_rule_only_ever_drops_findings_of_up_to_nine_digits(ts, where):
+    """Against the full treatment: nothing new is found, and nothing of 10+ digits is lost."""
+    text = where.format(ts)
+    new, old = PiiScanner().spans(text), spans_without_the_timestamp_rule(text)
+    assert set(new) <= set(old)
+    long_old = [sp for sp in old if sum(c.isdigit() for c in text[sp[0] : sp[1]]) > privacy._TIMESTAMP_FIELD_DIGITS]
+    assert set(long_old) <= set(new)
 
 
 CORPUS_PHONES = sorted({value for kind, value in PII_CORPUS if kind == "phone"})

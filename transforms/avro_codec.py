@@ -41,7 +41,7 @@ class _Fallback(Exception):
 
 
 def zigzag_varint(n: int) -> bytes:
-    """Avro's `long` encoding of an int in 64 bits (ValueError outside: fastavro decides those)."""
+    """Avro's `long` encoding of an int in 64 bits (_Fallback outside: fastavro decides those)."""
     if 0 <= n < 64:
         return _ONE_BYTE[n << 1]
     if not _INT64[0] <= n < _INT64[1]:
@@ -93,6 +93,8 @@ def _emit_value(src: _Source, indent: int, value: str, schema) -> None:
         src.add(indent, f"a(one_byte[{n} << 1] if {n} < 64 else zz({n})); a({b})")
     elif t in ("int", "long"):
         src.add(indent, f"if type({value}) is not int: raise _Fallback")
+        if t == "int":  # fastavro checks the 32-bit range where a union is resolved: it decides outside it
+            src.add(indent, f"if not -2147483648 <= {value} < 2147483648: raise _Fallback")
         src.add(indent, f"a(one_byte[{value} << 1] if 0 <= {value} < 64 else zz({value}))")
     elif t == "double":
         src.add(indent, f"if type({value}) is not float: raise _Fallback")
@@ -137,6 +139,9 @@ def _emit_union(src: _Source, indent: int, value: str, branches: list) -> None:
     src.add(indent, f"if {value} is None: a({_ONE_BYTE[null_index << 1]!r})")
     src.add(indent, "else:")
     src.add(indent + 1, f"a({_ONE_BYTE[(1 - null_index) << 1]!r})")
+    if isinstance(other, dict) and other.get("type") == "record":
+        # A "-type" key names the union branch for fastavro: it decides.
+        src.add(indent + 1, f'if "-type" in {value}: raise _Fallback')
     _emit_value(src, indent + 1, value, other)
 
 
@@ -162,11 +167,15 @@ def compile_encoder(schema: dict) -> Callable[[dict], bytes] | None:
     src.add(1, "a = out.append")
     try:
         _emit_record(src, 1, "r", schema)
-    except _Unsupported:
+    except (_Unsupported, RecursionError):
         return None
     src.add(1, 'return b"".join(out)')
     namespace = {"zz": zigzag_varint, "one_byte": _ONE_BYTE, "pack_double": _PACK_DOUBLE, "_Fallback": _Fallback}
-    exec(compile("\n".join(src.lines), f"<avro encoder {schema.get('name', '')}>", "exec"), namespace)  # noqa: S102
+    try:
+        code = compile("\n".join(src.lines), f"<avro encoder {schema.get('name', '')}>", "exec")
+    except (SyntaxError, RecursionError, MemoryError):  # nested deeper than Python compiles: fastavro's
+        return None
+    exec(code, namespace)  # noqa: S102
     return namespace["encode"]
 
 

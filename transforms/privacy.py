@@ -119,23 +119,26 @@ _PLUS_PHONE_RE = re.compile(r"(?<![+\d])\+\d[\d \u00a0\t().\-/]*\d(?!\d)")
 _BARE_DIGITS_RE = re.compile(r"\(?[1-9]\d*\)?")
 # Dotted with a one-digit group and no +: a version number ("Instagram 375.2.0.33.77"), not a phone.
 _VERSION_RE = re.compile(r"\d+(?:\.\d+)*\.\d(?:\.\d+)*|\d(?:\.\d+)+")
-# A candidate starting with a calendar date ("2026-10-31 19:11:05") is a timestamp.
+# A candidate starting with a calendar date ("2026-10-31 19:11:05", "(2026-10-31 19") is a timestamp.
 _DATE_RE = re.compile(
     r"(?:19|20)\d\d[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12]\d|3[01])(?!\d)"
     r"|(?:0?[1-9]|[12]\d|3[01])[-/.](?:0?[1-9]|1[0-2])[-/.](?:19|20)\d\d(?!\d)"
 )
-# A well-formed ISO 8601 / RFC 3339 date-time ("2026-10-31T21:38:36.049-05:00"): a phone candidate wholly
-# inside one ("36.049-05": seconds, fraction and offset hours) is part of a timestamp, and sending it to
-# phonenumbers cost ~2.5 ms (24 regions, then again per group stretch). Strict, so no number can hide in
-# one: every field in range, a fraction of at most 6 digits (no 7-digit run fits in it), an offset of
-# +-HH:MM, +-HHMM or Z, and no number glued on either side (directly or through one separator). Anything
-# else, and every candidate reaching outside the match, keeps the full treatment. 't' and 'z': RFC 3339 5.6.
+# A well-formed ISO 8601 / RFC 3339 date-time ("2026-10-31T21:38:36.049-05:00"): a phone candidate of at
+# most _TIMESTAMP_FIELD_DIGITS digits wholly inside one ("36.049-05": seconds, milliseconds and offset
+# hours) is the timestamp's fields, and sending it to phonenumbers cost ~2.5 ms (24 regions, then again
+# per group stretch). Strict: every field in range, a fraction of at most 6 digits, an offset of +-HH:MM,
+# +-HHMM or Z, and no number glued on either side (directly or through one separator). Seconds,
+# fraction and offset together can spell a 10-digit national number ("21.255501-23" is 212 555 0123):
+# such candidates (microseconds with an offset) still go to phonenumbers, as does every candidate
+# reaching outside the match. 't' and 'z': RFC 3339 5.6.
 _TIMESTAMP_RE = re.compile(
     r"(?<![\d+])(?<!\d[-.,:/])(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])[Tt ]"
     r"(?:[01]\d|2[0-3]):[0-5]\d:(?:[0-5]\d|60)(?:\.\d{1,6})?(?:[Zz]|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?"
     r"(?![.,:+\-]?\d)"
 )
 _PHONE_MIN_DIGITS, _PHONE_MAX_DIGITS, _PHONE_MAX_GROUPS = 7, 17, 48
+_TIMESTAMP_FIELD_DIGITS = 9  # milliseconds with an offset: SS.FFF-HH (7), SS.FFF-HHMM (9)
 # IPv4 not glued to a word or a dotted number. After "word/" it is an address ("host/203.0.113.5", a URL
 # path) unless it ends in ".0.0", the form of product versions in user agents ("Chrome/120.0.0.0").
 IPV4_RE = re.compile(r"(?<![\w.+])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
@@ -422,7 +425,7 @@ class PiiScanner:
                 or _BARE_DIGITS_RE.fullmatch(c)
                 or _VERSION_RE.fullmatch(c)
                 or (n > _PHONE_MAX_DIGITS and c.isdigit())
-                or _DATE_RE.match(c)
+                or _DATE_RE.match(c.lstrip("("))
             ):
                 continue
             if timestamps is None:
@@ -430,7 +433,7 @@ class PiiScanner:
             # Its digits, first to last ("(2026-11-01 09" in "(2026-11-01 09:52:41)"), inside a date-time:
             # "36.049-05" in "...T21:38:36.049-05:00" is a timestamp's fields, not a number.
             first, last = m.start() + len(c) - len(c.lstrip("(+")), m.end() - c.endswith(")")
-            if timestamps and _inside_any(timestamps, first, last):
+            if n <= _TIMESTAMP_FIELD_DIGITS and timestamps and _inside_any(timestamps, first, last):
                 continue
             lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
             spans = _phone_spans(text[lo:hi]) if n <= _PHONE_MAX_DIGITS else ()
@@ -492,9 +495,15 @@ class PiiScanner:
                     ends.append(g_end)
             lo = start - 1 if start > offset else start
             for end in reversed(ends):
-                spans = _phone_spans(text[lo:end])
+                # A number running into one found already is not taken (`add` would drop it whole):
+                # shorter stretches are tried ("06 12 34 56 78" before "0044 20 7946 0958").
+                spans = [
+                    (lo + s, lo + e)
+                    for s, e in _phone_spans(text[lo:end])
+                    if not any(lo + s < f_end and f_start < lo + e for f_start, f_end in found)
+                ]
                 if spans:
-                    found += [(lo + s, lo + e) for s, e in spans]
+                    found += spans
                     break
         return found
 
