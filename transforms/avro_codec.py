@@ -183,12 +183,12 @@ class AvroRecordEncoder:
     """`encode(record) -> bytes`: the compiled encoder, fastavro for whatever it hands back."""
 
     def __init__(self, schema: dict):
-        self._parsed = fastavro.parse_schema(schema)
+        self.parsed_schema = fastavro.parse_schema(schema)
         self._compiled = compile_encoder(schema)
 
     def _fastavro(self, record) -> bytes:
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, self._parsed, record)
+        fastavro.schemaless_writer(buf, self.parsed_schema, record)
         return buf.getvalue()
 
     def encode(self, record) -> bytes:
@@ -218,13 +218,14 @@ class AvroFileWriter:
             raise ValueError(f"codec must be 'null' or 'deflate', got {codec!r}")
         self._fh, self._codec, self._level = fh, codec, compression_level
         self._sync = sync_marker or os.urandom(16)
-        self._encode = (encoder or AvroRecordEncoder(schema)).encode
+        encoder = encoder or AvroRecordEncoder(schema)
+        self._encode = encoder.encode
         self._block: list[bytes] = []
         self._block_bytes = 0
         header = io.BytesIO()  # fastavro's own header: same metadata and schema text
         fastavro.write.Writer(
             header,
-            fastavro.parse_schema(schema),
+            encoder.parsed_schema,
             codec=codec,
             sync_marker=self._sync,
             compression_level=compression_level,
@@ -250,10 +251,16 @@ class AvroFileWriter:
             self._dump()
 
 
-def encode_avro_file(records, schema: dict, codec: str = "null", sync_marker: bytes | None = None) -> bytes:
-    """A whole Avro file's bytes (AvroFileWriter on memory)."""
+def encode_avro_file(
+    records,
+    schema: dict,
+    codec: str = "null",
+    sync_marker: bytes | None = None,
+    encoder: AvroRecordEncoder | None = None,
+) -> bytes:
+    """A whole Avro file's bytes (AvroFileWriter on memory); pass `encoder` to reuse one (it compiles once)."""
     buf = io.BytesIO()
-    writer = AvroFileWriter(buf, schema, codec=codec, sync_marker=sync_marker)
+    writer = AvroFileWriter(buf, schema, codec=codec, sync_marker=sync_marker, encoder=encoder)
     for record in records:
         writer.write(record)
     writer.flush()

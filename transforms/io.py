@@ -869,12 +869,14 @@ def window_file_name(
     return "-".join(parts) + suffix
 
 
-def encode_file(records: list, fmt: str, schema: dict | None, name: str) -> bytes:
+def encode_file(
+    records: list, fmt: str, schema: dict | None, name: str, encoder: AvroRecordEncoder | None = None
+) -> bytes:
     """The bytes of one output file, records in the order given (Avro's sync marker is derived from the
     file name instead of being random, so the same records and name give the same bytes)."""
     if fmt == "jsonl":
         return b"".join(to_json_line(r).encode() + b"\n" for r in records)
-    return encode_avro_file(records, schema, sync_marker=hashlib.sha256(name.encode()).digest()[:16])
+    return encode_avro_file(records, schema, sync_marker=hashlib.sha256(name.encode()).digest()[:16], encoder=encoder)
 
 
 class _WritePaneFn(beam.DoFn):
@@ -882,6 +884,10 @@ class _WritePaneFn(beam.DoFn):
         self._directory, self._prefix, self._fmt, self._schema, self._shards = directory, prefix, fmt, schema, shards
         self._files = Metrics.counter(WRITE_METRICS_NS, "files")
         self._records = Metrics.counter(WRITE_METRICS_NS, "records")
+
+    def setup(self):
+        # Compiled once per worker, not per pane.
+        self._encoder = AvroRecordEncoder(self._schema) if self._fmt == "avro" else None
 
     def process(self, keyed, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         shard, records = keyed
@@ -895,7 +901,7 @@ class _WritePaneFn(beam.DoFn):
         pane_index = pane.index if pane else 0
         name = window_file_name(self._prefix, "." + self._fmt, win, pane_index, shard, self._shards, content)
         path = FileSystems.join(self._directory, name)
-        data = encode_file(ordered, self._fmt, self._schema, name)
+        data = encode_file(ordered, self._fmt, self._schema, name, self._encoder)
         # Write then rename: a reader never sees half a file, and a retried bundle rewrites the same bytes.
         tmp = FileSystems.join(self._directory, f".tmp-{name}-{uuid.uuid4().hex}")
         with FileSystems.create(tmp) as f:

@@ -428,13 +428,14 @@ class PiiScanner:
                 or _DATE_RE.match(c.lstrip("("))
             ):
                 continue
-            if timestamps is None:
-                timestamps = _timestamp_spans(text)
-            # Its digits, first to last ("(2026-11-01 09" in "(2026-11-01 09:52:41)"), inside a date-time:
-            # "36.049-05" in "...T21:38:36.049-05:00" is a timestamp's fields, not a number.
-            first, last = m.start() + len(c) - len(c.lstrip("(+")), m.end() - c.endswith(")")
-            if n <= _TIMESTAMP_FIELD_DIGITS and timestamps and _inside_any(timestamps, first, last):
-                continue
+            if n <= _TIMESTAMP_FIELD_DIGITS:
+                if timestamps is None:
+                    timestamps = _timestamp_spans(text)
+                # Its digits, first to last, inside a date-time: "36.049-05" in "...T21:38:36.049-05:00"
+                # is a timestamp's fields, not a number.
+                first, last = m.start() + len(c) - len(c.lstrip("(+")), m.end() - c.endswith(")")
+                if timestamps and _inside_any(timestamps, first, last):
+                    continue
             lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
             spans = _phone_spans(text[lo:hi]) if n <= _PHONE_MAX_DIGITS else ()
             if not spans:
