@@ -73,6 +73,7 @@ def test_benchmark_script_runs_on_a_tiny_input(script, tmp_path, tiny_input):
             "rss_kib_per_event",
             "ratio_to_reference",
         }
+        assert set(result["grouped_passthrough_fnapi"]) >= {"cpu_us_per_event", "rss_kib_per_event"}
     if script == "memory_by_stage.py":
         result = json.loads(proc.stdout[proc.stdout.index("{") :])
         assert result["stages"] > 10 and result["largest_growth"], result
