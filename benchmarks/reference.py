@@ -113,7 +113,8 @@ def _clean_events(s: GraphSettings, raw: list) -> dict:
 
     rest, crawler_tags = _run(_CrawlerFn(s.bots), deduped)
     by_user = _group(rest, lambda e: e["user_id"])
-    humans, user_tags = _run(_UserRunsBatchFn(s.bots, s.session_gap_s, labels=s.labels), by_user.items())
+    per_user = ((user, [events]) for user, events in by_user.items())  # one list per user, as one bundle gives
+    humans, user_tags = _run(_UserRunsBatchFn(s.bots, s.session_gap_s, labels=s.labels), per_user)
     bots = crawler_tags.get(FilterBots.BOTS, []) + user_tags.get(FilterBots.BOTS, [])
     return {
         "humans": humans,

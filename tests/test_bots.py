@@ -158,11 +158,58 @@ def test_huge_user_is_judged_by_volume_without_sorting(monkeypatch):
     fn = _UserRunsBatchFn(rules, 1800.0)
     events = [{**ev(T0 + i * 30_000, "view"), "user_id": "u1"} for i in range(1001)]  # human pace, too many
     monkeypatch.setattr("builtins.sorted", lambda *a, **k: pytest.fail("a huge user must not be sorted"))
-    out = list(fn.process(("u1", events)))
+    out = list(fn.process(("u1", [events[:400], events[400:]])))  # the lists of two bundles
     monkeypatch.undo()
     assert len(out) == 1001 and all(isinstance(o, beam.pvalue.TaggedOutput) and o.tag == FilterBots.BOTS for o in out)
     assert {o.value["bot_rule"] for o in out} == {contract.BOT_RULE_SUSTAINED_RATE}
     assert "judged by volume" in out[0].value["bot_detail"]
     # at the bound it is judged normally
-    out = list(fn.process(("u1", events[:1000])))
+    out = list(fn.process(("u1", [events[:1000]])))
     assert not any(isinstance(o, beam.pvalue.TaggedOutput) for o in out)
+
+
+@pytest.mark.parametrize("max_events", [1, 4, 50_000])
+def test_user_lists_split_over_flushes_judge_as_one_group(max_events):
+    """Bounded FilterBots: crawler-flagged events leave at once; the rest reach the per-user judge as
+    lists gathered per bundle. However the lists are cut (flushed every `max_events`, or one per
+    bundle), a user's events are judged exactly as one whole group."""
+    import apache_beam as beam
+
+    from transforms.bots import FilterBots, _CrawlersAndUserListsFn, _UserRunsBatchFn
+    from transforms.records import RecordPacker
+
+    crawler_ua = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+    browser_ua = "Mozilla/5.0 (X11; Linux x86_64; rv:137.0) Gecko/20100101 Firefox/137.0"
+    events = []
+    for i in range(400):  # u1: 240 events a minute for 100 s; u2: human pace; u3: a crawler user agent
+        events.append({**ev(T0 + i * 250, "view"), "user_id": "u1", "user_agent": browser_ua})
+        if i % 10 == 0:
+            events.append({**ev(T0 + i * 4_500, "view"), "user_id": "u2", "user_agent": browser_ua})
+        if i % 100 == 0:
+            events.append({**ev(T0 + i * 1000, "view"), "user_id": "u3", "user_agent": crawler_ua})
+    packer = RecordPacker()
+    fn = _CrawlersAndUserListsFn(RULES, packer.pack, max_events=max_events)
+    fn.setup()
+    fn.start_bundle()
+    out = [o for e in events for o in fn.process(e)] + [wv.value for wv in fn.finish_bundle()]
+    crawlers = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [c["user_id"] for c in crawlers] == ["u3"] * 4
+    assert {c["bot_rule"] for c in crawlers} == {contract.BOT_RULE_CRAWLER_UA}
+    lists = {}
+    for user, packed in (o for o in out if not isinstance(o, beam.pvalue.TaggedOutput)):
+        lists.setdefault(user, []).append(packed)
+    assert sorted(lists) == ["u1", "u2"]
+    assert (max(map(len, lists.values())) > 1) == (max_events < 440)
+
+    def judged(user, user_lists):
+        judge = _UserRunsBatchFn(RULES, 1800.0, packer)
+        return sorted(
+            (getattr(o, "tag", None), json.dumps(getattr(o, "value", o), sort_keys=True))
+            for o in judge.process((user, user_lists))
+        )
+
+    for user, user_lists in lists.items():
+        whole = [[p for packed in user_lists for p in packed]]
+        assert judged(user, user_lists) == judged(user, whole)
+    assert {tag for tag, _ in judged("u1", lists["u1"])} == {FilterBots.BOTS}
+    assert {tag for tag, _ in judged("u2", lists["u2"])} == {None}

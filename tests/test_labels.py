@@ -1,5 +1,7 @@
 """Pure label logic: attribution, label rules, settlement (batch and streaming share it), sessions."""
 
+import pytest
+
 from transforms.labels import LabelRules, attribute, make_label, make_slate, settle
 from transforms.sessions import assign_sessions, session_id_for, split_by_bucket, split_by_gap
 
@@ -105,3 +107,27 @@ def test_repeated_outcome_ids_settle_the_same_in_any_order():
     first, second = settled
     assert first.labels == second.labels and first.late_outcomes == second.late_outcomes
     assert sorted(map(repr, first.orphans)) == sorted(map(repr, second.orphans))
+
+
+@pytest.mark.parametrize("max_values", [1, 2, 50_000])
+def test_slate_lists_split_over_flushes_build_the_same_slate(max_values):
+    """Bounded BuildSlates: a request's labels reach the slate step as lists gathered per bundle; however
+    they are cut, the slate equals make_slate over the labels. Labels without a request id make none."""
+    from transforms.labels import _slate_of_packed, _SlateInputListsFn
+
+    labels = [
+        make_label(ev(f"x{r}{p}", "impression", p, f"r{r}", item=f"i{p}", position=p), [], RULES)
+        for p in (3, 1, 2)
+        for r in (1, 2)
+    ]
+    labels.append(make_label(ev("x-none", "impression", 0, None, item="i9", position=1), [], RULES))
+    fn = _SlateInputListsFn(max_values)
+    fn.start_bundle()
+    out = [kv for label in labels for kv in fn.process(label)] + [wv.value for wv in fn.finish_bundle()]
+    lists = {}
+    for request, packed in out:
+        lists.setdefault(request, []).append(packed)
+    assert sorted(lists) == ["r1", "r2"]
+    for request, request_lists in lists.items():
+        expected = make_slate(request, [l for l in labels if l["request_id"] == request])
+        assert _slate_of_packed(request, request_lists) == expected

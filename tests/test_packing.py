@@ -6,6 +6,7 @@ import collections
 import datetime as dt
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -111,3 +112,35 @@ def test_bytes_like_values_come_back_as_bytes():
         "blob": b"x",
         "view": b"y",
     }
+
+
+@pytest.mark.parametrize("max_values", [1, 3, 50_000])
+def test_keyed_lists_hold_every_value_once_in_order(max_values):
+    """KeyedListsFn: the lists emitted mid-bundle (every `max_values` values) and when the bundle ends
+    (in the global window) concatenate, per key, to the values added, in the order added."""
+    from apache_beam.transforms import window
+
+    from transforms.records import KeyedListsFn
+
+    class Gather(KeyedListsFn):
+        def process(self, kv):
+            yield from self._add(*kv)
+
+    pairs = [(f"k{i % 4}", i) for i in range(23)]
+    fn = Gather(max_values)
+    fn.start_bundle()
+    emitted = [kv for pair in pairs for kv in fn.process(pair)]
+    ended = list(fn.finish_bundle())
+    assert all(wv.windows == (window.GlobalWindow(),) for wv in ended)
+    emitted += [wv.value for wv in ended]
+    keys = [key for key, _ in emitted]
+    assert (len(keys) == len(set(keys))) == (max_values > len(pairs))
+    gathered = {}
+    for key, values in emitted:
+        gathered.setdefault(key, []).extend(values)
+    expected = {}
+    for key, value in pairs:
+        expected.setdefault(key, []).append(value)
+    assert gathered == expected
+    fn.start_bundle()  # a new bundle starts empty
+    assert list(fn.finish_bundle()) == []

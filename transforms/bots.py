@@ -35,6 +35,7 @@ time: shifting every event time by any offset gives the same decisions.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import statistics
 from collections.abc import Iterable
@@ -51,7 +52,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import contract
 from transforms.labels import JoinLabels, LabelRules, settle_counters, settle_user, settlement_outputs
-from transforms.records import RecordPacker
+from transforms.records import KeyedListsFn, RecordPacker
 from transforms.sessions import assign_sessions, run_closes_at, split_by_gap, split_runs
 
 METRICS_NS = "feedback.bots"
@@ -268,11 +269,14 @@ class _CrawlerFn(beam.DoFn):
         if pattern is None:
             yield event
         else:
-            self._flagged.inc()
-            yield beam.pvalue.TaggedOutput(
-                FilterBots.BOTS,
-                flag(event, contract.BOT_RULE_CRAWLER_UA, f"user agent matches crawler pattern {pattern!r}"),
-            )
+            yield self._flag_crawler(event, pattern)
+
+    def _flag_crawler(self, event: dict, pattern: str):
+        self._flagged.inc()
+        return beam.pvalue.TaggedOutput(
+            FilterBots.BOTS,
+            flag(event, contract.BOT_RULE_CRAWLER_UA, f"user agent matches crawler pattern {pattern!r}"),
+        )
 
 
 class _JudgeFn(beam.DoFn):
@@ -311,10 +315,41 @@ class _JudgeFn(beam.DoFn):
         return self._emit((contract.BOT_RULE_SUSTAINED_RATE, detail, e) for e in events)
 
 
+class _Chained:
+    """Lists read as one iterable, on every pass (a user's event lists from the GroupByKey)."""
+
+    __slots__ = ("_lists",)
+
+    def __init__(self, lists: Iterable[list]):
+        self._lists = lists
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self._lists)
+
+
+class _CrawlersAndUserListsFn(_CrawlerFn, KeyedListsFn):
+    """Bounded input: events -> crawler-flagged events (tag BOTS, as _CrawlerFn) and, for the rest,
+    (user, [events packed by `pack`]) lists gathered per bundle (KeyedListsFn) for the per-user
+    GroupByKey. A user's runs are sorted before they are judged, so the lists' order does not matter."""
+
+    def __init__(self, rules: BotRules, pack, max_events: int = 10_000):
+        _CrawlerFn.__init__(self, rules)
+        KeyedListsFn.__init__(self, max_events)
+        self._pack = pack
+
+    def process(self, event: dict):
+        pattern = self._matcher.match(event.get("user_agent"))
+        if pattern is not None:
+            yield self._flag_crawler(event, pattern)
+            return
+        yield from self._add(event["user_id"], self._pack(event))
+
+
 class _UserRunsBatchFn(_JudgeFn):
-    """(user, all of the user's events) -> runs judged whole (GroupByKey over the bounded input).
-    `packer`: the events come packed by it; None: as dicts. `labels`: also settle the labels of the
-    user's human events (JoinLabels' outputs, labels under contract.TAG_LABELS)."""
+    """(user, lists of all of the user's events) -> runs judged whole (GroupByKey over the bounded
+    input, _CrawlersAndUserListsFn's lists). `packer`: the events come packed by it; None: as dicts.
+    `labels`: also settle the labels of the user's human events (JoinLabels' outputs, labels under
+    contract.TAG_LABELS)."""
 
     def __init__(
         self,
@@ -329,10 +364,10 @@ class _UserRunsBatchFn(_JudgeFn):
         self._label_counters = settle_counters() if labels is not None else None
 
     def process(self, keyed_events):
-        _, events = keyed_events
-        n = 0
-        for _ in events:  # counting pass: a huge user is never sorted or listed (nor unpacked)
-            n += 1
+        _, event_lists = keyed_events
+        # Counting pass: a huge user is never sorted or listed (nor unpacked).
+        n = sum(map(len, event_lists))
+        events = _Chained(event_lists)
         if self._packer is not None:
             events = self._packer.unpacked(events)
         if n > self._rules.max_user_events:
@@ -478,17 +513,17 @@ class FilterBots(beam.PTransform):
             | "JudgeRunsAndSessionize" >> beam.ParDo(fn).with_outputs(*self._output_tags(), main=contract.TAG_HUMANS)
         )
 
-    def _by_user(self):
-        pack = self._packer.pack
-        return beam.Map(lambda e: (e["user_id"], pack(e))).with_output_types(tuple[str, bytes])
+    def _crawlers_and_keyed(self, events):
+        """(crawler-flagged events, the rest keyed by user): per-user lists in the bounded graph."""
+        split = events | "CrawlersAndUserLists" >> beam.ParDo(
+            _CrawlersAndUserListsFn(self._rules, self._packer.pack)
+        ).with_output_types(tuple[str, list[bytes]]).with_outputs(self.BOTS, main=contract.TAG_REST)
+        return split[self.BOTS], split[contract.TAG_REST]
 
     def expand(self, events):
-        crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
-            self.BOTS, main=contract.TAG_REST
-        )
-        keyed = crawler[contract.TAG_REST] | "KeyByUser" >> self._by_user()
+        crawlers, keyed = self._crawlers_and_keyed(events)
         judged = self._judge(keyed)  # in the global window, as its input (a GroupByKey or state keeps it)
-        bots = (crawler[self.BOTS], judged[self.BOTS]) | "AllBots" >> beam.Flatten()
+        bots = (crawlers, judged[self.BOTS]) | "AllBots" >> beam.Flatten()
         outputs = {tag: judged[tag] for tag in self._output_tags()}
         return {**outputs, contract.TAG_HUMANS: judged[contract.TAG_HUMANS], self.BOTS: bots}
 
@@ -507,8 +542,14 @@ class FilterBotsStreaming(FilterBots):
         super().__init__(rules, session_gap_s)
         self._lateness_s = lateness_s
 
-    def _by_user(self):
-        return beam.Map(lambda e: (e["user_id"], e)).with_output_types(tuple[str, dict])
+    def _crawlers_and_keyed(self, events):
+        crawler = events | "CrawlerUserAgents" >> beam.ParDo(_CrawlerFn(self._rules)).with_outputs(
+            self.BOTS, main=contract.TAG_REST
+        )
+        keyed = crawler[contract.TAG_REST] | "KeyByUser" >> beam.Map(lambda e: (e["user_id"], e)).with_output_types(
+            tuple[str, dict]
+        )
+        return crawler[self.BOTS], keyed
 
     def _judge(self, keyed):
         return keyed | "JudgeOpenRuns" >> beam.ParDo(

@@ -39,7 +39,6 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window
-from apache_beam.utils.windowed_value import WindowedValue
 
 # Config and row schema live in features_config, the Parquet sink in features_sink; re-exported here so that
 # `from transforms.features import ...` keeps giving the whole feature API.
@@ -56,6 +55,7 @@ from transforms.features_config import (
     features_for_entity,
 )
 from transforms.features_sink import WriteOfflineFeatures, arrow_schema, partition_of  # noqa: F401
+from transforms.records import KeyedListsFn
 
 __all__ = [
     "SlidingWindowSpec",
@@ -443,36 +443,33 @@ def gather_entity_inputs(by_entity: dict, event: dict, entities: Sequence[str]) 
     return len(inputs)
 
 
-class _EntityInputListsFn(beam.DoFn):
+class _EntityInputListsFn(KeyedListsFn):
     """Bounded-input path: events (global window) -> (entity key, [inputs]) per entity, gathered over a
-    bundle and flushed every `max_inputs` inputs (bounded memory). The GroupByKey then carries one
-    element per entity and chunk rather than one per event and entity (~3 per event), each of which
-    cost a coder call and the runner's per-element work. Inputs stay in event order within a list."""
+    bundle and flushed every `max_inputs` inputs (KeyedListsFn). The GroupByKey then carries one
+    element per entity and flush rather than one per event and entity (~3 per event). Inputs stay in
+    event order within a list."""
 
     def __init__(self, entities: tuple[str, ...], max_inputs: int = 50_000):
-        self._entities, self._max_inputs = entities, max_inputs
+        super().__init__(max_inputs)
+        self._entities = entities
         self._no_item = Metrics.counter(METRICS_NS, "events_without_item")
 
     def start_bundle(self):
-        self._by_entity, self._n_inputs, self._n_no_item = {}, 0, 0
+        super().start_bundle()
+        self._n_no_item = 0
 
     def process(self, event: dict):
         if event.get("item_id") is None:
             self._n_no_item += 1
-        self._n_inputs += gather_entity_inputs(self._by_entity, event, self._entities)
-        if self._n_inputs >= self._max_inputs:
+        self._n += gather_entity_inputs(self._lists, event, self._entities)
+        if self._n >= self._max_values:
             yield from self._drain()
 
-    def finish_bundle(self):
-        for kv in self._drain():
-            yield WindowedValue(kv, window.GlobalWindow().max_timestamp(), (window.GlobalWindow(),))
-
     def _drain(self):
-        by_entity, self._by_entity, self._n_inputs = self._by_entity, {}, 0
         if self._n_no_item:
             self._no_item.inc(self._n_no_item)
             self._n_no_item = 0
-        return by_entity.items()
+        return super()._drain()
 
 
 class _ToFeatureRowFn(beam.DoFn):

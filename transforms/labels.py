@@ -40,7 +40,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms import contract
 from transforms.evaluation import load_position_weights
-from transforms.records import RecordPacker, pack_values, unpack_values
+from transforms.records import KeyedListsFn, RecordPacker, pack_values, unpack_values
 
 METRICS_NS = "feedback.labels"
 EXPOSURE_TYPE = "impression"
@@ -544,26 +544,32 @@ SLATE_LABEL_FIELDS = (
 )
 
 
-def _slate_input(label: dict) -> Iterator[tuple[str, bytes]]:
-    """(request id, packed slate fields) of a label with a request id; nothing for one without."""
-    if label["request_id"] is not None:
-        yield label["request_id"], pack_values(tuple([label[f] for f in SLATE_LABEL_FIELDS]))
+class _SlateInputListsFn(KeyedListsFn):
+    """Labels -> (request id, [packed slate fields]) lists gathered per bundle (KeyedListsFn); nothing
+    for a label without a request id. A request's labels come out of one user's group together, so a
+    list usually holds a whole slate."""
+
+    def process(self, label: dict):
+        if label["request_id"] is not None:
+            yield from self._add(label["request_id"], pack_values(tuple([label[f] for f in SLATE_LABEL_FIELDS])))
 
 
-def _slate_of_packed(request_id: str, packed: Iterable[bytes]) -> dict:
-    return make_slate(request_id, [dict(zip(SLATE_LABEL_FIELDS, unpack_values(p))) for p in packed])
+def _slate_of_packed(request_id: str, lists: Iterable[list[bytes]]) -> dict:
+    labels = [dict(zip(SLATE_LABEL_FIELDS, unpack_values(p))) for packed in lists for p in packed]
+    return make_slate(request_id, labels)
 
 
 @beam.typehints.with_input_types(dict)
 class BuildSlates(beam.PTransform):
     """Bounded labels -> one slate per request (all items shown, with positions, propensities and
     labels). BuildSlatesStreaming gathers a request's labels in session windows instead. In the
-    bounded graph only the fields a slate holds cross the GroupByKey, packed (SLATE_LABEL_FIELDS)."""
+    bounded graph only the fields a slate holds cross the GroupByKey, packed (SLATE_LABEL_FIELDS), in
+    lists gathered per bundle (`_SlateInputListsFn`)."""
 
     def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
         return (
             labels
-            | "KeyByRequest" >> beam.FlatMap(_slate_input).with_output_types(tuple[str, bytes])
+            | "KeyByRequest" >> beam.ParDo(_SlateInputListsFn()).with_output_types(tuple[str, list[bytes]])
             | "GroupRequest" >> beam.GroupByKey()
             | "Slate" >> beam.MapTuple(_slate_of_packed)
         )

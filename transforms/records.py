@@ -7,6 +7,10 @@ import marshal
 import pickle
 from collections.abc import Iterable, Iterator, Sequence
 
+import apache_beam as beam
+from apache_beam.transforms import window
+from apache_beam.utils.windowed_value import WindowedValue
+
 from transforms.schemas import SchemaRegistry
 
 
@@ -117,3 +121,38 @@ class Unpacked:
 
     def __iter__(self) -> Iterator[dict]:
         return map(self._packer.unpack, self._packed)
+
+
+class KeyedListsFn(beam.DoFn):
+    """Base of the bounded graph's keying steps before a GroupByKey: values gathered per key over a
+    bundle, emitted as (key, [values]) every `max_values` values (bounded memory) and when the bundle
+    ends (in the global window, where the bounded graph's records are). The GroupByKey then carries one
+    element per key and flush instead of one per value: the runner's per-element work (a coder call on
+    each side, an entry in FnApiRunner's grouping table) is paid per list. The step after the
+    GroupByKey reads lists of values; within a list they keep the order they came in.
+
+    Subclasses call `_add` (or fill `_lists` and count in `_n`) from `process`, and yield what it returns.
+    """
+
+    def __init__(self, max_values: int = 50_000):
+        self._max_values = max_values
+
+    def start_bundle(self):
+        self._lists, self._n = {}, 0
+
+    def _add(self, key, value):
+        values = self._lists.get(key)
+        if values is None:
+            self._lists[key] = [value]
+        else:
+            values.append(value)
+        self._n += 1
+        return self._drain() if self._n >= self._max_values else ()
+
+    def _drain(self):
+        lists, self._lists, self._n = self._lists, {}, 0
+        return lists.items()
+
+    def finish_bundle(self):
+        for kv in self._drain():
+            yield WindowedValue(kv, window.GlobalWindow().max_timestamp(), (window.GlobalWindow(),))
