@@ -149,10 +149,11 @@ def _per_key_steps(settings: GraphSettings, streaming: bool, chunked: bool = Fal
             JoinLabelsStreaming(settings.labels, upstream_delay_s=settings.bots_delay_s),
             BuildSlatesStreaming(allowed_lateness_s=settings.max_output_delay_s),
         )
-    # Events cross the bounded GroupByKeys packed, in the clean schema's field order.
+    # Events cross the bounded GroupByKeys packed, in the clean schema's field order, and stay packed
+    # from dedupe to the per-user grouping (bots read a packed event's user and user agent alone).
     packer = RecordPacker(field_order(settings.clean_schema))
     return (
-        DedupeEvents(settings.dedupe_horizon_s, packer, chunked=chunked),
+        DedupeEvents(settings.dedupe_horizon_s, packer, chunked=chunked, emit_packed=True),
         FilterBots(settings.bots, settings.session_gap_s, packer, labels=settings.labels),
         None,
         BuildSlates(),

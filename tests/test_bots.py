@@ -188,7 +188,7 @@ def test_user_lists_split_over_flushes_judge_as_one_group(max_events):
         if i % 100 == 0:
             events.append({**ev(T0 + i * 1000, "view"), "user_id": "u3", "user_agent": crawler_ua})
     packer = RecordPacker()
-    fn = _CrawlersAndUserListsFn(RULES, packer.pack, max_events=max_events)
+    fn = _CrawlersAndUserListsFn(RULES, packer, max_events=max_events)
     fn.setup()
     fn.start_bundle()
     out = [o for e in events for o in fn.process(e)] + [wv.value for wv in fn.finish_bundle()]
@@ -213,3 +213,40 @@ def test_user_lists_split_over_flushes_judge_as_one_group(max_events):
         assert judged(user, user_lists) == judged(user, whole)
     assert {tag for tag, _ in judged("u1", lists["u1"])} == {FilterBots.BOTS}
     assert {tag for tag, _ in judged("u2", lists["u2"])} == {None}
+
+
+def test_user_lists_take_packed_events_as_they_take_dicts():
+    """Bounded FilterBots after DedupeEvents(emit_packed=True): packed events are routed (crawler check,
+    user key) from two of their fields and go on as they came; the outputs are those of the same
+    events as dicts, and a crawler-flagged one leaves as a dict."""
+    import apache_beam as beam
+
+    from transforms.bots import _CrawlersAndUserListsFn
+    from transforms.records import RecordPacker
+
+    order = ("event_id", "event_type", "event_time", "item_id", "request_id", "user_id", "user_agent")
+    packer = RecordPacker(order)
+    crawler_ua = "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)"
+    events = [{**ev(T0 + i * 1000, "view"), "user_id": f"u{i % 3}", "user_agent": "Mozilla/5.0"} for i in range(9)]
+    events[4]["user_agent"] = crawler_ua
+    events.append({"event_id": "short", "event_type": "view", "event_time": T0, "user_id": "u9"})  # no agent
+
+    def run(inputs):
+        fn = _CrawlersAndUserListsFn(RULES, packer)
+        fn.setup()
+        fn.start_bundle()
+        return [o for e in inputs for o in fn.process(e)] + [wv.value for wv in fn.finish_bundle()]
+
+    def readable(outputs):
+        return [
+            (o.tag, o.value) if isinstance(o, beam.pvalue.TaggedOutput) else (o[0], [packer.unpack(p) for p in o[1]])
+            for o in outputs
+        ]
+
+    packed_in = [packer.pack(e) for e in events]
+    as_packed = run(packed_in)
+    assert readable(as_packed) == readable(run(events))
+    bots = [o for o in as_packed if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [b.value["event_id"] for b in bots] == [events[4]["event_id"]] and isinstance(bots[0].value, dict)
+    routed = [p for o in as_packed if not isinstance(o, beam.pvalue.TaggedOutput) for p in o[1]]
+    assert sorted(map(id, routed)) == sorted(id(p) for i, p in enumerate(packed_in) if i != 4)  # not repacked

@@ -60,6 +60,19 @@ def test_records_in_field_order_are_packed_as_values_alone(vals, n):
     assert isinstance(unpack_values(packed), tuple)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(ORDER + ("extra", "x")), values, max_size=8),
+    st.lists(st.sampled_from(ORDER + ("extra", "absent")), max_size=4),
+)
+def test_reader_reads_named_fields_as_the_unpacked_record_has_them(record, names):
+    """RecordPacker.reader: the named values of any packed record (values alone or the whole dict, a
+    prefix of the order or not), None where absent, as `unpack(...).get` gives them."""
+    packer = RecordPacker(ORDER)
+    packed = packer.pack(record)
+    assert same(packer.reader(*names)(packed), tuple(record.get(n) for n in names))
+
+
 def test_other_key_orders_and_unknown_fields_keep_their_order():
     packer = RecordPacker(ORDER)
     for record in (

@@ -71,6 +71,30 @@ def test_dedupe_batch():
         assert_dedupe_ids(out)
 
 
+def test_dedupe_batch_hands_kept_events_on_packed():
+    """DedupeEvents(emit_packed=True), as the bounded graph hands events to FilterBots: the same
+    decisions, the kept events packed; a lone copy leaves as the bytes it came in, never unpacked."""
+    from transforms.dedupe import _SplitCopiesFn
+    from transforms.records import RecordPacker
+
+    packer = RecordPacker(tuple(DEDUPE_INPUT[0]))
+    with TestPipeline(runner=FN_API_RUNNER) as p:
+        out = p | beam.Create(stamped(DEDUPE_INPUT)) | DedupeEvents(3600, packer, emit_packed=True)
+        kept = out.events | "Unpack" >> beam.Map(packer.unpack)
+        assert_that(kept | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
+        assert_that(
+            out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
+            equal_to(DEDUPE_DUPS),
+            label="Dups",
+        )
+    fn = _SplitCopiesFn(3600, packer, emit_packed=True)
+    lone = packer.pack(DEDUPE_INPUT[0])
+    (out,) = fn.process((DEDUPE_INPUT[0]["event_id"], [lone]))
+    assert out is lone
+    with pytest.raises(ValueError, match="emit_packed needs the packer"):
+        _SplitCopiesFn(3600, emit_packed=True)
+
+
 def test_dedupe_streaming_matches_batch():
     """Same input through TestStream, in arrival order, with the watermark moving past the horizon:
     the expiry timer frees state, and the classification still equals the batch one."""

@@ -83,18 +83,29 @@ class _DedupeFn(beam.DoFn):
 
 class _SplitCopiesFn(beam.DoFn):
     """(event_id, copies) -> kept copies (main) and duplicate stubs (DUPLICATES). `packer`: the copies
-    come packed by it (the bounded graph's GroupByKey); None: as dicts."""
+    come packed by it (the bounded graph's GroupByKey); None: as dicts. `emit_packed`: kept copies
+    leave packed (a lone copy as it came, never unpacked)."""
 
-    def __init__(self, horizon_s: float, packer: RecordPacker | None = None):
+    def __init__(self, horizon_s: float, packer: RecordPacker | None = None, emit_packed: bool = False):
+        if emit_packed and packer is None:
+            raise ValueError("emit_packed needs the packer the copies come packed by")
         self._horizon_ms = int(horizon_s * 1000)
         self._packer = packer
+        self._emit_packed = emit_packed
         self._dups = Metrics.counter(METRICS_NS, "duplicates")
 
     def process(self, keyed_copies):
         _, copies = keyed_copies
+        if self._emit_packed:
+            copies = list(copies)
+            if len(copies) == 1:  # ~97% of event ids
+                yield copies[0]
+                return
         if self._packer is not None:
             copies = self._packer.unpacked(copies)
         kept, dups = split_copies(list(copies), self._horizon_ms)
+        if self._emit_packed:
+            kept = map(self._packer.pack, kept)
         # Not re-stamped: the bounded graph has no event-time windows, and a TimestampedValue costs a
         # window assignment per element.
         yield from kept
@@ -116,17 +127,22 @@ class DedupeEvents(beam.PTransform):
       horizon_s: a copy is a duplicate when a kept copy lies within this much event time.
       packer: packs the events through the GroupByKey (RecordPacker); default: every event as a whole dict.
       chunked: the input holds lists of events (EnrichEvents(chunked=True)); keying takes them apart.
+      emit_packed: the kept events leave packed by `packer` (bytes; FilterBots takes them so), not as
+        dicts: an event with one copy crosses from this GroupByKey to the per-user one never unpacked.
     """
 
     DUPLICATES = "duplicates"
 
-    def __init__(self, horizon_s: float, packer: RecordPacker | None = None, chunked: bool = False):
+    def __init__(
+        self, horizon_s: float, packer: RecordPacker | None = None, chunked: bool = False, emit_packed: bool = False
+    ):
         super().__init__()
         if horizon_s <= 0:
             raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
         self._horizon_s = horizon_s
         self._packer = packer or RecordPacker()
         self._chunked = chunked
+        self._emit_packed = emit_packed
 
     def _keyed(self, events):
         return events | "KeyByEventId" >> beam.Map(lambda e: (e["event_id"], e)).with_output_types(tuple[str, dict])
@@ -142,7 +158,7 @@ class DedupeEvents(beam.PTransform):
             | "KeyByEventId" >> keyed.with_output_types(tuple[str, bytes])
             | "GroupCopies" >> beam.GroupByKey()
             | "SplitCopies"
-            >> beam.ParDo(_SplitCopiesFn(self._horizon_s, self._packer)).with_outputs(
+            >> beam.ParDo(_SplitCopiesFn(self._horizon_s, self._packer, self._emit_packed)).with_outputs(
                 self.DUPLICATES, main=contract.TAG_EVENTS
             )
         )

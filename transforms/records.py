@@ -110,6 +110,20 @@ class RecordPacker:
     def unpacked(self, packed: Iterable[bytes]) -> Unpacked:
         return Unpacked(self, packed)
 
+    def reader(self, *names: str):
+        """A function: packed record -> the values of `names` (None where absent), without building the
+        record's dict (a step that only routes a record reads a key or two of it)."""
+        indices = tuple(self._order.index(n) if n in self._order else None for n in names)
+
+        def read(packed: bytes) -> tuple:
+            values = unpack_values(packed)
+            if type(values) is tuple:  # packed as its values: a prefix of the field order
+                n = len(values)
+                return tuple([values[i] if i is not None and i < n else None for i in indices])
+            return tuple([values.get(name) for name in names])
+
+        return read
+
 
 class Unpacked:
     """A grouped iterable of packed records, read as dicts: unpacked on each pass, never all held."""
