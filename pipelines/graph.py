@@ -150,7 +150,7 @@ def _per_key_steps(settings: GraphSettings, streaming: bool, chunked: bool = Fal
             BuildSlatesStreaming(allowed_lateness_s=settings.max_output_delay_s),
         )
     # Events cross the bounded GroupByKeys packed, in the clean schema's field order, and stay packed
-    # from dedupe to the per-user grouping (bots read a packed event's user and user agent alone).
+    # from dedupe to the per-user grouping (bots read a packed event's user and user agent, no dict).
     packer = RecordPacker(field_order(settings.clean_schema))
     return (
         DedupeEvents(settings.dedupe_horizon_s, packer, chunked=chunked, emit_packed=True),

@@ -230,6 +230,7 @@ def test_user_lists_take_packed_events_as_they_take_dicts():
     events = [{**ev(T0 + i * 1000, "view"), "user_id": f"u{i % 3}", "user_agent": "Mozilla/5.0"} for i in range(9)]
     events[4]["user_agent"] = crawler_ua
     events.append({"event_id": "short", "event_type": "view", "event_time": T0, "user_id": "u9"})  # no agent
+    events.append({"event_id": "no-user", "event_type": "view", "event_time": T0, "user_agent": crawler_ua})
 
     def run(inputs):
         fn = _CrawlersAndUserListsFn(RULES, packer)
@@ -247,6 +248,7 @@ def test_user_lists_take_packed_events_as_they_take_dicts():
     as_packed = run(packed_in)
     assert readable(as_packed) == readable(run(events))
     bots = [o for o in as_packed if isinstance(o, beam.pvalue.TaggedOutput)]
-    assert [b.value["event_id"] for b in bots] == [events[4]["event_id"]] and isinstance(bots[0].value, dict)
+    assert [b.value["event_id"] for b in bots] == [events[4]["event_id"], "no-user"]
+    assert all(isinstance(b.value, dict) for b in bots)
     routed = [p for o in as_packed if not isinstance(o, beam.pvalue.TaggedOutput) for p in o[1]]
-    assert sorted(map(id, routed)) == sorted(id(p) for i, p in enumerate(packed_in) if i != 4)  # not repacked
+    assert sorted(map(id, routed)) == sorted(id(p) for i, p in enumerate(packed_in[:-1]) if i != 4)  # as they came

@@ -21,7 +21,7 @@ from apache_beam.transforms import window
 from pipelines import batch
 from pipelines.graph import GraphSettings
 from pipelines.outputs import OutputPaths
-from tests.conftest import FN_API_RUNNER, write_config
+from tests.conftest import FN_API_RUNNER, ROOT, write_config
 from transforms import contract
 from transforms.accounting import Count, Fold, Tallies
 from transforms.bots import BotRules, FilterBots
@@ -74,14 +74,19 @@ def test_dedupe_batch():
 def test_dedupe_batch_hands_kept_events_on_packed():
     """DedupeEvents(emit_packed=True), as the bounded graph hands events to FilterBots: the same
     decisions, the kept events packed; a lone copy leaves as the bytes it came in, never unpacked."""
-    from transforms.dedupe import _SplitCopiesFn
+    from transforms.dedupe import _SplitCopiesFn, split_copies
     from transforms.records import RecordPacker
 
     packer = RecordPacker(tuple(DEDUPE_INPUT[0]))
+    by_id = collections.defaultdict(list)
+    for e in DEDUPE_INPUT:
+        by_id[e["event_id"]].append(e)
+    expected_kept = [e for copies in by_id.values() for e in split_copies(copies, 3_600_000)[0]]
+    assert sorted(e["event_id"] for e in expected_kept) == sorted(DEDUPE_KEPT)
     with TestPipeline(runner=FN_API_RUNNER) as p:
         out = p | beam.Create(stamped(DEDUPE_INPUT)) | DedupeEvents(3600, packer, emit_packed=True)
         kept = out.events | "Unpack" >> beam.Map(packer.unpack)
-        assert_that(kept | "KeptIds" >> beam.Map(lambda e: e["event_id"]), equal_to(DEDUPE_KEPT), label="Kept")
+        assert_that(kept, equal_to(expected_kept), label="Kept")
         assert_that(
             out[DedupeEvents.DUPLICATES] | "DupIds" >> beam.Map(lambda e: e["event_id"]),
             equal_to(DEDUPE_DUPS),
@@ -121,7 +126,11 @@ def test_split_copies_is_the_stateful_decision():
     assert [e["event_time"] for e in kept] == [T0, T0 + 7_200_000] and len(dups) == 2
 
 
-def test_filter_bots_in_a_pipeline():
+@pytest.mark.parametrize("packed", [False, True], ids=["dicts", "packed"])
+def test_filter_bots_in_a_pipeline(packed):
+    """Bounded FilterBots on dicts, and on events packed as DedupeEvents(emit_packed=True) hands them on."""
+    from transforms.records import RecordPacker
+
     rules = BotRules(True, (), 600.0, 120, 2, 200, 3)
     machine = [event(f"m{i}", T0 + i * 200, user="machine", user_agent=CHROME) for i in range(5 * 180)]
     human = [event(f"h{i}", T0 + i * 2000, user="human", user_agent=CHROME) for i in range(30)]
@@ -133,8 +142,15 @@ def test_filter_bots_in_a_pipeline():
             user_agent="Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
         )
     ]
+    packer = RecordPacker(tuple(human[0]))
+    events = machine + human + crawler
     with TestPipeline(runner=FN_API_RUNNER) as p:
-        out = p | beam.Create(stamped(machine + human + crawler)) | FilterBots(rules)
+        if packed:
+            events = p | beam.Create([packer.pack(e) for e in events])
+        else:
+            events = p | beam.Create(stamped(events))
+        out = events | FilterBots(rules, packer=packer)
+        assert_that(out["humans"] | "Dicts" >> beam.Map(type), equal_to([dict] * len(human)), label="AsDicts")
         assert_that(
             out["humans"] | "HumanIds" >> beam.Map(lambda e: e["event_id"]),
             equal_to([e["event_id"] for e in human]),
@@ -567,3 +583,23 @@ def test_read_raw_records_gives_raw_chunks(tmp_path, registry, reshuffle):
         size = ReadRawRecords.PARSE_CHUNK
         assert_that(sizes, equal_to([(True, size), (True, size), (True, 7)]), label="ChunkSizes")
         assert_that(lines, equal_to([str(i) for i in range(1, n + 1)]), label="EveryRecordOnce")
+
+
+def test_per_bundle_lists_refuse_windowed_input():
+    """FilterBots, BuildSlates and keyed-window features gather records per bundle for a GroupByKey:
+    given windowed input they stop when the graph is built instead of grouping windows together."""
+    from transforms.features import ComputeFeatures
+    from transforms.labels import BuildSlates
+
+    features = load_config(str(ROOT / "config" / "batch.yaml")).features
+    steps = {
+        "FilterBots": FilterBots(BotRules(True, (), 600.0, 120, 2, 200, 3)),
+        "BuildSlates": BuildSlates(),
+        "ComputeFeatures": ComputeFeatures(features, keyed_windows=True),
+    }
+    for name, step in steps.items():
+        p = beam.Pipeline(runner=FN_API_RUNNER)
+        created = p | f"Create{name}" >> beam.Create([event("a", T0)])
+        windowed = created | beam.WindowInto(window.FixedWindows(60))
+        with pytest.raises(ValueError, match=f"{name}.*global window"):
+            windowed | step

@@ -331,8 +331,8 @@ class _CrawlersAndUserListsFn(_CrawlerFn, KeyedListsFn):
     """Bounded input: events (dicts, or bytes packed by `packer`: DedupeEvents(emit_packed=True)) ->
     crawler-flagged events (tag BOTS, dicts, as _CrawlerFn) and, for the rest, (user, [packed events])
     lists gathered per bundle (KeyedListsFn) for the per-user GroupByKey. A packed event is read for
-    its user and user agent alone and goes on as it came. A user's runs are sorted before they are
-    judged, so the lists' order does not matter."""
+    its user and user agent (unpacked, but no dict is built) and goes on as the bytes it came as. A
+    user's runs are sorted before they are judged, so the lists' order does not matter."""
 
     def __init__(self, rules: BotRules, packer: RecordPacker, max_events: int = 10_000):
         _CrawlerFn.__init__(self, rules)
@@ -344,12 +344,14 @@ class _CrawlersAndUserListsFn(_CrawlerFn, KeyedListsFn):
         if type(event) is bytes:
             packed, (user, agent) = event, self._user_and_agent(event)
         else:
-            packed, user, agent = None, event["user_id"], event.get("user_agent")
+            packed, user, agent = None, None, event.get("user_agent")
         pattern = self._matcher.match(agent)
         if pattern is not None:
             yield self._flag_crawler(event if packed is None else self._packer.unpack(packed), pattern)
             return
-        yield from self._add(user, self._packer.pack(event) if packed is None else packed)
+        if packed is None:
+            user, packed = event["user_id"], self._packer.pack(event)
+        yield from self._add(user, packed)
 
 
 class _UserRunsBatchFn(_JudgeFn):
@@ -466,9 +468,9 @@ class _UserRunsStreamingFn(_JudgeFn):
 
 
 class FilterBots(beam.PTransform):
-    """Bounded events -> human events (main, bot_rule None, session_id filled) and flagged bot events
-    (tag BOTS), both in the global window with their event timestamps. The input events are dicts, or
-    bytes packed by `packer` (DedupeEvents(emit_packed=True) in the bounded graph); the outputs dicts.
+    """Bounded events (global window) -> human events (main, bot_rule None, session_id filled) and
+    flagged bot events (tag BOTS), both in the global window. The input events are dicts, or bytes
+    packed by `packer` (DedupeEvents(emit_packed=True) in the bounded graph); the outputs dicts.
 
     Per-user runs are continuous (inactivity gap, plus the max_run_duration cap counted from each
     run's first event); see the module docstring. This class groups each user's whole input;
@@ -523,6 +525,7 @@ class FilterBots(beam.PTransform):
 
     def _crawlers_and_keyed(self, events):
         """(crawler-flagged events, the rest keyed by user): per-user lists in the bounded graph."""
+        KeyedListsFn.require_global_window(events, "FilterBots")
         split = events | "CrawlersAndUserLists" >> beam.ParDo(
             _CrawlersAndUserListsFn(self._rules, self._packer)
         ).with_output_types(tuple[str, list[bytes]]).with_outputs(self.BOTS, main=contract.TAG_REST)

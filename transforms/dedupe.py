@@ -84,7 +84,7 @@ class _DedupeFn(beam.DoFn):
 class _SplitCopiesFn(beam.DoFn):
     """(event_id, copies) -> kept copies (main) and duplicate stubs (DUPLICATES). `packer`: the copies
     come packed by it (the bounded graph's GroupByKey); None: as dicts. `emit_packed`: kept copies
-    leave packed (a lone copy as it came, never unpacked)."""
+    leave packed (a lone copy as the bytes it came as, not unpacked here)."""
 
     def __init__(self, horizon_s: float, packer: RecordPacker | None = None, emit_packed: bool = False):
         if emit_packed and packer is None:
@@ -128,7 +128,7 @@ class DedupeEvents(beam.PTransform):
       packer: packs the events through the GroupByKey (RecordPacker); default: every event as a whole dict.
       chunked: the input holds lists of events (EnrichEvents(chunked=True)); keying takes them apart.
       emit_packed: the kept events leave packed by `packer` (bytes; FilterBots takes them so), not as
-        dicts: an event with one copy crosses from this GroupByKey to the per-user one never unpacked.
+        dicts: an event with one copy leaves as the bytes it was grouped with.
     """
 
     DUPLICATES = "duplicates"

@@ -445,7 +445,7 @@ def gather_entity_inputs(by_entity: dict, event: dict, entities: Sequence[str]) 
 
 class _EntityInputListsFn(KeyedListsFn):
     """Bounded-input path: events (global window) -> (entity key, [inputs]) per entity, gathered over a
-    bundle and flushed every `max_inputs` inputs (KeyedListsFn). The GroupByKey then carries one
+    bundle and flushed once `max_inputs` inputs are held (KeyedListsFn). The GroupByKey then carries one
     element per entity and flush rather than one per event and entity (~3 per event). Inputs stay in
     event order within a list."""
 
@@ -541,6 +541,7 @@ class ComputeFeatures(beam.PTransform):
     def expand(self, events):
         entities = tuple(self._cfg.entities)
         if self._keyed_windows:
+            KeyedListsFn.require_global_window(events, "ComputeFeatures(keyed_windows=True)")
             specs = tuple((spec.label, spec.size_ms, spec.period_ms) for spec in self._cfg.windows)
             return (
                 events

@@ -561,12 +561,13 @@ def _slate_of_packed(request_id: str, lists: Iterable[list[bytes]]) -> dict:
 
 @beam.typehints.with_input_types(dict)
 class BuildSlates(beam.PTransform):
-    """Bounded labels -> one slate per request (all items shown, with positions, propensities and
-    labels). BuildSlatesStreaming gathers a request's labels in session windows instead. In the
+    """Bounded labels (global window) -> one slate per request (all items shown, with positions,
+    propensities and labels). BuildSlatesStreaming gathers a request's labels in session windows instead. In the
     bounded graph only the fields a slate holds cross the GroupByKey, packed (SLATE_LABEL_FIELDS), in
     lists gathered per bundle (`_SlateInputListsFn`)."""
 
     def expand(self, labels: beam.PCollection[dict]) -> beam.PCollection[dict]:
+        KeyedListsFn.require_global_window(labels, "BuildSlates")
         return (
             labels
             | "KeyByRequest" >> beam.ParDo(_SlateInputListsFn()).with_output_types(tuple[str, list[bytes]])

@@ -146,7 +146,19 @@ class KeyedListsFn(beam.DoFn):
     GroupByKey reads lists of values; within a list they keep the order they came in.
 
     Subclasses call `_add` (or fill `_lists` and count in `_n`) from `process`, and yield what it returns.
+    A flush mixes the values of its bundle: the input must be in the global window
+    (`require_global_window` when the graph is built), or windows would be grouped together.
     """
+
+    @staticmethod
+    def require_global_window(pcoll, step: str) -> None:
+        """Refuses, when the graph is built, input in any window but the global one."""
+        windowfn = pcoll.windowing.windowfn
+        if not isinstance(windowfn, window.GlobalWindows):
+            raise ValueError(
+                f"{step} gathers records per bundle for a GroupByKey and needs them in the global window"
+                f" (bounded input), not {type(windowfn).__name__}"
+            )
 
     def __init__(self, max_values: int = 50_000):
         self._max_values = max_values
