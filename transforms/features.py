@@ -55,7 +55,7 @@ from transforms.features_config import (
     features_for_entity,
 )
 from transforms.features_sink import WriteOfflineFeatures, arrow_schema, partition_of  # noqa: F401
-from transforms.records import KeyedListsFn
+from transforms.records import KeyedListsFn, append_to
 
 __all__ = [
     "SlidingWindowSpec",
@@ -435,11 +435,7 @@ def gather_entity_inputs(by_entity: dict, event: dict, entities: Sequence[str]) 
     """Appends the event's `entity_inputs` to `by_entity` ({entity key: [inputs]}); returns how many."""
     inputs = entity_inputs(event, entities)
     for key, value in inputs:
-        values = by_entity.get(key)
-        if values is None:
-            by_entity[key] = [value]
-        else:
-            values.append(value)
+        append_to(by_entity, key, value)
     return len(inputs)
 
 

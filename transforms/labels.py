@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import operator
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
@@ -544,6 +545,9 @@ SLATE_LABEL_FIELDS = (
 )
 
 
+_slate_fields = operator.itemgetter(*SLATE_LABEL_FIELDS)  # a label's slate fields, as one tuple
+
+
 class _SlateInputListsFn(KeyedListsFn):
     """Labels -> (request id, [packed slate fields]) lists gathered per bundle (KeyedListsFn); nothing
     for a label without a request id. A request's labels come out of one user's group together, so a
@@ -551,7 +555,7 @@ class _SlateInputListsFn(KeyedListsFn):
 
     def process(self, label: dict):
         if label["request_id"] is not None:
-            yield from self._add(label["request_id"], pack_values(tuple([label[f] for f in SLATE_LABEL_FIELDS])))
+            yield from self._add(label["request_id"], pack_values(_slate_fields(label)))
 
 
 def _slate_of_packed(request_id: str, lists: Iterable[list[bytes]]) -> dict:

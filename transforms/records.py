@@ -11,6 +11,7 @@ import apache_beam as beam
 from apache_beam.transforms import window
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.accounting import in_global_window
 from transforms.schemas import SchemaRegistry
 
 
@@ -137,6 +138,15 @@ class Unpacked:
         return map(self._packer.unpack, self._packed)
 
 
+def append_to(lists: dict, key, value) -> None:
+    """Appends `value` to the list of `key` in {key: [values]} (a per-bundle gathering's step)."""
+    values = lists.get(key)
+    if values is None:
+        lists[key] = [value]
+    else:
+        values.append(value)
+
+
 class KeyedListsFn(beam.DoFn):
     """Base of the bounded graph's keying steps before a GroupByKey: values gathered per key over a
     bundle, emitted as (key, [values]) every `max_values` values (bounded memory) and when the bundle
@@ -153,11 +163,10 @@ class KeyedListsFn(beam.DoFn):
     @staticmethod
     def require_global_window(pcoll, step: str) -> None:
         """Refuses, when the graph is built, input in any window but the global one."""
-        windowfn = pcoll.windowing.windowfn
-        if not isinstance(windowfn, window.GlobalWindows):
+        if not in_global_window(pcoll):
             raise ValueError(
                 f"{step} gathers records per bundle for a GroupByKey and needs them in the global window"
-                f" (bounded input), not {type(windowfn).__name__}"
+                f" (bounded input), not {type(pcoll.windowing.windowfn).__name__}"
             )
 
     def __init__(self, max_values: int = 50_000):
@@ -167,11 +176,7 @@ class KeyedListsFn(beam.DoFn):
         self._lists, self._n = {}, 0
 
     def _add(self, key, value):
-        values = self._lists.get(key)
-        if values is None:
-            self._lists[key] = [value]
-        else:
-            values.append(value)
+        append_to(self._lists, key, value)
         self._n += 1
         return self._drain() if self._n >= self._max_values else ()
 
